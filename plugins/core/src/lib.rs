@@ -1,0 +1,13 @@
+//! Firebreak's decision logic in plain Rust.
+//!
+//! Nothing here imports proxy-wasm: every decision takes the request's data and `now` as
+//! arguments, so the same scenarios run natively, in the wasm module under the test host, and in
+//! the wasm module inside Envoy.
+#![forbid(unsafe_code)]
+
+pub mod reject;
+pub mod route;
+pub mod signature;
+pub mod store;
+
+pub use reject::{ConfigError, Rejection};

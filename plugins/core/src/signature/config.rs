@@ -1,0 +1,315 @@
+//! The request-signature plugin's configuration: raw JSON shape, and the validated policy.
+
+use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
+
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::store::BucketTable;
+use crate::ConfigError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Requests that must be signed; others pass through untouched.
+    routes: Vec<RouteConfig>,
+    keys: Vec<RawKey>,
+    /// Oldest acceptable `created`, in seconds before now. Required, non-zero.
+    max_age_seconds: Option<u64>,
+    #[serde(default = "default_future_skew")]
+    future_skew_seconds: u64,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    #[serde(default = "default_principal_header")]
+    principal_header: String,
+    /// Use this `Signature-Input` label; by default exactly one signature must be present.
+    #[serde(default)]
+    label: Option<String>,
+    /// Headers that must be covered whenever the request carries them (e.g. `idempotency-key`).
+    #[serde(default)]
+    covered_headers_when_present: Vec<String>,
+    #[serde(default)]
+    nonce_store: RawNonceStore,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    #[serde(default)]
+    secret_base64: Option<String>,
+    /// Name of an environment variable (passed to the VM) holding the base64 secret.
+    #[serde(default)]
+    secret_env: Option<String>,
+    #[serde(default = "default_algorithm")]
+    algorithm: String,
+    /// Unix seconds before which the key is not accepted.
+    #[serde(default)]
+    not_before: Option<u64>,
+    /// Unix seconds after which the key is not accepted.
+    #[serde(default)]
+    not_after: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNonceStore {
+    #[serde(default = "default_buckets")]
+    buckets: u32,
+    #[serde(default = "default_slots")]
+    slots_per_bucket: u16,
+}
+
+impl Default for RawNonceStore {
+    fn default() -> Self {
+        RawNonceStore { buckets: default_buckets(), slots_per_bucket: default_slots() }
+    }
+}
+
+fn default_future_skew() -> u64 {
+    5
+}
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_principal_header() -> String {
+    "x-firebreak-principal".to_string()
+}
+fn default_algorithm() -> String {
+    "hmac-sha256".to_string()
+}
+fn default_buckets() -> u32 {
+    8192
+}
+fn default_slots() -> u16 {
+    16
+}
+
+/// Longest key id accepted, in config and on the wire.
+pub const MAX_KEY_ID_LEN: usize = 64;
+
+pub fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_KEY_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Algorithms a key can be pinned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    HmacSha256,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::HmacSha256 => "hmac-sha256",
+        }
+    }
+}
+
+/// A verification key. The secret is only ever used to build MACs; it is never printed.
+#[derive(Clone)]
+pub struct Key {
+    pub id: String,
+    pub algorithm: Algorithm,
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+    pub(crate) mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key").field("id", &self.id).field("algorithm", &self.algorithm).finish_non_exhaustive()
+    }
+}
+
+/// The validated policy of the request-signature plugin.
+#[derive(Debug, Clone)]
+pub struct SignaturePolicy {
+    pub routes: Vec<RouteMatch>,
+    pub keys: Vec<Key>,
+    pub max_age_seconds: NonZeroU64,
+    pub future_skew_seconds: u64,
+    pub max_body_bytes: u64,
+    pub principal_header: String,
+    pub label: Option<String>,
+    pub covered_headers_when_present: Vec<String>,
+    /// Require `nonce` (and record it). Always true from configuration; RFC vector tests turn it off.
+    pub require_nonce: bool,
+    /// Require the default coverage (@method, @authority, @path, @query, content-digest).
+    pub require_default_coverage: bool,
+    pub nonce_table: BucketTable,
+}
+
+impl SignaturePolicy {
+    /// Parses and validates the plugin configuration. `env` reads the VM's environment variables.
+    pub fn from_json(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
+        let routes = parse_routes(&raw.routes, "routes")?;
+        if routes.is_empty() {
+            return Err(ConfigError::new("routes", "at least one route is required"));
+        }
+        let max_age_seconds = raw
+            .max_age_seconds
+            .and_then(NonZeroU64::new)
+            .ok_or_else(|| ConfigError::new("max_age_seconds", "required and must be greater than 0"))?;
+        if raw.future_skew_seconds > 300 {
+            return Err(ConfigError::new("future_skew_seconds", "must be at most 300"));
+        }
+        if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(ConfigError::new("max_body_bytes", "must be between 1 and 67108864"));
+        }
+        let principal_header = raw.principal_header.to_ascii_lowercase();
+        if !valid_header_name(&principal_header) {
+            return Err(ConfigError::new("principal_header", "not a valid header name"));
+        }
+        if let Some(label) = &raw.label {
+            if sfv::KeyRef::from_str(label).is_err() {
+                return Err(ConfigError::new("label", "not a valid structured-field key"));
+            }
+        }
+        let mut covered = Vec::new();
+        for (i, name) in raw.covered_headers_when_present.iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            if !valid_header_name(&lower) {
+                return Err(ConfigError::new(format!("covered_headers_when_present[{i}]"), "not a valid header name"));
+            }
+            covered.push(lower);
+        }
+        if raw.keys.is_empty() {
+            return Err(ConfigError::new("keys", "at least one key is required"));
+        }
+        let mut keys: Vec<Key> = Vec::new();
+        for (i, raw_key) in raw.keys.iter().enumerate() {
+            let key = parse_key(raw_key, &format!("keys[{i}]"), env)?;
+            if keys.iter().any(|k| k.id == key.id) {
+                return Err(ConfigError::new(format!("keys[{i}].id"), format!("duplicate key id `{}`", key.id)));
+            }
+            keys.push(key);
+        }
+        let buckets = NonZeroU32::new(raw.nonce_store.buckets)
+            .filter(|b| b.get() <= 1 << 20)
+            .ok_or_else(|| ConfigError::new("nonce_store.buckets", "must be between 1 and 1048576"))?;
+        let slots = NonZeroU16::new(raw.nonce_store.slots_per_bucket)
+            .filter(|s| s.get() <= 256)
+            .ok_or_else(|| ConfigError::new("nonce_store.slots_per_bucket", "must be between 1 and 256"))?;
+        Ok(SignaturePolicy {
+            routes,
+            keys,
+            max_age_seconds,
+            future_skew_seconds: raw.future_skew_seconds,
+            max_body_bytes: raw.max_body_bytes,
+            principal_header,
+            label: raw.label,
+            covered_headers_when_present: covered,
+            require_nonce: true,
+            require_default_coverage: true,
+            nonce_table: BucketTable::new("firebreak.sig.nonce", buckets, slots, 0),
+        })
+    }
+
+    pub fn applies_to(&self, method: &str, path: &str) -> bool {
+        self.routes.iter().any(|r| r.matches(method, path))
+    }
+
+    pub fn key(&self, id: &str) -> Option<&Key> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(':')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Key, ConfigError> {
+    if !valid_key_id(&raw.id) {
+        return Err(ConfigError::new(
+            format!("{field}.id"),
+            format!("1 to {MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 - _ . :"),
+        ));
+    }
+    let algorithm = match raw.algorithm.as_str() {
+        "hmac-sha256" => Algorithm::HmacSha256,
+        other => {
+            return Err(ConfigError::new(format!("{field}.algorithm"), format!("unsupported algorithm `{other}`")))
+        }
+    };
+    let (encoded, source_field) = match (&raw.secret_base64, &raw.secret_env) {
+        (Some(inline), None) => (inline.clone(), format!("{field}.secret_base64")),
+        (None, Some(var)) => {
+            let value = env(var).ok_or_else(|| {
+                ConfigError::new(format!("{field}.secret_env"), format!("environment variable `{var}` is not set in the VM"))
+            })?;
+            (value, format!("{field}.secret_env"))
+        }
+        _ => {
+            return Err(ConfigError::new(field, "exactly one of `secret_base64` and `secret_env` is required"))
+        }
+    };
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| ConfigError::new(&source_field, "not valid base64"))?;
+    if secret.len() < 32 {
+        return Err(ConfigError::new(&source_field, "an HMAC-SHA256 secret needs at least 32 bytes"));
+    }
+    if let (Some(nb), Some(na)) = (raw.not_before, raw.not_after) {
+        if nb >= na {
+            return Err(ConfigError::new(format!("{field}.not_after"), "must be after not_before"));
+        }
+    }
+    use hmac::Mac;
+    let mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret)
+        .map_err(|_| ConfigError::new(&source_field, "unusable key"))?;
+    Ok(Key { id: raw.id.clone(), algorithm, not_before: raw.not_before, not_after: raw.not_after, mac })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=";
+
+    fn parse(json: &str) -> Result<SignaturePolicy, ConfigError> {
+        SignaturePolicy::from_json(json.as_bytes(), &|name| (name == "KEY").then(|| SECRET.to_string()))
+    }
+
+    #[test]
+    fn minimal_config() {
+        let p = parse(&format!(
+            r#"{{"routes":[{{"path_prefix":"/v1/"}}],"max_age_seconds":300,"keys":[{{"id":"a","secret_base64":"{SECRET}"}},{{"id":"b","secret_env":"KEY"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(p.keys.len(), 2);
+        assert_eq!(p.future_skew_seconds, 5);
+        assert!(p.applies_to("POST", "/v1/transfers"));
+        assert!(!format!("{:?}", p.keys[0]).contains(SECRET));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let key = format!(r#"{{"id":"a","secret_base64":"{SECRET}"}}"#);
+        let cases = [
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"keys":[{key}]}}"#), "max_age_seconds"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":0,"keys":[{key}]}}"#), "max_age_seconds"),
+            (format!(r#"{{"routes":[],"max_age_seconds":1,"keys":[{key}]}}"#), "routes"),
+            (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[]}"#.to_string(), "keys"),
+            (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_base64":"c2hvcnQ="}]}"#.to_string(), "keys[0].secret_base64"),
+            (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_env":"NOPE"}]}"#.to_string(), "keys[0].secret_env"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a b","secret_base64":"{SECRET}"}}]}}"#), "keys[0].id"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key},{key}]}}"#), "keys[1].id"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"{SECRET}","algorithm":"rsa"}}]}}"#), "keys[0].algorithm"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"nonce_store":{{"buckets":0}}}}"#), "nonce_store.buckets"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_body_bytes":0}}"#), "max_body_bytes"),
+        ];
+        for (json, field) in cases {
+            let err = parse(&json).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+        let err = parse(r#"{"routes":[],"bogus":1}"#).unwrap_err();
+        assert!(err.message.contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! RFC 9421 HTTP Message Signatures with `hmac-sha256`, RFC 9530 `Content-Digest`, and
+//! single-use nonces.
+
+pub mod base;
+pub mod config;
+pub mod digest;
+pub mod sign;
+pub mod verify;
+
+pub use base::{Component, RequestView};
+pub use config::{valid_key_id, SignaturePolicy};
+pub use sign::{sign, SignRequest, SignedHeaders};
+pub use verify::{claim_nonce, verify_body, verify_headers, SigError, VerifiedHeaders};
+
+#[cfg(test)]
+mod tests;

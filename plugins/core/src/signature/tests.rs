@@ -1,0 +1,347 @@
+use std::num::NonZeroU64;
+
+use base64::Engine;
+
+use super::*;
+use crate::store::MemoryStore;
+
+const RFC_SHARED_SECRET: &str =
+    "uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==";
+const SECRET_B64: &str = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=";
+const NOW_S: u64 = 1_700_000_000;
+const NOW_MS: u64 = NOW_S * 1000;
+
+fn b64(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+}
+
+fn policy() -> SignaturePolicy {
+    let json = format!(
+        r#"{{"routes":[{{"methods":["POST"],"path_prefix":"/v1/"}}],"max_age_seconds":300,"future_skew_seconds":5,
+            "max_body_bytes":1024,"covered_headers_when_present":["idempotency-key"],
+            "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}},
+                    {{"id":"retired","secret_base64":"{SECRET_B64}","not_after":{}}}]}}"#,
+        NOW_S - 10
+    );
+    SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap()
+}
+
+/// The RFC 9421 Appendix B.2 request.
+fn rfc_headers() -> Vec<(String, String)> {
+    h(&[
+        ("host", "example.com"),
+        ("date", "Tue, 20 Apr 2021 02:07:55 GMT"),
+        ("content-type", "application/json"),
+        ("content-digest", "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:"),
+        ("content-length", "18"),
+    ])
+}
+
+#[test]
+fn rfc9421_b25_hmac_sha256_example_verifies() {
+    let mut headers = rfc_headers();
+    headers.push((
+        "signature-input".into(),
+        r#"sig-b25=("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret""#.into(),
+    ));
+    headers.push(("signature".into(), "sig-b25=:pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8=:".into()));
+    let request = RequestView {
+        method: "POST",
+        scheme: "https",
+        authority: "example.com",
+        path_and_query: "/foo?param=Value&Pet=dog",
+        headers: &headers,
+    };
+    let json = format!(
+        r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":300,"keys":[{{"id":"test-shared-secret","secret_base64":"{RFC_SHARED_SECRET}"}}]}}"#
+    );
+    let mut rfc_policy = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+    // The RFC example covers neither @method nor a nonce, and dates from 2021.
+    rfc_policy.require_nonce = false;
+    rfc_policy.require_default_coverage = false;
+    rfc_policy.max_age_seconds = NonZeroU64::new(u64::MAX / 2).unwrap();
+    let verified = verify_headers(&rfc_policy, &request, 1_618_884_473_000).unwrap();
+    assert_eq!(verified.key_id, "test-shared-secret");
+
+    // One bit off in the MAC, or a changed covered header: rejected.
+    let mut tampered = headers.clone();
+    tampered[6].1 = "sig-b25=:pxcRw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8=:".into();
+    let request2 = RequestView { headers: &tampered, ..request };
+    assert_eq!(verify_headers(&rfc_policy, &request2, 1_618_884_473_000), Err(SigError::InvalidSignature));
+    let mut tampered = headers.clone();
+    tampered[2].1 = "text/plain".into();
+    let request3 = RequestView { headers: &tampered, ..request };
+    assert_eq!(verify_headers(&rfc_policy, &request3, 1_618_884_473_000), Err(SigError::InvalidSignature));
+}
+
+#[test]
+fn rfc9421_signature_bases_match_the_examples() {
+    let headers = rfc_headers();
+    let request = RequestView {
+        method: "POST",
+        scheme: "https",
+        authority: "example.com",
+        path_and_query: "/foo?param=Value&Pet=dog",
+        headers: &headers,
+    };
+    // B.2.1: minimal coverage.
+    let input: sfv::Dictionary = sfv::Parser::new(
+        r#"sig-b21=();created=1618884473;keyid="test-key-rsa-pss";nonce="b3k2pp5k7z-50gnwp.yemd""#,
+    )
+    .parse()
+    .unwrap();
+    let sfv::ListEntry::InnerList(list) = &input["sig-b21"] else { panic!() };
+    let params = base::serialize_signature_params(list).unwrap();
+    assert_eq!(
+        base::signature_base(&[], &params, &request).unwrap(),
+        "\"@signature-params\": ();created=1618884473;keyid=\"test-key-rsa-pss\";nonce=\"b3k2pp5k7z-50gnwp.yemd\""
+    );
+    // B.2.2: selective coverage.
+    let components: Vec<Component> =
+        ["@authority", "content-digest", "@query-param"].iter().filter_map(|c| Component::parse(c)).collect();
+    assert_eq!(components.len(), 2, "@query-param is refused, not half-supported");
+    let expected = "\"@authority\": example.com\n\"content-digest\": sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:\n\"@signature-params\": (\"@authority\" \"content-digest\");created=1618884473;keyid=\"test-key-rsa-pss\"";
+    let input: sfv::Dictionary = sfv::Parser::new(
+        r#"sig-b22=("@authority" "content-digest");created=1618884473;keyid="test-key-rsa-pss""#,
+    )
+    .parse()
+    .unwrap();
+    let sfv::ListEntry::InnerList(list) = &input["sig-b22"] else { panic!() };
+    let params = base::serialize_signature_params(list).unwrap();
+    assert_eq!(base::signature_base(&components, &params, &request).unwrap(), expected);
+    // Derived components of B.2 request.
+    assert_eq!(Component::Query.value(&request).unwrap(), "?param=Value&Pet=dog");
+    assert_eq!(Component::TargetUri.value(&request).unwrap(), "https://example.com/foo?param=Value&Pet=dog");
+    assert_eq!(Component::Path.value(&request).unwrap(), "/foo");
+}
+
+struct Req {
+    method: &'static str,
+    authority: &'static str,
+    path: &'static str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn signed(created: u64, nonce: &str, body: &[u8], tweak: impl FnOnce(&mut SignRequest<'_>)) -> Req {
+    let secret = b64(SECRET_B64);
+    let headers = h(&[("content-type", "application/json")]);
+    let mut request = SignRequest {
+        method: "POST",
+        scheme: "http",
+        authority: "127.0.0.1:10000",
+        path_and_query: "/v1/transfers?dry=0",
+        headers: &headers,
+        body,
+        key_id: "demo-client",
+        secret: &secret,
+        created,
+        expires: None,
+        nonce: Some(nonce),
+        label: "sig1",
+        components: None,
+        extra_covered_headers: &[],
+    };
+    tweak(&mut request);
+    let out = sign(&request).unwrap();
+    let mut all = headers.clone();
+    all.extend(out.pairs());
+    Req { method: "POST", authority: "127.0.0.1:10000", path: "/v1/transfers?dry=0", headers: all, body: body.to_vec() }
+}
+
+/// Runs the whole pipeline as the plugin does; returns the error code or "ok".
+fn check(policy: &SignaturePolicy, store: &MemoryStore, req: &Req, now_ms: u64) -> &'static str {
+    let view = RequestView {
+        method: req.method,
+        scheme: "http",
+        authority: req.authority,
+        path_and_query: req.path,
+        headers: &req.headers,
+    };
+    let result = verify_headers(policy, &view, now_ms).and_then(|v| {
+        let digest = view.header_values("content-digest").next();
+        verify_body(policy, &v, digest, &req.body)?;
+        claim_nonce(policy, store, &v, now_ms)
+    });
+    match result {
+        Ok(()) => "ok",
+        Err(e) => e.rejection().code,
+    }
+}
+
+#[test]
+fn a_signed_request_passes_once() {
+    let (p, store) = (policy(), MemoryStore::default());
+    let req = signed(NOW_S, "n-1", br#"{"amount":10}"#, |_| {});
+    assert_eq!(check(&p, &store, &req, NOW_MS), "ok");
+    assert_eq!(check(&p, &store, &req, NOW_MS + 1000), "nonce_replayed");
+    // Same nonce under another key id is a different nonce.
+    let other = signed(NOW_S, "n-2", b"", |_| {});
+    assert_eq!(check(&p, &store, &other, NOW_MS), "ok");
+}
+
+#[test]
+fn tampering_is_rejected() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let base = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.body = br#"{"amount":99}"#.to_vec();
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "content_digest_mismatch");
+
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.path = "/v1/transfers?dry=1";
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.path = "/v1/withdrawals?dry=0";
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.method = "PUT";
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.authority = "evil.example";
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+
+    // A forged digest matching the tampered body does not help: the MAC covers the digest.
+    let mut r = signed(NOW_S, "n", br#"{"amount":10}"#, |_| {});
+    r.body = br#"{"amount":99}"#.to_vec();
+    for (n, v) in r.headers.iter_mut() {
+        if n == "content-digest" {
+            *v = digest::content_digest_sha256(br#"{"amount":99}"#);
+        }
+    }
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+    assert_eq!(check(&p, &fresh(), &base, NOW_MS), "ok");
+}
+
+#[test]
+fn keys_and_time_are_enforced() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let r = signed(NOW_S, "n", b"", |s| s.secret = b"another-secret-of-thirty-two-bytes!!");
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+    let r = signed(NOW_S, "n", b"", |s| s.key_id = "nobody");
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "key_unknown");
+    let r = signed(NOW_S, "n", b"", |s| s.key_id = "retired");
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "key_not_active");
+    let r = signed(NOW_S, "n", b"", |s| s.key_id = "bad key/../");
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "key_id_invalid");
+    // Window edges: 300 s old passes, 301 s old is stale; 5 s ahead passes, 6 s is refused.
+    assert_eq!(check(&p, &fresh(), &signed(NOW_S - 300, "n", b"", |_| {}), NOW_MS), "ok");
+    assert_eq!(check(&p, &fresh(), &signed(NOW_S - 301, "n", b"", |_| {}), NOW_MS), "signature_stale");
+    assert_eq!(check(&p, &fresh(), &signed(NOW_S + 5, "n", b"", |_| {}), NOW_MS), "ok");
+    assert_eq!(check(&p, &fresh(), &signed(NOW_S + 6, "n", b"", |_| {}), NOW_MS), "signature_from_future");
+    let r = signed(NOW_S - 10, "n", b"", |s| s.expires = Some(NOW_S));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_expired");
+    let r = signed(NOW_S - 10, "n", b"", |s| s.expires = Some(NOW_S + 1));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "ok");
+    let r = signed(NOW_S, "n", b"", |s| s.expires = Some(NOW_S));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_param_invalid");
+}
+
+#[test]
+fn the_policy_decides_coverage_not_the_client() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let only = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let r = signed(NOW_S, "n", b"", |s| s.components = only(&["@authority", "@path", "@query"]));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_coverage_insufficient");
+    let r = signed(NOW_S, "n", b"", |s| s.components = only(&["@method", "@authority", "@path"]));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_coverage_insufficient", "query present, not covered");
+    let r = signed(NOW_S, "n", br#"{"a":1}"#, |s| s.components = only(&["@method", "@authority", "@path", "@query"]));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_coverage_insufficient", "body without content-digest");
+    let r = signed(NOW_S, "n", br#"{"a":1}"#, |s| s.components = only(&["@method", "@target-uri", "content-digest"]));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "ok", "@target-uri covers authority, path and query");
+    let r = signed(NOW_S, "n", b"", |s| s.components = only(&["@method", "@authority", "@path", "@query", "@method"]));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_malformed");
+    // A present idempotency key must be covered.
+    let mut r = signed(NOW_S, "n", b"", |_| {});
+    r.headers.push(("idempotency-key".into(), "k1".into()));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_coverage_insufficient");
+}
+
+#[test]
+fn malformed_input_is_refused_not_guessed() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let good = signed(NOW_S, "n", br#"{"a":1}"#, |_| {});
+    let with = |f: &dyn Fn(&mut Vec<(String, String)>)| {
+        let mut r = signed(NOW_S, "n", br#"{"a":1}"#, |_| {});
+        f(&mut r.headers);
+        r
+    };
+    let set = |headers: &mut Vec<(String, String)>, name: &str, value: &str| {
+        for (n, v) in headers.iter_mut() {
+            if n == name {
+                *v = value.to_string();
+            }
+        }
+    };
+    let sig = good.headers.iter().find(|(n, _)| n == "signature").unwrap().1.clone();
+    let input = good.headers.iter().find(|(n, _)| n == "signature-input").unwrap().1.clone();
+    let cases: Vec<(Req, &str)> = vec![
+        (with(&|h| h.retain(|(n, _)| n != "signature")), "signature_missing"),
+        (with(&|h| h.retain(|(n, _)| n != "signature-input")), "signature_missing"),
+        (with(&|h| h.push(("signature".into(), sig.clone()))), "header_duplicated"),
+        (with(&|h| h.push(("signature-input".into(), input.clone()))), "header_duplicated"),
+        (with(&|h| h.push(("content-digest".into(), "sha-256=:AAAA:".into()))), "header_duplicated"),
+        (with(&|h| h.push(("x-firebreak-principal".into(), "a".into()))), "ok"),
+        (with(&|h| { h.push(("x-firebreak-principal".into(), "a".into())); h.push(("x-firebreak-principal".into(), "b".into())); }), "header_duplicated"),
+        (with(&|h| set(h, "signature", "sig1=notbytes")), "signature_malformed"),
+        (with(&|h| set(h, "signature", "sig1=:!!!:")), "signature_malformed"),
+        (with(&|h| set(h, "signature-input", "sig1=(\"@method\"")), "signature_malformed"),
+        (with(&|h| set(h, "signature-input", &input.replace("sig1=", "other="))), "signature_malformed"),
+        (with(&|h| set(h, "signature", &format!("{sig}, sig2=:AAAA:"))), "signature_malformed"),
+        (with(&|h| set(h, "signature-input", &input.replace("\"hmac-sha256\"", "\"rsa-pss-sha512\""))), "signature_algorithm_unsupported"),
+        (with(&|h| set(h, "signature-input", &input.replace(";nonce=\"n\"", ""))), "signature_param_missing"),
+        (with(&|h| set(h, "signature-input", &input.replace(";keyid=\"demo-client\"", ""))), "signature_param_missing"),
+        (with(&|h| set(h, "signature-input", &input.replace("created=", "foo=1;created="))), "signature_malformed"),
+        (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "\"@path\";req"))), "signature_component_unsupported"),
+        (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "\"@status\""))), "signature_component_unsupported"),
+        (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "@path"))), "signature_malformed"),
+        (with(&|h| set(h, "signature-input", &input.replace("nonce=\"n\"", &format!("nonce=\"{}\"", "x".repeat(129))))), "signature_param_invalid"),
+        (with(&|h| set(h, "signature-input", &input.replace("created=", "created=-"))), "signature_param_invalid"),
+        (with(&|h| set(h, "content-digest", "sha-256=:AAAA:")), "signature_invalid"),
+        (with(&|h| h.retain(|(n, _)| n != "content-digest")), "signature_component_missing"),
+    ];
+    for (i, (req, code)) in cases.iter().enumerate() {
+        assert_eq!(check(&p, &fresh(), req, NOW_MS), *code, "case {i}");
+    }
+}
+
+#[test]
+fn body_limits() {
+    let p = policy();
+    let r = signed(NOW_S, "n", &vec![b'a'; 1024], |_| {});
+    assert_eq!(check(&p, &MemoryStore::default(), &r, NOW_MS), "ok");
+    let r = signed(NOW_S, "n", &vec![b'a'; 1025], |_| {});
+    assert_eq!(check(&p, &MemoryStore::default(), &r, NOW_MS), "body_too_large");
+}
+
+#[test]
+fn nonces_are_remembered_for_the_whole_window_and_bounded() {
+    let mut p = policy();
+    p.nonce_table = crate::store::BucketTable::new(
+        "n",
+        std::num::NonZeroU32::new(1).unwrap(),
+        std::num::NonZeroU16::new(2).unwrap(),
+        0,
+    );
+    let store = MemoryStore::default();
+    assert_eq!(check(&p, &store, &signed(NOW_S, "a", b"", |_| {}), NOW_MS), "ok");
+    assert_eq!(check(&p, &store, &signed(NOW_S, "b", b"", |_| {}), NOW_MS), "ok");
+    // Full: fail closed rather than forget "a".
+    assert_eq!(check(&p, &store, &signed(NOW_S, "c", b"", |_| {}), NOW_MS), "nonce_store_full");
+    assert_eq!(check(&p, &store, &signed(NOW_S, "a", b"", |_| {}), NOW_MS + 299_000), "nonce_replayed");
+    // Once the window has passed, the old signature is stale anyway and its slot is reused.
+    assert_eq!(check(&p, &store, &signed(NOW_S, "a", b"", |_| {}), NOW_MS + 302_000), "signature_stale");
+    assert_eq!(check(&p, &store, &signed(NOW_S + 302, "c", b"", |_| {}), NOW_MS + 302_000), "ok");
+}

@@ -1,0 +1,325 @@
+//! Verification of one request against a [`SignaturePolicy`].
+//!
+//! Split in the order a proxy sees the request:
+//! 1. [`verify_headers`] parses and checks everything the headers carry, including the MAC;
+//! 2. [`verify_body`] checks `Content-Digest` against the exact body bytes and coverage of a body;
+//! 3. [`claim_nonce`] records the nonce, only once everything else verified.
+
+use hmac::Mac;
+use sfv::{BareItem, Dictionary, ListEntry, Parser};
+use subtle::ConstantTimeEq;
+
+use super::base::{serialize_signature_params, signature_base, Component, RequestView};
+use super::config::{valid_key_id, SignaturePolicy};
+use super::digest::{verify_content_digest, DigestError};
+use crate::store::{KeyHash, SharedStore, TableError, Update};
+use crate::Rejection;
+
+/// Headers a request may carry at most once; a second copy is an attack or a bug, never guessed at.
+pub const SINGLE_VALUED_HEADERS: &[&str] = &["signature", "signature-input", "content-digest"];
+
+/// Longest accepted nonce.
+pub const MAX_NONCE_LEN: usize = 128;
+/// Longest accepted `Signature` / `Signature-Input` value.
+pub const MAX_SIGNATURE_HEADER_LEN: usize = 4096;
+
+/// Every way verification can fail. Mapped to a status and stable code in [`SigError::rejection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SigError {
+    Missing,
+    DuplicateHeader(String),
+    Malformed(&'static str),
+    LabelNotFound,
+    MultipleSignatures,
+    ParamMissing(&'static str),
+    ParamInvalid(&'static str),
+    UnsupportedAlgorithm,
+    UnsupportedComponent(String),
+    DuplicateComponent(String),
+    ComponentMissing(String),
+    CoverageInsufficient(String),
+    KeyIdInvalid,
+    UnknownKey,
+    KeyNotActive,
+    Stale,
+    FromFuture,
+    Expired,
+    InvalidSignature,
+    BodyTooLarge,
+    ContentDigestMalformed,
+    ContentDigestMismatch,
+    NonceReplayed,
+    NonceStoreFull,
+    StateUnavailable,
+}
+
+impl SigError {
+    pub fn rejection(&self) -> Rejection {
+        use SigError::*;
+        match self {
+            Missing => Rejection::new(401, "signature_missing", "this route requires Signature and Signature-Input headers"),
+            DuplicateHeader(h) => Rejection::new(400, "header_duplicated", format!("header `{h}` must appear once")),
+            Malformed(what) => Rejection::new(400, "signature_malformed", format!("malformed {what}")),
+            LabelNotFound => Rejection::new(400, "signature_malformed", "the configured signature label is missing"),
+            MultipleSignatures => Rejection::new(400, "signature_malformed", "exactly one signature is accepted"),
+            ParamMissing(p) => Rejection::new(400, "signature_param_missing", format!("signature parameter `{p}` is required")),
+            ParamInvalid(p) => Rejection::new(400, "signature_param_invalid", format!("signature parameter `{p}` is invalid")),
+            UnsupportedAlgorithm => Rejection::new(400, "signature_algorithm_unsupported", "only hmac-sha256 is accepted"),
+            UnsupportedComponent(c) => Rejection::new(400, "signature_component_unsupported", format!("component `{c}` is not supported")),
+            DuplicateComponent(c) => Rejection::new(400, "signature_malformed", format!("component `{c}` is listed twice")),
+            ComponentMissing(c) => Rejection::new(400, "signature_component_missing", format!("covered component `{c}` is absent from the request")),
+            CoverageInsufficient(c) => Rejection::new(401, "signature_coverage_insufficient", format!("the signature must cover `{c}`")),
+            KeyIdInvalid => Rejection::new(400, "key_id_invalid", "keyid must be 1 to 64 characters of A-Z a-z 0-9 - _ . :"),
+            UnknownKey => Rejection::new(401, "key_unknown", "unknown keyid"),
+            KeyNotActive => Rejection::new(401, "key_not_active", "the key is outside its validity period"),
+            Stale => Rejection::new(401, "signature_stale", "created is older than the acceptance window"),
+            FromFuture => Rejection::new(401, "signature_from_future", "created is in the future"),
+            Expired => Rejection::new(401, "signature_expired", "the signature has expired"),
+            InvalidSignature => Rejection::new(401, "signature_invalid", "the signature does not verify"),
+            BodyTooLarge => Rejection::new(413, "body_too_large", "the request body exceeds the configured maximum"),
+            ContentDigestMalformed => Rejection::new(400, "content_digest_malformed", "Content-Digest needs a sha-256 or sha-512 byte sequence"),
+            ContentDigestMismatch => Rejection::new(401, "content_digest_mismatch", "Content-Digest does not match the body"),
+            NonceReplayed => Rejection::new(409, "nonce_replayed", "this signature nonce was already used"),
+            NonceStoreFull => Rejection::new(503, "nonce_store_full", "nonce store is full; refusing rather than forgetting"),
+            StateUnavailable => Rejection::new(503, "state_unavailable", "replay state is unavailable"),
+        }
+    }
+}
+
+/// A signature whose MAC verified over the headers; the body and nonce are still to be checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedHeaders {
+    pub key_id: String,
+    pub nonce: Option<String>,
+    pub created: u64,
+    /// The signature covers `content-digest` (and so the body, once [`verify_body`] passes).
+    pub covers_content_digest: bool,
+    /// When the nonce may be forgotten: after this the signature is no longer acceptable anyway.
+    pub nonce_expires_at_ms: u64,
+}
+
+/// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
+pub fn verify_headers(
+    policy: &SignaturePolicy,
+    request: &RequestView<'_>,
+    now_ms: u64,
+) -> Result<VerifiedHeaders, SigError> {
+    for name in SINGLE_VALUED_HEADERS.iter().copied().chain([policy.principal_header.as_str()]) {
+        if request.header_count(name) > 1 {
+            return Err(SigError::DuplicateHeader(name.to_string()));
+        }
+    }
+    let (Some(input), Some(signature)) =
+        (request.header_values("signature-input").next(), request.header_values("signature").next())
+    else {
+        return Err(SigError::Missing);
+    };
+    if input.len() > MAX_SIGNATURE_HEADER_LEN || signature.len() > MAX_SIGNATURE_HEADER_LEN {
+        return Err(SigError::Malformed("signature header (too long)"));
+    }
+    let inputs: Dictionary = Parser::new(input).parse().map_err(|_| SigError::Malformed("Signature-Input"))?;
+    let signatures: Dictionary = Parser::new(signature).parse().map_err(|_| SigError::Malformed("Signature"))?;
+
+    let label = match &policy.label {
+        Some(label) => label.clone(),
+        None => {
+            if inputs.len() != 1 || signatures.len() != 1 {
+                return Err(SigError::MultipleSignatures);
+            }
+            inputs.keys().next().map(|k| k.as_str().to_string()).ok_or(SigError::Missing)?
+        }
+    };
+    let Some(ListEntry::InnerList(covered)) = inputs.get(label.as_str()) else {
+        return Err(if inputs.contains_key(label.as_str()) { SigError::Malformed("Signature-Input") } else { SigError::LabelNotFound });
+    };
+    let provided_mac = match signatures.get(label.as_str()) {
+        Some(ListEntry::Item(item)) => match &item.bare_item {
+            BareItem::ByteSequence(bytes) => bytes.clone(),
+            _ => return Err(SigError::Malformed("Signature")),
+        },
+        Some(ListEntry::InnerList(_)) => return Err(SigError::Malformed("Signature")),
+        None => return Err(SigError::LabelNotFound),
+    };
+
+    // Parameters.
+    let mut created = None;
+    let mut expires = None;
+    let mut nonce = None;
+    let mut key_id = None;
+    let mut alg = None;
+    for (name, value) in &covered.params {
+        match (name.as_str(), value) {
+            ("created", BareItem::Integer(v)) => created = Some(i64::from(*v)),
+            ("expires", BareItem::Integer(v)) => expires = Some(i64::from(*v)),
+            ("nonce", BareItem::String(v)) => nonce = Some(v.as_str().to_string()),
+            ("keyid", BareItem::String(v)) => key_id = Some(v.as_str().to_string()),
+            ("alg", BareItem::String(v)) => alg = Some(v.as_str().to_string()),
+            ("tag", BareItem::String(_)) => {}
+            ("created", _) => return Err(SigError::ParamInvalid("created")),
+            ("expires", _) => return Err(SigError::ParamInvalid("expires")),
+            ("nonce", _) => return Err(SigError::ParamInvalid("nonce")),
+            ("keyid", _) => return Err(SigError::ParamInvalid("keyid")),
+            ("alg", _) => return Err(SigError::ParamInvalid("alg")),
+            ("tag", _) => return Err(SigError::ParamInvalid("tag")),
+            _ => return Err(SigError::Malformed("Signature-Input (unknown parameter)")),
+        }
+    }
+    let created = created.ok_or(SigError::ParamMissing("created"))?;
+    let key_id = key_id.ok_or(SigError::ParamMissing("keyid"))?;
+    if policy.require_nonce && nonce.is_none() {
+        return Err(SigError::ParamMissing("nonce"));
+    }
+    if let Some(n) = &nonce {
+        if n.is_empty() || n.len() > MAX_NONCE_LEN {
+            return Err(SigError::ParamInvalid("nonce"));
+        }
+    }
+    if !valid_key_id(&key_id) {
+        return Err(SigError::KeyIdInvalid);
+    }
+    let created = u64::try_from(created).map_err(|_| SigError::ParamInvalid("created"))?;
+    if created == 0 {
+        return Err(SigError::ParamInvalid("created"));
+    }
+
+    // Components: parsed strictly, each at most once.
+    let mut components = Vec::with_capacity(covered.items.len());
+    for item in &covered.items {
+        let BareItem::String(name) = &item.bare_item else {
+            return Err(SigError::Malformed("Signature-Input (component is not a string)"));
+        };
+        if !item.params.is_empty() {
+            return Err(SigError::UnsupportedComponent(format!("{};{}", name.as_str(), "params")));
+        }
+        let component = Component::parse(name.as_str()).ok_or_else(|| SigError::UnsupportedComponent(name.as_str().to_string()))?;
+        if components.contains(&component) {
+            return Err(SigError::DuplicateComponent(component.name().to_string()));
+        }
+        components.push(component);
+    }
+
+    // Policy: the verifier decides what must be covered, never the client.
+    let covers = |c: &Component| components.contains(c);
+    let target_uri = covers(&Component::TargetUri);
+    if policy.require_default_coverage {
+        if !covers(&Component::Method) {
+            return Err(SigError::CoverageInsufficient("@method".into()));
+        }
+        if !(covers(&Component::Authority) || target_uri) {
+            return Err(SigError::CoverageInsufficient("@authority".into()));
+        }
+        if !(covers(&Component::Path) || target_uri || covers(&Component::RequestTarget)) {
+            return Err(SigError::CoverageInsufficient("@path".into()));
+        }
+        if request.query().is_some()
+            && !(covers(&Component::Query) || target_uri || covers(&Component::RequestTarget))
+        {
+            return Err(SigError::CoverageInsufficient("@query".into()));
+        }
+    }
+    for header in &policy.covered_headers_when_present {
+        if request.header_count(header) > 0 && !covers(&Component::Field(header.clone())) {
+            return Err(SigError::CoverageInsufficient(header.clone()));
+        }
+    }
+    let covers_content_digest = covers(&Component::Field("content-digest".into()));
+
+    // Time.
+    let now_s = now_ms / 1000;
+    if created > now_s.saturating_add(policy.future_skew_seconds) {
+        return Err(SigError::FromFuture);
+    }
+    if now_s.saturating_sub(created) > policy.max_age_seconds.get() {
+        return Err(SigError::Stale);
+    }
+    let mut accept_until = created.saturating_add(policy.max_age_seconds.get());
+    if let Some(expires) = expires {
+        let expires = u64::try_from(expires).map_err(|_| SigError::ParamInvalid("expires"))?;
+        if expires <= created {
+            return Err(SigError::ParamInvalid("expires"));
+        }
+        if now_s >= expires {
+            return Err(SigError::Expired);
+        }
+        accept_until = accept_until.min(expires);
+    }
+
+    // Key and algorithm: the key pins the algorithm; `alg`, when sent, must agree.
+    let key = policy.key(&key_id).ok_or(SigError::UnknownKey)?;
+    if let Some(alg) = &alg {
+        if alg != key.algorithm.name() {
+            return Err(SigError::UnsupportedAlgorithm);
+        }
+    }
+    if key.not_before.is_some_and(|nb| now_s < nb) || key.not_after.is_some_and(|na| now_s > na) {
+        return Err(SigError::KeyNotActive);
+    }
+
+    // MAC over the signature base, compared in constant time.
+    let params_value = serialize_signature_params(covered).ok_or(SigError::Malformed("Signature-Input"))?;
+    let base = signature_base(&components, &params_value, request).map_err(SigError::ComponentMissing)?;
+    let mut mac = key.mac.clone();
+    mac.update(base.as_bytes());
+    let expected = mac.finalize().into_bytes();
+    if provided_mac.len() != expected.len() || !bool::from(expected.as_slice().ct_eq(&provided_mac)) {
+        return Err(SigError::InvalidSignature);
+    }
+
+    Ok(VerifiedHeaders {
+        key_id,
+        nonce,
+        created,
+        covers_content_digest,
+        nonce_expires_at_ms: accept_until.saturating_add(1).saturating_mul(1000),
+    })
+}
+
+/// Checks the body the proxy will forward: its size, and that `Content-Digest` vouches for it.
+pub fn verify_body(
+    policy: &SignaturePolicy,
+    verified: &VerifiedHeaders,
+    content_digest: Option<&str>,
+    body: &[u8],
+) -> Result<(), SigError> {
+    if body.len() as u64 > policy.max_body_bytes {
+        return Err(SigError::BodyTooLarge);
+    }
+    if !verified.covers_content_digest {
+        if body.is_empty() || !policy.require_default_coverage {
+            return Ok(());
+        }
+        return Err(SigError::CoverageInsufficient("content-digest".into()));
+    }
+    let header = content_digest.ok_or_else(|| SigError::ComponentMissing("content-digest".into()))?;
+    verify_content_digest(header, body).map_err(|e| match e {
+        DigestError::Malformed => SigError::ContentDigestMalformed,
+        DigestError::Mismatch => SigError::ContentDigestMismatch,
+    })
+}
+
+/// Records the nonce: exactly one of any number of concurrent identical requests wins.
+pub fn claim_nonce(
+    policy: &SignaturePolicy,
+    store: &dyn SharedStore,
+    verified: &VerifiedHeaders,
+    now_ms: u64,
+) -> Result<(), SigError> {
+    let Some(nonce) = &verified.nonce else { return Ok(()) };
+    let key = KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]);
+    let expires_at_ms = verified.nonce_expires_at_ms;
+    let (won, _) = policy
+        .nonce_table
+        .update(store, key, now_ms, |current| match current {
+            Some(_) => Update::Keep(false),
+            None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
+        })
+        .map_err(|e| match e {
+            TableError::Full => SigError::NonceStoreFull,
+            _ => SigError::StateUnavailable,
+        })?;
+    if won {
+        Ok(())
+    } else {
+        Err(SigError::NonceReplayed)
+    }
+}

@@ -1,0 +1,422 @@
+//! Bounded, CAS-guarded tables on top of proxy-wasm shared data.
+//!
+//! Envoy's shared data has two properties every store here is designed around:
+//! - `set` with a CAS token on an *absent* key inserts it unconditionally, and
+//! - keys can never be deleted.
+//!
+//! So a [`BucketTable`] owns a fixed number of keys (`<prefix>:<bucket>`), each holding a fixed
+//! number of positional slots. Memory is bounded by `buckets * slots * (SLOT_OVERHEAD + max payload)`
+//! whatever the traffic. Every change is a read-modify-write of one bucket, committed with the CAS
+//! token of the read; a bucket that was absent is written with [`INSERT_IF_ABSENT_CAS`], a token
+//! that no present bucket holds, so of two workers that both saw it absent only one insert wins and
+//! the other gets a CAS mismatch and retries against the winner's value.
+
+use sha2::{Digest, Sha256};
+
+/// Failure of a shared-data operation, as the host reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// The CAS token did not match the stored one: someone else wrote first.
+    CasMismatch,
+    /// Any other host failure. Callers fail closed.
+    Unavailable,
+}
+
+/// The host side of proxy-wasm shared data (`proxy_get_shared_data` / `proxy_set_shared_data`).
+pub trait SharedStore {
+    /// The value and its CAS token, or `None` when the key is absent.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Writes `value`. A non-zero `cas` must match the stored token of a present key.
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
+}
+
+/// CAS token used to create a bucket that was read as absent.
+///
+/// Envoy inserts an absent key whatever the token, and rejects a write to a present key whose
+/// token differs. Envoy's tokens count up from 1 across the whole process, so a present bucket
+/// holds `u32::MAX` only if its last write was exactly the 4,294,967,295th shared-data write of
+/// the process; in that case one racing insert may overwrite it. Everywhere else this makes
+/// "create if absent" atomic.
+pub const INSERT_IF_ABSENT_CAS: u32 = u32::MAX;
+
+/// Bytes a slot needs besides its payload: key hash (16), expiry (8), payload length (2).
+pub const SLOT_OVERHEAD: usize = 26;
+
+/// How many times an update re-reads a contended bucket before giving up (fail closed).
+const MAX_CAS_ATTEMPTS: usize = 32;
+
+/// A 128-bit fingerprint of a record's key; the table never stores the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash([u8; 16]);
+
+impl KeyHash {
+    /// Hashes the parts of a key; parts are length-prefixed so ("ab","c") != ("a","bc").
+    pub fn of(parts: &[&[u8]]) -> Self {
+        let mut hasher = Sha256::new();
+        for part in parts {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        let digest = hasher.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest[..16]);
+        KeyHash(out)
+    }
+
+    fn bucket_index(&self, buckets: u32) -> u32 {
+        let mut head = [0u8; 4];
+        head.copy_from_slice(&self.0[..4]);
+        u32::from_be_bytes(head) % buckets
+    }
+}
+
+/// A live record in a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    key: KeyHash,
+    expires_at_ms: u64,
+    payload: Vec<u8>,
+}
+
+/// What an update callback decides for the record of its key.
+pub enum Update<T> {
+    /// Store (or replace) the record.
+    Write { payload: Vec<u8>, expires_at_ms: u64, result: T },
+    /// Leave the bucket unchanged.
+    Keep(T),
+}
+
+/// Why a table operation did not complete. Every variant means "fail closed".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableError {
+    /// Every slot of the key's bucket holds a live record: refuse rather than forget one.
+    Full,
+    /// The bucket kept changing under us for [`MAX_CAS_ATTEMPTS`] attempts.
+    Contended,
+    /// The host failed.
+    Unavailable,
+    /// A bucket held bytes this code did not write.
+    Corrupt,
+    /// The payload is larger than the table allows.
+    PayloadTooLarge,
+}
+
+/// Where a record lives: stable for the record's lifetime, usable to name a companion key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotAddress {
+    pub bucket: u32,
+    pub slot: u16,
+}
+
+/// Validated geometry of a table: it cannot hold zero buckets or slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketTable {
+    prefix: String,
+    buckets: u32,
+    slots_per_bucket: u16,
+    max_payload: u16,
+}
+
+impl BucketTable {
+    /// `prefix` namespaces the keys; `buckets * slots_per_bucket` records at most.
+    pub fn new(
+        prefix: impl Into<String>,
+        buckets: std::num::NonZeroU32,
+        slots_per_bucket: std::num::NonZeroU16,
+        max_payload: u16,
+    ) -> Self {
+        BucketTable {
+            prefix: prefix.into(),
+            buckets: buckets.get(),
+            slots_per_bucket: slots_per_bucket.get(),
+            max_payload,
+        }
+    }
+
+    /// The most records the table can hold at once.
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.buckets) * u64::from(self.slots_per_bucket)
+    }
+
+    /// Upper bound of the shared-data bytes this table can ever use (values only).
+    pub fn max_bytes(&self) -> u64 {
+        self.capacity() * (SLOT_OVERHEAD as u64 + u64::from(self.max_payload))
+    }
+
+    fn bucket_key(&self, bucket: u32) -> String {
+        format!("{}:{}", self.prefix, bucket)
+    }
+
+    /// Reads the live record of `key`, if any.
+    pub fn get(
+        &self,
+        store: &dyn SharedStore,
+        key: KeyHash,
+        now_ms: u64,
+    ) -> Result<Option<(Vec<u8>, u64, SlotAddress)>, TableError> {
+        let bucket = key.bucket_index(self.buckets);
+        let Some((bytes, _cas)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? else {
+            return Ok(None);
+        };
+        let slots = decode_bucket(&bytes).ok_or(TableError::Corrupt)?;
+        Ok(slots.into_iter().enumerate().find_map(|(index, slot)| match slot {
+            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => Some((
+                slot.payload,
+                slot.expires_at_ms,
+                SlotAddress { bucket, slot: index as u16 },
+            )),
+            _ => None,
+        }))
+    }
+
+    /// Atomically reads and updates the record of `key`.
+    ///
+    /// `decide` sees the live payload (expired records count as absent) and may be called more
+    /// than once if another worker wrote the bucket in between; it must be free of side effects.
+    pub fn update<T>(
+        &self,
+        store: &dyn SharedStore,
+        key: KeyHash,
+        now_ms: u64,
+        mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
+    ) -> Result<(T, SlotAddress), TableError> {
+        let bucket = key.bucket_index(self.buckets);
+        let bucket_key = self.bucket_key(bucket);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (mut slots, cas) = match store.get(&bucket_key).map_err(|_| TableError::Unavailable)? {
+                Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
+                None => (Vec::new(), INSERT_IF_ABSENT_CAS),
+            };
+            slots.resize(usize::from(self.slots_per_bucket), None);
+            let live = slots.iter().position(|slot| {
+                matches!(slot, Some(s) if s.key == key && s.expires_at_ms > now_ms)
+            });
+            let current = live.and_then(|i| slots.get(i)).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
+            match decide(current) {
+                Update::Keep(result) => {
+                    let address = SlotAddress { bucket, slot: live.unwrap_or(0) as u16 };
+                    return Ok((result, address));
+                }
+                Update::Write { payload, expires_at_ms, result } => {
+                    if payload.len() > usize::from(self.max_payload) {
+                        return Err(TableError::PayloadTooLarge);
+                    }
+                    // Reuse the key's own slot, else an empty or expired one (or one holding a
+                    // stale copy of this key).
+                    let index = live
+                        .or_else(|| {
+                            slots.iter().position(|slot| match slot {
+                                None => true,
+                                Some(s) => s.expires_at_ms <= now_ms,
+                            })
+                        })
+                        .ok_or(TableError::Full)?;
+                    if let Some(slot) = slots.get_mut(index) {
+                        *slot = Some(Slot { key, expires_at_ms, payload });
+                    }
+                    match store.set(&bucket_key, &encode_bucket(&slots), cas) {
+                        Ok(()) => return Ok((result, SlotAddress { bucket, slot: index as u16 })),
+                        Err(StoreError::CasMismatch) => continue,
+                        Err(StoreError::Unavailable) => return Err(TableError::Unavailable),
+                    }
+                }
+            }
+        }
+        Err(TableError::Contended)
+    }
+
+    /// Number of live records (for tests and memory reports); reads every bucket.
+    pub fn live_records(&self, store: &dyn SharedStore, now_ms: u64) -> Result<u64, TableError> {
+        let mut count = 0;
+        for bucket in 0..self.buckets {
+            if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
+                let slots = decode_bucket(&bytes).ok_or(TableError::Corrupt)?;
+                count += slots.iter().flatten().filter(|s| s.expires_at_ms > now_ms).count() as u64;
+            }
+        }
+        Ok(count)
+    }
+}
+
+// Bucket encoding: a sequence of slots, each either 0x00 (empty) or
+// 0x01 | key hash (16) | expires_at_ms (8, BE) | payload length (2, BE) | payload.
+fn encode_bucket(slots: &[Option<Slot>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(slots.len() * (SLOT_OVERHEAD + 1));
+    for slot in slots {
+        match slot {
+            None => out.push(0),
+            Some(slot) => {
+                out.push(1);
+                out.extend_from_slice(&slot.key.0);
+                out.extend_from_slice(&slot.expires_at_ms.to_be_bytes());
+                out.extend_from_slice(&(slot.payload.len() as u16).to_be_bytes());
+                out.extend_from_slice(&slot.payload);
+            }
+        }
+    }
+    out
+}
+
+fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
+    let mut slots = Vec::new();
+    while let Some((&tag, rest)) = bytes.split_first() {
+        bytes = rest;
+        match tag {
+            0 => slots.push(None),
+            1 => {
+                let (key, rest) = split(bytes, 16)?;
+                let (expiry, rest) = split(rest, 8)?;
+                let (len, rest) = split(rest, 2)?;
+                let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+                let (payload, rest) = split(rest, len)?;
+                slots.push(Some(Slot {
+                    key: KeyHash(key.try_into().ok()?),
+                    expires_at_ms: u64::from_be_bytes(expiry.try_into().ok()?),
+                    payload: payload.to_vec(),
+                }));
+                bytes = rest;
+            }
+            _ => return None,
+        }
+    }
+    Some(slots)
+}
+
+fn split(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
+    (bytes.len() >= at).then(|| bytes.split_at(at))
+}
+
+/// An in-process [`SharedStore`] with Envoy's exact semantics, for native tests and benchmarks.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: std::sync::Mutex<MemoryStoreInner>,
+}
+
+#[derive(Default)]
+struct MemoryStoreInner {
+    map: std::collections::HashMap<String, (Vec<u8>, u32)>,
+    next_cas: u32,
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| StoreError::Unavailable)?;
+        Ok(inner.map.get(key).cloned())
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().map_err(|_| StoreError::Unavailable)?;
+        inner.next_cas = inner.next_cas.wrapping_add(1).max(1);
+        let token = inner.next_cas;
+        match inner.map.get_mut(key) {
+            Some(entry) => {
+                if cas != 0 && cas != entry.1 {
+                    return Err(StoreError::CasMismatch);
+                }
+                *entry = (value.to_vec(), token);
+            }
+            // Envoy inserts an absent key whatever the token.
+            None => {
+                inner.map.insert(key.to_string(), (value.to_vec(), token));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::{NonZeroU16, NonZeroU32};
+
+    fn table(buckets: u32, slots: u16) -> BucketTable {
+        BucketTable::new(
+            "t",
+            NonZeroU32::new(buckets).unwrap(),
+            NonZeroU16::new(slots).unwrap(),
+            64,
+        )
+    }
+
+    fn claim(table: &BucketTable, store: &dyn SharedStore, key: &str, now: u64) -> Result<bool, TableError> {
+        table
+            .update(store, KeyHash::of(&[key.as_bytes()]), now, |current| match current {
+                Some(_) => Update::Keep(false),
+                None => Update::Write { payload: vec![], expires_at_ms: now + 1000, result: true },
+            })
+            .map(|(won, _)| won)
+    }
+
+    #[test]
+    fn a_key_is_claimed_once_until_it_expires() {
+        let store = MemoryStore::default();
+        let t = table(4, 4);
+        assert_eq!(claim(&t, &store, "a", 0), Ok(true));
+        assert_eq!(claim(&t, &store, "a", 999), Ok(false));
+        assert_eq!(claim(&t, &store, "a", 1000), Ok(true));
+    }
+
+    #[test]
+    fn a_full_bucket_refuses_instead_of_forgetting() {
+        let store = MemoryStore::default();
+        let t = table(1, 2);
+        assert_eq!(claim(&t, &store, "a", 0), Ok(true));
+        assert_eq!(claim(&t, &store, "b", 0), Ok(true));
+        assert_eq!(claim(&t, &store, "c", 0), Err(TableError::Full));
+        assert_eq!(claim(&t, &store, "a", 0), Ok(false), "a is still remembered");
+        assert_eq!(claim(&t, &store, "c", 1000), Ok(true), "expired slots are reused");
+    }
+
+    /// Two workers both read the bucket as absent; Envoy would insert either write whatever its
+    /// token, so the table must not let both claims win.
+    #[test]
+    fn two_workers_that_both_saw_the_bucket_absent_do_not_both_win() {
+        struct Interleaved<'a> {
+            store: &'a MemoryStore,
+            stale_absent_reads: std::cell::Cell<u32>,
+        }
+        impl SharedStore for Interleaved<'_> {
+            fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+                // The first read of the other worker happened before our insert.
+                if self.stale_absent_reads.get() > 0 {
+                    self.stale_absent_reads.set(self.stale_absent_reads.get() - 1);
+                    return Ok(None);
+                }
+                self.store.get(key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+                self.store.set(key, value, cas)
+            }
+        }
+        let store = MemoryStore::default();
+        let t = table(1, 4);
+        assert_eq!(claim(&t, &store, "x", 0), Ok(true));
+        let late = Interleaved { store: &store, stale_absent_reads: std::cell::Cell::new(1) };
+        assert_eq!(claim(&t, &late, "x", 0), Ok(false));
+    }
+
+    #[test]
+    fn corrupt_buckets_fail_closed() {
+        let store = MemoryStore::default();
+        let t = table(1, 1);
+        store.set("t:0", &[7, 7, 7], 0).unwrap();
+        assert_eq!(claim(&t, &store, "a", 0), Err(TableError::Corrupt));
+        store.set("t:0", &[1, 2], 0).unwrap();
+        assert_eq!(claim(&t, &store, "a", 0), Err(TableError::Corrupt));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_geometry() {
+        let store = MemoryStore::default();
+        let t = table(8, 2);
+        let mut accepted = 0;
+        for i in 0..100 {
+            if claim(&t, &store, &format!("k{i}"), 0) == Ok(true) {
+                accepted += 1;
+            }
+        }
+        assert!(accepted <= 16);
+        assert_eq!(t.live_records(&store, 0), Ok(accepted));
+        assert_eq!(store.inner.lock().unwrap().map.len(), 8);
+    }
+}

