@@ -1,0 +1,237 @@
+//! The test-facing vocabulary: a request, how the upstream and callout clusters answer, and the
+//! verdict a request gets.
+
+use std::collections::BTreeMap;
+
+/// A downstream request, as Envoy's HTTP connection manager hands it to the filter chain.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub headers: Vec<(String, String)>,
+    /// Body chunks, delivered one `on_request_body` call each (the last with end_of_stream).
+    pub body_chunks: Vec<Vec<u8>>,
+    pub trailers: Vec<(String, String)>,
+    /// `source.address` as Envoy reports it: "ip:port".
+    pub source_address: String,
+    /// Properties already set by earlier filters (Envoy filter state), or overrides of built-in
+    /// properties, keyed by the dotted path ("source.address", "firebreak.key_id").
+    pub properties: Vec<(String, Vec<u8>)>,
+}
+
+impl Request {
+    pub fn new(method: &str, path: &str) -> Request {
+        Request {
+            headers: vec![
+                (":authority".into(), "api.example.com".into()),
+                (":path".into(), path.into()),
+                (":method".into(), method.into()),
+                (":scheme".into(), "http".into()),
+            ],
+            body_chunks: Vec::new(),
+            trailers: Vec::new(),
+            source_address: "127.0.0.1:40000".into(),
+            properties: Vec::new(),
+        }
+    }
+
+    pub fn get(path: &str) -> Request {
+        Request::new("GET", path)
+    }
+
+    pub fn post(path: &str) -> Request {
+        Request::new("POST", path)
+    }
+
+    /// Adds a header (names are lower-cased, as Envoy's codec does). Repeat for duplicates.
+    pub fn header(mut self, name: &str, value: &str) -> Request {
+        self.headers.push((name.to_ascii_lowercase(), value.to_string()));
+        self
+    }
+
+    /// Replaces a pseudo-header or header wholly.
+    pub fn set_header(mut self, name: &str, value: &str) -> Request {
+        let name = name.to_ascii_lowercase();
+        self.headers.retain(|(k, _)| *k != name);
+        self.headers.push((name, value.to_string()));
+        self
+    }
+
+    pub fn body(mut self, body: impl AsRef<[u8]>) -> Request {
+        self.body_chunks = vec![body.as_ref().to_vec()];
+        self
+    }
+
+    pub fn chunks<I: IntoIterator<Item = B>, B: AsRef<[u8]>>(mut self, chunks: I) -> Request {
+        self.body_chunks = chunks.into_iter().map(|c| c.as_ref().to_vec()).collect();
+        self
+    }
+
+    pub fn trailer(mut self, name: &str, value: &str) -> Request {
+        self.trailers.push((name.to_ascii_lowercase(), value.to_string()));
+        self
+    }
+
+    pub fn from(mut self, source_address: &str) -> Request {
+        self.source_address = source_address.to_string();
+        self
+    }
+
+    pub fn property(mut self, path: &str, value: impl AsRef<[u8]>) -> Request {
+        self.properties.push((path.to_string(), value.as_ref().to_vec()));
+        self
+    }
+
+    pub fn header_value(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_bytes(&self) -> Vec<u8> {
+        self.body_chunks.concat()
+    }
+}
+
+/// How the upstream service answers a forwarded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"upstream":"ok"}"#.to_vec(),
+        }
+    }
+}
+
+/// How a callout cluster answers an HTTP callout, as scripted by the test.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalloutReply {
+    /// A response: `:status` is added to the headers.
+    Respond { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    /// The callout fails: the filter is called back with no headers (Envoy's `onFailure`).
+    Fail,
+    /// Nothing answers within the callout's timeout. Envoy's async client then answers itself
+    /// with 504 `upstream request timeout`.
+    Timeout,
+    /// The cluster resets the connection before headers. Envoy's router answers 503.
+    Reset,
+    /// The callout stays pending until the test answers it by hand.
+    Hold,
+}
+
+impl CalloutReply {
+    pub fn ok(body: impl AsRef<[u8]>) -> CalloutReply {
+        CalloutReply::Respond { status: 200, headers: Vec::new(), body: body.as_ref().to_vec() }
+    }
+
+    pub fn status(status: u16, body: impl AsRef<[u8]>) -> CalloutReply {
+        CalloutReply::Respond { status, headers: Vec::new(), body: body.as_ref().to_vec() }
+    }
+}
+
+/// How a gRPC callout is answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrpcReply {
+    Ok(Vec<u8>),
+    Status(u32, String),
+    Hold,
+}
+
+/// An HTTP or gRPC callout the filter made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Callout {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+    /// For gRPC: "service/method".
+    pub grpc_method: Option<String>,
+}
+
+/// A reply the filter generated itself (`proxy_send_local_response`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalReply {
+    pub status: u16,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub grpc_status: i32,
+}
+
+/// What the upstream received.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UpstreamRequest {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, String)>,
+}
+
+impl UpstreamRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a request got: the response the client saw and what reached the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct Verdict {
+    /// The response status the client saw; 0 when the stream was reset or never answered.
+    pub status: u16,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Vec<u8>,
+    /// Set when the filter (or the host, on a trap) answered locally.
+    pub local_reply: Option<LocalReply>,
+    /// What the upstream received; `None` unless the whole request was forwarded.
+    pub upstream: Option<UpstreamRequest>,
+    /// The request headers went upstream (Envoy streams them before the body), even if the
+    /// request was then cut short by a local reply from a body callback.
+    pub upstream_headers_sent: bool,
+    /// The filter reset the stream (`proxy_close_stream`).
+    pub reset: bool,
+    /// The request was left paused with nothing pending that could resume it.
+    pub stalled: bool,
+    /// The VM trapped while handling this stream (or had already failed): the message.
+    pub trap: Option<String>,
+    /// The callouts this stream made, in order.
+    pub callouts: Vec<Callout>,
+    /// Host calls made on this stream's behalf, by import name.
+    pub host_calls: BTreeMap<String, u64>,
+    /// Log lines written while this stream was the effective context.
+    pub logs: Vec<String>,
+    /// Strict-mode violations (unexpected host calls) made on this stream's behalf.
+    pub violations: Vec<String>,
+}
+
+impl Verdict {
+    pub fn forwarded(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// The `error` field of a JSON response body, Firebreak's stable error code.
+    pub fn error_code(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(&self.response_body).ok()?;
+        v.get("error")?.as_str().map(str::to_string)
+    }
+
+    pub fn response_header(&self, name: &str) -> Option<&str> {
+        self.response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn upstream_header(&self, name: &str) -> Option<&str> {
+        self.upstream.as_ref()?.header(name)
+    }
+
+    pub fn upstream_body(&self) -> Option<&[u8]> {
+        self.upstream.as_ref().map(|u| u.body.as_slice())
+    }
+
+    /// Total host calls made on this stream's behalf (the performance budget counts these).
+    pub fn host_call_total(&self) -> u64 {
+        self.host_calls.values().sum()
+    }
+}

@@ -1,0 +1,371 @@
+//! The host's own semantic tests: each checks one of Envoy's behaviours through a real module
+//! (host-tests/test-filter), so the host is held to what Envoy does, not to what the SDK expects.
+
+mod common;
+
+use std::time::Duration;
+
+use common::test_filter;
+use firebreak_host_tests::{
+    CalloutReply, GrpcReply, Host, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
+};
+
+fn host() -> Host {
+    Host::builder(&test_filter()).config("{}").start().expect("starts")
+}
+
+#[test]
+fn a_plain_request_is_forwarded_and_the_response_passes_through_the_filter() {
+    let mut h = host();
+    let v = h.send(Request::post("/pay").header("x-a", "1").body("hello"));
+    assert_eq!(v.status, 200);
+    assert!(v.forwarded());
+    assert_eq!(v.upstream_header("x-a"), Some("1"));
+    assert_eq!(v.upstream_header("x-forwarded-proto"), Some("http"));
+    assert_eq!(v.upstream_body(), Some(&b"hello"[..]));
+    assert_eq!(v.response_header("x-test-filter"), Some("seen"));
+    assert_eq!(v.response_body, br#"{"upstream":"ok"}"#);
+}
+
+#[test]
+fn get_header_returns_the_first_of_duplicated_headers() {
+    let mut h = host();
+    let v = h.send(Request::get("/").header("x-dup", "first").header("x-dup", "second"));
+    assert_eq!(v.upstream_header("x-first-dup"), Some("first"));
+}
+
+#[test]
+fn header_add_replace_and_remove_follow_envoy() {
+    let mut h = host();
+    let v = h.send(
+        Request::get("/")
+            .header("x-test-add", "X-Added=yes")
+            .header("x-gone", "1")
+            .header("x-gone", "2")
+            .header("x-test-remove", "x-gone"),
+    );
+    let up = v.upstream.unwrap();
+    assert_eq!(up.header("x-added"), Some("yes"), "names are lower-cased");
+    assert!(up.header("x-gone").is_none(), "remove drops every occurrence");
+}
+
+#[test]
+fn a_local_reply_ends_the_stream() {
+    let mut h = host();
+    let v = h.send(Request::post("/pay").header("x-test-deny", "418").body("never seen"));
+    assert_eq!(v.status, 418);
+    assert_eq!(v.error_code().as_deref(), Some("denied"));
+    assert!(!v.forwarded());
+    assert_eq!(v.response_header("x-denied"), Some("1"));
+    assert_eq!(v.response_header("content-type"), Some("application/json"));
+    assert!(!v.host_calls.contains_key("proxy_get_buffer_bytes"), "no body callback after a local reply");
+}
+
+#[test]
+fn pause_from_a_body_callback_buffers_until_the_end() {
+    let mut h = host();
+    let v = h.send(Request::post("/").header("x-test-body", "buffer").chunks(["hel", "lo ", "world"]));
+    assert!(v.forwarded());
+    assert_eq!(v.upstream_body(), Some(&b"HELLO WORLD"[..]));
+    // "deny" split across chunks is only visible because the chunks were buffered.
+    let v = h.send(Request::post("/").header("x-test-body", "buffer").chunks(["de", "ny"]));
+    assert_eq!(v.status, 400);
+    assert_eq!(v.error_code().as_deref(), Some("body_denied"));
+    assert!(!v.forwarded(), "the request never reached the upstream whole");
+    assert!(v.upstream_headers_sent, "Envoy streams the headers before the body");
+}
+
+#[test]
+fn continue_from_a_body_callback_streams_each_chunk() {
+    let mut h = host();
+    let v = h.send(Request::post("/").chunks(["de", "ny"]));
+    assert_eq!(v.status, 200);
+    assert_eq!(v.upstream_body(), Some(&b"deny"[..]));
+}
+
+#[test]
+fn a_trap_fails_every_in_flight_stream_of_that_vm_with_503() {
+    let mut h = Host::builder(&test_filter())
+        .config("{}")
+        .workers(2)
+        .callout("authz", CalloutReply::Hold)
+        .start()
+        .unwrap();
+    let held = h.open(0, Request::get("/held").header("x-test-callout", "authz"));
+    let other_worker = h.open(1, Request::get("/other").header("x-test-callout", "authz"));
+    assert_eq!(h.pending_callouts().len(), 2);
+
+    let v = h.send_on(0, Request::get("/boom").header("x-test-panic", "1"));
+    assert_eq!(v.status, 503);
+    assert_eq!(v.local_reply.as_ref().unwrap().details, "wasm_fail_stream");
+    assert!(v.trap.as_deref().unwrap().contains("proxy_on_request_headers"));
+    assert!(v.logs.iter().any(|l| l.contains("x-test-panic asked for a trap")), "{:?}", v.logs);
+    assert!(!v.forwarded());
+
+    let held = h.finish(held);
+    assert_eq!(held.status, 503, "the in-flight stream on the failed VM fails too");
+    assert!(!held.forwarded());
+    // Fail closed: later streams on that VM get 503 without reaching the module.
+    let later = h.send_on(0, Request::get("/later"));
+    assert_eq!(later.status, 503);
+    assert!(later.host_calls.is_empty());
+    // The other worker's VM is unaffected.
+    let pending = h.pending_callouts();
+    let (_, call) = pending.iter().find(|(w, _)| *w == 1).unwrap();
+    h.answer(1, call.token, CalloutReply::ok("fine"));
+    let other = h.finish(other_worker);
+    assert_eq!(other.status, 200);
+    assert_eq!(other.upstream_header("x-callout-body"), Some("fine"));
+}
+
+#[test]
+fn on_configure_returning_false_means_the_plugin_does_not_start() {
+    let e = Host::builder(&test_filter()).config(r#"{"reject": true}"#).start().err().unwrap();
+    match e {
+        StartError::ConfigureFailed { logs } => {
+            assert!(logs.iter().any(|l| l.contains("rejected configuration")), "{logs:?}")
+        }
+        other => panic!("expected ConfigureFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn shared_data_claims_and_cas() {
+    let mut h = host();
+    let first = h.send(Request::get("/").header("x-test-claim", "nonce-1"));
+    assert_eq!(first.upstream_header("x-claim"), Some("won"));
+    let again = h.send(Request::get("/").header("x-test-claim", "nonce-1"));
+    assert_eq!(again.status, 409);
+    assert_eq!(again.error_code().as_deref(), Some("replay"));
+    let (value, cas) = h.shared_data("nonce-1").unwrap();
+    assert_eq!(value, b"claimed");
+    // The store's own rules, as another VM would meet them.
+    assert_eq!(h.set_shared_data("nonce-1", b"x", cas.wrapping_add(7)), Status::CasMismatch);
+    assert_eq!(h.set_shared_data("nonce-1", b"x", cas), Status::Ok);
+    assert_eq!(h.set_shared_data("nonce-1", b"y", cas), Status::CasMismatch, "the token is spent");
+    assert_eq!(h.set_shared_data("nonce-1", b"z", 0), Status::Ok, "CAS 0 is unconditional");
+    assert_eq!(h.set_shared_data("fresh", b"v", 999), Status::Ok, "absent keys are inserted whatever the CAS");
+}
+
+#[test]
+fn race_two_workers_both_see_the_key_absent() {
+    // get(0) get(1) set(0) set(1): both saw the key absent, so both CAS-0 writes succeed: the
+    // get-then-set claim is not atomic across workers, and the host reproduces it every time.
+    let mut h = Host::builder(&test_filter()).config("{}").workers(2).start().unwrap();
+    let req = || Request::get("/").header("x-test-claim", "nonce-race");
+    let before = h.shared_trace().len();
+    let v = h.race(vec![(0, req()), (1, req())], &[0, 1, 0, 1]);
+    assert_eq!(v[0].upstream_header("x-claim"), Some("won"));
+    assert_eq!(v[1].upstream_header("x-claim"), Some("won"));
+    let trace: Vec<String> =
+        h.shared_trace().into_iter().skip(before).map(|(w, d)| format!("{w}:{d}")).collect();
+    assert!(trace[0].starts_with("0:get nonce-race -> absent"), "{trace:?}");
+    assert!(trace[1].starts_with("1:get nonce-race -> absent"), "{trace:?}");
+
+    // Serialised, the second worker loses.
+    let mut h = Host::builder(&test_filter()).config("{}").workers(2).start().unwrap();
+    let v = h.race(vec![(0, req()), (1, req())], &[0, 0, 1]);
+    assert_eq!(v[0].status, 200);
+    assert_eq!(v[1].status, 409);
+}
+
+#[test]
+fn race_cas_mismatch_makes_the_loser_retry() {
+    let mut h = Host::builder(&test_filter()).config("{}").workers(2).start().unwrap();
+    assert_eq!(h.set_shared_data("counter", b"5", 0), Status::Ok);
+    let before = h.shared_trace().len();
+    let req = || Request::get("/").header("x-test-counter", "counter");
+    // Both read 5 with the same CAS; worker 0 writes 6; worker 1's write mismatches, it
+    // re-reads 6 and writes 7.
+    let v = h.race(vec![(0, req()), (1, req())], &[0, 1, 0, 1, 1, 1]);
+    assert_eq!(v[0].upstream_header("x-counter"), Some("6"));
+    assert_eq!(v[1].upstream_header("x-counter"), Some("7"));
+    let trace: Vec<String> = h.shared_trace().into_iter().skip(before).map(|(_, d)| d).collect();
+    assert!(trace[3].ends_with("CasMismatch"), "{trace:?}");
+    assert_eq!(h.shared_data("counter").unwrap().0, b"7");
+}
+
+#[test]
+fn callouts_answer_fail_or_time_out_as_scripted() {
+    let start = |reply: CalloutReply| {
+        Host::builder(&test_filter()).config("{}").callout("authz", reply).start().unwrap()
+    };
+    let req = || Request::get("/").header("x-test-callout", "authz");
+
+    let v = start(CalloutReply::ok("granted")).send(req());
+    assert_eq!(v.status, 200);
+    assert_eq!(v.upstream_header("x-callout-body"), Some("granted"));
+    assert_eq!(v.callouts.len(), 1);
+    assert_eq!(v.callouts[0].cluster, "authz");
+    assert!(v.callouts[0].headers.contains(&(":path".into(), "/check".into())));
+    assert_eq!(v.callouts[0].timeout_ms, 500);
+    assert!(v.host_calls.contains_key("proxy_set_effective_context"));
+    assert!(v.host_calls.contains_key("proxy_continue_stream"));
+
+    let v = start(CalloutReply::status(403, "no")).send(req());
+    assert_eq!((v.status, v.error_code().as_deref()), (403, Some("callout_denied")));
+
+    let v = start(CalloutReply::Fail).send(req());
+    assert_eq!((v.status, v.error_code().as_deref()), (503, Some("callout_failed")));
+    assert!(!v.forwarded());
+
+    // Envoy's async client answers a timeout itself, with 504.
+    let v = start(CalloutReply::Timeout).send(req());
+    assert_eq!((v.status, v.error_code().as_deref()), (403, Some("callout_denied")));
+
+    // A callout to a cluster Envoy does not know is refused at dispatch.
+    let v = start(CalloutReply::ok("")).send(Request::get("/").header("x-test-callout", "nowhere"));
+    assert_eq!((v.status, v.error_code().as_deref()), (503, Some("callout_failed")));
+}
+
+#[test]
+fn a_held_callout_is_answered_by_the_test() {
+    let mut h = Host::builder(&test_filter()).config("{}").callout("authz", CalloutReply::Hold).start().unwrap();
+    let s = h.open(0, Request::get("/").header("x-test-callout", "authz"));
+    let pending = h.pending_callouts();
+    assert_eq!(pending.len(), 1);
+    h.answer(0, pending[0].1.token, CalloutReply::ok("late"));
+    let v = h.finish(s);
+    assert_eq!(v.status, 200);
+    assert_eq!(v.upstream_header("x-callout-body"), Some("late"));
+}
+
+#[test]
+fn continue_from_a_body_callback_resumes_headers_paused_for_a_callout() {
+    // Envoy's filter manager: Continue from decodeData after StopIteration from decodeHeaders
+    // resumes the stream. A filter that pauses for a callout must also pause its body.
+    let mut h = Host::builder(&test_filter()).config("{}").callout("authz", CalloutReply::Hold).start().unwrap();
+    let v = h.send(Request::post("/").header("x-test-callout", "authz").body("b"));
+    assert!(v.forwarded());
+    assert_eq!(v.upstream_header("x-callout-body"), None, "forwarded before the callout answered");
+}
+
+#[test]
+fn a_stream_left_paused_is_reported_stalled() {
+    let mut h = Host::builder(&test_filter()).config("{}").callout("authz", CalloutReply::Hold).start().unwrap();
+    let v = h.send(Request::get("/").header("x-test-callout", "authz"));
+    assert!(v.stalled);
+    assert_eq!(v.status, 0);
+    assert!(!v.forwarded());
+}
+
+#[test]
+fn grpc_callouts() {
+    let start = |reply: GrpcReply| Host::builder(&test_filter()).config("{}").grpc("checker", reply).start().unwrap();
+    let req = || Request::get("/").header("x-test-grpc", "checker");
+    let v = start(GrpcReply::Ok(b"pong".to_vec())).send(req());
+    assert_eq!(v.upstream_header("x-grpc"), Some("ok"));
+    assert_eq!(v.callouts[0].grpc_method.as_deref(), Some("test.Check/Check"));
+    assert_eq!(v.callouts[0].body, b"ping");
+    let v = start(GrpcReply::Status(14, "unavailable".into())).send(req());
+    assert_eq!((v.status, v.error_code().as_deref()), (503, Some("grpc_failed")));
+}
+
+#[test]
+fn close_stream_resets() {
+    let v = host().send(Request::get("/").header("x-test-reset", "1"));
+    assert!(v.reset);
+    assert_eq!(v.status, 0);
+    assert!(!v.forwarded());
+}
+
+#[test]
+fn properties_builtin_and_from_earlier_filters() {
+    let mut h = Host::builder(&test_filter()).config("{}").root_id("my_root").start().unwrap();
+    let v = h.send(
+        Request::get("/a/b?q=1")
+            .header("x-test-props", "1")
+            .from("10.1.2.3:5555")
+            .property("firebreak_upstream", "set-earlier"),
+    );
+    let up = v.upstream.unwrap();
+    assert_eq!(up.header("x-prop-source-address"), Some("10.1.2.3:5555"));
+    assert_eq!(up.header("x-prop-path"), Some("/a/b?q=1"));
+    assert_eq!(up.header("x-prop-method"), Some("GET"));
+    assert_eq!(up.header("x-prop-root-id"), Some("my_root"));
+    assert_eq!(up.header("x-prop-upstream"), Some("set-earlier"));
+    assert_eq!(up.header("x-prop-roundtrip"), Some("stored"));
+}
+
+#[test]
+fn fake_clock_time_and_timers() {
+    let mut h = Host::builder(&test_filter()).config(r#"{"tick_ms": 100}"#).workers(2).start().unwrap();
+    assert_eq!(h.tick_period_ms(0), 100);
+    let v = h.send(Request::get("/").header("x-test-time", "1"));
+    assert_eq!(v.upstream_header("x-now-ms"), Some((DEFAULT_START_NANOS / 1_000_000).to_string().as_str()));
+    h.advance(Duration::from_millis(350));
+    // Three ticks on each of two workers, counted with CAS in shared data.
+    assert_eq!(h.shared_data("ticks").unwrap().0, b"6");
+    let v = h.send(Request::get("/").header("x-test-time", "1"));
+    assert_eq!(v.upstream_header("x-now-ms"), Some((DEFAULT_START_NANOS / 1_000_000 + 350).to_string().as_str()));
+}
+
+#[test]
+fn shared_queues_deliver_to_the_registering_root() {
+    let mut h = host();
+    h.send(Request::get("/").header("x-test-enqueue", "hello"));
+    assert_eq!(h.shared_data("queue_last").unwrap().0, b"hello");
+    assert!(h.root_host_calls(0).contains_key("proxy_dequeue_shared_queue"));
+}
+
+#[test]
+fn metrics_are_counted() {
+    let mut h = host();
+    h.send(Request::get("/"));
+    h.send(Request::get("/"));
+    assert_eq!(h.metric("test_filter.requests"), Some(2));
+}
+
+#[test]
+fn vm_environment_variables_reach_the_module() {
+    let mut h = Host::builder(&test_filter()).config("{}").env("FIREBREAK_TEST", "yes").start().unwrap();
+    let v = h.send(Request::get("/").header("x-test-env", "FIREBREAK_TEST"));
+    assert_eq!(v.upstream_header("x-env"), Some("yes"));
+}
+
+#[test]
+fn strict_mode_fails_on_unexpected_host_calls() {
+    let mut h = Host::builder(&test_filter())
+        .config("{}")
+        .allow_only(&["proxy_get_header_map_value", "proxy_increment_metric", "proxy_log"])
+        .start()
+        .unwrap();
+    // Only the allowed calls: fine.
+    assert!(h.try_send_on(0, Request::get("/")).is_err(), "the response path replaces a header");
+    let mut h = Host::builder(&test_filter()).config("{}").strict().start().unwrap();
+    assert!(h.try_send_on(0, Request::get("/")).is_ok());
+    let e = h.try_send_on(0, Request::get("/").header("x-test-callout", "nowhere")).unwrap_err();
+    assert!(e.to_string().contains("unknown cluster"), "{e}");
+}
+
+#[test]
+fn host_calls_are_counted_per_request() {
+    let mut h = host();
+    let plain = h.send(Request::get("/"));
+    let props = h.send(Request::get("/").header("x-test-props", "1"));
+    assert!(plain.host_call_total() > 0);
+    assert!(props.host_call_total() > plain.host_call_total());
+    assert_eq!(props.host_calls["proxy_get_property"], 6);
+}
+
+#[test]
+fn hosts_are_isolated() {
+    let mut a = host();
+    let mut b = host();
+    a.send(Request::get("/").header("x-test-claim", "k"));
+    let v = b.send(Request::get("/").header("x-test-claim", "k"));
+    assert_eq!(v.status, 200, "another host's shared data is not visible");
+}
+
+#[test]
+fn the_upstream_answer_is_scripted() {
+    let mut h = Host::builder(&test_filter())
+        .config("{}")
+        .upstream(Upstream { status: 201, headers: vec![("x-up".into(), "1".into())], body: b"made".to_vec() })
+        .start()
+        .unwrap();
+    let v = h.send(Request::get("/"));
+    assert_eq!(v.status, 201);
+    assert_eq!(v.response_header("x-up"), Some("1"));
+    assert_eq!(v.response_body, b"made");
+}
