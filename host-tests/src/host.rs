@@ -214,6 +214,12 @@ pub(crate) struct StreamRun {
     request: Request,
     headers_released: bool,
     request_eos_seen: bool,
+    /// Body the client sent while the filter had paused its headers (Envoy buffers it).
+    withheld: Vec<u8>,
+    withheld_eos: bool,
+    trailers_pending: bool,
+    upstream_response_body: Vec<u8>,
+    response_body_withheld: bool,
     upstream: Option<UpstreamRequest>,
     response_started: bool,
     response_done: bool,
@@ -350,6 +356,11 @@ impl Worker {
             request,
             headers_released: false,
             request_eos_seen: false,
+            withheld: Vec::new(),
+            withheld_eos: false,
+            trailers_pending: false,
+            upstream_response_body: Vec::new(),
+            response_body_withheld: false,
             upstream: None,
             response_started: false,
             response_done: false,
@@ -410,6 +421,9 @@ impl Worker {
         }
     }
 
+    /// Delivers what the client sent. Envoy (proxy-wasm-cpp-host) turns Pause from a headers
+    /// callback into StopAllIterationAndWatermark: the body is then withheld from the filter
+    /// and handed to it in one piece when the stream is continued.
     fn deliver_request(&mut self, run: &mut StreamRun) {
         let id = run.id as i32;
         let chunks = run.request.body_chunks.clone();
@@ -420,54 +434,87 @@ impl Worker {
         if self.ended(run) {
             return;
         }
+        if eos {
+            run.request_eos_seen = true;
+        }
         if action == Action::Continue || self.take_continue(run.id) {
             self.release_request(run);
         }
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len() && !has_trailers;
-            let size = {
-                let s = self.stream(run.id);
-                let b = s.request_body.get_or_insert_with(Vec::new);
-                b.extend_from_slice(chunk);
-                b.len() as i32
-            };
-            let Some(action) = self.step(run, "proxy_on_request_body", (id, size, last as i32)) else { return };
-            if self.ended(run) {
-                return;
+            if !run.headers_released {
+                run.withheld.extend_from_slice(chunk);
+                run.withheld_eos |= last;
+                continue;
             }
-            // Continue from a body callback resumes a paused stream (Envoy's filter manager).
-            if action == Action::Continue || self.take_continue(run.id) {
-                self.release_request(run);
+            self.body_callback(run, chunk, last);
+            if run.done {
+                return;
             }
         }
         if has_trailers {
-            let t = run.request.trailers.len() as i32;
-            let action = match self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (id, t)) {
-                Ok(r) => r.map(Action::from_raw).unwrap_or(Action::Continue),
-                Err(t) => {
-                    run.trap = Some(t);
-                    run.done = true;
-                    return;
-                }
-            };
-            if self.ended(run) {
-                return;
-            }
-            if action == Action::Continue || self.take_continue(run.id) {
-                self.release_request(run);
+            if run.headers_released {
+                self.trailers_callback(run);
+            } else {
+                run.trailers_pending = true;
             }
         }
+    }
+
+    fn body_callback(&mut self, run: &mut StreamRun, data: &[u8], eos: bool) {
+        let size = {
+            let b = self.stream(run.id).request_body.get_or_insert_with(Vec::new);
+            b.extend_from_slice(data);
+            b.len() as i32
+        };
+        if eos {
+            run.request_eos_seen = true;
+        }
+        let Some(action) = self.step(run, "proxy_on_request_body", (run.id as i32, size, eos as i32)) else {
+            return;
+        };
+        if self.ended(run) {
+            return;
+        }
+        // Continue flushes what was buffered; Pause (StopIterationAndBuffer) keeps buffering.
+        if action == Action::Continue || self.take_continue(run.id) {
+            self.release_request(run);
+        }
+    }
+
+    fn trailers_callback(&mut self, run: &mut StreamRun) {
+        run.trailers_pending = false;
         run.request_eos_seen = true;
+        let t = run.request.trailers.len() as i32;
+        let action = match self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t)) {
+            Ok(r) => r.map(Action::from_raw).unwrap_or(Action::Continue),
+            Err(t) => {
+                run.trap = Some(t);
+                run.done = true;
+                return;
+            }
+        };
+        if self.ended(run) {
+            return;
+        }
+        if action == Action::Continue || self.take_continue(run.id) {
+            self.release_request(run);
+        }
     }
 
     fn take_continue(&mut self, id: u32) -> bool {
         std::mem::take(&mut self.stream(id).continue_request)
     }
 
-    /// The request is fully forwarded: nothing of it is held by the filter.
+    /// The request is fully forwarded: nothing of it is held by the filter or withheld from it.
     fn request_complete(&mut self, run: &mut StreamRun) -> bool {
         let held = self.stream(run.id).request_body.as_ref().is_some_and(|b| !b.is_empty());
-        run.headers_released && run.request_eos_seen && !held
+        run.headers_released
+            && run.request_eos_seen
+            && !held
+            && run.withheld.is_empty()
+            && !run.withheld_eos
+            && !run.trailers_pending
     }
 
     /// Moves the stream on as far as the scripts allow. Returns true when it is done.
@@ -477,15 +524,26 @@ impl Worker {
             if run.done || self.ended(run) {
                 return true;
             }
-            if self.stream(run.id).continue_request {
-                self.take_continue(run.id);
+            if self.take_continue(run.id) {
                 self.release_request(run);
+                // Envoy now hands the filter the body it withheld, in one piece.
+                if !run.withheld.is_empty() || run.withheld_eos {
+                    let data = std::mem::take(&mut run.withheld);
+                    let eos = std::mem::take(&mut run.withheld_eos);
+                    self.body_callback(run, &data, eos);
+                }
+                if run.trailers_pending && !run.done {
+                    self.trailers_callback(run);
+                }
                 continue;
             }
-            if self.stream(run.id).continue_response && run.response_paused {
-                self.stream(run.id).continue_response = false;
+            if run.response_paused && std::mem::take(&mut self.stream(run.id).continue_response) {
                 run.response_paused = false;
-                run.response_done = true;
+                if std::mem::take(&mut run.response_body_withheld) {
+                    self.response_body_callback(run);
+                } else {
+                    run.response_done = true;
+                }
                 continue;
             }
             if run.response_done {
@@ -494,7 +552,7 @@ impl Worker {
             }
             let waiting_on_filter = !self.request_complete(run) || run.response_paused;
             if waiting_on_filter {
-                // Only a callout answer (or a tick) can resume it.
+                // Only a callout answer can resume it.
                 if !self.answer_next_callout(run.id, spec) {
                     run.stalled = true;
                     return false;
@@ -517,30 +575,36 @@ impl Worker {
         headers.push(("content-length".into(), upstream.body.len().to_string()));
         let n = headers.len() as i32;
         let has_body = !upstream.body.is_empty();
-        {
-            let s = self.stream(run.id);
-            s.response_headers = Some(to_map(&headers));
-        }
+        self.stream(run.id).response_headers = Some(to_map(&headers));
+        self.stream(run.id).response_body = Some(Vec::new());
+        run.upstream_response_body = upstream.body.clone();
         let Some(action) = self.step(run, "proxy_on_response_headers", (id, n, !has_body as i32)) else { return };
         if self.ended(run) {
             return;
         }
-        let mut paused = action == Action::Pause;
-        if has_body {
-            let size = {
-                let s = self.stream(run.id);
-                s.response_body = Some(upstream.body.clone());
-                upstream.body.len() as i32
-            };
-            let Some(action) = self.step(run, "proxy_on_response_body", (id, size, 1)) else { return };
-            if self.ended(run) {
-                return;
-            }
-            paused = action == Action::Pause;
-        } else {
-            self.stream(run.id).response_body = Some(Vec::new());
+        let continued = std::mem::take(&mut self.stream(run.id).continue_response);
+        if action == Action::Pause && !continued {
+            run.response_paused = true;
+            run.response_body_withheld = has_body;
+            return;
         }
-        if paused && !std::mem::take(&mut self.stream(run.id).continue_response) {
+        if has_body {
+            self.response_body_callback(run);
+        } else {
+            run.response_done = true;
+        }
+    }
+
+    fn response_body_callback(&mut self, run: &mut StreamRun) {
+        let body = std::mem::take(&mut run.upstream_response_body);
+        let size = body.len() as i32;
+        self.stream(run.id).response_body = Some(body);
+        let Some(action) = self.step(run, "proxy_on_response_body", (run.id as i32, size, 1)) else { return };
+        if self.ended(run) {
+            return;
+        }
+        let continued = std::mem::take(&mut self.stream(run.id).continue_response);
+        if action == Action::Pause && !continued {
             run.response_paused = true;
         } else {
             run.response_done = true;
@@ -878,6 +942,11 @@ impl Host {
             request: Request::get("/"),
             headers_released: false,
             request_eos_seen: false,
+            withheld: Vec::new(),
+            withheld_eos: false,
+            trailers_pending: false,
+            upstream_response_body: Vec::new(),
+            response_body_withheld: false,
             upstream: None,
             response_started: false,
             response_done: false,

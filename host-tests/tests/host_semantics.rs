@@ -231,13 +231,19 @@ fn a_held_callout_is_answered_by_the_test() {
 }
 
 #[test]
-fn continue_from_a_body_callback_resumes_headers_paused_for_a_callout() {
-    // Envoy's filter manager: Continue from decodeData after StopIteration from decodeHeaders
-    // resumes the stream. A filter that pauses for a callout must also pause its body.
+fn pause_in_headers_withholds_the_body_until_continued() {
+    // proxy-wasm-cpp-host turns Pause from on_request_headers into StopAllIterationAndWatermark:
+    // the body is withheld from the filter (so its Continue cannot resume the stream early) and
+    // handed over in one piece once the filter continues.
     let mut h = Host::builder(&test_filter()).config("{}").callout("authz", CalloutReply::Hold).start().unwrap();
-    let v = h.send(Request::post("/").header("x-test-callout", "authz").body("b"));
+    let s = h.open(0, Request::post("/").header("x-test-callout", "authz").chunks(["a", "b"]));
+    assert_eq!(h.pending_callouts().len(), 1);
+    let token = h.pending_callouts()[0].1.token;
+    h.answer(0, token, CalloutReply::ok("granted"));
+    let v = h.finish(s);
     assert!(v.forwarded());
-    assert_eq!(v.upstream_header("x-callout-body"), None, "forwarded before the callout answered");
+    assert_eq!(v.upstream_header("x-callout-body"), Some("granted"));
+    assert_eq!(v.upstream_body(), Some(&b"ab"[..]));
 }
 
 #[test]
