@@ -5,7 +5,10 @@
 //! the wasm module inside Envoy.
 #![forbid(unsafe_code)]
 
+pub mod envguard;
+pub mod ratelimit;
 pub mod reject;
+pub mod replay;
 pub mod route;
 pub mod signature;
 pub mod store;

