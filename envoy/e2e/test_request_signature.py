@@ -1,0 +1,267 @@
+"""request-signature through real Envoy (--concurrency 2): every attack of incident 1 is refused with
+its documented status and code, and never reaches the money API (checked in its ledger)."""
+
+import base64
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+import harness
+
+MONEY_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
+
+
+@pytest.fixture(scope="module")
+def gateway(demo_api):
+    envoy = harness.Envoy(
+        [harness.signature_filter(routes=[{"methods": MONEY_METHODS, "path_prefix": "/v1/"}])],
+        demo_api.port,
+    )
+    yield envoy
+    envoy.stop()
+
+
+def transfer_body(reference: str, amount: int = 100) -> bytes:
+    return json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": amount, "reference": reference}).encode()
+
+
+def new_ref() -> str:
+    return f"sig-{uuid.uuid4().hex[:12]}"
+
+
+JSON = [("content-type", "application/json")]
+
+
+def assert_refused(demo_api, gateway, response, reference, status, code):
+    assert (response.status, response.error) == (status, code), response.body
+    assert response.headers.get("content-type") == "application/json"
+    assert response.headers.get("x-firebreak-error") == code
+    assert set(response.json) == {"error", "message"} and response.json["message"]
+    assert demo_api.executed(reference) == 0, "a refused request reached the money API"
+    assert gateway.counter(f"firebreak.request_signature.rejected.{code}") >= 1
+    assert f"code={code}" in gateway.logs()
+
+
+def test_signed_request_reaches_the_api_with_the_verified_principal(demo_api, gateway):
+    ref = new_ref()
+    r = gateway.signed("POST", "/v1/transfers", transfer_body(ref), headers=JSON)
+    assert r.status == 201, r.body
+    assert demo_api.executed(ref) == 1
+    [op] = [op for op in demo_api.ledger() if op["reference"] == ref]
+    assert op["principal"] == harness.DEMO_KEY_ID
+    assert gateway.counter("firebreak.request_signature.accepted") >= 1
+
+
+def test_client_supplied_principal_is_stripped_everywhere(demo_api):
+    # Only /v1/transfers is protected here: a forged principal on another route must not survive.
+    envoy = harness.Envoy([harness.signature_filter(routes=[{"methods": ["POST"], "path_exact": "/v1/transfers"}])],
+                          demo_api.port)
+    try:
+        ref = new_ref()
+        body = json.dumps({"account": "acc-carol", "amount": 1, "reference": ref}).encode()
+        r = envoy.request("POST", "/v1/withdrawals", JSON + [("x-firebreak-principal", "admin")], body)
+        assert r.status == 201
+        [op] = [op for op in demo_api.ledger() if op["reference"] == ref]
+        assert op["principal"] is None
+    finally:
+        envoy.stop()
+
+
+def tampered(gateway, sign_body: bytes, send_body: bytes, sign_path="/v1/transfers", send_path=None,
+             sign_method="POST", send_method=None, extra=None):
+    sig = harness.sign(sign_method, gateway.url(sign_path), sign_body, extra=extra)
+    return gateway.request(send_method or sign_method, send_path or sign_path, JSON + sig, send_body)
+
+
+def test_tampered_body(demo_api, gateway):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref, amount=99999))
+    assert_refused(demo_api, gateway, r, ref, 401, "content_digest_mismatch")
+
+
+def test_tampered_path(demo_api, gateway):
+    ref = new_ref()
+    body = json.dumps({"account": "acc-alice", "amount": 5, "reference": ref}).encode()
+    r = tampered(gateway, body, body, sign_path="/v1/payouts", send_path="/v1/withdrawals")
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def test_tampered_query(demo_api, gateway):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref), sign_path="/v1/transfers?fee=0",
+                 send_path="/v1/transfers?fee=1")
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def test_query_not_covered(demo_api, gateway):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref), sign_path="/v1/transfers?fee=0",
+                 extra=["--components", "@method,@authority,@path,content-digest"])
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_coverage_insufficient")
+
+
+def test_changed_method(demo_api, gateway):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref), send_method="PATCH")
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def test_wrong_key(demo_api, gateway):
+    ref = new_ref()
+    body = transfer_body(ref)
+    wrong = base64.b64encode(b"x" * 44).decode()
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), body, secret_b64=wrong)
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def test_unknown_key_id(demo_api, gateway):
+    ref = new_ref()
+    body = transfer_body(ref)
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), body, key_id="mallory")
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
+    assert_refused(demo_api, gateway, r, ref, 401, "key_unknown")
+
+
+@pytest.mark.parametrize("offset,code", [(-301, "signature_stale"), (+60, "signature_from_future")])
+def test_created_outside_the_window(demo_api, gateway, offset, code):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref), extra=["--created", str(int(time.time()) + offset)])
+    assert_refused(demo_api, gateway, r, ref, 401, code)
+
+
+def test_expired(demo_api, gateway):
+    ref = new_ref()
+    now = int(time.time())
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref),
+                 extra=["--created", str(now - 20), "--expires", str(now - 1)])
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_expired")
+
+
+def test_replayed_nonce(demo_api, gateway):
+    ref = new_ref()
+    body = transfer_body(ref)
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), body)
+    assert gateway.request("POST", "/v1/transfers", JSON + sig, body).status == 201
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
+    assert (r.status, r.error) == (409, "nonce_replayed")
+    assert demo_api.executed(ref) == 1
+
+
+def test_twenty_concurrent_copies_of_one_signed_request_execute_once(demo_api, gateway):
+    ref = new_ref()
+    body = transfer_body(ref, amount=1)
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), body)
+    start = threading.Barrier(20)
+    results = []
+
+    def fire():
+        start.wait()
+        results.append(gateway.request("POST", "/v1/transfers", JSON + sig, body))
+
+    threads = [threading.Thread(target=fire) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201] + [409] * 19, statuses
+    assert {r.error for r in results if r.status == 409} == {"nonce_replayed"}
+    assert demo_api.executed(ref) == 1
+
+
+def test_missing_content_digest_on_a_body(demo_api, gateway):
+    ref = new_ref()
+    r = tampered(gateway, transfer_body(ref), transfer_body(ref), extra=["--components", "@method,@authority,@path"])
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_coverage_insufficient")
+    # Covered but the header itself stripped.
+    body = transfer_body(ref)
+    sig = [h for h in harness.sign("POST", gateway.url("/v1/transfers"), body) if h[0] != "content-digest"]
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
+    assert_refused(demo_api, gateway, r, ref, 400, "signature_component_missing")
+
+
+@pytest.mark.parametrize("header", ["signature", "signature-input", "content-digest"])
+def test_duplicate_security_headers(demo_api, gateway, header):
+    ref = new_ref()
+    body = transfer_body(ref)
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), body)
+    dup = [h for h in sig if h[0] == header]
+    r = gateway.request("POST", "/v1/transfers", JSON + sig + dup, body)
+    assert_refused(demo_api, gateway, r, ref, 400, "header_duplicated")
+
+
+def test_unsigned_and_malformed(demo_api, gateway):
+    ref = new_ref()
+    r = gateway.request("POST", "/v1/transfers", JSON, transfer_body(ref))
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_missing")
+    r = gateway.request("POST", "/v1/transfers", JSON + [("signature-input", "sig1=(\"@method\""),
+                                                         ("signature", "sig1=:AAAA:")], transfer_body(ref))
+    assert_refused(demo_api, gateway, r, ref, 400, "signature_malformed")
+    sig = [(n, v.replace('"hmac-sha256"', '"rsa-v1_5-sha256"')) for n, v in
+           harness.sign("POST", gateway.url("/v1/transfers"), transfer_body(ref))]
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, transfer_body(ref))
+    assert_refused(demo_api, gateway, r, ref, 400, "signature_algorithm_unsupported")
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), transfer_body(ref), key_id="x" * 65)
+    r = gateway.request("POST", "/v1/transfers", JSON + sig, transfer_body(ref))
+    assert_refused(demo_api, gateway, r, ref, 400, "key_id_invalid")
+
+
+def test_oversized_body(demo_api, gateway):
+    ref = new_ref()
+    big = json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": ref,
+                      "pad": "x" * 70000}).encode()
+    r = tampered(gateway, big, big)
+    assert_refused(demo_api, gateway, r, ref, 413, "body_too_large")
+
+
+def test_oversized_chunked_body_without_content_length(demo_api, gateway):
+    import http.client
+    ref = new_ref()
+    big = json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": ref,
+                      "pad": "x" * 70000}).encode()
+    sig = harness.sign("POST", gateway.url("/v1/transfers"), big)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.putrequest("POST", "/v1/transfers", skip_accept_encoding=True)
+    for n, v in JSON + sig + [("transfer-encoding", "chunked")]:
+        conn.putheader(n, v)
+    conn.endheaders()
+    for i in range(0, len(big), 8192):
+        chunk = big[i:i + 8192]
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert (resp.status, body["error"]) == (413, "body_too_large")
+    assert demo_api.executed(ref) == 0
+
+
+def test_a_request_signed_by_an_independent_rfc9421_library_passes(demo_api, gateway):
+    from http_message_signatures import HTTPMessageSigner, MappingKeyResolver, algorithms
+
+    secret = base64.b64decode(harness.DEMO_SECRET_B64)
+    signer = HTTPMessageSigner(signature_algorithm=algorithms.HMAC_SHA256,
+                               key_resolver=MappingKeyResolver(public_keys={}, private_keys={"demo-client": secret}))
+    ref = new_ref()
+    body = transfer_body(ref)
+    request = requests.Request("POST", gateway.url("/v1/transfers?channel=a"), data=body,
+                               headers={"Content-Type": "application/json"}).prepare()
+    signer.sign(request, key_id="demo-client", nonce=uuid.uuid4().hex, label="sig1", body=body)
+    assert "@target-uri" in request.headers["Signature-Input"]
+    response = requests.Session().send(request, timeout=10)
+    assert response.status_code == 201, response.text
+    assert demo_api.executed(ref) == 1
+
+
+def test_invalid_configuration_refuses_to_start_and_names_the_field(demo_api):
+    for overrides, field in [({"max_age_seconds": 0}, "max_age_seconds"),
+                             ({"keys": [{"id": "k", "secret_env": "FIREBREAK_NOT_SET"}]}, "keys[0].secret_env"),
+                             ({"routes": [{"path_prefix": "v1"}]}, "routes[0]")]:
+        envoy = harness.Envoy([harness.signature_filter(**overrides)], demo_api.port, expect_failure=True)
+        assert envoy.proc.returncode != 0
+        assert f"config_error field={field}" in envoy.logs()

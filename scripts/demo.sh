@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The demo: builds everything, starts the demo money API on 127.0.0.1:18080 and Envoy with every
+# Firebreak filter on 127.0.0.1:10000 (admin on 127.0.0.1:9901). Ctrl-C stops both.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/setup.sh
+bash scripts/build.sh
+
+# The demo key's secret (documented in the README; never use it anywhere real).
+export FIREBREAK_DEMO_KEY="${FIREBREAK_DEMO_KEY:-ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=}"
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "demo: stopping"
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+target/release/demo-api --listen 127.0.0.1:18080 &
+pids+=($!)
+.venv/bin/envoy -c envoy/demo.yaml --concurrency 2 --use-dynamic-base-id --log-level warn \
+  --component-log-level wasm:info &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  if curl -fsS http://127.0.0.1:9901/ready >/dev/null 2>&1; then break; fi
+  sleep 0.1
+done
+cat <<'TXT'
+
+Firebreak demo: Envoy on http://127.0.0.1:10000 -> demo money API (ledger: GET /v1/ledger)
+Try (from another terminal, in this directory):
+  export FIREBREAK_DEMO_KEY=ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=
+  BODY='{"from":"acc-alice","to":"acc-bob","amount":100}'
+  eval "$(target/release/firebreak sign --format curl -X POST --url http://127.0.0.1:10000/v1/transfers -H 'content-type: application/json' -d "$BODY")"
+  curl -s http://127.0.0.1:10000/v1/ledger
+Ctrl-C stops the demo.
+TXT
+wait -n "${pids[@]}"
