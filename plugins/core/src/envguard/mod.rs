@@ -1,1 +1,26 @@
-//! (being written)
+//! env-guard: production credentials never work from a non-production environment (incident 4:
+//! production push keys deployed to UAT sent a tester's "hhhhh" to real users).
+//!
+//! - [`config`]: the validated [`GuardPolicy`] (fingerprints, patterns, production hosts, limits).
+//! - [`detect`]: the [`Detector`], the one piece of code that decides "this value is a protected
+//!   credential"; shared by the filter and by `firebreak lint`.
+//! - [`request`]: where in a request to look, and the [`GuardError`] -> [`crate::Rejection`] map.
+//! - [`body`]: Content-Encoding parsing and bounded gzip/deflate decoding.
+
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod request;
+
+pub use config::{parse_fingerprint, GuardPolicy, OverLimit};
+pub use detect::{Detector, Hit};
+pub use request::{check_body, check_headers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
+
+/// SHA-256 hex of the exact secret bytes: the fingerprint the configuration holds.
+pub fn fingerprint(secret: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(secret).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The env-guard configuration: raw JSON shape, and the validated policy.
+//!
+//! The configuration never holds a secret: protected credentials are given as the SHA-256 of
+//! their exact bytes (`firebreak fingerprint` prints it).
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+
+use serde::Deserialize;
+
+use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::ConfigError;
+
+use super::detect::{Detector, HostRule, Pattern, PatternMatcher};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This environment's name, e.g. `uat`. Required.
+    environment: Option<String>,
+    /// Whether this environment is production. Required: no default, on purpose ("production and
+    /// test differed by one parameter").
+    production: Option<bool>,
+    #[serde(default)]
+    protected_credentials: Vec<RawCredential>,
+    #[serde(default)]
+    patterns: Vec<RawPattern>,
+    #[serde(default)]
+    production_hosts: Vec<String>,
+    /// Requests the guard inspects; absent means every request.
+    #[serde(default)]
+    routes: Option<Vec<RouteConfig>>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    #[serde(default = "default_max_decoded")]
+    max_decoded_bytes: u64,
+    #[serde(default = "default_over_limit")]
+    over_limit: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    label: String,
+    sha256: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPattern {
+    label: String,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+}
+
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_max_decoded() -> u64 {
+    4 * 1024 * 1024
+}
+fn default_over_limit() -> String {
+    "block".to_string()
+}
+
+/// Upper bound of `max_body_bytes` and `max_decoded_bytes`.
+pub const MAX_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Shortest accepted `prefix` pattern: a shorter one would match ordinary words.
+pub const MIN_PREFIX_LEN: usize = 4;
+/// Longest accepted label.
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// What to do with a body larger than the inspection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// Refuse it (413 `body_too_large_to_inspect`). The default.
+    Block,
+    /// Forward it uninspected (headers, query and host are still checked) and count it.
+    Pass,
+}
+
+/// The validated env-guard policy.
+#[derive(Debug, Clone)]
+pub struct GuardPolicy {
+    pub environment: String,
+    pub production: bool,
+    /// `None`: every request is guarded.
+    pub routes: Option<Vec<RouteMatch>>,
+    pub max_body_bytes: NonZeroUsize,
+    pub max_decoded_bytes: NonZeroUsize,
+    pub over_limit: OverLimit,
+    pub detector: Detector,
+}
+
+/// Labels become part of stats names (`detected.<label>.<where>`): keep them tame.
+pub fn valid_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= MAX_LABEL_LEN
+        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Parses `<64 hex>` into the 32 bytes of a SHA-256.
+pub fn parse_fingerprint(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let pair = hex.get(2 * i..2 * i + 2)?;
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl GuardPolicy {
+    /// Parses and validates the plugin configuration (JSON).
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
+        Self::from_raw(raw)
+    }
+
+    /// Parses a configuration already read into a JSON value (the CLI reads YAML too).
+    pub fn from_value(value: serde_json::Value) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_value(value).map_err(ConfigError::from_json)?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let environment = raw.environment.ok_or_else(|| ConfigError::new("environment", "required"))?;
+        if environment.is_empty()
+            || environment.len() > MAX_LABEL_LEN
+            || !environment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Err(ConfigError::new("environment", "1 to 64 characters of A-Z a-z 0-9 - _ ."));
+        }
+        let production = raw.production.ok_or_else(|| {
+            ConfigError::new("production", "required (true or false): say explicitly whether this environment is production")
+        })?;
+
+        let mut labels: Vec<String> = Vec::new();
+        let mut fingerprints: HashMap<[u8; 32], usize> = HashMap::new();
+        for (i, cred) in raw.protected_credentials.iter().enumerate() {
+            let field = format!("protected_credentials[{i}]");
+            if !valid_label(&cred.label) {
+                return Err(ConfigError::new(format!("{field}.label"), "1 to 64 characters of A-Z a-z 0-9 - _"));
+            }
+            let fp = parse_fingerprint(&cred.sha256).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{field}.sha256"),
+                    "must be 64 hex characters: the SHA-256 of the secret (`firebreak fingerprint`), never the secret",
+                )
+            })?;
+            if fingerprints.contains_key(&fp) {
+                return Err(ConfigError::new(format!("{field}.sha256"), "duplicate fingerprint"));
+            }
+            let index = label_index(&mut labels, &cred.label);
+            fingerprints.insert(fp, index);
+        }
+
+        let mut patterns = Vec::new();
+        for (i, pat) in raw.patterns.iter().enumerate() {
+            let field = format!("patterns[{i}]");
+            if !valid_label(&pat.label) {
+                return Err(ConfigError::new(format!("{field}.label"), "1 to 64 characters of A-Z a-z 0-9 - _"));
+            }
+            let matcher = match (&pat.prefix, &pat.regex) {
+                (Some(prefix), None) => {
+                    if prefix.len() < MIN_PREFIX_LEN || prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                        return Err(ConfigError::new(
+                            format!("{field}.prefix"),
+                            format!("at least {MIN_PREFIX_LEN} characters, no whitespace"),
+                        ));
+                    }
+                    PatternMatcher::Prefix(prefix.as_bytes().to_vec())
+                }
+                (None, Some(source)) => {
+                    let regex = regex::bytes::RegexBuilder::new(source)
+                        .size_limit(1 << 20)
+                        .dfa_size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| ConfigError::new(format!("{field}.regex"), format!("invalid regex: {e}")))?;
+                    if regex.is_match(b"") {
+                        return Err(ConfigError::new(format!("{field}.regex"), "matches the empty string (would match everything)"));
+                    }
+                    PatternMatcher::Regex(regex)
+                }
+                _ => return Err(ConfigError::new(field, "exactly one of `prefix` and `regex` is required")),
+            };
+            patterns.push(Pattern { label: label_index(&mut labels, &pat.label), matcher });
+        }
+
+        let mut hosts = Vec::new();
+        for (i, host) in raw.production_hosts.iter().enumerate() {
+            let field = format!("production_hosts[{i}]");
+            let rule = HostRule::parse(host)
+                .ok_or_else(|| ConfigError::new(field, "a host name (lower-case letters, digits, `-`, `.`), optionally `*.` + a suffix; no port, no scheme"))?;
+            hosts.push(rule);
+        }
+
+        if !production && fingerprints.is_empty() && patterns.is_empty() && hosts.is_empty() {
+            return Err(ConfigError::new(
+                "protected_credentials",
+                "nothing to guard: give at least one of protected_credentials, patterns, production_hosts",
+            ));
+        }
+
+        let routes = match &raw.routes {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(ConfigError::new("routes", "empty: omit `routes` to guard every request"))
+            }
+            Some(list) => Some(parse_routes(list, "routes")?),
+        };
+        let max_body_bytes = limit(raw.max_body_bytes, "max_body_bytes")?;
+        let max_decoded_bytes = limit(raw.max_decoded_bytes, "max_decoded_bytes")?;
+        let over_limit = match raw.over_limit.as_str() {
+            "block" => OverLimit::Block,
+            "pass" => OverLimit::Pass,
+            other => return Err(ConfigError::new("over_limit", format!("`{other}`: expected `block` or `pass`"))),
+        };
+        Ok(GuardPolicy {
+            environment,
+            production,
+            routes,
+            max_body_bytes,
+            max_decoded_bytes,
+            over_limit,
+            detector: Detector::new(labels, fingerprints, patterns, hosts),
+        })
+    }
+
+    /// Whether this request is inspected (production environments inspect nothing).
+    pub fn guards(&self, method: &str, path: &str) -> bool {
+        match &self.routes {
+            None => true,
+            Some(routes) => routes.iter().any(|r| r.matches(method, path)),
+        }
+    }
+}
+
+fn label_index(labels: &mut Vec<String>, label: &str) -> usize {
+    match labels.iter().position(|l| l == label) {
+        Some(i) => i,
+        None => {
+            labels.push(label.to_string());
+            labels.len() - 1
+        }
+    }
+}
+
+fn limit(value: u64, field: &str) -> Result<NonZeroUsize, ConfigError> {
+    if value == 0 || value > MAX_LIMIT_BYTES {
+        return Err(ConfigError::new(field, format!("must be between 1 and {MAX_LIMIT_BYTES}")));
+    }
+    usize::try_from(value)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| ConfigError::new(field, "too large for this platform"))
+}

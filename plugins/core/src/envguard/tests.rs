@@ -1,0 +1,396 @@
+use std::io::Write;
+
+use base64::Engine as _;
+
+use super::request::{CODE_CREDENTIAL, CODE_ENCODING, CODE_HOST, CODE_TOO_LARGE, CODE_UNDECODABLE};
+use super::*;
+
+/// The demo's fake production push key (documented as fake; never a real credential).
+const PROD: &str = "fake-apns-prod-key-0123456789abcdef";
+/// A test environment's own key: must pass.
+const TEST_KEY: &str = "fake-apns-test-key-0123456789abcdef";
+/// Basic-auth production password.
+const PROD_PASSWORD: &str = "Pr0d-Passw0rd-For-FCM!";
+
+fn config(production: bool, extra: &str) -> String {
+    format!(
+        r#"{{"environment":"uat","production":{production},
+            "protected_credentials":[{{"label":"apns-prod","sha256":"{}"}},{{"label":"fcm-prod-password","sha256":"{}"}}],
+            "patterns":[{{"label":"stripe-live","prefix":"sk_live_"}},{{"label":"aws-prod-key","regex":"AKIA[0-9A-Z]{{16}}"}}],
+            "production_hosts":["api.push.apple.com","*.prod.example.com"]{extra}}}"#,
+        fingerprint(PROD.as_bytes()),
+        fingerprint(PROD_PASSWORD.as_bytes())
+    )
+}
+
+fn policy() -> GuardPolicy {
+    GuardPolicy::from_json(config(false, "").as_bytes()).unwrap()
+}
+
+fn policy_with(extra: &str) -> GuardPolicy {
+    GuardPolicy::from_json(config(false, extra).as_bytes()).unwrap()
+}
+
+fn req(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut h = vec![
+        (":method".to_string(), method.to_string()),
+        (":path".to_string(), path.to_string()),
+        (":authority".to_string(), "uat-api.example.com".to_string()),
+        (":scheme".to_string(), "http".to_string()),
+    ];
+    h.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+    h
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn zlib(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Header-time verdict; on success the body verdict too.
+fn run(p: &GuardPolicy, headers: &[(String, String)], body: &[u8]) -> Result<BodyOutcome, GuardError> {
+    let plan = check_headers(p, headers)?;
+    check_body(p, &plan, body)
+}
+
+fn credential(result: Result<BodyOutcome, GuardError>) -> (String, String) {
+    match result {
+        Err(GuardError::Credential { label, location, .. }) => (label, location),
+        other => panic!("expected a credential finding, got {other:?}"),
+    }
+}
+
+// --- incident 4 regressions ----------------------------------------------------------------
+
+#[test]
+fn incident4_prod_push_key_in_uat_push_request_body_is_refused() {
+    let p = policy();
+    let body = format!(r#"{{"push":{{"key":"{PROD}","alert":"hhhhh"}}}}"#);
+    let h = req("POST", "/v1/push", &[("content-type", "application/json")]);
+    let (label, location) = credential(run(&p, &h, body.as_bytes()));
+    assert_eq!(label, "apns-prod");
+    assert_eq!(location, "body json $.push.key");
+    let rejection = GuardError::Credential { label, place: Place::Body, location }.rejection("uat");
+    assert_eq!(rejection.status, 403);
+    assert_eq!(rejection.code, CODE_CREDENTIAL);
+    assert!(rejection.message.contains("apns-prod") && rejection.message.contains("uat"));
+    assert!(!rejection.message.contains(PROD));
+}
+
+#[test]
+fn incident4_test_keys_pass() {
+    let p = policy();
+    let body = format!(r#"{{"push":{{"key":"{TEST_KEY}","alert":"hhhhh"}}}}"#);
+    let h = req("POST", "/v1/push?token=".to_string().add(TEST_KEY).as_str(), &[
+        ("content-type", "application/json"),
+        ("authorization", &format!("Bearer {TEST_KEY}")),
+        ("x-api-key", TEST_KEY),
+    ]);
+    assert_eq!(run(&p, &h, body.as_bytes()), Ok(BodyOutcome::Clean));
+}
+
+trait Add {
+    fn add(self, s: &str) -> String;
+}
+impl Add for String {
+    fn add(mut self, s: &str) -> String {
+        self.push_str(s);
+        self
+    }
+}
+
+// --- headers --------------------------------------------------------------------------------
+
+#[test]
+fn bearer_basic_and_plain_headers() {
+    let p = policy();
+    let cases: Vec<(Vec<(&str, String)>, &str, &str)> = vec![
+        (vec![("authorization", format!("Bearer {PROD}"))], "apns-prod", "header authorization (bearer)"),
+        (vec![("authorization", format!("bearer   {PROD}  "))], "apns-prod", "header authorization (bearer)"),
+        (vec![("authorization", format!("Basic {}", b64(format!("svc:{PROD_PASSWORD}").as_bytes())))], "fcm-prod-password", "header authorization (basic password)"),
+        (vec![("authorization", format!("Basic {}", b64(PROD.as_bytes())))], "apns-prod", "header authorization (basic)"),
+        (vec![("authorization", format!("key={PROD}"))], "apns-prod", "header authorization"),
+        (vec![("x-apns-key", PROD.to_string())], "apns-prod", "header x-apns-key"),
+        (vec![("x-apns-key", format!(" {PROD}\t"))], "apns-prod", "header x-apns-key"),
+        (vec![("x-apns-key", b64(PROD.as_bytes()))], "apns-prod", "header x-apns-key (base64)"),
+        (vec![("x-apns-key", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(PROD))], "apns-prod", "header x-apns-key (base64)"),
+        (vec![("cookie", format!("session=abc; push_key={PROD}; x=1"))], "apns-prod", "header cookie"),
+        (vec![("x-stripe", "sk_live_51Habcdefghijklmnop".to_string())], "stripe-live", "header x-stripe"),
+        (vec![("x-aws", "creds AKIAIOSFODNN7EXAMPLE here".to_string())], "aws-prod-key", "header x-aws"),
+    ];
+    for (extra, label, location) in cases {
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let got = credential(run(&p, &req("GET", "/", &extra), b""));
+        assert_eq!(got, (label.to_string(), location.to_string()), "{extra:?}");
+    }
+}
+
+#[test]
+fn query_parameters_plain_and_encoded() {
+    let p = policy();
+    let enc: String = percent_encoding::utf8_percent_encode(PROD, percent_encoding::NON_ALPHANUMERIC).to_string();
+    for (path, location) in [
+        (format!("/push?token={PROD}"), "query param token"),
+        (format!("/push?a=1&token={enc}"), "query param token"),
+        (format!("/push?token={}", b64(PROD.as_bytes()).replace('=', "%3D")), "query param token (base64)"),
+        (format!("/keys/{PROD}/send"), "path"),
+    ] {
+        let (label, got) = credential(run(&p, &req("GET", &path, &[]), b""));
+        assert_eq!((label.as_str(), got.as_str()), ("apns-prod", location), "{path}");
+    }
+}
+
+#[test]
+fn production_hosts_exact_and_wildcard_with_port_and_case() {
+    let p = policy();
+    for host in ["api.push.apple.com", "API.Push.Apple.com:443", "api.push.apple.com.", "fcm.prod.example.com"] {
+        let mut h = req("POST", "/3/device/x", &[]);
+        h[2].1 = host.to_string();
+        assert_eq!(check_headers(&p, &h).unwrap_err().code(), CODE_HOST, "{host}");
+    }
+    for host in ["api.sandbox.push.apple.com", "prod.example.com", "notprod.example.com", "push.apple.com"] {
+        let mut h = req("POST", "/", &[]);
+        h[2].1 = host.to_string();
+        assert!(check_headers(&p, &h).is_ok(), "{host}");
+    }
+    // HTTP/1 Host header without :authority.
+    let h = vec![(":path".to_string(), "/".to_string()), ("host".to_string(), "api.push.apple.com".to_string())];
+    assert_eq!(check_headers(&p, &h).unwrap_err().code(), CODE_HOST);
+}
+
+// --- bodies ----------------------------------------------------------------------------------
+
+#[test]
+fn json_at_any_depth_and_arrays_and_encodings() {
+    let p = policy();
+    let json = |body: String| run(&p, &req("POST", "/", &[("content-type", "application/json; charset=utf-8")]), body.as_bytes());
+    assert_eq!(credential(json(format!(r#"{{"a":[1,{{"b":{{"c":["x","{PROD}"]}}}}]}}"#))).1, "body json $.a[1].b.c[1]");
+    assert_eq!(credential(json(format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes())))).1, "body json $.push.key (base64)");
+    assert_eq!(credential(json(format!(r#"{{"k":"\u0066ake-apns-prod-key-0123456789abcdef"}}"#))).1, "body json $.k");
+    assert_eq!(credential(json(format!(r#"{{"weird key!":"{PROD}"}}"#))).1, r#"body json $["?"]"#);
+    assert_eq!(credential(json(format!(r#"{{"url":"https://push.example/send?key={PROD}&x=1"}}"#))).1, "body json $.url");
+    // base64 of a JSON document carrying the key
+    let inner = b64(format!(r#"{{"key":"{PROD}"}}"#).as_bytes());
+    assert_eq!(credential(json(format!(r#"{{"payload":"{inner}"}}"#))).1, "body json $.payload (base64)");
+    // double base64
+    let twice = b64(b64(PROD.as_bytes()).as_bytes());
+    assert_eq!(credential(json(format!(r#"{{"p":"{twice}"}}"#))).1, "body json $.p (base64, base64)");
+    // not JSON although declared: scanned as text
+    assert_eq!(credential(json(format!(r#"{{"key": "{PROD}""#))).1, "body text");
+    assert_eq!(json(format!(r#"{{"key":"{TEST_KEY}"}}"#)), Ok(BodyOutcome::Clean));
+}
+
+#[test]
+fn form_fields_and_raw_text() {
+    let p = policy();
+    let enc: String = percent_encoding::utf8_percent_encode(PROD, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let form = req("POST", "/", &[("content-type", "application/x-www-form-urlencoded")]);
+    assert_eq!(credential(run(&p, &form, format!("to=1&key={enc}").as_bytes())).1, "body form field key");
+    let text = req("POST", "/", &[("content-type", "text/plain")]);
+    for body in [
+        format!("please use {PROD} for the push"),
+        format!("key:{PROD}\n"),
+        format!("line1\nAPNS_KEY=\"{PROD}\"\nline3"),
+        format!("ends with it {PROD}."),
+        format!("see https://x.example/k/{PROD}/send"),
+        format!("wrapped: {}", b64(format!("token {PROD} inside").as_bytes())),
+    ] {
+        let (label, location) = credential(run(&p, &text, body.as_bytes()));
+        assert_eq!(label, "apns-prod", "{body}");
+        assert!(location.starts_with("body text"), "{location}");
+    }
+    assert_eq!(run(&p, &text, format!("nothing here {TEST_KEY} but tests").as_bytes()), Ok(BodyOutcome::Clean));
+}
+
+#[test]
+fn gzip_and_deflate_bodies_are_decoded() {
+    let p = policy();
+    let body = format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes()));
+    let h = req("POST", "/", &[("content-type", "application/json"), ("content-encoding", "gzip")]);
+    assert_eq!(credential(run(&p, &h, &gzip(body.as_bytes()))).1, "body json $.push.key (gzip, base64)");
+    let h = req("POST", "/", &[("content-type", "application/json"), ("content-encoding", "deflate")]);
+    assert_eq!(credential(run(&p, &h, &zlib(body.as_bytes()))).1, "body json $.push.key (deflate, base64)");
+    // raw deflate (no zlib header) is accepted as "deflate" too
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(body.as_bytes()).unwrap();
+    assert_eq!(credential(run(&p, &h, &e.finish().unwrap())).0, "apns-prod");
+    // stacked: deflate applied first, then gzip
+    let h = req("POST", "/", &[("content-type", "application/json"), ("content-encoding", "deflate, gzip")]);
+    assert_eq!(credential(run(&p, &h, &gzip(&zlib(body.as_bytes())))).1, "body json $.push.key (gzip, deflate, base64)");
+    // clean gzip passes
+    let h = req("POST", "/", &[("content-type", "application/json"), ("content-encoding", "gzip")]);
+    assert_eq!(run(&p, &h, &gzip(br#"{"key":"fine"}"#)), Ok(BodyOutcome::Clean));
+}
+
+#[test]
+fn unknown_or_broken_encodings_fail_closed() {
+    let p = policy();
+    for coding in ["br", "zstd", "compress", "gzip, br", "gzip, gzip, gzip, gzip"] {
+        let err = check_headers(&p, &req("POST", "/", &[("content-encoding", coding)])).unwrap_err();
+        assert_eq!(err.code(), CODE_ENCODING, "{coding}");
+        assert_eq!(err.rejection("uat").status, 415);
+    }
+    let h = req("POST", "/", &[("content-encoding", "gzip")]);
+    assert_eq!(run(&p, &h, b"definitely not gzip").unwrap_err().code(), CODE_UNDECODABLE);
+    let mut truncated = gzip(PROD.as_bytes());
+    truncated.truncate(truncated.len() - 6);
+    assert_eq!(run(&p, &h, &truncated).unwrap_err().code(), CODE_UNDECODABLE);
+    // identity is fine
+    assert!(check_headers(&p, &req("POST", "/", &[("content-encoding", "identity")])).is_ok());
+}
+
+#[test]
+fn zip_bomb_is_bounded_and_follows_over_limit() {
+    // 64 MiB of zeros compresses to ~64 KiB; the limit is 1 MiB decoded.
+    let zeros = vec![0u8; 64 * 1024 * 1024];
+    let bomb = gzip(&zeros);
+    drop(zeros);
+    let h = req("POST", "/", &[("content-encoding", "gzip")]);
+    let block = policy_with(r#","max_decoded_bytes":1048576"#);
+    let err = run(&block, &h, &bomb).unwrap_err();
+    assert_eq!(err, GuardError::TooLarge { decoded: true });
+    assert_eq!(err.rejection("uat").status, 413);
+    let pass = policy_with(r#","max_decoded_bytes":1048576,"over_limit":"pass""#);
+    assert_eq!(run(&pass, &h, &bomb), Ok(BodyOutcome::Uninspected));
+    // exactly at the limit is inspected
+    let at = policy_with(r#","max_decoded_bytes":64"#);
+    let body = format!("{PROD} {}", "x".repeat(64 - PROD.len() - 1));
+    assert_eq!(body.len(), 64);
+    assert_eq!(credential(run(&at, &h, &gzip(body.as_bytes()))).0, "apns-prod");
+    assert_eq!(run(&at, &h, &gzip(format!("{body}x").as_bytes())).unwrap_err().code(), CODE_TOO_LARGE);
+}
+
+#[test]
+fn body_over_max_body_bytes_follows_over_limit() {
+    let h = req("POST", "/", &[]);
+    let body = format!("{PROD} {}", "y".repeat(200));
+    let block = policy_with(r#","max_body_bytes":100"#);
+    assert_eq!(run(&block, &h, body.as_bytes()).unwrap_err().code(), CODE_TOO_LARGE);
+    let pass = policy_with(r#","max_body_bytes":100,"over_limit":"pass""#);
+    assert_eq!(run(&pass, &h, body.as_bytes()), Ok(BodyOutcome::Uninspected));
+    assert_eq!(over_limit(&block).unwrap_err().code(), CODE_TOO_LARGE);
+}
+
+// --- configuration ---------------------------------------------------------------------------
+
+#[test]
+fn production_true_parses_and_the_guard_is_told_not_to_block() {
+    let p = GuardPolicy::from_json(config(true, "").as_bytes()).unwrap();
+    assert!(p.production);
+    // A production environment may omit everything to guard.
+    let p = GuardPolicy::from_json(br#"{"environment":"prod","production":true}"#).unwrap();
+    assert!(p.production && p.detector.is_empty());
+}
+
+#[test]
+fn routes_limit_what_is_guarded() {
+    let p = policy_with(r#","routes":[{"methods":["POST"],"path_prefix":"/v1/"}]"#);
+    assert!(p.guards("POST", "/v1/push"));
+    assert!(!p.guards("GET", "/v1/push"));
+    assert!(policy().guards("GET", "/anything"));
+}
+
+#[test]
+fn each_bad_field_is_named() {
+    let fp = fingerprint(PROD.as_bytes());
+    let cases = [
+        (r#"{"production":false,"production_hosts":["a.example"]}"#.to_string(), "environment"),
+        (r#"{"environment":"u a t","production":false,"production_hosts":["a.example"]}"#.to_string(), "environment"),
+        (r#"{"environment":"uat","production_hosts":["a.example"]}"#.to_string(), "production"),
+        (r#"{"environment":"uat","production":false}"#.to_string(), "protected_credentials"),
+        (r#"{"environment":"uat","production":false,"protected_credentials":[{"label":"a","sha256":"abc"}]}"#.to_string(), "protected_credentials[0].sha256"),
+        (format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#, "z".repeat(64)), "protected_credentials[0].sha256"),
+        // the secret itself instead of its fingerprint
+        (format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{PROD}"}}]}}"#), "protected_credentials[0].sha256"),
+        (format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a b","sha256":"{fp}"}}]}}"#), "protected_credentials[0].label"),
+        (format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{fp}"}},{{"label":"b","sha256":"{}"}}]}}"#, fp.to_uppercase()), "protected_credentials[1].sha256"),
+        (r#"{"environment":"uat","production":false,"patterns":[{"label":"a","prefix":"sk"}]}"#.to_string(), "patterns[0].prefix"),
+        (r#"{"environment":"uat","production":false,"patterns":[{"label":"a"}]}"#.to_string(), "patterns[0]"),
+        (r#"{"environment":"uat","production":false,"patterns":[{"label":"a","prefix":"sk_live_","regex":"x"}]}"#.to_string(), "patterns[0]"),
+        (r#"{"environment":"uat","production":false,"patterns":[{"label":"a","regex":"("}]}"#.to_string(), "patterns[0].regex"),
+        (r#"{"environment":"uat","production":false,"patterns":[{"label":"a","regex":"x*"}]}"#.to_string(), "patterns[0].regex"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["https://a.example"]}"#.to_string(), "production_hosts[0]"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example:443"]}"#.to_string(), "production_hosts[0]"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["A.example"]}"#.to_string(), "production_hosts[0]"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["*"]}"#.to_string(), "production_hosts[0]"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example"],"routes":[]}"#.to_string(), "routes"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example"],"routes":[{"methods":["post"],"path_prefix":"/"}]}"#.to_string(), "routes[0].methods"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example"],"max_body_bytes":0}"#.to_string(), "max_body_bytes"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example"],"max_decoded_bytes":67108865}"#.to_string(), "max_decoded_bytes"),
+        (r#"{"environment":"uat","production":false,"production_hosts":["a.example"],"over_limit":"allow"}"#.to_string(), "over_limit"),
+    ];
+    for (json, field) in cases {
+        let err = GuardPolicy::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(err.field, field, "{json}: {err}");
+        assert!(!err.message.contains(PROD), "{err}");
+    }
+    let err = GuardPolicy::from_json(br#"{"environment":"uat","production":false,"bogus":1}"#).unwrap_err();
+    assert!(err.message.contains("bogus"), "{err}");
+    // Upper-case hex is accepted (and equal to lower-case).
+    let upper = format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#, fp.to_uppercase());
+    let p = GuardPolicy::from_json(upper.as_bytes()).unwrap();
+    assert!(p.detector.scan(PROD.as_bytes(), &[]).is_some());
+}
+
+// --- detector edge cases ---------------------------------------------------------------------
+
+#[test]
+fn near_misses_do_not_match() {
+    let d = &policy().detector;
+    for value in [
+        &PROD[..PROD.len() - 1],
+        &format!("{PROD}x"),
+        &format!("x{PROD}"),
+        &PROD.to_uppercase(),
+        "sk_test_51Habcdefghij",
+        "AKIA_short",
+        "",
+        "   ",
+    ] {
+        assert_eq!(d.scan(value.as_bytes(), &[]), None, "{value}");
+    }
+}
+
+#[test]
+fn the_message_and_log_never_carry_the_value() {
+    let p = policy();
+    let h = req("GET", &format!("/x?{PROD}=1"), &[]);
+    let err = check_headers(&p, &h).unwrap_err();
+    let r = err.rejection("uat");
+    assert!(!r.message.contains(PROD) && !err.log_context().contains(PROD), "{r:?}");
+    // A header whose *name* is the secret is named "?".
+    let h = req("GET", "/", &[(PROD, PROD)]);
+    let err = check_headers(&p, &h).unwrap_err();
+    assert!(!format!("{err:?}").contains(PROD), "{err:?}");
+    assert_eq!(err.detection_counter().as_deref(), Some("detected.apns-prod.header"));
+}
+
+#[test]
+fn large_text_is_scanned_in_linear_work() {
+    // 1 MiB of words with the key at the end: must finish (no quadratic search) and find it.
+    let p = policy_with(r#","max_body_bytes":2097152"#);
+    let mut body = "lorem ipsum dolorsit amet consectetur ".repeat(1024 * 1024 / 38);
+    body.push_str(PROD);
+    let h = req("POST", "/", &[("content-type", "text/plain")]);
+    assert_eq!(credential(run(&p, &h, body.as_bytes())).0, "apns-prod");
+    let long_token = "A".repeat(1024 * 1024);
+    assert_eq!(run(&p, &h, long_token.as_bytes()), Ok(BodyOutcome::Clean));
+}
+
+#[test]
+fn fingerprint_is_sha256_hex() {
+    assert_eq!(fingerprint(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(parse_fingerprint(&fingerprint(b"abc")).map(|f| f.len()), Some(32));
+    assert_eq!(parse_fingerprint("ba78"), None);
+}
