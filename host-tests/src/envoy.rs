@@ -1,1 +1,477 @@
+//! Runs a scenario file through real Envoy: a generated bootstrap (listener, HTTP connection
+//! manager, the wasm filter on V8, the router), an upstream and callout clusters served by
+//! threads of this process that record what they receive and answer as the scenario scripts.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::json;
+
+use crate::http::{Request, Upstream};
+use crate::scenario::{build_request, value_bytes, CalloutSpec, CaseResult, Observed, Outcome, ScenarioFile};
+
+/// The Envoy the project pins (installed by scripts/setup.sh), unless `FIREBREAK_ENVOY` says.
+pub fn default_envoy() -> PathBuf {
+    if let Ok(p) = std::env::var("FIREBREAK_ENVOY") {
+        return PathBuf::from(p);
+    }
+    crate::workspace_root().join(".venv/bin/envoy")
+}
+
+/// A request as an HTTP/1.1 server received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// How a test server answers.
+#[derive(Debug, Clone)]
+enum Answer {
+    Respond(Upstream),
+    /// Read the request, then say nothing for this long.
+    Silence(Duration),
+    /// Read the request, then close the connection.
+    Reset,
+}
+
+/// A tiny HTTP/1.1 server on a thread: records requests, answers by its script.
+struct TestServer {
+    port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TestServer {
+    fn start(answer: Answer) -> Result<TestServer> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (rec, st) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (rec, answer, st) = (rec.clone(), answer.clone(), st.clone());
+                        std::thread::spawn(move || serve(conn, rec, answer, st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(TestServer { port, received, stop })
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    fn since(&self, n: usize) -> Vec<Received> {
+        self.received.lock().map(|r| r[n.min(r.len())..].to_vec()).unwrap_or_default()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Answer, stop: Arc<AtomicBool>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let Ok(Some((start, headers, body))) = read_message(&mut reader, true) else { return };
+        let mut parts = start.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        if let Ok(mut r) = received.lock() {
+            r.push(Received { method, path, headers, body });
+        }
+        match &answer {
+            Answer::Respond(u) => {
+                let mut out = format!("HTTP/1.1 {} X\r\n", u.status);
+                for (k, v) in &u.headers {
+                    out.push_str(&format!("{k}: {v}\r\n"));
+                }
+                out.push_str(&format!("content-length: {}\r\n\r\n", u.body.len()));
+                let mut bytes = out.into_bytes();
+                bytes.extend_from_slice(&u.body);
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            Answer::Silence(d) => {
+                let until = Instant::now() + *d;
+                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+            Answer::Reset => {
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+type Message = (String, Vec<(String, String)>, Vec<u8>);
+
+/// Reads one HTTP/1.1 message (start line, headers, body by content-length or chunked; for a
+/// response without either, to the end of the connection).
+fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Message>> {
+    let mut start = String::new();
+    if reader.read_line(&mut start)? == 0 {
+        return Ok(None);
+    }
+    let start = start.trim_end().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("connection closed in headers");
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(len) = header("content-length") {
+        let mut b = vec![0; len.parse()?];
+        reader.read_exact(&mut b)?;
+        body = b;
+    } else if !is_request {
+        reader.read_to_end(&mut body)?;
+    }
+    Ok(Some((start, headers, body)))
+}
+
+/// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks.
+pub fn bootstrap(scenario: &ScenarioFile, module: &Path, upstream_port: u16, clusters: &BTreeMap<String, u16>, admin_path: &Path) -> Result<serde_json::Value> {
+    let cluster = |name: &str, port: u16| {
+        json!({
+            "name": name,
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        })
+    };
+    let mut all = vec![cluster("upstream", upstream_port)];
+    for (name, port) in clusters {
+        all.push(cluster(name, *port));
+    }
+    let string_value = |bytes: Vec<u8>| {
+        json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)})
+    };
+    let mut vm_config = json!({
+        "vm_id": scenario.plugin.vm_id,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": module.display().to_string()}},
+    });
+    let vm_bytes = value_bytes(&scenario.plugin.vm_configuration)?;
+    if !vm_bytes.is_empty() {
+        vm_config["configuration"] = string_value(vm_bytes);
+    }
+    if !scenario.plugin.env.is_empty() {
+        vm_config["environment_variables"] = json!({"key_values": scenario.plugin.env});
+    }
+    let mut plugin = json!({
+        "name": scenario.plugin.name.clone().unwrap_or_else(|| "firebreak".into()),
+        "root_id": scenario.plugin.root_id,
+        "vm_config": vm_config,
+    });
+    let config = value_bytes(&scenario.plugin.configuration)?;
+    if !config.is_empty() {
+        plugin["configuration"] = string_value(config);
+    }
+    Ok(json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "5s"}}]}]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.wasm", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                "config": plugin}},
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": all
+        },
+        "admin_address_path": admin_path.display().to_string(),
+    }))
+}
+
+/// A running Envoy, killed (by its own handle) when dropped.
+struct Envoy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+enum Started {
+    Running(Envoy),
+    /// Envoy exited while loading the configuration: its log.
+    Refused(String),
+}
+
+fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path) -> Result<Started> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = config.clone();
+    let admin_path = PathBuf::from(config["admin_address_path"].as_str().unwrap_or_default());
+    let _ = std::fs::remove_file(&admin_path);
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("admin_address_path");
+    }
+    let cfg_path = dir.join("envoy.yaml");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
+    let log = dir.join("envoy.log");
+    let child = Command::new(envoy_bin)
+        .arg("-c")
+        .arg(&cfg_path)
+        .args(["--concurrency", "2", "--use-dynamic-base-id", "-l", "warning", "--admin-address-path"])
+        .arg(&admin_path)
+        .arg("--log-path")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", envoy_bin.display()))?;
+    let mut envoy = Envoy { child, port: 0, log: log.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = envoy.child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = status;
+            return Ok(Started::Refused(text));
+        }
+        if Instant::now() > deadline {
+            bail!("Envoy did not become ready; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        if let Ok(addr) = std::fs::read_to_string(&admin_path) {
+            let addr = addr.trim().to_string();
+            if let Ok((status, body)) = admin_get(&addr, "/ready") {
+                if status == 200 && body.contains("LIVE") {
+                    let (_, listeners) = admin_get(&addr, "/listeners?format=json")?;
+                    let v: serde_json::Value = serde_json::from_str(&listeners)?;
+                    envoy.port = v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()
+                        .ok_or_else(|| anyhow!("no listener port in {listeners}"))? as u16;
+                    return Ok(Started::Running(envoy));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn admin_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes())?;
+    let mut reader = BufReader::new(s);
+    let (start, _, body) = read_message(&mut reader, false)?.ok_or_else(|| anyhow!("no answer"))?;
+    let status = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Sends a request to Envoy and reads the response. A reset is status 0.
+fn send(port: u16, request: &Request) -> Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let method = request.header_value(":method").unwrap_or("GET");
+    let path = request.header_value(":path").unwrap_or("/");
+    let authority = request.header_value(":authority").unwrap_or("localhost");
+    let body = request.body_bytes();
+    let mut out = format!("{method} {path} HTTP/1.1\r\nhost: {authority}\r\n");
+    for (k, v) in &request.headers {
+        if k.starts_with(':') || k == "content-length" || k == "host" {
+            continue;
+        }
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        out.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    out.push_str("connection: close\r\n\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&body);
+    s.write_all(&bytes)?;
+    let mut reader = BufReader::new(s);
+    match read_message(&mut reader, false) {
+        Ok(Some((start, headers, body))) => {
+            let status: u16 = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
+            let mut h = vec![(":status".to_string(), status.to_string())];
+            h.extend(headers);
+            Ok((status, h, body))
+        }
+        Ok(None) | Err(_) => Ok((0, Vec::new(), Vec::new())),
+    }
+}
+
+/// Runs a scenario file through real Envoy.
+pub fn run_envoy(file: &Path, scenario: &ScenarioFile, module: &Path, envoy_bin: &Path, work_dir: &Path) -> Vec<CaseResult> {
+    let fname = file.display().to_string();
+    let row = |case: &str, outcome: Outcome, observed: Option<Observed>| CaseResult {
+        file: fname.clone(),
+        case: case.to_string(),
+        outcome,
+        observed,
+    };
+    let module = match std::fs::canonicalize(module) {
+        Ok(m) => m,
+        Err(e) => return vec![row("(module)", Outcome::Fail(vec![format!("{}: {e}", module.display())]), None)],
+    };
+    let result = (|| -> Result<Vec<CaseResult>> {
+        let upstream = TestServer::start(Answer::Respond(scenario.upstream_reply()))?;
+        let mut servers = Vec::new();
+        let mut clusters = BTreeMap::new();
+        for (name, spec) in &scenario.callouts {
+            let answer = match spec {
+                CalloutSpec::Respond { status, headers, body } => Answer::Respond(Upstream {
+                    status: *status,
+                    headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    body: body.clone().into_bytes(),
+                }),
+                CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
+                CalloutSpec::Word(_) => Answer::Reset,
+            };
+            let server = TestServer::start(answer)?;
+            clusters.insert(name.clone(), server.port);
+            servers.push(server);
+        }
+        let admin_path = work_dir.join("admin.address");
+        let config = bootstrap(scenario, &module, upstream.port, &clusters, &admin_path)?;
+        let envoy = match start_envoy(envoy_bin, &config, work_dir)? {
+            Started::Refused(log) => {
+                let refused = log.contains("Unable to create Wasm") || log.contains("Failed to configure");
+                return Ok(vec![if scenario.expects_start_failure() && refused {
+                    row("plugin refuses to start", Outcome::Pass, None)
+                } else {
+                    row("plugin start", Outcome::Fail(vec![format!("Envoy exited: {}", last_lines(&log, 5))]), None)
+                }]);
+            }
+            Started::Running(e) => e,
+        };
+        if scenario.expects_start_failure() {
+            return Ok(vec![row("plugin refuses to start", Outcome::Fail(vec!["Envoy started the plugin".into()]), None)]);
+        }
+        let mut out = Vec::new();
+        for case in &scenario.cases {
+            if let Some(reason) = scenario.host_only_reason(case) {
+                out.push(row(&case.name, Outcome::Skipped(reason), None));
+                continue;
+            }
+            let Some(spec) = &case.request else {
+                out.push(row(&case.name, Outcome::Pass, None));
+                continue;
+            };
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let request = match build_request(spec, case.sign.as_ref(), now) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
+                    continue;
+                }
+            };
+            let before = upstream.count();
+            let (status, response_headers, response_body) = send(envoy.port, &request)?;
+            // The upstream has the request before Envoy answers; allow its thread a moment.
+            std::thread::sleep(Duration::from_millis(5));
+            let got = upstream.since(before);
+            let seen = got.first();
+            let mut upstream_headers = Vec::new();
+            if let Some(r) = seen {
+                upstream_headers.push((":method".to_string(), r.method.clone()));
+                upstream_headers.push((":path".to_string(), r.path.clone()));
+                upstream_headers.extend(r.headers.iter().map(|(k, v)| {
+                    if k == "host" {
+                        (":authority".to_string(), v.clone())
+                    } else {
+                        (k.clone(), v.clone())
+                    }
+                }));
+            }
+            let observed = Observed {
+                status,
+                error: serde_json::from_slice::<serde_json::Value>(&response_body)
+                    .ok()
+                    .and_then(|v| v.get("error")?.as_str().map(str::to_string)),
+                forwarded: seen.is_some(),
+                upstream_headers,
+                upstream_body: seen.map(|r| r.body.clone()),
+                response_headers,
+                response_body,
+                host_calls: None,
+            };
+            let problems = observed.check(&case.expect);
+            out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
+        }
+        drop(servers);
+        let _ = &envoy.log;
+        Ok(out)
+    })();
+    match result {
+        Ok(rows) => rows,
+        Err(e) => vec![row("(envoy)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}

@@ -13,6 +13,7 @@
 
 pub mod abi;
 pub mod envoy;
+pub mod runner;
 mod host;
 mod http;
 pub mod scenario;

@@ -1,1 +1,740 @@
+//! Scenario files: a module, its configuration, requests and the verdicts they must get.
+//! The same file runs in the test host and through real Envoy (see [`crate::envoy`]).
+//!
+//! ```yaml
+//! name: replay guard rejects a reused nonce
+//! module: ../../target/wasm32-wasip1/release/request_signature.wasm  # relative to this file
+//! plugin:
+//!   root_id: ""
+//!   configuration: { keys: [...] }      # a mapping is sent as JSON; a string as is
+//!   env: { FIREBREAK_KEY: "..." }       # vm_config.environment_variables
+//! workers: 2
+//! upstream: { status: 200, headers: { content-type: application/json }, body: '{"ok":true}' }
+//! callouts: { authz: { status: 200, body: granted } }   # or fail | timeout | reset | hold
+//! expect_start: ok                      # or fail: on_configure refuses the configuration
+//! cases:
+//!   - name: signed request is forwarded
+//!     request: { method: POST, path: /pay, headers: { x-a: "1" }, body: '{"amount":1}' }
+//!     sign: { key_id: k1, secret_b64: c2VjcmV0, nonce: n-1, created_offset: 0 }
+//!     expect: { status: 200, forwarded: true, upstream_headers: { x-a: "1", x-gone: null } }
+//!   - name: host-only steps
+//!     host_only: needs the fake clock
+//!     advance_ms: 60000
+//!     request: { path: / }
+//!     expect: { status: 401, error: signature_expired }
+//! ```
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::host::{Host, Module, PluginSpec, StartError};
+use crate::http::{CalloutReply, Request, Upstream, Verdict};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Path to the module, relative to the scenario file. The runner's `--module` overrides it.
+    #[serde(default)]
+    pub module: Option<String>,
+    #[serde(default)]
+    pub plugin: PluginSection,
+    #[serde(default = "one")]
+    pub workers: usize,
+    #[serde(default)]
+    pub upstream: Option<UpstreamSpec>,
+    #[serde(default)]
+    pub callouts: BTreeMap<String, CalloutSpec>,
+    /// "ok" (default) or "fail": the plugin must refuse to start.
+    #[serde(default)]
+    pub expect_start: Option<String>,
+    /// The whole file runs only in the host (give the reason).
+    #[serde(default)]
+    pub host_only: Option<String>,
+    #[serde(default)]
+    pub cases: Vec<Case>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub root_id: String,
+    #[serde(default)]
+    pub vm_id: String,
+    #[serde(default)]
+    pub configuration: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub vm_configuration: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    #[serde(default = "ok_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CalloutSpec {
+    /// fail | timeout | reset | hold
+    Word(String),
+    Respond {
+        #[serde(default = "ok_status")]
+        status: u16,
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        #[serde(default)]
+        body: String,
+    },
+}
+
+impl CalloutSpec {
+    pub fn reply(&self) -> Result<CalloutReply> {
+        Ok(match self {
+            CalloutSpec::Word(w) => match w.as_str() {
+                "fail" => CalloutReply::Fail,
+                "timeout" => CalloutReply::Timeout,
+                "reset" => CalloutReply::Reset,
+                "hold" => CalloutReply::Hold,
+                other => return Err(anyhow!("unknown callout answer {other:?}")),
+            },
+            CalloutSpec::Respond { status, headers, body } => CalloutReply::Respond {
+                status: *status,
+                headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                body: body.clone().into_bytes(),
+            },
+        })
+    }
+
+    /// Whether real Envoy can be made to answer this way.
+    pub fn envoy_can(&self) -> bool {
+        !matches!(self, CalloutSpec::Word(w) if w == "fail" || w == "hold")
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum Headers {
+    #[default]
+    None,
+    Map(BTreeMap<String, String>),
+    List(Vec<(String, String)>),
+}
+
+impl Headers {
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        match self {
+            Headers::None => Vec::new(),
+            Headers::Map(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Headers::List(l) => l.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    #[serde(default = "get")]
+    pub method: String,
+    #[serde(default = "slash")]
+    pub path: String,
+    #[serde(default = "authority")]
+    pub authority: String,
+    #[serde(default)]
+    pub headers: Headers,
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Body delivered in several `on_request_body` calls (host only; Envoy gets the whole).
+    #[serde(default)]
+    pub chunks: Vec<String>,
+    /// `source.address` (host only: Envoy reports the real peer, 127.0.0.1:<port>).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Properties set by earlier filters (host only).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+fn slash() -> String {
+    "/".into()
+}
+fn authority() -> String {
+    "api.example.com".into()
+}
+
+/// Signs the request at run time (created = now + offset) with firebreak-core's client signer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignSpec {
+    pub key_id: String,
+    /// The shared secret, base64.
+    pub secret_b64: String,
+    #[serde(default)]
+    pub components: Option<Vec<String>>,
+    #[serde(default)]
+    pub extra_covered_headers: Vec<String>,
+    #[serde(default)]
+    pub created_offset: i64,
+    #[serde(default)]
+    pub expires_offset: Option<i64>,
+    #[serde(default)]
+    pub nonce: Option<String>,
+    #[serde(default = "label")]
+    pub label: String,
+    /// Sign this body instead of the one sent (to make a digest mismatch).
+    #[serde(default)]
+    pub body_override: Option<String>,
+    /// Flip a character of the signature after signing.
+    #[serde(default)]
+    pub tamper: bool,
+}
+
+fn label() -> String {
+    "sig1".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// The `error` field of the JSON body; `null` means "no error field".
+    #[serde(default, deserialize_with = "some")]
+    pub error: Option<Option<String>>,
+    #[serde(default)]
+    pub forwarded: Option<bool>,
+    /// Header → value the upstream saw; `null` means absent.
+    #[serde(default)]
+    pub upstream_headers: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub upstream_body: Option<String>,
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub response_body_contains: Option<String>,
+    /// Host-call budget for this request (host only).
+    #[serde(default)]
+    pub max_host_calls: Option<u64>,
+}
+
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(Option::<String>::deserialize(d)?))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    /// Runs only in the host (give the reason).
+    #[serde(default)]
+    pub host_only: Option<String>,
+    #[serde(default)]
+    pub worker: usize,
+    /// Advance the fake clock (and fire ticks) before the request. Host only.
+    #[serde(default)]
+    pub advance_ms: u64,
+    #[serde(default)]
+    pub request: Option<RequestSpec>,
+    #[serde(default)]
+    pub sign: Option<SignSpec>,
+    #[serde(default)]
+    pub expect: Expect,
+    /// Requests on several workers with a chosen interleaving of shared-data operations.
+    #[serde(default)]
+    pub race: Option<RaceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaceSpec {
+    pub requests: Vec<RaceRequest>,
+    #[serde(default)]
+    pub schedule: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaceRequest {
+    pub worker: usize,
+    pub request: RequestSpec,
+    #[serde(default)]
+    pub sign: Option<SignSpec>,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+impl ScenarioFile {
+    pub fn load(path: &Path) -> Result<ScenarioFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn module_path(&self, file: &Path, override_path: Option<&Path>) -> Result<PathBuf> {
+        if let Some(p) = override_path {
+            return Ok(p.to_path_buf());
+        }
+        let m = self.module.as_ref().ok_or_else(|| anyhow!("{}: no module (pass --module)", file.display()))?;
+        Ok(file.parent().unwrap_or(Path::new(".")).join(m))
+    }
+
+    pub fn expects_start_failure(&self) -> bool {
+        self.expect_start.as_deref() == Some("fail")
+    }
+
+    pub fn plugin_spec(&self) -> Result<PluginSpec> {
+        let mut callouts = BTreeMap::new();
+        for (k, v) in &self.callouts {
+            callouts.insert(k.clone(), v.reply()?);
+        }
+        Ok(PluginSpec {
+            configuration: value_bytes(&self.plugin.configuration)?,
+            vm_configuration: value_bytes(&self.plugin.vm_configuration)?,
+            root_id: self.plugin.root_id.clone(),
+            vm_id: self.plugin.vm_id.clone(),
+            env: self.plugin.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            workers: self.workers.max(1),
+            callouts,
+            upstream: self.upstream_reply(),
+            ..PluginSpec::default()
+        })
+    }
+
+    pub fn upstream_reply(&self) -> Upstream {
+        match &self.upstream {
+            None => Upstream::default(),
+            Some(u) => Upstream {
+                status: u.status,
+                headers: u.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                body: u.body.clone().into_bytes(),
+            },
+        }
+    }
+
+    /// Why a case cannot run through Envoy, if it cannot.
+    pub fn host_only_reason(&self, case: &Case) -> Option<String> {
+        if let Some(r) = &self.host_only {
+            return Some(r.clone());
+        }
+        if let Some(r) = &case.host_only {
+            return Some(r.clone());
+        }
+        if case.race.is_some() {
+            return Some("interleaved workers".into());
+        }
+        if case.advance_ms > 0 {
+            return Some("fake clock".into());
+        }
+        if let Some(r) = &case.request {
+            if r.source.is_some() || !r.properties.is_empty() || !r.chunks.is_empty() {
+                return Some("source/properties/chunks are host-only".into());
+            }
+        }
+        if self.callouts.values().any(|c| !c.envoy_can()) {
+            return Some("a callout answer Envoy cannot produce (fail/hold)".into());
+        }
+        None
+    }
+}
+
+/// Plugin configuration: a string is sent as is; anything else as JSON.
+pub fn value_bytes(v: &Option<serde_yaml::Value>) -> Result<Vec<u8>> {
+    Ok(match v {
+        None | Some(serde_yaml::Value::Null) => Vec::new(),
+        Some(serde_yaml::Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => serde_json::to_vec(&serde_json::to_value(other)?)?,
+    })
+}
+
+/// Builds the request a case sends; `now_secs` is the clock signatures are created against.
+pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64) -> Result<Request> {
+    let mut r = Request::new(&spec.method, &spec.path).set_header(":authority", &spec.authority);
+    for (k, v) in spec.headers.pairs() {
+        r = r.header(&k, &v);
+    }
+    if !spec.chunks.is_empty() {
+        r = r.chunks(spec.chunks.iter());
+    } else if let Some(b) = &spec.body {
+        r = r.body(b);
+    }
+    if let Some(s) = &spec.source {
+        r = r.from(s);
+    }
+    for (k, v) in &spec.properties {
+        r = r.property(k, v);
+    }
+    if let Some(sign) = sign {
+        for (k, v) in sign_headers(spec, sign, &r, now_secs)? {
+            r = r.set_header(&k, &v);
+        }
+    }
+    Ok(r)
+}
+
+fn sign_headers(spec: &RequestSpec, sign: &SignSpec, r: &Request, now_secs: u64) -> Result<Vec<(String, String)>> {
+    use firebreak_core::signature::sign::{sign as sign_request, SignRequest};
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(&sign.secret_b64)
+        .context("sign.secret_b64 is not base64")?;
+    let body = match &sign.body_override {
+        Some(b) => b.clone().into_bytes(),
+        None => r.body_bytes(),
+    };
+    let headers: Vec<(String, String)> =
+        r.headers.iter().filter(|(k, _)| !k.starts_with(':')).cloned().collect();
+    let created = (now_secs as i64 + sign.created_offset).max(0) as u64;
+    let request = SignRequest {
+        method: &spec.method,
+        scheme: "http",
+        authority: &spec.authority,
+        path_and_query: &spec.path,
+        headers: &headers,
+        body: &body,
+        key_id: &sign.key_id,
+        secret: &secret,
+        created,
+        expires: sign.expires_offset.map(|o| (now_secs as i64 + o).max(0) as u64),
+        nonce: sign.nonce.as_deref(),
+        label: &sign.label,
+        components: sign.components.clone(),
+        extra_covered_headers: &sign.extra_covered_headers,
+    };
+    let signed = sign_request(&request).map_err(|e| anyhow!("signing: {e}"))?;
+    let mut pairs = signed.pairs();
+    if sign.tamper {
+        for (k, v) in pairs.iter_mut() {
+            if k == "signature" {
+                // Flip one base64 character inside the :...: byte sequence.
+                if let Some(i) = v.find(':') {
+                    let c = v.as_bytes()[i + 1];
+                    let flipped = if c == b'A' { 'B' } else { 'A' };
+                    v.replace_range(i + 1..i + 2, &flipped.to_string());
+                }
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+/// What one request got, in terms both the host and real Envoy can report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub status: u16,
+    pub error: Option<String>,
+    pub forwarded: bool,
+    pub upstream_headers: Vec<(String, String)>,
+    pub upstream_body: Option<Vec<u8>>,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Vec<u8>,
+    pub host_calls: Option<u64>,
+}
+
+impl Observed {
+    pub fn from_verdict(v: &Verdict) -> Observed {
+        Observed {
+            status: v.status,
+            error: v.error_code(),
+            forwarded: v.forwarded(),
+            upstream_headers: v.upstream.as_ref().map(|u| u.headers.clone()).unwrap_or_default(),
+            upstream_body: v.upstream.as_ref().map(|u| u.body.clone()),
+            response_headers: v.response_headers.clone(),
+            response_body: v.response_body.clone(),
+            host_calls: Some(v.host_call_total()),
+        }
+    }
+
+    fn header<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        list.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Differences from the expectation, one line each.
+    pub fn check(&self, e: &Expect) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(s) = e.status {
+            if s != self.status {
+                out.push(format!("status {} (want {s})", self.status));
+            }
+        }
+        if let Some(err) = &e.error {
+            if *err != self.error {
+                out.push(format!("error {:?} (want {err:?})", self.error));
+            }
+        }
+        if let Some(f) = e.forwarded {
+            if f != self.forwarded {
+                out.push(format!("forwarded {} (want {f})", self.forwarded));
+            }
+        }
+        for (k, want) in &e.upstream_headers {
+            let got = Observed::header(&self.upstream_headers, k);
+            if got != want.as_deref() {
+                out.push(format!("upstream header {k} {got:?} (want {want:?})"));
+            }
+        }
+        if let Some(b) = &e.upstream_body {
+            let got = self.upstream_body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+            if got.as_deref() != Some(b.as_str()) {
+                out.push(format!("upstream body {got:?} (want {b:?})"));
+            }
+        }
+        for (k, want) in &e.response_headers {
+            let got = Observed::header(&self.response_headers, k);
+            if got != want.as_deref() {
+                out.push(format!("response header {k} {got:?} (want {want:?})"));
+            }
+        }
+        if let Some(c) = &e.response_body_contains {
+            if !String::from_utf8_lossy(&self.response_body).contains(c.as_str()) {
+                out.push(format!("response body {:?} lacks {c:?}", String::from_utf8_lossy(&self.response_body)));
+            }
+        }
+        if let (Some(max), Some(n)) = (e.max_host_calls, self.host_calls) {
+            if n > max {
+                out.push(format!("{n} host calls (budget {max})"));
+            }
+        }
+        out
+    }
+
+    /// Where two runtimes disagree on what the expectation selects (status, error, forwarded,
+    /// the named headers and the upstream body).
+    pub fn disagreements(&self, other: &Observed, e: &Expect) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.status != other.status {
+            out.push(format!("status host={} envoy={}", self.status, other.status));
+        }
+        if self.error != other.error {
+            out.push(format!("error host={:?} envoy={:?}", self.error, other.error));
+        }
+        if self.forwarded != other.forwarded {
+            out.push(format!("forwarded host={} envoy={}", self.forwarded, other.forwarded));
+        }
+        for k in e.upstream_headers.keys() {
+            let (a, b) = (Observed::header(&self.upstream_headers, k), Observed::header(&other.upstream_headers, k));
+            if a != b {
+                out.push(format!("upstream header {k} host={a:?} envoy={b:?}"));
+            }
+        }
+        for k in e.response_headers.keys() {
+            let (a, b) = (Observed::header(&self.response_headers, k), Observed::header(&other.response_headers, k));
+            if a != b {
+                out.push(format!("response header {k} host={a:?} envoy={b:?}"));
+            }
+        }
+        if e.upstream_body.is_some() && self.upstream_body != other.upstream_body {
+            out.push("upstream body differs".into());
+        }
+        out
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub file: String,
+    pub case: String,
+    pub outcome: Outcome,
+    pub observed: Option<Observed>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Pass,
+    Fail(Vec<String>),
+    Skipped(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail(_) => "FAIL",
+            Outcome::Skipped(_) => "skip",
+        }
+    }
+}
+
+fn outcome(problems: Vec<String>) -> Outcome {
+    if problems.is_empty() {
+        Outcome::Pass
+    } else {
+        Outcome::Fail(problems)
+    }
+}
+
+/// Modules compiled once per run, keyed by path (owned by the caller: no global state).
+#[derive(Default)]
+pub struct ModuleCache {
+    modules: BTreeMap<PathBuf, Arc<Module>>,
+}
+
+impl ModuleCache {
+    pub fn get(&mut self, path: &Path) -> Result<Arc<Module>> {
+        if let Some(m) = self.modules.get(path) {
+            return Ok(m.clone());
+        }
+        let m = Module::load(path)?;
+        self.modules.insert(path.to_path_buf(), m.clone());
+        Ok(m)
+    }
+}
+
+/// Runs a scenario file in the test host.
+pub fn run_host(file: &Path, scenario: &ScenarioFile, module: Arc<Module>) -> Vec<CaseResult> {
+    let fname = file.display().to_string();
+    let row = |case: &str, outcome: Outcome, observed: Option<Observed>| CaseResult {
+        file: fname.clone(),
+        case: case.to_string(),
+        outcome,
+        observed,
+    };
+    let spec = match scenario.plugin_spec() {
+        Ok(s) => s,
+        Err(e) => return vec![row("(scenario)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+    };
+    let mut host = match Host::start(module, spec) {
+        Ok(h) if scenario.expects_start_failure() => {
+            drop(h);
+            return vec![row("plugin refuses to start", Outcome::Fail(vec!["plugin started".into()]), None)];
+        }
+        Ok(h) => h,
+        Err(e @ (StartError::ConfigureFailed { .. } | StartError::VmStartFailed)) if scenario.expects_start_failure() => {
+            let _ = e;
+            return vec![row("plugin refuses to start", Outcome::Pass, None)];
+        }
+        Err(e) => return vec![row("plugin start", Outcome::Fail(vec![e.to_string()]), None)],
+    };
+    let mut out = Vec::new();
+    for case in &scenario.cases {
+        if case.advance_ms > 0 {
+            host.advance(Duration::from_millis(case.advance_ms));
+        }
+        let now_secs = host.now_nanos() / 1_000_000_000;
+        if let Some(race) = &case.race {
+            let mut requests = Vec::new();
+            for r in &race.requests {
+                match build_request(&r.request, r.sign.as_ref(), now_secs) {
+                    Ok(req) => requests.push((r.worker, req)),
+                    Err(e) => {
+                        out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
+                        continue;
+                    }
+                }
+            }
+            let verdicts = host.race(requests, &race.schedule);
+            let mut problems = Vec::new();
+            for (i, (v, r)) in verdicts.iter().zip(&race.requests).enumerate() {
+                for p in Observed::from_verdict(v).check(&r.expect) {
+                    problems.push(format!("request {i} (worker {}): {p}", r.worker));
+                }
+            }
+            out.push(row(&case.name, outcome(problems), None));
+            continue;
+        }
+        let Some(spec) = &case.request else {
+            out.push(row(&case.name, Outcome::Pass, None));
+            continue;
+        };
+        let request = match build_request(spec, case.sign.as_ref(), now_secs) {
+            Ok(r) => r,
+            Err(e) => {
+                out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
+                continue;
+            }
+        };
+        if case.worker >= scenario.workers.max(1) {
+            out.push(row(&case.name, Outcome::Fail(vec![format!("no worker {}", case.worker)]), None));
+            continue;
+        }
+        let verdict = host.send_on(case.worker, request);
+        let observed = Observed::from_verdict(&verdict);
+        let mut problems = observed.check(&case.expect);
+        if let Some(t) = &verdict.trap {
+            if case.expect.status != Some(503) {
+                problems.push(format!("trap: {t}"));
+            }
+        }
+        out.push(row(&case.name, outcome(problems), Some(observed)));
+    }
+    out
+}
+
+/// Finds scenario files: each argument is a file or a directory of `*.yaml`/`*.yml` files.
+pub fn collect_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(a)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(a.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// The pass/fail table.
+pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> String {
+    let mut out = String::new();
+    let w = rows.iter().map(|(h, _, _)| h.case.len()).max().unwrap_or(4).clamp(4, 70);
+    out.push_str(&format!("{:<28} {:<w$} {:<5} {:<5}  details\n", "file", "case", "host", "envoy"));
+    for (host, envoy, mismatch) in rows {
+        let file = Path::new(&host.file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let envoy_label = match envoy {
+            None => "-",
+            Some(e) => e.outcome.label(),
+        };
+        let mut details = Vec::new();
+        if let Outcome::Fail(p) = &host.outcome {
+            details.push(format!("host: {}", p.join("; ")));
+        }
+        if let Some(e) = envoy {
+            match &e.outcome {
+                Outcome::Fail(p) => details.push(format!("envoy: {}", p.join("; "))),
+                Outcome::Skipped(r) => details.push(format!("envoy skipped: {r}")),
+                Outcome::Pass => {}
+            }
+        }
+        if !mismatch.is_empty() {
+            details.push(format!("MISMATCH host/envoy: {}", mismatch.join("; ")));
+        }
+        let mut case = host.case.clone();
+        if case.len() > w {
+            case.truncate(w);
+        }
+        out.push_str(&format!("{:<28} {:<w$} {:<5} {:<5}  {}\n", file, case, host.outcome.label(), envoy_label, details.join(" | ")));
+    }
+    out
+}

@@ -1,0 +1,119 @@
+//! Runs scenario files in the host, in real Envoy, or both (the fidelity check), and reports.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::envoy::{default_envoy, run_envoy};
+use crate::scenario::{collect_files, render_table, run_host, CaseResult, ModuleCache, Outcome, ScenarioFile};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Host,
+    Envoy,
+    /// Both, and every case Envoy can run must get the same verdict from each.
+    Both,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    /// Run every file against this module instead of the one the file names.
+    pub module: Option<PathBuf>,
+    pub envoy: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { mode: Mode::Host, module: None, envoy: default_envoy() }
+    }
+}
+
+/// One row per case: the host's result, Envoy's, and where they disagree.
+pub struct Report {
+    pub rows: Vec<(CaseResult, Option<CaseResult>, Vec<String>)>,
+}
+
+impl Report {
+    pub fn failures(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|(h, e, m)| {
+                matches!(h.outcome, Outcome::Fail(_))
+                    || e.as_ref().is_some_and(|e| matches!(e.outcome, Outcome::Fail(_)))
+                    || !m.is_empty()
+            })
+            .count()
+    }
+
+    pub fn passes(&self) -> usize {
+        self.rows.len() - self.failures()
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = render_table(&self.rows);
+        t.push_str(&format!("{} passed, {} failed\n", self.passes(), self.failures()));
+        t
+    }
+}
+
+pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
+    let files = collect_files(paths)?;
+    let mut cache = ModuleCache::default();
+    let mut rows = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let scenario = ScenarioFile::load(file)?;
+        let module_path = scenario.module_path(file, options.module.as_deref())?;
+        let host_rows = if options.mode == Mode::Envoy {
+            None
+        } else {
+            Some(match cache.get(&module_path) {
+                Ok(m) => run_host(file, &scenario, m),
+                Err(e) => vec![error_row(file, format!("{e:#}"))],
+            })
+        };
+        let envoy_rows = if options.mode == Mode::Host {
+            None
+        } else {
+            let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{i}", std::process::id()));
+            let rows = run_envoy(file, &scenario, &module_path, &options.envoy, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            Some(rows)
+        };
+        match (host_rows, envoy_rows) {
+            (Some(h), None) => rows.extend(h.into_iter().map(|h| (h, None, Vec::new()))),
+            (None, Some(e)) => rows.extend(e.into_iter().map(|e| (e, None, Vec::new()))),
+            (Some(h), Some(e)) => {
+                let mut e_iter = e.into_iter().peekable();
+                for hr in h {
+                    let er = match e_iter.peek() {
+                        Some(er) if er.case == hr.case => e_iter.next(),
+                        _ => None,
+                    };
+                    let mismatch = match (&hr.observed, er.as_ref().and_then(|e| e.observed.as_ref())) {
+                        (Some(a), Some(b)) => {
+                            let expect = scenario
+                                .cases
+                                .iter()
+                                .find(|c| c.name == hr.case)
+                                .map(|c| c.expect.clone())
+                                .unwrap_or_default();
+                            a.disagreements(b, &expect)
+                        }
+                        _ => Vec::new(),
+                    };
+                    rows.push((hr, er, mismatch));
+                }
+                for er in e_iter {
+                    rows.push((error_row(file, "no host row".into()), Some(er), Vec::new()));
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(Report { rows })
+}
+
+fn error_row(file: &Path, message: String) -> CaseResult {
+    CaseResult { file: file.display().to_string(), case: "(load)".into(), outcome: Outcome::Fail(vec![message]), observed: None }
+}
