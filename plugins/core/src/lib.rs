@@ -8,6 +8,7 @@
 pub mod envguard;
 pub mod ratelimit;
 pub mod reject;
+pub mod remote;
 pub mod replay;
 pub mod route;
 pub mod signature;

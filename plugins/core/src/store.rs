@@ -63,6 +63,11 @@ impl KeyHash {
         KeyHash(out)
     }
 
+    /// Lower-case hex, for keys in external stores.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn bucket_index(&self, buckets: u32) -> u32 {
         let mut head = [0u8; 4];
         head.copy_from_slice(&self.0[..4]);

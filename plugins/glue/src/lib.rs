@@ -112,7 +112,12 @@ impl Counters {
 /// Sends the rejection as a local reply: status, JSON body, headers; plus one log line and
 /// the counter `rejected.<code>`.
 pub fn reject(plugin: &str, counters: &Counters, rejection: &Rejection, context: &str) {
-    log(LogLevel::Warn, &rejection.log_line(plugin, context));
+    reject_at(LogLevel::Warn, plugin, counters, rejection, context)
+}
+
+/// [`reject`] with the log line at `level` (env-guard logs its findings at error level).
+pub fn reject_at(level: LogLevel, plugin: &str, counters: &Counters, rejection: &Rejection, context: &str) {
+    log(level, &rejection.log_line(plugin, context));
     counters.increment(&format!("rejected.{}", rejection.code));
     let body = rejection.body();
     let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("x-firebreak-error", rejection.code)];
@@ -164,4 +169,41 @@ pub fn set_principal(principal: &str) -> Result<(), Status> {
 pub fn principal() -> Option<String> {
     let bytes = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).ok()??;
     String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
+}
+
+/// Sends one webdis command (`POST /`, body in webdis path form) to the Redis bridge cluster.
+/// The answer arrives in `on_http_call_response` with the returned token.
+pub fn dispatch_webdis(config: &firebreak_core::remote::RedisConfig, command: &[u8]) -> Result<u32, Status> {
+    let length = command.len().to_string();
+    hostcalls::dispatch_http_call(
+        &config.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", "/"),
+            (":authority", &config.authority),
+            ("content-type", "text/plain"),
+            ("content-length", &length),
+        ],
+        Some(command),
+        vec![],
+        std::time::Duration::from_millis(u64::from(config.timeout_ms.get())),
+    )
+}
+
+/// The status and body of the callout answer being delivered (`None` status: no answer at all,
+/// which is how Envoy reports a timeout or a connection failure).
+pub fn http_call_response(body_size: usize) -> (Option<u16>, Vec<u8>) {
+    let status = hostcalls::get_map(MapType::HttpCallResponseHeaders)
+        .ok()
+        .and_then(|headers| headers.into_iter().find(|(n, _)| n == ":status"))
+        .and_then(|(_, v)| v.parse::<u16>().ok());
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn resume_request() -> Result<(), Status> {
+    hostcalls::resume_http_request()
 }

@@ -4,10 +4,11 @@
 
 use std::rc::Rc;
 
+use firebreak_core::remote::{self, Backend, FailureMode, RedisConfig};
 use firebreak_core::signature::{
-    claim_nonce, verify_body, verify_headers, RequestView, SigError, SignaturePolicy, VerifiedHeaders,
+    claim_nonce, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
+    VerifiedHeaders,
 };
-use firebreak_core::Rejection;
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -48,7 +49,7 @@ impl RootContext for SignatureRoot {
 struct SignatureFilter {
     policy: Rc<SignaturePolicy>,
     counters: Rc<Counters>,
-    /// Headers verified, waiting for the end of the body.
+    /// Headers verified; waiting for the nonce claim (Redis) and/or the end of the body.
     pending: Option<Pending>,
 }
 
@@ -56,33 +57,23 @@ struct Pending {
     verified: VerifiedHeaders,
     content_digest: Option<String>,
     context: String,
+    /// The request had no body (headers ended the stream).
+    headers_only: bool,
+    /// Token of the Redis claim callout still in flight.
+    claim_token: Option<u32>,
 }
 
-impl Context for SignatureFilter {}
-
 impl SignatureFilter {
-    fn reject(&mut self, rejection: &Rejection, context: &str) -> Action {
+    fn fail(&mut self, error: SigError, context: &str) -> Action {
         self.pending = None;
-        glue::reject(PLUGIN, &self.counters, rejection, context);
+        glue::reject(PLUGIN, &self.counters, &error.rejection(), context);
         Action::Pause
     }
 
-    fn fail(&mut self, error: SigError, context: &str) -> Action {
-        self.reject(&error.rejection(), context)
-    }
-
-    /// Headers verified: record the nonce, then hand the principal to the upstream and to later
-    /// filters. The nonce is claimed here, before any byte goes upstream, so of N concurrent
-    /// copies of one signed request N-1 are refused before Envoy forwards anything.
-    fn accept_headers(&mut self, verified: &VerifiedHeaders, context: &str) -> Result<(), Action> {
-        let Some(now) = glue::now_ms() else {
-            return Err(self.fail(SigError::StateUnavailable, context));
-        };
-        if let Err(error) = claim_nonce(&self.policy, &HostStore, verified, now) {
-            return Err(self.fail(error, context));
-        }
-        if glue::set_request_header(&self.policy.principal_header, Some(&verified.key_id)).is_err()
-            || glue::set_principal(&verified.key_id).is_err()
+    /// Nonce recorded: hand the verified principal to the upstream and to later filters.
+    fn publish_principal(&mut self, key_id: &str, context: &str) -> Result<(), Action> {
+        if glue::set_request_header(&self.policy.principal_header, Some(key_id)).is_err()
+            || glue::set_principal(key_id).is_err()
         {
             return Err(self.fail(SigError::StateUnavailable, context));
         }
@@ -98,6 +89,91 @@ impl SignatureFilter {
         glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} accept {}", pending.context));
         Action::Continue
     }
+
+    fn finish_body(&mut self, pending: Pending, size: usize) -> Action {
+        match glue::request_body(size) {
+            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => {
+                self.fail(SigError::BodyTooLarge, &pending.context)
+            }
+            Ok(body) => self.finish(&pending, &body),
+            Err(_) => self.fail(SigError::StateUnavailable, &pending.context),
+        }
+    }
+
+    /// After the nonce is recorded: either finish now (no body) or let the body come.
+    fn after_claim(&mut self, pending: Pending) -> Action {
+        if let Err(action) = self.publish_principal(&pending.verified.key_id.clone(), &pending.context) {
+            return action;
+        }
+        if pending.headers_only {
+            return self.finish(&pending, &[]);
+        }
+        // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
+        // would never reach this filter: the headers continue, and the body is held (below) until
+        // it is complete and verified. Envoy's `buffer` filter before this one makes the whole
+        // request present before any filter forwards its headers (see README).
+        self.pending = Some(pending);
+        Action::Continue
+    }
+
+    /// Starts the Redis claim; the request waits for its answer.
+    fn claim_remotely(&mut self, redis: &RedisConfig, mut pending: Pending) -> Action {
+        let Some(now) = glue::now_ms() else {
+            return self.fail(SigError::StateUnavailable, &pending.context);
+        };
+        let Some(key) = nonce_key(&pending.verified) else { return self.after_claim(pending) };
+        let command = remote::claim_command(&redis.key("sig:nonce", key), nonce_ttl_ms(&pending.verified, now));
+        match glue::dispatch_webdis(redis, &command) {
+            Ok(token) => {
+                pending.claim_token = Some(token);
+                self.pending = Some(pending);
+                Action::Pause
+            }
+            Err(status) => self.state_unavailable(redis, pending, &format!("dispatch failed: {status:?}")),
+        }
+    }
+
+    /// Redis or its bridge did not answer usably: fail closed, or (if configured) pass unchecked.
+    fn state_unavailable(&mut self, redis: &RedisConfig, pending: Pending, why: &str) -> Action {
+        match redis.failure_mode {
+            FailureMode::Closed => {
+                let context = format!("{} store_error={why:?}", pending.context);
+                self.fail(SigError::StateUnavailable, &context)
+            }
+            FailureMode::Open => {
+                self.counters.increment("state_unavailable_failed_open");
+                glue::log(
+                    LogLevel::Error,
+                    &format!("firebreak {PLUGIN} fail_open nonce_unchecked {} store_error={why:?}", pending.context),
+                );
+                self.after_claim(pending)
+            }
+        }
+    }
+}
+
+impl Context for SignatureFilter {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let Some(pending) = self.pending.take() else { return };
+        if pending.claim_token != Some(token) {
+            self.pending = Some(pending);
+            return;
+        }
+        let Backend::Redis(redis) = &self.policy.state else { return };
+        let redis = redis.clone();
+        let pending = Pending { claim_token: None, ..pending };
+        let (status, body) = glue::http_call_response(body_size);
+        let outcome = remote::parse_reply("SET", status, &body).and_then(|reply| remote::claim_won(&reply));
+        let action = match outcome {
+            Ok(true) => self.after_claim(pending),
+            Ok(false) => self.fail(SigError::NonceReplayed, &pending.context),
+            Err(error) => self.state_unavailable(&redis, pending, &error.to_string()),
+        };
+        if action == Action::Continue {
+            // A failed resume leaves the request paused; Envoy's stream timeout then ends it.
+            let _ = glue::resume_request();
+        }
+    }
 }
 
 impl HttpContext for SignatureFilter {
@@ -108,12 +184,13 @@ impl HttpContext for SignatureFilter {
         };
         let method = glue::header(&headers, ":method").unwrap_or("");
         let path_and_query = glue::header(&headers, ":path").unwrap_or("");
-        let context = format!("method={method} path={:?}", firebreak_core::route::split_path(path_and_query).0);
+        let path = firebreak_core::route::split_path(path_and_query).0;
+        let context = format!("method={method} path={path:?}");
 
         // Only this filter may assert a principal: a client-supplied copy never survives, on any
         // route. Duplicates are refused below on protected routes before they are stripped.
         let client_principal = headers.iter().filter(|(n, _)| *n == self.policy.principal_header).count();
-        let protected = self.policy.applies_to(method, firebreak_core::route::split_path(path_and_query).0);
+        let protected = self.policy.applies_to(method, path);
         if protected && client_principal > 1 {
             return self.fail(SigError::DuplicateHeader(self.policy.principal_header.clone()), &context);
         }
@@ -146,24 +223,25 @@ impl HttpContext for SignatureFilter {
             Ok(verified) => verified,
             Err(error) => return self.fail(error, &format!("{context} {}", key_context(&view))),
         };
-        let context = format!("{context} keyid={}", verified.key_id);
-        if let Err(action) = self.accept_headers(&verified, &context) {
-            return action;
-        }
         let pending = Pending {
-            verified,
+            context: format!("{context} keyid={}", verified.key_id),
             content_digest: glue::header(&headers, "content-digest").map(str::to_string),
-            context,
+            verified,
+            headers_only: end_of_stream,
+            claim_token: None,
         };
-        if end_of_stream {
-            return self.finish(&pending, &[]);
+        // The nonce is claimed after the MAC verified and before anything goes upstream, so of N
+        // concurrent copies of one signed request N-1 are refused before Envoy forwards a byte.
+        match &self.policy.state {
+            Backend::Local => match claim_nonce(&self.policy, &HostStore, &pending.verified, now) {
+                Ok(()) => self.after_claim(pending),
+                Err(error) => self.fail(error, &pending.context),
+            },
+            Backend::Redis(redis) => {
+                let redis = redis.clone();
+                self.claim_remotely(&redis, pending)
+            }
         }
-        // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
-        // would never reach this filter: the headers continue, and the body is held (below) until
-        // it is complete and verified. Put Envoy's `buffer` filter before this one so that the
-        // whole request is in hand before any filter forwards its headers (see README).
-        self.pending = Some(pending);
-        Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -171,7 +249,7 @@ impl HttpContext for SignatureFilter {
         if body_size as u64 > self.policy.max_body_bytes {
             return self.fail(SigError::BodyTooLarge, &pending.context);
         }
-        if !end_of_stream {
+        if !end_of_stream || pending.claim_token.is_some() {
             self.pending = Some(pending);
             return Action::Pause;
         }
@@ -181,18 +259,12 @@ impl HttpContext for SignatureFilter {
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         // Trailers end the body: verify what was buffered.
         let Some(pending) = self.pending.take() else { return Action::Continue };
+        if pending.claim_token.is_some() {
+            self.pending = Some(pending);
+            return Action::Pause;
+        }
         let size = usize::try_from(self.policy.max_body_bytes).unwrap_or(usize::MAX).saturating_add(1);
         self.finish_body(pending, size)
-    }
-}
-
-impl SignatureFilter {
-    fn finish_body(&mut self, pending: Pending, size: usize) -> Action {
-        match glue::request_body(size) {
-            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => self.fail(SigError::BodyTooLarge, &pending.context),
-            Ok(body) => self.finish(&pending, &body),
-            Err(_) => self.fail(SigError::StateUnavailable, &pending.context),
-        }
     }
 }
 

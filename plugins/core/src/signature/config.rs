@@ -31,6 +31,9 @@ struct RawConfig {
     covered_headers_when_present: Vec<String>,
     #[serde(default)]
     nonce_store: RawNonceStore,
+    /// Where nonces live: `{"backend": "local"}` (default) or `{"backend": "redis", ...}`.
+    #[serde(default)]
+    state: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +144,7 @@ pub struct SignaturePolicy {
     /// Require the default coverage (@method, @authority, @path, @query, content-digest).
     pub require_default_coverage: bool,
     pub nonce_table: BucketTable,
+    pub state: crate::remote::Backend,
 }
 
 impl SignaturePolicy {
@@ -207,6 +211,7 @@ impl SignaturePolicy {
             require_nonce: true,
             require_default_coverage: true,
             nonce_table: BucketTable::new("firebreak.sig.nonce", buckets, slots, 0),
+            state: crate::remote::Backend::from_value(raw.state.as_ref(), "state")?,
         })
     }
 

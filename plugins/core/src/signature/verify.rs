@@ -297,6 +297,17 @@ pub fn verify_body(
     })
 }
 
+/// The key a nonce is recorded under (local table or Redis).
+pub fn nonce_key(verified: &VerifiedHeaders) -> Option<KeyHash> {
+    let nonce = verified.nonce.as_ref()?;
+    Some(KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
+}
+
+/// Milliseconds a nonce must stay recorded from `now_ms`.
+pub fn nonce_ttl_ms(verified: &VerifiedHeaders, now_ms: u64) -> u64 {
+    verified.nonce_expires_at_ms.saturating_sub(now_ms).max(1)
+}
+
 /// Records the nonce: exactly one of any number of concurrent identical requests wins.
 pub fn claim_nonce(
     policy: &SignaturePolicy,
@@ -304,8 +315,7 @@ pub fn claim_nonce(
     verified: &VerifiedHeaders,
     now_ms: u64,
 ) -> Result<(), SigError> {
-    let Some(nonce) = &verified.nonce else { return Ok(()) };
-    let key = KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]);
+    let Some(key) = nonce_key(verified) else { return Ok(()) };
     let expires_at_ms = verified.nonce_expires_at_ms;
     let (won, _) = policy
         .nonce_table

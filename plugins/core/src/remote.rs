@@ -1,0 +1,270 @@
+//! Cluster-wide state on Redis, reached through the `webdis` HTTP bridge.
+//!
+//! Upstream Envoy's proxy-wasm cannot open a TCP connection to Redis, so each state operation is
+//! one HTTP callout to webdis (an Envoy cluster): `POST /` whose body is the command in webdis's
+//! path form (`SET/<key>/<value>/NX/PX/<ttl>`, arguments percent-encoded). Every claim is one
+//! atomic Redis command or Lua script: no read-then-write race between gateway replicas.
+//! This module builds the requests and parses the replies; the callout itself is glue.
+
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+
+use crate::store::KeyHash;
+use crate::ConfigError;
+
+/// Where shared state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// proxy-wasm shared data: one Envoy instance, every worker.
+    Local,
+    /// Redis through webdis: every Envoy instance that uses the same Redis.
+    Redis(RedisConfig),
+}
+
+/// What to do when Redis or the bridge does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refuse with 503 `state_unavailable` (money routes: never forward unchecked).
+    Closed,
+    /// Forward without the check, with a counter and a log line.
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The Envoy cluster that reaches webdis.
+    pub cluster: String,
+    /// `:authority` of the callout.
+    pub authority: String,
+    pub timeout_ms: NonZeroU32,
+    pub key_prefix: String,
+    pub failure_mode: FailureMode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "default_timeout")]
+    timeout_ms: u32,
+    #[serde(default = "default_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_failure_mode")]
+    failure_mode: String,
+}
+
+fn default_backend() -> String {
+    "local".into()
+}
+fn default_timeout() -> u32 {
+    250
+}
+fn default_prefix() -> String {
+    "firebreak".into()
+}
+fn default_failure_mode() -> String {
+    "closed".into()
+}
+
+impl Backend {
+    /// Parses `{"backend": "local"}` or `{"backend": "redis", "cluster": "...", ...}` found at
+    /// `field` of a plugin configuration.
+    pub fn from_value(value: Option<&serde_json::Value>, field: &str) -> Result<Backend, ConfigError> {
+        let Some(value) = value else { return Ok(Backend::Local) };
+        let raw: RawBackend = serde_json::from_value(value.clone())
+            .map_err(|e| ConfigError::new(field, e.to_string()))?;
+        match raw.backend.as_str() {
+            "local" => Ok(Backend::Local),
+            "redis" => {
+                let cluster = raw
+                    .cluster
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| ConfigError::new(format!("{field}.cluster"), "required for the redis backend"))?;
+                let timeout_ms = NonZeroU32::new(raw.timeout_ms)
+                    .filter(|t| t.get() <= 10_000)
+                    .ok_or_else(|| ConfigError::new(format!("{field}.timeout_ms"), "must be between 1 and 10000"))?;
+                if raw.key_prefix.is_empty()
+                    || !raw.key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+                {
+                    return Err(ConfigError::new(format!("{field}.key_prefix"), "1+ characters of A-Z a-z 0-9 - _ . :"));
+                }
+                let failure_mode = match raw.failure_mode.as_str() {
+                    "closed" => FailureMode::Closed,
+                    "open" => FailureMode::Open,
+                    other => {
+                        return Err(ConfigError::new(
+                            format!("{field}.failure_mode"),
+                            format!("`{other}`: expected `closed` or `open`"),
+                        ))
+                    }
+                };
+                Ok(Backend::Redis(RedisConfig {
+                    authority: raw.authority.unwrap_or_else(|| cluster.clone()),
+                    cluster,
+                    timeout_ms,
+                    key_prefix: raw.key_prefix,
+                    failure_mode,
+                }))
+            }
+            other => Err(ConfigError::new(format!("{field}.backend"), format!("`{other}`: expected `local` or `redis`"))),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// A Redis key for a hashed record key: `<prefix>:<kind>:<hex>`.
+    pub fn key(&self, kind: &str, hash: KeyHash) -> String {
+        format!("{}:{}:{}", self.key_prefix, kind, hash.to_hex())
+    }
+}
+
+/// A Redis command in webdis's path form, for the body of `POST /`.
+pub fn webdis_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        for &b in arg.iter() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
+                out.push(b);
+            } else {
+                out.extend_from_slice(format!("%{b:02X}").as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// `SET key 1 NX PX ttl`: claims `key` for `ttl_ms` unless someone holds it.
+pub fn claim_command(key: &str, ttl_ms: u64) -> Vec<u8> {
+    let ttl = ttl_ms.max(1).to_string();
+    webdis_command(&[b"SET", key.as_bytes(), b"1", b"NX", b"PX", ttl.as_bytes()])
+}
+
+/// A Redis reply as webdis renders it in JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Nil,
+    /// A status reply (`[true, "OK"]`).
+    Status(String),
+    Integer(i64),
+    Text(String),
+    Array(Vec<Reply>),
+    /// A Redis error (`[false, "ERR ..."]`).
+    Error(String),
+}
+
+/// Why a callout did not yield a usable reply. All of them mean "state unavailable".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteError {
+    /// No answer in time, connection failure, or a non-200 status from the bridge.
+    Unreachable(String),
+    /// An answer this code cannot read.
+    Malformed(String),
+    /// Redis answered with an error.
+    Redis(String),
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteError::Unreachable(m) => write!(f, "state store unreachable: {m}"),
+            RemoteError::Malformed(m) => write!(f, "state store answered something unreadable: {m}"),
+            RemoteError::Redis(m) => write!(f, "state store error: {m}"),
+        }
+    }
+}
+
+/// Parses webdis's JSON answer to `command` (`{"SET": [true, "OK"]}`, `{"SET": null}`, ...).
+pub fn parse_reply(command: &str, http_status: Option<u16>, body: &[u8]) -> Result<Reply, RemoteError> {
+    match http_status {
+        Some(200) => {}
+        Some(other) => return Err(RemoteError::Unreachable(format!("bridge answered HTTP {other}"))),
+        None => return Err(RemoteError::Unreachable("no answer (timeout or connection failure)".into())),
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
+    let inner = value
+        .get(command)
+        .ok_or_else(|| RemoteError::Malformed(format!("no `{command}` member")))?;
+    let reply = convert(inner)?;
+    if let Reply::Error(message) = reply {
+        return Err(RemoteError::Redis(message));
+    }
+    Ok(reply)
+}
+
+fn convert(value: &serde_json::Value) -> Result<Reply, RemoteError> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => Reply::Nil,
+        Value::Number(n) => Reply::Integer(n.as_i64().ok_or_else(|| RemoteError::Malformed("non-integer".into()))?),
+        Value::String(s) => Reply::Text(s.clone()),
+        Value::Array(items) => match items.as_slice() {
+            [Value::Bool(true), Value::String(s)] => Reply::Status(s.clone()),
+            [Value::Bool(false), Value::String(s)] => Reply::Error(s.clone()),
+            _ => Reply::Array(items.iter().map(convert).collect::<Result<_, _>>()?),
+        },
+        Value::Bool(_) | Value::Object(_) => return Err(RemoteError::Malformed("unexpected JSON type".into())),
+    })
+}
+
+/// Outcome of a `SET NX` claim.
+pub fn claim_won(reply: &Reply) -> Result<bool, RemoteError> {
+    match reply {
+        Reply::Status(s) if s == "OK" => Ok(true),
+        Reply::Nil => Ok(false),
+        other => Err(RemoteError::Malformed(format!("unexpected reply to SET NX: {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_percent_encoded_path_segments() {
+        assert_eq!(webdis_command(&[b"SET", b"a/b c", b"1"]), b"SET/a%2Fb%20c/1".to_vec());
+        assert_eq!(claim_command("fb:n:00ff", 1500), b"SET/fb:n:00ff/1/NX/PX/1500".to_vec());
+    }
+
+    #[test]
+    fn replies_parse_and_errors_are_errors() {
+        assert_eq!(parse_reply("SET", Some(200), br#"{"SET":[true,"OK"]}"#), Ok(Reply::Status("OK".into())));
+        assert_eq!(parse_reply("SET", Some(200), br#"{"SET":null}"#), Ok(Reply::Nil));
+        assert_eq!(parse_reply("EVAL", Some(200), br#"{"EVAL":[1,2,"abc"]}"#),
+            Ok(Reply::Array(vec![Reply::Integer(1), Reply::Integer(2), Reply::Text("abc".into())])));
+        assert!(matches!(parse_reply("SET", Some(200), br#"{"SET":[false,"ERR wrong"]}"#), Err(RemoteError::Redis(_))));
+        assert!(matches!(parse_reply("SET", Some(503), b""), Err(RemoteError::Unreachable(_))));
+        assert!(matches!(parse_reply("SET", None, b""), Err(RemoteError::Unreachable(_))));
+        assert!(matches!(parse_reply("SET", Some(200), b"<html>"), Err(RemoteError::Malformed(_))));
+        assert!(matches!(parse_reply("SET", Some(200), br#"{"GET":"x"}"#), Err(RemoteError::Malformed(_))));
+        assert_eq!(claim_won(&Reply::Status("OK".into())), Ok(true));
+        assert_eq!(claim_won(&Reply::Nil), Ok(false));
+        assert!(claim_won(&Reply::Integer(1)).is_err());
+    }
+
+    #[test]
+    fn backend_config() {
+        assert_eq!(Backend::from_value(None, "state"), Ok(Backend::Local));
+        let v = serde_json::json!({"backend": "redis", "cluster": "redis_bridge", "timeout_ms": 100});
+        let Backend::Redis(r) = Backend::from_value(Some(&v), "state").unwrap() else { panic!() };
+        assert_eq!((r.cluster.as_str(), r.timeout_ms.get(), r.failure_mode), ("redis_bridge", 100, FailureMode::Closed));
+        for (v, field) in [
+            (serde_json::json!({"backend": "redis"}), "state.cluster"),
+            (serde_json::json!({"backend": "redis", "cluster": "c", "timeout_ms": 0}), "state.timeout_ms"),
+            (serde_json::json!({"backend": "redis", "cluster": "c", "failure_mode": "maybe"}), "state.failure_mode"),
+            (serde_json::json!({"backend": "memcached"}), "state.backend"),
+            (serde_json::json!({"backend": "redis", "cluster": "c", "key_prefix": "a b"}), "state.key_prefix"),
+        ] {
+            assert_eq!(Backend::from_value(Some(&v), "state").unwrap_err().field, field);
+        }
+    }
+}
