@@ -1,1 +1,330 @@
-//! (being written)
+//! Rate limiting with GCRA on shared data: per client network, per verified user, or both.
+//!
+//! [`check`] decides one request: which rules apply, what each counts against, and whether
+//! the most restrictive of them admits it. Every budget lives in the instance's
+//! [`BucketTable`](crate::store::BucketTable), so all workers of an Envoy share one budget per
+//! key. Nothing here imports proxy-wasm; `now_ms` is an argument.
+//!
+//! Semantics the tests pin down:
+//! - Each rule admits at most `burst + floor(d * requests / per)` requests of one key in any
+//!   interval of length `d`, and exactly that many under sustained overload ([`gcra`]).
+//! - Several rules may apply; the request is admitted only if every enforced rule admits it.
+//!   With more than one enforced rule, all are first read without writing, so a request refused
+//!   by one rule costs nothing in the others; only then are the admissions written. Two workers
+//!   that race between the read and the write can make a later rule refuse a request an earlier
+//!   rule already charged: the error is towards refusing, never towards admitting.
+//! - A record whose TAT is in the past equals a fresh key, so its slot expires at the TAT: the
+//!   table only ever holds keys that are currently in debt. When a key's bucket is full of
+//!   those, the rule fails closed (503 `rate_limit_store_full`) unless it says `fail_open`.
+
+pub mod client;
+pub mod config;
+pub mod gcra;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+
+pub use config::{KeyBy, MissingUser, RateLimitPolicy, Rule, UserSource};
+pub use gcra::{Outcome, Quota};
+
+use crate::store::{KeyHash, SharedStore, TableError, Update};
+use crate::Rejection;
+
+/// What the plugin knows about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    /// The downstream address Envoy computed (`source.address`); `None` if unknown.
+    pub client_ip: Option<IpAddr>,
+    /// The verified user (see [`resolve_user`]).
+    pub user: Option<&'a str>,
+}
+
+/// The user of a request per the configured source. A trusted header that appears more than
+/// once, or empty, yields no user.
+pub fn resolve_user(source: &UserSource, principal: Option<String>, headers: &[(String, String)]) -> Option<String> {
+    match source {
+        UserSource::Principal => principal.filter(|p| !p.is_empty()),
+        UserSource::TrustedHeader(name) => {
+            let mut values = headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
+            match (values.next(), values.next()) {
+                (Some(value), None) if !value.trim().is_empty() => Some(value.trim().to_string()),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Why one rule could not be evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleError {
+    /// A user-keyed rule and no verified user (and `missing_user: reject`).
+    NoUser,
+    /// An IP-keyed rule and Envoy gave no usable client address.
+    NoClientIp,
+    /// The key's bucket holds only keys in debt.
+    StoreFull,
+    /// The shared store failed, stayed contended, or held bytes this code did not write.
+    StoreUnavailable,
+}
+
+impl RuleError {
+    pub fn rejection(self, rule: &str) -> Rejection {
+        match self {
+            RuleError::NoUser => Rejection::new(
+                401,
+                "rate_limit_unauthenticated",
+                format!("rule `{rule}` limits per verified user and the request has none"),
+            ),
+            RuleError::NoClientIp => {
+                Rejection::new(503, "rate_limit_client_unknown", format!("rule `{rule}`: the client address is unknown"))
+            }
+            RuleError::StoreFull => Rejection::new(
+                503,
+                "rate_limit_store_full",
+                format!("rule `{rule}`: rate-limit table is full; refusing rather than forgetting"),
+            ),
+            RuleError::StoreUnavailable => {
+                Rejection::new(503, "rate_limit_unavailable", format!("rule `{rule}`: rate-limit state is unavailable"))
+            }
+        }
+    }
+
+    fn from_table(error: TableError) -> Self {
+        match error {
+            TableError::Full => RuleError::StoreFull,
+            _ => RuleError::StoreUnavailable,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            RuleError::NoUser => "no_user",
+            RuleError::NoClientIp => "no_client_ip",
+            RuleError::StoreFull => "store_full",
+            RuleError::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// Something the plugin counts (`rule.<rule>.<what>`) and, except `Allowed`, logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Allowed { rule: String },
+    /// The rule refused the request (the request is rejected).
+    Limited { rule: String, key: String, retry_after_ms: u64 },
+    /// A report-only rule would have refused it.
+    WouldLimit { rule: String, key: String, retry_after_ms: u64 },
+    /// The rule could not be evaluated; `blocked` says whether that refused the request.
+    Error { rule: String, error: RuleError, blocked: bool },
+}
+
+/// The decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// `None`: forward the request.
+    pub rejection: Option<Rejection>,
+    /// RateLimit-Policy / RateLimit for the response of a forwarded request (when configured).
+    pub response_headers: Vec<(String, String)>,
+    pub events: Vec<Event>,
+}
+
+impl Decision {
+    fn allow(events: Vec<Event>) -> Self {
+        Decision { rejection: None, response_headers: Vec::new(), events }
+    }
+}
+
+/// A rule with its resolved key for this request.
+struct Keyed<'a> {
+    rule: &'a Rule,
+    key: String,
+    hash: KeyHash,
+}
+
+fn rule_key(policy: &RateLimitPolicy, rule: &Rule, facts: &RequestFacts<'_>) -> Result<String, RuleError> {
+    let ip = || {
+        facts
+            .client_ip
+            .map(|ip| client::group(ip, policy.ipv4_prefix, policy.ipv6_prefix))
+            .ok_or(RuleError::NoClientIp)
+    };
+    let user = facts.user.filter(|u| !u.is_empty());
+    match (rule.key, user, rule.missing_user) {
+        (KeyBy::Ip, _, _) => Ok(format!("ip={}", ip()?)),
+        (KeyBy::User, Some(user), _) => Ok(format!("user={user}")),
+        (KeyBy::IpAndUser, Some(user), _) => Ok(format!("ip={} user={user}", ip()?)),
+        (_, None, MissingUser::ByIp) => Ok(format!("ip={}", ip()?)),
+        (_, None, MissingUser::Reject) => Err(RuleError::NoUser),
+    }
+}
+
+fn key_hash(policy: &RateLimitPolicy, rule: &Rule, key: &str) -> KeyHash {
+    // The quota is part of the key: a changed quota starts from fresh records instead of
+    // reading ticks of another scale.
+    let q = rule.quota;
+    let quota = [q.requests.get().to_be_bytes(), q.period_ms.get().to_be_bytes(), q.burst.get().to_be_bytes()].concat();
+    KeyHash::of(&[policy.name.as_bytes(), rule.name.as_bytes(), &quota, key.as_bytes()])
+}
+
+/// Reads a key's outcome without writing.
+fn peek(policy: &RateLimitPolicy, store: &dyn SharedStore, keyed: &Keyed<'_>, now_ms: u64) -> Result<Outcome, RuleError> {
+    let record = policy.table.get(store, keyed.hash, now_ms).map_err(RuleError::from_table)?;
+    let tat = match record {
+        Some((payload, _, _)) => Some(gcra::decode_tat(&payload).ok_or(RuleError::StoreUnavailable)?),
+        None => None,
+    };
+    Ok(keyed.rule.quota.decide(tat, now_ms))
+}
+
+/// Decides and, when admitted, records one request for one key, atomically.
+fn commit(policy: &RateLimitPolicy, store: &dyn SharedStore, keyed: &Keyed<'_>, now_ms: u64) -> Result<Outcome, RuleError> {
+    let quota = keyed.rule.quota;
+    let (result, _) = policy
+        .table
+        .update(store, keyed.hash, now_ms, |current| {
+            let tat = match current {
+                Some(payload) => match gcra::decode_tat(payload) {
+                    Some(tat) => Some(tat),
+                    None => return Update::Keep(Err(RuleError::StoreUnavailable)),
+                },
+                None => None,
+            };
+            let outcome = quota.decide(tat, now_ms);
+            if outcome.allowed {
+                Update::Write {
+                    payload: gcra::encode_tat(outcome.tat),
+                    expires_at_ms: quota.expires_at_ms(outcome.tat),
+                    result: Ok(outcome),
+                }
+            } else {
+                Update::Keep(Ok(outcome))
+            }
+        })
+        .map_err(RuleError::from_table)?;
+    result
+}
+
+fn seconds_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for the given
+/// rules and outcomes.
+fn ratelimit_headers(items: &[(&Rule, Outcome)]) -> Vec<(String, String)> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let policy = items.iter().map(|(rule, _)| rule.policy_item()).collect::<Vec<_>>().join(", ");
+    let state = items
+        .iter()
+        .map(|(rule, o)| format!("\"{}\";r={};t={}", rule.name, o.remaining, seconds_ceil(o.reset_ms)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![("ratelimit-policy".to_string(), policy), ("ratelimit".to_string(), state)]
+}
+
+fn limited(rule: &Rule, key: &str, outcome: &Outcome, items: &[(&Rule, Outcome)], events: Vec<Event>) -> Decision {
+    let retry_after = seconds_ceil(outcome.retry_after_ms).max(1);
+    let mut rejection = Rejection::new(
+        429,
+        "rate_limited",
+        format!("rate limit `{}` exceeded; retry in {retry_after} s", rule.name),
+    )
+    .with_header("retry-after", retry_after.to_string());
+    for (name, value) in ratelimit_headers(items) {
+        rejection = rejection.with_header(name, value);
+    }
+    let mut events = events;
+    events.push(Event::Limited { rule: rule.name.clone(), key: key.to_string(), retry_after_ms: outcome.retry_after_ms });
+    Decision { rejection: Some(rejection), response_headers: Vec::new(), events }
+}
+
+/// Decides one request at `now_ms`.
+pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> Decision {
+    let mut events = Vec::new();
+    let mut keyed = Vec::new();
+    for rule in policy.rules.iter().filter(|r| r.applies_to(facts.method, facts.path)) {
+        match rule_key(policy, rule, facts) {
+            Ok(key) => {
+                let hash = key_hash(policy, rule, &key);
+                keyed.push(Keyed { rule, key, hash });
+            }
+            Err(error) => {
+                let blocked = !rule.report_only && !rule.fail_open;
+                events.push(Event::Error { rule: rule.name.clone(), error, blocked });
+                if blocked {
+                    return Decision { rejection: Some(error.rejection(&rule.name)), response_headers: Vec::new(), events };
+                }
+            }
+        }
+    }
+    if keyed.is_empty() {
+        return Decision::allow(events);
+    }
+    // Enforced rules first: a request they refuse is never charged to a report-only rule.
+    keyed.sort_by_key(|k| k.rule.report_only);
+
+    // Several enforced rules: read them all first so that a refusal costs nothing elsewhere.
+    let enforced: Vec<&Keyed<'_>> = keyed.iter().filter(|k| !k.rule.report_only).collect();
+    if enforced.len() > 1 {
+        let mut peeked: Vec<(&Rule, Outcome)> = Vec::new();
+        let mut refusal: Option<(&Keyed<'_>, Outcome)> = None;
+        for k in &enforced {
+            match peek(policy, store, k, now_ms) {
+                Ok(outcome) => {
+                    peeked.push((k.rule, outcome));
+                    // The most restrictive refusal: the one that lasts longest.
+                    if !outcome.allowed && refusal.is_none_or(|(_, r)| outcome.retry_after_ms > r.retry_after_ms) {
+                        refusal = Some((k, outcome));
+                    }
+                }
+                Err(error) if k.rule.fail_open => {
+                    events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: false })
+                }
+                Err(error) => {
+                    events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: true });
+                    return Decision { rejection: Some(error.rejection(&k.rule.name)), response_headers: Vec::new(), events };
+                }
+            }
+        }
+        if let Some((k, outcome)) = refusal {
+            return limited(k.rule, &k.key, &outcome, &peeked, events);
+        }
+    }
+
+    let mut committed: Vec<(&Rule, Outcome)> = Vec::new();
+    for k in &keyed {
+        let report_only = k.rule.report_only;
+        match commit(policy, store, k, now_ms) {
+            Ok(outcome) if outcome.allowed => {
+                events.push(Event::Allowed { rule: k.rule.name.clone() });
+                if !report_only {
+                    committed.push((k.rule, outcome));
+                }
+            }
+            Ok(outcome) if report_only => events.push(Event::WouldLimit {
+                rule: k.rule.name.clone(),
+                key: k.key.clone(),
+                retry_after_ms: outcome.retry_after_ms,
+            }),
+            Ok(outcome) => {
+                committed.push((k.rule, outcome));
+                return limited(k.rule, &k.key, &outcome, &committed, events);
+            }
+            Err(error) if report_only || k.rule.fail_open => {
+                events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: false })
+            }
+            Err(error) => {
+                events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: true });
+                return Decision { rejection: Some(error.rejection(&k.rule.name)), response_headers: Vec::new(), events };
+            }
+        }
+    }
+    let response_headers = if policy.response_headers { ratelimit_headers(&committed) } else { Vec::new() };
+    Decision { rejection: None, response_headers, events }
+}

@@ -1,0 +1,343 @@
+//! The rate-limit plugin's configuration: raw JSON shape, and the validated policy.
+
+use std::num::{NonZeroU16, NonZeroU32};
+
+use serde::Deserialize;
+
+use super::gcra::Quota;
+use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::store::BucketTable;
+use crate::ConfigError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Names this instance: its shared-data table and its stats. Two instances with different
+    /// names never share a budget, even in one VM.
+    name: Option<String>,
+    rules: Vec<RawRule>,
+    #[serde(default = "default_ipv4_prefix")]
+    ipv4_prefix: u8,
+    #[serde(default = "default_ipv6_prefix")]
+    ipv6_prefix: u8,
+    /// Read the user from this request header instead of the verified principal. Only for a
+    /// header that a trusted hop sets (and strips from clients).
+    #[serde(default)]
+    trusted_user_header: Option<String>,
+    /// Also send RateLimit-Policy / RateLimit on responses that were not limited.
+    #[serde(default)]
+    response_headers: bool,
+    #[serde(default)]
+    table: RawTable,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    routes: Vec<RouteConfig>,
+    key: String,
+    requests: Option<u32>,
+    per_seconds: Option<u32>,
+    burst: Option<u32>,
+    #[serde(default)]
+    report_only: bool,
+    #[serde(default)]
+    missing_user: Option<String>,
+    #[serde(default)]
+    fail_open: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    #[serde(default = "default_buckets")]
+    buckets: u32,
+    #[serde(default = "default_slots")]
+    slots_per_bucket: u16,
+}
+
+impl Default for RawTable {
+    fn default() -> Self {
+        RawTable { buckets: default_buckets(), slots_per_bucket: default_slots() }
+    }
+}
+
+fn default_ipv4_prefix() -> u8 {
+    32
+}
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+fn default_buckets() -> u32 {
+    4096
+}
+fn default_slots() -> u16 {
+    16
+}
+
+/// Largest `requests` and `burst` accepted.
+pub const MAX_REQUESTS: u32 = 1_000_000;
+/// Longest period accepted: one day.
+pub const MAX_PER_SECONDS: u32 = 86_400;
+
+/// What a rule counts requests against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyBy {
+    /// The client address Envoy computed, grouped by prefix.
+    Ip,
+    /// The verified user.
+    User,
+    /// The pair (client network, user).
+    IpAndUser,
+}
+
+/// What a user-keyed rule does with a request that carries no verified user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingUser {
+    /// 401 `rate_limit_unauthenticated` (the default: a per-user limit cannot be applied).
+    Reject,
+    /// Count the request against its client network instead.
+    ByIp,
+}
+
+/// Where the user comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserSource {
+    /// The principal the request-signature filter verified (filter state `firebreak.principal`).
+    Principal,
+    /// A header set by a trusted hop, named explicitly in the configuration.
+    TrustedHeader(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub routes: Vec<RouteMatch>,
+    pub key: KeyBy,
+    pub quota: Quota,
+    pub report_only: bool,
+    pub missing_user: MissingUser,
+    pub fail_open: bool,
+}
+
+impl Rule {
+    pub fn applies_to(&self, method: &str, path: &str) -> bool {
+        self.routes.iter().any(|r| r.matches(method, path))
+    }
+
+    /// Seconds to refill the whole burst: the `w` of this rule's RateLimit-Policy item.
+    pub fn window_seconds(&self) -> u64 {
+        let ms = u64::from(self.quota.burst.get()) * u64::from(self.quota.period_ms.get());
+        ms.div_ceil(u64::from(self.quota.requests.get())).div_ceil(1000).max(1)
+    }
+
+    /// `"<name>";q=<burst>;w=<seconds to refill it>` (draft-ietf-httpapi-ratelimit-headers).
+    pub fn policy_item(&self) -> String {
+        format!("\"{}\";q={};w={}", self.name, self.quota.burst, self.window_seconds())
+    }
+}
+
+/// The validated policy of one rate-limit instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    pub name: String,
+    pub rules: Vec<Rule>,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub user_source: UserSource,
+    pub response_headers: bool,
+    pub table: BucketTable,
+}
+
+/// Names of instances and rules: they appear in stats, table keys and quoted header strings.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+const NAME_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 - _";
+
+impl RateLimitPolicy {
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
+        let name = raw.name.ok_or_else(|| ConfigError::new("name", "required: names this instance's table and stats"))?;
+        if !valid_name(&name) {
+            return Err(ConfigError::new("name", NAME_RULE));
+        }
+        if raw.rules.is_empty() {
+            return Err(ConfigError::new("rules", "at least one rule is required"));
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        for (i, raw_rule) in raw.rules.iter().enumerate() {
+            let rule = parse_rule(raw_rule, &format!("rules[{i}]"))?;
+            if rules.iter().any(|r| r.name == rule.name) {
+                return Err(ConfigError::new(format!("rules[{i}].name"), format!("duplicate rule name `{}`", rule.name)));
+            }
+            rules.push(rule);
+        }
+        if raw.ipv4_prefix == 0 || raw.ipv4_prefix > 32 {
+            return Err(ConfigError::new("ipv4_prefix", "must be between 1 and 32"));
+        }
+        if raw.ipv6_prefix == 0 || raw.ipv6_prefix > 128 {
+            return Err(ConfigError::new("ipv6_prefix", "must be between 1 and 128"));
+        }
+        let user_source = match raw.trusted_user_header {
+            None => UserSource::Principal,
+            Some(header) => {
+                let lower = header.to_ascii_lowercase();
+                if lower.is_empty()
+                    || lower.starts_with(':')
+                    || !lower.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+                {
+                    return Err(ConfigError::new("trusted_user_header", "not a valid header name"));
+                }
+                UserSource::TrustedHeader(lower)
+            }
+        };
+        let buckets = NonZeroU32::new(raw.table.buckets)
+            .filter(|b| b.get() <= 1 << 20)
+            .ok_or_else(|| ConfigError::new("table.buckets", "must be between 1 and 1048576"))?;
+        let slots = NonZeroU16::new(raw.table.slots_per_bucket)
+            .filter(|s| s.get() <= 256)
+            .ok_or_else(|| ConfigError::new("table.slots_per_bucket", "must be between 1 and 256"))?;
+        Ok(RateLimitPolicy {
+            table: BucketTable::new(format!("firebreak.rl.{name}"), buckets, slots, 16),
+            name,
+            rules,
+            ipv4_prefix: raw.ipv4_prefix,
+            ipv6_prefix: raw.ipv6_prefix,
+            user_source,
+            response_headers: raw.response_headers,
+        })
+    }
+
+    pub fn applies_to(&self, method: &str, path: &str) -> bool {
+        self.rules.iter().any(|r| r.applies_to(method, path))
+    }
+}
+
+fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
+    if !valid_name(&raw.name) {
+        return Err(ConfigError::new(format!("{field}.name"), NAME_RULE));
+    }
+    let routes = parse_routes(&raw.routes, &format!("{field}.routes"))?;
+    if routes.is_empty() {
+        return Err(ConfigError::new(format!("{field}.routes"), "at least one route is required"));
+    }
+    let key = match raw.key.as_str() {
+        "ip" => KeyBy::Ip,
+        "user" => KeyBy::User,
+        "ip_and_user" => KeyBy::IpAndUser,
+        other => {
+            return Err(ConfigError::new(format!("{field}.key"), format!("`{other}`: expected `ip`, `user` or `ip_and_user`")))
+        }
+    };
+    let bounded = |value: Option<u32>, name: &str, max: u32| {
+        value
+            .and_then(NonZeroU32::new)
+            .filter(|v| v.get() <= max)
+            .ok_or_else(|| ConfigError::new(format!("{field}.{name}"), format!("required, between 1 and {max}")))
+    };
+    let requests = bounded(raw.requests, "requests", MAX_REQUESTS)?;
+    let per_seconds = bounded(raw.per_seconds, "per_seconds", MAX_PER_SECONDS)?;
+    let burst = bounded(raw.burst, "burst", MAX_REQUESTS)?;
+    let period_ms = NonZeroU32::new(per_seconds.get() * 1000)
+        .ok_or_else(|| ConfigError::new(format!("{field}.per_seconds"), "out of range"))?;
+    let missing_user = match (raw.missing_user.as_deref(), key) {
+        (None | Some("reject"), _) => MissingUser::Reject,
+        (Some("by_ip"), KeyBy::User | KeyBy::IpAndUser) => MissingUser::ByIp,
+        (Some("by_ip"), KeyBy::Ip) => {
+            return Err(ConfigError::new(format!("{field}.missing_user"), "only meaningful for rules keyed by user"))
+        }
+        (Some(other), _) => {
+            return Err(ConfigError::new(format!("{field}.missing_user"), format!("`{other}`: expected `reject` or `by_ip`")))
+        }
+    };
+    Ok(Rule {
+        name: raw.name.clone(),
+        routes,
+        key,
+        quota: Quota { requests, period_ms, burst },
+        report_only: raw.report_only,
+        missing_user,
+        fail_open: raw.fail_open,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<RateLimitPolicy, ConfigError> {
+        RateLimitPolicy::from_json(json.as_bytes())
+    }
+
+    const RULE: &str = r#"{"name":"r","routes":[{"path_prefix":"/v1/"}],"key":"ip","requests":10,"per_seconds":60,"burst":5}"#;
+
+    #[test]
+    fn minimal_config_and_defaults() {
+        let p = parse(&format!(r#"{{"name":"edge","rules":[{RULE}]}}"#)).unwrap();
+        assert_eq!(p.ipv4_prefix, 32);
+        assert_eq!(p.ipv6_prefix, 64);
+        assert_eq!(p.user_source, UserSource::Principal);
+        assert!(!p.response_headers);
+        assert_eq!(p.table.capacity(), 4096 * 16);
+        let r = &p.rules[0];
+        assert_eq!(r.missing_user, MissingUser::Reject);
+        assert!(!r.report_only && !r.fail_open);
+        assert_eq!(r.policy_item(), "\"r\";q=5;w=30");
+        assert!(p.applies_to("GET", "/v1/x"));
+        assert!(!p.applies_to("GET", "/v2/x"));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let rule = |patch: &str| RULE.replacen('{', &format!("{{{patch},"), 1).replace(",,", ",");
+        let with = |rules: String| format!(r#"{{"name":"edge","rules":[{rules}]}}"#);
+        let cases: Vec<(String, &str)> = vec![
+            (format!(r#"{{"rules":[{RULE}]}}"#), "name"),
+            (format!(r#"{{"name":"a b","rules":[{RULE}]}}"#), "name"),
+            (r#"{"name":"e","rules":[]}"#.into(), "rules"),
+            (with(RULE.replace("\"r\"", "\"\"")), "rules[0].name"),
+            (with(format!("{RULE},{RULE}")), "rules[1].name"),
+            (with(RULE.replace("\"ip\"", "\"cookie\"")), "rules[0].key"),
+            (with(RULE.replace("\"requests\":10", "\"requests\":0")), "rules[0].requests"),
+            (with(RULE.replace(",\"requests\":10", "")), "rules[0].requests"),
+            (with(RULE.replace("\"per_seconds\":60", "\"per_seconds\":86401")), "rules[0].per_seconds"),
+            (with(RULE.replace("\"burst\":5", "\"burst\":0")), "rules[0].burst"),
+            (with(RULE.replace("\"path_prefix\":\"/v1/\"", "\"path_prefix\":\"v1\"")), "rules[0].routes[0]"),
+            (with(RULE.replace("[{\"path_prefix\":\"/v1/\"}]", "[]")), "rules[0].routes"),
+            (with(rule("\"missing_user\":\"by_ip\"")), "rules[0].missing_user"),
+            (with(rule("\"missing_user\":\"allow\"").replace("\"ip\"", "\"user\"")), "rules[0].missing_user"),
+            (format!(r#"{{"name":"e","ipv6_prefix":0,"rules":[{RULE}]}}"#), "ipv6_prefix"),
+            (format!(r#"{{"name":"e","ipv6_prefix":129,"rules":[{RULE}]}}"#), "ipv6_prefix"),
+            (format!(r#"{{"name":"e","ipv4_prefix":33,"rules":[{RULE}]}}"#), "ipv4_prefix"),
+            (format!(r#"{{"name":"e","trusted_user_header":"x user","rules":[{RULE}]}}"#), "trusted_user_header"),
+            (format!(r#"{{"name":"e","table":{{"buckets":0}},"rules":[{RULE}]}}"#), "table.buckets"),
+            (format!(r#"{{"name":"e","table":{{"slots_per_bucket":0}},"rules":[{RULE}]}}"#), "table.slots_per_bucket"),
+        ];
+        for (json, field) in cases {
+            let error = parse(&json).expect_err(&json);
+            assert_eq!(error.field, field, "{json}: {error}");
+        }
+        // Unknown fields and wrong types are refused (serde names them in the message).
+        let e = parse(&format!(r#"{{"name":"e","rule":[{RULE}]}}"#)).unwrap_err();
+        assert!(e.message.contains("rule"), "{e}");
+        let e = parse(&with(RULE.replace("\"burst\":5", "\"burst\":5,\"brust\":1"))).unwrap_err();
+        assert!(e.message.contains("brust"), "{e}");
+        assert!(parse(&with(RULE.replace("\"burst\":5", "\"burst\":-5"))).is_err());
+        assert!(parse("not json").is_err());
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn trusted_header_and_by_ip() {
+        let rule = RULE.replace("\"ip\"", "\"user\"").replacen('{', "{\"missing_user\":\"by_ip\",", 1);
+        let p = parse(&format!(r#"{{"name":"e","trusted_user_header":"X-User","rules":[{rule}]}}"#)).unwrap();
+        assert_eq!(p.user_source, UserSource::TrustedHeader("x-user".into()));
+        assert_eq!(p.rules[0].missing_user, MissingUser::ByIp);
+        assert_eq!(p.rules[0].key, KeyBy::User);
+    }
+}

@@ -1,0 +1,165 @@
+//! rate-limit: GCRA limits per client network, per verified user, or both, with one budget per
+//! key shared by every worker of an Envoy. Decisions live in `firebreak_core::ratelimit`; this
+//! file only moves data between Envoy and the core.
+
+use std::rc::Rc;
+
+use firebreak_core::ratelimit::{self, client, Event, RateLimitPolicy, RequestFacts, RuleError, UserSource};
+use firebreak_core::route::split_path;
+use firebreak_glue::{self as glue, Counters, HostStore};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+
+const PLUGIN: &str = "rate_limit";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(RateLimitRoot { policy: None, counters: None })
+    });
+}}
+
+struct RateLimitRoot {
+    policy: Option<Rc<RateLimitPolicy>>,
+    counters: Option<Rc<Counters>>,
+}
+
+impl Context for RateLimitRoot {}
+
+impl RootContext for RateLimitRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(policy) = glue::load_config(PLUGIN, RateLimitPolicy::from_json) else {
+            return false;
+        };
+        // Each instance counts under its own name: firebreak.rate_limit.<name>.<counter>.
+        let counters = Counters::new(format!("firebreak.{PLUGIN}.{}", policy.name));
+        let mut names = vec!["allowed".to_string(), "rejected.rate_limited".to_string()];
+        for rule in &policy.rules {
+            for what in ["allowed", "limited", "would_limit"] {
+                names.push(format!("rule.{}.{what}", rule.name));
+            }
+        }
+        counters.define_all(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        self.counters = Some(Rc::new(counters));
+        self.policy = Some(Rc::new(policy));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let policy = self.policy.clone()?;
+        let counters = self.counters.clone()?;
+        Some(Box::new(RateLimitFilter { policy, counters, response_headers: Vec::new() }))
+    }
+}
+
+struct RateLimitFilter {
+    policy: Rc<RateLimitPolicy>,
+    counters: Rc<Counters>,
+    /// RateLimit-Policy / RateLimit for the response of an admitted request.
+    response_headers: Vec<(String, String)>,
+}
+
+impl Context for RateLimitFilter {}
+
+/// The downstream address Envoy computed: the peer, or with `use_remote_address` and
+/// `xff_num_trusted_hops: N` the address N hops from the right of X-Forwarded-For.
+fn source_address() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["source", "address"]).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+impl RateLimitFilter {
+    fn reject(&self, rejection: &firebreak_core::Rejection, context: &str) -> Action {
+        glue::reject(PLUGIN, &self.counters, rejection, context);
+        Action::Pause
+    }
+
+    fn record(&self, events: &[Event], context: &str) {
+        let instance = &self.policy.name;
+        for event in events {
+            match event {
+                Event::Allowed { rule } => self.counters.increment(&format!("rule.{rule}.allowed")),
+                Event::Limited { rule, .. } => self.counters.increment(&format!("rule.{rule}.limited")),
+                Event::WouldLimit { rule, key, retry_after_ms } => {
+                    self.counters.increment(&format!("rule.{rule}.would_limit"));
+                    glue::log(
+                        LogLevel::Warn,
+                        &format!("firebreak {PLUGIN} would_reject instance={instance} rule={rule} {key} retry_after_ms={retry_after_ms} {context}"),
+                    );
+                }
+                Event::Error { rule, error, blocked } => {
+                    self.counters.increment(&format!("rule.{rule}.error.{}", error.code()));
+                    if !blocked {
+                        glue::log(
+                            LogLevel::Warn,
+                            &format!("firebreak {PLUGIN} pass_on_error instance={instance} rule={rule} error={} {context}", error.code()),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl HttpContext for RateLimitFilter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let instance = self.policy.name.clone();
+        let headers = match glue::request_headers() {
+            Ok(headers) => headers,
+            Err(_) => {
+                let rejection = RuleError::StoreUnavailable.rejection("-");
+                return self.reject(&rejection, &format!("instance={instance} headers=unreadable"));
+            }
+        };
+        let method = glue::header(&headers, ":method").unwrap_or("");
+        let path = split_path(glue::header(&headers, ":path").unwrap_or("")).0;
+        if !self.policy.applies_to(method, path) {
+            return Action::Continue;
+        }
+        let context = format!("instance={instance} method={method} path={path:?}");
+        let Some(now) = glue::now_ms() else {
+            return self.reject(&RuleError::StoreUnavailable.rejection("-"), &context);
+        };
+        let principal = match self.policy.user_source {
+            UserSource::Principal => glue::principal(),
+            UserSource::TrustedHeader(_) => None,
+        };
+        let user = ratelimit::resolve_user(&self.policy.user_source, principal, &headers);
+        let source = source_address();
+        let facts = RequestFacts {
+            method,
+            path,
+            client_ip: source.as_deref().and_then(client::parse_source_address),
+            user: user.as_deref(),
+        };
+        let decision = ratelimit::check(&self.policy, &HostStore, &facts, now);
+        self.record(&decision.events, &context);
+        if let Some(rejection) = &decision.rejection {
+            let key = decision
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Limited { rule, key, .. } => Some(format!("rule={rule} {key}")),
+                    Event::Error { rule, error, blocked: true } => Some(format!("rule={rule} error={}", error.code())),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            return self.reject(rejection, &format!("{context} {key}"));
+        }
+        self.counters.increment("allowed");
+        self.response_headers = decision.response_headers;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in std::mem::take(&mut self.response_headers) {
+            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, &name, &value);
+        }
+        Action::Continue
+    }
+}
