@@ -57,10 +57,9 @@ impl KeyHash {
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part);
         }
-        let digest = hasher.finalize();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&digest[..16]);
-        KeyHash(out)
+        let digest: [u8; 32] = hasher.finalize().into();
+        let (head, _) = digest.split_first_chunk::<16>().unwrap_or((&[0; 16], &[]));
+        KeyHash(*head)
     }
 
     /// Lower-case hex, for keys in external stores.
@@ -69,9 +68,8 @@ impl KeyHash {
     }
 
     fn bucket_index(&self, buckets: u32) -> u32 {
-        let mut head = [0u8; 4];
-        head.copy_from_slice(&self.0[..4]);
-        u32::from_be_bytes(head) % buckets
+        let (head, _) = self.0.split_first_chunk::<4>().unwrap_or((&[0; 4], &[]));
+        u32::from_be_bytes(*head) % buckets
     }
 }
 
