@@ -1,1 +1,34 @@
-//! (being written)
+//! replay-guard: each money operation is forwarded exactly once.
+//!
+//! - Requests carrying an `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header) claim the
+//!   key, scoped to the verified principal and the route, before they are forwarded. Retries get
+//!   the stored answer (with a marker header), 409 while the first is in flight or when its
+//!   outcome is unknown, 422 when the key is reused for a different request.
+//! - Requests without a key are collapsed: identical fingerprints within a short window get 409.
+//! - An answer that does not prove what happened (5xx, timeout, reset, local reply) locks the key
+//!   as `outcome_unknown` instead of freeing it: money moves never twice, never zero.
+//!
+//! Decisions are pure functions of (request facts, stored record, now); the store behind them is
+//! the [`ReplayState`] trait, whose answer may arrive later (see [`state`]).
+
+mod config;
+mod exchange;
+mod record;
+pub mod state;
+
+pub use config::{
+    KeyMode, OnUncertain, ReplayPolicy, ReplayRoute, COLLAPSE_TABLE_PREFIX, DEFAULT_NOT_EXECUTED_STATUSES,
+    KEY_TABLE_PREFIX, RESPONSE_PREFIX,
+};
+pub use exchange::{
+    classify, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
+    IDEMPOTENCY_KEY_HEADER, ORIGINAL_STATUS_HEADER,
+};
+pub use record::{KeyState, Record, StoredBody, StoredResponse, MAX_RESPONSE_HEAD_LEN, RECORD_LEN};
+pub use state::{
+    decide_claim, decide_finish, Answer, ClaimAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
+    LocalState, Outcome, Owner, ReplayState, StateError,
+};
+
+#[cfg(test)]
+mod tests;

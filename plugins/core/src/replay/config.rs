@@ -1,0 +1,338 @@
+//! The replay-guard plugin's configuration: raw JSON shape, and the validated policy.
+
+use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
+
+use serde::Deserialize;
+
+use crate::route::{RouteConfig, RouteMatch};
+use crate::store::BucketTable;
+use crate::ConfigError;
+
+use super::record::RECORD_LEN;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    routes: Vec<RawRoute>,
+    #[serde(default = "default_ttl")]
+    ttl_seconds: u64,
+    #[serde(default = "default_in_flight_timeout")]
+    in_flight_timeout_ms: u64,
+    #[serde(default = "default_max_key_length")]
+    max_key_length: usize,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    #[serde(default = "default_max_stored_body")]
+    max_stored_body_bytes: u32,
+    #[serde(default = "default_stored_headers")]
+    stored_headers: Vec<String>,
+    #[serde(default = "default_not_executed")]
+    not_executed_statuses: Vec<u16>,
+    #[serde(default = "default_marker")]
+    replay_marker_header: String,
+    #[serde(default = "default_key_store")]
+    key_store: RawTable,
+    #[serde(default = "default_collapse_store")]
+    collapse_store: RawTable,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    #[serde(rename = "match")]
+    matcher: RouteConfig,
+    #[serde(default = "default_key_mode")]
+    idempotency_key: String,
+    #[serde(default)]
+    collapse_window_ms: u64,
+    #[serde(default = "default_on_uncertain")]
+    on_uncertain: String,
+    #[serde(default)]
+    require_principal: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    buckets: u32,
+    slots_per_bucket: u16,
+}
+
+fn default_ttl() -> u64 {
+    86_400
+}
+fn default_in_flight_timeout() -> u64 {
+    60_000
+}
+fn default_max_key_length() -> usize {
+    255
+}
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_max_stored_body() -> u32 {
+    4096
+}
+fn default_stored_headers() -> Vec<String> {
+    vec!["content-type".into(), "location".into()]
+}
+/// Answers that prove the upstream did not execute the operation (see the README for the reasoning).
+pub const DEFAULT_NOT_EXECUTED_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 413, 415, 422];
+fn default_not_executed() -> Vec<u16> {
+    DEFAULT_NOT_EXECUTED_STATUSES.to_vec()
+}
+fn default_marker() -> String {
+    "idempotent-replayed".into()
+}
+fn default_key_store() -> RawTable {
+    RawTable { buckets: 1024, slots_per_bucket: 8 }
+}
+fn default_collapse_store() -> RawTable {
+    RawTable { buckets: 256, slots_per_bucket: 8 }
+}
+fn default_key_mode() -> String {
+    "required".into()
+}
+fn default_on_uncertain() -> String {
+    "lock".into()
+}
+
+/// Limits that are not configurable (they bound memory whatever the configuration says).
+pub const MAX_KEY_LENGTH_LIMIT: usize = 1024;
+pub const MAX_STORED_BODY_LIMIT: u32 = 1024 * 1024;
+pub const MAX_TTL_SECONDS: u64 = 30 * 86_400;
+pub const MAX_COLLAPSE_WINDOW_MS: u64 = 3_600_000;
+pub const MAX_STORED_HEADERS: usize = 16;
+pub const MAX_ROUTE_NAME_LEN: usize = 64;
+
+/// What the `Idempotency-Key` header means on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMode {
+    /// A request without a key is refused (400 `idempotency_key_missing`).
+    Required,
+    /// A key is honoured when present; requests without one fall back to duplicate collapse.
+    Optional,
+    /// The header is not looked at (duplicate collapse only).
+    Ignored,
+}
+
+/// What an answer that does not prove the outcome (5xx, timeout, reset, local reply) does to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUncertain {
+    /// The key becomes `outcome_unknown`: retries get 409 until the TTL ends.
+    Lock,
+    /// The key is released: a retry is forwarded (only for operations safe to repeat).
+    Release,
+}
+
+/// A validated protected route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRoute {
+    /// Names the route in logs and scopes its keys (renaming a route forgets its keys).
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub key_mode: KeyMode,
+    /// Requests without a key and with identical fingerprints inside this window are refused
+    /// (409 `duplicate_request`); `None` turns collapse off.
+    pub collapse_window_ms: Option<NonZeroU64>,
+    pub on_uncertain: OnUncertain,
+    /// Refuse requests without a verified principal (401 `principal_required`).
+    pub require_principal: bool,
+}
+
+/// The validated policy of the replay-guard plugin.
+#[derive(Debug, Clone)]
+pub struct ReplayPolicy {
+    pub routes: Vec<ReplayRoute>,
+    pub ttl_ms: NonZeroU64,
+    pub in_flight_timeout_ms: NonZeroU64,
+    pub max_key_length: usize,
+    pub max_body_bytes: u64,
+    pub max_stored_body_bytes: u32,
+    /// Lower-case names of the response headers stored and replayed.
+    pub stored_headers: Vec<String>,
+    pub not_executed_statuses: Vec<u16>,
+    /// Lower-case name of the header added to a replayed response (value `true`).
+    pub replay_marker_header: String,
+    pub key_table: BucketTable,
+    pub collapse_table: BucketTable,
+    /// Prefix of the companion keys holding stored responses (one per key-table slot).
+    pub response_prefix: String,
+}
+
+/// Shared-data key prefixes (distinct per table, see the brief).
+pub const KEY_TABLE_PREFIX: &str = "firebreak.replay.key";
+pub const COLLAPSE_TABLE_PREFIX: &str = "firebreak.replay.dup";
+pub const RESPONSE_PREFIX: &str = "firebreak.replay.resp";
+
+impl ReplayPolicy {
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
+        if raw.routes.is_empty() {
+            return Err(ConfigError::new("routes", "at least one route is required"));
+        }
+        let mut routes: Vec<ReplayRoute> = Vec::with_capacity(raw.routes.len());
+        for (i, route) in raw.routes.iter().enumerate() {
+            let route = parse_route(route, &format!("routes[{i}]"))?;
+            if routes.iter().any(|r| r.name == route.name) {
+                return Err(ConfigError::new(format!("routes[{i}].name"), format!("duplicate route name `{}`", route.name)));
+            }
+            routes.push(route);
+        }
+        let ttl_seconds = Some(raw.ttl_seconds)
+            .filter(|t| (1..=MAX_TTL_SECONDS).contains(t))
+            .ok_or_else(|| ConfigError::new("ttl_seconds", format!("must be between 1 and {MAX_TTL_SECONDS}")))?;
+        let ttl_ms = NonZeroU64::new(ttl_seconds * 1000).ok_or_else(|| ConfigError::new("ttl_seconds", "must be > 0"))?;
+        let in_flight_timeout_ms = NonZeroU64::new(raw.in_flight_timeout_ms)
+            .filter(|t| t.get() < ttl_ms.get())
+            .ok_or_else(|| ConfigError::new("in_flight_timeout_ms", "must be greater than 0 and shorter than ttl_seconds"))?;
+        if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_LIMIT {
+            return Err(ConfigError::new("max_key_length", format!("must be between 1 and {MAX_KEY_LENGTH_LIMIT}")));
+        }
+        if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 * 1024 * 1024 {
+            return Err(ConfigError::new("max_body_bytes", "must be between 1 and 67108864"));
+        }
+        if raw.max_stored_body_bytes > MAX_STORED_BODY_LIMIT {
+            return Err(ConfigError::new("max_stored_body_bytes", format!("must be at most {MAX_STORED_BODY_LIMIT}")));
+        }
+        if raw.stored_headers.len() > MAX_STORED_HEADERS {
+            return Err(ConfigError::new("stored_headers", format!("at most {MAX_STORED_HEADERS} headers")));
+        }
+        let mut stored_headers = Vec::new();
+        for (i, name) in raw.stored_headers.iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            let field = format!("stored_headers[{i}]");
+            if !valid_header_name(&lower) {
+                return Err(ConfigError::new(field, "not a valid header name"));
+            }
+            if matches!(
+                lower.as_str(),
+                "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te" | "trailer"
+                    | "proxy-connection"
+            ) {
+                return Err(ConfigError::new(field, format!("`{lower}` is computed by Envoy and cannot be replayed")));
+            }
+            if stored_headers.contains(&lower) {
+                return Err(ConfigError::new(field, format!("duplicate header `{lower}`")));
+            }
+            stored_headers.push(lower);
+        }
+        let mut not_executed = Vec::new();
+        for (i, status) in raw.not_executed_statuses.iter().enumerate() {
+            if !(400..=499).contains(status) {
+                return Err(ConfigError::new(
+                    format!("not_executed_statuses[{i}]"),
+                    "only 4xx statuses can prove that an operation did not execute",
+                ));
+            }
+            if !not_executed.contains(status) {
+                not_executed.push(*status);
+            }
+        }
+        let marker = raw.replay_marker_header.to_ascii_lowercase();
+        if !valid_header_name(&marker) {
+            return Err(ConfigError::new("replay_marker_header", "not a valid header name"));
+        }
+        if stored_headers.contains(&marker) {
+            return Err(ConfigError::new("replay_marker_header", "must not be one of stored_headers"));
+        }
+        let key_table = parse_table(&raw.key_store, "key_store", KEY_TABLE_PREFIX, RECORD_LEN)?;
+        let collapse_table = parse_table(&raw.collapse_store, "collapse_store", COLLAPSE_TABLE_PREFIX, 0)?;
+        Ok(ReplayPolicy {
+            routes,
+            ttl_ms,
+            in_flight_timeout_ms,
+            max_key_length: raw.max_key_length,
+            max_body_bytes: raw.max_body_bytes,
+            max_stored_body_bytes: raw.max_stored_body_bytes,
+            stored_headers,
+            not_executed_statuses: not_executed,
+            replay_marker_header: marker,
+            key_table,
+            collapse_table,
+            response_prefix: RESPONSE_PREFIX.to_string(),
+        })
+    }
+
+    /// The first route that protects this request (`path` without its query).
+    pub fn route_for(&self, method: &str, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| r.matcher.matches(method, path))
+    }
+
+    /// Worst-case shared-data bytes: record tables plus one stored response per key-table slot.
+    pub fn max_memory_bytes(&self) -> u64 {
+        let response = u64::from(self.max_stored_body_bytes) + super::record::MAX_RESPONSE_HEAD_LEN as u64;
+        self.key_table.max_bytes() + self.collapse_table.max_bytes() + self.key_table.capacity() * response
+    }
+}
+
+fn parse_route(raw: &RawRoute, field: &str) -> Result<ReplayRoute, ConfigError> {
+    if raw.name.is_empty()
+        || raw.name.len() > MAX_ROUTE_NAME_LEN
+        || !raw.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(ConfigError::new(
+            format!("{field}.name"),
+            format!("1 to {MAX_ROUTE_NAME_LEN} characters of A-Z a-z 0-9 - _ ."),
+        ));
+    }
+    let matcher = RouteMatch::parse(&raw.matcher, &format!("{field}.match"))?;
+    let key_mode = match raw.idempotency_key.as_str() {
+        "required" => KeyMode::Required,
+        "optional" => KeyMode::Optional,
+        "ignored" => KeyMode::Ignored,
+        other => {
+            return Err(ConfigError::new(
+                format!("{field}.idempotency_key"),
+                format!("`{other}` is not one of required, optional, ignored"),
+            ))
+        }
+    };
+    let on_uncertain = match raw.on_uncertain.as_str() {
+        "lock" => OnUncertain::Lock,
+        "release" => OnUncertain::Release,
+        other => {
+            return Err(ConfigError::new(format!("{field}.on_uncertain"), format!("`{other}` is not one of lock, release")))
+        }
+    };
+    if raw.collapse_window_ms > MAX_COLLAPSE_WINDOW_MS {
+        return Err(ConfigError::new(
+            format!("{field}.collapse_window_ms"),
+            format!("must be at most {MAX_COLLAPSE_WINDOW_MS}"),
+        ));
+    }
+    let collapse_window_ms = NonZeroU64::new(raw.collapse_window_ms);
+    if key_mode == KeyMode::Ignored && collapse_window_ms.is_none() {
+        return Err(ConfigError::new(
+            format!("{field}.collapse_window_ms"),
+            "a route that ignores idempotency keys must collapse duplicates (set collapse_window_ms), else it protects nothing",
+        ));
+    }
+    Ok(ReplayRoute {
+        name: raw.name.clone(),
+        matcher,
+        key_mode,
+        collapse_window_ms,
+        on_uncertain,
+        require_principal: raw.require_principal,
+    })
+}
+
+fn parse_table(raw: &RawTable, field: &str, prefix: &str, payload: usize) -> Result<BucketTable, ConfigError> {
+    let buckets = NonZeroU32::new(raw.buckets)
+        .filter(|b| b.get() <= 1 << 20)
+        .ok_or_else(|| ConfigError::new(format!("{field}.buckets"), "must be between 1 and 1048576"))?;
+    let slots = NonZeroU16::new(raw.slots_per_bucket)
+        .filter(|s| s.get() <= 256)
+        .ok_or_else(|| ConfigError::new(format!("{field}.slots_per_bucket"), "must be between 1 and 256"))?;
+    let payload = u16::try_from(payload).map_err(|_| ConfigError::new(field, "record too large"))?;
+    Ok(BucketTable::new(prefix, buckets, slots, payload))
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(':')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}

@@ -1,0 +1,387 @@
+//! One request/response exchange through the replay guard, in the order a proxy sees it.
+//!
+//! 1. [`Exchange::begin`]: header-time checks (route, `Idempotency-Key`, principal, length);
+//! 2. [`Exchange::claim_request`]: once the whole body is in hand, the fingerprint and the claim;
+//! 3. [`Exchange::on_claim`]: the store's answer (now or later) becomes forward / reject / replay;
+//! 4. [`Exchange::on_response_headers`] / [`Exchange::on_response_body`]: capture the answer;
+//! 5. [`Exchange::finish`]: what the answer proves, written back to the record.
+
+use sfv::{BareItem, Item, Parser};
+use sha2::{Digest, Sha256};
+
+use crate::store::KeyHash;
+use crate::Rejection;
+
+use super::config::{KeyMode, OnUncertain, ReplayPolicy};
+use super::record::StoredResponse;
+use super::state::{ClaimAnswer, ClaimRequest, FinishRequest, Outcome, Owner, StateError};
+
+/// The request header carrying the key (draft-ietf-httpapi-idempotency-key-header).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// Response header naming the original status when a completed response cannot be replayed.
+pub const ORIGINAL_STATUS_HEADER: &str = "x-firebreak-original-status";
+
+/// Every way the guard refuses a request. Mapped to status and code in [`ReplayError::rejection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayError {
+    KeyMissing,
+    KeyDuplicated,
+    KeyInvalid(&'static str),
+    PrincipalRequired,
+    BodyTooLarge,
+    Mismatch,
+    InFlight,
+    OutcomeUnknown,
+    Duplicate,
+    NotStored { status: u16 },
+    StoreFull,
+    StateUnavailable,
+}
+
+impl ReplayError {
+    pub fn rejection(&self) -> Rejection {
+        use ReplayError::*;
+        match self {
+            KeyMissing => Rejection::new(400, "idempotency_key_missing", "this route requires an Idempotency-Key header"),
+            KeyDuplicated => Rejection::new(400, "idempotency_key_duplicated", "Idempotency-Key must appear once"),
+            KeyInvalid(why) => Rejection::new(400, "idempotency_key_invalid", format!("Idempotency-Key {why}")),
+            PrincipalRequired => Rejection::new(401, "principal_required", "this route requires a verified principal (signed request)"),
+            BodyTooLarge => Rejection::new(413, "body_too_large", "the request body exceeds the configured maximum"),
+            Mismatch => Rejection::new(422, "idempotency_key_mismatch", "this Idempotency-Key was used for a different request"),
+            InFlight => Rejection::new(409, "request_in_flight", "a request with this Idempotency-Key is still being processed; retry later")
+                .with_header("retry-after", "1"),
+            OutcomeUnknown => Rejection::new(
+                409,
+                "outcome_unknown",
+                "an earlier request with this Idempotency-Key was forwarded and its outcome is unknown; it is not forwarded again (check the operation's status before using a new key)",
+            ),
+            Duplicate => Rejection::new(409, "duplicate_request", "an identical request was just received; it is not forwarded twice"),
+            NotStored { status } => Rejection::new(
+                409,
+                "response_not_stored",
+                format!("the request with this Idempotency-Key completed with status {status}; its response was not stored and the operation is not repeated"),
+            )
+            .with_header(ORIGINAL_STATUS_HEADER, status.to_string()),
+            StoreFull => Rejection::new(503, "replay_store_full", "the idempotency store is full; refusing rather than forgetting")
+                .with_header("retry-after", "1"),
+            StateUnavailable => Rejection::new(503, "replay_state_unavailable", "the idempotency store is unavailable"),
+        }
+    }
+}
+
+impl From<StateError> for ReplayError {
+    fn from(error: StateError) -> Self {
+        match error {
+            StateError::Full => ReplayError::StoreFull,
+            StateError::Unavailable => ReplayError::StateUnavailable,
+        }
+    }
+}
+
+/// The request as the guard sees it at header time.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// `:path` including the query.
+    pub path_and_query: &'a str,
+    /// Every request header (lower-case names), repeated headers repeated.
+    pub headers: &'a [(String, String)],
+    /// The principal verified by the request-signature filter, if any.
+    pub principal: Option<&'a str>,
+}
+
+/// The verdict on a claim answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Forward,
+    Reject(ReplayError),
+    /// Answer with this stored response; the marker header is already added.
+    Replay(StoredResponse),
+}
+
+/// What the guard does with the answer's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classification {
+    /// The answer is the outcome: store it and replay it to retries.
+    Completed,
+    /// The answer proves nothing executed, or the route allows repeating: free the key.
+    Release,
+    /// The answer does not tell: lock the key as `outcome_unknown`.
+    Unknown,
+}
+
+/// Pure: what an answer proves. `via_upstream` is false for a local reply (timeout, reset,
+/// another filter): the request was forwarded and the answer says nothing about the operation.
+pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, via_upstream: bool) -> Classification {
+    let uncertain = match on_uncertain {
+        OnUncertain::Lock => Classification::Unknown,
+        OnUncertain::Release => Classification::Release,
+    };
+    if !via_upstream || status >= 500 || status < 200 {
+        return uncertain;
+    }
+    if policy.not_executed_statuses.contains(&status) {
+        return Classification::Release;
+    }
+    Classification::Completed
+}
+
+/// Parses an `Idempotency-Key` value: an sf-string of 1 to `max_len` characters.
+pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, ReplayError> {
+    // A bound before parsing: an sf-string of max_len characters needs at most 2 * max_len + 2.
+    if value.len() > max_len.saturating_mul(2).saturating_add(2) + 64 {
+        return Err(ReplayError::KeyInvalid("is too long"));
+    }
+    let item: Item = Parser::new(value).parse().map_err(|_| ReplayError::KeyInvalid("must be a structured-field string, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\""))?;
+    let BareItem::String(key) = item.bare_item else {
+        return Err(ReplayError::KeyInvalid("must be a structured-field string (in double quotes)"));
+    };
+    let key = key.as_str();
+    if key.is_empty() {
+        return Err(ReplayError::KeyInvalid("must not be empty"));
+    }
+    if key.len() > max_len {
+        return Err(ReplayError::KeyInvalid("is too long"));
+    }
+    Ok(key.to_string())
+}
+
+fn hex8(bytes: &[u8]) -> String {
+    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Capture of the upstream's answer.
+#[derive(Debug, Clone, Default)]
+struct Capture {
+    status: Option<u16>,
+    via_upstream: bool,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// The body passed `max_stored_body_bytes`: the outcome is recorded without it.
+    overflow: bool,
+}
+
+/// One exchange on a protected route.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    route: usize,
+    key: Option<String>,
+    principal: Option<String>,
+    method: String,
+    path_and_query: String,
+    /// Set once the request was claimed and forwarded with a key; `None` after finishing.
+    owner: Option<Owner>,
+    capture: Capture,
+    context: String,
+}
+
+impl Exchange {
+    /// Header-time checks. `Ok(None)`: the route is not protected.
+    pub fn begin(policy: &ReplayPolicy, facts: &RequestFacts<'_>) -> Result<Option<Exchange>, (ReplayError, String)> {
+        let (path, _) = crate::route::split_path(facts.path_and_query);
+        let Some(index) = policy.route_for(facts.method, path) else { return Ok(None) };
+        let Some(route) = policy.routes.get(index) else { return Ok(None) };
+        let principal = facts.principal.filter(|p| !p.is_empty());
+        let mut context = format!(
+            "route={} method={} path={:?} principal={}",
+            route.name,
+            facts.method,
+            path,
+            principal.unwrap_or("-")
+        );
+        let fail = |error: ReplayError, context: &str| Err((error, context.to_string()));
+        if route.require_principal && principal.is_none() {
+            return fail(ReplayError::PrincipalRequired, &context);
+        }
+        let key = if route.key_mode == KeyMode::Ignored {
+            None
+        } else {
+            let mut values = facts.headers.iter().filter(|(n, _)| n == IDEMPOTENCY_KEY_HEADER).map(|(_, v)| v.as_str());
+            match (values.next(), values.next()) {
+                (Some(_), Some(_)) => return fail(ReplayError::KeyDuplicated, &context),
+                (Some(value), None) => match parse_idempotency_key(value, policy.max_key_length) {
+                    Ok(key) => Some(key),
+                    Err(error) => return fail(error, &context),
+                },
+                (None, _) => None,
+            }
+        };
+        if key.is_none() && route.key_mode == KeyMode::Required {
+            return fail(ReplayError::KeyMissing, &context);
+        }
+        if let Some(key) = &key {
+            // The key itself is not logged: a short hash correlates log lines.
+            context.push_str(&format!(" key={}", hex8(&Sha256::digest(key.as_bytes()))));
+        }
+        for (name, value) in facts.headers {
+            if name == "content-length" {
+                match value.trim().parse::<u64>() {
+                    Ok(n) if n > policy.max_body_bytes => return fail(ReplayError::BodyTooLarge, &context),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Some(Exchange {
+            route: index,
+            key,
+            principal: principal.map(str::to_string),
+            method: facts.method.to_string(),
+            path_and_query: facts.path_and_query.to_string(),
+            owner: None,
+            capture: Capture::default(),
+            context,
+        }))
+    }
+
+    /// For log lines: route, method, path, principal, short key hash. Never the key or a secret.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    pub fn route_name<'p>(&self, policy: &'p ReplayPolicy) -> &'p str {
+        policy.routes.get(self.route).map_or("-", |r| r.name.as_str())
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Refuses a body larger than `max_body_bytes` (checked on every chunk).
+    pub fn check_body_size(&self, policy: &ReplayPolicy, size: u64) -> Result<(), ReplayError> {
+        if size > policy.max_body_bytes {
+            return Err(ReplayError::BodyTooLarge);
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of (principal, method, path and query, SHA-256 of the exact body bytes).
+    pub fn fingerprint(&self, body: &[u8]) -> [u8; 32] {
+        let body_hash = Sha256::digest(body);
+        let mut hasher = Sha256::new();
+        let principal = self.principal.as_deref().map(str::as_bytes);
+        let parts: [&[u8]; 5] = [
+            if principal.is_some() { b"p" } else { b"-" },
+            principal.unwrap_or(b""),
+            self.method.as_bytes(),
+            self.path_and_query.as_bytes(),
+            body_hash.as_slice(),
+        ];
+        for part in parts {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        hasher.finalize().into()
+    }
+
+    /// The claim to make once the body is complete. `None`: nothing to claim (a route with
+    /// optional keys and collapse off); forward.
+    pub fn claim_request(&self, policy: &ReplayPolicy, body: &[u8], claim_id: u64) -> Option<ClaimRequest> {
+        let route = policy.routes.get(self.route)?;
+        let fingerprint = self.fingerprint(body);
+        let principal = self.principal.as_deref().unwrap_or("");
+        let scope: &[u8] = if self.principal.is_some() { b"p" } else { b"-" };
+        match &self.key {
+            Some(key) => Some(ClaimRequest::Key {
+                key: KeyHash::of(&[b"key", scope, principal.as_bytes(), route.name.as_bytes(), key.as_bytes()]),
+                fingerprint,
+                claim_id,
+            }),
+            None => route.collapse_window_ms.map(|window_ms| ClaimRequest::Collapse {
+                key: KeyHash::of(&[b"dup", route.name.as_bytes(), &fingerprint]),
+                window_ms,
+            }),
+        }
+    }
+
+    /// The store's answer to the claim becomes the verdict.
+    pub fn on_claim(&mut self, policy: &ReplayPolicy, answer: Result<ClaimAnswer, StateError>) -> Decision {
+        match answer {
+            Err(error) => Decision::Reject(error.into()),
+            Ok(ClaimAnswer::Forward { owner }) => {
+                self.owner = owner;
+                Decision::Forward
+            }
+            Ok(ClaimAnswer::InFlight) => Decision::Reject(ReplayError::InFlight),
+            Ok(ClaimAnswer::OutcomeUnknown { .. }) => Decision::Reject(ReplayError::OutcomeUnknown),
+            Ok(ClaimAnswer::Mismatch) => Decision::Reject(ReplayError::Mismatch),
+            Ok(ClaimAnswer::Duplicate) => Decision::Reject(ReplayError::Duplicate),
+            Ok(ClaimAnswer::NotStored { status }) => Decision::Reject(ReplayError::NotStored { status }),
+            Ok(ClaimAnswer::Replay(mut response)) => {
+                response.headers.push((policy.replay_marker_header.clone(), "true".to_string()));
+                Decision::Replay(response)
+            }
+        }
+    }
+
+    /// This exchange owns a key and its answer still has to be recorded.
+    pub fn owns_key(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// The answer's status line and headers. `via_upstream`: Envoy's `response.code_details`
+    /// is `via_upstream` (the answer came from the upstream, not from a local reply).
+    pub fn on_response_headers(&mut self, policy: &ReplayPolicy, status: u16, via_upstream: bool, headers: &[(String, String)]) {
+        if self.owner.is_none() {
+            return;
+        }
+        self.capture.status = Some(status);
+        self.capture.via_upstream = via_upstream;
+        self.capture.headers = headers
+            .iter()
+            .filter(|(name, _)| policy.stored_headers.iter().any(|s| s == name))
+            .cloned()
+            .collect();
+    }
+
+    /// One chunk of the answer's body (bounded copy; beyond the bound only the fact is kept).
+    pub fn on_response_body(&mut self, policy: &ReplayPolicy, chunk: &[u8]) {
+        if self.owner.is_none() || self.capture.overflow {
+            return;
+        }
+        let limit = usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX);
+        if self.capture.body.len().saturating_add(chunk.len()) > limit {
+            self.capture.overflow = true;
+            self.capture.body = Vec::new();
+            return;
+        }
+        self.capture.body.extend_from_slice(chunk);
+    }
+
+    /// How much more body the capture wants (to size a host read); 0 once it overflowed.
+    pub fn body_room(&self, policy: &ReplayPolicy) -> usize {
+        if self.owner.is_none() || self.capture.overflow {
+            return 0;
+        }
+        usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX).saturating_sub(self.capture.body.len())
+    }
+
+    /// What the exchange proves, to write to the record; `None` when there is nothing to write
+    /// (no key owned, or already finished). `complete`: the answer ended normally; false when
+    /// the stream ended without a complete answer (reset, downstream gone).
+    pub fn finish(&mut self, policy: &ReplayPolicy, complete: bool) -> Option<FinishRequest> {
+        let owner = self.owner.take()?;
+        let on_uncertain = policy.routes.get(self.route).map_or(OnUncertain::Lock, |r| r.on_uncertain);
+        let capture = std::mem::take(&mut self.capture);
+        let outcome = match capture.status {
+            // No answer at all (reset, timeout before headers, worker going away).
+            None => match on_uncertain {
+                OnUncertain::Lock => Outcome::Unknown { status: 0 },
+                OnUncertain::Release => Outcome::Release,
+            },
+            Some(status) => match classify(policy, on_uncertain, status, capture.via_upstream) {
+                Classification::Release => Outcome::Release,
+                Classification::Unknown => Outcome::Unknown { status },
+                Classification::Completed => Outcome::Completed {
+                    status,
+                    // A body cut short is not the answer: record the status only.
+                    response: (complete && !capture.overflow).then(|| StoredResponse {
+                        status,
+                        headers: capture.headers,
+                        body: capture.body,
+                    }),
+                },
+            },
+        };
+        Some(FinishRequest { owner, outcome })
+    }
+}

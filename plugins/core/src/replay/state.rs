@@ -1,0 +1,321 @@
+//! Where idempotency records live, behind an interface whose answer may arrive later.
+//!
+//! The decisions are pure functions ([`decide_claim`], [`decide_finish`]) of (stored record,
+//! request facts, now). A store applies them atomically: [`LocalState`] inside one CAS-guarded
+//! read-modify-write of a [`BucketTable`](crate::store::BucketTable) bucket over Envoy shared
+//! data, answering at once ([`Answer::Now`]); a cluster-wide store (an HTTP callout to a Redis
+//! bridge, a later issue) applies the same functions around its own compare-and-set and answers
+//! [`Answer::Later`]: the filter pauses the request and hands the answer to the same
+//! [`Exchange::on_claim`](super::Exchange::on_claim) when it arrives.
+
+use std::num::NonZeroU64;
+
+use crate::store::{KeyHash, SharedStore, SlotAddress, StoreError, TableError, Update, INSERT_IF_ABSENT_CAS};
+
+use super::config::ReplayPolicy;
+use super::record::{companion_digest, KeyState, Record, StoredBody, StoredResponse};
+
+/// An answer now, or a promise that the store will deliver it later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<T> {
+    Now(T),
+    /// The store will call back (for the HTTP-callout store: `on_http_call_response`).
+    Later,
+}
+
+/// Why the store could not answer. Both fail closed (503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateError {
+    /// Every slot the key could use holds a live record: refuse rather than forget one.
+    Full,
+    /// Host failure, contention beyond the retry budget, or bytes this code did not write.
+    Unavailable,
+}
+
+impl From<TableError> for StateError {
+    fn from(error: TableError) -> Self {
+        match error {
+            TableError::Full => StateError::Full,
+            TableError::Contended | TableError::Unavailable | TableError::Corrupt | TableError::PayloadTooLarge => {
+                StateError::Unavailable
+            }
+        }
+    }
+}
+
+/// The claim a request makes before it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimRequest {
+    /// An idempotency key (scoped to principal and route).
+    Key { key: KeyHash, fingerprint: [u8; 32], claim_id: u64 },
+    /// No key: the request's fingerprint, remembered for the route's collapse window.
+    Collapse { key: KeyHash, window_ms: NonZeroU64 },
+}
+
+/// The forwarded request that owns an idempotency record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub key: KeyHash,
+    pub claim_id: u64,
+    /// Where a local record lives (names the stored-response companion key).
+    pub slot: Option<SlotAddress>,
+}
+
+/// What the store says about a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAnswer {
+    /// The request owns the key (or is the first of its fingerprint in the window): forward it.
+    Forward { owner: Option<Owner> },
+    /// The key's first request has not answered yet.
+    InFlight,
+    /// The key's first request was forwarded and its outcome is not known. `stale_in_flight`:
+    /// it was still in flight after `in_flight_timeout_ms` (its owner died or it is very slow).
+    OutcomeUnknown { stale_in_flight: bool },
+    /// The key was used for a request with another fingerprint.
+    Mismatch,
+    /// The key completed: its stored response.
+    Replay(StoredResponse),
+    /// The key completed with this status, but its response was not stored (or cannot be read).
+    NotStored { status: u16 },
+    /// No key, and an identical request came within the collapse window.
+    Duplicate,
+}
+
+/// How a forwarded request ended, as far as the key is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered; `response` is `None` when it was too large to store.
+    Completed { status: u16, response: Option<StoredResponse> },
+    /// The answer does not prove whether the operation executed.
+    Unknown { status: u16 },
+    /// The answer proves that nothing executed (or the route allows repeating): free the key.
+    Release,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishRequest {
+    pub owner: Owner,
+    pub outcome: Outcome,
+}
+
+/// What happened to the record when its request finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishAnswer {
+    Completed { stored: bool },
+    OutcomeUnknown,
+    Released,
+    /// The record is no longer this request's (it expired, and its slot may hold another key).
+    NotOwner,
+}
+
+/// The state interface of the filter.
+pub trait ReplayState {
+    fn claim(&self, request: &ClaimRequest, now_ms: u64) -> Answer<Result<ClaimAnswer, StateError>>;
+    fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>>;
+}
+
+/// The verdict on a keyed claim, given the record currently stored for the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimVerdict {
+    Forward,
+    InFlight,
+    OutcomeUnknown { stale_in_flight: bool },
+    Mismatch,
+    Completed { status: u16, response: StoredBody, claim_id: u64 },
+}
+
+/// Pure: what a keyed claim gets, and the record to write (only when the key was free).
+///
+/// An in-flight record older than `in_flight_timeout_ms` is `outcome_unknown`, never free: its
+/// request may have executed before its owner died.
+pub fn decide_claim(
+    current: Option<&Record>,
+    fingerprint: [u8; 32],
+    claim_id: u64,
+    now_ms: u64,
+    in_flight_timeout_ms: NonZeroU64,
+) -> (ClaimVerdict, Option<Record>) {
+    let Some(record) = current else {
+        return (ClaimVerdict::Forward, Some(Record::in_flight(fingerprint, claim_id, now_ms)));
+    };
+    if record.fingerprint != fingerprint {
+        return (ClaimVerdict::Mismatch, None);
+    }
+    let verdict = match record.state {
+        KeyState::InFlight if now_ms.saturating_sub(record.claimed_at_ms) < in_flight_timeout_ms.get() => {
+            ClaimVerdict::InFlight
+        }
+        KeyState::InFlight => ClaimVerdict::OutcomeUnknown { stale_in_flight: true },
+        KeyState::OutcomeUnknown { .. } => ClaimVerdict::OutcomeUnknown { stale_in_flight: false },
+        KeyState::Completed { status, response } => {
+            ClaimVerdict::Completed { status, response, claim_id: record.claim_id }
+        }
+    };
+    (verdict, None)
+}
+
+/// What a finishing request writes to its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishWrite {
+    Replace(Record),
+    /// Free the slot (expire the record now).
+    Release,
+}
+
+/// Pure: only the owner of a record still in flight may finish it (a late answer from an owner
+/// that timed out still lands, and turns a provisional `outcome_unknown` into the truth).
+pub fn decide_finish(current: Option<&Record>, claim_id: u64, outcome: &Outcome, digest: Option<[u8; 32]>) -> (FinishAnswer, Option<FinishWrite>) {
+    let Some(record) = current.filter(|r| r.claim_id == claim_id && r.state == KeyState::InFlight) else {
+        return (FinishAnswer::NotOwner, None);
+    };
+    match outcome {
+        Outcome::Completed { status, .. } => {
+            let response = match digest {
+                Some(d) => StoredBody::Stored(d),
+                None => StoredBody::NotStored,
+            };
+            let record = Record { state: KeyState::Completed { status: *status, response }, ..*record };
+            (FinishAnswer::Completed { stored: digest.is_some() }, Some(FinishWrite::Replace(record)))
+        }
+        Outcome::Unknown { status } => {
+            let record = Record { state: KeyState::OutcomeUnknown { status: *status }, ..*record };
+            (FinishAnswer::OutcomeUnknown, Some(FinishWrite::Replace(record)))
+        }
+        Outcome::Release => (FinishAnswer::Released, Some(FinishWrite::Release)),
+    }
+}
+
+/// The per-Envoy-instance store: bucket tables over shared data; answers at once.
+pub struct LocalState<'a> {
+    pub policy: &'a ReplayPolicy,
+    pub store: &'a dyn SharedStore,
+}
+
+/// How often a companion write retries a CAS mismatch before giving up (the response is then
+/// recorded as not stored; the key is still completed).
+const COMPANION_ATTEMPTS: usize = 4;
+
+impl LocalState<'_> {
+    fn companion_key(&self, slot: SlotAddress) -> String {
+        format!("{}:{}:{}", self.policy.response_prefix, slot.bucket, slot.slot)
+    }
+
+    fn claim_now(&self, request: &ClaimRequest, now_ms: u64) -> Result<ClaimAnswer, StateError> {
+        match request {
+            ClaimRequest::Collapse { key, window_ms } => {
+                let expires_at_ms = now_ms.saturating_add(window_ms.get());
+                let (first, _) = self.policy.collapse_table.update(self.store, *key, now_ms, |current| match current {
+                    Some(_) => Update::Keep(false),
+                    None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
+                })?;
+                Ok(if first { ClaimAnswer::Forward { owner: None } } else { ClaimAnswer::Duplicate })
+            }
+            ClaimRequest::Key { key, fingerprint, claim_id } => {
+                let expires_at_ms = now_ms.saturating_add(self.policy.ttl_ms.get());
+                let timeout = self.policy.in_flight_timeout_ms;
+                let (verdict, slot) = self.policy.key_table.update(self.store, *key, now_ms, |current| {
+                    let record = match current.map(Record::decode) {
+                        None => None,
+                        Some(Some(record)) => Some(record),
+                        Some(None) => return Update::Keep(Err(StateError::Unavailable)),
+                    };
+                    match decide_claim(record.as_ref(), *fingerprint, *claim_id, now_ms, timeout) {
+                        (verdict, Some(new)) => Update::Write { payload: new.encode(), expires_at_ms, result: Ok(verdict) },
+                        (verdict, None) => Update::Keep(Ok(verdict)),
+                    }
+                })?;
+                Ok(match verdict? {
+                    ClaimVerdict::Forward => {
+                        ClaimAnswer::Forward { owner: Some(Owner { key: *key, claim_id: *claim_id, slot: Some(slot) }) }
+                    }
+                    ClaimVerdict::InFlight => ClaimAnswer::InFlight,
+                    ClaimVerdict::OutcomeUnknown { stale_in_flight } => ClaimAnswer::OutcomeUnknown { stale_in_flight },
+                    ClaimVerdict::Mismatch => ClaimAnswer::Mismatch,
+                    ClaimVerdict::Completed { status, response: StoredBody::NotStored, .. } => {
+                        ClaimAnswer::NotStored { status }
+                    }
+                    ClaimVerdict::Completed { status, response: StoredBody::Stored(digest), claim_id } => {
+                        let stored = match self.store.get(&self.companion_key(slot)) {
+                            Ok(Some((bytes, _))) => StoredResponse::decode_for(&bytes, claim_id, &digest),
+                            Ok(None) => None,
+                            Err(_) => return Err(StateError::Unavailable),
+                        };
+                        match stored {
+                            Some(response) => ClaimAnswer::Replay(response),
+                            // Stale or overwritten companion: never replay another key's answer.
+                            None => ClaimAnswer::NotStored { status },
+                        }
+                    }
+                })
+            }
+        }
+    }
+
+    /// Writes the companion with CAS; `Some(digest)` when it now holds exactly `bytes`.
+    fn write_companion(&self, slot: SlotAddress, bytes: &[u8]) -> Result<Option<[u8; 32]>, StateError> {
+        let key = self.companion_key(slot);
+        for _ in 0..COMPANION_ATTEMPTS {
+            let cas = match self.store.get(&key) {
+                Ok(Some((_, cas))) => cas,
+                Ok(None) => INSERT_IF_ABSENT_CAS,
+                Err(_) => return Err(StateError::Unavailable),
+            };
+            match self.store.set(&key, bytes, cas) {
+                Ok(()) => return Ok(Some(companion_digest(bytes))),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Unavailable) => return Err(StateError::Unavailable),
+            }
+        }
+        Ok(None)
+    }
+
+    fn finish_now(&self, request: &FinishRequest, now_ms: u64) -> Result<FinishAnswer, StateError> {
+        let owner = request.owner;
+        let table = &self.policy.key_table;
+        // The response goes to the companion first, and only while the slot still holds this
+        // claim's live record: a reader that sees "completed" can then read it.
+        let mut digest = None;
+        if let (Outcome::Completed { response: Some(response), .. }, Some(slot)) = (&request.outcome, owner.slot) {
+            let ours = match table.get(self.store, owner.key, now_ms)? {
+                Some((payload, _, address)) => {
+                    address == slot
+                        && Record::decode(&payload)
+                            .is_some_and(|r| r.claim_id == owner.claim_id && r.state == KeyState::InFlight)
+                }
+                None => false,
+            };
+            if !ours {
+                return Ok(FinishAnswer::NotOwner);
+            }
+            if let Some(bytes) = response.encode(owner.claim_id) {
+                digest = self.write_companion(slot, &bytes)?;
+            }
+        }
+        let (answer, _) = table.update(self.store, owner.key, now_ms, |current| {
+            let record = match current.map(Record::decode) {
+                None => None,
+                Some(Some(record)) => Some(record),
+                Some(None) => return Update::Keep(Err(StateError::Unavailable)),
+            };
+            let expires_at_ms = record.map_or(0, |r| r.claimed_at_ms.saturating_add(self.policy.ttl_ms.get()));
+            match decide_finish(record.as_ref(), owner.claim_id, &request.outcome, digest) {
+                (answer, Some(FinishWrite::Replace(new))) => {
+                    Update::Write { payload: new.encode(), expires_at_ms, result: Ok(answer) }
+                }
+                (answer, Some(FinishWrite::Release)) => Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) },
+                (answer, None) => Update::Keep(Ok(answer)),
+            }
+        })?;
+        answer
+    }
+}
+
+impl ReplayState for LocalState<'_> {
+    fn claim(&self, request: &ClaimRequest, now_ms: u64) -> Answer<Result<ClaimAnswer, StateError>> {
+        Answer::Now(self.claim_now(request, now_ms))
+    }
+
+    fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
+        Answer::Now(self.finish_now(request, now_ms))
+    }
+}
