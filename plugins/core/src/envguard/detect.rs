@@ -177,7 +177,8 @@ impl Detector {
         }
         for pattern in &self.patterns {
             if let PatternMatcher::Prefix(prefix) = &pattern.matcher {
-                if candidate.starts_with(prefix) {
+                // The prefix alone (e.g. in the guard's own configuration) is not a credential.
+                if candidate.len() > prefix.len() && candidate.starts_with(prefix) {
                     return Some(self.hit(pattern.label, how));
                 }
             }

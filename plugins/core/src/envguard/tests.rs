@@ -354,6 +354,7 @@ fn near_misses_do_not_match() {
         &format!("x{PROD}"),
         &PROD.to_uppercase(),
         "sk_test_51Habcdefghij",
+        "sk_live_",
         "AKIA_short",
         "",
         "   ",
