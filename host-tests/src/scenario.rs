@@ -216,6 +216,9 @@ pub struct SignSpec {
     /// Flip a character of the signature after signing.
     #[serde(default)]
     pub tamper: bool,
+    /// Sign as if the request used this method (to show a method changed in flight).
+    #[serde(default)]
+    pub method: Option<String>,
 }
 
 fn label() -> String {
@@ -412,7 +415,7 @@ fn sign_headers(spec: &RequestSpec, sign: &SignSpec, r: &Request, now_secs: u64)
         r.headers.iter().filter(|(k, _)| !k.starts_with(':')).cloned().collect();
     let created = (now_secs as i64 + sign.created_offset).max(0) as u64;
     let request = SignRequest {
-        method: &spec.method,
+        method: sign.method.as_deref().unwrap_or(&spec.method),
         scheme: "http",
         authority: &spec.authority,
         path_and_query: &spec.path,
@@ -709,7 +712,7 @@ pub fn collect_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> String {
     let mut out = String::new();
     let w = rows.iter().map(|(h, _, _)| h.case.len()).max().unwrap_or(4).clamp(4, 70);
-    out.push_str(&format!("{:<28} {:<w$} {:<5} {:<5}  details\n", "file", "case", "host", "envoy"));
+    out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  details\n", "file", "case", "host", "envoy"));
     for (host, envoy, mismatch) in rows {
         let file = Path::new(&host.file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let envoy_label = match envoy {
@@ -734,7 +737,7 @@ pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> S
         if case.len() > w {
             case.truncate(w);
         }
-        out.push_str(&format!("{:<28} {:<w$} {:<5} {:<5}  {}\n", file, case, host.outcome.label(), envoy_label, details.join(" | ")));
+        out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  {}\n", file, case, host.outcome.label(), envoy_label, details.join(" | ")));
     }
     out
 }
