@@ -12,6 +12,7 @@ bash scripts/build.sh
 
 echo "== native and test-host tests (cargo test --workspace)"
 cargo test --workspace --quiet
+cargo run --quiet -p firebreak-host-tests --bin firebreak-scenarios -- --mode both host-tests/scenarios  # host vs real Envoy table
 
 echo "== end-to-end tests through real Envoy"
 .venv/bin/pytest -q envoy/e2e "$@"
