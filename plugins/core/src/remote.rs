@@ -225,6 +225,99 @@ pub fn claim_won(reply: &Reply) -> Result<bool, RemoteError> {
     }
 }
 
+/// Values stored in Redis are base64 (webdis renders replies as JSON strings, which must be
+/// valid UTF-8 whatever the record's bytes).
+pub fn encode_value(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+pub fn decode_value(text: &str) -> Result<Vec<u8>, RemoteError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(text)
+        .map_err(|_| RemoteError::Malformed("stored value is not base64".into()))
+}
+
+/// Atomically: store `value` under `key` for `ttl_ms` unless the key exists; otherwise return
+/// the existing value and its remaining time to live.
+pub const CLAIM_OR_GET_SCRIPT: &str = "local ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
+if ok then return {1} end \
+return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}";
+
+/// Atomically: replace the value of `key` only if it still equals `expected` (a CAS that checks
+/// it won).
+pub const COMPARE_AND_SET_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
+
+/// GCRA on Redis's own clock (microseconds), so that every gateway replica shares one time base.
+/// ARGV: emission interval (us), horizon = burst x interval (us). Returns
+/// {allowed, remaining, reset_ms, retry_after_ms}. The key expires when the budget is full again.
+pub const GCRA_SCRIPT: &str = "local t = redis.call('TIME') \
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+local interval = tonumber(ARGV[1]) local horizon = tonumber(ARGV[2]) \
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') \
+if tat < now then tat = now end \
+local candidate = tat + interval local debt = candidate - now \
+if debt <= horizon then \
+redis.call('SET', KEYS[1], string.format('%d', candidate), 'PX', math.ceil(debt / 1000) + 1) \
+return {1, math.floor((horizon - debt) / interval), math.ceil(debt / 1000), 0} end \
+return {0, 0, math.ceil((tat - now) / 1000), math.ceil((debt - horizon) / 1000)}";
+
+/// `EVAL <script> 1 <key> <args...>` in webdis form.
+pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), b"1", key.as_bytes()];
+    parts.extend(args.iter().map(|a| a.as_bytes()));
+    webdis_command(&parts)
+}
+
+/// Result of [`CLAIM_OR_GET_SCRIPT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOrGet {
+    Won,
+    Held { value: Vec<u8>, ttl_ms: i64 },
+}
+
+pub fn parse_claim_or_get(reply: &Reply) -> Result<ClaimOrGet, RemoteError> {
+    match reply {
+        Reply::Array(items) => match items.as_slice() {
+            [Reply::Integer(1)] => Ok(ClaimOrGet::Won),
+            [Reply::Integer(0), Reply::Text(value), Reply::Integer(ttl)] => {
+                Ok(ClaimOrGet::Held { value: decode_value(value)?, ttl_ms: *ttl })
+            }
+            _ => Err(RemoteError::Malformed(format!("unexpected claim reply: {reply:?}"))),
+        },
+        _ => Err(RemoteError::Malformed(format!("unexpected claim reply: {reply:?}"))),
+    }
+}
+
+/// Result of [`GCRA_SCRIPT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRateDecision {
+    pub allowed: bool,
+    pub remaining: u32,
+    pub reset_ms: u64,
+    pub retry_after_ms: u64,
+}
+
+pub fn parse_gcra(reply: &Reply) -> Result<RemoteRateDecision, RemoteError> {
+    let Reply::Array(items) = reply else {
+        return Err(RemoteError::Malformed(format!("unexpected GCRA reply: {reply:?}")));
+    };
+    let [Reply::Integer(allowed), Reply::Integer(remaining), Reply::Integer(reset), Reply::Integer(retry)] =
+        items.as_slice()
+    else {
+        return Err(RemoteError::Malformed(format!("unexpected GCRA reply: {reply:?}")));
+    };
+    let non_negative = |v: i64| u64::try_from(v).map_err(|_| RemoteError::Malformed("negative value".into()));
+    Ok(RemoteRateDecision {
+        allowed: *allowed == 1,
+        remaining: u32::try_from(*remaining).unwrap_or(0),
+        reset_ms: non_negative(*reset)?,
+        retry_after_ms: non_negative(*retry)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +342,19 @@ mod tests {
         assert_eq!(claim_won(&Reply::Status("OK".into())), Ok(true));
         assert_eq!(claim_won(&Reply::Nil), Ok(false));
         assert!(claim_won(&Reply::Integer(1)).is_err());
+    }
+
+    #[test]
+    fn script_replies() {
+        assert_eq!(parse_claim_or_get(&Reply::Array(vec![Reply::Integer(1)])), Ok(ClaimOrGet::Won));
+        let held = Reply::Array(vec![Reply::Integer(0), Reply::Text(encode_value(b"\x00rec")), Reply::Integer(900)]);
+        assert_eq!(parse_claim_or_get(&held), Ok(ClaimOrGet::Held { value: b"\x00rec".to_vec(), ttl_ms: 900 }));
+        assert!(parse_claim_or_get(&Reply::Array(vec![Reply::Integer(0), Reply::Text("%%".into()), Reply::Integer(1)])).is_err());
+        assert!(parse_claim_or_get(&Reply::Nil).is_err());
+        let d = parse_gcra(&Reply::Array(vec![Reply::Integer(0), Reply::Integer(0), Reply::Integer(120), Reply::Integer(20)])).unwrap();
+        assert_eq!((d.allowed, d.retry_after_ms), (false, 20));
+        assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1)])).is_err());
+        assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1), Reply::Integer(0), Reply::Integer(-5), Reply::Integer(0)])).is_err());
     }
 
     #[test]
