@@ -711,7 +711,7 @@ pub fn collect_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// The pass/fail table.
 pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> String {
     let mut out = String::new();
-    let w = rows.iter().map(|(h, _, _)| h.case.len()).max().unwrap_or(4).clamp(4, 70);
+    let w = rows.iter().map(|(h, _, _)| h.case.chars().count()).max().unwrap_or(4).clamp(4, 70);
     out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  details\n", "file", "case", "host", "envoy"));
     for (host, envoy, mismatch) in rows {
         let file = Path::new(&host.file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
@@ -733,10 +733,7 @@ pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> S
         if !mismatch.is_empty() {
             details.push(format!("MISMATCH host/envoy: {}", mismatch.join("; ")));
         }
-        let mut case = host.case.clone();
-        if case.len() > w {
-            case.truncate(w);
-        }
+        let case: String = host.case.chars().take(w).collect();
         out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  {}\n", file, case, host.outcome.label(), envoy_label, details.join(" | ")));
     }
     out
