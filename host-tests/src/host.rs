@@ -22,6 +22,7 @@ pub struct Module {
     engine: Engine,
     pre: InstancePre<VmState>,
     name: String,
+    unknown_imports: Vec<String>,
 }
 
 impl Module {
@@ -45,7 +46,22 @@ impl Module {
         // strict mode reports the trap as the violation it is).
         linker.define_unknown_imports_as_traps(&module).map_err(vm::anyhow_trap)?;
         let pre = linker.instantiate_pre(&module).map_err(vm::anyhow_trap)?;
-        Ok(Arc::new(Module { engine, pre, name: name.to_string() }))
+        let unknown_imports = module
+            .imports()
+            .filter(|i| match i.module() {
+                "env" => !vm::HOST_FUNCTIONS.contains(&i.name()),
+                "wasi_snapshot_preview1" | "wasi_unstable" => false,
+                _ => true,
+            })
+            .map(|i| format!("{}.{}", i.module(), i.name()))
+            .collect();
+        Ok(Arc::new(Module { engine, pre, name: name.to_string(), unknown_imports }))
+    }
+
+    /// Imports this host does not implement (they trap if called). Empty for modules built with
+    /// the proxy-wasm Rust SDK 0.2.
+    pub fn unknown_imports(&self) -> &[String] {
+        &self.unknown_imports
     }
 
     pub fn name(&self) -> &str {

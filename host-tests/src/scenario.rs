@@ -219,6 +219,9 @@ pub struct SignSpec {
     /// Sign as if the request used this method (to show a method changed in flight).
     #[serde(default)]
     pub method: Option<String>,
+    /// Sign as if the request had this path and query (to show a path changed in flight).
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 fn label() -> String {
@@ -418,7 +421,7 @@ fn sign_headers(spec: &RequestSpec, sign: &SignSpec, r: &Request, now_secs: u64)
         method: sign.method.as_deref().unwrap_or(&spec.method),
         scheme: "http",
         authority: &spec.authority,
-        path_and_query: &spec.path,
+        path_and_query: sign.path.as_deref().unwrap_or(&spec.path),
         headers: &headers,
         body: &body,
         key_id: &sign.key_id,

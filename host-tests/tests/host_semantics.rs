@@ -375,3 +375,28 @@ fn the_upstream_answer_is_scripted() {
     assert_eq!(v.response_header("x-up"), Some("1"));
     assert_eq!(v.response_body, b"made");
 }
+
+#[test]
+fn every_import_of_an_sdk_module_is_implemented() {
+    let m = test_filter();
+    assert!(m.unknown_imports().is_empty(), "{:?}", m.unknown_imports());
+    for product in ["request_signature", "rate_limit", "env_guard"] {
+        let path = firebreak_host_tests::workspace_root().join(format!("target/wasm32-wasip1/release/{product}.wasm"));
+        if path.exists() {
+            let m = firebreak_host_tests::Module::load(&path).unwrap();
+            assert!(m.unknown_imports().is_empty(), "{product}: {:?}", m.unknown_imports());
+        }
+    }
+}
+
+#[test]
+fn a_module_is_compiled_once_and_instantiated_cheaply() {
+    let m = test_filter();
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        let mut h = Host::builder(&m).config("{}").start().unwrap();
+        assert_eq!(h.send(Request::get("/")).status, 200);
+    }
+    // Generous: a debug-built host on a loaded 2-core machine; typically a few ms each.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?} for 20 hosts", t.elapsed());
+}
