@@ -207,3 +207,31 @@ pub fn http_call_response(body_size: usize) -> (Option<u16>, Vec<u8>) {
 pub fn resume_request() -> Result<(), Status> {
     hostcalls::resume_http_request()
 }
+
+/// All response headers (`:status` included), in one host call. Non-UTF-8 values are an error.
+pub fn response_headers() -> Result<Vec<(String, String)>, HeaderError> {
+    let raw = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).map_err(|_| HeaderError::Unavailable)?;
+    raw.into_iter()
+        .map(|(name, value)| String::from_utf8(value).map(|v| (name, v)).map_err(|_| HeaderError::NotUtf8))
+        .collect()
+}
+
+/// The current response body chunk (when earlier chunks were continued), at most `size` bytes.
+pub fn response_body(size: usize) -> Result<Vec<u8>, Status> {
+    Ok(hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)?.unwrap_or_default())
+}
+
+/// A host property as UTF-8 text (e.g. `["response", "code_details"]`); `None` when absent or unreadable.
+pub fn property_string(path: &[&str]) -> Option<String> {
+    let bytes = hostcalls::get_property(path.to_vec()).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// Answers locally with a given response (e.g. a stored one). On failure resets the stream
+/// rather than let the request through.
+pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    if hostcalls::send_http_response(u32::from(status), headers, Some(body)).is_err() {
+        let _ = hostcalls::reset_http_request();
+    }
+}
