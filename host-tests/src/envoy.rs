@@ -330,7 +330,10 @@ fn admin_get(addr: &str, path: &str) -> Result<(u16, String)> {
 }
 
 /// Sends a request to Envoy and reads the response. A reset is status 0.
-fn send(port: u16, request: &Request) -> Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+/// Status, headers (with `:status`) and body of a response.
+type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+fn send(port: u16, request: &Request) -> Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     let method = request.header_value(":method").unwrap_or("GET");

@@ -760,7 +760,7 @@ impl Worker {
         self.store.data_mut().pending.retain(|_, c| c.context != id);
         let _ = spec;
         let s = self.store.data_mut().streams.remove(&id).unwrap_or_default();
-        let response_headers = s.response_headers.as_ref().map(|h| from_map(h)).unwrap_or_default();
+        let response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
         let status = if s.reset || run.stalled {
             0
         } else {
