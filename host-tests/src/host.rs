@@ -360,7 +360,13 @@ impl Worker {
         let data = StreamData {
             request_headers: to_map(&request.headers),
             request_trailers: to_map(&request.trailers),
-            properties: request.properties.iter().cloned().collect(),
+            properties: request
+                .properties
+                .iter()
+                .filter(|(k, _)| !is_builtin_property(k))
+                .cloned()
+                .collect(),
+            overrides: request.properties.iter().filter(|(k, _)| is_builtin_property(k)).cloned().collect(),
             source_address: request.source_address.clone(),
             connection_id,
             ..StreamData::default()
@@ -833,6 +839,14 @@ fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
         headers.push((k.clone(), v.clone()));
     }
     headers
+}
+
+/// Built-in properties a request may override ("source.address"); anything else a request
+/// carries is filter state set by an earlier filter, under that exact (one-segment) name.
+fn is_builtin_property(path: &str) -> bool {
+    ["request.", "response.", "source.", "destination.", "connection.", "upstream."]
+        .iter()
+        .any(|p| path.starts_with(p))
 }
 
 fn to_map(h: &[(String, String)]) -> HeaderMap {

@@ -12,8 +12,9 @@ pub struct Request {
     pub trailers: Vec<(String, String)>,
     /// `source.address` as Envoy reports it: "ip:port".
     pub source_address: String,
-    /// Properties already set by earlier filters (Envoy filter state), or overrides of built-in
-    /// properties, keyed by the dotted path ("source.address", "firebreak.key_id").
+    /// Properties already set by earlier filters (Envoy filter state, read back only by that
+    /// exact one-segment name, e.g. "firebreak.principal"), or overrides of built-in properties
+    /// by their dotted path ("source.address", "request.time", "connection.mtls").
     pub properties: Vec<(String, Vec<u8>)>,
 }
 

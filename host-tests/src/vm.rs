@@ -37,8 +37,11 @@ pub(crate) struct StreamData {
     pub response_headers: Option<HeaderMap>,
     pub response_body: Option<Vec<u8>>,
     pub response_trailers: HeaderMap,
-    /// Filter state and property overrides, keyed by the dotted path.
+    /// Filter state (`proxy_set_property`, or set by earlier filters), keyed as Envoy keys it:
+    /// the exact path, segments joined by `\0`. Only an exact path reads it back.
     pub properties: BTreeMap<String, Vec<u8>>,
+    /// Overrides of built-in properties ("source.address"), keyed by the dotted path.
+    pub overrides: BTreeMap<String, Vec<u8>>,
     pub source_address: String,
     pub local_reply: Option<LocalReply>,
     pub continue_request: bool,
@@ -211,7 +214,10 @@ impl VmState {
         let now = self.world.now_nanos();
         let port = self.listener_port;
         let s = self.stream()?;
-        if let Some(v) = s.properties.get(&dotted) {
+        if let Some(v) = s.properties.get(&path.join("\0")) {
+            return Some(v.clone());
+        }
+        if let Some(v) = s.overrides.get(&dotted) {
             return Some(v.clone());
         }
         let header = |s: &StreamData, name: &str| -> Option<Vec<u8>> {
@@ -463,7 +469,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         give(&mut c, &value, pp, sp)
     });
     hostcall!(linker, "proxy_set_property", |c, p: i32, l: i32, vp: i32, vl: i32| {
-        let path = abi::split_path(&read(&mut c, p, l)?).join(".");
+        let path = abi::split_path(&read(&mut c, p, l)?).join("\0");
         let value = read(&mut c, vp, vl)?;
         let s = c.data_mut().stream().ok_or(Status::NotFound)?;
         s.properties.insert(path, value);
