@@ -73,6 +73,25 @@ fn source_address() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// First value of a request header; `None` when absent or not UTF-8 (then no route matches).
+fn request_header(name: &str) -> Option<String> {
+    let bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// Every value of one request header, as (name, value) pairs; a value that is not UTF-8 is
+/// kept as an empty value so that a duplicate still counts as a duplicate.
+fn all_values(name: &str) -> Vec<(String, String)> {
+    let Ok(headers) = hostcalls::get_map_bytes(MapType::HttpRequestHeaders) else {
+        return Vec::new();
+    };
+    headers
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(n, v)| (n, String::from_utf8(v).unwrap_or_default()))
+        .collect()
+}
+
 impl RateLimitFilter {
     fn reject(&self, rejection: &firebreak_core::Rejection, context: &str) -> Action {
         glue::reject(PLUGIN, &self.counters, rejection, context);
@@ -109,16 +128,11 @@ impl RateLimitFilter {
 impl HttpContext for RateLimitFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let instance = self.policy.name.clone();
-        let headers = match glue::request_headers() {
-            Ok(headers) => headers,
-            Err(_) => {
-                let rejection = RuleError::StoreUnavailable.rejection("-");
-                return self.reject(&rejection, &format!("instance={instance} headers=unreadable"));
-            }
-        };
-        let method = glue::header(&headers, ":method").unwrap_or("");
-        let path = split_path(glue::header(&headers, ":path").unwrap_or("")).0;
-        if !self.policy.applies_to(method, path) {
+        // Only what the decision needs: other headers (and their encodings) are not our business.
+        let method = request_header(":method").unwrap_or_default();
+        let path_and_query = request_header(":path").unwrap_or_default();
+        let path = split_path(&path_and_query).0;
+        if !self.policy.applies_to(&method, path) {
             return Action::Continue;
         }
         let context = format!("instance={instance} method={method} path={path:?}");
@@ -129,10 +143,14 @@ impl HttpContext for RateLimitFilter {
             UserSource::Principal => glue::principal(),
             UserSource::TrustedHeader(_) => None,
         };
-        let user = ratelimit::resolve_user(&self.policy.user_source, principal, &headers);
+        let trusted = match &self.policy.user_source {
+            UserSource::Principal => Vec::new(),
+            UserSource::TrustedHeader(name) => all_values(name),
+        };
+        let user = ratelimit::resolve_user(&self.policy.user_source, principal, &trusted);
         let source = source_address();
         let facts = RequestFacts {
-            method,
+            method: &method,
             path,
             client_ip: source.as_deref().and_then(client::parse_source_address),
             user: user.as_deref(),

@@ -153,8 +153,15 @@ fn rule_key(policy: &RateLimitPolicy, rule: &Rule, facts: &RequestFacts<'_>) -> 
             .map(|ip| client::group(ip, policy.ipv4_prefix, policy.ipv6_prefix))
             .ok_or(RuleError::NoClientIp)
     };
-    let user = facts.user.filter(|u| !u.is_empty());
-    match (rule.key, user, rule.missing_user) {
+    // Users from a trusted header can hold anything: quote them so log lines stay one field.
+    let user = facts.user.filter(|u| !u.is_empty()).map(|u| {
+        if u.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@')) {
+            u.to_string()
+        } else {
+            format!("{u:?}")
+        }
+    });
+    match (rule.key, user.as_deref(), rule.missing_user) {
         (KeyBy::Ip, _, _) => Ok(format!("ip={}", ip()?)),
         (KeyBy::User, Some(user), _) => Ok(format!("user={user}")),
         (KeyBy::IpAndUser, Some(user), _) => Ok(format!("ip={} user={user}", ip()?)),

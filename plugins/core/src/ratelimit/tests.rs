@@ -221,6 +221,17 @@ fn a_user_rule_without_a_verified_user_is_refused_or_falls_back_to_the_ip() {
 }
 
 #[test]
+fn odd_user_names_are_quoted_in_the_key_and_stay_distinct() {
+    let p = instance("e", &[rule("u", "user", 1, 60, 1, "")], "");
+    let store = MemoryStore::default();
+    let d = check(&p, &store, &facts("10.0.0.1:1", Some("a b")), T0);
+    assert!(d.rejection.is_none());
+    let d = check(&p, &store, &facts("10.0.0.1:1", Some("a b")), T0);
+    assert!(matches!(&d.events[..], [Event::Limited { key, .. }] if key == "user=\"a b\""));
+    assert!(admitted(&p, &store, &facts("10.0.0.1:1", Some("a")), T0));
+}
+
+#[test]
 fn ip_and_user_is_one_budget_per_pair() {
     let p = instance("e", &[rule("pair", "ip_and_user", 1, 60, 1, "")], "");
     let store = MemoryStore::default();
