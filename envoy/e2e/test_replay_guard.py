@@ -369,6 +369,51 @@ def test_unprotected_routes_pass(demo_api, gateway):
     assert gateway.counter(f"{PREFIX}.passed_unprotected") >= 1
 
 
+# ---- operators clear outcome_unknown keys ----
+
+OPS_SECRET = "b3BzLWFkbWluLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbi0wMTIzNDU2Nzg="
+
+
+def test_an_operator_clears_an_outcome_unknown_key_after_reconciling(demo_api, envoy_factory):
+    sig = harness.signature_filter(keys=[{"id": harness.DEMO_KEY_ID, "secret_env": harness.DEMO_KEY_ENV},
+                                         {"id": "ops-admin", "secret_base64": OPS_SECRET}])
+    routes = [{"name": "payouts", "match": {"methods": ["POST"], "path_prefix": "/v1/payouts"},
+               "require_principal": True}]
+    envoy = envoy_factory([harness.buffer_filter(), sig, guard_filter(
+        routes=routes, operator_clear={"path": "/v1/ops/replay-guard/clear", "principals": ["ops-admin"]})])
+    ref, key = new_ref(), new_key()
+    body = payout(ref)
+    headers = JSON + [("Idempotency-Key", key)]
+    assert envoy.signed("POST", "/v1/payouts", body, headers=headers + [("x-demo-fault", "fail-after-commit")]).status == 503
+    assert_refused(envoy.signed("POST", "/v1/payouts", body, headers=headers), 409, "outcome_unknown")
+
+    clear_body = json.dumps({"route": "payouts", "principal": harness.DEMO_KEY_ID,
+                             "idempotency_key": key.strip('"')}).encode()
+
+    def clear(as_key, secret, payload=clear_body):
+        sig_headers = harness.sign("POST", envoy.url("/v1/ops/replay-guard/clear"), payload, key_id=as_key, secret_b64=secret)
+        return envoy.request("POST", "/v1/ops/replay-guard/clear", JSON + sig_headers, payload)
+
+    # The client itself may not clear its key.
+    assert_refused(envoy.signed("POST", "/v1/ops/replay-guard/clear", clear_body, headers=JSON), 403, "operator_forbidden")
+    # Unknown key, bad request.
+    other = json.dumps({"route": "payouts", "principal": harness.DEMO_KEY_ID, "idempotency_key": "nope"}).encode()
+    assert_refused(clear("ops-admin", OPS_SECRET, other), 404, "key_not_found")
+    assert_refused(clear("ops-admin", OPS_SECRET, b'{"route":"payouts"}'), 400, "clear_request_invalid")
+    # The operator checked the ledger: the payout did execute. Here they clear anyway to show the effect.
+    assert demo_api.executed(ref) == 1
+    r = clear("ops-admin", OPS_SECRET)
+    assert r.status == 200 and r.json == {"cleared": True, "stale_in_flight": False}, r.body
+    assert demo_api.executed(ref) == 1, "the clear request itself never reaches the API"
+    again = envoy.signed("POST", "/v1/payouts", body, headers=headers)
+    assert again.status == 201 and "idempotent-replayed" not in again.headers
+    assert demo_api.executed(ref) == 2
+    # A completed key cannot be cleared.
+    assert_refused(clear("ops-admin", OPS_SECRET), 409, "key_not_clearable")
+    assert envoy.counter(f"{PREFIX}.operator_cleared") == 1
+    assert "operator_cleared stale_in_flight=false operator_clear method=POST operator=ops-admin route=payouts" in envoy.logs()
+
+
 # ---- configuration ----
 
 @pytest.mark.parametrize("overrides, field", [
@@ -383,6 +428,7 @@ def test_unprotected_routes_pass(demo_api, gateway):
     ({"routes": [{"name": "p", "match": {"path_prefix": "/v1/"}, "idempotency_key": "ignored"}]},
      "routes[0].collapse_window_ms"),
     ({"routes": [{"name": "bad name", "match": {"path_prefix": "/v1/"}}]}, "routes[0].name"),
+    ({"operator_clear": {"path": "/ops/clear", "principals": []}}, "operator_clear.principals"),
 ])
 def test_invalid_configuration_is_refused_with_the_field_named(demo_api, envoy_factory, overrides, field):
     envoy = envoy_factory([harness.buffer_filter(), guard_filter(**overrides)], expect_failure=True)

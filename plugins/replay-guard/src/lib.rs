@@ -8,8 +8,8 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 
 use firebreak_core::replay::{
-    Answer, ClaimAnswer, Decision, Exchange, FinishAnswer, LocalState, ReplayError, ReplayPolicy, ReplayState,
-    RequestFacts, StateError,
+    operator_request, parse_clear, Answer, ClaimAnswer, ClearAnswer, Decision, Exchange, FinishAnswer, LocalState,
+    ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
 };
 use firebreak_core::Rejection;
 use firebreak_glue::{self as glue, Counters, HostStore};
@@ -32,6 +32,7 @@ const COUNTERS: &[&str] = &[
     "released",
     "finish_not_owner",
     "finish_failed",
+    "operator_cleared",
     "rejected.request_in_flight",
     "rejected.outcome_unknown",
     "rejected.duplicate_request",
@@ -103,6 +104,7 @@ impl RootContext for ReplayRoot {
             context_id,
             exchange: None,
             stage: Stage::Idle,
+            operator_context: String::new(),
         }))
     }
 }
@@ -119,7 +121,12 @@ enum Stage {
     Forwarded,
     /// Answered locally (rejection or replay).
     Answered,
+    /// An authorised operator's clear request; holding its body.
+    Operator,
 }
+
+/// Largest accepted operator clear request body.
+const MAX_CLEAR_BODY: usize = 4096;
 
 struct ReplayFilter {
     policy: Rc<ReplayPolicy>,
@@ -128,6 +135,7 @@ struct ReplayFilter {
     context_id: u32,
     exchange: Option<Exchange>,
     stage: Stage,
+    operator_context: String,
 }
 
 impl Context for ReplayFilter {}
@@ -226,6 +234,45 @@ impl ReplayFilter {
         glue::log(level, &format!("firebreak {PLUGIN} {counter} {outcome} complete={complete} {context}"));
     }
 
+    /// An operator's clear request, complete: free an `outcome_unknown` key.
+    fn operator_clear(&mut self, body_size: usize) -> Action {
+        let context = self.operator_context.clone();
+        if body_size > MAX_CLEAR_BODY {
+            return self.reject(&ReplayError::ClearRequestInvalid("body too large"), &context);
+        }
+        let body = match glue::request_body(MAX_CLEAR_BODY) {
+            Ok(body) => body,
+            Err(_) => return self.reject(&ReplayError::StateUnavailable, &context),
+        };
+        let (key, target) = match parse_clear(&self.policy, &body) {
+            Ok(parsed) => parsed,
+            Err(error) => return self.reject(&error, &context),
+        };
+        let context = format!("{context} {target}");
+        let Some(now) = glue::now_ms() else {
+            return self.reject(&ReplayError::StateUnavailable, &context);
+        };
+        let state = LocalState { policy: &self.policy, store: &HostStore };
+        let answer = match state.clear(key, now) {
+            Answer::Now(answer) => answer,
+            Answer::Later => Err(StateError::Unavailable),
+        };
+        match answer {
+            Ok(ClearAnswer::Cleared { stale_in_flight }) => {
+                self.stage = Stage::Answered;
+                self.counters.increment("operator_cleared");
+                glue::log(LogLevel::Warn, &format!("firebreak {PLUGIN} operator_cleared stale_in_flight={stale_in_flight} {context}"));
+                let body = format!("{{\"cleared\":true,\"stale_in_flight\":{stale_in_flight}}}");
+                glue::send_response(200, &[("content-type".to_string(), "application/json".to_string())], body.as_bytes());
+                Action::Pause
+            }
+            Ok(ClearAnswer::NotFound) => self.reject(&ReplayError::ClearNotFound, &context),
+            Ok(ClearAnswer::InFlight) => self.reject(&ReplayError::ClearRefused("still in flight"), &context),
+            Ok(ClearAnswer::Completed) => self.reject(&ReplayError::ClearRefused("completed"), &context),
+            Err(error) => self.reject(&ReplayError::from(error), &context),
+        }
+    }
+
     fn finish_body(&mut self, size: usize) -> Action {
         let context = self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default();
         match glue::request_body(size) {
@@ -251,6 +298,17 @@ impl HttpContext for ReplayFilter {
             headers: &headers,
             principal: principal.as_deref(),
         };
+        if let Some((allowed, context)) = operator_request(&self.policy, &facts) {
+            if let Err(error) = allowed {
+                return self.reject(&error, &context);
+            }
+            if end_of_stream {
+                return self.reject(&ReplayError::ClearRequestInvalid("a JSON body is required"), &context);
+            }
+            self.operator_context = context;
+            self.stage = Stage::Operator;
+            return Action::Continue;
+        }
         match Exchange::begin(&self.policy, &facts) {
             Ok(None) => {
                 self.counters.increment("passed_unprotected");
@@ -274,6 +332,8 @@ impl HttpContext for ReplayFilter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.stage {
+            Stage::Operator if end_of_stream || body_size > MAX_CLEAR_BODY => return self.operator_clear(body_size),
+            Stage::Operator => return Action::Pause,
             Stage::Body => {}
             Stage::AwaitingStore | Stage::Answered => return Action::Pause,
             Stage::Idle | Stage::Forwarded => return Action::Continue,
@@ -294,6 +354,7 @@ impl HttpContext for ReplayFilter {
                 let size = usize::try_from(self.policy.max_body_bytes).unwrap_or(usize::MAX).saturating_add(1);
                 self.finish_body(size)
             }
+            Stage::Operator => self.operator_clear(0),
             Stage::AwaitingStore | Stage::Answered => Action::Pause,
             Stage::Idle | Stage::Forwarded => Action::Continue,
         }

@@ -34,6 +34,15 @@ struct RawConfig {
     key_store: RawTable,
     #[serde(default = "default_collapse_store")]
     collapse_store: RawTable,
+    #[serde(default)]
+    operator_clear: Option<RawOperatorClear>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperatorClear {
+    path: String,
+    principals: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +150,15 @@ pub struct ReplayRoute {
     pub require_principal: bool,
 }
 
+/// Who may clear an `outcome_unknown` key, and where (see the README, "Operating it").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorClear {
+    /// Exact path of the clear endpoint (`POST`), answered by the filter, never forwarded.
+    pub path: String,
+    /// Principals verified by request-signature that may clear keys.
+    pub principals: Vec<String>,
+}
+
 /// The validated policy of the replay-guard plugin.
 #[derive(Debug, Clone)]
 pub struct ReplayPolicy {
@@ -159,6 +177,7 @@ pub struct ReplayPolicy {
     pub collapse_table: BucketTable,
     /// Prefix of the companion keys holding stored responses (one per key-table slot).
     pub response_prefix: String,
+    pub operator_clear: Option<OperatorClear>,
 }
 
 /// Shared-data key prefixes (distinct per table, see the brief).
@@ -239,6 +258,29 @@ impl ReplayPolicy {
         }
         let key_table = parse_table(&raw.key_store, "key_store", KEY_TABLE_PREFIX, RECORD_LEN)?;
         let collapse_table = parse_table(&raw.collapse_store, "collapse_store", COLLAPSE_TABLE_PREFIX, 0)?;
+        let operator_clear = match &raw.operator_clear {
+            None => None,
+            Some(op) => {
+                if !op.path.starts_with('/') || op.path.contains('?') || op.path.len() > 256 {
+                    return Err(ConfigError::new("operator_clear.path", "an absolute path without a query"));
+                }
+                if routes.iter().any(|r| r.matcher.matches("POST", &op.path)) {
+                    return Err(ConfigError::new("operator_clear.path", "must not be a protected route"));
+                }
+                if op.principals.is_empty() {
+                    return Err(ConfigError::new("operator_clear.principals", "at least one principal is required"));
+                }
+                for (i, p) in op.principals.iter().enumerate() {
+                    if !crate::signature::valid_key_id(p) {
+                        return Err(ConfigError::new(
+                            format!("operator_clear.principals[{i}]"),
+                            "not a valid principal (a request-signature key id)",
+                        ));
+                    }
+                }
+                Some(OperatorClear { path: op.path.clone(), principals: op.principals.clone() })
+            }
+        };
         Ok(ReplayPolicy {
             routes,
             ttl_ms,
@@ -252,6 +294,7 @@ impl ReplayPolicy {
             key_table,
             collapse_table,
             response_prefix: RESPONSE_PREFIX.to_string(),
+            operator_clear,
         })
     }
 

@@ -36,6 +36,10 @@ pub enum ReplayError {
     NotStored { status: u16 },
     StoreFull,
     StateUnavailable,
+    OperatorForbidden,
+    ClearRequestInvalid(&'static str),
+    ClearNotFound,
+    ClearRefused(&'static str),
 }
 
 impl ReplayError {
@@ -65,6 +69,10 @@ impl ReplayError {
             StoreFull => Rejection::new(503, "replay_store_full", "the idempotency store is full; refusing rather than forgetting")
                 .with_header("retry-after", "1"),
             StateUnavailable => Rejection::new(503, "replay_state_unavailable", "the idempotency store is unavailable"),
+            OperatorForbidden => Rejection::new(403, "operator_forbidden", "this principal may not clear idempotency keys"),
+            ClearRequestInvalid(why) => Rejection::new(400, "clear_request_invalid", format!("clear request: {why}")),
+            ClearNotFound => Rejection::new(404, "key_not_found", "no live record for this key"),
+            ClearRefused(state) => Rejection::new(409, "key_not_clearable", format!("the key is {state}; only outcome_unknown keys can be cleared")),
         }
     }
 }
@@ -117,7 +125,7 @@ pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, v
         OnUncertain::Lock => Classification::Unknown,
         OnUncertain::Release => Classification::Release,
     };
-    if !via_upstream || status >= 500 || status < 200 {
+    if !via_upstream || !(200..500).contains(&status) {
         return uncertain;
     }
     if policy.not_executed_statuses.contains(&status) {
@@ -144,6 +152,64 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
         return Err(ReplayError::KeyInvalid("is too long"));
     }
     Ok(key.to_string())
+}
+
+/// Where a key lives: scoped to (principal or anonymous, route name, key).
+pub fn key_hash(route: &str, principal: Option<&str>, key: &str) -> KeyHash {
+    let scope: &[u8] = if principal.is_some() { b"p" } else { b"-" };
+    KeyHash::of(&[b"key", scope, principal.unwrap_or("").as_bytes(), route.as_bytes(), key.as_bytes()])
+}
+
+/// An operator's request to clear a key: `POST <operator_clear.path>` with this JSON body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClear {
+    route: String,
+    /// The principal the key belongs to; absent or null for anonymous keys.
+    #[serde(default)]
+    principal: Option<String>,
+    /// The key's characters (the sf-string's content, without quotes).
+    idempotency_key: String,
+}
+
+/// The operator endpoint, at header time: `None` when the request is not for it; otherwise
+/// whether this principal may use it. `log context` for the line.
+pub fn operator_request(policy: &ReplayPolicy, facts: &RequestFacts<'_>) -> Option<(Result<(), ReplayError>, String)> {
+    let op = policy.operator_clear.as_ref()?;
+    let (path, _) = crate::route::split_path(facts.path_and_query);
+    if path != op.path {
+        return None;
+    }
+    let principal = facts.principal.filter(|p| !p.is_empty());
+    let context = format!("operator_clear method={} operator={}", facts.method, principal.unwrap_or("-"));
+    if facts.method != "POST" {
+        return Some((Err(ReplayError::ClearRequestInvalid("use POST")), context));
+    }
+    let allowed = principal.is_some_and(|p| op.principals.iter().any(|o| o == p));
+    Some((if allowed { Ok(()) } else { Err(ReplayError::OperatorForbidden) }, context))
+}
+
+/// Parses an operator's clear request into the key's address and a log context.
+pub fn parse_clear(policy: &ReplayPolicy, body: &[u8]) -> Result<(KeyHash, String), ReplayError> {
+    let raw: RawClear = serde_json::from_slice(body)
+        .map_err(|_| ReplayError::ClearRequestInvalid("expected {\"route\", \"principal\", \"idempotency_key\"}"))?;
+    let route = policy
+        .routes
+        .iter()
+        .find(|r| r.name == raw.route)
+        .ok_or(ReplayError::ClearRequestInvalid("unknown route"))?;
+    let key = raw.idempotency_key;
+    if key.is_empty() || key.len() > policy.max_key_length || !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(ReplayError::ClearRequestInvalid("idempotency_key is not a valid key"));
+    }
+    let principal = raw.principal.filter(|p| !p.is_empty());
+    let context = format!(
+        "route={} principal={} key={}",
+        route.name,
+        principal.as_deref().unwrap_or("-"),
+        hex8(&Sha256::digest(key.as_bytes()))
+    );
+    Ok((key_hash(&route.name, principal.as_deref(), &key), context))
 }
 
 fn hex8(bytes: &[u8]) -> String {
@@ -278,11 +344,9 @@ impl Exchange {
     pub fn claim_request(&self, policy: &ReplayPolicy, body: &[u8], claim_id: u64) -> Option<ClaimRequest> {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint(body);
-        let principal = self.principal.as_deref().unwrap_or("");
-        let scope: &[u8] = if self.principal.is_some() { b"p" } else { b"-" };
         match &self.key {
             Some(key) => Some(ClaimRequest::Key {
-                key: KeyHash::of(&[b"key", scope, principal.as_bytes(), route.name.as_bytes(), key.as_bytes()]),
+                key: key_hash(&route.name, self.principal.as_deref(), key),
                 fingerprint,
                 claim_id,
             }),
@@ -374,7 +438,7 @@ impl Exchange {
                 Classification::Completed => Outcome::Completed {
                     status,
                     // A body cut short is not the answer: record the status only.
-                    response: (complete && !capture.overflow).then(|| StoredResponse {
+                    response: (complete && !capture.overflow).then_some(StoredResponse {
                         status,
                         headers: capture.headers,
                         body: capture.body,

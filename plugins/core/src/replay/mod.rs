@@ -17,16 +17,16 @@ mod record;
 pub mod state;
 
 pub use config::{
-    KeyMode, OnUncertain, ReplayPolicy, ReplayRoute, COLLAPSE_TABLE_PREFIX, DEFAULT_NOT_EXECUTED_STATUSES,
+    KeyMode, OnUncertain, OperatorClear, ReplayPolicy, ReplayRoute, COLLAPSE_TABLE_PREFIX, DEFAULT_NOT_EXECUTED_STATUSES,
     KEY_TABLE_PREFIX, RESPONSE_PREFIX,
 };
 pub use exchange::{
-    classify, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
+    classify, key_hash, operator_request, parse_clear, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
     IDEMPOTENCY_KEY_HEADER, ORIGINAL_STATUS_HEADER,
 };
 pub use record::{KeyState, Record, StoredBody, StoredResponse, MAX_RESPONSE_HEAD_LEN, RECORD_LEN};
 pub use state::{
-    decide_claim, decide_finish, Answer, ClaimAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
+    decide_claim, decide_clear, decide_finish, Answer, ClaimAnswer, ClearAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
     LocalState, Outcome, Owner, ReplayState, StateError,
 };
 

@@ -108,10 +108,38 @@ pub enum FinishAnswer {
     NotOwner,
 }
 
+/// What an operator's clear did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearAnswer {
+    /// The key was `outcome_unknown` (or in flight past the timeout) and is free now.
+    Cleared { stale_in_flight: bool },
+    /// No live record for the key.
+    NotFound,
+    /// The key's request is still running: clearing it could execute the operation twice.
+    InFlight,
+    /// The key completed: its answer is known and is replayed; clearing would re-execute.
+    Completed,
+}
+
 /// The state interface of the filter.
 pub trait ReplayState {
     fn claim(&self, request: &ClaimRequest, now_ms: u64) -> Answer<Result<ClaimAnswer, StateError>>;
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>>;
+    /// An operator frees an `outcome_unknown` key after reconciling it.
+    fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>>;
+}
+
+/// Pure: only an uncertain key can be cleared (`outcome_unknown`, or in flight past the timeout).
+pub fn decide_clear(current: Option<&Record>, now_ms: u64, in_flight_timeout_ms: NonZeroU64) -> ClearAnswer {
+    match current.map(|r| (r.state, r.claimed_at_ms)) {
+        None => ClearAnswer::NotFound,
+        Some((KeyState::OutcomeUnknown { .. }, _)) => ClearAnswer::Cleared { stale_in_flight: false },
+        Some((KeyState::InFlight, at)) if now_ms.saturating_sub(at) >= in_flight_timeout_ms.get() => {
+            ClearAnswer::Cleared { stale_in_flight: true }
+        }
+        Some((KeyState::InFlight, _)) => ClearAnswer::InFlight,
+        Some((KeyState::Completed { .. }, _)) => ClearAnswer::Completed,
+    }
 }
 
 /// The verdict on a keyed claim, given the record currently stored for the key.
@@ -317,5 +345,24 @@ impl ReplayState for LocalState<'_> {
 
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
         Answer::Now(self.finish_now(request, now_ms))
+    }
+
+    fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {
+        let timeout = self.policy.in_flight_timeout_ms;
+        let result = self.policy.key_table.update(self.store, key, now_ms, |current| {
+            let record = match current.map(Record::decode) {
+                None => None,
+                Some(Some(record)) => Some(record),
+                Some(None) => return Update::Keep(Err(StateError::Unavailable)),
+            };
+            match decide_clear(record.as_ref(), now_ms, timeout) {
+                answer @ ClearAnswer::Cleared { .. } => Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) },
+                answer => Update::Keep(Ok(answer)),
+            }
+        });
+        Answer::Now(match result {
+            Ok((answer, _)) => answer,
+            Err(error) => Err(error.into()),
+        })
     }
 }

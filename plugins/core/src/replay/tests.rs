@@ -141,6 +141,10 @@ fn each_bad_field_is_named() {
         (format!(r#"{{"routes":[{r}],"key_store":{{"buckets":0,"slots_per_bucket":1}}}}"#), "key_store.buckets"),
         (format!(r#"{{"routes":[{r}],"key_store":{{"buckets":1,"slots_per_bucket":0}}}}"#), "key_store.slots_per_bucket"),
         (format!(r#"{{"routes":[{r}],"collapse_store":{{"buckets":1,"slots_per_bucket":257}}}}"#), "collapse_store.slots_per_bucket"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"ops","principals":["a"]}}}}"#), "operator_clear.path"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/v1/clear","principals":["a"]}}}}"#), "operator_clear.path"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":[]}}}}"#), "operator_clear.principals"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":["a b"]}}}}"#), "operator_clear.principals[0]"),
     ];
     for (json, field) in cases {
         let err = ReplayPolicy::from_json(json.as_bytes()).unwrap_err();
@@ -629,6 +633,9 @@ impl ReplayState for Deferred<'_> {
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
         self.inner.finish(request, now_ms)
     }
+    fn clear(&self, key: crate::store::KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {
+        self.inner.clear(key, now_ms)
+    }
 }
 
 #[test]
@@ -686,4 +693,55 @@ fn records_and_companions_round_trip_and_refuse_foreign_bytes() {
     assert_eq!(StoredResponse::decode_for(&bytes, 5, &[0; 32]), None, "other digest");
     let huge = StoredResponse { status: 200, headers: vec![("x".into(), "v".repeat(MAX_RESPONSE_HEAD_LEN))], body: vec![] };
     assert_eq!(huge.encode(1), None);
+}
+
+// ---- operators clearing outcome_unknown keys ----
+
+fn clear_policy() -> ReplayPolicy {
+    policy_with(r#""operator_clear": {"path": "/ops/replay/clear", "principals": ["ops-admin"]}"#)
+}
+
+fn clear(p: &ReplayPolicy, state: &dyn ReplayState, body: &str, now: u64) -> Result<ClearAnswer, ReplayError> {
+    let (key, _) = parse_clear(p, body.as_bytes())?;
+    let Answer::Now(answer) = state.clear(key, now) else { panic!() };
+    Ok(answer.unwrap())
+}
+
+#[test]
+fn only_configured_operators_reach_the_clear_endpoint() {
+    let p = clear_policy();
+    let facts = |method, path, principal| RequestFacts { method, path_and_query: path, headers: &[], principal };
+    assert!(operator_request(&p, &facts("POST", "/v1/payouts", Some("ops-admin"))).is_none());
+    assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", Some("ops-admin"))).unwrap().0, Ok(()));
+    assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear?x", Some("ops-admin"))).unwrap().0, Ok(()));
+    assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", Some("demo-client"))).unwrap().0, Err(ReplayError::OperatorForbidden));
+    assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", None)).unwrap().0, Err(ReplayError::OperatorForbidden));
+    assert!(matches!(operator_request(&p, &facts("GET", "/ops/replay/clear", Some("ops-admin"))).unwrap().0, Err(ReplayError::ClearRequestInvalid(_))));
+    assert!(operator_request(&policy(), &facts("POST", "/ops/replay/clear", Some("ops-admin"))).is_none(), "off by default");
+    for bad in ["", "{}", r#"{"route":"nope","idempotency_key":"k"}"#, r#"{"route":"payouts","idempotency_key":""}"#,
+                r#"{"route":"payouts","idempotency_key":"k","extra":1}"#, r#"{"route":"payouts","idempotency_key":"tab	"}"#] {
+        assert!(matches!(parse_clear(&p, bad.as_bytes()), Err(ReplayError::ClearRequestInvalid(_))), "{bad}");
+    }
+}
+
+#[test]
+fn an_operator_clears_only_uncertain_keys() {
+    let p = clear_policy();
+    let store = MemoryStore::default();
+    let state = LocalState { policy: &p, store: &store };
+    let c = Client::new(&p, &state);
+    // outcome_unknown, scoped to alice.
+    let (_, ex) = c.send("/v1/payouts", Some("\"u\""), Some("alice"), BODY, 0);
+    c.answer(&mut ex.unwrap(), 503, "", true, 1);
+    assert_eq!(clear(&p, &state, r#"{"route":"payouts","idempotency_key":"u"}"#, 2), Ok(ClearAnswer::NotFound), "anonymous scope");
+    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 2), Ok(ClearAnswer::Cleared { stale_in_flight: false }));
+    assert_eq!(c.send("/v1/payouts", Some("\"u\""), Some("alice"), BODY, 3).0, Ok(Decision::Forward), "the next request executes");
+    // Still in flight: refused; past the in-flight timeout: cleared.
+    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 4), Ok(ClearAnswer::InFlight));
+    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 10_003), Ok(ClearAnswer::Cleared { stale_in_flight: true }));
+    // Completed keys keep replaying.
+    let (_, ex) = c.send("/v1/payouts", Some("\"done\""), None, BODY, 0);
+    c.answer(&mut ex.unwrap(), 201, "{}", true, 1);
+    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":null,"idempotency_key":"done"}"#, 2), Ok(ClearAnswer::Completed));
+    assert!(matches!(c.send("/v1/payouts", Some("\"done\""), None, BODY, 3).0, Ok(Decision::Replay(_))));
 }
