@@ -211,6 +211,27 @@ def test_upstream_timeout_then_retry_is_not_forwarded(demo_api, envoy_factory):
     assert "outcome_unknown_recorded status=504 complete=true" in envoy.logs()
 
 
+def test_a_client_that_disconnects_before_the_answer_leaves_the_key_outcome_unknown(demo_api, gateway):
+    import socket
+    ref, key = new_ref(), new_key()
+    body = payout(ref)
+    before = gateway.counter(f"{PREFIX}.outcome_unknown_recorded")
+    forwarded = gateway.counter(f"{PREFIX}.forwarded")
+    raw = (f"POST /v1/payouts HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+           f"idempotency-key: {key}\r\nx-demo-delay-ms: 1000\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", gateway.port)) as s:
+        s.sendall(raw)
+        wait_until(lambda: gateway.counter(f"{PREFIX}.forwarded") > forwarded, "forwarded")
+    # The stream is reset with no answer: on_log records outcome_unknown.
+    wait_until(lambda: gateway.counter(f"{PREFIX}.outcome_unknown_recorded") > before, "outcome recorded")
+    assert "outcome_unknown_recorded status=0 complete=false" in gateway.logs()
+    assert_refused(post(gateway, "/v1/payouts", body, key), 409, "outcome_unknown")
+    # Whether the money API executed it depends on when the reset reached it; either way, not twice.
+    time.sleep(1.2)
+    assert_refused(post(gateway, "/v1/payouts", body, key), 409, "outcome_unknown")
+    assert demo_api.executed(ref) <= 1
+
+
 def test_a_route_safe_to_repeat_releases_the_key_on_uncertain_answers(demo_api, gateway):
     ref, key = new_ref(), new_key()
     body = json.dumps({"account": "acc-carol", "amount": 1, "reference": ref}).encode()
