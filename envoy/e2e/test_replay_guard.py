@@ -111,7 +111,7 @@ def test_incident_1_fifty_concurrent_requests_with_one_key_execute_once(demo_api
     ref, key = new_ref(), new_key()
     body = payout(ref)
     # The first request is held upstream for a while so the others arrive while it is in flight.
-    results = concurrently(50, lambda i: post(gateway, "/v1/payouts", body, key, [("x-demo-delay-ms", "700")]))
+    results = concurrently(50, lambda i: post(gateway, "/v1/payouts", body, key, [("x-demo-delay-ms", "1500")]))
     assert demo_api.executed(ref) == 1
     originals = [r for r in results if r.status == 201 and "idempotent-replayed" not in r.headers]
     replays = [r for r in results if r.headers.get("idempotent-replayed") == "true"]
@@ -288,11 +288,11 @@ def test_collapse_window_ends(demo_api, envoy_factory):
 # ---- TTL, in-flight timeout, full tables, stored-body bound ----
 
 def test_ttl_edges(demo_api, envoy_factory):
-    envoy = start(envoy_factory, ttl_seconds=2, in_flight_timeout_ms=1000)
+    envoy = start(envoy_factory, ttl_seconds=3, in_flight_timeout_ms=1000)
     ref, key = new_ref(), new_key()
     assert post(envoy, "/v1/payouts", payout(ref), key).status == 201
     assert post(envoy, "/v1/payouts", payout(ref), key).headers.get("idempotent-replayed") == "true"
-    time.sleep(2.2)
+    time.sleep(3.2)
     after = post(envoy, "/v1/payouts", payout(ref), key)
     assert after.status == 201 and "idempotent-replayed" not in after.headers, "the key expired"
     assert demo_api.executed(ref) == 2
@@ -302,7 +302,7 @@ def test_an_in_flight_request_past_its_timeout_is_outcome_unknown_not_free(demo_
     envoy = start(envoy_factory, ttl_seconds=30, in_flight_timeout_ms=500)
     ref, key = new_ref(), new_key()
     slow = []
-    t = threading.Thread(target=lambda: slow.append(post(envoy, "/v1/payouts", payout(ref), key, [("x-demo-delay-ms", "1500")])))
+    t = threading.Thread(target=lambda: slow.append(post(envoy, "/v1/payouts", payout(ref), key, [("x-demo-delay-ms", "3000")])))
     t.start()
     wait_until(lambda: envoy.counter(f"{PREFIX}.forwarded") >= 1, "first request forwarded")
     time.sleep(0.6)
