@@ -181,7 +181,7 @@ fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Me
 }
 
 /// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks.
-pub fn bootstrap(scenario: &ScenarioFile, module: &Path, upstream_port: u16, clusters: &BTreeMap<String, u16>, admin_path: &Path) -> Result<serde_json::Value> {
+pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u16, clusters: &BTreeMap<String, u16>, admin_path: &Path) -> Result<serde_json::Value> {
     let cluster = |name: &str, port: u16| {
         json!({
             "name": name,
@@ -198,27 +198,35 @@ pub fn bootstrap(scenario: &ScenarioFile, module: &Path, upstream_port: u16, clu
     let string_value = |bytes: Vec<u8>| {
         json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)})
     };
-    let mut vm_config = json!({
-        "vm_id": scenario.plugin.vm_id,
-        "runtime": "envoy.wasm.runtime.v8",
-        "code": {"local": {"filename": module.display().to_string()}},
-    });
-    let vm_bytes = value_bytes(&scenario.plugin.vm_configuration)?;
-    if !vm_bytes.is_empty() {
-        vm_config["configuration"] = string_value(vm_bytes);
+    let mut http_filters = Vec::new();
+    for (module, plugin_section) in modules.iter().zip(scenario.plugins()) {
+        let mut vm_config = json!({
+            "vm_id": plugin_section.vm_id,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": module.display().to_string()}},
+        });
+        let vm_bytes = value_bytes(&plugin_section.vm_configuration)?;
+        if !vm_bytes.is_empty() {
+            vm_config["configuration"] = string_value(vm_bytes);
+        }
+        if !plugin_section.env.is_empty() {
+            vm_config["environment_variables"] = json!({"key_values": plugin_section.env});
+        }
+        let mut plugin = json!({
+            "name": plugin_section.name.clone().unwrap_or_else(|| format!("firebreak{}", http_filters.len())),
+            "root_id": plugin_section.root_id,
+            "vm_config": vm_config,
+        });
+        let config = value_bytes(&plugin_section.configuration)?;
+        if !config.is_empty() {
+            plugin["configuration"] = string_value(config);
+        }
+        http_filters.push(json!({"name": "envoy.filters.http.wasm", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": plugin}}));
     }
-    if !scenario.plugin.env.is_empty() {
-        vm_config["environment_variables"] = json!({"key_values": scenario.plugin.env});
-    }
-    let mut plugin = json!({
-        "name": scenario.plugin.name.clone().unwrap_or_else(|| "firebreak".into()),
-        "root_id": scenario.plugin.root_id,
-        "vm_config": vm_config,
-    });
-    let config = value_bytes(&scenario.plugin.configuration)?;
-    if !config.is_empty() {
-        plugin["configuration"] = string_value(config);
-    }
+    http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     Ok(json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -232,13 +240,7 @@ pub fn bootstrap(scenario: &ScenarioFile, module: &Path, upstream_port: u16, clu
                         "stat_prefix": "ingress",
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "5s"}}]}]},
-                        "http_filters": [
-                            {"name": "envoy.filters.http.wasm", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                                "config": plugin}},
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                        ]
+                        "http_filters": http_filters
                     }
                 }]}]
             }],
@@ -367,7 +369,7 @@ fn send(port: u16, request: &Request) -> Result<Response> {
 }
 
 /// Runs a scenario file through real Envoy.
-pub fn run_envoy(file: &Path, scenario: &ScenarioFile, module: &Path, envoy_bin: &Path, work_dir: &Path) -> Vec<CaseResult> {
+pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envoy_bin: &Path, work_dir: &Path) -> Vec<CaseResult> {
     let fname = file.display().to_string();
     let row = |case: &str, outcome: Outcome, observed: Option<Observed>| CaseResult {
         file: fname.clone(),
@@ -375,10 +377,13 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, module: &Path, envoy_bin:
         outcome,
         observed,
     };
-    let module = match std::fs::canonicalize(module) {
-        Ok(m) => m,
-        Err(e) => return vec![row("(module)", Outcome::Fail(vec![format!("{}: {e}", module.display())]), None)],
-    };
+    let mut canonical = Vec::new();
+    for module in modules {
+        match std::fs::canonicalize(module) {
+            Ok(m) => canonical.push(m),
+            Err(e) => return vec![row("(module)", Outcome::Fail(vec![format!("{}: {e}", module.display())]), None)],
+        }
+    }
     let result = (|| -> Result<Vec<CaseResult>> {
         let upstream = TestServer::start(Answer::Respond(scenario.upstream_reply()))?;
         let mut servers = Vec::new();
@@ -398,7 +403,7 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, module: &Path, envoy_bin:
             servers.push(server);
         }
         let admin_path = work_dir.join("admin.address");
-        let config = bootstrap(scenario, &module, upstream.port, &clusters, &admin_path)?;
+        let config = bootstrap(scenario, &canonical, upstream.port, &clusters, &admin_path)?;
         let envoy = match start_envoy(envoy_bin, &config, work_dir)? {
             Started::Refused(log) => {
                 let refused = log.contains("Unable to create Wasm") || log.contains("Failed to configure");

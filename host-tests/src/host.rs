@@ -216,10 +216,10 @@ impl HostMonotonicClock for FakeMono {
 
 /// One Envoy worker: one VM instance of the module.
 pub(crate) struct Worker {
-    index: usize,
-    store: Store<VmState>,
+    pub(crate) index: usize,
+    pub(crate) store: Store<VmState>,
     instance: wasmtime::Instance,
-    failed: Option<String>,
+    pub(crate) failed: Option<String>,
     last_tick: u64,
 }
 
@@ -327,7 +327,7 @@ impl Worker {
         }
     }
 
-    fn ctx_call<P: WasmParams, R: WasmResults>(&mut self, context: u32, name: &str, params: P) -> Result<Option<R>, String> {
+    pub(crate) fn ctx_call<P: WasmParams, R: WasmResults>(&mut self, context: u32, name: &str, params: P) -> Result<Option<R>, String> {
         self.store.data_mut().effective = context;
         let r = self.call(name, params);
         let root = self.store.data().root_context;
@@ -335,28 +335,15 @@ impl Worker {
         r
     }
 
-    fn stream(&mut self, id: u32) -> &mut StreamData {
+    pub(crate) fn stream(&mut self, id: u32) -> &mut StreamData {
         self.store.data_mut().streams.entry(id).or_default()
     }
 
-    /// Creates the stream context and delivers what the client sent, as Envoy does.
-    pub(crate) fn open(&mut self, mut request: Request, connection_id: u64) -> StreamRun {
-        if !request.body_chunks.is_empty() && request.header_value("content-length").is_none() {
-            let len = request.body_bytes().len().to_string();
-            request = request.header("content-length", &len);
-        }
-        // What Envoy's HTTP connection manager adds before the filters run.
-        if request.header_value("x-forwarded-proto").is_none() {
-            request = request.header("x-forwarded-proto", "http");
-        }
-        if request.header_value("x-request-id").is_none() {
-            let id = format!("00000000-0000-4000-8000-{:012x}", connection_id);
-            request = request.header("x-request-id", &id);
-        }
+    /// Adds a stream's data (no callback yet); returns its context id.
+    pub(crate) fn add_stream(&mut self, request: &Request, connection_id: u64) -> u32 {
         let st = self.store.data_mut();
         let id = st.next_context;
         st.next_context += 1;
-        let root = st.root_context;
         let data = StreamData {
             request_headers: to_map(&request.headers),
             request_trailers: to_map(&request.trailers),
@@ -372,6 +359,14 @@ impl Worker {
             ..StreamData::default()
         };
         st.streams.insert(id, data);
+        id
+    }
+
+    /// Creates the stream context and delivers what the client sent, as Envoy does.
+    pub(crate) fn open(&mut self, request: Request, connection_id: u64) -> StreamRun {
+        let request = hcm_normalize(request, connection_id);
+        let id = self.add_stream(&request, connection_id);
+        let root = self.store.data().root_context;
         let mut run = StreamRun {
             worker: self.index,
             id,
@@ -634,7 +629,7 @@ impl Worker {
     }
 
     /// Answers the oldest pending callout of this stream by the script. False if none can be.
-    fn answer_next_callout(&mut self, id: u32, spec: &PluginSpec) -> bool {
+    pub(crate) fn answer_next_callout(&mut self, id: u32, spec: &PluginSpec) -> bool {
         let next = self.store.data().pending.iter().find_map(|(token, call)| {
             if call.context != id {
                 return None;
@@ -793,7 +788,7 @@ impl Worker {
         }
     }
 
-    fn tick(&mut self, now: u64) {
+    pub(crate) fn tick(&mut self, now: u64) {
         let period = self.store.data().tick_period_ms as u64 * 1_000_000;
         if period == 0 {
             self.last_tick = now;
@@ -816,8 +811,24 @@ fn envoy_reply(status: u16, body: &str) -> CallResponse {
     CallResponse { headers: to_map(&headers), body: body.as_bytes().to_vec(), ..Default::default() }
 }
 
+/// What Envoy's HTTP connection manager adds before the filters run, and what a client sends.
+pub(crate) fn hcm_normalize(mut request: Request, connection_id: u64) -> Request {
+    if !request.body_chunks.is_empty() && request.header_value("content-length").is_none() {
+        let len = request.body_bytes().len().to_string();
+        request = request.header("content-length", &len);
+    }
+    if request.header_value("x-forwarded-proto").is_none() {
+        request = request.header("x-forwarded-proto", "http");
+    }
+    if request.header_value("x-request-id").is_none() {
+        let id = format!("00000000-0000-4000-8000-{:012x}", connection_id);
+        request = request.header("x-request-id", &id);
+    }
+    request
+}
+
 /// What Envoy answers when a VM fails under a stream (`failStream`).
-fn wasm_fail_reply() -> LocalReply {
+pub(crate) fn wasm_fail_reply() -> LocalReply {
     LocalReply {
         status: 503,
         details: "wasm_fail_stream".into(),
@@ -828,7 +839,7 @@ fn wasm_fail_reply() -> LocalReply {
 }
 
 /// The response headers of a local reply: Envoy's own, then the filter's (which replace).
-fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
+pub(crate) fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
     let mut headers = vec![(":status".to_string(), reply.status.to_string())];
     headers.push(("content-length".into(), reply.body.len().to_string()));
     if !reply.body.is_empty() {
@@ -843,17 +854,17 @@ fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
 
 /// Built-in properties a request may override ("source.address"); anything else a request
 /// carries is filter state set by an earlier filter, under that exact (one-segment) name.
-fn is_builtin_property(path: &str) -> bool {
+pub(crate) fn is_builtin_property(path: &str) -> bool {
     ["request.", "response.", "source.", "destination.", "connection.", "upstream."]
         .iter()
         .any(|p| path.starts_with(p))
 }
 
-fn to_map(h: &[(String, String)]) -> HeaderMap {
+pub(crate) fn to_map(h: &[(String, String)]) -> HeaderMap {
     h.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect()
 }
 
-fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect()
 }
 
@@ -861,9 +872,9 @@ fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
 /// metrics, fake clock). Each test makes its own; nothing is global.
 pub struct Host {
     module: Arc<Module>,
-    world: Arc<World>,
-    workers: Vec<Worker>,
-    spec: PluginSpec,
+    pub(crate) world: Arc<World>,
+    pub(crate) workers: Vec<Worker>,
+    pub(crate) spec: PluginSpec,
     next_connection: u64,
     /// Streams opened with [`Host::open`] and not finished yet.
     open: Vec<StreamRun>,
@@ -876,6 +887,11 @@ impl Host {
 
     pub fn start(module: Arc<Module>, spec: PluginSpec) -> std::result::Result<Host, StartError> {
         let world = Arc::new(World::new(spec.clock_start_nanos));
+        Host::start_in(module, spec, world)
+    }
+
+    /// Starts a plugin in an existing world (the other filters of a chain share it).
+    pub(crate) fn start_in(module: Arc<Module>, spec: PluginSpec, world: Arc<World>) -> std::result::Result<Host, StartError> {
         let mut workers = Vec::new();
         for i in 0..spec.workers.max(1) {
             workers.push(Worker::new(&module, world.clone(), i, &spec)?);
@@ -1055,7 +1071,7 @@ impl Host {
     }
 
     /// Delivers queue notifications (Envoy posts them to the registering worker).
-    fn pump_queues(&mut self) {
+    pub(crate) fn pump_queues(&mut self) {
         loop {
             let ready = std::mem::take(&mut lock(&self.world.queues).ready);
             if ready.is_empty() {

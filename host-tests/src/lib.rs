@@ -12,6 +12,7 @@
 //! ```
 
 pub mod abi;
+mod chain;
 pub mod envoy;
 pub mod runner;
 mod host;
@@ -21,6 +22,7 @@ mod vm;
 mod world;
 
 pub use abi::{Action, Status};
+pub use chain::Chain;
 pub use host::{Host, HostBuilder, Module, PluginSpec, StartError};
 pub use http::{Callout, CalloutReply, GrpcReply, LocalReply, Request, Upstream, UpstreamRequest, Verdict};
 pub use vm::{Strict, HOST_FUNCTIONS};

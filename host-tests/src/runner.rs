@@ -63,11 +63,12 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
     let mut rows = Vec::new();
     for (i, file) in files.iter().enumerate() {
         let scenario = ScenarioFile::load(file)?;
-        let module_path = scenario.module_path(file, options.module.as_deref())?;
+        let module_paths = scenario.module_paths(file, options.module.as_deref())?;
         let host_rows = if options.mode == Mode::Envoy {
             None
         } else {
-            Some(match cache.get(&module_path) {
+            let modules: Result<Vec<_>> = module_paths.iter().map(|p| cache.get(p)).collect();
+            Some(match modules {
                 Ok(m) => run_host(file, &scenario, m),
                 Err(e) => vec![error_row(file, format!("{e:#}"))],
             })
@@ -76,7 +77,7 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
             None
         } else {
             let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{i}", std::process::id()));
-            let rows = run_envoy(file, &scenario, &module_path, &options.envoy, &dir);
+            let rows = run_envoy(file, &scenario, &module_paths, &options.envoy, &dir);
             let _ = std::fs::remove_dir_all(&dir);
             Some(rows)
         };

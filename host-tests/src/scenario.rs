@@ -33,6 +33,7 @@ use anyhow::{anyhow, Context as _, Result};
 use base64::Engine as _;
 use serde::Deserialize;
 
+use crate::chain::Chain;
 use crate::host::{Host, Module, PluginSpec, StartError};
 use crate::http::{CalloutReply, Request, Upstream, Verdict};
 
@@ -59,8 +60,20 @@ pub struct ScenarioFile {
     /// The whole file runs only in the host (give the reason).
     #[serde(default)]
     pub host_only: Option<String>,
+    /// Several filters in one chain, in Envoy's order (instead of `module` and `plugin`).
+    #[serde(default)]
+    pub chain: Vec<ChainFilter>,
     #[serde(default)]
     pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainFilter {
+    /// Relative to the scenario file.
+    pub module: String,
+    #[serde(default)]
+    pub plugin: PluginSection,
 }
 
 fn one() -> usize {
@@ -304,6 +317,24 @@ impl ScenarioFile {
         serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// The module of every filter, in chain order (one for a single-filter file).
+    pub fn module_paths(&self, file: &Path, override_path: Option<&Path>) -> Result<Vec<PathBuf>> {
+        if self.chain.is_empty() {
+            return Ok(vec![self.module_path(file, override_path)?]);
+        }
+        let dir = file.parent().unwrap_or(Path::new("."));
+        Ok(self.chain.iter().map(|f| dir.join(&f.module)).collect())
+    }
+
+    /// Each filter's plugin section, in chain order.
+    pub fn plugins(&self) -> Vec<&PluginSection> {
+        if self.chain.is_empty() {
+            vec![&self.plugin]
+        } else {
+            self.chain.iter().map(|f| &f.plugin).collect()
+        }
+    }
+
     pub fn module_path(&self, file: &Path, override_path: Option<&Path>) -> Result<PathBuf> {
         if let Some(p) = override_path {
             return Ok(p.to_path_buf());
@@ -317,16 +348,20 @@ impl ScenarioFile {
     }
 
     pub fn plugin_spec(&self) -> Result<PluginSpec> {
+        self.plugin_spec_for(&self.plugin)
+    }
+
+    pub fn plugin_spec_for(&self, plugin: &PluginSection) -> Result<PluginSpec> {
         let mut callouts = BTreeMap::new();
         for (k, v) in &self.callouts {
             callouts.insert(k.clone(), v.reply()?);
         }
         Ok(PluginSpec {
-            configuration: value_bytes(&self.plugin.configuration)?,
-            vm_configuration: value_bytes(&self.plugin.vm_configuration)?,
-            root_id: self.plugin.root_id.clone(),
-            vm_id: self.plugin.vm_id.clone(),
-            env: self.plugin.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            configuration: value_bytes(&plugin.configuration)?,
+            vm_configuration: value_bytes(&plugin.vm_configuration)?,
+            root_id: plugin.root_id.clone(),
+            vm_id: plugin.vm_id.clone(),
+            env: plugin.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             workers: self.workers.max(1),
             callouts,
             upstream: self.upstream_reply(),
@@ -613,8 +648,41 @@ impl ModuleCache {
     }
 }
 
-/// Runs a scenario file in the test host.
-pub fn run_host(file: &Path, scenario: &ScenarioFile, module: Arc<Module>) -> Vec<CaseResult> {
+/// One plugin, or a chain of them, behind the same calls.
+enum Target {
+    Single(Host),
+    Chain(Chain),
+}
+
+impl Target {
+    fn advance(&mut self, by: Duration) {
+        match self {
+            Target::Single(h) => h.advance(by),
+            Target::Chain(c) => c.advance(by),
+        }
+    }
+    fn now_nanos(&self) -> u64 {
+        match self {
+            Target::Single(h) => h.now_nanos(),
+            Target::Chain(c) => c.now_nanos(),
+        }
+    }
+    fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
+        match self {
+            Target::Single(h) => h.send_on(worker, request),
+            Target::Chain(c) => c.send_on(worker, request),
+        }
+    }
+    fn race(&mut self, requests: Vec<(usize, Request)>, schedule: &[usize]) -> Option<Vec<Verdict>> {
+        match self {
+            Target::Single(h) => Some(h.race(requests, schedule)),
+            Target::Chain(_) => None,
+        }
+    }
+}
+
+/// Runs a scenario file in the test host: `modules` in chain order (one for a single filter).
+pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>) -> Vec<CaseResult> {
     let fname = file.display().to_string();
     let row = |case: &str, outcome: Outcome, observed: Option<Observed>| CaseResult {
         file: fname.clone(),
@@ -622,18 +690,32 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, module: Arc<Module>) -> Ve
         outcome,
         observed,
     };
-    let spec = match scenario.plugin_spec() {
-        Ok(s) => s,
-        Err(e) => return vec![row("(scenario)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+    let mut specs = Vec::new();
+    for plugin in scenario.plugins() {
+        match scenario.plugin_spec_for(plugin) {
+            Ok(s) => specs.push(s),
+            Err(e) => return vec![row("(scenario)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+        }
+    }
+    let started = if scenario.chain.is_empty() {
+        let module = modules.into_iter().next();
+        let spec = specs.into_iter().next();
+        match (module, spec) {
+            (Some(m), Some(s)) => Host::start(m, s).map(Target::Single),
+            _ => return vec![row("(scenario)", Outcome::Fail(vec!["no module".into()]), None)],
+        }
+    } else {
+        Chain::start(modules.into_iter().zip(specs).collect(), scenario.upstream_reply())
+            .map(Target::Chain)
+            .map_err(|(_, e)| e)
     };
-    let mut host = match Host::start(module, spec) {
+    let mut host = match started {
         Ok(h) if scenario.expects_start_failure() => {
             drop(h);
             return vec![row("plugin refuses to start", Outcome::Fail(vec!["plugin started".into()]), None)];
         }
         Ok(h) => h,
-        Err(e @ (StartError::ConfigureFailed { .. } | StartError::VmStartFailed)) if scenario.expects_start_failure() => {
-            let _ = e;
+        Err(StartError::ConfigureFailed { .. } | StartError::VmStartFailed) if scenario.expects_start_failure() => {
             return vec![row("plugin refuses to start", Outcome::Pass, None)];
         }
         Err(e) => return vec![row("plugin start", Outcome::Fail(vec![e.to_string()]), None)],
@@ -655,7 +737,10 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, module: Arc<Module>) -> Ve
                     }
                 }
             }
-            let verdicts = host.race(requests, &race.schedule);
+            let Some(verdicts) = host.race(requests, &race.schedule) else {
+                out.push(row(&case.name, Outcome::Fail(vec!["race is not supported in a chain".into()]), None));
+                continue;
+            };
             let mut problems = Vec::new();
             for (i, (v, r)) in verdicts.iter().zip(&race.requests).enumerate() {
                 for p in Observed::from_verdict(v).check(&r.expect) {

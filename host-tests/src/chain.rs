@@ -1,0 +1,542 @@
+//! A chain of filters, as Envoy iterates an HTTP filter chain: each filter is its own plugin
+//! (own module, VMs, configuration), all share one world, and each stream's filter state
+//! (properties set by earlier filters) is shared along the chain.
+//!
+//! Envoy's iteration, per filter: headers Continue → the next filter gets the headers at once;
+//! Pause → StopAllIterationAndWatermark: the body is withheld from this filter and everything
+//! after it until it continues. Body Pause buffers in this filter; Continue passes what it holds
+//! on. A local reply ends the request and travels back through the encoder side of every
+//! filter that had seen the request, in reverse order. The response crosses the filters in
+//! reverse order with the same rules.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::abi::HeaderMap;
+use crate::host::{from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError};
+use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
+use crate::world::{lock, World};
+
+/// Several plugins in one Envoy filter chain.
+pub struct Chain {
+    hosts: Vec<Host>,
+    world: Arc<World>,
+    upstream: Upstream,
+    next_connection: u64,
+}
+
+#[derive(Default, Clone)]
+struct Stage {
+    id: u32,
+    created: bool,
+    headers_passed: bool,
+    withheld: Vec<u8>,
+    withheld_eos: bool,
+    eos_seen: bool,
+    eos_passed: bool,
+    resp_seen: bool,
+    resp_passed: bool,
+    resp_withheld: Vec<u8>,
+    resp_withheld_eos: bool,
+    resp_eos_seen: bool,
+    resp_eos_passed: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Request,
+    Response,
+}
+
+struct Flow<'a> {
+    hosts: &'a mut [Host],
+    worker: usize,
+    request: Request,
+    connection: u64,
+    stages: Vec<Stage>,
+    filter_state: BTreeMap<String, Vec<u8>>,
+    upstream: Option<UpstreamRequest>,
+    upstream_eos: bool,
+    request_ended: bool,
+    local_sent: bool,
+    local_reply: Option<crate::http::LocalReply>,
+    response_headers: Option<HeaderMap>,
+    response_body: Vec<u8>,
+    response_eos: bool,
+    reset: bool,
+    trap: Option<String>,
+}
+
+impl Chain {
+    /// Starts every filter (in chain order) in one world. Fails with the index of the filter
+    /// that refused to start.
+    pub fn start(filters: Vec<(Arc<Module>, PluginSpec)>, upstream: Upstream) -> Result<Chain, (usize, StartError)> {
+        let start = filters.first().map(|(_, s)| s.clock_start_nanos).unwrap_or(crate::DEFAULT_START_NANOS);
+        let world = Arc::new(World::new(start));
+        let mut hosts = Vec::new();
+        for (i, (module, spec)) in filters.into_iter().enumerate() {
+            hosts.push(Host::start_in(module, spec, world.clone()).map_err(|e| (i, e))?);
+        }
+        Ok(Chain { hosts, world, upstream, next_connection: 0 })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.hosts.iter().map(|h| h.workers.len()).min().unwrap_or(1)
+    }
+
+    pub fn send(&mut self, request: Request) -> Verdict {
+        self.send_on(0, request)
+    }
+
+    pub fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
+        self.next_connection += 1;
+        let connection = self.next_connection;
+        let request = hcm_normalize(request, connection);
+        let n = self.hosts.len();
+        let filter_state = request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect();
+        let mut flow = Flow {
+            hosts: &mut self.hosts,
+            worker,
+            request,
+            connection,
+            stages: vec![Stage::default(); n],
+            filter_state,
+            upstream: None,
+            upstream_eos: false,
+            request_ended: false,
+            local_sent: false,
+            local_reply: None,
+            response_headers: None,
+            response_body: Vec::new(),
+            response_eos: false,
+            reset: false,
+            trap: None,
+        };
+        let v = flow.run(&self.upstream);
+        for h in self.hosts.iter_mut() {
+            h.pump_queues();
+        }
+        v
+    }
+
+    pub fn advance(&mut self, by: Duration) {
+        self.world.advance(by);
+        let now = self.world.now_nanos();
+        for h in self.hosts.iter_mut() {
+            for w in h.workers.iter_mut() {
+                w.tick(now);
+            }
+            h.pump_queues();
+        }
+    }
+
+    pub fn now_nanos(&self) -> u64 {
+        self.world.now_nanos()
+    }
+
+    pub fn shared_data(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
+        lock(&self.world.shared).get(vm_id, key)
+    }
+
+    pub fn host(&self, index: usize) -> &Host {
+        &self.hosts[index]
+    }
+}
+
+impl Flow<'_> {
+    fn n(&self) -> usize {
+        self.stages.len()
+    }
+
+    fn worker(&mut self, k: usize) -> &mut crate::host::Worker {
+        let w = self.worker;
+        &mut self.hosts[k].workers[w]
+    }
+
+    fn done(&self) -> bool {
+        self.reset || (self.response_eos && self.response_headers.is_some())
+    }
+
+    /// Calls a stream callback of filter k with the chain's filter state, then settles what the
+    /// filter did (local reply, reset, continue).
+    fn callback(&mut self, k: usize, side: Side, name: &str, params: (i32, i32, i32)) {
+        let id = self.stages[k].id;
+        let state = self.filter_state.clone();
+        let w = self.worker(k);
+        if w.failed.is_some() {
+            return;
+        }
+        w.stream(id).properties = state;
+        let r = w.ctx_call::<(i32, i32, i32), i32>(id, name, params);
+        let w = self.worker(k);
+        self.filter_state = w.stream(id).properties.clone();
+        match r {
+            Err(t) => {
+                self.trap.get_or_insert(t);
+                let reply = crate::host::wasm_fail_reply();
+                self.local(k, reply, side);
+            }
+            Ok(action) => {
+                if action.unwrap_or(0) == 0 {
+                    let s = self.worker(k).stream(id);
+                    match side {
+                        Side::Request => s.continue_request = true,
+                        Side::Response => s.continue_response = true,
+                    }
+                }
+                self.settle(k, side);
+            }
+        }
+    }
+
+    fn settle(&mut self, k: usize, side: Side) {
+        let id = self.stages[k].id;
+        let s = self.worker(k).stream(id);
+        let reply = s.local_reply.take();
+        let reset = std::mem::take(&mut s.reset);
+        let cont_req = std::mem::take(&mut s.continue_request);
+        let cont_resp = std::mem::take(&mut s.continue_response);
+        if reset {
+            self.reset = true;
+            self.request_ended = true;
+            return;
+        }
+        if let Some(reply) = reply {
+            self.local(k, reply, side);
+            return;
+        }
+        if cont_req && !self.request_ended {
+            if !self.stages[k].headers_passed {
+                self.pass_headers(k);
+            } else {
+                self.flush(k);
+            }
+        }
+        if cont_resp && self.stages[k].resp_seen {
+            if !self.stages[k].resp_passed {
+                self.pass_resp_headers(k);
+            } else {
+                self.resp_flush(k);
+            }
+        }
+    }
+
+    /// A local reply from filter k: the request ends; the reply crosses the encoder side of the
+    /// filters that saw the request (from k's side onward on the response path).
+    fn local(&mut self, k: usize, reply: crate::http::LocalReply, side: Side) {
+        if self.local_sent {
+            return;
+        }
+        self.local_sent = true;
+        self.request_ended = true;
+        self.local_reply = Some(reply.clone());
+        self.response_headers = None;
+        self.response_body.clear();
+        self.response_eos = false;
+        for st in self.stages.iter_mut() {
+            st.resp_seen = false;
+            st.resp_passed = false;
+            st.resp_withheld.clear();
+            st.resp_withheld_eos = false;
+            st.resp_eos_seen = false;
+            st.resp_eos_passed = false;
+        }
+        let headers = to_map(&local_reply_headers(&reply));
+        let start = match side {
+            Side::Request => self.stages.iter().rposition(|s| s.created),
+            Side::Response => k.checked_sub(1),
+        };
+        let eos = reply.body.is_empty();
+        self.resp_headers(start, headers, eos);
+        if !eos {
+            self.resp_data(start, reply.body, true);
+        }
+    }
+
+    fn req_headers(&mut self, k: usize, headers: HeaderMap, eos: bool) {
+        if self.request_ended {
+            return;
+        }
+        if k == self.n() {
+            self.upstream = Some(UpstreamRequest { headers: from_map(&headers), body: Vec::new(), trailers: Vec::new() });
+            self.upstream_eos = eos;
+            return;
+        }
+        let request = self.request.clone();
+        let connection = self.connection;
+        if let Some(reason) = self.worker(k).failed.clone() {
+            // Fail closed: a stream meeting a failed VM gets 503.
+            self.trap.get_or_insert(reason);
+            self.local(k, crate::host::wasm_fail_reply(), Side::Request);
+            return;
+        }
+        let w = self.worker(k);
+        let id = w.add_stream(&request, connection);
+        w.stream(id).request_headers = headers.clone();
+        let root = w.store.data().root_context;
+        self.stages[k].id = id;
+        self.stages[k].created = true;
+        if let Err(t) = self.worker(k).ctx_call::<(i32, i32), ()>(root, "proxy_on_context_create", (id as i32, root as i32)) {
+            self.trap.get_or_insert(t);
+            self.local(k, crate::host::wasm_fail_reply(), Side::Request);
+            return;
+        }
+        if eos {
+            self.stages[k].eos_seen = true;
+        }
+        self.callback(k, Side::Request, "proxy_on_request_headers", (id as i32, headers.len() as i32, eos as i32));
+    }
+
+    fn pass_headers(&mut self, k: usize) {
+        self.stages[k].headers_passed = true;
+        let id = self.stages[k].id;
+        let headers = self.worker(k).stream(id).request_headers.clone();
+        let st = &self.stages[k];
+        let eos = st.eos_seen && st.withheld.is_empty() && !st.withheld_eos;
+        if eos {
+            self.stages[k].eos_passed = true;
+        }
+        self.req_headers(k + 1, headers, eos);
+        let st = &mut self.stages[k];
+        if !st.withheld.is_empty() || st.withheld_eos {
+            let data = std::mem::take(&mut st.withheld);
+            let e = std::mem::take(&mut st.withheld_eos);
+            self.body_at(k, data, e);
+        }
+    }
+
+    fn req_data(&mut self, k: usize, data: Vec<u8>, eos: bool) {
+        if self.request_ended {
+            return;
+        }
+        if k == self.n() {
+            if let Some(u) = self.upstream.as_mut() {
+                u.body.extend_from_slice(&data);
+            }
+            self.upstream_eos |= eos;
+            return;
+        }
+        if !self.stages[k].created {
+            return;
+        }
+        if !self.stages[k].headers_passed {
+            self.stages[k].withheld.extend_from_slice(&data);
+            self.stages[k].withheld_eos |= eos;
+            return;
+        }
+        self.body_at(k, data, eos);
+    }
+
+    fn body_at(&mut self, k: usize, data: Vec<u8>, eos: bool) {
+        if self.request_ended {
+            return;
+        }
+        let id = self.stages[k].id;
+        let size = {
+            let b = self.worker(k).stream(id).request_body.get_or_insert_with(Vec::new);
+            b.extend_from_slice(&data);
+            b.len()
+        };
+        if eos {
+            self.stages[k].eos_seen = true;
+        }
+        self.callback(k, Side::Request, "proxy_on_request_body", (id as i32, size as i32, eos as i32));
+    }
+
+    fn flush(&mut self, k: usize) {
+        let id = self.stages[k].id;
+        let data = self.worker(k).stream(id).request_body.as_mut().map(std::mem::take).unwrap_or_default();
+        let st = &mut self.stages[k];
+        let eos = st.eos_seen && !st.eos_passed && st.withheld.is_empty() && !st.withheld_eos;
+        if eos {
+            st.eos_passed = true;
+        }
+        if !data.is_empty() || eos {
+            self.req_data(k + 1, data, eos);
+        }
+    }
+
+    /// Response headers arriving at filter `k` (None: past the first filter, to the client).
+    fn resp_headers(&mut self, k: Option<usize>, headers: HeaderMap, eos: bool) {
+        let Some(k) = k else {
+            self.response_headers = Some(headers);
+            self.response_eos |= eos;
+            return;
+        };
+        if !self.stages[k].created || self.worker(k).failed.is_some() {
+            // A filter that never saw the request (or whose VM failed) lets it through.
+            self.stages[k].resp_seen = true;
+            self.stages[k].resp_passed = true;
+            self.stages[k].resp_eos_seen = eos;
+            self.stages[k].resp_eos_passed = eos;
+            return self.resp_headers(k.checked_sub(1), headers, eos);
+        }
+        let id = self.stages[k].id;
+        self.worker(k).stream(id).response_headers = Some(headers.clone());
+        self.worker(k).stream(id).response_body = Some(Vec::new());
+        self.stages[k].resp_seen = true;
+        if eos {
+            self.stages[k].resp_eos_seen = true;
+        }
+        self.callback(k, Side::Response, "proxy_on_response_headers", (id as i32, headers.len() as i32, eos as i32));
+    }
+
+    fn pass_resp_headers(&mut self, k: usize) {
+        self.stages[k].resp_passed = true;
+        let id = self.stages[k].id;
+        let headers = self.worker(k).stream(id).response_headers.clone().unwrap_or_default();
+        let st = &self.stages[k];
+        let eos = st.resp_eos_seen && st.resp_withheld.is_empty() && !st.resp_withheld_eos;
+        if eos {
+            self.stages[k].resp_eos_passed = true;
+        }
+        self.resp_headers(k.checked_sub(1), headers, eos);
+        let st = &mut self.stages[k];
+        if !st.resp_withheld.is_empty() || st.resp_withheld_eos {
+            let data = std::mem::take(&mut st.resp_withheld);
+            let e = std::mem::take(&mut st.resp_withheld_eos);
+            self.resp_body_at(k, data, e);
+        }
+    }
+
+    fn resp_data(&mut self, k: Option<usize>, data: Vec<u8>, eos: bool) {
+        let Some(k) = k else {
+            self.response_body.extend_from_slice(&data);
+            self.response_eos |= eos;
+            return;
+        };
+        if !self.stages[k].created || self.worker(k).failed.is_some() {
+            return self.resp_data(k.checked_sub(1), data, eos);
+        }
+        if !self.stages[k].resp_passed {
+            self.stages[k].resp_withheld.extend_from_slice(&data);
+            self.stages[k].resp_withheld_eos |= eos;
+            return;
+        }
+        self.resp_body_at(k, data, eos);
+    }
+
+    fn resp_body_at(&mut self, k: usize, data: Vec<u8>, eos: bool) {
+        let id = self.stages[k].id;
+        let size = {
+            let b = self.worker(k).stream(id).response_body.get_or_insert_with(Vec::new);
+            b.extend_from_slice(&data);
+            b.len()
+        };
+        if eos {
+            self.stages[k].resp_eos_seen = true;
+        }
+        self.callback(k, Side::Response, "proxy_on_response_body", (id as i32, size as i32, eos as i32));
+    }
+
+    fn resp_flush(&mut self, k: usize) {
+        let id = self.stages[k].id;
+        let data = self.worker(k).stream(id).response_body.as_mut().map(std::mem::take).unwrap_or_default();
+        let st = &mut self.stages[k];
+        let eos = st.resp_eos_seen && !st.resp_eos_passed && st.resp_withheld.is_empty() && !st.resp_withheld_eos;
+        if eos {
+            st.resp_eos_passed = true;
+        }
+        if !data.is_empty() || eos {
+            self.resp_data(k.checked_sub(1), data, eos);
+        }
+    }
+
+    fn run(&mut self, upstream: &Upstream) -> Verdict {
+        let headers = to_map(&self.request.headers);
+        let chunks = self.request.body_chunks.clone();
+        self.req_headers(0, headers, chunks.is_empty());
+        for (i, chunk) in chunks.iter().enumerate() {
+            self.req_data(0, chunk.clone(), i + 1 == chunks.len());
+        }
+        let mut response_started = false;
+        let mut stalled = false;
+        loop {
+            if self.done() {
+                break;
+            }
+            if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started {
+                response_started = true;
+                let mut h: Vec<(String, String)> = vec![(":status".into(), upstream.status.to_string())];
+                h.extend(upstream.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+                h.push(("content-length".into(), upstream.body.len().to_string()));
+                let last = self.n().checked_sub(1);
+                let eos = upstream.body.is_empty();
+                self.resp_headers(last, to_map(&h), eos);
+                if !eos {
+                    self.resp_data(last, upstream.body.clone(), true);
+                }
+                continue;
+            }
+            // Blocked on a filter: only a callout answer can move it.
+            let mut answered = false;
+            for k in 0..self.n() {
+                if !self.stages[k].created {
+                    continue;
+                }
+                let id = self.stages[k].id;
+                let spec = self.hosts[k].spec.clone();
+                let state = self.filter_state.clone();
+                self.worker(k).stream(id).properties = state;
+                if self.worker(k).answer_next_callout(id, &spec) {
+                    answered = true;
+                    let side = if self.stages[k].resp_seen { Side::Response } else { Side::Request };
+                    self.filter_state = self.worker(k).stream(id).properties.clone();
+                    self.settle(k, side);
+                    break;
+                }
+            }
+            if !answered {
+                stalled = true;
+                break;
+            }
+        }
+        self.finish(stalled)
+    }
+
+    fn finish(&mut self, stalled: bool) -> Verdict {
+        let mut v = Verdict::default();
+        for k in 0..self.n() {
+            if !self.stages[k].created {
+                continue;
+            }
+            let id = self.stages[k].id;
+            let w = self.worker(k);
+            if w.failed.is_none() {
+                let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+                let _ = w.ctx_call::<(i32,), i32>(id, "proxy_on_done", (id as i32,));
+                let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_delete", (id as i32,));
+            }
+            w.store.data_mut().pending.retain(|_, c| c.context != id);
+            let s = w.store.data_mut().streams.remove(&id).unwrap_or_default();
+            for (name, n) in s.host_calls {
+                *v.host_calls.entry(name).or_insert(0) += n;
+            }
+            v.logs.extend(s.logs);
+            v.violations.extend(s.violations);
+            v.callouts.extend(s.callouts);
+        }
+        let headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
+        v.status = if self.reset || stalled {
+            0
+        } else {
+            headers.iter().find(|(k, _)| k == ":status").and_then(|(_, s)| s.parse().ok()).unwrap_or(0)
+        };
+        if !(self.reset || stalled) {
+            v.response_body = std::mem::take(&mut self.response_body);
+            v.response_headers = headers;
+        }
+        v.local_reply = self.local_reply.take();
+        v.upstream_headers_sent = self.upstream.is_some();
+        v.upstream = if self.upstream_eos && !self.request_ended { self.upstream.take() } else { None };
+        // A local reply after the whole request reached the upstream still counts as forwarded.
+        if v.upstream.is_none() && self.upstream_eos && self.local_sent {
+            v.upstream = self.upstream.take();
+        }
+        v.reset = self.reset;
+        v.stalled = stalled;
+        v.trap = self.trap.take();
+        v
+    }
+}
