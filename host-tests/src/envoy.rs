@@ -270,7 +270,7 @@ enum Started {
     Refused(String),
 }
 
-fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path) -> Result<Started> {
+fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path, concurrency: u32) -> Result<Started> {
     std::fs::create_dir_all(dir)?;
     let mut config = config.clone();
     let admin_path = PathBuf::from(config["admin_address_path"].as_str().unwrap_or_default());
@@ -284,7 +284,9 @@ fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path) -> Resu
     let child = Command::new(envoy_bin)
         .arg("-c")
         .arg(&cfg_path)
-        .args(["--concurrency", "2", "--use-dynamic-base-id", "-l", "warning", "--admin-address-path"])
+        .arg("--concurrency")
+        .arg(concurrency.to_string())
+        .args(["--use-dynamic-base-id", "-l", "warning", "--admin-address-path"])
         .arg(&admin_path)
         .arg("--log-path")
         .arg(&log)
@@ -404,7 +406,7 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
         }
         let admin_path = work_dir.join("admin.address");
         let config = bootstrap(scenario, &canonical, upstream.port, &clusters, &admin_path)?;
-        let envoy = match start_envoy(envoy_bin, &config, work_dir)? {
+        let envoy = match start_envoy(envoy_bin, &config, work_dir, scenario.envoy_concurrency.unwrap_or(2))? {
             Started::Refused(log) => {
                 let refused = log.contains("Unable to create Wasm") || log.contains("Failed to configure");
                 return Ok(vec![if scenario.expects_start_failure() && refused {

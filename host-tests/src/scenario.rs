@@ -60,6 +60,10 @@ pub struct ScenarioFile {
     /// The whole file runs only in the host (give the reason).
     #[serde(default)]
     pub host_only: Option<String>,
+    /// Envoy's `--concurrency` in Envoy mode (default 2). With 1, every request meets the same
+    /// VM, so what happens after a trap is deterministic there too.
+    #[serde(default)]
+    pub envoy_concurrency: Option<u32>,
     /// Several filters in one chain, in Envoy's order (instead of `module` and `plugin`).
     #[serde(default)]
     pub chain: Vec<ChainFilter>,

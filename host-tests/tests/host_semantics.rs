@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::test_filter;
 use firebreak_host_tests::{
-    CalloutReply, GrpcReply, Host, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
+    CalloutReply, Chain, GrpcReply, Host, PluginSpec, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
 };
 
 fn host() -> Host {
@@ -399,4 +399,49 @@ fn a_module_is_compiled_once_and_instantiated_cheaply() {
     }
     // Generous: a debug-built host on a loaded 2-core machine; typically a few ms each.
     assert!(t.elapsed() < Duration::from_secs(10), "{:?} for 20 hosts", t.elapsed());
+}
+
+fn chain_of_two() -> Chain {
+    let spec = |vm: &str| PluginSpec {
+        configuration: b"{}".to_vec(),
+        vm_id: vm.to_string(),
+        callouts: [("authz".to_string(), CalloutReply::ok("granted"))].into_iter().collect(),
+        ..PluginSpec::default()
+    };
+    Chain::start(vec![(test_filter(), spec("first")), (test_filter(), spec("second"))], Upstream::default())
+        .map_err(|(i, e)| format!("filter {i}: {e}"))
+        .unwrap()
+}
+
+#[test]
+fn chain_a_local_reply_from_the_first_filter_is_never_seen_by_the_second() {
+    let mut c = chain_of_two();
+    let v = c.send(Request::get("/").header("x-test-deny", "403").header("x-test-counter", "n"));
+    assert_eq!((v.status, v.error_code().as_deref()), (403, Some("denied")));
+    assert!(!v.forwarded());
+    assert!(c.shared_data("first", "n").is_none(), "the first filter denied before counting");
+    assert!(c.shared_data("second", "n").is_none(), "the second filter never saw the request");
+    let v = c.send(Request::get("/").header("x-test-counter", "n"));
+    assert_eq!(v.status, 200);
+    assert_eq!(c.shared_data("first", "n").unwrap().0, b"1");
+    assert_eq!(c.shared_data("second", "n").unwrap().0, b"1");
+}
+
+#[test]
+fn chain_filter_state_set_by_an_earlier_filter_is_read_by_a_later_one() {
+    // The first filter sets `firebreak_test`; the second reads `firebreak_upstream`, which the
+    // request carries as filter state from before the chain.
+    let mut c = chain_of_two();
+    let v = c.send(Request::get("/").header("x-test-props", "1").property("firebreak_upstream", "earlier"));
+    assert_eq!(v.upstream_header("x-prop-upstream"), Some("earlier"));
+    assert_eq!(v.upstream_header("x-prop-roundtrip"), Some("stored"));
+}
+
+#[test]
+fn chain_a_pause_in_the_first_filter_holds_the_second() {
+    let mut c = chain_of_two();
+    let v = c.send(Request::post("/").header("x-test-callout", "authz").body("b"));
+    assert_eq!(v.status, 200);
+    assert_eq!(v.callouts.len(), 2, "each filter made its callout");
+    assert_eq!(v.upstream_body(), Some(&b"b"[..]));
 }

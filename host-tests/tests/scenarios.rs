@@ -80,5 +80,5 @@ fn the_runner_runs_a_module_built_outside_the_project() {
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(table.contains("1 passed, 0 failed"), "{table}");
+    assert!(table.contains("4 passed, 0 failed"), "{table}");
 }
