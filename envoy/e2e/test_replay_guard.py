@@ -390,6 +390,50 @@ def test_unprotected_routes_pass(demo_api, gateway):
     assert gateway.counter(f"{PREFIX}.passed_unprotected") >= 1
 
 
+# ---- the recommended demo configuration (README "Envoy snippet") ----
+
+DEMO_CONFIG = {
+    "routes": [
+        {"name": "payouts", "match": {"methods": ["POST"], "path_exact": "/v1/payouts"},
+         "idempotency_key": "required", "require_principal": True},
+        {"name": "withdrawals", "match": {"methods": ["POST"], "path_exact": "/v1/withdrawals"},
+         "idempotency_key": "optional", "collapse_window_ms": 10000, "require_principal": True},
+        {"name": "transfers", "match": {"methods": ["POST"], "path_exact": "/v1/transfers"},
+         "idempotency_key": "optional", "collapse_window_ms": 10000, "require_principal": True},
+    ],
+    "ttl_seconds": 86400,
+    "in_flight_timeout_ms": 30000,
+    "max_stored_body_bytes": 4096,
+    "stored_headers": ["content-type", "location"],
+    "key_store": {"buckets": 1024, "slots_per_bucket": 8},
+    "collapse_store": {"buckets": 256, "slots_per_bucket": 8},
+}
+
+
+def test_demo_chain_an_idempotent_payout_retried_three_times_executes_once(demo_api, envoy_factory):
+    sig = harness.signature_filter(routes=[{"methods": ["POST", "PUT", "PATCH", "DELETE"], "path_prefix": "/v1/"}],
+                                   covered_headers_when_present=["idempotency-key"])
+    envoy = envoy_factory([harness.buffer_filter(), sig, harness.wasm_filter("replay_guard", DEMO_CONFIG)])
+    ref, key = new_ref(), new_key()
+    body = payout(ref)
+    cover = ["-H", f"idempotency-key: {key}", "--cover", "idempotency-key"]
+    headers = JSON + [("Idempotency-Key", key)]
+    answers = [envoy.signed("POST", "/v1/payouts", body, headers=headers, sign_extra=cover) for _ in range(4)]
+    assert [a.status for a in answers] == [201] * 4, [a.body for a in answers]
+    assert [a.headers.get("idempotent-replayed") for a in answers] == [None, "true", "true", "true"]
+    assert len({a.body for a in answers}) == 1
+    assert demo_api.executed(ref) == 1
+    # An unsigned payout never reaches replay-guard's store; a keyless one is refused.
+    assert envoy.request("POST", "/v1/payouts", headers, body).status == 401
+    assert_refused(envoy.signed("POST", "/v1/payouts", payout(new_ref()), headers=JSON), 400, "idempotency_key_missing")
+    # The scripted flood of incident 1 (keyless identical withdrawals): one executes.
+    wref = new_ref()
+    wbody = json.dumps({"account": "acc-alice", "amount": 1, "reference": wref}).encode()
+    results = concurrently(20, lambda i: envoy.signed("POST", "/v1/withdrawals", wbody, headers=JSON))
+    assert sorted(r.status for r in results) == [201] + [409] * 19
+    assert demo_api.executed(wref) == 1
+
+
 # ---- operators clear outcome_unknown keys ----
 
 OPS_SECRET = "b3BzLWFkbWluLWRlbW8tc2VjcmV0LW5vdC1mb3ItcHJvZHVjdGlvbi0wMTIzNDU2Nzg="
