@@ -138,6 +138,24 @@ fn is_b64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'=')
 }
 
+/// Shortest base64 text of a secret of [`MIN_TOKEN_LEN`] bytes.
+pub const MIN_B64_LEN: usize = (MIN_TOKEN_LEN * 4).div_ceil(3);
+
+/// Worth decoding as base64: long enough, base64 characters only, and not a plain lower-case
+/// word (base64 of 8+ bytes is all lower-case/digits with probability under 0.2%).
+fn looks_b64(token: &[u8]) -> bool {
+    token.len() >= MIN_B64_LEN
+        && token.iter().all(|b| is_b64(*b))
+        && token.iter().any(|b| b.is_ascii_uppercase() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='))
+}
+
+/// Printable text (UTF-8 or not): at most 1 in 16 bytes is a control character other than
+/// white space.
+fn is_text(data: &[u8]) -> bool {
+    let control = data.iter().filter(|b| (**b < 0x20 && !b.is_ascii_whitespace()) || **b == 0x7f).count();
+    control * 16 <= data.len()
+}
+
 fn trim(data: &[u8]) -> &[u8] {
     data.trim_ascii()
 }
@@ -212,7 +230,8 @@ impl Detector {
         }
         if depth < MAX_DEPTH {
             // The whole value decoded, white space ignored (wrapped base64).
-            if trimmed.iter().all(|b| is_b64(*b) || b.is_ascii_whitespace()) && trimmed.len() >= MIN_TOKEN_LEN {
+            // (line breaks only: a text of words separated by spaces is not wrapped base64)
+            if trimmed.len() >= MIN_B64_LEN && trimmed.iter().all(|b| is_b64(*b) || *b == b'\n' || *b == b'\r') {
                 let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
                 if let Some(hit) = self.decode_b64(&compact, depth, how) {
                     return Some(hit);
@@ -245,7 +264,7 @@ impl Detector {
                 }
             }
             if depth < MAX_DEPTH {
-                if token.iter().all(|b| is_b64(*b)) {
+                if looks_b64(token) {
                     if let Some(hit) = self.decode_b64(token, depth, how) {
                         return Some(hit);
                     }
@@ -264,7 +283,7 @@ impl Detector {
                         if let Some(hit) = self.exact(part, how) {
                             return Some(hit);
                         }
-                        if depth < MAX_DEPTH && sep == b'=' && part.iter().all(|b| is_b64(*b)) {
+                        if depth < MAX_DEPTH && sep == b'=' && looks_b64(part) {
                             if let Some(hit) = self.decode_b64(part, depth, how) {
                                 return Some(hit);
                             }
@@ -301,7 +320,9 @@ impl Detector {
             return None;
         }
         how.push("base64");
-        let hit = self.scan_at(&decoded, depth + 1, how);
+        // Decoded bytes that are not text (most base64-looking words decode to noise) are only
+        // checked whole: tokenising noise finds nothing and costs hashes.
+        let hit = if is_text(&decoded) { self.scan_at(&decoded, depth + 1, how) } else { self.exact(&decoded, how) };
         how.pop();
         hit
     }

@@ -214,6 +214,16 @@ fn form_fields_and_raw_text() {
 }
 
 #[test]
+fn mime_wrapped_base64_body_is_decoded() {
+    // base64 wrapped at 16 characters (MIME wraps at 76), of a JSON document carrying the key.
+    let p = policy();
+    let encoded = b64(format!(r#"{{"push":{{"key":"{PROD}","alert":"hhhhh"}}}}"#).as_bytes());
+    let wrapped: Vec<String> = encoded.as_bytes().chunks(16).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+    let h = req("POST", "/", &[("content-type", "application/octet-stream")]);
+    assert_eq!(credential(run(&p, &h, wrapped.join("\r\n").as_bytes())), ("apns-prod".to_string(), "body text (base64)".to_string()));
+}
+
+#[test]
 fn gzip_and_deflate_bodies_are_decoded() {
     let p = policy();
     let body = format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes()));
