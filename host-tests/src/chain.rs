@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::abi::HeaderMap;
-use crate::host::{from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError};
+use crate::host::{from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker};
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
 
@@ -50,8 +50,9 @@ enum Side {
 }
 
 struct Flow<'a> {
-    hosts: &'a mut [Host],
-    worker: usize,
+    /// This worker's VM of every filter, in chain order.
+    workers: Vec<&'a mut Worker>,
+    specs: &'a [PluginSpec],
     request: Request,
     connection: u64,
     stages: Vec<Stage>,
@@ -92,32 +93,66 @@ impl Chain {
     pub fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
         self.next_connection += 1;
         let connection = self.next_connection;
-        let request = hcm_normalize(request, connection);
-        let n = self.hosts.len();
-        let filter_state = request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect();
-        let mut flow = Flow {
-            hosts: &mut self.hosts,
-            worker,
-            request,
-            connection,
-            stages: vec![Stage::default(); n],
-            filter_state,
-            upstream: None,
-            upstream_eos: false,
-            request_ended: false,
-            local_sent: false,
-            local_reply: None,
-            response_headers: None,
-            response_body: Vec::new(),
-            response_eos: false,
-            reset: false,
-            trap: None,
-        };
-        let v = flow.run(&self.upstream);
+        let specs: Vec<PluginSpec> = self.hosts.iter().map(|h| h.spec.clone()).collect();
+        let workers: Vec<&mut Worker> = self.hosts.iter_mut().map(|h| &mut h.workers[worker]).collect();
+        let v = Flow::new(workers, &specs, request, connection).run(&self.upstream);
         for h in self.hosts.iter_mut() {
             h.pump_queues();
         }
         v
+    }
+
+    /// Requests on several workers at once, each through the whole chain; `schedule` decides who
+    /// makes each shared-data or queue operation next, as in [`Host::race`].
+    pub fn race(&mut self, requests: Vec<(usize, Request)>, schedule: &[usize]) -> Vec<Verdict> {
+        let specs: Vec<PluginSpec> = self.hosts.iter().map(|h| h.spec.clone()).collect();
+        let n_workers = self.workers();
+        let mut jobs: Vec<Vec<(usize, Request, u64)>> = (0..n_workers).map(|_| Vec::new()).collect();
+        for (i, (w, r)) in requests.into_iter().enumerate() {
+            self.next_connection += 1;
+            if let Some(list) = jobs.get_mut(w) {
+                list.push((i, r, self.next_connection));
+            }
+        }
+        // Transpose: per worker index, that worker's VM of every filter.
+        let mut per_worker: Vec<Vec<&mut Worker>> = (0..n_workers).map(|_| Vec::new()).collect();
+        for h in self.hosts.iter_mut() {
+            for (w, worker) in h.workers.iter_mut().enumerate().take(n_workers) {
+                per_worker[w].push(worker);
+            }
+        }
+        self.world.set_schedule(schedule);
+        let world = self.world.clone();
+        let upstream = &self.upstream;
+        let specs = &specs;
+        let mut results: Vec<(usize, Verdict)> = Vec::new();
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (w, (mut workers, list)) in per_worker.into_iter().zip(jobs).enumerate() {
+                if list.is_empty() {
+                    continue;
+                }
+                let world = world.clone();
+                handles.push(scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for (i, request, connection) in list {
+                        let flow_workers: Vec<&mut Worker> = workers.iter_mut().map(|x| &mut **x).collect();
+                        out.push((i, Flow::new(flow_workers, specs, request, connection).run(upstream)));
+                    }
+                    world.finished(w);
+                    out
+                }));
+            }
+            for h in handles {
+                results.extend(h.join().unwrap_or_default());
+            }
+        });
+        self.world.clear_schedule();
+        for h in self.hosts.iter_mut() {
+            h.pump_queues();
+        }
+        results.sort_by_key(|(i, _)| *i);
+        results.into_iter().map(|(_, v)| v).collect()
     }
 
     pub fn advance(&mut self, by: Duration) {
@@ -144,14 +179,37 @@ impl Chain {
     }
 }
 
-impl Flow<'_> {
+impl<'a> Flow<'a> {
+    fn new(workers: Vec<&'a mut Worker>, specs: &'a [PluginSpec], request: Request, connection: u64) -> Flow<'a> {
+        let request = hcm_normalize(request, connection);
+        let n = workers.len();
+        let filter_state = request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect();
+        Flow {
+            workers,
+            specs,
+            request,
+            connection,
+            stages: vec![Stage::default(); n],
+            filter_state,
+            upstream: None,
+            upstream_eos: false,
+            request_ended: false,
+            local_sent: false,
+            local_reply: None,
+            response_headers: None,
+            response_body: Vec::new(),
+            response_eos: false,
+            reset: false,
+            trap: None,
+        }
+    }
+
     fn n(&self) -> usize {
         self.stages.len()
     }
 
-    fn worker(&mut self, k: usize) -> &mut crate::host::Worker {
-        let w = self.worker;
-        &mut self.hosts[k].workers[w]
+    fn worker(&mut self, k: usize) -> &mut Worker {
+        &mut *self.workers[k]
     }
 
     fn done(&self) -> bool {
@@ -476,7 +534,7 @@ impl Flow<'_> {
                     continue;
                 }
                 let id = self.stages[k].id;
-                let spec = self.hosts[k].spec.clone();
+                let spec = self.specs[k].clone();
                 let state = self.filter_state.clone();
                 self.worker(k).stream(id).properties = state;
                 if self.worker(k).answer_next_callout(id, &spec) {

@@ -678,9 +678,10 @@ impl Target {
         }
     }
     fn race(&mut self, requests: Vec<(usize, Request)>, schedule: &[usize]) -> Option<Vec<Verdict>> {
+        // Both run every worker on its own thread under the schedule.
         match self {
             Target::Single(h) => Some(h.race(requests, schedule)),
-            Target::Chain(_) => None,
+            Target::Chain(c) => Some(c.race(requests, schedule)),
         }
     }
 }
