@@ -1,6 +1,8 @@
 //! Runs scenario files in the host, in real Envoy, or both (the fidelity check), and reports.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::Result;
 
@@ -59,28 +61,50 @@ impl Report {
 
 pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
     let files = collect_files(paths)?;
-    let mut cache = ModuleCache::default();
-    let mut rows = Vec::new();
-    for (i, file) in files.iter().enumerate() {
+    let mut scenarios = Vec::new();
+    for file in &files {
         let scenario = ScenarioFile::load(file)?;
         let module_paths = scenario.module_paths(file, options.module.as_deref())?;
-        let host_rows = if options.mode == Mode::Envoy {
+        scenarios.push((file.clone(), scenario, module_paths));
+    }
+    // The host runs, one after the other (each compiles its modules once, through the cache).
+    let mut cache = ModuleCache::default();
+    let mut host_results = Vec::new();
+    for (file, scenario, module_paths) in &scenarios {
+        host_results.push(if options.mode == Mode::Envoy {
             None
         } else {
             let modules: Result<Vec<_>> = module_paths.iter().map(|p| cache.get(p)).collect();
             Some(match modules {
-                Ok(m) => run_host(file, &scenario, m),
+                Ok(m) => run_host(file, scenario, m),
                 Err(e) => vec![error_row(file, format!("{e:#}"))],
             })
-        };
-        let envoy_rows = if options.mode == Mode::Host {
-            None
-        } else {
-            let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{i}", std::process::id()));
-            let rows = run_envoy(file, &scenario, &module_paths, &options.envoy, &dir);
-            let _ = std::fs::remove_dir_all(&dir);
-            Some(rows)
-        };
+        });
+    }
+    // The Envoy runs, two at a time: most of an Envoy run is waiting (start-up, callouts).
+    let envoy_results: Vec<Option<Vec<CaseResult>>> = if options.mode == Mode::Host {
+        scenarios.iter().map(|_| None).collect()
+    } else {
+        let next = AtomicUsize::new(0);
+        let slots: Mutex<Vec<Option<Vec<CaseResult>>>> = Mutex::new(scenarios.iter().map(|_| None).collect());
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some((file, scenario, module_paths)) = scenarios.get(i) else { break };
+                    let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{i}", std::process::id()));
+                    let rows = run_envoy(file, scenario, module_paths, &options.envoy, &dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    if let Ok(mut s) = slots.lock() {
+                        s[i] = Some(rows);
+                    }
+                });
+            }
+        });
+        slots.into_inner().unwrap_or_default()
+    };
+    let mut rows = Vec::new();
+    for (((file, scenario, _), host_rows), envoy_rows) in scenarios.iter().zip(host_results).zip(envoy_results) {
         match (host_rows, envoy_rows) {
             (Some(h), None) => rows.extend(h.into_iter().map(|h| (h, None, Vec::new()))),
             (None, Some(e)) => rows.extend(e.into_iter().map(|e| (e, None, Vec::new()))),

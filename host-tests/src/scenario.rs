@@ -654,7 +654,7 @@ impl ModuleCache {
 
 /// One plugin, or a chain of them, behind the same calls.
 enum Target {
-    Single(Host),
+    Single(Box<Host>),
     Chain(Chain),
 }
 
@@ -706,7 +706,7 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         let module = modules.into_iter().next();
         let spec = specs.into_iter().next();
         match (module, spec) {
-            (Some(m), Some(s)) => Host::start(m, s).map(Target::Single),
+            (Some(m), Some(s)) => Host::start(m, s).map(|h| Target::Single(Box::new(h))),
             _ => return vec![row("(scenario)", Outcome::Fail(vec!["no module".into()]), None)],
         }
     } else {
