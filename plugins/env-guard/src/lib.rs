@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use firebreak_core::envguard::{check_body, check_headers, over_limit, BodyOutcome, BodyPlan, GuardError, GuardPolicy, Place};
+use firebreak_core::envguard::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, GuardPolicy, Place};
 use firebreak_glue::{self as glue, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -173,8 +173,16 @@ impl HttpContext for GuardFilter {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        // Trailers end the body: inspect what was buffered.
+        // Trailers end the body: inspect them, then what was buffered.
         let Some(pending) = self.pending.take() else { return Action::Continue };
+        match glue::request_trailers() {
+            Ok(trailers) => {
+                if let Err(error) = check_trailers(&self.policy, &trailers) {
+                    return self.reject(&error, &pending.context);
+                }
+            }
+            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &pending.context),
+        }
         let size = self.policy.max_body_bytes.get().saturating_add(1);
         self.finish_body(pending, size)
     }

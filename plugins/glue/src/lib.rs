@@ -144,6 +144,14 @@ pub fn request_headers() -> Result<Vec<(String, String)>, HeaderError> {
         .collect()
 }
 
+/// All request trailers, in one host call. Non-UTF-8 values are an error, never replaced.
+pub fn request_trailers() -> Result<Vec<(String, String)>, HeaderError> {
+    let raw = hostcalls::get_map_bytes(MapType::HttpRequestTrailers).map_err(|_| HeaderError::Unavailable)?;
+    raw.into_iter()
+        .map(|(name, value)| String::from_utf8(value).map(|v| (name, v)).map_err(|_| HeaderError::NotUtf8))
+        .collect()
+}
+
 pub fn set_request_header(name: &str, value: Option<&str>) -> Result<(), Status> {
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value)
 }

@@ -14,7 +14,7 @@ pub mod request;
 
 pub use config::{parse_fingerprint, GuardPolicy, OverLimit};
 pub use detect::{Detector, Hit};
-pub use request::{check_body, check_headers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
+pub use request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
 
 /// SHA-256 hex of the exact secret bytes: the fingerprint the configuration holds.
 pub fn fingerprint(secret: &[u8]) -> String {

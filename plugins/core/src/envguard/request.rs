@@ -253,6 +253,17 @@ fn check_path(detector: &Detector, path_and_query: &str) -> Result<(), GuardErro
     Ok(())
 }
 
+/// Request trailers (HTTP/2, chunked HTTP/1.1): every value as a candidate.
+pub fn check_trailers(policy: &GuardPolicy, trailers: &[(String, String)]) -> Result<(), GuardError> {
+    let detector = &policy.detector;
+    for (name, value) in trailers {
+        if let Some(hit) = detector.scan(value.as_bytes(), &[]) {
+            return Err(found(hit, Place::Header, format!("trailer {}", safe_name(detector, name))));
+        }
+    }
+    Ok(())
+}
+
 /// What to do when the body is (or will be) larger than `max_body_bytes`.
 pub fn over_limit(policy: &GuardPolicy) -> Result<BodyOutcome, GuardError> {
     match policy.over_limit {

@@ -169,6 +169,17 @@ fn production_hosts_exact_and_wildcard_with_port_and_case() {
     assert_eq!(check_headers(&p, &h).unwrap_err().code(), CODE_HOST);
 }
 
+#[test]
+fn trailers_are_checked() {
+    let p = policy();
+    let t = vec![("x-checksum".to_string(), "abc".to_string()), ("x-push-key".to_string(), PROD.to_string())];
+    match check_trailers(&p, &t) {
+        Err(GuardError::Credential { location, .. }) => assert_eq!(location, "trailer x-push-key"),
+        other => panic!("{other:?}"),
+    }
+    assert!(check_trailers(&p, &t[..1]).is_ok());
+}
+
 // --- bodies ----------------------------------------------------------------------------------
 
 #[test]
