@@ -86,8 +86,10 @@ fn default_max_stored_body() -> u32 {
 fn default_stored_headers() -> Vec<String> {
     vec!["content-type".into(), "location".into()]
 }
-/// Answers that prove the upstream did not execute the operation (see the README for the reasoning).
-pub const DEFAULT_NOT_EXECUTED_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 413, 415, 422];
+/// Answers that say the upstream refused this request without applying it (HTTP semantics of each
+/// status; see the README for the reasoning and for the 4xx that are left out).
+pub const DEFAULT_NOT_EXECUTED_STATUSES: [u16; 20] =
+    [400, 401, 403, 404, 405, 406, 408, 409, 410, 411, 412, 413, 414, 415, 421, 422, 425, 428, 429, 431];
 fn default_not_executed() -> Vec<u16> {
     DEFAULT_NOT_EXECUTED_STATUSES.to_vec()
 }

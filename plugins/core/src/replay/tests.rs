@@ -339,9 +339,9 @@ fn answers_that_prove_nothing_executed_free_the_key_and_others_are_replayed() {
         assert_eq!(c.answer(&mut ex.unwrap(), status, "{}", true, 1), Some(FinishAnswer::Released), "{status}");
         assert_eq!(c.send("/v1/payouts", Some(&key), None, BODY, 2).0, Ok(Decision::Forward), "{status}");
     }
-    // 409 and 429 are answers, not proof of nothing: 409 may mean "already done", and 429 comes
-    // from a limiter that could sit behind the operation; both are replayed.
-    for status in [409, 429, 402, 302, 200] {
+    // Other 4xx do not say the request was not applied (402 "payment required" can be a
+    // processed decline, 424 a failed dependency after partial work): they are the answer.
+    for status in [402, 423, 424, 451, 302, 200] {
         let key = format!("\"t{status}\"");
         let (_, ex) = c.send("/v1/payouts", Some(&key), None, BODY, 0);
         assert_eq!(c.answer(&mut ex.unwrap(), status, "{}", true, 1), Some(FinishAnswer::Completed { stored: true }), "{status}");
