@@ -38,6 +38,12 @@ impl Module {
         let engine = Engine::new(&config).map_err(vm::anyhow_trap)?;
         let module = wasmtime::Module::new(&engine, bytes)
             .map_err(|e| anyhow!("compiling {name}: {e:?}"))?;
+        let abi = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
+        if !module.exports().any(|e| abi.contains(&e.name())) {
+            let found: Vec<String> =
+                module.exports().map(|e| e.name().to_string()).filter(|n| n.starts_with("proxy_abi_version")).collect();
+            bail!("{name}: not a proxy-wasm ABI 0.2.x module (ABI exports: {found:?}); this host implements 0.2.1");
+        }
         let mut linker: Linker<VmState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut VmState| &mut s.wasi)
             .map_err(vm::anyhow_trap)?;
@@ -304,9 +310,15 @@ impl Worker {
         if let Some(reason) = &self.failed {
             return Err(reason.clone());
         }
-        let f = match self.instance.get_typed_func::<P, R>(&mut self.store, name) {
+        let Some(f) = self.instance.get_func(&mut self.store, name) else { return Ok(None) };
+        let f = match f.typed::<P, R>(&self.store) {
             Ok(f) => f,
-            Err(_) => return Ok(None),
+            Err(e) => {
+                // An export with another signature is another ABI: fail loudly, never skip it.
+                let message = format!("{name}: unexpected signature: {e:?}");
+                self.fail(message.clone());
+                return Err(message);
+            }
         };
         match f.call(&mut self.store, params) {
             Ok(r) => Ok(Some(r)),

@@ -445,3 +445,19 @@ fn chain_a_pause_in_the_first_filter_holds_the_second() {
     assert_eq!(v.callouts.len(), 2, "each filter made its callout");
     assert_eq!(v.upstream_body(), Some(&b"b"[..]));
 }
+
+#[test]
+fn a_module_of_another_abi_is_refused_with_a_reason() {
+    // A hand-assembled module exporting only `proxy_abi_version_0_1_0`.
+    let name = b"proxy_abi_version_0_1_0";
+    let mut wasm = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+    wasm.extend_from_slice(&[0x01, 0x04, 0x01, 0x60, 0x00, 0x00]); // type: () -> ()
+    wasm.extend_from_slice(&[0x03, 0x02, 0x01, 0x00]); // one function of type 0
+    wasm.extend_from_slice(&[0x07, (name.len() + 4) as u8, 0x01, name.len() as u8]);
+    wasm.extend_from_slice(name);
+    wasm.extend_from_slice(&[0x00, 0x00]); // export function 0
+    wasm.extend_from_slice(&[0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b]); // empty body
+    let e = firebreak_host_tests::Module::from_bytes("old.wasm", &wasm).err().expect("refused");
+    assert!(e.to_string().contains("not a proxy-wasm ABI 0.2.x module"), "{e}");
+    assert!(e.to_string().contains("proxy_abi_version_0_1_0"), "{e}");
+}
