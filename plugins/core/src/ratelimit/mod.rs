@@ -277,6 +277,7 @@ pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestF
     keyed.sort_by_key(|k| k.rule.report_only);
 
     // Several enforced rules: read them all first so that a refusal costs nothing elsewhere.
+    let mut skipped: Vec<String> = Vec::new();
     let enforced: Vec<&Keyed<'_>> = keyed.iter().filter(|k| !k.rule.report_only).collect();
     if enforced.len() > 1 {
         let mut peeked: Vec<(&Rule, Outcome)> = Vec::new();
@@ -291,7 +292,8 @@ pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestF
                     }
                 }
                 Err(error) if k.rule.fail_open => {
-                    events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: false })
+                    events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: false });
+                    skipped.push(k.rule.name.clone());
                 }
                 Err(error) => {
                     events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: true });
@@ -303,6 +305,8 @@ pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestF
             return limited(k.rule, &k.key, &outcome, &peeked, events);
         }
     }
+    // A fail-open rule whose store already failed on the read is not tried (or counted) twice.
+    keyed.retain(|k| !skipped.contains(&k.rule.name));
 
     let mut committed: Vec<(&Rule, Outcome)> = Vec::new();
     for k in &keyed {

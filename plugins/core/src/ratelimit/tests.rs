@@ -315,6 +315,50 @@ fn a_failing_or_corrupt_store_fails_closed() {
 }
 
 #[test]
+fn a_fail_open_rule_whose_store_fails_is_reported_once_and_the_others_still_decide() {
+    /// Fails every operation on the first bucket key it is asked for.
+    struct FirstBucketDown {
+        store: MemoryStore,
+        down: std::sync::Mutex<Option<String>>,
+    }
+    impl FirstBucketDown {
+        fn is_down(&self, key: &str) -> bool {
+            let mut down = self.down.lock().unwrap();
+            down.get_or_insert_with(|| key.to_string()) == key
+        }
+    }
+    impl SharedStore for FirstBucketDown {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            if self.is_down(key) {
+                return Err(StoreError::Unavailable);
+            }
+            self.store.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+            if self.is_down(key) {
+                return Err(StoreError::Unavailable);
+            }
+            self.store.set(key, value, cas)
+        }
+    }
+    let p = instance(
+        "fo",
+        &[rule("open", "ip", 1, 60, 1, r#","fail_open":true"#), rule("closed", "user", 1, 60, 1, "")],
+        r#","table":{"buckets":64}"#,
+    );
+    let store = FirstBucketDown { store: MemoryStore::default(), down: Default::default() };
+    let f = facts("10.0.0.1:1", Some("bob"));
+    // The open rule is read first: its bucket is the one that is down.
+    let d = check(&p, &store, &f, T0);
+    assert!(d.rejection.is_none(), "{:?}", d.rejection);
+    let open_errors = d.events.iter().filter(|e| matches!(e, Event::Error { rule, .. } if rule == "open")).count();
+    assert_eq!(open_errors, 1);
+    assert!(d.events.contains(&Event::Allowed { rule: "closed".into() }));
+    let d = check(&p, &store, &f, T0);
+    assert_eq!(d.rejection.map(|r| r.code), Some("rate_limited"), "the working rule still limits");
+}
+
+#[test]
 fn two_instances_never_share_a_budget() {
     let store = MemoryStore::default();
     let a = instance("before-signature", &[rule("r", "ip", 1, 60, 1, "")], "");
