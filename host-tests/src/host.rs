@@ -932,6 +932,15 @@ impl Host {
 
     /// Like [`Host::send_on`], but a strict-mode violation is an error.
     pub fn try_send_on(&mut self, worker: usize, request: Request) -> Result<Verdict> {
+        let verdict = self.run_on(worker, request)?;
+        if self.spec.strict.is_some() && !verdict.violations.is_empty() {
+            bail!("strict mode: {:?}", verdict.violations);
+        }
+        Ok(verdict)
+    }
+
+    /// Runs a request and returns its verdict, strict-mode violations included in it.
+    pub fn run_on(&mut self, worker: usize, request: Request) -> Result<Verdict> {
         let connection = self.connection();
         let spec = self.spec.clone();
         let w = self.workers.get_mut(worker).ok_or_else(|| anyhow!("no worker {worker}"))?;
@@ -939,9 +948,6 @@ impl Host {
         w.drive(&mut run, &spec);
         let verdict = w.finish(run, &spec);
         self.pump_queues();
-        if self.spec.strict.is_some() && !verdict.violations.is_empty() {
-            bail!("strict mode: {:?}", verdict.violations);
-        }
         Ok(verdict)
     }
 

@@ -60,6 +60,12 @@ pub struct ScenarioFile {
     /// The whole file runs only in the host (give the reason).
     #[serde(default)]
     pub host_only: Option<String>,
+    /// Strict mode (host): a misused host call is a failure of the case.
+    #[serde(default)]
+    pub strict: bool,
+    /// Strict mode with an allow-list (host): any other host call fails the case.
+    #[serde(default)]
+    pub allow_host_calls: Option<Vec<String>>,
     /// Envoy's `--concurrency` in Envoy mode (default 2). With 1, every request meets the same
     /// VM, so what happens after a trap is deterministic there too.
     #[serde(default)]
@@ -369,6 +375,11 @@ impl ScenarioFile {
             workers: self.workers.max(1),
             callouts,
             upstream: self.upstream_reply(),
+            strict: if self.strict || self.allow_host_calls.is_some() {
+                Some(crate::vm::Strict { allowed: self.allow_host_calls.as_ref().map(|l| l.iter().cloned().collect()) })
+            } else {
+                None
+            },
             ..PluginSpec::default()
         })
     }
@@ -673,7 +684,10 @@ impl Target {
     }
     fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
         match self {
-            Target::Single(h) => h.send_on(worker, request),
+            Target::Single(h) => h.run_on(worker, request).unwrap_or_else(|e| Verdict {
+                violations: vec![e.to_string()],
+                ..Verdict::default()
+            }),
             Target::Chain(c) => c.send_on(worker, request),
         }
     }
@@ -773,6 +787,9 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         let verdict = host.send_on(case.worker, request);
         let observed = Observed::from_verdict(&verdict);
         let mut problems = observed.check(&case.expect);
+        for v in &verdict.violations {
+            problems.push(format!("strict: {v}"));
+        }
         if let Some(t) = &verdict.trap {
             if case.expect.status != Some(503) {
                 problems.push(format!("trap: {t}"));
