@@ -110,6 +110,7 @@ def wait_until(predicate, what, timeout=15):
 def test_incident_1_fifty_concurrent_requests_with_one_key_execute_once(demo_api, gateway):
     ref, key = new_ref(), new_key()
     body = payout(ref)
+    upstream_before = gateway.counter("cluster.money_api.upstream_rq_total")
     # The first request is held upstream for a while so the others arrive while it is in flight.
     results = concurrently(50, lambda i: post(gateway, "/v1/payouts", body, key, [("x-demo-delay-ms", "1500")]))
     assert demo_api.executed(ref) == 1
@@ -125,6 +126,11 @@ def test_incident_1_fifty_concurrent_requests_with_one_key_execute_once(demo_api
     for r in replays:
         assert (r.status, r.body) == (201, originals[0].body)
     assert gateway.counter(f"{PREFIX}.rejected.request_in_flight") >= len(in_flight)
+    # Retries that find the key in flight are answered at header time: the router never opens an
+    # upstream request for them (the others are reset before their body is sent).
+    assert gateway.counter(f"{PREFIX}.decided_at_headers") >= 1
+    upstream = gateway.counter("cluster.money_api.upstream_rq_total") - upstream_before
+    assert upstream < 50, upstream
 
 
 def test_incident_2_a_completed_payout_retried_three_times_executes_once(demo_api, gateway):

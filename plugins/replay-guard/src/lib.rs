@@ -8,7 +8,7 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 
 use firebreak_core::replay::{
-    operator_request, parse_clear, Answer, ClaimAnswer, ClearAnswer, Decision, Exchange, FinishAnswer, LocalState,
+    decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClearAnswer, Decision, Exchange, FinishAnswer, LocalState,
     ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
 };
 use firebreak_core::Rejection;
@@ -33,6 +33,7 @@ const COUNTERS: &[&str] = &[
     "finish_not_owner",
     "finish_failed",
     "operator_cleared",
+    "decided_at_headers",
     "rejected.request_in_flight",
     "rejected.outcome_unknown",
     "rejected.duplicate_request",
@@ -234,6 +235,18 @@ impl ReplayFilter {
         glue::log(level, &format!("firebreak {PLUGIN} {counter} {outcome} complete={complete} {context}"));
     }
 
+    /// A key still in flight is refused at header time, before the router opens an upstream
+    /// request for the retry. Store errors are left to the claim (which fails closed).
+    fn early_answer(&self, exchange: &Exchange) -> Option<ClaimAnswer> {
+        let address = exchange.key_address(&self.policy)?;
+        let now = glue::now_ms()?;
+        let state = LocalState { policy: &self.policy, store: &HostStore };
+        match state.peek(address, now) {
+            Answer::Now(Ok(record)) => decide_early(record.as_ref(), now, self.policy.in_flight_timeout_ms),
+            Answer::Now(Err(_)) | Answer::Later => None,
+        }
+    }
+
     /// An operator's clear request, complete: free an `outcome_unknown` key.
     fn operator_clear(&mut self, body_size: usize) -> Action {
         let context = self.operator_context.clone();
@@ -316,7 +329,12 @@ impl HttpContext for ReplayFilter {
             }
             Err((error, context)) => self.reject(&error, &context),
             Ok(Some(exchange)) => {
+                let early = self.early_answer(&exchange);
                 self.exchange = Some(exchange);
+                if let Some(answer) = early {
+                    self.counters.increment("decided_at_headers");
+                    return self.on_claim_answer(Ok(answer));
+                }
                 if end_of_stream {
                     return self.claim(&[]);
                 }

@@ -339,6 +339,12 @@ impl Exchange {
         hasher.finalize().into()
     }
 
+    /// Where this request's key lives (header time), if it carries one.
+    pub fn key_address(&self, policy: &ReplayPolicy) -> Option<KeyHash> {
+        let route = policy.routes.get(self.route)?;
+        self.key.as_deref().map(|key| key_hash(&route.name, self.principal.as_deref(), key))
+    }
+
     /// The claim to make once the body is complete. `None`: nothing to claim (a route with
     /// optional keys and collapse off); forward.
     pub fn claim_request(&self, policy: &ReplayPolicy, body: &[u8], claim_id: u64) -> Option<ClaimRequest> {

@@ -26,7 +26,7 @@ pub use exchange::{
 };
 pub use record::{KeyState, Record, StoredBody, StoredResponse, MAX_RESPONSE_HEAD_LEN, RECORD_LEN};
 pub use state::{
-    decide_claim, decide_clear, decide_finish, Answer, ClaimAnswer, ClearAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
+    decide_claim, decide_clear, decide_early, decide_finish, Answer, ClaimAnswer, ClearAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
     LocalState, Outcome, Owner, ReplayState, StateError,
 };
 

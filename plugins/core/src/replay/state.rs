@@ -127,6 +127,23 @@ pub trait ReplayState {
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>>;
     /// An operator frees an `outcome_unknown` key after reconciling it.
     fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>>;
+    /// A read of the key's record at header time, before the body (see [`decide_early`]). A
+    /// store for which an extra read is not worth it answers `Now(Ok(None))`.
+    fn peek(&self, key: KeyHash, now_ms: u64) -> Answer<Result<Option<Record>, StateError>>;
+}
+
+/// Pure: what the key's record already says at header time, whatever the body will be. Only a
+/// request still in flight (not past the timeout) is refused this early (`409 request_in_flight`,
+/// which takes precedence over a fingerprint mismatch): a flood of retries is then answered
+/// before the router opens an upstream request for each. Everything else waits for the body and
+/// the claim, which decides authoritatively; this never forwards anything.
+pub fn decide_early(current: Option<&Record>, now_ms: u64, in_flight_timeout_ms: NonZeroU64) -> Option<ClaimAnswer> {
+    match current {
+        Some(r) if r.state == KeyState::InFlight && now_ms.saturating_sub(r.claimed_at_ms) < in_flight_timeout_ms.get() => {
+            Some(ClaimAnswer::InFlight)
+        }
+        _ => None,
+    }
 }
 
 /// Pure: only an uncertain key can be cleared (`outcome_unknown`, or in flight past the timeout).
@@ -345,6 +362,14 @@ impl ReplayState for LocalState<'_> {
 
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
         Answer::Now(self.finish_now(request, now_ms))
+    }
+
+    fn peek(&self, key: KeyHash, now_ms: u64) -> Answer<Result<Option<Record>, StateError>> {
+        Answer::Now(match self.policy.key_table.get(self.store, key, now_ms) {
+            Ok(Some((payload, _, _))) => Record::decode(&payload).map(Some).ok_or(StateError::Unavailable),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error.into()),
+        })
     }
 
     fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {

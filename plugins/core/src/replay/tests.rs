@@ -636,6 +636,9 @@ impl ReplayState for Deferred<'_> {
     fn clear(&self, key: crate::store::KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {
         self.inner.clear(key, now_ms)
     }
+    fn peek(&self, key: crate::store::KeyHash, now_ms: u64) -> Answer<Result<Option<Record>, StateError>> {
+        self.inner.peek(key, now_ms)
+    }
 }
 
 #[test]
@@ -744,4 +747,33 @@ fn an_operator_clears_only_uncertain_keys() {
     c.answer(&mut ex.unwrap(), 201, "{}", true, 1);
     assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":null,"idempotency_key":"done"}"#, 2), Ok(ClearAnswer::Completed));
     assert!(matches!(c.send("/v1/payouts", Some("\"done\""), None, BODY, 3).0, Ok(Decision::Replay(_))));
+}
+
+// ---- header-time answers ----
+
+#[test]
+fn incident_3_retries_of_a_key_in_flight_are_refused_before_the_body() {
+    let p = policy();
+    let store = MemoryStore::default();
+    let state = LocalState { policy: &p, store: &store };
+    let c = Client::new(&p, &state);
+    let early = |key: &str, body_principal: Option<&str>, now: u64| {
+        let h = headers(Some(key));
+        let facts = RequestFacts { method: "POST", path_and_query: "/v1/payouts", headers: &h, principal: body_principal };
+        let ex = Exchange::begin(&p, &facts).unwrap().unwrap();
+        let Answer::Now(record) = state.peek(ex.key_address(&p).unwrap(), now) else { panic!() };
+        decide_early(record.unwrap().as_ref(), now, p.in_flight_timeout_ms)
+    };
+    assert_eq!(early("\"e\"", None, 0), None, "absent: wait for the body");
+    let (_, ex) = c.send("/v1/payouts", Some("\"e\""), None, BODY, 0);
+    let mut ex = ex.unwrap();
+    assert_eq!(early("\"e\"", None, 1), Some(ClaimAnswer::InFlight));
+    assert_eq!(early("\"e\"", Some("alice"), 1), None, "another principal's key");
+    assert_eq!(early("\"e\"", None, 10_000), None, "past the in-flight timeout: the claim decides (outcome_unknown)");
+    c.answer(&mut ex, 201, "{}", true, 2);
+    assert_eq!(early("\"e\"", None, 3), None, "completed: the body decides replay or 422");
+    // A keyless request has no address: collapse needs the body.
+    let h = headers(None);
+    let facts = RequestFacts { method: "POST", path_and_query: "/v1/transfers", headers: &h, principal: None };
+    assert_eq!(Exchange::begin(&p, &facts).unwrap().unwrap().key_address(&p), None);
 }
