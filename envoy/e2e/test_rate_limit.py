@@ -5,6 +5,7 @@ the RateLimit headers, and no way around a per-IP limit with a forged X-Forwarde
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -319,3 +320,33 @@ def test_admitted_rate_under_five_times_overload(envoy_factory, bootstrap_patch)
     if max_gap >= burst / rate:
         pytest.skip(f"client stalled {max_gap:.2f}s (machine overloaded): lower bound not meaningful")
     assert admitted >= 0.98 * expected, (admitted, expected)
+
+
+def test_the_readme_envoy_yaml_works_as_documented(demo_api, tmp_path):
+    """plugins/rate-limit/envoy.yaml, with free ports and this run's demo API: the README's claim."""
+    text = (harness.ROOT / "plugins" / "rate-limit" / "envoy.yaml").read_text()
+    port, admin = harness.free_port(), harness.free_port()
+    for old, new in [("port_value: 10000", f"port_value: {port}"), ("port_value: 9901", f"port_value: {admin}"),
+                     ("port_value: 18080", f"port_value: {demo_api.port}"),
+                     ("filename: target/", f"filename: {harness.ROOT}/target/")]:
+        assert old in text, old
+        text = text.replace(old, new)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(text)
+    log = tmp_path / "envoy.log"
+    env = dict(os.environ, **{harness.DEMO_KEY_ENV: harness.DEMO_SECRET_B64})
+    proc = subprocess.Popen([str(harness.ENVOY), "-c", str(config), "--concurrency", "2", "--use-dynamic-base-id",
+                             "--disable-hot-restart", "-l", "warning"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        harness.wait_for(lambda: harness.send(admin, "GET", "/ready", timeout=1).status == 200, 30, "envoy", proc, log)
+        url = f"http://127.0.0.1:{port}/v1/transfers"
+        statuses = []
+        for _ in range(7):
+            body = transfer(new_ref())
+            statuses.append(harness.send(port, "POST", "/v1/transfers", JSON + harness.sign("POST", url, body), body).status)
+        assert statuses == [201] * 5 + [429] * 2
+        assert harness.send(port, "GET", BALANCE).status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
