@@ -416,3 +416,42 @@ fn fingerprint_is_sha256_hex() {
     assert_eq!(parse_fingerprint(&fingerprint(b"abc")).map(|f| f.len()), Some(32));
     assert_eq!(parse_fingerprint("ba78"), None);
 }
+
+#[test]
+fn arbitrary_inputs_never_panic() {
+    // Deterministic xorshift: bodies, headers and codings built from random bytes biased towards
+    // the characters the detector cares about.
+    let p = policy_with(r#","max_decoded_bytes":65536"#);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet = b"aZ09+/=-_%:.{}[]\",;& \n\r\t\\?#@!\x00\xff\xc3";
+    for round in 0..1000 {
+        let len = (next() % 200) as usize;
+        let mut body: Vec<u8> = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+        if round % 7 == 0 {
+            body.extend_from_slice(PROD.as_bytes());
+        }
+        let text = String::from_utf8_lossy(&body).replace(['\r', '\n', '\0'], "x");
+        for (ct, ce) in [("application/json", ""), ("application/x-www-form-urlencoded", ""), ("text/plain", "gzip"), ("", "deflate")] {
+            let mut extra = vec![("content-type", ct), ("x-h", text.as_str()), ("authorization", text.as_str())];
+            if !ce.is_empty() {
+                extra.push(("content-encoding", ce));
+            }
+            let path = format!("/v1/x?{}", text.replace(' ', "+"));
+            let h = req("POST", &path, &extra);
+            if let Ok(plan) = check_headers(&p, &h) {
+                let _ = check_body(&p, &plan, &body);
+                if !ce.is_empty() {
+                    let _ = check_body(&p, &plan, &gzip(&body));
+                }
+            }
+        }
+        let _ = p.detector.production_host_in_text(&body);
+        let _ = super::detect::host_of(&text);
+    }
+}
