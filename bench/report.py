@@ -1,0 +1,388 @@
+"""Turns .run/bench/results.json (bench/run.py) into docs/benchmarks.md and docs/benchmarks.png.
+Every number in the document comes from that file; the prose around a missed target is chosen
+by which target was missed and by how much."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / ".run" / "bench" / "results.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+CHART = ROOT / "docs" / "benchmarks.png"
+
+FILTERS = ["request_signature", "replay_guard", "rate_limit", "env_guard"]
+TARGET_FILTER = 1.12
+TARGET_CHAIN = 1.25
+TARGET_LAT_MEAN = 40.0
+TARGET_LAT_P99 = 150.0
+TARGET_WASM_NATIVE = 1.5
+TARGET_HOST_CALLS = 8
+TARGET_MEMORY = 1.2
+SATURATED = 0.9
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=2, suffix=""):
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}{suffix}"
+
+
+def verdict(value, target, lower_is_better=True):
+    if value is None:
+        return "not measured"
+    ok = value <= target if lower_is_better else value >= target
+    if ok:
+        return "**met**"
+    return f"**missed** by {value / target - 1:.0%}" if target else "**missed**"
+
+
+class Results:
+    def __init__(self, data: dict):
+        self.d = data
+        self.labels = data["labels"]
+        self.configs = data["configs"]
+        self.sizes = data["params"]["sizes"]
+        self.rounds = data["params"]["rounds"]
+        # runs[(config, size)][round] = run
+        self.cpu = defaultdict(dict)
+        for run in data["cpu_runs"]:
+            self.cpu[(run["config"], run["size"])][run["round"]] = run
+        self.lat = defaultdict(dict)
+        for run in data["latency_runs"]:
+            self.lat[run["config"]][run["round"]] = run
+
+    def label(self, c):
+        label = self.labels.get(c, c)
+        if c == "chain":
+            label += " (" + " + ".join(["buffer"] + [m.replace("_", "-") for m in self.d.get("chain_members", [])]) + ")"
+        return label
+
+    def cpu_ratio(self, c, size, base="bare"):
+        """Median over rounds of the per-round ratio of Envoy CPU time per request."""
+        ratios = []
+        for r, run in self.cpu[(c, size)].items():
+            b = self.cpu[(base, size)].get(r)
+            if b and b["cpu_us_per_req"] > 0:
+                ratios.append(run["cpu_us_per_req"] / b["cpu_us_per_req"])
+        return med(ratios)
+
+    def cpu_added(self, c, size, base="bare"):
+        diffs = []
+        for r, run in self.cpu[(c, size)].items():
+            b = self.cpu[(base, size)].get(r)
+            if b:
+                diffs.append(run["cpu_us_per_req"] - b["cpu_us_per_req"])
+        return med(diffs)
+
+    def cpu_field(self, c, size, field):
+        return med([run[field] for run in self.cpu[(c, size)].values()])
+
+    def non2xx(self, c, size=None):
+        runs = [run for (cc, s), rr in self.cpu.items() if cc == c and (size is None or s == size) for run in rr.values()]
+        return sum(r["non_2xx"] for r in runs), sum(r["requests"] for r in runs)
+
+    def lat_added(self, c, field):
+        diffs = []
+        for r, run in self.lat[c].items():
+            b = self.lat["bare"].get(r)
+            if b:
+                diffs.append(run[field] - b[field])
+        return med(diffs)
+
+    def lat_field(self, c, field):
+        return med([run[field] for run in self.lat[c].values()])
+
+
+def chart(res: Results, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = res.configs
+    short = [res.labels.get(c, c).replace(" (router only)", "").replace("Envoy ", "") for c in configs]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+
+    ax = axes[0]
+    xs = range(len(configs))
+    ratios = {size: [res.cpu_ratio(c, size) or 0 for c in configs] for size in res.sizes}
+    width = 0.8 / max(len(res.sizes), 1)
+    for i, size in enumerate(res.sizes):
+        ax.bar([x + i * width for x in xs], ratios[size], width, label=f"{size} B body")
+    ax.axhline(TARGET_FILTER, color="tab:orange", ls="--", lw=1, label=f"target one filter {TARGET_FILTER}x")
+    ax.axhline(TARGET_CHAIN, color="tab:red", ls="--", lw=1, label=f"target chain {TARGET_CHAIN}x")
+    ax.set_xticks([x + width * (len(res.sizes) - 1) / 2 for x in xs], short, rotation=30, ha="right")
+    ax.set_ylabel("Envoy CPU per request / bare Envoy")
+    ax.set_title("CPU per proxied request (median ratio)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    means = [res.lat_field(c, "lat_mean_us") or 0 for c in configs]
+    p99s = [res.lat_field(c, "lat_p99_us") or 0 for c in configs]
+    ax.bar([x - 0.2 for x in xs], means, 0.4, label="mean")
+    ax.bar([x + 0.2 for x in xs], p99s, 0.4, label="p99")
+    ax.set_xticks(list(xs), short, rotation=30, ha="right")
+    ax.set_ylabel("microseconds")
+    ax.set_title(f"Latency at one connection ({res.d['params']['latency_size']} B body, median of rounds)")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    for i, size in enumerate(res.sizes):
+        rps = [res.cpu_field(c, size, "rps") or 0 for c in configs]
+        ax.bar([x + i * width for x in xs], rps, width, label=f"{size} B body")
+    ax.set_xticks([x + width * (len(res.sizes) - 1) / 2 for x in xs], short, rotation=30, ha="right")
+    ax.set_ylabel("requests per second")
+    ax.set_title(f"Throughput, {res.d['params']['connections']} connections (load-generator bound unless marked)")
+    ax.legend(fontsize=8)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(res: Results) -> str:
+    d = res.d
+    p = d["params"]
+    f = d["facts"]
+    out = []
+    w = out.append
+    w("# Benchmarks: what each filter and the whole chain cost")
+    w("")
+    w("Generated by `bash scripts/bench.sh` from one run on one machine (" + f["date_utc"] +
+      ", commit `" + f["commit"] + "`" + (", **--quick run: noisier numbers**" if p["quick"] else "") +
+      "). Do not edit by hand: rerun the command.")
+    w("")
+    if d["modules_missing"]:
+        w(f"**Modules missing from this run** (not built when it ran): {', '.join('`' + m + '.wasm`' for m in d['modules_missing'])}. "
+          "Their rows are absent or marked n/a.")
+        w("")
+    if "replay_guard" not in d.get("chain_members", []) and "replay_guard" not in d["modules_missing"]:
+        w("**replay-guard** is built but has no benchmark configuration yet (`bench/filters_replay.py`): "
+          "it is measured neither alone nor in the chain.")
+        w("")
+    w("## How it is measured")
+    w("")
+    w(f"""- **Command:** `bash scripts/bench.sh` (about 12 minutes; `--quick` about 4). It installs `wrk` (Debian) and
+  matplotlib (`bench/requirements.txt`, into `.venv`), builds the modules and the bench tool, runs
+  `bench/run.py`, then `bench/report.py` writes this file and `docs/benchmarks.png`.
+- **Topology:** Envoy under test, one worker (`--concurrency 1`) pinned to core 1 (`taskset`); the
+  load generator `wrk` (one thread, keep-alive) and the upstream, a second Envoy that answers every
+  request itself (`direct_response`, the same for every configuration), pinned to core 0.
+- **Requests:** signed `POST /v1/transfers` with JSON bodies of {", ".join(f"{s} B" for s in p["sizes"])}: every
+  request has its own nonce and `Idempotency-Key` (covered by the signature), pre-signed by
+  `bench/tool` and replayed by `bench/replay.lua`; every Envoy sees each one once. The same bytes go
+  to every configuration, bare Envoy included. Non-2xx responses are counted (tables below): the
+  benchmark measures accepted requests.
+- **Headline:** Envoy CPU time per proxied request, from the kernel's accounting of the Envoy
+  process (`utime+stime` in `/proc/<pid>/stat` before and after each {p["duration_s"]} s run, divided by the
+  responses completed). {p["rounds"]} rounds; each round starts every configuration afresh and runs them
+  one after another (order rotated each round), so A and B run seconds apart; a ratio is computed
+  per round against bare Envoy of the same round, and the table shows the median over rounds.
+- **Throughput** is reported only where Envoy's core was saturated (CPU time / wall time >= {SATURATED});
+  elsewhere the load generator and the upstream on core 0 are the bottleneck and requests per second
+  say nothing about the filters.
+- **Latency added:** one connection (`wrk -c1`), {p["latency_duration_s"]} s per configuration per round, {p["latency_size"]} B bodies;
+  added = configuration minus bare Envoy in the same round, median over rounds.
+- **Memory:** Envoy's RSS (`VmRSS`) after {p["memory_keys"]:,} requests with distinct nonces,
+  Idempotency-Keys and rate-limit keys, each configuration on a fresh Envoy, against bare Envoy
+  after the same requests.
+- **Micro-benchmarks:** `bench/tool micro`: each decision core built natively (sha2's portable
+  backend, as in wasm) and the same code in the filter's wasm module run by the test host
+  (`host-tests`, wasmtime), on the same signed inputs; host calls per accepted request as the test
+  host counts them.
+""")
+    w("## The machine")
+    w("")
+    w("| Fact | Value |")
+    w("|---|---|")
+    for k, label in [("cpu", "CPU"), ("cores", "Cores"), ("memory_gib", "Memory (GiB)"), ("kernel", "Kernel"),
+                     ("envoy", "Envoy"), ("wrk", "Load generator"), ("rustc", "Rust"), ("loadavg_at_start", "Load average at start")]:
+        v = f.get(k)
+        w(f"| {label} | {' '.join(v) if isinstance(v, list) else v} |")
+    contention = [r.get("core_busy_others") for r in d["cpu_runs"] if r.get("core_busy_others") is not None]
+    if contention:
+        w(f"| Core 1 used by other processes during CPU runs (median) | {med(contention):.0%} |")
+    w("")
+    w("This machine is shared (other builds and tests run on it at the same time), which makes absolute figures "
+      "noisy and higher than on a quiet host; ratios from interleaved runs are the figures to read.")
+    w("")
+
+    # Headline.
+    w("## Headline: Envoy CPU per proxied request, against bare Envoy")
+    w("")
+    head = "| Configuration | Target | " + " | ".join(f"{s} B" for s in res.sizes) + " | Verdict (worst size) |"
+    w(head)
+    w("|---" * (3 + len(res.sizes)) + "|")
+    for c in res.configs:
+        if c == "bare":
+            continue
+        target = TARGET_CHAIN if c == "chain" else TARGET_FILTER if c in FILTERS else None
+        ratios = [res.cpu_ratio(c, s) for s in res.sizes]
+        worst = max([r for r in ratios if r is not None], default=None)
+        cells = [f"{fmt(r)}x (+{fmt(res.cpu_added(c, s), 1)} us)" for r, s in zip(ratios, res.sizes)]
+        tcell = f"<= {target}x" if target else ("reference (~1.03x)" if c == "native_local_ratelimit" else "reference")
+        w(f"| {res.label(c)} | {tcell} | " + " | ".join(cells) + f" | {verdict(worst, target) if target else '-'} |")
+    w("")
+    w("Each cell: median over rounds of (CPU per request of the configuration) / (CPU per request of bare Envoy in the same round), "
+      "and in brackets the median CPU time added per request. Every wasm filter runs behind Envoy's `buffer` "
+      "filter where it reads the body (as the filter READMEs require), so its row includes the buffer filter's own cost "
+      "(the `buffer` row).")
+    w("")
+    w("### Absolute figures per run (medians over rounds)")
+    w("")
+    w("| Configuration | Body | Envoy CPU per request | Requests per second | Envoy core busy | Non-2xx / requests |")
+    w("|---|---|---|---|---|---|")
+    for c in res.configs:
+        for s in res.sizes:
+            util = res.cpu_field(c, s, "envoy_util")
+            rps = res.cpu_field(c, s, "rps")
+            bad, total = res.non2xx(c, s)
+            rps_cell = f"{rps:,.0f} (Envoy saturated)" if util is not None and util >= SATURATED else f"({rps:,.0f}: load-generator bound)" if rps else "n/a"
+            w(f"| {res.label(c)} | {s} B | {fmt(res.cpu_field(c, s, 'cpu_us_per_req'), 1, ' us')} | {rps_cell} | {fmt(util and util * 100, 0, '%')} | {bad} / {total:,} |")
+    w("")
+
+    # Latency.
+    w(f"## Latency added at one connection ({p['latency_size']} B body)")
+    w("")
+    w(f"| Configuration | Mean | p99 | Mean added (target <= {TARGET_LAT_MEAN:.0f} us) | p99 added (target <= {TARGET_LAT_P99:.0f} us) | Non-2xx |")
+    w("|---|---|---|---|---|---|")
+    for c in res.configs:
+        mean, p99 = res.lat_field(c, "lat_mean_us"), res.lat_field(c, "lat_p99_us")
+        bad = sum(r["non_2xx"] for r in res.lat[c].values())
+        if c == "bare":
+            w(f"| {res.label(c)} | {fmt(mean, 0, ' us')} | {fmt(p99, 0, ' us')} | - | - | {bad} |")
+            continue
+        am, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p99_us")
+        w(f"| {res.label(c)} | {fmt(mean, 0, ' us')} | {fmt(p99, 0, ' us')} | {fmt(am, 0, ' us')} {verdict(am, TARGET_LAT_MEAN)} | "
+          f"{fmt(ap, 0, ' us')} {verdict(ap, TARGET_LAT_P99)} | {bad} |")
+    w("")
+
+    # Memory.
+    w(f"## Envoy memory with {p['memory_keys']:,} tracked keys")
+    w("")
+    mem = d.get("memory") or {}
+    if mem:
+        bare = mem.get("bare", {}).get("rss_kib")
+        w(f"| Configuration | RSS at start | RSS after {p['memory_keys']:,} requests | vs bare after the same requests (target <= {TARGET_MEMORY}x) | Accepted (keys tracked) |")
+        w("|---|---|---|---|---|")
+        for c, m in mem.items():
+            ratio = m["rss_kib"] / bare if bare else None
+            accepted = m["requests"] - m["non_2xx"]
+            cell = "-" if c == "bare" else f"{fmt(ratio)}x {verdict(ratio, TARGET_MEMORY) if c in FILTERS or c == 'chain' else ''}"
+            w(f"| {res.label(c)} | {m['rss_start_kib'] / 1024:.1f} MiB | {m['rss_kib'] / 1024:.1f} MiB | {cell} | {accepted:,} |")
+        w("")
+    else:
+        w("Not measured in this run (`--skip-memory`).")
+        w("")
+
+    # Micro.
+    w("## Micro-benchmarks: wasm against the same code native")
+    w("")
+    micro = d.get("micro") or {}
+    if "filters" in micro:
+        w(f"Native SHA-256 backend: {micro.get('sha256_backend')}. Median of {micro.get('reps')} repetitions.")
+        w("")
+        w("| Decision | Input | Native | wasm in the test host | wasm, net of the host's per-request cost | wasm / native | net / native (target <= 1.5x for signatures) |")
+        w("|---|---|---|---|---|---|---|")
+        for name, m in micro["filters"].items():
+            if "missing" in m or "error" in m:
+                w(f"| {name} | - | {'module missing' if 'missing' in m else 'error: ' + str(m['error'])[:80]} | | | | |")
+                continue
+            for inp, r in m["sizes"].items():
+                target = name == "request_signature"
+                w(f"| {name} | {inp} | {r['native_ns'] / 1000:.1f} us | {r['wasm_ns'] / 1000:.1f} us | {r['wasm_net_ns'] / 1000:.1f} us | "
+                  f"{r['ratio']:.2f}x | {r['net_ratio']:.2f}x {verdict(r['net_ratio'], TARGET_WASM_NATIVE) if target else ''} |")
+        w("")
+        w("\"wasm in the test host\" is the whole filter path per request in wasmtime (callbacks, host calls, the test host's "
+          "own bookkeeping); \"net\" subtracts the same module passing the same request on a route it does not protect.")
+        w("")
+        w(f"### Host calls per accepted request (target <= {TARGET_HOST_CALLS} per filter)")
+        w("")
+        w("| Filter | Host calls | Verdict | By call |")
+        w("|---|---|---|---|")
+        for name, m in micro["filters"].items():
+            hc = m.get("host_calls_accepted")
+            if not hc:
+                continue
+            by = ", ".join(f"`{k}` {v}" for k, v in sorted(hc["by_call"].items()))
+            w(f"| {name} | {hc['total']} | {verdict(hc['total'], TARGET_HOST_CALLS)} | {by} |")
+        w("")
+    else:
+        w("Not measured in this run: " + str(micro.get("error", "--skip-micro"))[:300])
+        w("")
+
+    # Targets.
+    w("## Targets and gaps")
+    w("")
+    misses = gaps(res)
+    if not misses:
+        w("Every target measured in this run is met.")
+    for line in misses:
+        w(f"- {line}")
+    w("")
+    analysis = ROOT / "bench" / "analysis.md"
+    if analysis.exists():
+        w(analysis.read_text().strip())
+        w("")
+    w("![CPU ratio, latency and throughput](benchmarks.png)")
+    w("")
+    return "\n".join(out)
+
+
+def gaps(res: Results) -> list[str]:
+    out = []
+    for c in res.configs:
+        if c not in FILTERS and c != "chain":
+            continue
+        target = TARGET_CHAIN if c == "chain" else TARGET_FILTER
+        for s in res.sizes:
+            r = res.cpu_ratio(c, s)
+            if r is not None and r > target:
+                out.append(f"CPU, {res.label(c)}, {s} B: {r:.2f}x against a target of {target}x "
+                           f"(+{res.cpu_added(c, s):.1f} us per request; missed by {r / target - 1:.0%}).")
+    for c in res.configs:
+        if c in ("bare", "buffer", "native_local_ratelimit"):
+            continue
+        am, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p99_us")
+        if am is not None and am > TARGET_LAT_MEAN:
+            out.append(f"Latency, {res.label(c)}: mean added {am:.0f} us against {TARGET_LAT_MEAN:.0f} us.")
+        if ap is not None and ap > TARGET_LAT_P99:
+            out.append(f"Latency, {res.label(c)}: p99 added {ap:.0f} us against {TARGET_LAT_P99:.0f} us.")
+    mem = res.d.get("memory") or {}
+    bare = mem.get("bare", {}).get("rss_kib")
+    for c, m in mem.items():
+        if bare and (c in FILTERS or c == "chain") and m["rss_kib"] / bare > TARGET_MEMORY:
+            out.append(f"Memory, {res.label(c)}: {m['rss_kib'] / bare:.2f}x bare Envoy's RSS against {TARGET_MEMORY}x "
+                       f"(+{(m['rss_kib'] - bare) / 1024:.1f} MiB for {res.d['params']['memory_keys']:,} keys).")
+    micro = (res.d.get("micro") or {}).get("filters", {})
+    for name, m in micro.items():
+        if name == "request_signature" and "sizes" in m:
+            for inp, r in m["sizes"].items():
+                if r["net_ratio"] > TARGET_WASM_NATIVE:
+                    out.append(f"wasm/native, signature verification, {inp} B: {r['net_ratio']:.2f}x net of the test host's "
+                               f"per-request cost against {TARGET_WASM_NATIVE}x.")
+        hc = m.get("host_calls_accepted")
+        if hc and hc["total"] > TARGET_HOST_CALLS:
+            out.append(f"Host calls, {name}: {hc['total']} per accepted request against {TARGET_HOST_CALLS}.")
+    return out
+
+
+def main():
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    res = Results(json.loads(path.read_text()))
+    DOC.parent.mkdir(exist_ok=True)
+    chart(res, CHART)
+    DOC.write_text(render(res))
+    print(f"wrote {DOC} and {CHART}")
+
+
+if __name__ == "__main__":
+    main()

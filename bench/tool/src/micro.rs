@@ -1,0 +1,320 @@
+//! Micro-benchmarks: each decision core built natively against the same code inside its wasm
+//! module, run by the test host (host-tests, wasmtime) on the same inputs; host calls per
+//! accepted request, as counted by the test host.
+//!
+//! "wasm" is the whole filter callback path in the test host (the module's callbacks, its host
+//! calls, the host's own bookkeeping); "wasm net" subtracts the same module answering the same
+//! request on a route it does not protect (one header read, continue), which leaves the decision
+//! code plus the host calls it needs (body copy, shared data, header and property writes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use firebreak_core::signature::{claim_nonce, verify_body, verify_headers, RequestView, SignaturePolicy};
+use firebreak_core::store::MemoryStore;
+use firebreak_host_tests::{Host, Module, Request, Verdict, DEFAULT_START_NANOS};
+use serde_json::{json, Value};
+
+use crate::requests::header_block;
+use crate::{body, Args, AUTHORITY, KEY_ID, PATH, SECRET_B64};
+
+/// A request as the filter sees it: pseudo-headers first, then the headers, and the body.
+#[derive(Clone)]
+struct Input {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Input {
+    fn to_host(&self, path: &str) -> Request {
+        let mut r = Request::post(path).set_header(":authority", AUTHORITY);
+        for (name, value) in self.headers.iter().filter(|(n, _)| !n.starts_with(':')) {
+            r = r.header(name, value);
+        }
+        if !self.body.is_empty() {
+            r = r.body(&self.body);
+        }
+        r
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses one pre-signed header block back into (name, value) pairs, pseudo-headers included.
+fn parse_block(block: &str, body: Vec<u8>) -> Input {
+    let mut lines = block.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or("POST").to_string();
+    let path = parts.next().unwrap_or(PATH).to_string();
+    let mut headers = vec![
+        (":authority".to_string(), AUTHORITY.to_string()),
+        (":path".to_string(), path),
+        (":method".to_string(), method),
+        (":scheme".to_string(), "http".to_string()),
+    ];
+    for line in lines.filter(|l| !l.is_empty()) {
+        if let Some((name, value)) = line.split_once(": ") {
+            if name != "host" {
+                headers.push((name.to_string(), value.to_string()));
+            }
+        }
+    }
+    Input { headers, body }
+}
+
+fn inputs(size: usize, count: usize, created: u64, secret: &[u8]) -> Result<Vec<Input>, String> {
+    let body = body(size);
+    (0..count as u64)
+        .map(|i| header_block(size, i, created, secret, &body).map(|b| parse_block(&b, body.clone())))
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Nanoseconds per request of `send` over fresh copies of `requests` on a fresh host.
+fn time_wasm(module: &Arc<Module>, config: &str, requests: &[Request], check: &dyn Fn(&Verdict) -> bool) -> Result<(f64, Verdict), String> {
+    let mut host = Host::builder(module).config(config).start().map_err(|e| e.to_string())?;
+    let batch: Vec<Request> = requests.to_vec();
+    let mut last = Verdict::default();
+    let mut bad = 0usize;
+    let start = Instant::now();
+    for request in batch {
+        last = host.send(request);
+        if !check(&last) {
+            bad += 1;
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / requests.len().max(1) as f64;
+    if bad > 0 {
+        return Err(format!("{bad} of {} requests got an unexpected verdict in the test host (last: status {}, {:?}, trap {:?})",
+            requests.len(), last.status, last.error_code(), last.trap));
+    }
+    Ok((ns, last))
+}
+
+fn signature_config() -> String {
+    json!({
+        "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],
+        "keys": [{"id": KEY_ID, "secret_base64": SECRET_B64}],
+        "max_age_seconds": 3600,
+        "future_skew_seconds": 5,
+        "max_body_bytes": 65536,
+        "covered_headers_when_present": ["idempotency-key"],
+    })
+    .to_string()
+}
+
+fn signature(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -> Result<Value, String> {
+    let path = wasm_dir.join("request_signature.wasm");
+    if !path.exists() {
+        return Ok(json!({"missing": path}));
+    }
+    let module = Module::load(&path).map_err(|e| format!("{e:#}"))?;
+    let config = signature_config();
+    let policy = SignaturePolicy::from_json(config.as_bytes(), &|_| None).map_err(|e| format!("{e:?}"))?;
+    let created = DEFAULT_START_NANOS / 1_000_000_000;
+    let now_ms = DEFAULT_START_NANOS / 1_000_000;
+    let secret = base64_decode(SECRET_B64)?;
+    let mut out = serde_json::Map::new();
+    let mut host_calls = Value::Null;
+    let mut host_calls_unprotected = Value::Null;
+    for &size in sizes {
+        let n = if size >= 8192 { iterations / 2 } else { iterations }.max(100);
+        let inputs = inputs(size, n, created, &secret)?;
+        let accepted: Vec<Request> = inputs.iter().map(|i| i.to_host(PATH)).collect();
+        let unprotected: Vec<Request> = inputs.iter().map(|i| i.to_host("/bench/unprotected")).collect();
+        let (mut native, mut wasm, mut wasm_base) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            // Native: the same three steps the filter takes, over a store with Envoy's semantics.
+            let store = MemoryStore::default();
+            let start = Instant::now();
+            for input in &inputs {
+                let path = input.header(":path").unwrap_or(PATH);
+                let view = RequestView { method: "POST", scheme: "http", authority: AUTHORITY, path_and_query: path, headers: &input.headers };
+                let verified = verify_headers(&policy, &view, now_ms).map_err(|e| format!("native verify: {e:?}"))?;
+                claim_nonce(&policy, &store, &verified, now_ms).map_err(|e| format!("native nonce: {e:?}"))?;
+                verify_body(&policy, &verified, input.header("content-digest"), &input.body).map_err(|e| format!("native body: {e:?}"))?;
+            }
+            native.push(start.elapsed().as_nanos() as f64 / n as f64);
+
+            let (ns, verdict) = time_wasm(&module, &config, &accepted, &|v| v.status == 200 && v.forwarded())?;
+            wasm.push(ns);
+            host_calls = json!({"total": verdict.host_call_total(), "by_call": verdict.host_calls});
+            let (ns, verdict) = time_wasm(&module, &config, &unprotected, &|v| v.status == 200 && v.forwarded())?;
+            wasm_base.push(ns);
+            host_calls_unprotected = json!({"total": verdict.host_call_total(), "by_call": verdict.host_calls});
+        }
+        let (native, wasm, base) = (median(native), median(wasm), median(wasm_base));
+        out.insert(size.to_string(), json!({
+            "iterations": n,
+            "native_ns": native,
+            "wasm_ns": wasm,
+            "wasm_unprotected_ns": base,
+            "wasm_net_ns": wasm - base,
+            "ratio": wasm / native,
+            "net_ratio": (wasm - base) / native,
+        }));
+    }
+    Ok(json!({"module": path, "sizes": out, "host_calls_accepted": host_calls, "host_calls_unprotected": host_calls_unprotected}))
+}
+
+/// The generic comparison: `native` decides input i (fresh state per repetition, created by
+/// `fresh`); the module decides the same inputs in a fresh test host; the same module on a
+/// route it does not guard gives the host's own per-request cost.
+#[allow(clippy::too_many_arguments)]
+fn compare<S>(
+    module_name: &str,
+    wasm_dir: &Path,
+    config: &str,
+    label: &str,
+    inputs: &[Input],
+    reps: usize,
+    fresh: &dyn Fn() -> S,
+    native: &dyn Fn(&S, &Input) -> Result<(), String>,
+    unguarded_path: &str,
+) -> Result<Option<(Value, Value, Value)>, String> {
+    let path = wasm_dir.join(format!("{module_name}.wasm"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let module = Module::load(&path).map_err(|e| format!("{e:#}"))?;
+    let accepted: Vec<Request> = inputs.iter().map(|i| i.to_host(PATH)).collect();
+    let unprotected: Vec<Request> = inputs.iter().map(|i| i.to_host(unguarded_path)).collect();
+    let n = inputs.len();
+    let (mut nat, mut wasm, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut hc, mut hcu) = (Value::Null, Value::Null);
+    for _ in 0..reps {
+        let state = fresh();
+        let start = Instant::now();
+        for input in inputs {
+            native(&state, input)?;
+        }
+        nat.push(start.elapsed().as_nanos() as f64 / n as f64);
+        let (ns, verdict) = time_wasm(&module, config, &accepted, &|v| v.status == 200 && v.forwarded())?;
+        wasm.push(ns);
+        hc = json!({"total": verdict.host_call_total(), "by_call": verdict.host_calls});
+        let (ns, verdict) = time_wasm(&module, config, &unprotected, &|v| v.status == 200 && v.forwarded())?;
+        base.push(ns);
+        hcu = json!({"total": verdict.host_call_total(), "by_call": verdict.host_calls});
+    }
+    let (native, wasm, base) = (median(nat), median(wasm), median(base));
+    let row = json!({
+        "iterations": n, "native_ns": native, "wasm_ns": wasm, "wasm_unprotected_ns": base,
+        "wasm_net_ns": wasm - base, "ratio": wasm / native, "net_ratio": (wasm - base) / native,
+    });
+    let _ = label;
+    Ok(Some((row, hc, hcu)))
+}
+
+fn rate_limit(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value, String> {
+    use firebreak_core::ratelimit::{self, RateLimitPolicy, RequestFacts};
+    // As in the macro benchmark: one rule per user from a trusted header, 1,000 users, a budget
+    // never spent.
+    let config = json!({
+        "name": "bench",
+        "rules": [{"name": "per-user", "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}], "key": "user",
+                   "requests": 1000000, "per_seconds": 1, "burst": 1000000}],
+        "trusted_user_header": "x-bench-client",
+        "table": {"buckets": 16384, "slots_per_bucket": 16},
+    })
+    .to_string();
+    let policy = RateLimitPolicy::from_json(config.as_bytes()).map_err(|e| format!("{e:?}"))?;
+    let secret = base64_decode(SECRET_B64)?;
+    let created = DEFAULT_START_NANOS / 1_000_000_000;
+    let now_ms = DEFAULT_START_NANOS / 1_000_000;
+    let inputs = inputs(0, iterations, created, &secret)?;
+    let ip: std::net::IpAddr = "127.0.0.1".parse().map_err(|_| "ip")?;
+    let user_source = policy.user_source.clone();
+    let native = |store: &MemoryStore, input: &Input| -> Result<(), String> {
+        let user = ratelimit::resolve_user(&user_source, None, &input.headers);
+        let facts = RequestFacts { method: "POST", path: PATH, client_ip: Some(ip), user: user.as_deref() };
+        let decision = ratelimit::check(&policy, store, &facts, now_ms);
+        match decision.rejection {
+            None => Ok(()),
+            Some(r) => Err(format!("native rate limit rejected: {}", r.code)),
+        }
+    };
+    match compare("rate_limit", wasm_dir, &config, "rate-limit check", &inputs, reps, &MemoryStore::default, &native, "/bench/unprotected")? {
+        None => Ok(json!({"missing": wasm_dir.join("rate_limit.wasm")})),
+        Some((row, hc, hcu)) => Ok(json!({"sizes": {"check (1,000 users)": row}, "host_calls_accepted": hc, "host_calls_unprotected": hcu})),
+    }
+}
+
+fn env_guard(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -> Result<Value, String> {
+    use firebreak_core::envguard::{check_body, check_headers, GuardPolicy};
+    use sha2::Digest;
+    let fingerprint: String = sha2::Sha256::digest(b"bench-production-push-key-never-sent").iter().map(|b| format!("{b:02x}")).collect();
+    let config = json!({
+        "environment": "uat",
+        "production": false,
+        "protected_credentials": [{"label": "apns-prod", "sha256": fingerprint}],
+        "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
+        "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
+        "routes": [{"path_prefix": "/v1/"}],
+        "max_body_bytes": 65536,
+        "max_decoded_bytes": 262144,
+        "over_limit": "block",
+    })
+    .to_string();
+    let policy = GuardPolicy::from_json(config.as_bytes()).map_err(|e| format!("{e:?}"))?;
+    let secret = base64_decode(SECRET_B64)?;
+    let created = DEFAULT_START_NANOS / 1_000_000_000;
+    let native = |_: &(), input: &Input| -> Result<(), String> {
+        let plan = check_headers(&policy, &input.headers).map_err(|e| format!("native env guard headers: {e:?}"))?;
+        check_body(&policy, &plan, &input.body).map_err(|e| format!("native env guard body: {e:?}"))?;
+        Ok(())
+    };
+    let mut rows = serde_json::Map::new();
+    let (mut hc, mut hcu) = (Value::Null, Value::Null);
+    for &size in sizes {
+        let n = if size >= 8192 { iterations / 2 } else { iterations }.max(100);
+        let inputs = inputs(size, n, created, &secret)?;
+        match compare("env_guard", wasm_dir, &config, "scan", &inputs, reps, &|| (), &native, "/bench/unprotected")? {
+            None => return Ok(json!({"missing": wasm_dir.join("env_guard.wasm")})),
+            Some((row, h, hu)) => {
+                rows.insert(size.to_string(), row);
+                (hc, hcu) = (h, hu);
+            }
+        }
+    }
+    Ok(json!({"sizes": rows, "host_calls_accepted": hc, "host_calls_unprotected": hcu}))
+}
+
+fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string())
+}
+
+pub fn run(args: &Args) -> Result<(), String> {
+    let wasm_dir = PathBuf::from(args.req("wasm-dir")?);
+    let iterations: usize = args.num("iterations", 4000)?;
+    let reps: usize = args.num("reps", 5)?;
+    let sizes = args.sizes()?;
+    let mut result = serde_json::Map::new();
+    result.insert("sha256_backend".into(), json!(if cfg!(feature = "soft-sha") { "soft (portable)" } else { "native default (CPU SHA extensions when present)" }));
+    result.insert("iterations".into(), json!(iterations));
+    result.insert("reps".into(), json!(reps));
+    let mut filters = serde_json::Map::new();
+    let run_one = |name: &str, f: &dyn Fn() -> Result<Value, String>| -> Value {
+        match f() {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("micro {name}: {e}");
+                json!({"error": e})
+            }
+        }
+    };
+    filters.insert("request_signature".into(), run_one("request_signature", &|| signature(&wasm_dir, iterations, reps, &sizes)));
+    filters.insert("rate_limit".into(), run_one("rate_limit", &|| rate_limit(&wasm_dir, iterations, reps)));
+    filters.insert("env_guard".into(), run_one("env_guard", &|| env_guard(&wasm_dir, iterations, reps, &sizes)));
+    result.insert("filters".into(), Value::Object(filters));
+    println!("{}", serde_json::to_string_pretty(&Value::Object(result)).map_err(|e| e.to_string())?);
+    Ok(())
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The benchmark (not part of the test suite): what each Firebreak filter and the whole chain cost
+# against bare Envoy and Envoy's native local_ratelimit, measured in one run on this machine.
+# Regenerates docs/benchmarks.md and docs/benchmarks.png. About 12 minutes on two cores;
+# `--quick` (about 4 minutes) for development. Other options: see `python3 bench/run.py --help`.
+#   bash scripts/bench.sh [--quick] [--rounds N] [--duration S] [--skip-memory] [--skip-micro]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# The load generator (Debian's wrk) and taskset (util-linux).
+if ! command -v wrk >/dev/null 2>&1 || ! command -v taskset >/dev/null 2>&1; then
+  echo "bench: installing wrk (apt-get)"
+  sudo_cmd=""
+  if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq wrk util-linux >/dev/null
+fi
+if [ "$(nproc)" -lt 2 ]; then
+  echo "bench: needs at least two cores (Envoy on one, load generator and upstream on the other)" >&2
+  exit 1
+fi
+
+bash scripts/setup.sh
+stamp=".venv/.firebreak-bench-requirements"
+if ! cmp -s bench/requirements.txt "$stamp" 2>/dev/null; then
+  echo "bench: installing bench/requirements.txt into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+  cp bench/requirements.txt "$stamp"
+fi
+
+bash scripts/build.sh
+# The bench tool: its own crate (not a workspace member; it links the decision core and the test
+# host), built optimised into target/bench. `soft-sha`: native SHA-256 on the portable backend,
+# the same code as in wasm.
+echo "bench: building bench/tool (the first build compiles wasmtime: a few minutes)"
+CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --manifest-path bench/tool/Cargo.toml --features soft-sha
+# The reference trivial wasm filter (reads one header, sets one).
+CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --target wasm32-wasip1 \
+  --manifest-path bench/trivial-filter/Cargo.toml
+
+.venv/bin/python bench/run.py "$@"
+.venv/bin/python bench/report.py
