@@ -207,3 +207,18 @@ fn fingerprint_strips_exactly_one_trailing_newline() {
     assert_eq!(fingerprint(b"\n", &[]).0, 2);
     assert_eq!(fingerprint(b"x", &["--label", "bad label"]).0, 2);
 }
+
+#[test]
+fn istio_wasm_plugin_with_the_guard_config_is_clean_and_a_planted_key_is_found() {
+    let dir = tree();
+    let config = guard_config(&dir);
+    let manifest = format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: guard\nspec:\n  pluginConfig:\n    environment: uat\n    production: false\n    protected_credentials:\n    - {{ label: apns-prod, sha256: {PROD_FP} }}\n    patterns:\n    - {{ label: stripe-live, prefix: sk_live_ }}\n    production_hosts: [api.push.apple.com]\n---\napiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: pusher\nspec:\n  vmConfig:\n    env:\n    - name: APNS_KEY\n      value: {PROD}\n"
+    );
+    let clean = write(&dir, "istio/guard.yaml", manifest.split("---").next().unwrap());
+    let (code, out, _) = lint(&config, &[&clean]);
+    assert_eq!((code, out.as_str()), (0, ""));
+    let planted = write(&dir, "istio/all.yaml", &manifest);
+    let (code, out, _) = lint(&config, &[&planted]);
+    assert_eq!((code, out), (1, format!("{}:23: apns-prod (yaml spec.vmConfig.env[0].value)\n", planted.display())));
+}
