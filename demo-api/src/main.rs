@@ -10,15 +10,16 @@
 //! - `x-demo-delay-ms: N` (at most 10000): wait before executing.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
 
-const MAX_BODY: u64 = 1024 * 1024;
+const MAX_BODY: usize = 1024 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Bank {
@@ -42,6 +43,25 @@ struct MoneyRequest {
     currency: Option<String>,
 }
 
+/// One parsed HTTP/1.1 request.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
 fn main() {
     let mut listen = "127.0.0.1:8080".to_string();
     let mut args = std::env::args().skip(1);
@@ -58,8 +78,8 @@ fn main() {
             }
         }
     }
-    let server = match Server::http(&listen) {
-        Ok(server) => Arc::new(server),
+    let listener = match TcpListener::bind(&listen) {
+        Ok(listener) => listener,
         Err(e) => {
             eprintln!("demo-api: cannot listen on {listen}: {e}");
             std::process::exit(1);
@@ -71,89 +91,181 @@ fn main() {
     }
     let bank = Arc::new(Mutex::new(bank));
     eprintln!("demo-api: listening on http://{listen}");
-    let workers: Vec<_> = (0..16)
-        .map(|_| {
-            let server = server.clone();
-            let bank = bank.clone();
-            std::thread::spawn(move || {
-                while let Ok(request) = server.recv() {
-                    handle(request, &bank);
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.join();
+    // One thread per connection, HTTP/1.1 keep-alive: simple and predictable under the proxy's
+    // connection pool.
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let bank = bank.clone();
+        std::thread::spawn(move || serve_connection(stream, &bank));
     }
 }
 
-fn header<'a>(request: &'a Request, name: &'static str) -> Option<&'a str> {
-    request.headers().iter().find(|h| h.field.equiv(name)).map(|h| h.value.as_str())
-}
-
-fn reply(request: Request, status: u16, body: Value) {
-    let content_type = Header::from_bytes("content-type", "application/json").ok();
-    let mut response = Response::from_string(body.to_string()).with_status_code(status);
-    if let Some(h) = content_type {
-        response = response.with_header(h);
-    }
-    let _ = request.respond(response);
-}
-
-fn error(request: Request, status: u16, code: &str, message: &str) {
-    reply(request, status, json!({"error": code, "message": message}));
-}
-
-fn handle(mut request: Request, bank: &Mutex<Bank>) {
-    let url = request.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
-    let method = request.method().clone();
-    match (&method, path.as_str()) {
-        (Method::Get, "/healthz") => reply(request, 200, json!({"ok": true})),
-        (Method::Get, "/v1/ledger") => {
-            let bank = match bank.lock() {
-                Ok(b) => b,
-                Err(_) => return error(request, 500, "internal", "ledger lock poisoned"),
-            };
-            let body = json!({"count": bank.ledger.len(), "operations": bank.ledger});
-            drop(bank);
-            reply(request, 200, body)
+fn serve_connection(stream: TcpStream, bank: &Mutex<Bank>) {
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut writer = write_half;
+    loop {
+        let request = match read_request(&mut reader) {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(message) => {
+                let _ = write_reply(&mut writer, &Reply { status: 400, body: json!({"error": "bad_request", "message": message}) }, true);
+                return;
+            }
+        };
+        let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let reply = handle(&request, bank);
+        if write_reply(&mut writer, &reply, close).is_err() || close {
+            return;
         }
-        (Method::Get, p) if p.starts_with("/v1/accounts/") && p.ends_with("/balance") => {
+    }
+}
+
+/// Reads one request; `Ok(None)` when the peer closed the connection between requests.
+fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>, String> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = reader.read_until(b'\n', &mut line).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return if head.is_empty() { Ok(None) } else { Err("connection closed mid-request".into()) };
+        }
+        head.extend_from_slice(&line);
+        if head.len() > MAX_HEAD {
+            return Err("request head too large".into());
+        }
+        if line == b"\r\n" || line == b"\n" {
+            if head.len() <= 2 {
+                head.clear();
+                continue;
+            }
+            break;
+        }
+    }
+    let mut header_storage = [httparse::EMPTY_HEADER; 128];
+    let mut parsed = httparse::Request::new(&mut header_storage);
+    match parsed.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete request head".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let method = parsed.method.unwrap_or("").to_string();
+    let path = parsed.path.unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .collect();
+    let mut request = Request { method, path, headers, body: Vec::new() };
+    if request.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        request.body = read_chunked(reader)?;
+    } else if let Some(length) = request.header("content-length") {
+        let length: usize = length.trim().parse().map_err(|_| "bad content-length".to_string())?;
+        if length > MAX_BODY {
+            return Err("body too large".into());
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+        request.body = body;
+    }
+    Ok(Some(request))
+}
+
+fn read_chunked(reader: &mut BufReader<TcpStream>) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let mut size_line = String::new();
+        reader.read_line(&mut size_line).map_err(|e| e.to_string())?;
+        let size_text = size_line.trim().split(';').next().unwrap_or("");
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size".to_string())?;
+        if body.len() + size > MAX_BODY {
+            return Err("body too large".into());
+        }
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line.trim().is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..]).map_err(|e| e.to_string())?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).map_err(|e| e.to_string())?;
+    }
+}
+
+fn write_reply(writer: &mut TcpStream, reply: &Reply, close: bool) -> std::io::Result<()> {
+    let body = reply.body.to_string();
+    let reason = match reply.status {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        422 => "Unprocessable Content",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+        reply.status,
+        body.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    writer.write_all(head.as_bytes())?;
+    writer.write_all(body.as_bytes())?;
+    writer.flush()
+}
+
+fn ok(status: u16, body: Value) -> Reply {
+    Reply { status, body }
+}
+
+fn error(status: u16, code: &str, message: &str) -> Reply {
+    Reply { status, body: json!({"error": code, "message": message}) }
+}
+
+fn handle(request: &Request, bank: &Mutex<Bank>) -> Reply {
+    let path = request.path.split('?').next().unwrap_or("");
+    match (request.method.as_str(), path) {
+        ("GET", "/healthz") => ok(200, json!({"ok": true})),
+        ("GET", "/v1/ledger") => match bank.lock() {
+            Ok(bank) => ok(200, json!({"count": bank.ledger.len(), "operations": bank.ledger})),
+            Err(_) => error(500, "internal", "ledger lock poisoned"),
+        },
+        ("GET", p) if p.starts_with("/v1/accounts/") && p.ends_with("/balance") => {
             let id = p.trim_start_matches("/v1/accounts/").trim_end_matches("/balance").to_string();
             let balance = bank.lock().ok().and_then(|b| b.balances.get(&id).copied());
             match balance {
-                Some(balance) => reply(request, 200, json!({"account": id, "balance": balance})),
-                None => error(request, 404, "account_not_found", "no such account"),
+                Some(balance) => ok(200, json!({"account": id, "balance": balance})),
+                None => error(404, "account_not_found", "no such account"),
             }
         }
-        (Method::Post, "/v1/transfers" | "/v1/withdrawals" | "/v1/payouts") => {
-            let kind = path.trim_start_matches("/v1/").trim_end_matches('s').to_string();
-            let mut body = Vec::new();
-            if request.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_err() || body.len() as u64 > MAX_BODY {
-                return error(request, 400, "bad_body", "unreadable or too large body");
-            }
-            let parsed: MoneyRequest = match serde_json::from_slice(&body) {
+        ("POST", "/v1/transfers" | "/v1/withdrawals" | "/v1/payouts") => {
+            let kind = path.trim_start_matches("/v1/").trim_end_matches('s');
+            let parsed: MoneyRequest = match serde_json::from_slice(&request.body) {
                 Ok(p) => p,
-                Err(e) => return error(request, 400, "bad_json", &e.to_string()),
+                Err(e) => return error(400, "bad_json", &e.to_string()),
             };
-            if let Some(ms) = header(&request, "x-demo-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+            if let Some(ms) = request.header("x-demo-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
                 std::thread::sleep(Duration::from_millis(ms.min(10_000)));
             }
-            let principal = header(&request, "x-firebreak-principal").map(str::to_string);
-            let idempotency_key = header(&request, "idempotency-key").map(str::to_string);
-            let fail_after_commit = header(&request, "x-demo-fault") == Some("fail-after-commit");
-            let outcome = execute(bank, &kind, &parsed, principal, idempotency_key);
-            match outcome {
-                Ok(operation) if fail_after_commit => {
-                    let _ = operation;
-                    error(request, 503, "upstream_unavailable", "the channel timed out (the operation did execute)")
+            let principal = request.header("x-firebreak-principal").map(str::to_string);
+            let idempotency_key = request.header("idempotency-key").map(str::to_string);
+            let fail_after_commit = request.header("x-demo-fault") == Some("fail-after-commit");
+            match execute(bank, kind, &parsed, principal, idempotency_key) {
+                Ok(_) if fail_after_commit => {
+                    error(503, "upstream_unavailable", "the channel timed out (the operation did execute)")
                 }
-                Ok(operation) => reply(request, 201, operation),
-                Err((status, code, message)) => error(request, status, code, &message),
+                Ok(operation) => ok(201, operation),
+                Err((status, code, message)) => error(status, code, &message),
             }
         }
-        _ => error(request, 404, "not_found", "no such endpoint"),
+        _ => error(404, "not_found", "no such endpoint"),
     }
 }
 
