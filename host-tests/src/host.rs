@@ -90,6 +90,9 @@ pub struct PluginSpec {
     pub workers: usize,
     pub strict: Option<Strict>,
     pub clock_start_nanos: u64,
+    /// Seeds WASI randomness (`random_get`): each worker gets its own stream derived from it, so
+    /// runs are reproducible while VMs still differ, as in Envoy.
+    pub random_seed: u64,
     pub upstream: Upstream,
     /// HTTP callout clusters and how each answers. A cluster not listed does not exist.
     pub callouts: BTreeMap<String, CalloutReply>,
@@ -107,6 +110,7 @@ impl Default for PluginSpec {
             workers: 1,
             strict: None,
             clock_start_nanos: DEFAULT_START_NANOS,
+            random_seed: 0x5eed_f12e_b2ea_c0de,
             upstream: Upstream::default(),
             callouts: BTreeMap::new(),
             grpc: BTreeMap::new(),
@@ -259,6 +263,12 @@ impl Worker {
             .wall_clock(FakeWall(world.clone()))
             .monotonic_clock(FakeMono(world.clone()))
             .insecure_random_seed(index as u128)
+            .secure_random(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
+                spec.random_seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ))
+            .insecure_random(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
+                spec.random_seed.rotate_left(17) ^ index as u64,
+            ))
             .build_p1();
         let mut clusters: BTreeSet<String> = spec.callouts.keys().cloned().collect();
         clusters.extend(spec.grpc.keys().cloned());

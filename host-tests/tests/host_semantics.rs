@@ -461,3 +461,14 @@ fn a_module_of_another_abi_is_refused_with_a_reason() {
     assert!(e.to_string().contains("not a proxy-wasm ABI 0.2.x module"), "{e}");
     assert!(e.to_string().contains("proxy_abi_version_0_1_0"), "{e}");
 }
+
+#[test]
+fn wasi_randomness_is_reproducible_per_host_and_distinct_per_worker() {
+    let value = |worker: usize| {
+        let mut h = Host::builder(&test_filter()).config("{}").workers(2).start().unwrap();
+        h.send_on(worker, Request::get("/").header("x-test-random", "1")).upstream_header("x-random").map(str::to_string)
+    };
+    assert!(value(0).is_some());
+    assert_eq!(value(0), value(0), "the same seed gives the same run");
+    assert_ne!(value(0), value(1), "each worker's VM has its own randomness, as in Envoy");
+}

@@ -23,7 +23,8 @@
 //! - `x-test-props`             → copy properties into `x-prop-*` request headers;
 //! - `x-test-enqueue: message`  → enqueue on `test_queue`; the root copies it to shared `queue_last`;
 //! - `x-test-time`              → `x-now-ms` = the host's current time;
-//! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME.
+//! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
+//! - `x-test-random`            → `x-random` = a value from WASI randomness.
 //! Every response gets `x-test-filter: seen`; every request increments counter `test_filter.requests`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -219,6 +220,11 @@ impl HttpContext for Stream {
                 .map(|d| d.as_millis())
                 .unwrap_or(0);
             self.set_http_request_header("x-now-ms", Some(&ms.to_string()));
+        }
+        if self.get_http_request_header("x-test-random").is_some() {
+            use std::hash::BuildHasher;
+            let value = std::collections::hash_map::RandomState::new().hash_one(1u8);
+            self.set_http_request_header("x-random", Some(&value.to_string()));
         }
         if let Some(name) = self.get_http_request_header("x-test-env") {
             let value = std::env::var(&name).unwrap_or_else(|_| "<unset>".to_string());
