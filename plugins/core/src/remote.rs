@@ -250,6 +250,36 @@ return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}";
 pub const COMPARE_AND_SET_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
 
+/// Atomically: delete `key` only if its value still equals `expected` (a release that cannot
+/// remove a record another request wrote since).
+pub const COMPARE_AND_DELETE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Result of [`COMPARE_AND_SET_SCRIPT`] / [`COMPARE_AND_DELETE_SCRIPT`]: `true` when the value was
+/// still the expected one and was replaced (deleted).
+pub fn parse_compare_and_set(reply: &Reply) -> Result<bool, RemoteError> {
+    match reply {
+        Reply::Integer(1) => Ok(true),
+        Reply::Integer(0) => Ok(false),
+        other => Err(RemoteError::Malformed(format!("unexpected compare-and-set reply: {other:?}"))),
+    }
+}
+
+/// `GET key` in webdis form.
+pub fn get_command(key: &str) -> Vec<u8> {
+    webdis_command(&[b"GET", key.as_bytes()])
+}
+
+/// Result of `GET` on a base64 value: `None` when the key does not exist; the value's text too
+/// (to compare-and-set against exactly what was read).
+pub fn parse_get(reply: &Reply) -> Result<Option<(String, Vec<u8>)>, RemoteError> {
+    match reply {
+        Reply::Nil => Ok(None),
+        Reply::Text(text) => Ok(Some((text.clone(), decode_value(text)?))),
+        other => Err(RemoteError::Malformed(format!("unexpected GET reply: {other:?}"))),
+    }
+}
+
 /// GCRA on Redis's own clock (microseconds), so that every gateway replica shares one time base.
 /// ARGV: emission interval (us), horizon = burst x interval (us). Returns
 /// {allowed, remaining, reset_ms, retry_after_ms}. The key expires when the budget is full again.
@@ -355,6 +385,24 @@ mod tests {
         assert_eq!((d.allowed, d.retry_after_ms), (false, 20));
         assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1)])).is_err());
         assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1), Reply::Integer(0), Reply::Integer(-5), Reply::Integer(0)])).is_err());
+    }
+
+    #[test]
+    fn compare_and_set_and_get_replies() {
+        assert_eq!(parse_compare_and_set(&Reply::Integer(1)), Ok(true));
+        assert_eq!(parse_compare_and_set(&Reply::Integer(0)), Ok(false));
+        assert!(parse_compare_and_set(&Reply::Integer(2)).is_err());
+        assert!(parse_compare_and_set(&Reply::Nil).is_err());
+        assert!(parse_compare_and_set(&Reply::Status("OK".into())).is_err());
+        assert_eq!(get_command("fb:k:01"), b"GET/fb:k:01".to_vec());
+        assert_eq!(parse_get(&Reply::Nil), Ok(None));
+        let text = encode_value(b"\xffabc");
+        assert_eq!(parse_get(&Reply::Text(text.clone())), Ok(Some((text, b"\xffabc".to_vec()))));
+        assert!(parse_get(&Reply::Text("not base64!".into())).is_err());
+        assert!(parse_get(&Reply::Integer(3)).is_err());
+        let cmd = eval_command(COMPARE_AND_DELETE_SCRIPT, "fb:k", &["v"]);
+        assert!(cmd.starts_with(b"EVAL/if%20redis.call"));
+        assert!(cmd.ends_with(b"/1/fb:k/v"));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 
 use serde::Deserialize;
 
+use crate::remote::{Backend, FailureMode};
 use crate::route::{RouteConfig, RouteMatch};
 use crate::store::BucketTable;
 use crate::ConfigError;
@@ -36,6 +37,9 @@ struct RawConfig {
     collapse_store: RawTable,
     #[serde(default)]
     operator_clear: Option<RawOperatorClear>,
+    /// Where records live: `{"backend": "local"}` (default) or `{"backend": "redis", ...}`.
+    #[serde(default)]
+    state: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +184,8 @@ pub struct ReplayPolicy {
     /// Prefix of the companion keys holding stored responses (one per key-table slot).
     pub response_prefix: String,
     pub operator_clear: Option<OperatorClear>,
+    /// Where records live. A Redis backend always fails closed (see [`ReplayPolicy::from_json`]).
+    pub state: Backend,
 }
 
 /// Shared-data key prefixes (distinct per table, see the brief).
@@ -283,6 +289,17 @@ impl ReplayPolicy {
                 Some(OperatorClear { path: op.path.clone(), principals: op.principals.clone() })
             }
         };
+        let state = Backend::from_value(raw.state.as_ref(), "state")?;
+        if let Backend::Redis(redis) = &state {
+            // Forwarding a money operation whose claim could not be made is exactly the double
+            // execution this filter exists to prevent: there is no safe "open" for a claim.
+            if redis.failure_mode == FailureMode::Open {
+                return Err(ConfigError::new(
+                    "state.failure_mode",
+                    "replay-guard always fails closed: forwarding a request whose idempotency claim could not be made may execute it twice",
+                ));
+            }
+        }
         Ok(ReplayPolicy {
             routes,
             ttl_ms,
@@ -297,6 +314,7 @@ impl ReplayPolicy {
             collapse_table,
             response_prefix: RESPONSE_PREFIX.to_string(),
             operator_clear,
+            state,
         })
     }
 

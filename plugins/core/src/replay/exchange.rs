@@ -36,6 +36,8 @@ pub enum ReplayError {
     NotStored { status: u16 },
     StoreFull,
     StateUnavailable,
+    /// The cluster-wide store (Redis) did not answer usably in time: never forwarded unchecked.
+    RemoteUnavailable,
     OperatorForbidden,
     ClearRequestInvalid(&'static str),
     ClearNotFound,
@@ -69,6 +71,12 @@ impl ReplayError {
             StoreFull => Rejection::new(503, "replay_store_full", "the idempotency store is full; refusing rather than forgetting")
                 .with_header("retry-after", "1"),
             StateUnavailable => Rejection::new(503, "replay_state_unavailable", "the idempotency store is unavailable"),
+            RemoteUnavailable => Rejection::new(
+                503,
+                "state_unavailable",
+                "the cluster-wide idempotency store did not answer in time; the request was not forwarded",
+            )
+            .with_header("retry-after", "1"),
             OperatorForbidden => Rejection::new(403, "operator_forbidden", "this principal may not clear idempotency keys"),
             ClearRequestInvalid(why) => Rejection::new(400, "clear_request_invalid", format!("clear request: {why}")),
             ClearNotFound => Rejection::new(404, "key_not_found", "no live record for this key"),
@@ -82,6 +90,7 @@ impl From<StateError> for ReplayError {
         match error {
             StateError::Full => ReplayError::StoreFull,
             StateError::Unavailable => ReplayError::StateUnavailable,
+            StateError::Remote => ReplayError::RemoteUnavailable,
         }
     }
 }

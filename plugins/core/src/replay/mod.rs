@@ -14,6 +14,7 @@
 mod config;
 mod exchange;
 mod record;
+pub mod redis;
 pub mod state;
 
 pub use config::{

@@ -30,6 +30,8 @@ pub enum StateError {
     Full,
     /// Host failure, contention beyond the retry budget, or bytes this code did not write.
     Unavailable,
+    /// The cluster-wide store (Redis through its HTTP bridge) did not answer usably in time.
+    Remote,
 }
 
 impl From<TableError> for StateError {
@@ -59,6 +61,8 @@ pub struct Owner {
     pub claim_id: u64,
     /// Where a local record lives (names the stored-response companion key).
     pub slot: Option<SlotAddress>,
+    /// The in-flight record this claim wrote: a cluster-wide store compare-and-sets against it.
+    pub record: Record,
 }
 
 /// What the store says about a claim.
@@ -271,7 +275,14 @@ impl LocalState<'_> {
                 })?;
                 Ok(match verdict? {
                     ClaimVerdict::Forward => {
-                        ClaimAnswer::Forward { owner: Some(Owner { key: *key, claim_id: *claim_id, slot: Some(slot) }) }
+                        ClaimAnswer::Forward {
+                            owner: Some(Owner {
+                                key: *key,
+                                claim_id: *claim_id,
+                                slot: Some(slot),
+                                record: Record::in_flight(*fingerprint, *claim_id, now_ms),
+                            }),
+                        }
                     }
                     ClaimVerdict::InFlight => ClaimAnswer::InFlight,
                     ClaimVerdict::OutcomeUnknown { stale_in_flight } => ClaimAnswer::OutcomeUnknown { stale_in_flight },

@@ -111,6 +111,14 @@ fn defaults_are_documented_values() {
 }
 
 #[test]
+fn the_state_backend_is_local_by_default_and_redis_when_configured() {
+    assert_eq!(policy().state, crate::remote::Backend::Local);
+    let p = policy_with(r#""state": {"backend": "redis", "cluster": "redis_bridge", "timeout_ms": 100, "key_prefix": "fb"}"#);
+    let crate::remote::Backend::Redis(redis) = p.state else { panic!("{:?}", p.state) };
+    assert_eq!((redis.cluster.as_str(), redis.timeout_ms.get(), redis.failure_mode), ("redis_bridge", 100, crate::remote::FailureMode::Closed));
+}
+
+#[test]
 fn each_bad_field_is_named() {
     let r = r#"{"name":"p","match":{"path_prefix":"/v1/"}}"#;
     let cases = [
@@ -145,6 +153,14 @@ fn each_bad_field_is_named() {
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/v1/clear","principals":["a"]}}}}"#), "operator_clear.path"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":[]}}}}"#), "operator_clear.principals"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":["a b"]}}}}"#), "operator_clear.principals[0]"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis"}}}}"#), "state.cluster"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"memcached"}}}}"#), "state.backend"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","timeout_ms":0}}}}"#), "state.timeout_ms"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","key_prefix":"a/b"}}}}"#), "state.key_prefix"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"maybe"}}}}"#), "state.failure_mode"),
+        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","ttl":1}}}}"#), "state"),
+        (format!(r#"{{"routes":[{r}],"state":"redis"}}"#), "state"),
     ];
     for (json, field) in cases {
         let err = ReplayPolicy::from_json(json.as_bytes()).unwrap_err();
