@@ -12,7 +12,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print RFC 9421 signature headers (and Content-Digest) for a request.
-    Sign(firebreak_cli::sign::SignArgs),
+    Sign(Box<firebreak_cli::sign::SignArgs>),
     /// Print the SHA-256 fingerprint of a secret read from standard input (one trailing newline
     /// is stripped) for env-guard's `protected_credentials`.
     Fingerprint(firebreak_cli::fingerprint::FingerprintArgs),

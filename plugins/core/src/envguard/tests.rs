@@ -115,7 +115,8 @@ impl Add for String {
 #[test]
 fn bearer_basic_and_plain_headers() {
     let p = policy();
-    let cases: Vec<(Vec<(&str, String)>, &str, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("authorization", format!("Bearer {PROD}"))], "apns-prod", "header authorization (bearer)"),
         (vec![("authorization", format!("bearer   {PROD}  "))], "apns-prod", "header authorization (bearer)"),
         (vec![("authorization", format!("Basic {}", b64(format!("svc:{PROD_PASSWORD}").as_bytes())))], "fcm-prod-password", "header authorization (basic password)"),
@@ -188,7 +189,7 @@ fn json_at_any_depth_and_arrays_and_encodings() {
     let json = |body: String| run(&p, &req("POST", "/", &[("content-type", "application/json; charset=utf-8")]), body.as_bytes());
     assert_eq!(credential(json(format!(r#"{{"a":[1,{{"b":{{"c":["x","{PROD}"]}}}}]}}"#))).1, "body json $.a[1].b.c[1]");
     assert_eq!(credential(json(format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes())))).1, "body json $.push.key (base64)");
-    assert_eq!(credential(json(format!(r#"{{"k":"\u0066ake-apns-prod-key-0123456789abcdef"}}"#))).1, "body json $.k");
+    assert_eq!(credential(json(r#"{"k":"\u0066ake-apns-prod-key-0123456789abcdef"}"#.to_string())).1, "body json $.k");
     assert_eq!(credential(json(format!(r#"{{"weird key!":"{PROD}"}}"#))).1, r#"body json $["?"]"#);
     assert_eq!(credential(json(format!(r#"{{"url":"https://push.example/send?key={PROD}&x=1"}}"#))).1, "body json $.url");
     // base64 of a JSON document carrying the key
