@@ -341,3 +341,33 @@ def test_egress_example_forwards_the_uat_key_to_the_sandbox_provider(demo_api, e
                        json.dumps(transfer(ref)).encode(), host="api.sandbox.push.apple.com")
     assert r.status == 201, r.body
     assert demo_api.executed(ref) == 1
+
+
+# --- in a chain with request-signature (the recommended demo order: env-guard before it) ----------
+
+DEMO_CHAIN_CONFIG = {
+    "environment": "uat",
+    "production": False,
+    "protected_credentials": [{"label": "apns-prod", "sha256": PROD_FP}],
+    "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
+    "production_hosts": ["api.push.apple.com"],
+    "routes": [{"methods": ["POST", "PUT", "PATCH", "DELETE"], "path_prefix": "/v1/"}],
+    "max_body_bytes": 65536,
+    "max_decoded_bytes": 262144,
+    "over_limit": "block",
+}
+
+
+def test_demo_chain_signed_requests_pass_and_a_signed_production_key_is_refused(demo_api, envoy_factory):
+    chain = envoy_factory([harness.buffer_filter(), harness.wasm_filter("env_guard", DEMO_CHAIN_CONFIG),
+                           harness.signature_filter()])
+    ref = new_ref()
+    body = json.dumps(transfer(ref)).encode()
+    r = chain.signed("POST", "/v1/transfers", body, headers=JSON)
+    assert r.status == 201, r.body  # signature headers (base64 MACs, digests) are not mistaken for keys
+    assert demo_api.executed(ref) == 1
+    ref = new_ref()
+    body = json.dumps(transfer(ref, currency=PROD_KEY)).encode()
+    r = chain.signed("POST", "/v1/transfers", body, headers=JSON)
+    assert_refused(demo_api, chain, r, ref, "body json $.currency")
+    assert chain.counter("firebreak.request_signature.accepted") == 1
