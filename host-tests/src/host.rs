@@ -231,6 +231,7 @@ pub(crate) struct Worker {
     instance: wasmtime::Instance,
     pub(crate) failed: Option<String>,
     last_tick: u64,
+    output: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
 }
 
 /// Where a stream is in Envoy's filter flow.
@@ -258,8 +259,12 @@ pub(crate) struct StreamRun {
 
 impl Worker {
     fn new(module: &Module, world: Arc<World>, index: usize, spec: &PluginSpec) -> Result<Worker, StartError> {
+        // Envoy logs what a module prints; the host keeps it for the test.
+        let output = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(1 << 20);
         let wasi = WasiCtxBuilder::new()
             .envs(&spec.env)
+            .stdout(output.clone())
+            .stderr(output.clone())
             .wall_clock(FakeWall(world.clone()))
             .monotonic_clock(FakeMono(world.clone()))
             .insecure_random_seed(index as u128)
@@ -288,7 +293,7 @@ impl Worker {
             .pre
             .instantiate(&mut store)
             .map_err(|e| StartError::Instantiate(format!("{e:?}")))?;
-        let mut w = Worker { index, store, instance, failed: None, last_tick: world.now_nanos() };
+        let mut w = Worker { index, store, instance, failed: None, last_tick: world.now_nanos(), output };
         // Reactor initialisation, as proxy-wasm-cpp-host does it.
         for init in ["_initialize", "_start"] {
             if w.instance.get_func(&mut w.store, init).is_some() {
@@ -1150,6 +1155,11 @@ impl Host {
 
     pub fn failed(&self, worker: usize) -> Option<String> {
         self.workers[worker].failed.clone()
+    }
+
+    /// What the worker's VM wrote to stdout and stderr (Envoy puts it in its log).
+    pub fn guest_output(&self, worker: usize) -> String {
+        String::from_utf8_lossy(&self.workers[worker].output.contents()).into_owned()
     }
 
     pub fn done_called(&self, worker: usize) -> bool {

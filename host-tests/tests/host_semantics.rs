@@ -472,3 +472,11 @@ fn wasi_randomness_is_reproducible_per_host_and_distinct_per_worker() {
     assert_eq!(value(0), value(0), "the same seed gives the same run");
     assert_ne!(value(0), value(1), "each worker's VM has its own randomness, as in Envoy");
 }
+
+#[test]
+fn what_a_module_prints_is_kept() {
+    let mut h = host();
+    let v = h.send(Request::get("/").header("x-test-print", "hello"));
+    assert_eq!(v.status, 200);
+    assert!(h.guest_output(0).contains("test-filter prints hello"), "{:?}", h.guest_output(0));
+}

@@ -24,7 +24,8 @@
 //! - `x-test-enqueue: message`  → enqueue on `test_queue`; the root copies it to shared `queue_last`;
 //! - `x-test-time`              → `x-now-ms` = the host's current time;
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
-//! - `x-test-random`            → `x-random` = a value from WASI randomness.
+//! - `x-test-random`            → `x-random` = a value from WASI randomness;
+//! - `x-test-print: text`       → print it on stdout (WASI).
 //! Every response gets `x-test-filter: seen`; every request increments counter `test_filter.requests`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -220,6 +221,9 @@ impl HttpContext for Stream {
                 .map(|d| d.as_millis())
                 .unwrap_or(0);
             self.set_http_request_header("x-now-ms", Some(&ms.to_string()));
+        }
+        if let Some(text) = self.get_http_request_header("x-test-print") {
+            println!("test-filter prints {text}");
         }
         if self.get_http_request_header("x-test-random").is_some() {
             use std::hash::BuildHasher;
