@@ -8,8 +8,9 @@ cd "$root"
 bash scripts/setup.sh
 bash scripts/build.sh
 
-# The demo key's secret (documented in the README; never use it anywhere real).
+# The demo keys' secrets (documented in the README; never use it anywhere real).
 export FIREBREAK_DEMO_KEY="${FIREBREAK_DEMO_KEY:-ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=}"
+export FIREBREAK_SECOND_KEY="${FIREBREAK_SECOND_KEY:-c2Vjb25kLWNsaWVudC1zZWNyZXQtZm9yLXRlc3RzLW9ubHktMzJieXRlcyE=}"
 
 pids=()
 cleanup() {

@@ -27,6 +27,10 @@ RUN_DIR = ROOT / ".run"
 DEMO_KEY_ID = "demo-client"
 DEMO_SECRET_B64 = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE="
 DEMO_KEY_ENV = "FIREBREAK_DEMO_KEY"
+# The demo's second user (another caller that must not be affected by the first one's limits).
+SECOND_KEY_ID = "second-client"
+SECOND_SECRET_B64 = "c2Vjb25kLWNsaWVudC1zZWNyZXQtZm9yLXRlc3RzLW9ubHktMzJieXRlcyE="
+SECOND_KEY_ENV = "FIREBREAK_SECOND_KEY"
 
 
 def free_port() -> int:
@@ -203,21 +207,51 @@ def bootstrap(listen_port: int, admin_port: int, upstream_port: int, http_filter
     }
 
 
+def relocate(config: dict, port: int, admin_port: int, upstream_port: int) -> dict:
+    """A copy of a bootstrap on other ports, with module paths made absolute."""
+    config = json.loads(json.dumps(config))
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    statics = config["static_resources"]
+    statics["listeners"][0]["address"]["socket_address"]["port_value"] = port
+    endpoint = statics["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = upstream_port
+
+    def absolutize(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "filename" and isinstance(value, str) and not value.startswith("/"):
+                    node[key] = str(ROOT / value)
+                else:
+                    absolutize(value)
+        elif isinstance(node, list):
+            for item in node:
+                absolutize(item)
+
+    absolutize(config)
+    return config
+
+
 class Envoy:
     """A real Envoy (the pinned wheel) with the given HTTP filters in front of `upstream_port`."""
 
     def __init__(self, http_filters: list[dict], upstream_port: int, *, env: dict | None = None,
                  concurrency: int = 2, extra_clusters=(), route_timeout: str = "15s", expect_failure=False,
-                 cpu_core: int | None = None):
+                 cpu_core: int | None = None, bootstrap_config: dict | None = None):
+        """`bootstrap_config`: a whole bootstrap (e.g. envoy/demo.yaml) whose first listener, admin
+        and first cluster are moved to free ports / `upstream_port`; `http_filters` is then ignored."""
         self.port = free_port()
         self.admin_port = free_port()
         RUN_DIR.mkdir(exist_ok=True)
         self.config_path = RUN_DIR / f"envoy-{self.port}.json"
-        self.config_path.write_text(json.dumps(
-            bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout), indent=1))
+        if bootstrap_config is None:
+            config = bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout)
+        else:
+            config = relocate(bootstrap_config, self.port, self.admin_port, upstream_port)
+        self.config_path.write_text(json.dumps(config, indent=1))
         self.log = RUN_DIR / f"envoy-{self.port}.log"
         proc_env = dict(os.environ)
         proc_env.setdefault(DEMO_KEY_ENV, DEMO_SECRET_B64)
+        proc_env.setdefault(SECOND_KEY_ENV, SECOND_SECRET_B64)
         proc_env.update(env or {})
         cmd = [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency),
                "--use-dynamic-base-id", "--log-level", "warn", "--component-log-level", "wasm:info",
