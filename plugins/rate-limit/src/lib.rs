@@ -1,10 +1,13 @@
 //! rate-limit: GCRA limits per client network, per verified user, or both, with one budget per
-//! key shared by every worker of an Envoy. Decisions live in `firebreak_core::ratelimit`; this
-//! file only moves data between Envoy and the core.
+//! key shared by every worker of an Envoy (local backend) or by every Envoy instance (Redis
+//! backend). Decisions live in `firebreak_core::ratelimit`; this file only moves data between
+//! Envoy and the core.
 
 use std::rc::Rc;
 
-use firebreak_core::ratelimit::{self, client, Event, RateLimitPolicy, RequestFacts, RuleError, UserSource};
+use firebreak_core::ratelimit::redis::{self as remote_rl, LeaseStep};
+use firebreak_core::ratelimit::{self, client, Decision, Event, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource};
+use firebreak_core::remote::{self, Backend, RedisConfig};
 use firebreak_core::route::split_path;
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::hostcalls;
@@ -35,6 +38,14 @@ impl RootContext for RateLimitRoot {
         // Each instance counts under its own name: firebreak.rate_limit.<name>.<counter>.
         let counters = Counters::new(format!("firebreak.{PLUGIN}.{}", policy.name));
         let mut names = vec!["allowed".to_string(), "rejected.rate_limited".to_string()];
+        if let Backend::Redis(_) = policy.state {
+            for name in ["redis.calls", "redis.failed", "state_unavailable_failed_open", "rejected.state_unavailable"] {
+                names.push(name.to_string());
+            }
+            if policy.reconcile.is_some() {
+                names.push("lease.local_decisions".to_string());
+            }
+        }
         for rule in &policy.rules {
             for what in ["allowed", "limited", "would_limit"] {
                 names.push(format!("rule.{}.{what}", rule.name));
@@ -53,7 +64,7 @@ impl RootContext for RateLimitRoot {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.clone()?;
         let counters = self.counters.clone()?;
-        Some(Box::new(RateLimitFilter { policy, counters, response_headers: Vec::new() }))
+        Some(Box::new(RateLimitFilter { policy, counters, response_headers: Vec::new(), pending: None }))
     }
 }
 
@@ -62,9 +73,47 @@ struct RateLimitFilter {
     counters: Rc<Counters>,
     /// RateLimit-Policy / RateLimit for the response of an admitted request.
     response_headers: Vec<(String, String)>,
+    /// The request waits for Redis.
+    pending: Option<Pending>,
 }
 
-impl Context for RateLimitFilter {}
+struct Pending {
+    token: u32,
+    plan: Plan,
+    context: String,
+    now_ms: u64,
+}
+
+impl Context for RateLimitFilter {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let Some(pending) = self.pending.take() else { return };
+        if pending.token != token {
+            self.pending = Some(pending);
+            return;
+        }
+        let Backend::Redis(redis) = &self.policy.state else { return };
+        let redis = redis.clone();
+        let (status, body) = glue::http_call_response(body_size);
+        let rules = pending.plan.rules.len();
+        let mut result = remote::parse_reply("EVAL", status, &body)
+            .and_then(|reply| remote_rl::parse_grants(&reply, rules));
+        if let (Ok(grants), Some(reconcile)) = (&result, self.policy.reconcile) {
+            result = Ok(remote_rl::store_leases(
+                &self.policy,
+                &HostStore,
+                &pending.plan,
+                grants,
+                reconcile.lease_ms.get(),
+                pending.now_ms,
+            ));
+        }
+        let action = self.finish_remote(&redis, pending.plan, result, &pending.context);
+        if action == Action::Continue {
+            // A failed resume leaves the request paused; Envoy's stream timeout then ends it.
+            let _ = glue::resume_request();
+        }
+    }
+}
 
 /// The downstream address Envoy computed: the peer, or with `use_remote_address` and
 /// `xff_num_trusted_hops: N` the address N hops from the right of X-Forwarded-For.
@@ -93,6 +142,69 @@ fn all_values(name: &str) -> Vec<(String, String)> {
 }
 
 impl RateLimitFilter {
+    /// Applies a decision: the local reply, or the response headers to add and Continue.
+    fn apply(&mut self, decision: Decision, context: &str) -> Action {
+        self.record(&decision.events, context);
+        if let Some(rejection) = &decision.rejection {
+            let key = decision
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Limited { rule, key, .. } => Some(format!("rule={rule} {key}")),
+                    Event::Error { rule, error, blocked: true } => Some(format!("rule={rule} error={}", error.code())),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            return self.reject(rejection, &format!("{context} {key}"));
+        }
+        self.counters.increment("allowed");
+        self.response_headers = decision.response_headers;
+        Action::Continue
+    }
+
+    /// Sends the plan to Redis; the request waits for the answer.
+    fn ask_redis(&mut self, redis: &RedisConfig, plan: Plan, context: String, now_ms: u64) -> Action {
+        let lease = self.policy.reconcile.map_or(1, |r| r.lease_tokens.get());
+        let command = remote_rl::command(&self.policy, &plan, redis, lease);
+        self.counters.increment("redis.calls");
+        match glue::dispatch_webdis(redis, &command) {
+            Ok(token) => {
+                self.pending = Some(Pending { token, plan, context, now_ms });
+                Action::Pause
+            }
+            Err(status) => {
+                let error = remote::RemoteError::Unreachable(format!("dispatch failed: {status:?}"));
+                self.finish_remote(redis, plan, Err(error), &context)
+            }
+        }
+    }
+
+    fn finish_remote(
+        &mut self,
+        redis: &RedisConfig,
+        plan: Plan,
+        result: Result<Vec<remote_rl::Grant>, remote::RemoteError>,
+        context: &str,
+    ) -> Action {
+        let context = match &result {
+            Ok(_) => context.to_string(),
+            Err(error) => {
+                self.counters.increment("redis.failed");
+                format!("{context} store_error={:?}", error.to_string())
+            }
+        };
+        let failed = result.is_err();
+        let decision = remote_rl::decide(&self.policy, plan, result, redis.failure_mode);
+        if failed && decision.rejection.is_none() {
+            self.counters.increment("state_unavailable_failed_open");
+            glue::log(
+                LogLevel::Error,
+                &format!("firebreak {PLUGIN} fail_open rate_limit_unchecked {context}"),
+            );
+        }
+        self.apply(decision, &context)
+    }
+
     fn reject(&self, rejection: &firebreak_core::Rejection, context: &str) -> Action {
         glue::reject(PLUGIN, &self.counters, rejection, context);
         Action::Pause
@@ -155,23 +267,30 @@ impl HttpContext for RateLimitFilter {
             client_ip: source.as_deref().and_then(client::parse_source_address),
             user: user.as_deref(),
         };
-        let decision = ratelimit::check(&self.policy, &HostStore, &facts, now);
-        self.record(&decision.events, &context);
-        if let Some(rejection) = &decision.rejection {
-            let key = decision
-                .events
-                .iter()
-                .find_map(|e| match e {
-                    Event::Limited { rule, key, .. } => Some(format!("rule={rule} {key}")),
-                    Event::Error { rule, error, blocked: true } => Some(format!("rule={rule} error={}", error.code())),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            return self.reject(rejection, &format!("{context} {key}"));
+        let plan = match ratelimit::plan(&self.policy, &facts) {
+            Planned::Decided(decision) => return self.apply(decision, &context),
+            Planned::Evaluate(plan) => plan,
+        };
+        match &self.policy.state {
+            Backend::Local => {
+                let decision = ratelimit::check_planned(&self.policy, &HostStore, plan, now);
+                self.apply(decision, &context)
+            }
+            Backend::Redis(redis) => {
+                let redis = redis.clone();
+                let plan = match self.policy.reconcile {
+                    None => plan,
+                    Some(_) => match remote_rl::spend_leases(&self.policy, &HostStore, plan, now) {
+                        LeaseStep::Decided(decision) => {
+                            self.counters.increment("lease.local_decisions");
+                            return self.apply(decision, &context);
+                        }
+                        LeaseStep::Remote(plan) => plan,
+                    },
+                };
+                self.ask_redis(&redis, plan, context, now)
+            }
         }
-        self.counters.increment("allowed");
-        self.response_headers = decision.response_headers;
-        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

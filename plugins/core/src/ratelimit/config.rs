@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use super::gcra::Quota;
 use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::remote::Backend;
 use crate::store::BucketTable;
 use crate::ConfigError;
 
@@ -29,6 +30,20 @@ struct RawConfig {
     response_headers: bool,
     #[serde(default)]
     table: RawTable,
+    /// Where budgets live: `{"backend": "local"}` (default) or `{"backend": "redis", ...}`
+    /// (see `crate::remote::Backend`).
+    #[serde(default)]
+    state: Option<serde_json::Value>,
+    /// Redis only: keep a local lease of each key's budget instead of one round trip per request.
+    #[serde(default)]
+    reconcile: Option<RawReconcile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    lease_tokens: Option<u32>,
+    lease_ms: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +153,20 @@ impl Rule {
     }
 }
 
+/// Largest lease accepted.
+pub const MAX_LEASE_TOKENS: u32 = 10_000;
+/// Longest lease accepted: one minute.
+pub const MAX_LEASE_MS: u32 = 60_000;
+
+/// Redis budgets spent locally: each instance takes up to `lease_tokens` of a key's budget from
+/// Redis in one atomic script, spends them from shared data, and takes a new lease when they are
+/// spent or `lease_ms` after it took them (unspent tokens then lapse, they are never returned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconcile {
+    pub lease_tokens: NonZeroU32,
+    pub lease_ms: NonZeroU32,
+}
+
 /// The validated policy of one rate-limit instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitPolicy {
@@ -148,6 +177,12 @@ pub struct RateLimitPolicy {
     pub user_source: UserSource,
     pub response_headers: bool,
     pub table: BucketTable,
+    /// Where the budgets live.
+    pub state: Backend,
+    /// Redis budgets spent through local leases (`None`: one Redis script per request).
+    pub reconcile: Option<Reconcile>,
+    /// The leases of `reconcile` (same geometry as `table`).
+    pub lease_table: BucketTable,
 }
 
 /// Names of instances and rules: they appear in stats, table keys and quoted header strings.
@@ -202,8 +237,31 @@ impl RateLimitPolicy {
         let slots = NonZeroU16::new(raw.table.slots_per_bucket)
             .filter(|s| s.get() <= 256)
             .ok_or_else(|| ConfigError::new("table.slots_per_bucket", "must be between 1 and 256"))?;
+        let state = Backend::from_value(raw.state.as_ref(), "state")?;
+        let reconcile = match (raw.reconcile, &state) {
+            (None, _) => None,
+            (Some(_), Backend::Local) => {
+                return Err(ConfigError::new("reconcile", "only meaningful with the redis backend (`state`)"))
+            }
+            (Some(r), Backend::Redis(_)) => {
+                let lease_tokens = r
+                    .lease_tokens
+                    .and_then(NonZeroU32::new)
+                    .filter(|t| t.get() <= MAX_LEASE_TOKENS)
+                    .ok_or_else(|| ConfigError::new("reconcile.lease_tokens", format!("required, between 1 and {MAX_LEASE_TOKENS}")))?;
+                let lease_ms = r
+                    .lease_ms
+                    .and_then(NonZeroU32::new)
+                    .filter(|t| t.get() <= MAX_LEASE_MS)
+                    .ok_or_else(|| ConfigError::new("reconcile.lease_ms", format!("required, between 1 and {MAX_LEASE_MS}")))?;
+                Some(Reconcile { lease_tokens, lease_ms })
+            }
+        };
         Ok(RateLimitPolicy {
             table: BucketTable::new(format!("firebreak.rl.{name}"), buckets, slots, 16),
+            lease_table: BucketTable::new(format!("firebreak.rll.{name}"), buckets, slots, 24),
+            state,
+            reconcile,
             name,
             rules,
             ipv4_prefix: raw.ipv4_prefix,

@@ -20,13 +20,14 @@
 pub mod client;
 pub mod config;
 pub mod gcra;
+pub mod redis;
 
 #[cfg(test)]
 mod tests;
 
 use std::net::IpAddr;
 
-pub use config::{KeyBy, MissingUser, RateLimitPolicy, Rule, UserSource};
+pub use config::{KeyBy, MissingUser, RateLimitPolicy, Reconcile, Rule, UserSource};
 pub use gcra::{Outcome, Quota};
 
 use crate::store::{KeyHash, SharedStore, TableError, Update};
@@ -70,6 +71,8 @@ pub enum RuleError {
     StoreFull,
     /// The shared store failed, stayed contended, or held bytes this code did not write.
     StoreUnavailable,
+    /// The cluster-wide store (Redis through its bridge) did not answer usably.
+    StateUnavailable,
 }
 
 impl RuleError {
@@ -91,6 +94,11 @@ impl RuleError {
             RuleError::StoreUnavailable => {
                 Rejection::new(503, "rate_limit_unavailable", format!("rule `{rule}`: rate-limit state is unavailable"))
             }
+            RuleError::StateUnavailable => Rejection::new(
+                503,
+                "state_unavailable",
+                format!("rule `{rule}`: the cluster-wide rate-limit state is unavailable; refusing rather than forwarding unchecked"),
+            ),
         }
     }
 
@@ -107,6 +115,7 @@ impl RuleError {
             RuleError::NoClientIp => "no_client_ip",
             RuleError::StoreFull => "store_full",
             RuleError::StoreUnavailable => "store_unavailable",
+            RuleError::StateUnavailable => "state_unavailable",
         }
     }
 }
@@ -251,30 +260,78 @@ fn limited(rule: &Rule, key: &str, outcome: &Outcome, items: &[(&Rule, Outcome)]
     Decision { rejection: Some(rejection), response_headers: Vec::new(), events }
 }
 
-/// Decides one request at `now_ms`.
-pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> Decision {
+/// A rule that applies to a request, with its resolved key. Owns its data (the rule is named by
+/// its index in the policy) so a plan can wait for a remote answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRule {
+    pub index: usize,
+    pub key: String,
+    pub hash: KeyHash,
+    pub report_only: bool,
+}
+
+/// What has to be decided for one request: the keyed rules (enforced ones first) and the
+/// events of rules that could not be keyed but did not block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub rules: Vec<PlannedRule>,
+    pub events: Vec<Event>,
+}
+
+/// Either the request is already decided (no rule applies, or a rule cannot be keyed and blocks),
+/// or a [`Plan`] to evaluate against a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    Decided(Decision),
+    Evaluate(Plan),
+}
+
+/// Resolves which rules apply and what each counts against. Touches no state.
+pub fn plan(policy: &RateLimitPolicy, facts: &RequestFacts<'_>) -> Planned {
     let mut events = Vec::new();
-    let mut keyed = Vec::new();
-    for rule in policy.rules.iter().filter(|r| r.applies_to(facts.method, facts.path)) {
+    let mut rules = Vec::new();
+    for (index, rule) in policy.rules.iter().enumerate().filter(|(_, r)| r.applies_to(facts.method, facts.path)) {
         match rule_key(policy, rule, facts) {
             Ok(key) => {
                 let hash = key_hash(policy, rule, &key);
-                keyed.push(Keyed { rule, key, hash });
+                rules.push(PlannedRule { index, key, hash, report_only: rule.report_only });
             }
             Err(error) => {
                 let blocked = !rule.report_only && !rule.fail_open;
                 events.push(Event::Error { rule: rule.name.clone(), error, blocked });
                 if blocked {
-                    return Decision { rejection: Some(error.rejection(&rule.name)), response_headers: Vec::new(), events };
+                    return Planned::Decided(Decision {
+                        rejection: Some(error.rejection(&rule.name)),
+                        response_headers: Vec::new(),
+                        events,
+                    });
                 }
             }
         }
     }
-    if keyed.is_empty() {
-        return Decision::allow(events);
+    if rules.is_empty() {
+        return Planned::Decided(Decision::allow(events));
     }
     // Enforced rules first: a request they refuse is never charged to a report-only rule.
-    keyed.sort_by_key(|k| k.rule.report_only);
+    rules.sort_by_key(|r| r.report_only);
+    Planned::Evaluate(Plan { rules, events })
+}
+
+/// Decides one request at `now_ms` against the instance-local store.
+pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestFacts<'_>, now_ms: u64) -> Decision {
+    match plan(policy, facts) {
+        Planned::Decided(decision) => decision,
+        Planned::Evaluate(plan) => check_planned(policy, store, plan, now_ms),
+    }
+}
+
+/// Evaluates a plan against the instance-local store (the `local` backend).
+pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Plan, now_ms: u64) -> Decision {
+    let Plan { rules, mut events } = plan;
+    let mut keyed: Vec<Keyed<'_>> = rules
+        .into_iter()
+        .filter_map(|p| policy.rules.get(p.index).map(|rule| Keyed { rule, key: p.key, hash: p.hash }))
+        .collect();
 
     // Several enforced rules: read them all first so that a refusal costs nothing elsewhere.
     let mut skipped: Vec<String> = Vec::new();
