@@ -377,3 +377,371 @@ pub fn store_leases(
     }
     seen
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::ratelimit::{check, plan, Planned, RequestFacts};
+    use crate::remote::Backend;
+    use crate::store::{KeyHash, MemoryStore};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn rule(name: &str, requests: u32, per_seconds: u32, burst: u32, extra: &str) -> String {
+        format!(
+            r#"{{"name":"{name}","routes":[{{"methods":["POST"],"path_prefix":"/v1/"}}],"key":"user","requests":{requests},"per_seconds":{per_seconds},"burst":{burst}{extra}}}"#
+        )
+    }
+
+    fn policy(rules: &[String], extra: &str) -> RateLimitPolicy {
+        let json = format!(
+            r#"{{"name":"p","rules":[{}],"state":{{"backend":"redis","cluster":"bridge","key_prefix":"t"}}{extra}}}"#,
+            rules.join(",")
+        );
+        RateLimitPolicy::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn redis(p: &RateLimitPolicy) -> RedisConfig {
+        match &p.state {
+            Backend::Redis(r) => r.clone(),
+            Backend::Local => panic!("local"),
+        }
+    }
+
+    fn plan_for(p: &RateLimitPolicy, user: &str) -> Plan {
+        let facts = RequestFacts { method: "POST", path: "/v1/transfers", client_ip: None, user: Some(user) };
+        match plan(p, &facts) {
+            Planned::Evaluate(plan) => plan,
+            Planned::Decided(d) => panic!("decided without state: {d:?}"),
+        }
+    }
+
+    /// [`MULTI_GCRA_SCRIPT`] in Rust, on a fake Redis clock (microseconds): the reference the
+    /// lease accounting is tested against (the script itself runs in the end-to-end tests).
+    #[derive(Default)]
+    struct FakeRedis {
+        tat: HashMap<String, i128>,
+        calls: usize,
+    }
+
+    impl FakeRedis {
+        fn eval(&mut self, p: &RateLimitPolicy, plan: &Plan, lease: u32, now_ms: u64) -> Vec<Grant> {
+            self.calls += 1;
+            let now = i128::from(now_ms) * 1000;
+            let keys: Vec<(KeyHash, bool, i128, i128)> = plan
+                .rules
+                .iter()
+                .map(|r| {
+                    let (iv, hz) = micros(&p.rules[r.index].quota);
+                    (r.hash, r.report_only, i128::from(iv), i128::from(hz))
+                })
+                .collect();
+            let mut tat: Vec<i128> = keys.iter().map(|k| self.tat.get(&k.0.to_hex()).copied().unwrap_or(0).max(now)).collect();
+            let avail = |tat: i128, iv: i128, hz: i128| (hz - (tat - now)).div_euclid(iv);
+            let refused = keys.iter().zip(&tat).any(|(k, t)| !k.1 && avail(*t, k.2, k.3) < 1);
+            let mut out = Vec::new();
+            for (i, (hash, _, iv, hz)) in keys.iter().enumerate() {
+                let mut take = 0;
+                if !refused {
+                    let a = avail(tat[i], *iv, *hz);
+                    if a >= 1 {
+                        take = a.min(i128::from(lease));
+                    }
+                }
+                if take > 0 {
+                    tat[i] += take * iv;
+                    self.tat.insert(hash.to_hex(), tat[i]);
+                }
+                let debt = tat[i] - now;
+                let rem = avail(tat[i], *iv, *hz).max(0);
+                let retry = if rem < 1 { (debt + iv - hz + 999).div_euclid(1000) } else { 0 };
+                out.push(Grant {
+                    taken: take as u32,
+                    remaining: rem as u32,
+                    reset_ms: ((debt + 999).div_euclid(1000)) as u64,
+                    retry_after_ms: retry as u64,
+                });
+            }
+            out
+        }
+    }
+
+    /// One Envoy instance in reconciled mode: its own shared data, Redis in common.
+    fn leased_request(p: &RateLimitPolicy, store: &MemoryStore, redis: &mut FakeRedis, user: &str, now: u64) -> bool {
+        let reconcile = p.reconcile.unwrap();
+        match spend_leases(p, store, plan_for(p, user), now) {
+            LeaseStep::Decided(d) => d.rejection.is_none(),
+            LeaseStep::Remote(plan) => {
+                let grants = redis.eval(p, &plan, reconcile.lease_tokens.get(), now);
+                let seen = store_leases(p, store, &plan, &grants, reconcile.lease_ms.get(), now);
+                decide(p, plan, Ok(seen), FailureMode::Closed).rejection.is_none()
+            }
+        }
+    }
+
+    fn direct_request(p: &RateLimitPolicy, redis: &mut FakeRedis, user: &str, now: u64) -> Decision {
+        let plan = plan_for(p, user);
+        let grants = redis.eval(p, &plan, 1, now);
+        decide(p, plan, Ok(grants), FailureMode::Closed)
+    }
+
+    #[test]
+    fn state_and_reconcile_configuration() {
+        let p = policy(&[rule("r", 1, 60, 5, "")], r#","reconcile":{"lease_tokens":4,"lease_ms":500}"#);
+        assert_eq!(redis(&p).cluster, "bridge");
+        assert_eq!(p.reconcile.map(|r| (r.lease_tokens.get(), r.lease_ms.get())), Some((4, 500)));
+        let local = RateLimitPolicy::from_json(format!(r#"{{"name":"p","rules":[{}]}}"#, rule("r", 1, 60, 5, "")).as_bytes()).unwrap();
+        assert_eq!((local.state, local.reconcile), (Backend::Local, None));
+        let r = rule("r", 1, 60, 5, "");
+        for (json, field) in [
+            (format!(r#"{{"name":"p","rules":[{r}],"reconcile":{{"lease_tokens":4,"lease_ms":500}}}}"#), "reconcile"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis"}}}}"#), "state.cluster"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"etcd"}}}}"#), "state.backend"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":0,"lease_ms":500}}}}"#), "reconcile.lease_tokens"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":10001,"lease_ms":500}}}}"#), "reconcile.lease_tokens"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3}}}}"#), "reconcile.lease_ms"),
+            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3,"lease_ms":60001}}}}"#), "reconcile.lease_ms"),
+        ] {
+            assert_eq!(RateLimitPolicy::from_json(json.as_bytes()).unwrap_err().field, field, "{json}");
+        }
+        let e = RateLimitPolicy::from_json(
+            format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3,"lease_ms":5,"x":1}}}}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains('x'), "{e}");
+    }
+
+    #[test]
+    fn intervals_round_up_to_whole_microseconds() {
+        let p = policy(&[rule("a", 3, 1, 2, ""), rule("b", 10, 60, 5, "")], "");
+        assert_eq!(micros(&p.rules[0].quota), (333_334, 666_668));
+        assert_eq!(micros(&p.rules[1].quota), (6_000_000, 30_000_000));
+    }
+
+    #[test]
+    fn one_command_carries_every_key_enforced_first() {
+        let p = policy(&[rule("shadow", 1, 60, 5, r#","report_only":true"#), rule("a", 1, 60, 5, ""), rule("b", 2, 1, 3, "")], "");
+        let plan = plan_for(&p, "alice");
+        assert_eq!(plan.rules.iter().map(|r| r.report_only).collect::<Vec<_>>(), [false, false, true]);
+        let cmd = String::from_utf8(command(&p, &plan, &redis(&p), 1)).unwrap();
+        assert!(cmd.starts_with("EVAL/local%20t%20%3D%20redis.call"), "{cmd}");
+        let tail: Vec<&str> = cmd.rsplit('/').take(12).collect::<Vec<_>>().into_iter().rev().collect();
+        let keys: Vec<String> = plan.rules.iter().map(|r| format!("t:rl:{}", r.hash.to_hex())).collect();
+        assert_eq!(tail[0], "3", "{cmd}");
+        assert_eq!(&tail[1..4], keys.iter().map(String::as_str).collect::<Vec<_>>().as_slice());
+        // 2 enforced, lease 1, then (interval, horizon) per key in microseconds.
+        assert_eq!(&tail[4..], ["2", "1", "60000000", "300000000", "500000", "1500000", "60000000", "300000000"]);
+        assert!(String::from_utf8(command(&p, &plan, &redis(&p), 7)).unwrap().contains("/2/7/60000000/"));
+    }
+
+    #[test]
+    fn grants_parse_and_anything_else_is_an_error() {
+        let ints = |v: &[i64]| Reply::Array(v.iter().map(|i| Reply::Integer(*i)).collect());
+        assert_eq!(
+            parse_grants(&ints(&[1, 4, 12000, 0, 0, 0, 3, 2500]), 2),
+            Ok(vec![
+                Grant { taken: 1, remaining: 4, reset_ms: 12000, retry_after_ms: 0 },
+                Grant { taken: 0, remaining: 0, reset_ms: 3, retry_after_ms: 2500 }
+            ])
+        );
+        assert!(parse_grants(&ints(&[1, 4, 12000, 0]), 2).is_err(), "one key short");
+        assert!(parse_grants(&ints(&[1, 4, 12000, 0, 1]), 1).is_err());
+        assert!(parse_grants(&ints(&[1, -4, 12000, 0]), 1).is_err());
+        assert!(parse_grants(&Reply::Array(vec![Reply::Integer(1), Reply::Text("4".into()), Reply::Integer(1), Reply::Integer(0)]), 1).is_err());
+        assert!(parse_grants(&Reply::Nil, 1).is_err());
+        assert!(parse_grants(&Reply::Integer(1), 1).is_err());
+    }
+
+    #[test]
+    fn the_redis_backend_decides_like_the_local_one() {
+        // Same rules, same request sequence: the local backend and the script agree on every
+        // admission, refusal and header (the clock is whole seconds, so rounding cannot differ).
+        let rules = [rule("narrow", 1, 10, 2, ""), rule("wide", 1, 10, 5, ""), rule("shadow", 1, 10, 3, r#","report_only":true"#)];
+        let remote_p = policy(&rules, r#","response_headers":true"#);
+        let local_p = RateLimitPolicy::from_json(
+            format!(r#"{{"name":"p","response_headers":true,"rules":[{}]}}"#, rules.join(",")).as_bytes(),
+        )
+        .unwrap();
+        let store = MemoryStore::default();
+        let mut fake = FakeRedis::default();
+        let facts = RequestFacts { method: "POST", path: "/v1/transfers", client_ip: None, user: Some("alice") };
+        for step in 0..40u64 {
+            let now = T0 + step * 3000;
+            let local = check(&local_p, &store, &facts, now);
+            let remote = direct_request(&remote_p, &mut fake, "alice", now);
+            assert_eq!(local.rejection.is_none(), remote.rejection.is_none(), "step {step}");
+            assert_eq!(local.events, remote.events, "step {step}");
+            assert_eq!(local.response_headers, remote.response_headers, "step {step}");
+            if let (Some(l), Some(r)) = (&local.rejection, &remote.rejection) {
+                assert_eq!((l.status, l.code, &l.message), (r.status, r.code, &r.message), "step {step}");
+                let header = |rej: &crate::Rejection, name: &str| {
+                    rej.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap()
+                };
+                assert_eq!(header(l, "retry-after"), header(r, "retry-after"), "step {step}");
+                assert_eq!(header(l, "ratelimit-policy"), header(r, "ratelimit-policy"), "step {step}");
+                // The refusing rule's state is the same. (The other rules: the local backend
+                // reports them as if admitted, Redis as they are, since nothing was charged.)
+                let first = |v: String| v.split(", ").find(|i| i.contains("r=0")).map(str::to_string);
+                assert_eq!(first(header(l, "ratelimit")), first(header(r, "ratelimit")), "step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unreachable_store_fails_closed_unless_configured_open() {
+        let p = policy(&[rule("money", 1, 60, 5, ""), rule("shadow", 1, 60, 5, r#","report_only":true"#)], "");
+        let down = || Err(RemoteError::Unreachable("no answer".into()));
+        let d = decide(&p, plan_for(&p, "alice"), down(), FailureMode::Closed);
+        let r = d.rejection.expect("fails closed");
+        assert_eq!((r.status, r.code), (503, "state_unavailable"));
+        assert_eq!(
+            d.events,
+            [
+                Event::Error { rule: "money".into(), error: RuleError::StateUnavailable, blocked: true },
+                Event::Error { rule: "shadow".into(), error: RuleError::StateUnavailable, blocked: false },
+            ]
+        );
+        // A reply that does not fit the plan is no answer either.
+        let d = decide(&p, plan_for(&p, "alice"), Ok(vec![Grant { taken: 1, remaining: 0, reset_ms: 0, retry_after_ms: 0 }]), FailureMode::Closed);
+        assert_eq!(d.rejection.map(|r| r.code), Some("state_unavailable"));
+        // The state's failure_mode: open passes every rule, with the events to count and log.
+        let d = decide(&p, plan_for(&p, "alice"), down(), FailureMode::Open);
+        assert!(d.rejection.is_none());
+        assert!(d.events.iter().all(|e| matches!(e, Event::Error { blocked: false, .. })));
+        // A rule's own fail_open passes only that rule.
+        let p = policy(&[rule("reads", 1, 60, 5, r#","fail_open":true"#), rule("money", 1, 60, 5, "")], "");
+        let d = decide(&p, plan_for(&p, "alice"), down(), FailureMode::Closed);
+        assert_eq!(d.rejection.map(|r| r.message.contains("`money`")), Some(true));
+        let p = policy(&[rule("reads", 1, 60, 5, r#","fail_open":true"#)], "");
+        assert!(decide(&p, plan_for(&p, "alice"), down(), FailureMode::Closed).rejection.is_none());
+    }
+
+    #[test]
+    fn leases_never_admit_more_than_the_burst_across_instances() {
+        // Burst 10, lease 3, no refill within the test, two instances taking turns in pairs.
+        let p = policy(&[rule("r", 1, 3600, 10, "")], r#","reconcile":{"lease_tokens":3,"lease_ms":60000}"#);
+        let (a, b) = (MemoryStore::default(), MemoryStore::default());
+        let mut fake = FakeRedis::default();
+        let admitted: Vec<bool> = (0..30u64)
+            .map(|i| leased_request(&p, if (i / 2) % 2 == 0 { &a } else { &b }, &mut fake, "alice", T0 + i))
+            .collect();
+        assert_eq!(admitted.iter().filter(|x| **x).count(), 10);
+        assert!(admitted[..10].iter().all(|x| *x) && admitted[10..].iter().all(|x| !x));
+        // 6 round trips for 30 requests: leases, the last token, then each instance's refusal
+        // is remembered until its Retry-After.
+        assert_eq!(fake.calls, 6);
+        // Another user is not affected by alice's leases.
+        assert!(leased_request(&p, &a, &mut fake, "bob", T0 + 40));
+    }
+
+    #[test]
+    fn stranded_leases_under_admit_by_at_most_instances_times_lease_minus_one() {
+        // Instance a takes a lease of 4 and spends 1; b then gets what is left.
+        let p = policy(&[rule("r", 1, 3600, 10, "")], r#","reconcile":{"lease_tokens":4,"lease_ms":60000}"#);
+        let (a, b) = (MemoryStore::default(), MemoryStore::default());
+        let mut fake = FakeRedis::default();
+        assert!(leased_request(&p, &a, &mut fake, "alice", T0));
+        let on_b = (0..20).filter(|i| leased_request(&p, &b, &mut fake, "alice", T0 + 1 + i)).count();
+        // b took 4 + 2 of Redis's remaining 6; a's 3 unspent tokens are stranded on a.
+        assert_eq!(on_b, 6);
+        assert!(1 + on_b >= 10 - 2 * (4 - 1));
+        // They are still a's to spend, and no more.
+        let on_a = (0..10).filter(|i| leased_request(&p, &a, &mut fake, "alice", T0 + 30 + i)).count();
+        assert_eq!(1 + on_b + on_a, 10);
+    }
+
+    #[test]
+    fn leases_bound_any_window_by_burst_plus_rate_times_window_plus_lease() {
+        // 10 per second, burst 5, leases of 4 for 300 ms; three instances offered 20/s each for
+        // ten simulated minutes.
+        let p = policy(&[rule("r", 10, 1, 5, "")], r#","reconcile":{"lease_tokens":4,"lease_ms":300}"#);
+        let stores = [MemoryStore::default(), MemoryStore::default(), MemoryStore::default()];
+        let mut fake = FakeRedis::default();
+        let mut times = Vec::new();
+        let total_ms = 600_000u64;
+        for step in 0..(total_ms / 50) {
+            for (i, store) in stores.iter().enumerate() {
+                let now = T0 + step * 50 + i as u64 * 17;
+                if leased_request(&p, store, &mut fake, "alice", now) {
+                    times.push(now);
+                }
+            }
+        }
+        let admitted = times.len() as u64;
+        let ceiling = 5 + 10 * total_ms / 1000;
+        assert!(admitted <= ceiling, "{admitted} > {ceiling}");
+        // Lapsed leases: at most instances * (lease - 1) per lease period.
+        let floor = ceiling.saturating_sub(3 * 3 * (total_ms / 300 + 1));
+        assert!(admitted >= floor, "{admitted} < {floor}");
+        // Any window of d = 1 s: at most burst + rate * (d + lease_ms) = 5 + 13.
+        for (i, start) in times.iter().enumerate() {
+            let in_window = times[i..].iter().take_while(|t| **t < start + 1000).count();
+            assert!(in_window <= 5 + 13, "{in_window} admitted in 1 s from {start}");
+        }
+        // Under sustained overload a key's budget refills one token per interval, so leases
+        // shrink to one token and most admissions cost a round trip (refusals are answered
+        // locally until their Retry-After): leases save round trips while budget is plentiful.
+        assert!(fake.calls < 36_000, "{} round trips for 36,000 requests", fake.calls);
+    }
+
+    #[test]
+    fn a_lease_is_spent_once_and_its_last_token_ends_it() {
+        let p = policy(&[rule("r", 1, 3600, 10, "")], r#","reconcile":{"lease_tokens":3,"lease_ms":1000}"#);
+        let store = MemoryStore::default();
+        let plan = plan_for(&p, "alice");
+        let hash = plan.rules[0].hash;
+        let grant = Grant { taken: 3, remaining: 7, reset_ms: 10_800_000, retry_after_ms: 0 };
+        let seen = store_leases(&p, &store, &plan, &[grant], 1000, T0);
+        assert_eq!(seen[0].remaining, 9, "the unspent lease counts as remaining for the headers");
+        // Two workers storing at once: tokens add up, never overwrite.
+        store_leases(&p, &store, &plan, &[grant], 1000, T0);
+        let lease = |now| p.lease_table.get(&store, hash, now).unwrap().and_then(|(b, _, _)| Lease::decode(&b));
+        assert_eq!(lease(T0).map(|l| l.tokens), Some(4));
+        for _ in 0..4 {
+            assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1), LeaseStep::Decided(d) if d.rejection.is_none()));
+        }
+        assert_eq!(lease(T0 + 1), None, "spent: the next request asks Redis, it is not refused");
+        assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1), LeaseStep::Remote(_)));
+        // An unspent lease lapses after lease_ms.
+        store_leases(&p, &store, &plan, &[grant], 1000, T0 + 2);
+        assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1001), LeaseStep::Decided(_)));
+        assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1002), LeaseStep::Remote(_)));
+    }
+
+    #[test]
+    fn a_refusal_is_remembered_until_its_retry_after() {
+        let p = policy(&[rule("r", 1, 60, 2, "")], r#","reconcile":{"lease_tokens":2,"lease_ms":1000}"#);
+        let store = MemoryStore::default();
+        let plan = plan_for(&p, "alice");
+        let refused = Grant { taken: 0, remaining: 0, reset_ms: 90_000, retry_after_ms: 30_000 };
+        let seen = store_leases(&p, &store, &plan, &[refused], 1000, T0);
+        assert!(decide(&p, plan.clone(), Ok(seen), FailureMode::Closed).rejection.is_some());
+        let LeaseStep::Decided(d) = spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 10_000) else { panic!("refused locally") };
+        let r = d.rejection.expect("refused");
+        assert_eq!((r.status, r.code), (429, "rate_limited"));
+        assert!(r.headers.contains(&("retry-after".to_string(), "20".to_string())), "{:?}", r.headers);
+        assert!(matches!(&d.events[..], [Event::Limited { retry_after_ms: 20_000, .. }]));
+        assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 30_000), LeaseStep::Remote(_)));
+        // A key that was only not evaluated (taken 0, no Retry-After) is not remembered as refused.
+        let other = plan_for(&p, "bob");
+        store_leases(&p, &store, &other, &[Grant { taken: 0, remaining: 2, reset_ms: 0, retry_after_ms: 0 }], 1000, T0);
+        assert!(matches!(spend_leases(&p, &store, plan_for(&p, "bob"), T0), LeaseStep::Remote(_)));
+    }
+
+    #[test]
+    fn foreign_lease_bytes_are_not_a_lease() {
+        assert_eq!(Lease::decode(&[0; 19]), None);
+        assert_eq!(Lease::decode(&[0; 21]), None);
+        let l = Lease { tokens: 3, until_ms: 7, reset_at_ms: 9 };
+        assert_eq!(Lease::decode(&l.encode()), Some(l));
+        let p = policy(&[rule("r", 1, 60, 2, "")], r#","reconcile":{"lease_tokens":2,"lease_ms":1000}"#);
+        let store = MemoryStore::default();
+        let plan = plan_for(&p, "alice");
+        p.lease_table
+            .update(&store, plan.rules[0].hash, T0, |_| Update::Write { payload: vec![1, 2, 3], expires_at_ms: T0 + 500, result: () })
+            .unwrap();
+        assert!(matches!(spend_leases(&p, &store, plan, T0), LeaseStep::Remote(_)), "Redis decides");
+    }
+}
