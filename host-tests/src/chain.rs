@@ -30,6 +30,8 @@ pub struct Chain {
 struct Stage {
     id: u32,
     created: bool,
+    /// Envoy lets each filter send one local reply per stream.
+    local_sent: bool,
     headers_passed: bool,
     withheld: Vec<u8>,
     withheld_eos: bool,
@@ -283,9 +285,12 @@ impl<'a> Flow<'a> {
     /// A local reply from filter k: the request ends; the reply crosses the encoder side of the
     /// filters that saw the request (from k's side onward on the response path).
     fn local(&mut self, k: usize, reply: crate::http::LocalReply, side: Side) {
-        if self.local_sent {
+        // Each filter sends at most one; a later filter's reply (on the response path) replaces
+        // an earlier one that has not reached the client yet.
+        if self.stages[k].local_sent || self.response_headers.is_some() {
             return;
         }
+        self.stages[k].local_sent = true;
         self.local_sent = true;
         self.request_ended = true;
         self.local_reply = Some(reply.clone());

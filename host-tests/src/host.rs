@@ -744,18 +744,21 @@ impl Worker {
     /// Ends the stream (`on_log`, `on_done`, `on_delete`) and says what it got.
     pub(crate) fn finish(&mut self, mut run: StreamRun, spec: &PluginSpec) -> Verdict {
         let id = run.id;
-        // A local reply goes through the encoder path, as Envoy's does.
+        // A local reply replaces the response. Sent on the request path, it then goes through
+        // the filter's own encoder callbacks, as Envoy's does; sent on the response path (or on a
+        // trap), it goes straight to the client.
         let local = self.stream(id).local_reply.clone();
         if let Some(reply) = &local {
-            if run.trap.is_none() && self.failed.is_none() && !run.response_started {
+            let run_encoder = run.trap.is_none() && self.failed.is_none() && !run.response_started;
+            let headers = local_reply_headers(reply);
+            let n = headers.len() as i32;
+            {
+                let s = self.stream(id);
+                s.response_headers = Some(to_map(&headers));
+                s.response_body = Some(reply.body.clone());
+            }
+            if run_encoder {
                 run.response_started = true;
-                let headers = local_reply_headers(reply);
-                let n = headers.len() as i32;
-                {
-                    let s = self.stream(id);
-                    s.response_headers = Some(to_map(&headers));
-                    s.response_body = Some(reply.body.clone());
-                }
                 let _ = self.ctx_call::<(i32, i32, i32), i32>(
                     id,
                     "proxy_on_response_headers",
@@ -768,10 +771,6 @@ impl Worker {
                         (id as i32, reply.body.len() as i32, 1),
                     );
                 }
-            } else if !run.response_started || run.trap.is_some() || self.failed.is_some() {
-                let s = self.stream(id);
-                s.response_headers = Some(to_map(&local_reply_headers(reply)));
-                s.response_body = Some(reply.body.clone());
             }
         }
         if let Some(t) = &self.failed {

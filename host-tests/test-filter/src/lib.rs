@@ -26,7 +26,8 @@
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
 //! - `x-test-random`            → `x-random` = a value from WASI randomness;
 //! - `x-test-print: text`       → print it on stdout (WASI).
-//! Every response gets `x-test-filter: seen`; every request increments counter `test_filter.requests`.
+//! - `x-test-deny-response`     → local reply 502 `response_denied` from `on_response_headers`.
+//! Every response gets `x-test-filter: seen` and `x-upstream-status`; every request increments counter `test_filter.requests`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
@@ -83,7 +84,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false }))
+        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false, deny_response: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -94,6 +95,7 @@ impl RootContext for Root {
 struct Stream {
     counter: Rc<Cell<Option<u32>>>,
     buffer_body: bool,
+    deny_response: bool,
 }
 
 fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -253,6 +255,7 @@ impl HttpContext for Stream {
             }
             self.set_http_request_header("x-claim", Some("won"));
         }
+        self.deny_response = self.get_http_request_header("x-test-deny-response").is_some();
         if let Some(body_mode) = self.get_http_request_header("x-test-body") {
             self.buffer_body = body_mode == "buffer";
         }
@@ -296,7 +299,12 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if std::mem::take(&mut self.deny_response) {
+            return self.reject(502, "response_denied");
+        }
         self.set_http_response_header("x-test-filter", Some("seen"));
+        let upstream_status = self.get_http_response_header(":status").unwrap_or_default();
+        self.set_http_response_header("x-upstream-status", Some(&upstream_status));
         Action::Continue
     }
 }
