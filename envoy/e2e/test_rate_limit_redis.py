@@ -184,3 +184,46 @@ def test_invalid_state_configuration_is_refused(demo_api, config, field):
     e = harness.Envoy([harness.wasm_filter("rate_limit", {"name": "x", "rules": [rule("r")], **config})],
                       demo_api.port, expect_failure=True)
     assert f"config_error field={field}" in e.logs()
+
+
+def test_the_readme_envoy_redis_yaml_shares_one_budget_across_two_instances(demo_api, redis_bridge, tmp_path):
+    """plugins/rate-limit/envoy-redis.yaml started twice (free ports, this run's demo API and
+    webdis): the per-user burst of 5 is admitted once across both instances."""
+    import os
+    import subprocess
+    text = (harness.ROOT / "plugins" / "rate-limit" / "envoy-redis.yaml").read_text()
+    prefix = f"fb-{uuid.uuid4().hex[:8]}"
+    assert '"key_prefix": "firebreak"' in text
+    text = text.replace('"key_prefix": "firebreak"', f'"key_prefix": "{prefix}"')
+    procs, ports = [], []
+    try:
+        for n in range(2):
+            port, admin = harness.free_port(), harness.free_port()
+            config = text
+            for old, new in [("port_value: 10000", f"port_value: {port}"), ("port_value: 9901", f"port_value: {admin}"),
+                             ("port_value: 18080", f"port_value: {demo_api.port}"),
+                             ("port_value: 7379", f"port_value: {redis_bridge.webdis_port}"),
+                             ("filename: target/", f"filename: {harness.ROOT}/target/")]:
+                assert old in config, old
+                config = config.replace(old, new)
+            path = tmp_path / f"envoy-{n}.yaml"
+            path.write_text(config)
+            log = tmp_path / f"envoy-{n}.log"
+            env = dict(os.environ, **{harness.DEMO_KEY_ENV: harness.DEMO_SECRET_B64})
+            proc = subprocess.Popen([str(harness.ENVOY), "-c", str(path), "--concurrency", "2", "--use-dynamic-base-id",
+                                     "--disable-hot-restart", "-l", "warning"],
+                                    stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+            procs.append(proc)
+            harness.wait_for(lambda: harness.send(admin, "GET", "/ready", timeout=1).status == 200, 30, "envoy", proc, log)
+            ports.append(port)
+        statuses = []
+        for i in range(8):
+            port = ports[i % 2]
+            body = transfer(new_ref())
+            sig = harness.sign("POST", f"http://127.0.0.1:{port}/v1/transfers", body)
+            statuses.append(harness.send(port, "POST", "/v1/transfers", JSON + sig, body).status)
+        assert statuses == [201] * 5 + [429] * 3
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
