@@ -227,3 +227,58 @@ def test_the_readme_envoy_redis_yaml_shares_one_budget_across_two_instances(demo
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_concurrent_requests_across_two_instances_spend_one_budget_exactly(envoy_factory, redis_bridge):
+    """Each decision is one atomic script: 60 requests at once, spread over two instances and
+    their four workers, admit exactly the burst."""
+    import threading
+    burst = 12
+    filters = [rate_limit("race", [rule("reads", key="ip", burst=burst, routes=READS)], harness.redis_state())]
+    a, b = (envoy_factory(filters, extra_clusters=[redis_bridge.cluster()]) for _ in range(2))
+    gate = threading.Barrier(20)
+    results, lock = [], threading.Lock()
+
+    def fire(gw):
+        gate.wait()
+        for _ in range(3):
+            r = gw.request("GET", BALANCE)
+            with lock:
+                results.append(r.status)
+    threads = [threading.Thread(target=fire, args=((a, b)[i % 2],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 60 and set(results) <= {200, 429}
+    assert results.count(200) == burst, results
+    assert sum(gw.counter("firebreak.rate_limit.race.allowed") for gw in (a, b)) == burst
+
+
+def test_a_slow_redis_times_out_and_fails_closed(envoy_factory, redis_bridge, demo_api):
+    """Redis frozen (SIGSTOP): webdis waits, the callout times out after state.timeout_ms, the
+    money request is refused and never forwarded."""
+    import os
+    import signal
+    filters = [harness.buffer_filter(), harness.signature_filter(),
+               rate_limit("slow", [rule("user-money", burst=50)], harness.redis_state(timeout_ms=200))]
+    gw = envoy_factory(filters, extra_clusters=[redis_bridge.cluster()])
+    assert signed_transfer(gw, new_ref()).status == 201
+    os.kill(redis_bridge.redis.pid, signal.SIGSTOP)
+    try:
+        ref = new_ref()
+        r = signed_transfer(gw, ref)
+        assert (r.status, r.error) == (503, "state_unavailable"), r.body
+        assert demo_api.executed(ref) == 0
+        # Envoy reports a callout that timed out as its own 504 (or no answer at all).
+        assert re.search(r'store_error="state store unreachable: (bridge answered HTTP 504|no answer)', gw.logs())
+    finally:
+        os.kill(redis_bridge.redis.pid, signal.SIGCONT)
+    ref = new_ref()
+    deadline = time.monotonic() + 15
+    while True:
+        r = signed_transfer(gw, ref)
+        if r.status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status == 201, r.body
