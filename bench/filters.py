@@ -13,7 +13,7 @@ import hashlib
 import os
 
 MONEY = [{"methods": ["POST"], "path_prefix": "/v1/"}]
-CHAIN_ORDER = ["rate_limit", "request_signature", "replay_guard", "env_guard"]
+CHAIN_ORDER = ["request_signature", "rate_limit", "env_guard", "replay_guard"]  # replay-guard last: README
 
 
 def _have(harness, module: str) -> bool:
@@ -46,9 +46,9 @@ def register(configs: dict, harness, signature):
             "over_limit": "block",
         })
 
-    def replay_guard(purpose: str) -> dict:
-        import filters_replay  # noqa: F401  (bench/filters_replay.py, once replay-guard's config is known)
-        return filters_replay.replay_guard(harness, purpose)
+    def replay_guard(purpose: str, in_chain: bool = False) -> dict:
+        import filters_replay  # bench/filters_replay.py
+        return filters_replay.replay_guard(harness, purpose, in_chain)
 
     builders = {"rate_limit": rate_limit, "env_guard": env_guard, "replay_guard": replay_guard,
                 "request_signature": signature}
@@ -65,7 +65,8 @@ def register(configs: dict, harness, signature):
 
     def chain(purpose: str) -> list:
         present = [m for m in CHAIN_ORDER if _have(harness, m) and (m != "replay_guard" or _replay_known())]
-        return [harness.buffer_filter()] + [builders[m](purpose) for m in present]
+        return [harness.buffer_filter()] + [
+            replay_guard(purpose, in_chain=True) if m == "replay_guard" else builders[m](purpose) for m in present]
 
     configs["chain"] = (["request_signature"], chain)
 

@@ -160,6 +160,9 @@ def render(res: Results) -> str:
       ", commit `" + f["commit"] + "`" + (", **--quick run: noisier numbers**" if p["quick"] else "") +
       "). Do not edit by hand: rerun the command.")
     w("")
+    if d.get("build_failed"):
+        w("**`scripts/build.sh` failed in this run**: the modules measured are those already in `target/`, possibly stale.")
+        w("")
     if d["modules_missing"]:
         w(f"**Modules missing from this run** (not built when it ran): {', '.join('`' + m + '.wasm`' for m in d['modules_missing'])}. "
           "Their rows are absent or marked n/a.")
@@ -293,11 +296,14 @@ def render(res: Results) -> str:
         w("| Decision | Input | Native | wasm in the test host | wasm, net of the host's per-request cost | wasm / native | net / native (target <= 1.5x for signatures) |")
         w("|---|---|---|---|---|---|---|")
         for name, m in micro["filters"].items():
-            if "missing" in m or "error" in m:
+            if "missing" in m or "error" in m or "sizes" not in m:
                 w(f"| {name} | - | {'module missing' if 'missing' in m else 'error: ' + str(m['error'])[:80]} | | | | |")
                 continue
             for inp, r in m["sizes"].items():
                 target = name == "request_signature"
+                if r.get("native_ns") is None:
+                    w(f"| {name} | {inp} | n/a ({m.get('native_note', '')}) | {r['wasm_ns'] / 1000:.1f} us | {r['wasm_net_ns'] / 1000:.1f} us | n/a | n/a |")
+                    continue
                 w(f"| {name} | {inp} | {r['native_ns'] / 1000:.1f} us | {r['wasm_ns'] / 1000:.1f} us | {r['wasm_net_ns'] / 1000:.1f} us | "
                   f"{r['ratio']:.2f}x | {r['net_ratio']:.2f}x {verdict(r['net_ratio'], TARGET_WASM_NATIVE) if target else ''} |")
         w("")
@@ -317,6 +323,41 @@ def render(res: Results) -> str:
         w("")
     else:
         w("Not measured in this run: " + str(micro.get("error", "--skip-micro"))[:300])
+        w("")
+
+    # Where the cost goes (computed).
+    w("## Where the cost goes")
+    w("")
+    w("CPU added per request against bare Envoy (median over rounds), and what of it every wasm module pays just by "
+      "being there (the trivial filter rows):")
+    w("")
+    w("| Configuration | " + " | ".join(f"{s} B" for s in res.sizes) + " |")
+    w("|---" * (1 + len(res.sizes)) + "|")
+    for c in ["trivial_wasm", "trivial_wasm_x4", "buffer"] + [x for x in FILTERS if x in res.configs] + ["chain"]:
+        if c in res.configs:
+            w(f"| {res.label(c)} | " + " | ".join(fmt(res.cpu_added(c, s), 1, " us") for s in res.sizes) + " |")
+    w("")
+    if "trivial_wasm_x4" in res.configs and "chain" in res.configs:
+        shares = []
+        for s_ in res.sizes:
+            x4, ch = res.cpu_added("trivial_wasm_x4", s_), res.cpu_added("chain", s_)
+            if x4 is not None and ch:
+                shares.append(f"{x4 / ch:.0%} at {s_} B")
+        w("Share of the chain's added CPU that four do-nothing modules already cost: " + ", ".join(shares) + ".")
+        w("")
+    if mem and "bare" in mem:
+        b = mem["bare"]
+        w("Memory: the fixed cost of each configuration's VMs (RSS at start minus bare Envoy's) against what "
+          f"{p['memory_keys']:,} keys added (RSS growth during the requests minus bare Envoy's growth):")
+        w("")
+        w("| Configuration | VMs at start | Growth from the keys |")
+        w("|---|---|---|")
+        for c, m in mem.items():
+            if c == "bare":
+                continue
+            fixed = (m["rss_start_kib"] - b["rss_start_kib"]) / 1024
+            growth = ((m["rss_kib"] - m["rss_start_kib"]) - (b["rss_kib"] - b["rss_start_kib"])) / 1024
+            w(f"| {res.label(c)} | {fixed:+.1f} MiB | {growth:+.1f} MiB |")
         w("")
 
     # Targets.

@@ -79,9 +79,9 @@ def local_ratelimit() -> dict:
 TRIVIAL_WASM = ROOT / "target" / "bench" / "wasm32-wasip1" / "release" / "bench_trivial_filter.wasm"
 
 
-def trivial_filter() -> dict:
+def trivial_filter(n: int = 0) -> dict:
     """bench/trivial-filter: reads one header, sets one. What any Rust wasm filter costs."""
-    f = harness.wasm_filter("bench_trivial_filter", {}, vm_id="bench_trivial")
+    f = harness.wasm_filter("bench_trivial_filter", {}, vm_id=f"bench_trivial_{n}", root_id=f"bench_trivial_{n}")
     f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = str(TRIVIAL_WASM)
     return f
 
@@ -95,6 +95,9 @@ CONFIGS: dict[str, tuple[list[str], object]] = {
     "request_signature": (["request_signature"], lambda p: [harness.buffer_filter(), signature(p)]),
     "native_local_ratelimit": ([], lambda p: [local_ratelimit()]),
     "trivial_wasm": (["@trivial"], lambda p: [trivial_filter()]),
+    # Four of them, each in its own VM as the four Firebreak modules are: what a chain pays
+    # for being four modules, before any of them decides anything.
+    "trivial_wasm_x4": (["@trivial"], lambda p: [trivial_filter(i) for i in range(4)]),
 }
 
 import filters as _filters  # noqa: E402  (bench/filters.py: the other filters and the chain)
@@ -110,6 +113,7 @@ LABELS = {
     "env_guard": "env-guard",
     "native_local_ratelimit": "Envoy native local_ratelimit",
     "trivial_wasm": "trivial Rust wasm filter (reference)",
+    "trivial_wasm_x4": "4 trivial wasm filters, 4 VMs (reference)",
     "chain": "full chain",
 }
 
@@ -295,15 +299,20 @@ def main():
     ap.add_argument("--sizes", default="0,1024,10240")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
+    ap.add_argument("--configs", help="comma-separated subset of configurations (development)")
+    ap.add_argument("--build-failed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
-    duration = args.duration or (2 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 4)
+    duration = args.duration or 2
     lat_duration = 1 if args.quick else 2
     sizes = [int(s) for s in args.sizes.split(",")]
     mem_keys = 100_000
 
     missing = [m for m in MODULES if not have(m)]
     configs = [c for c, (mods, _) in CONFIGS.items() if all(have(m) for m in mods)]
+    if args.configs:
+        wanted = args.configs.split(",")
+        configs = [c for c in configs if c in wanted or c == "bare"]
     skipped = [c for c, (mods, _) in CONFIGS.items() if c not in configs]
     log(f"modules missing: {missing or 'none'}; configurations: {configs}; skipped: {skipped}")
 
@@ -326,7 +335,7 @@ def main():
     results = {"facts": machine_facts(), "params": {
         "rounds": rounds, "duration_s": duration, "latency_duration_s": lat_duration, "connections": args.connections,
         "sizes": sizes, "quick": args.quick, "memory_keys": mem_keys, "latency_size": lat_size, "memory_size": mem_size,
-    }, "modules_missing": missing, "configs": configs, "skipped_configs": skipped, "labels": LABELS,
+    }, "build_failed": args.build_failed, "modules_missing": missing, "configs": configs, "skipped_configs": skipped, "labels": LABELS,
         "chain_members": _filters.chain_members(harness), "cpu_runs": [], "latency_runs": [], "memory": {}, "micro": None}
 
     upstream = Upstream()
@@ -362,7 +371,7 @@ def main():
                 e = start_envoy(c, "memory", upstream)
                 try:
                     rss0 = proc_rss_kib(e.proc.pid)
-                    res = wrk_until(e, reqs.args(mem_size, 0, mem_keys, "stop"), 8, mem_keys)
+                    res = wrk_until(e, reqs.args(mem_size, 0, mem_keys, "stop"), 16, mem_keys)
                     time.sleep(1.0)
                     rss1 = proc_rss_kib(e.proc.pid)
                     stats = e.stats("wasmcustom")

@@ -287,6 +287,43 @@ fn env_guard(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -
     Ok(json!({"sizes": rows, "host_calls_accepted": hc, "host_calls_unprotected": hcu}))
 }
 
+/// replay-guard: the wasm module in the test host only (its decision spans the request and the
+/// response, over `replay::Exchange` and `LocalState`; no native driver yet), and host calls.
+fn replay_guard(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value, String> {
+    let path = wasm_dir.join("replay_guard.wasm");
+    if !path.exists() {
+        return Ok(json!({"missing": path}));
+    }
+    let config = json!({
+        "routes": [{"name": "transfers", "match": {"methods": ["POST"], "path_exact": PATH}, "idempotency_key": "required"}],
+        "key_store": {"buckets": 16384, "slots_per_bucket": 16},
+    })
+    .to_string();
+    let module = Module::load(&path).map_err(|e| format!("{e:#}"))?;
+    let secret = base64_decode(SECRET_B64)?;
+    let inputs = inputs(1024, iterations, DEFAULT_START_NANOS / 1_000_000_000, &secret)?;
+    let accepted: Vec<Request> = inputs.iter().map(|i| i.to_host(PATH)).collect();
+    let unprotected: Vec<Request> = inputs.iter().map(|i| i.to_host("/bench/unprotected")).collect();
+    let (mut wasm, mut base) = (Vec::new(), Vec::new());
+    let (mut hc, mut hcu) = (Value::Null, Value::Null);
+    for _ in 0..reps {
+        let (ns, v) = time_wasm(&module, &config, &accepted, &|v| v.status == 200 && v.forwarded())?;
+        wasm.push(ns);
+        hc = json!({"total": v.host_call_total(), "by_call": v.host_calls});
+        let (ns, v) = time_wasm(&module, &config, &unprotected, &|v| v.status == 200 && v.forwarded())?;
+        base.push(ns);
+        hcu = json!({"total": v.host_call_total(), "by_call": v.host_calls});
+    }
+    let (wasm, base) = (median(wasm), median(base));
+    Ok(json!({
+        "sizes": {"new key, 1024 B body, response stored": {
+            "iterations": iterations, "native_ns": null, "wasm_ns": wasm, "wasm_unprotected_ns": base,
+            "wasm_net_ns": wasm - base, "ratio": null, "net_ratio": null}},
+        "native_note": "no native driver yet (the decision spans request and response)",
+        "host_calls_accepted": hc, "host_calls_unprotected": hcu,
+    }))
+}
+
 fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string())
@@ -313,6 +350,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     };
     filters.insert("request_signature".into(), run_one("request_signature", &|| signature(&wasm_dir, iterations, reps, &sizes)));
     filters.insert("rate_limit".into(), run_one("rate_limit", &|| rate_limit(&wasm_dir, iterations, reps)));
+    filters.insert("replay_guard".into(), run_one("replay_guard", &|| replay_guard(&wasm_dir, iterations, reps)));
     filters.insert("env_guard".into(), run_one("env_guard", &|| env_guard(&wasm_dir, iterations, reps, &sizes)));
     result.insert("filters".into(), Value::Object(filters));
     println!("{}", serde_json::to_string_pretty(&Value::Object(result)).map_err(|e| e.to_string())?);

@@ -14,7 +14,7 @@ pub fn header_block(size: usize, index: u64, created: u64, secret: &[u8], body: 
     let idempotency_key = format!("bench-{size:05}-{index:09}");
     let covered = vec![
         ("content-type".to_string(), "application/json".to_string()),
-        ("idempotency-key".to_string(), idempotency_key.clone()),
+        ("idempotency-key".to_string(), format!("\"{idempotency_key}\"")),
     ];
     let extra = ["idempotency-key".to_string()];
     let signed = sign(&SignRequest {
@@ -35,7 +35,7 @@ pub fn header_block(size: usize, index: u64, created: u64, secret: &[u8], body: 
     })?;
     let mut out = format!(
         "POST {PATH} HTTP/1.1\r\nhost: {AUTHORITY}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\
-         idempotency-key: {idempotency_key}\r\nx-bench-client: c{client:04}\r\nx-bench-user: u{index:09}\r\n",
+         idempotency-key: \"{idempotency_key}\"\r\nx-bench-client: c{client:04}\r\nx-bench-user: u{index:09}\r\n",
         len = body.len(),
         client = index % 1000,
     );
