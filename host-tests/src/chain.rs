@@ -285,32 +285,31 @@ impl<'a> Flow<'a> {
     /// A local reply from filter k: the request ends; the reply crosses the encoder side of the
     /// filters that saw the request (from k's side onward on the response path).
     fn local(&mut self, k: usize, reply: crate::http::LocalReply, side: Side) {
-        // Each filter sends at most one; a later filter's reply (on the response path) replaces
-        // an earlier one that has not reached the client yet.
-        if self.stages[k].local_sent || self.response_headers.is_some() {
+        // Each filter sends at most one.
+        if self.stages[k].local_sent || self.reset {
             return;
         }
         self.stages[k].local_sent = true;
         self.local_sent = true;
         self.request_ended = true;
         self.local_reply = Some(reply.clone());
-        self.response_headers = None;
-        self.response_body.clear();
-        self.response_eos = false;
-        for st in self.stages.iter_mut() {
-            st.resp_seen = false;
-            st.resp_passed = false;
-            st.resp_withheld.clear();
-            st.resp_withheld_eos = false;
-            st.resp_eos_seen = false;
-            st.resp_eos_passed = false;
-        }
         let headers = to_map(&local_reply_headers(&reply));
-        let start = match side {
-            Side::Request => self.stages.iter().rposition(|s| s.created),
-            Side::Response => k.checked_sub(1),
-        };
         let eos = reply.body.is_empty();
+        if side == Side::Response {
+            // Envoy: the response has started, so the reply goes straight to the client,
+            // bypassing the filters (or, if the client already has the response headers, the
+            // stream is reset).
+            if self.response_headers.is_some() {
+                self.reset = true;
+            } else {
+                self.response_headers = Some(headers);
+                self.response_body = reply.body;
+                self.response_eos = true;
+            }
+            return;
+        }
+        // On the request path it crosses the encoder side of every filter that saw the request.
+        let start = self.stages.iter().rposition(|s| s.created);
         self.resp_headers(start, headers, eos);
         if !eos {
             self.resp_data(start, reply.body, true);

@@ -251,6 +251,8 @@ pub(crate) struct StreamRun {
     response_started: bool,
     response_done: bool,
     response_paused: bool,
+    /// The response headers have passed the filter (on their way to the client).
+    response_headers_sent: bool,
     done: bool,
     stalled: bool,
     trap: Option<String>,
@@ -409,6 +411,7 @@ impl Worker {
             response_started: false,
             response_done: false,
             response_paused: false,
+            response_headers_sent: false,
             done: false,
             stalled: false,
             trap: None,
@@ -583,6 +586,7 @@ impl Worker {
             }
             if run.response_paused && std::mem::take(&mut self.stream(run.id).continue_response) {
                 run.response_paused = false;
+                run.response_headers_sent = true;
                 if std::mem::take(&mut run.response_body_withheld) {
                     self.response_body_callback(run);
                 } else {
@@ -632,6 +636,7 @@ impl Worker {
             run.response_body_withheld = has_body;
             return;
         }
+        run.response_headers_sent = true;
         if has_body {
             self.response_body_callback(run);
         } else {
@@ -748,7 +753,10 @@ impl Worker {
         // the filter's own encoder callbacks, as Envoy's does; sent on the response path (or on a
         // trap), it goes straight to the client.
         let local = self.stream(id).local_reply.clone();
-        if let Some(reply) = &local {
+        if local.is_some() && run.response_headers_sent {
+            // Envoy: the response headers already went to the client; all it can do is reset.
+            self.stream(id).reset = true;
+        } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && !run.response_started;
             let headers = local_reply_headers(reply);
             let n = headers.len() as i32;
@@ -1029,6 +1037,7 @@ impl Host {
             response_started: false,
             response_done: false,
             response_paused: false,
+            response_headers_sent: false,
             done: true,
             stalled: false,
             trap: None,

@@ -26,7 +26,9 @@
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
 //! - `x-test-random`            → `x-random` = a value from WASI randomness;
 //! - `x-test-print: text`       → print it on stdout (WASI).
-//! - `x-test-deny-response`     → local reply 502 `response_denied` from `on_response_headers`.
+//! - `x-test-deny-response`     → local reply 502 `response_denied` from `on_response_headers`;
+//! - `x-test-response-body`     → buffer the response body; "leak" in it → 502 `response_leak`,
+//!                                 otherwise it is upper-cased.
 //! Every response gets `x-test-filter: seen` and `x-upstream-status`; every request increments counter `test_filter.requests`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -84,7 +86,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false, deny_response: false }))
+        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false, deny_response: false, buffer_response: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -96,6 +98,7 @@ struct Stream {
     counter: Rc<Cell<Option<u32>>>,
     buffer_body: bool,
     deny_response: bool,
+    buffer_response: bool,
 }
 
 fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -256,6 +259,7 @@ impl HttpContext for Stream {
             self.set_http_request_header("x-claim", Some("won"));
         }
         self.deny_response = self.get_http_request_header("x-test-deny-response").is_some();
+        self.buffer_response = self.get_http_request_header("x-test-response-body").is_some();
         if let Some(body_mode) = self.get_http_request_header("x-test-body") {
             self.buffer_body = body_mode == "buffer";
         }
@@ -295,6 +299,21 @@ impl HttpContext for Stream {
         }
         let upper = body.to_ascii_uppercase();
         self.set_http_request_body(0, body_size, &upper);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.buffer_response {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+        if body.windows(4).any(|w| w == b"leak") {
+            return self.reject(502, "response_leak");
+        }
+        self.set_http_response_body(0, body_size, &body.to_ascii_uppercase());
         Action::Continue
     }
 
