@@ -26,6 +26,9 @@
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
 //! - `x-test-random`            → `x-random` = a value from WASI randomness;
 //! - `x-test-print: text`       → print it on stdout (WASI).
+//! - `x-test-read: key`         → `x-read` = the shared value (or `<absent>`);
+//! - `x-test-response-callout: cluster` → pause the response for a callout; its status →
+//!                                 response header `x-response-callout`;
 //! - `x-test-deny-response`     → local reply 502 `response_denied` from `on_response_headers`;
 //! - `x-test-response-body`     → buffer the response body; "leak" in it → 502 `response_leak`,
 //!                                 otherwise it is upper-cased.
@@ -86,7 +89,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false, deny_response: false, buffer_response: false }))
+        Some(Box::new(Stream { counter: self.counter.clone(), buffer_body: false, deny_response: false, buffer_response: false, response_callout: None, in_response: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -99,6 +102,8 @@ struct Stream {
     buffer_body: bool,
     deny_response: bool,
     buffer_response: bool,
+    response_callout: Option<String>,
+    in_response: bool,
 }
 
 fn number_after(text: &str, key: &str) -> Option<u64> {
@@ -150,6 +155,12 @@ impl Stream {
 
 impl Context for Stream {
     fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _n: usize) {
+        if self.in_response {
+            let status = self.get_http_call_response_header(":status").unwrap_or_else(|| "none".into());
+            self.set_http_response_header("x-response-callout", Some(&status));
+            self.resume_http_response();
+            return;
+        }
         if num_headers == 0 {
             self.reject(503, "callout_failed");
             return;
@@ -260,6 +271,15 @@ impl HttpContext for Stream {
         }
         self.deny_response = self.get_http_request_header("x-test-deny-response").is_some();
         self.buffer_response = self.get_http_request_header("x-test-response-body").is_some();
+        self.response_callout = self.get_http_request_header("x-test-response-callout");
+        if let Some(key) = self.get_http_request_header("x-test-read") {
+            let value = self
+                .get_shared_data(&key)
+                .0
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_else(|| "<absent>".to_string());
+            self.set_http_request_header("x-read", Some(&value));
+        }
         if let Some(body_mode) = self.get_http_request_header("x-test-body") {
             self.buffer_body = body_mode == "buffer";
         }
@@ -318,6 +338,13 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.in_response = true;
+        if let Some(cluster) = self.response_callout.take() {
+            let headers = vec![(":method", "GET"), (":path", "/check"), (":authority", "authz")];
+            if self.dispatch_http_call(&cluster, headers, None, vec![], Duration::from_millis(500)).is_ok() {
+                return Action::Pause;
+            }
+        }
         if std::mem::take(&mut self.deny_response) {
             return self.reject(502, "response_denied");
         }
