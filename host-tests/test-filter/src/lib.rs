@@ -10,6 +10,7 @@
 //! Request headers (all optional):
 //! - `x-test-panic`             → panic (trap) in `on_request_headers`;
 //! - `x-test-reset`             → reset the stream (`proxy_close_stream`);
+//! - `x-test-deny-plain: <status>[:<body>]` → local reply with no headers of the filter's own;
 //! - `x-test-deny: <status>`    → local reply `{"error":"denied"}` with that status;
 //! - `x-test-add: name=value`   → add a request header;  `x-test-remove: name` → remove one;
 //! - `x-dup` (repeated)         → its first value is copied to `x-first-dup`;
@@ -198,6 +199,13 @@ impl HttpContext for Stream {
         }
         if self.get_http_request_header("x-test-reset").is_some() {
             self.reset_http_request();
+            return Action::Pause;
+        }
+        if let Some(spec) = self.get_http_request_header("x-test-deny-plain") {
+            // "<status>" or "<status>:<body>": no headers of the filter's own.
+            let (status, body) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+            let body = (!body.is_empty()).then_some(body.as_bytes());
+            self.send_http_response(status.parse().unwrap_or(403), vec![], body);
             return Action::Pause;
         }
         if let Some(status) = self.get_http_request_header("x-test-deny") {
