@@ -243,3 +243,8 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) {
         let _ = hostcalls::reset_http_request();
     }
 }
+
+/// Resumes a response paused by this filter (e.g. while a state update was in flight).
+pub fn resume_response() -> Result<(), Status> {
+    hostcalls::resume_http_response()
+}

@@ -2,15 +2,18 @@
 //! collapse, `outcome_unknown` locking). Decisions live in `firebreak_core::replay`; this file
 //! only moves data between Envoy and the core.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::rc::Rc;
 
+use firebreak_core::remote::{Backend, RedisConfig};
+use firebreak_core::replay::redis::{self as remote_state, ClearStep, FinishPlan, PendingClaim, RemoteCommand};
 use firebreak_core::replay::{
-    decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClearAnswer, Decision, Exchange, FinishAnswer, LocalState,
-    ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
+    decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClaimRequest, ClearAnswer, Decision, Exchange, FinishAnswer,
+    FinishRequest, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
 };
+use firebreak_core::store::KeyHash;
 use firebreak_core::Rejection;
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -39,6 +42,9 @@ const COUNTERS: &[&str] = &[
     "rejected.duplicate_request",
     "rejected.idempotency_key_mismatch",
     "rejected.replay_store_full",
+    "rejected.state_unavailable",
+    "remote_error",
+    "finish_paused_response",
 ];
 
 proxy_wasm::main! {{
@@ -78,6 +84,15 @@ impl RootContext for ReplayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         self.policy = glue::load_config(PLUGIN, ReplayPolicy::from_json).map(Rc::new);
         if let Some(policy) = &self.policy {
+            if let Backend::Redis(redis) = &policy.state {
+                glue::log(
+                    LogLevel::Info,
+                    &format!(
+                        "firebreak {PLUGIN} state backend=redis cluster={} timeout_ms={} key_prefix={} failure_mode=closed",
+                        redis.cluster, redis.timeout_ms, redis.key_prefix
+                    ),
+                );
+            }
             glue::log(
                 LogLevel::Info,
                 &format!(
@@ -106,6 +121,8 @@ impl RootContext for ReplayRoot {
             exchange: None,
             stage: Stage::Idle,
             operator_context: String::new(),
+            pending: None,
+            holding_response: false,
         }))
     }
 }
@@ -126,6 +143,13 @@ enum Stage {
     Operator,
 }
 
+/// How much of an answer the Redis backend holds back until its record is written: the stored
+/// response bound, at least 64 KiB, at most 512 KiB (half Envoy's default buffer limit, so that
+/// holding never makes Envoy reset an answer whose operation executed).
+fn hold_limit(policy: &ReplayPolicy) -> usize {
+    usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX).clamp(64 * 1024, 512 * 1024)
+}
+
 /// Largest accepted operator clear request body.
 const MAX_CLEAR_BODY: usize = 4096;
 
@@ -137,9 +161,195 @@ struct ReplayFilter {
     exchange: Option<Exchange>,
     stage: Stage,
     operator_context: String,
+    /// A Redis callout in flight (Redis backend only).
+    pending: Option<Pending>,
+    /// Response body chunks are held (Redis backend) until the record is written.
+    holding_response: bool,
 }
 
-impl Context for ReplayFilter {}
+/// A Redis command sent and not answered yet, with what its answer is for.
+enum Pending {
+    Claim { token: u32, claim: PendingClaim },
+    Finish { token: u32, command: RemoteCommand, on_success: FinishAnswer, log: FinishLog, resume_response: bool },
+    ClearRead { token: u32, command: RemoteCommand, key: KeyHash, now_ms: u64 },
+    ClearDelete { token: u32, command: RemoteCommand, on_success: ClearAnswer },
+}
+
+impl Pending {
+    fn token(&self) -> u32 {
+        match self {
+            Pending::Claim { token, .. }
+            | Pending::Finish { token, .. }
+            | Pending::ClearRead { token, .. }
+            | Pending::ClearDelete { token, .. } => *token,
+        }
+    }
+}
+
+/// What the finish log line says besides the answer.
+struct FinishLog {
+    outcome: String,
+    complete: bool,
+    context: String,
+}
+
+/// The Redis store behind the [`ReplayState`] interface: each call dispatches ONE atomic
+/// command (built by `firebreak_core::replay::redis`) and answers `Later`; the answer comes to
+/// `on_http_call_response`. A dispatch that fails answers `Now(Err(Remote))` (fail closed).
+struct RemoteState<'a> {
+    policy: &'a ReplayPolicy,
+    redis: &'a RedisConfig,
+    sent: RefCell<Option<Pending>>,
+    error: RefCell<Option<String>>,
+}
+
+impl RemoteState<'_> {
+    fn send(&self, command: &RemoteCommand, pending: impl FnOnce(u32) -> Pending) -> bool {
+        match glue::dispatch_webdis(self.redis, &command.body) {
+            Ok(token) => {
+                *self.sent.borrow_mut() = Some(pending(token));
+                true
+            }
+            Err(status) => {
+                *self.error.borrow_mut() = Some(format!("dispatch failed: {status:?}"));
+                false
+            }
+        }
+    }
+}
+
+impl ReplayState for RemoteState<'_> {
+    fn claim(&self, request: &ClaimRequest, now_ms: u64) -> Answer<Result<ClaimAnswer, StateError>> {
+        let claim = remote_state::claim(self.policy, self.redis, request, now_ms);
+        let command = claim.command.clone();
+        if self.send(&command, |token| Pending::Claim { token, claim }) {
+            Answer::Later
+        } else {
+            Answer::Now(Err(StateError::Remote))
+        }
+    }
+
+    fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
+        match remote_state::finish(self.policy, self.redis, request, now_ms) {
+            FinishPlan::Done(answer) => Answer::Now(Ok(answer)),
+            FinishPlan::Send { command, on_success } => {
+                let log = FinishLog { outcome: String::new(), complete: false, context: String::new() };
+                if self.send(&command, |token| Pending::Finish {
+                    token,
+                    command: command.clone(),
+                    on_success,
+                    log,
+                    resume_response: false,
+                }) {
+                    Answer::Later
+                } else {
+                    Answer::Now(Err(StateError::Remote))
+                }
+            }
+        }
+    }
+
+    fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {
+        let command = remote_state::clear_read(self.redis, key);
+        if self.send(&command, |token| Pending::ClearRead { token, command: command.clone(), key, now_ms }) {
+            Answer::Later
+        } else {
+            Answer::Now(Err(StateError::Remote))
+        }
+    }
+
+    /// No header-time read: an extra round trip per request is not worth it; the claim at body
+    /// time decides (and nothing is executed before it).
+    fn peek(&self, _key: KeyHash, _now_ms: u64) -> Answer<Result<Option<Record>, StateError>> {
+        Answer::Now(Ok(None))
+    }
+}
+
+impl Context for ReplayFilter {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let Some(pending) = self.pending.take() else { return };
+        if pending.token() != token {
+            self.pending = Some(pending);
+            return;
+        }
+        let limit = remote_state::max_reply_bytes(&self.policy);
+        let (status, body, too_large) = if body_size > limit {
+            (None, Vec::new(), true)
+        } else {
+            let (status, body) = glue::http_call_response(body_size);
+            (status, body, false)
+        };
+        let why = |command: &RemoteCommand| -> String {
+            if too_large {
+                format!("reply of {body_size} bytes exceeds {limit}")
+            } else {
+                remote_state::describe(command, status, &body)
+            }
+        };
+        match pending {
+            Pending::Claim { claim, .. } => {
+                let answer = if too_large { Err(StateError::Remote) } else { claim.answer(&self.policy, status, &body) };
+                let error = answer.is_err().then(|| why(&claim.command));
+                if self.on_claim_answer(answer, error.as_deref()) == Action::Continue && glue::resume_request().is_err() {
+                    // A failed resume leaves the request paused; Envoy's stream timeout ends it.
+                    glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed"));
+                }
+            }
+            Pending::Finish { command, on_success, log, resume_response, .. } => {
+                let answer = if too_large { Err(StateError::Remote) } else { remote_state::finish_answer(&command, on_success, status, &body) };
+                let error = answer.is_err().then(|| why(&command));
+                self.record_finish(answer, &log, error.as_deref());
+                if resume_response && glue::resume_response().is_err() {
+                    glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed {}", log.context));
+                }
+            }
+            Pending::ClearRead { command, key, now_ms, .. } => {
+                let Backend::Redis(redis) = &self.policy.state else { return };
+                let redis = redis.clone();
+                let context = self.operator_context.clone();
+                let step = if too_large {
+                    Err(StateError::Remote)
+                } else {
+                    remote_state::clear_after_read(&self.policy, &redis, key, now_ms, &command, status, &body)
+                };
+                match step {
+                    Ok(ClearStep::Done(answer)) => {
+                        let _ = self.respond_clear(Ok(answer), &context);
+                    }
+                    Ok(ClearStep::Delete { command, on_success }) => {
+                        match glue::dispatch_webdis(&redis, &command.body) {
+                            Ok(token) => self.pending = Some(Pending::ClearDelete { token, command, on_success }),
+                            Err(status) => {
+                                let context = format!("{context} store_error={:?}", format!("dispatch failed: {status:?}"));
+                                let _ = self.respond_clear(Err(StateError::Remote), &context);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        let context = format!("{context} store_error={:?}", why(&command));
+                        let _ = self.respond_clear(Err(error), &context);
+                    }
+                }
+            }
+            Pending::ClearDelete { command, on_success, .. } => {
+                let context = self.operator_context.clone();
+                let answer = if too_large { Err(StateError::Remote) } else { remote_state::clear_answer(&command, on_success, status, &body) };
+                match answer {
+                    Ok(Some(answer)) => {
+                        let _ = self.respond_clear(Ok(answer), &context);
+                    }
+                    Ok(None) => {
+                        let _ = self.reject(&ReplayError::ClearRefused("changing (retry the clear)"), &context);
+                    }
+                    Err(error) => {
+                        let context = format!("{context} store_error={:?}", why(&command));
+                        let _ = self.respond_clear(Err(error), &context);
+                    }
+                }
+            }
+        }
+    }
+}
 
 impl ReplayFilter {
     fn reject(&mut self, error: &ReplayError, context: &str) -> Action {
@@ -167,12 +377,20 @@ impl ReplayFilter {
             self.stage = Stage::Forwarded;
             return Action::Continue;
         };
-        let answer = LocalState { policy: &self.policy, store: &HostStore }.claim(&request, now);
+        let (answer, sent, error) = match &self.policy.state {
+            Backend::Local => (LocalState { policy: &self.policy, store: &HostStore }.claim(&request, now), None, None),
+            Backend::Redis(redis) => {
+                let state = RemoteState { policy: &self.policy, redis, sent: RefCell::new(None), error: RefCell::new(None) };
+                let answer = state.claim(&request, now);
+                (answer, state.sent.into_inner(), state.error.into_inner())
+            }
+        };
         match answer {
-            Answer::Now(answer) => self.on_claim_answer(answer),
-            // A store that answers later (cluster-wide store, later issue) delivers its answer
-            // to `on_claim_answer` from its callback and then resumes the request.
+            Answer::Now(answer) => self.on_claim_answer(answer, error.as_deref()),
+            // The Redis store delivers its answer to `on_claim_answer` from
+            // `on_http_call_response` and then resumes the request.
             Answer::Later => {
+                self.pending = sent;
                 self.stage = Stage::AwaitingStore;
                 Action::Pause
             }
@@ -181,12 +399,20 @@ impl ReplayFilter {
 
     /// Applies the store's answer: forward, reject, or replay. Also the entry point for an
     /// answer that arrives later (the caller then resumes the request on `Continue`).
-    fn on_claim_answer(&mut self, answer: Result<ClaimAnswer, StateError>) -> Action {
+    /// `store_error`: why the store did not answer (for the log line), never a value.
+    fn on_claim_answer(&mut self, answer: Result<ClaimAnswer, StateError>, store_error: Option<&str>) -> Action {
         let Some(exchange) = self.exchange.as_mut() else { return Action::Continue };
         if let Ok(ClaimAnswer::OutcomeUnknown { stale_in_flight: true }) = answer {
             self.counters.increment("stale_in_flight");
         }
-        let context = exchange.context().to_string();
+        if let Some(why) = store_error {
+            self.counters.increment("remote_error");
+            glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} remote_error op=claim store_error={why:?} {}", exchange.context()));
+        }
+        let mut context = exchange.context().to_string();
+        if let Some(why) = store_error {
+            context.push_str(&format!(" store_error={why:?}"));
+        }
         match exchange.on_claim(&self.policy, answer) {
             Decision::Forward => {
                 let what = if exchange.owns_key() { "forwarded" } else { "forwarded_first_of_fingerprint" };
@@ -206,33 +432,69 @@ impl ReplayFilter {
         }
     }
 
-    /// The answer ended (or the stream did): record what it proves.
-    fn finish(&mut self, complete: bool) {
-        let Some(exchange) = self.exchange.as_mut() else { return };
-        let Some(request) = exchange.finish(&self.policy, complete) else { return };
-        let context = exchange.context().to_string();
-        let answer = match glue::now_ms() {
-            Some(now) => LocalState { policy: &self.policy, store: &HostStore }.finish(&request, now),
-            None => Answer::Now(Err(StateError::Unavailable)),
+    /// The answer ended (or the stream did): record what it proves. `true` when the write went
+    /// to Redis and the response waits for it (`pause_response`): the caller returns Pause, and
+    /// the answer resumes the response. A client therefore sees the answer only once its key
+    /// is completed on every instance.
+    fn finish(&mut self, complete: bool, pause_response: bool) -> bool {
+        let Some(exchange) = self.exchange.as_mut() else { return false };
+        let Some(request) = exchange.finish(&self.policy, complete) else { return false };
+        let outcome = match &request.outcome {
+            Outcome::Completed { status, .. } => format!("status={status}"),
+            Outcome::Unknown { status } => format!("status={status}"),
+            Outcome::Release => "release".to_string(),
         };
+        let log = FinishLog { outcome, complete, context: exchange.context().to_string() };
+        let Some(now) = glue::now_ms() else {
+            self.record_finish(Err(StateError::Unavailable), &log, None);
+            return false;
+        };
+        let (answer, sent, error) = match &self.policy.state {
+            Backend::Local => (LocalState { policy: &self.policy, store: &HostStore }.finish(&request, now), None, None),
+            Backend::Redis(redis) => {
+                let state = RemoteState { policy: &self.policy, redis, sent: RefCell::new(None), error: RefCell::new(None) };
+                let answer = state.finish(&request, now);
+                (answer, state.sent.into_inner(), state.error.into_inner())
+            }
+        };
+        match answer {
+            Answer::Now(answer) => {
+                self.record_finish(answer, &log, error.as_deref());
+                false
+            }
+            Answer::Later => {
+                self.pending = sent.map(|pending| match pending {
+                    Pending::Finish { token, command, on_success, .. } => {
+                        Pending::Finish { token, command, on_success, log, resume_response: pause_response }
+                    }
+                    other => other,
+                });
+                if pause_response {
+                    self.counters.increment("finish_paused_response");
+                }
+                pause_response
+            }
+        }
+    }
+
+    fn record_finish(&self, answer: Result<FinishAnswer, StateError>, log: &FinishLog, store_error: Option<&str>) {
         let (counter, level) = match answer {
-            Answer::Now(Ok(FinishAnswer::Completed { stored: true })) => ("completed", LogLevel::Info),
-            Answer::Now(Ok(FinishAnswer::Completed { stored: false })) => ("completed_not_stored", LogLevel::Info),
-            Answer::Now(Ok(FinishAnswer::OutcomeUnknown)) => ("outcome_unknown_recorded", LogLevel::Warn),
-            Answer::Now(Ok(FinishAnswer::Released)) => ("released", LogLevel::Info),
-            Answer::Now(Ok(FinishAnswer::NotOwner)) => ("finish_not_owner", LogLevel::Warn),
+            Ok(FinishAnswer::Completed { stored: true }) => ("completed", LogLevel::Info),
+            Ok(FinishAnswer::Completed { stored: false }) => ("completed_not_stored", LogLevel::Info),
+            Ok(FinishAnswer::OutcomeUnknown) => ("outcome_unknown_recorded", LogLevel::Warn),
+            Ok(FinishAnswer::Released) => ("released", LogLevel::Info),
+            Ok(FinishAnswer::NotOwner) => ("finish_not_owner", LogLevel::Warn),
             // The record stays in flight and turns outcome_unknown after in_flight_timeout_ms:
             // a failed write can never free a key whose request executed.
-            Answer::Now(Err(_)) => ("finish_failed", LogLevel::Error),
-            Answer::Later => return,
+            Err(_) => ("finish_failed", LogLevel::Error),
         };
         self.counters.increment(counter);
-        let outcome = match &request.outcome {
-            firebreak_core::replay::Outcome::Completed { status, .. } => format!("status={status}"),
-            firebreak_core::replay::Outcome::Unknown { status } => format!("status={status}"),
-            firebreak_core::replay::Outcome::Release => "release".to_string(),
-        };
-        glue::log(level, &format!("firebreak {PLUGIN} {counter} {outcome} complete={complete} {context}"));
+        let mut line = format!("firebreak {PLUGIN} {counter} {} complete={} {}", log.outcome, log.complete, log.context);
+        if let Some(why) = store_error {
+            self.counters.increment("remote_error");
+            line.push_str(&format!(" store_error={why:?}"));
+        }
+        glue::log(level, &line);
     }
 
     /// A key still in flight is refused at header time, before the router opens an upstream
@@ -240,6 +502,10 @@ impl ReplayFilter {
     fn early_answer(&self, exchange: &Exchange) -> Option<ClaimAnswer> {
         let address = exchange.key_address(&self.policy)?;
         let now = glue::now_ms()?;
+        if !matches!(self.policy.state, Backend::Local) {
+            // The Redis store does not peek (see RemoteState::peek).
+            return None;
+        }
         let state = LocalState { policy: &self.policy, store: &HostStore };
         match state.peek(address, now) {
             Answer::Now(Ok(record)) => decide_early(record.as_ref(), now, self.policy.in_flight_timeout_ms),
@@ -265,11 +531,36 @@ impl ReplayFilter {
         let Some(now) = glue::now_ms() else {
             return self.reject(&ReplayError::StateUnavailable, &context);
         };
-        let state = LocalState { policy: &self.policy, store: &HostStore };
-        let answer = match state.clear(key, now) {
-            Answer::Now(answer) => answer,
-            Answer::Later => Err(StateError::Unavailable),
+        let (answer, sent, error) = match &self.policy.state {
+            Backend::Local => (LocalState { policy: &self.policy, store: &HostStore }.clear(key, now), None, None),
+            Backend::Redis(redis) => {
+                let state = RemoteState { policy: &self.policy, redis, sent: RefCell::new(None), error: RefCell::new(None) };
+                let answer = state.clear(key, now);
+                (answer, state.sent.into_inner(), state.error.into_inner())
+            }
         };
+        self.operator_context = context.clone();
+        match answer {
+            Answer::Now(answer) => {
+                let context = match error {
+                    Some(why) => format!("{context} store_error={why:?}"),
+                    None => context,
+                };
+                self.respond_clear(answer, &context)
+            }
+            Answer::Later => {
+                self.pending = sent;
+                Action::Pause
+            }
+        }
+    }
+
+    /// The store's answer to an operator clear becomes the operator's response.
+    fn respond_clear(&mut self, answer: Result<ClearAnswer, StateError>, context: &str) -> Action {
+        if let Err(StateError::Remote) = answer {
+            self.counters.increment("remote_error");
+        }
+        let context = context.to_string();
         match answer {
             Ok(ClearAnswer::Cleared { stale_in_flight }) => {
                 self.stage = Stage::Answered;
@@ -333,7 +624,7 @@ impl HttpContext for ReplayFilter {
                 self.exchange = Some(exchange);
                 if let Some(answer) = early {
                     self.counters.increment("decided_at_headers");
-                    return self.on_claim_answer(Ok(answer));
+                    return self.on_claim_answer(Ok(answer), None);
                 }
                 if end_of_stream {
                     return self.claim(&[]);
@@ -389,8 +680,9 @@ impl HttpContext for ReplayFilter {
         if let (Some(exchange), Some(status)) = (self.exchange.as_mut(), status) {
             exchange.on_response_headers(&self.policy, status, via_upstream, &headers);
         }
-        if end_of_stream {
-            self.finish(true);
+        self.holding_response = matches!(self.policy.state, Backend::Redis(_));
+        if end_of_stream && self.finish(true, true) {
+            return Action::Pause;
         }
         Action::Continue
     }
@@ -401,6 +693,14 @@ impl HttpContext for ReplayFilter {
             return Action::Continue;
         }
         let room = exchange.body_room(&self.policy);
+        if !end_of_stream && self.holding_response && body_size <= hold_limit(&self.policy) {
+            // With Redis the answer (up to hold_limit bytes) is held until its record is
+            // written: a client that has every byte of a content-length body closes the stream,
+            // and Envoy would cancel the update with it. Envoy buffers the held chunks; the next
+            // call's body_size covers all of them, read once at the end.
+            return Action::Pause;
+        }
+        self.holding_response = false;
         if body_size > 0 {
             // One byte past the room is enough to know it overflows.
             match glue::response_body(body_size.min(room.saturating_add(1))) {
@@ -409,19 +709,32 @@ impl HttpContext for ReplayFilter {
                 Err(_) => exchange.on_response_body(&self.policy, &vec![0; room.saturating_add(1)]),
             }
         }
-        if end_of_stream {
-            self.finish(true);
+        if end_of_stream && self.finish(true, true) {
+            return Action::Pause;
         }
         Action::Continue
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.finish(true);
+        if std::mem::take(&mut self.holding_response) {
+            // The held body cannot be read from the trailers callback: record the outcome
+            // without the body (never a truncated one).
+            if let Some(exchange) = self.exchange.as_mut() {
+                let room = exchange.body_room(&self.policy);
+                exchange.on_response_body(&self.policy, &vec![0; room.saturating_add(1)]);
+            }
+        }
+        if self.finish(true, true) {
+            return Action::Pause;
+        }
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        // The stream ended; an exchange still owning its key got no complete answer.
-        self.finish(false);
+        // The stream ended; an exchange still owning its key got no complete answer. With Redis
+        // the update is sent without waiting (the stream is gone; Envoy may cancel the callout
+        // with the context): if it is lost the record stays in flight and is `outcome_unknown`
+        // after in_flight_timeout_ms, never free.
+        self.finish(false, false);
     }
 }
