@@ -93,15 +93,17 @@ impl RootContext for ReplayRoot {
                     ),
                 );
             }
-            glue::log(
-                LogLevel::Info,
-                &format!(
-                    "firebreak {PLUGIN} tables keys={} collapse={} max_shared_bytes={}",
-                    policy.key_table.capacity(),
-                    policy.collapse_table.capacity(),
-                    policy.max_memory_bytes()
-                ),
-            );
+            if policy.state == Backend::Local {
+                glue::log(
+                    LogLevel::Info,
+                    &format!(
+                        "firebreak {PLUGIN} tables keys={} collapse={} max_shared_bytes={}",
+                        policy.key_table.capacity(),
+                        policy.collapse_table.capacity(),
+                        policy.max_memory_bytes()
+                    ),
+                );
+            }
         }
         self.counters.define_all(COUNTERS);
         self.policy.is_some()

@@ -74,7 +74,7 @@ impl ReplayError {
             RemoteUnavailable => Rejection::new(
                 503,
                 "state_unavailable",
-                "the cluster-wide idempotency store did not answer in time; the request was not forwarded",
+                "the cluster-wide idempotency store is unreachable or did not answer in time; the request was not forwarded",
             )
             .with_header("retry-after", "1"),
             OperatorForbidden => Rejection::new(403, "operator_forbidden", "this principal may not clear idempotency keys"),
