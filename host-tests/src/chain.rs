@@ -64,6 +64,8 @@ struct Flow<'a> {
     request_ended: bool,
     local_sent: bool,
     local_reply: Option<crate::http::LocalReply>,
+    /// `response.code_details` of the response crossing the encoder side.
+    code_details: Option<String>,
     response_headers: Option<HeaderMap>,
     response_body: Vec<u8>,
     response_eos: bool,
@@ -198,12 +200,17 @@ impl<'a> Flow<'a> {
             request_ended: false,
             local_sent: false,
             local_reply: None,
+            code_details: None,
             response_headers: None,
             response_body: Vec::new(),
             response_eos: false,
             reset: false,
             trap: None,
         }
+    }
+
+    fn route_timeout_ms(&self) -> u64 {
+        self.specs.first().map(|s| s.route_timeout_ms).unwrap_or(crate::host::DEFAULT_ROUTE_TIMEOUT_MS)
     }
 
     fn n(&self) -> usize {
@@ -294,6 +301,9 @@ impl<'a> Flow<'a> {
         self.request_ended = true;
         self.local_reply = Some(reply.clone());
         let headers = to_map(&local_reply_headers(&reply));
+        if side == Side::Request || self.response_headers.is_none() {
+            self.code_details = Some(reply.details.clone());
+        }
         let eos = reply.body.is_empty();
         if side == Side::Response {
             // Envoy: the response has started, so the reply goes straight to the client,
@@ -435,6 +445,8 @@ impl<'a> Flow<'a> {
             return self.resp_headers(k.checked_sub(1), headers, eos);
         }
         let id = self.stages[k].id;
+        let details = self.code_details.clone();
+        self.worker(k).stream(id).code_details = details;
         self.worker(k).stream(id).response_headers = Some(headers.clone());
         self.worker(k).stream(id).response_body = Some(Vec::new());
         self.stages[k].resp_seen = true;
@@ -520,14 +532,17 @@ impl<'a> Flow<'a> {
             }
             if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started {
                 response_started = true;
-                let mut h: Vec<(String, String)> = vec![(":status".into(), upstream.status.to_string())];
-                h.extend(upstream.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
-                h.push(("content-length".into(), upstream.body.len().to_string()));
+                let answer = self.request.upstream.as_ref().unwrap_or(upstream).router_answer(self.route_timeout_ms());
+                if let Some(w) = self.workers.first() {
+                    // The upstream (or the router's timer) took this long.
+                    w.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
+                }
+                self.code_details = Some(answer.details);
                 let last = self.n().checked_sub(1);
-                let eos = upstream.body.is_empty();
-                self.resp_headers(last, to_map(&h), eos);
+                let eos = answer.body.is_empty();
+                self.resp_headers(last, to_map(&answer.headers), eos);
                 if !eos {
-                    self.resp_data(last, upstream.body.clone(), true);
+                    self.resp_data(last, answer.body, true);
                 }
                 continue;
             }
@@ -590,6 +605,7 @@ impl<'a> Flow<'a> {
             v.response_headers = headers;
         }
         v.local_reply = self.local_reply.take();
+        v.code_details = if self.reset || stalled { None } else { self.code_details.take() };
         v.upstream_headers_sent = self.upstream.is_some();
         v.upstream = if self.upstream_eos && !self.request_ended { self.upstream.take() } else { None };
         // A local reply after the whole request reached the upstream still counts as forwarded.

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::json;
 
 use crate::http::{Request, Upstream};
-use crate::scenario::{build_request, value_bytes, CalloutSpec, CaseResult, Observed, Outcome, ScenarioFile};
+use crate::scenario::{answered_by, build_request, value_bytes, CalloutSpec, CaseResult, Observed, Outcome, ScenarioFile};
 
 /// The Envoy the project pins (installed by scripts/setup.sh), unless `FIREBREAK_ENVOY` says.
 pub fn default_envoy() -> PathBuf {
@@ -32,11 +32,13 @@ pub struct Received {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub trailers: Vec<(String, String)>,
 }
 
 /// How a test server answers.
 #[derive(Debug, Clone)]
 enum Answer {
+    /// The response (after `delay_ms`; or, with `reset`, a closed connection instead).
     Respond(Upstream),
     /// Read the request, then say nothing for this long.
     Silence(Duration),
@@ -48,6 +50,8 @@ enum Answer {
 struct TestServer {
     port: u16,
     received: Arc<Mutex<Vec<Received>>>,
+    /// How the next request is answered (the runner sets it per case).
+    answer: Arc<Mutex<Answer>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -58,19 +62,26 @@ impl TestServer {
         listener.set_nonblocking(true)?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (rec, st) = (received.clone(), stop.clone());
+        let answer = Arc::new(Mutex::new(answer));
+        let (rec, st, ans) = (received.clone(), stop.clone(), answer.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (rec, answer, st) = (rec.clone(), answer.clone(), st.clone());
+                        let (rec, answer, st) = (rec.clone(), ans.clone(), st.clone());
                         std::thread::spawn(move || serve(conn, rec, answer, st));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Ok(TestServer { port, received, stop })
+        Ok(TestServer { port, received, answer, stop })
+    }
+
+    fn set_answer(&self, answer: Answer) {
+        if let Ok(mut a) = self.answer.lock() {
+            *a = answer;
+        }
     }
 
     fn count(&self) -> usize {
@@ -88,23 +99,36 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Answer, stop: Arc<AtomicBool>) {
+fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Arc<Mutex<Answer>>, stop: Arc<AtomicBool>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
     let mut reader = BufReader::new(conn);
+    let wait = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
     loop {
-        let Ok(Some((start, headers, body))) = read_message(&mut reader, true) else { return };
+        let Ok(Some((start, headers, body, trailers))) = read_message(&mut reader, true) else { return };
         let mut parts = start.split_whitespace();
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
+        // The answer in force when the request arrived.
+        let Ok(answer) = answer.lock().map(|a| a.clone()) else { return };
         if let Ok(mut r) = received.lock() {
-            r.push(Received { method, path, headers, body });
+            r.push(Received { method, path, headers, body, trailers });
         }
         match &answer {
             Answer::Respond(u) => {
+                wait(Duration::from_millis(u.delay_ms));
+                if u.reset {
+                    let _ = writer.shutdown(Shutdown::Both);
+                    return;
+                }
                 let mut out = format!("HTTP/1.1 {} X\r\n", u.status);
                 for (k, v) in &u.headers {
                     out.push_str(&format!("{k}: {v}\r\n"));
@@ -117,10 +141,7 @@ fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Answer, s
                 }
             }
             Answer::Silence(d) => {
-                let until = Instant::now() + *d;
-                while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                wait(*d);
                 let _ = writer.shutdown(Shutdown::Both);
                 return;
             }
@@ -132,7 +153,8 @@ fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Answer, s
     }
 }
 
-type Message = (String, Vec<(String, String)>, Vec<u8>);
+/// Start line, headers, body, trailers.
+type Message = (String, Vec<(String, String)>, Vec<u8>, Vec<(String, String)>);
 
 /// Reads one HTTP/1.1 message (start line, headers, body by content-length or chunked; for a
 /// response without either, to the end of the connection).
@@ -158,16 +180,31 @@ fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Me
     }
     let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let mut body = Vec::new();
+    let mut trailers = Vec::new();
     if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         loop {
             let mut size = String::new();
             reader.read_line(&mut size)?;
             let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk)?;
             if size == 0 {
+                // The trailer section, up to an empty line.
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        break;
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        trailers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
                 break;
             }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
             body.extend_from_slice(&chunk[..size]);
         }
     } else if let Some(len) = header("content-length") {
@@ -177,7 +214,7 @@ fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Me
     } else if !is_request {
         reader.read_to_end(&mut body)?;
     }
-    Ok(Some((start, headers, body)))
+    Ok(Some((start, headers, body, trailers)))
 }
 
 /// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks.
@@ -191,7 +228,15 @@ pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u1
                 {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
         })
     };
-    let mut all = vec![cluster("upstream", upstream_port)];
+    let mut upstream_cluster = cluster("upstream", upstream_port);
+    // HTTP/1 drops trailers unless told to keep them (both sides of Envoy).
+    upstream_cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {"enable_trailers": true}}
+        }
+    });
+    let mut all = vec![upstream_cluster];
     for (name, port) in clusters {
         all.push(cluster(name, *port));
     }
@@ -225,6 +270,8 @@ pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u1
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": plugin}}));
     }
+    let ms = scenario.route_timeout_ms();
+    let route_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
     http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     Ok(json!({
@@ -239,7 +286,8 @@ pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u1
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "ingress",
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "5s"}}]}]},
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": route_timeout}}]}]},
+                        "http_protocol_options": {"enable_trailers": true},
                         "http_filters": http_filters
                     }
                 }]}]
@@ -328,7 +376,7 @@ fn admin_get(addr: &str, path: &str) -> Result<(u16, String)> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes())?;
     let mut reader = BufReader::new(s);
-    let (start, _, body) = read_message(&mut reader, false)?.ok_or_else(|| anyhow!("no answer"))?;
+    let (start, _, body, _) = read_message(&mut reader, false)?.ok_or_else(|| anyhow!("no answer"))?;
     let status = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
@@ -351,16 +399,33 @@ fn send(port: u16, request: &Request) -> Result<Response> {
         }
         out.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !body.is_empty() || method != "GET" {
+    let chunked = !request.trailers.is_empty();
+    if chunked {
+        out.push_str("transfer-encoding: chunked\r\n");
+    } else if !body.is_empty() || method != "GET" {
         out.push_str(&format!("content-length: {}\r\n", body.len()));
     }
     out.push_str("connection: close\r\n\r\n");
     let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(&body);
+    if chunked {
+        // One chunk, then the trailers.
+        if !body.is_empty() {
+            bytes.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+            bytes.extend_from_slice(&body);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"0\r\n");
+        for (k, v) in &request.trailers {
+            bytes.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        bytes.extend_from_slice(b"\r\n");
+    } else {
+        bytes.extend_from_slice(&body);
+    }
     s.write_all(&bytes)?;
     let mut reader = BufReader::new(s);
     match read_message(&mut reader, false) {
-        Ok(Some((start, headers, body))) => {
+        Ok(Some((start, headers, body, _))) => {
             let status: u16 = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
             let mut h = vec![(":status".to_string(), status.to_string())];
             h.extend(headers);
@@ -387,7 +452,8 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
         }
     }
     let result = (|| -> Result<Vec<CaseResult>> {
-        let upstream = TestServer::start(Answer::Respond(scenario.upstream_reply()))?;
+        let default_upstream = scenario.upstream_reply()?;
+        let upstream = TestServer::start(Answer::Respond(default_upstream.clone()))?;
         let mut servers = Vec::new();
         let mut clusters = BTreeMap::new();
         for (name, spec) in &scenario.callouts {
@@ -396,6 +462,7 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
                     status: *status,
                     headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     body: body.clone().into_bytes(),
+                    ..Upstream::default()
                 }),
                 CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
                 CalloutSpec::Word(_) => Answer::Reset,
@@ -431,13 +498,14 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
                 continue;
             };
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let request = match build_request(spec, case.sign.as_ref(), now) {
+            let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref())) {
                 Ok(r) => r,
                 Err(e) => {
                     out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
                     continue;
                 }
             };
+            upstream.set_answer(Answer::Respond(request.upstream.clone().unwrap_or_else(|| default_upstream.clone())));
             let before = upstream.count();
             let (status, response_headers, response_body) = send(envoy.port, &request)?;
             // The upstream has the request before Envoy answers; allow its thread a moment.

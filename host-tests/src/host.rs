@@ -94,6 +94,9 @@ pub struct PluginSpec {
     /// runs are reproducible while VMs still differ, as in Envoy.
     pub random_seed: u64,
     pub upstream: Upstream,
+    /// The route's timeout (Envoy's `route.timeout`; 0 = none): an upstream slower than this
+    /// gets the router's 504 instead of its answer.
+    pub route_timeout_ms: u64,
     /// HTTP callout clusters and how each answers. A cluster not listed does not exist.
     pub callouts: BTreeMap<String, CalloutReply>,
     pub grpc: BTreeMap<String, GrpcReply>,
@@ -112,11 +115,15 @@ impl Default for PluginSpec {
             clock_start_nanos: DEFAULT_START_NANOS,
             random_seed: 0x5eed_f12e_b2ea_c0de,
             upstream: Upstream::default(),
+            route_timeout_ms: DEFAULT_ROUTE_TIMEOUT_MS,
             callouts: BTreeMap::new(),
             grpc: BTreeMap::new(),
         }
     }
 }
+
+/// Envoy's default route timeout (15 s).
+pub const DEFAULT_ROUTE_TIMEOUT_MS: u64 = 15_000;
 
 /// Why a plugin did not start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +193,10 @@ impl HostBuilder {
     }
     pub fn upstream(mut self, upstream: Upstream) -> Self {
         self.spec.upstream = upstream;
+        self
+    }
+    pub fn route_timeout_ms(mut self, ms: u64) -> Self {
+        self.spec.route_timeout_ms = ms;
         self
     }
     pub fn callout(mut self, cluster: &str, reply: CalloutReply) -> Self {
@@ -609,23 +620,26 @@ impl Worker {
             }
             if !run.response_started {
                 run.response_started = true;
-                self.deliver_response(run, &spec.upstream);
+                let upstream = run.request.upstream.clone().unwrap_or_else(|| spec.upstream.clone());
+                self.deliver_response(run, &upstream, spec.route_timeout_ms);
                 continue;
             }
             run.response_done = true;
         }
     }
 
-    fn deliver_response(&mut self, run: &mut StreamRun, upstream: &Upstream) {
+    fn deliver_response(&mut self, run: &mut StreamRun, upstream: &Upstream, route_timeout_ms: u64) {
         let id = run.id as i32;
-        let mut headers: Vec<(String, String)> = vec![(":status".into(), upstream.status.to_string())];
-        headers.extend(upstream.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
-        headers.push(("content-length".into(), upstream.body.len().to_string()));
+        let answer = upstream.router_answer(route_timeout_ms);
+        // The upstream (or the router's timer) took this long.
+        self.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
+        let headers = answer.headers;
+        self.stream(run.id).code_details = Some(answer.details);
         let n = headers.len() as i32;
-        let has_body = !upstream.body.is_empty();
+        let has_body = !answer.body.is_empty();
         self.stream(run.id).response_headers = Some(to_map(&headers));
         self.stream(run.id).response_body = Some(Vec::new());
-        run.upstream_response_body = upstream.body.clone();
+        run.upstream_response_body = answer.body;
         let Some(action) = self.step(run, "proxy_on_response_headers", (id, n, !has_body as i32)) else { return };
         if self.ended(run) {
             return;
@@ -762,6 +776,7 @@ impl Worker {
             let n = headers.len() as i32;
             {
                 let s = self.stream(id);
+                s.code_details = Some(reply.details.clone());
                 s.response_headers = Some(to_map(&headers));
                 s.response_body = Some(reply.body.clone());
             }
@@ -810,6 +825,7 @@ impl Worker {
             response_headers,
             response_body: if s.reset || run.stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
             local_reply: s.local_reply,
+            code_details: if s.reset || run.stalled { None } else { s.code_details },
             upstream: if complete { run.upstream } else { None },
             upstream_headers_sent: headers_sent,
             reset: s.reset,

@@ -16,6 +16,8 @@ pub struct Request {
     /// exact one-segment name, e.g. "firebreak.principal"), or overrides of built-in properties
     /// by their dotted path ("source.address", "request.time", "connection.mtls").
     pub properties: Vec<(String, Vec<u8>)>,
+    /// How the upstream answers this request (`None`: as the host's [`Upstream`] says).
+    pub upstream: Option<Upstream>,
 }
 
 impl Request {
@@ -31,6 +33,7 @@ impl Request {
             trailers: Vec::new(),
             source_address: "127.0.0.1:40000".into(),
             properties: Vec::new(),
+            upstream: None,
         }
     }
 
@@ -81,6 +84,12 @@ impl Request {
         self
     }
 
+    /// This request gets this answer from the upstream (instead of the host's default).
+    pub fn answered_by(mut self, upstream: Upstream) -> Request {
+        self.upstream = Some(upstream);
+        self
+    }
+
     pub fn header_value(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
@@ -96,6 +105,59 @@ pub struct Upstream {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The upstream answers after this long. At or beyond the route timeout Envoy's router
+    /// answers instead: `504 upstream request timeout` (`response_timeout`).
+    pub delay_ms: u64,
+    /// The upstream reads the request and closes the connection without answering: Envoy's
+    /// router answers `503` (`upstream_reset_before_response_started{connection_termination}`).
+    pub reset: bool,
+}
+
+/// Envoy's `response.code_details` for an answer that came from the upstream.
+pub const VIA_UPSTREAM: &str = "via_upstream";
+
+/// What reaches the filters' encoder side for a forwarded request: the upstream's answer, or
+/// the reply Envoy's router makes in its place.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RouterAnswer {
+    /// `:status` first.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// `response.code_details`.
+    pub details: String,
+    /// How long the answer took (the fake clock moves by it).
+    pub elapsed_ms: u64,
+}
+
+impl Upstream {
+    /// The answer the filters see, given the route timeout (0: none), as Envoy's router makes it.
+    pub(crate) fn router_answer(&self, route_timeout_ms: u64) -> RouterAnswer {
+        let local = |status: u16, body: &str, details: &str, elapsed_ms: u64| RouterAnswer {
+            headers: vec![
+                (":status".into(), status.to_string()),
+                ("content-length".into(), body.len().to_string()),
+                ("content-type".into(), "text/plain".into()),
+            ],
+            body: body.as_bytes().to_vec(),
+            details: details.into(),
+            elapsed_ms,
+        };
+        if route_timeout_ms > 0 && self.delay_ms >= route_timeout_ms {
+            return local(504, "upstream request timeout", "response_timeout", route_timeout_ms);
+        }
+        if self.reset {
+            return local(
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                "upstream_reset_before_response_started{connection_termination}",
+                self.delay_ms,
+            );
+        }
+        let mut headers: Vec<(String, String)> = vec![(":status".into(), self.status.to_string())];
+        headers.extend(self.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+        headers.push(("content-length".into(), self.body.len().to_string()));
+        RouterAnswer { headers, body: self.body.clone(), details: VIA_UPSTREAM.into(), elapsed_ms: self.delay_ms }
+    }
 }
 
 impl Default for Upstream {
@@ -104,6 +166,8 @@ impl Default for Upstream {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body: br#"{"upstream":"ok"}"#.to_vec(),
+            delay_ms: 0,
+            reset: false,
         }
     }
 }
@@ -187,6 +251,9 @@ pub struct Verdict {
     pub response_body: Vec<u8>,
     /// Set when the filter (or the host, on a trap) answered locally.
     pub local_reply: Option<LocalReply>,
+    /// Envoy's `response.code_details` of the response the client got: `via_upstream`, the
+    /// router's (`response_timeout`, ...), or a local reply's details.
+    pub code_details: Option<String>,
     /// What the upstream received; `None` unless the whole request was forwarded.
     pub upstream: Option<UpstreamRequest>,
     /// The request headers went upstream (Envoy streams them before the body), even if the

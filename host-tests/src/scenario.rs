@@ -70,6 +70,9 @@ pub struct ScenarioFile {
     /// VM, so what happens after a trap is deterministic there too.
     #[serde(default)]
     pub envoy_concurrency: Option<u32>,
+    /// The route's timeout (Envoy's `route.timeout`), in both modes. Default 5000.
+    #[serde(default)]
+    pub route_timeout_ms: Option<u64>,
     /// Several filters in one chain, in Envoy's order (instead of `module` and `plugin`).
     #[serde(default)]
     pub chain: Vec<ChainFilter>,
@@ -107,6 +110,7 @@ pub struct PluginSection {
     pub env: BTreeMap<String, String>,
 }
 
+/// How the upstream answers: the file's `upstream:` (every request) or a case's (that request).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
@@ -116,6 +120,32 @@ pub struct UpstreamSpec {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub body: String,
+    /// The body as base64 (binary answers); replaces `body`.
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    /// Answer after this long; at or beyond `route_timeout_ms` Envoy's router answers
+    /// `504 upstream request timeout` instead (the host moves its fake clock by the wait).
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Read the request, then close the connection without answering: Envoy's router answers 503.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+impl UpstreamSpec {
+    pub fn to_upstream(&self) -> Result<Upstream> {
+        let body = match &self.body_base64 {
+            Some(b) => base64::engine::general_purpose::STANDARD.decode(b.trim()).context("upstream.body_base64 is not base64")?,
+            None => self.body.clone().into_bytes(),
+        };
+        Ok(Upstream {
+            status: self.status,
+            headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            body,
+            delay_ms: self.delay_ms,
+            reset: self.reset,
+        })
+    }
 }
 
 fn ok_status() -> u16 {
@@ -193,6 +223,12 @@ pub struct RequestSpec {
     pub headers: Headers,
     #[serde(default)]
     pub body: Option<String>,
+    /// The body as base64, for binary bodies (gzip, deflate); replaces `body`.
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    /// Request trailers (host: `on_request_trailers`; Envoy: a chunked body with trailers).
+    #[serde(default)]
+    pub trailers: Headers,
     /// Body delivered in several `on_request_body` calls (host only; Envoy gets the whole).
     #[serde(default)]
     pub chunks: Vec<String>,
@@ -270,6 +306,9 @@ pub struct Expect {
     pub response_headers: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub response_body_contains: Option<String>,
+    /// The whole response body the client got.
+    #[serde(default)]
+    pub response_body: Option<String>,
     /// Host-call budget for this request (host only).
     #[serde(default)]
     pub max_host_calls: Option<u64>,
@@ -295,6 +334,9 @@ pub struct Case {
     pub request: Option<RequestSpec>,
     #[serde(default)]
     pub sign: Option<SignSpec>,
+    /// How the upstream answers this request (instead of the file's `upstream`).
+    #[serde(default)]
+    pub upstream: Option<UpstreamSpec>,
     #[serde(default)]
     pub expect: Expect,
     /// Requests on several workers with a chosen interleaving of shared-data operations.
@@ -317,6 +359,8 @@ pub struct RaceRequest {
     pub request: RequestSpec,
     #[serde(default)]
     pub sign: Option<SignSpec>,
+    #[serde(default)]
+    pub upstream: Option<UpstreamSpec>,
     #[serde(default)]
     pub expect: Expect,
 }
@@ -374,7 +418,8 @@ impl ScenarioFile {
             env: plugin.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             workers: self.workers.max(1),
             callouts,
-            upstream: self.upstream_reply(),
+            upstream: self.upstream_reply()?,
+            route_timeout_ms: self.route_timeout_ms(),
             strict: if self.strict || self.allow_host_calls.is_some() {
                 Some(crate::vm::Strict { allowed: self.allow_host_calls.as_ref().map(|l| l.iter().cloned().collect()) })
             } else {
@@ -384,15 +429,16 @@ impl ScenarioFile {
         })
     }
 
-    pub fn upstream_reply(&self) -> Upstream {
+    pub fn upstream_reply(&self) -> Result<Upstream> {
         match &self.upstream {
-            None => Upstream::default(),
-            Some(u) => Upstream {
-                status: u.status,
-                headers: u.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                body: u.body.clone().into_bytes(),
-            },
+            None => Ok(Upstream::default()),
+            Some(u) => u.to_upstream(),
         }
+    }
+
+    /// The route timeout both modes use (Envoy's bootstrap and the host's router).
+    pub fn route_timeout_ms(&self) -> u64 {
+        self.route_timeout_ms.unwrap_or(5000)
     }
 
     /// Why a case cannot run through Envoy, if it cannot.
@@ -430,6 +476,14 @@ pub fn value_bytes(v: &Option<serde_yaml::Value>) -> Result<Vec<u8>> {
     })
 }
 
+/// The request with the case's own upstream answer, if it has one.
+pub fn answered_by(request: Request, upstream: Option<&UpstreamSpec>) -> Result<Request> {
+    Ok(match upstream {
+        Some(u) => request.answered_by(u.to_upstream()?),
+        None => request,
+    })
+}
+
 /// Builds the request a case sends; `now_secs` is the clock signatures are created against.
 pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64) -> Result<Request> {
     let mut r = Request::new(&spec.method, &spec.path).set_header(":authority", &spec.authority);
@@ -438,8 +492,13 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     }
     if !spec.chunks.is_empty() {
         r = r.chunks(spec.chunks.iter());
+    } else if let Some(b) = &spec.body_base64 {
+        r = r.body(base64::engine::general_purpose::STANDARD.decode(b.trim()).context("request.body_base64 is not base64")?);
     } else if let Some(b) = &spec.body {
         r = r.body(b);
+    }
+    for (k, v) in spec.trailers.pairs() {
+        r = r.trailer(&k, &v);
     }
     if let Some(s) = &spec.source {
         r = r.from(s);
@@ -572,6 +631,11 @@ impl Observed {
                 out.push(format!("response body {:?} lacks {c:?}", String::from_utf8_lossy(&self.response_body)));
             }
         }
+        if let Some(b) = &e.response_body {
+            if self.response_body != b.as_bytes() {
+                out.push(format!("response body {:?} (want {b:?})", String::from_utf8_lossy(&self.response_body)));
+            }
+        }
         if let (Some(max), Some(n)) = (e.max_host_calls, self.host_calls) {
             if n > max {
                 out.push(format!("{n} host calls (budget {max})"));
@@ -607,6 +671,13 @@ impl Observed {
         }
         if e.upstream_body.is_some() && self.upstream_body != other.upstream_body {
             out.push("upstream body differs".into());
+        }
+        if (e.response_body.is_some() || e.response_body_contains.is_some()) && self.response_body != other.response_body {
+            out.push(format!(
+                "response body host={:?} envoy={:?}",
+                String::from_utf8_lossy(&self.response_body),
+                String::from_utf8_lossy(&other.response_body)
+            ));
         }
         out
     }
@@ -724,7 +795,11 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             _ => return vec![row("(scenario)", Outcome::Fail(vec!["no module".into()]), None)],
         }
     } else {
-        Chain::start(modules.into_iter().zip(specs).collect(), scenario.upstream_reply())
+        let upstream = match scenario.upstream_reply() {
+            Ok(u) => u,
+            Err(e) => return vec![row("(scenario)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+        };
+        Chain::start(modules.into_iter().zip(specs).collect(), upstream)
             .map(Target::Chain)
             .map_err(|(_, e)| e)
     };
@@ -748,7 +823,7 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         if let Some(race) = &case.race {
             let mut requests = Vec::new();
             for r in &race.requests {
-                match build_request(&r.request, r.sign.as_ref(), now_secs) {
+                match build_request(&r.request, r.sign.as_ref(), now_secs).and_then(|q| answered_by(q, r.upstream.as_ref())) {
                     Ok(req) => requests.push((r.worker, req)),
                     Err(e) => {
                         out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
@@ -773,7 +848,7 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             out.push(row(&case.name, Outcome::Pass, None));
             continue;
         };
-        let request = match build_request(spec, case.sign.as_ref(), now_secs) {
+        let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref())) {
             Ok(r) => r,
             Err(e) => {
                 out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));

@@ -44,6 +44,8 @@ pub(crate) struct StreamData {
     pub overrides: BTreeMap<String, Vec<u8>>,
     pub source_address: String,
     pub local_reply: Option<LocalReply>,
+    /// `response.code_details` once a response (upstream, router or local reply) is under way.
+    pub code_details: Option<String>,
     pub continue_request: bool,
     pub continue_response: bool,
     pub reset: bool,
@@ -244,6 +246,7 @@ impl VmState {
             "request.headers" => Some(abi::serialize_map(&s.request_headers)),
             "request.size" => Some(int(s.request_body.as_ref().map_or(0, |b| b.len()) as i64)),
             "response.headers" => s.response_headers.as_ref().map(|h| abi::serialize_map(h)),
+            "response.code_details" => s.code_details.clone().map(String::into_bytes),
             "response.code" => s
                 .response_headers
                 .as_ref()

@@ -367,7 +367,7 @@ fn hosts_are_isolated() {
 fn the_upstream_answer_is_scripted() {
     let mut h = Host::builder(&test_filter())
         .config("{}")
-        .upstream(Upstream { status: 201, headers: vec![("x-up".into(), "1".into())], body: b"made".to_vec() })
+        .upstream(Upstream { status: 201, headers: vec![("x-up".into(), "1".into())], body: b"made".to_vec(), ..Upstream::default() })
         .start()
         .unwrap();
     let v = h.send(Request::get("/"));

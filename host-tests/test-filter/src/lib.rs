@@ -33,7 +33,8 @@
 //! - `x-test-deny-response`     → local reply 502 `response_denied` from `on_response_headers`;
 //! - `x-test-response-body`     → buffer the response body; "leak" in it → 502 `response_leak`,
 //!                                 otherwise it is upper-cased.
-//! Every response gets `x-test-filter: seen` and `x-upstream-status`; every request increments counter `test_filter.requests`.
+//! Every response gets `x-test-filter: seen`, `x-upstream-status` and `x-code-details`
+//! (`response.code_details`); every request increments counter `test_filter.requests`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
@@ -357,6 +358,8 @@ impl HttpContext for Stream {
             return self.reject(502, "response_denied");
         }
         self.set_http_response_header("x-test-filter", Some("seen"));
+        let details = self.get_property(vec!["response", "code_details"]).unwrap_or_default();
+        self.set_http_response_header("x-code-details", Some(&String::from_utf8_lossy(&details)));
         let upstream_status = self.get_http_response_header(":status").unwrap_or_default();
         self.set_http_response_header("x-upstream-status", Some(&upstream_status));
         Action::Continue
