@@ -232,6 +232,8 @@ def test_redis_stopped_mid_run_fails_closed_and_recovers(envoy_factory, redis_br
         assert all(demo_api.executed(ref) == 0 for ref in refs)
         assert alone.counter(f"{PREFIX}.rejected.state_unavailable") == 2
         assert alone.counter(f"{PREFIX}.remote_error") == 2
+        # Each failed claim tried to delete its own record first (in case Redis applied it).
+        assert alone.counter(f"{PREFIX}.claim_unwind_failed") == 2
         assert alone.counter(f"{PREFIX}.forwarded") == 0
         assert "remote_error op=claim store_error=" in alone.logs()
         no_key = json.dumps({"from": "acc-alice", "to": "acc-carol", "amount": 1, "reference": refs[0]}).encode()

@@ -45,6 +45,9 @@ const COUNTERS: &[&str] = &[
     "rejected.state_unavailable",
     "remote_error",
     "finish_paused_response",
+    "claim_unwound",
+    "claim_unwind_not_needed",
+    "claim_unwind_failed",
 ];
 
 proxy_wasm::main! {{
@@ -175,6 +178,9 @@ enum Pending {
     Finish { token: u32, command: RemoteCommand, on_success: FinishAnswer, log: FinishLog, resume_response: bool },
     ClearRead { token: u32, command: RemoteCommand, key: KeyHash, now_ms: u64 },
     ClearDelete { token: u32, command: RemoteCommand, on_success: ClearAnswer },
+    /// The claim's answer was lost: deleting this claim's record (if Redis applied it) before
+    /// answering 503. `why`: the claim's failure, for the log line.
+    Unwind { token: u32, command: RemoteCommand, why: String },
 }
 
 impl Pending {
@@ -183,7 +189,8 @@ impl Pending {
             Pending::Claim { token, .. }
             | Pending::Finish { token, .. }
             | Pending::ClearRead { token, .. }
-            | Pending::ClearDelete { token, .. } => *token,
+            | Pending::ClearDelete { token, .. }
+            | Pending::Unwind { token, .. } => *token,
         }
     }
 }
@@ -292,6 +299,20 @@ impl Context for ReplayFilter {
             Pending::Claim { claim, .. } => {
                 let answer = if too_large { Err(StateError::Remote) } else { claim.answer(&self.policy, status, &body) };
                 let error = answer.is_err().then(|| why(&claim.command));
+                if answer == Err(StateError::Remote) {
+                    // Redis may have applied the claim although its answer was lost: the
+                    // request is not forwarded, so this claim's record is deleted (compare-and-
+                    // delete) before the 503, else the key would read outcome_unknown for the TTL.
+                    let policy = self.policy.clone();
+                    if let Backend::Redis(redis) = &policy.state {
+                        if let Some(command) = claim.unwind(redis) {
+                            if let Ok(token) = glue::dispatch_webdis(redis, &command.body) {
+                                self.pending = Some(Pending::Unwind { token, command, why: error.unwrap_or_default() });
+                                return;
+                            }
+                        }
+                    }
+                }
                 if self.on_claim_answer(answer, error.as_deref()) == Action::Continue && glue::resume_request().is_err() {
                     // A failed resume leaves the request paused; Envoy's stream timeout ends it.
                     glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed"));
@@ -304,6 +325,23 @@ impl Context for ReplayFilter {
                 if resume_response && glue::resume_response().is_err() {
                     glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed {}", log.context));
                 }
+            }
+            Pending::Unwind { command, why: claim_error, .. } => {
+                let outcome = if too_large { Err(StateError::Remote) } else { remote_state::unwind_answer(&command, status, &body) };
+                let counter = match outcome {
+                    Ok(true) => "claim_unwound",
+                    Ok(false) => "claim_unwind_not_needed",
+                    Err(_) => "claim_unwind_failed",
+                };
+                self.counters.increment(counter);
+                let context = self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default();
+                let mut line = format!("firebreak {PLUGIN} {counter} {context}");
+                if outcome.is_err() {
+                    line.push_str(&format!(" store_error={:?}", why(&command)));
+                }
+                glue::log(if outcome.is_err() { LogLevel::Error } else { LogLevel::Warn }, &line);
+                // Refused whatever the unwind did: the claim never answered.
+                let _ = self.on_claim_answer(Err(StateError::Remote), Some(&claim_error));
             }
             Pending::ClearRead { command, key, now_ms, .. } => {
                 let Backend::Redis(redis) = &self.policy.state else { return };

@@ -43,7 +43,8 @@ pub struct RemoteCommand {
 /// in webdis's JSON. A larger answer is not one this code wrote (fails closed).
 pub fn max_reply_bytes(policy: &ReplayPolicy) -> usize {
     let value = RECORD_LEN + 1 + 8 + 2 + MAX_RESPONSE_HEAD_LEN + 4 + usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX);
-    value.saturating_mul(4) / 3 + 256
+    // base64 is 4/3 of the bytes; the rest is room for JSON escapes (`\/`) and the reply's frame.
+    value.saturating_mul(3) / 2 + 1024
 }
 
 fn parse(command: &RemoteCommand, http_status: Option<u16>, body: &[u8]) -> Result<remote::Reply, StateError> {
@@ -127,6 +128,31 @@ impl PendingClaim {
 fn held_shape(reply: &remote::Reply) -> bool {
     use remote::Reply;
     matches!(reply, Reply::Array(items) if matches!(items.as_slice(), [Reply::Integer(0), Reply::Text(_), Reply::Integer(_)]))
+}
+
+impl PendingClaim {
+    /// After a claim whose answer was lost (timeout, bridge error): the command that deletes
+    /// this claim's in-flight record if Redis did apply it. The request was not forwarded, so
+    /// freeing the key is safe; otherwise the key would read `outcome_unknown` for the whole TTL
+    /// although nothing executed. `None` for a collapse claim (its marker expires with the window).
+    pub fn unwind(&self, redis: &RedisConfig) -> Option<RemoteCommand> {
+        let ClaimRequest::Key { key, fingerprint, claim_id } = &self.request else { return None };
+        let record = Record::in_flight(*fingerprint, *claim_id, self.now_ms);
+        Some(RemoteCommand {
+            verb: "EVAL",
+            body: remote::eval_command(
+                remote::COMPARE_AND_DELETE_SCRIPT,
+                &redis.key(KEY_KIND, *key),
+                &[&remote::encode_value(&record.encode())],
+            ),
+        })
+    }
+}
+
+/// Whether an unwind deleted the claim (`Ok(false)`: Redis had not applied it, or it was gone).
+pub fn unwind_answer(command: &RemoteCommand, http_status: Option<u16>, body: &[u8]) -> Result<bool, StateError> {
+    let reply = parse(command, http_status, body)?;
+    remote::parse_compare_and_set(&reply).map_err(|_| StateError::Remote)
 }
 
 /// Pure: what a keyed claim gets when Redis already holds `held` for the key.
@@ -484,6 +510,30 @@ mod tests {
         assert_eq!(claim_on(&r, &p, &e, "{}", 5, 1_200), Err(StateError::Unavailable));
         r.data.borrow_mut().insert(key, "*not base64*".into());
         assert_eq!(claim_on(&r, &p, &e, "{}", 6, 1_200), Err(StateError::Unavailable));
+    }
+
+    #[test]
+    fn a_claim_whose_answer_was_lost_is_unwound_only_if_it_is_still_this_claims_record() {
+        let (p, r) = (policy(), FakeRedis::default());
+        let e = exchange(&p, "/v1/payouts", Some("\"k9\""));
+        let request = e.claim_request(&p, b"{}", 1).unwrap();
+        let lost = claim(&p, &redis(), &request, 1_000);
+        let _ = r.run(&lost.command); // Redis applied it; the answer never came back.
+        assert_eq!(claim_on(&r, &p, &e, "{}", 2, 1_100), Ok(ClaimAnswer::InFlight));
+        let unwind = lost.unwind(&redis()).unwrap();
+        let (status, reply) = r.run(&unwind);
+        assert_eq!(unwind_answer(&unwind, status, &reply), Ok(true));
+        // Free again: the next claim is forwarded.
+        let owner = owner_of(claim_on(&r, &p, &e, "{}", 3, 1_200));
+        // Unwinding again never touches the new owner's record.
+        let (status, reply) = r.run(&unwind);
+        assert_eq!(unwind_answer(&unwind, status, &reply), Ok(false));
+        assert_eq!(finish_on(&r, &p, &completed(owner, 201, b"ok"), 1_300), Ok(FinishAnswer::Completed { stored: true }));
+        assert_eq!(unwind_answer(&unwind, None, b""), Err(StateError::Remote));
+        let dup = e.claim_request(&p, b"{}", 4).unwrap();
+        assert!(claim(&p, &redis(), &dup, 1).unwind(&redis()).is_some());
+        let keyless = exchange(&p, "/v1/transfers", None).claim_request(&p, b"{}", 5).unwrap();
+        assert_eq!(claim(&p, &redis(), &keyless, 1).unwind(&redis()), None);
     }
 
     #[test]
