@@ -122,7 +122,7 @@ def chart(res: Results, path: Path):
     ax.axhline(TARGET_CHAIN, color="tab:red", ls="--", lw=1, label=f"target chain {TARGET_CHAIN}x")
     ax.set_xticks([x + width * (len(res.sizes) - 1) / 2 for x in xs], short, rotation=30, ha="right")
     ax.set_ylabel("Envoy CPU per request / bare Envoy")
-    ax.set_title("CPU per proxied request (median ratio)")
+    ax.set_title("Envoy CPU per proxied request\n(median ratio to bare Envoy)")
     ax.legend(fontsize=8)
 
     ax = axes[1]
@@ -131,8 +131,9 @@ def chart(res: Results, path: Path):
     ax.bar([x - 0.2 for x in xs], means, 0.4, label="mean")
     ax.bar([x + 0.2 for x in xs], p99s, 0.4, label="p99")
     ax.set_xticks(list(xs), short, rotation=30, ha="right")
-    ax.set_ylabel("microseconds")
-    ax.set_title(f"Latency at one connection ({res.d['params']['latency_size']} B body, median of rounds)")
+    ax.set_ylabel("microseconds (log scale)")
+    ax.set_yscale("log")
+    ax.set_title(f"Latency at one connection\n({res.d['params']['latency_size']} B body, median of rounds)")
     ax.legend(fontsize=8)
 
     ax = axes[2]
@@ -141,7 +142,7 @@ def chart(res: Results, path: Path):
         ax.bar([x + i * width for x in xs], rps, width, label=f"{size} B body")
     ax.set_xticks([x + width * (len(res.sizes) - 1) / 2 for x in xs], short, rotation=30, ha="right")
     ax.set_ylabel("requests per second")
-    ax.set_title(f"Throughput, {res.d['params']['connections']} connections (load-generator bound unless marked)")
+    ax.set_title(f"Throughput, {res.d['params']['connections']} connections\n(load-generator bound: see the table)")
     ax.legend(fontsize=8)
 
     fig.tight_layout()
@@ -183,7 +184,9 @@ def render(res: Results) -> str:
   request has its own nonce and `Idempotency-Key` (covered by the signature), pre-signed by
   `bench/tool` and replayed by `bench/replay.lua`; every Envoy sees each one once. The same bytes go
   to every configuration, bare Envoy included. Non-2xx responses are counted (tables below): the
-  benchmark measures accepted requests.
+  benchmark measures accepted requests. The upstream reads each whole request before answering,
+  so every connection stays open (keep-alive on both sides; the table counts the upstream
+  connections each configuration opened).
 - **Headline:** Envoy CPU time per proxied request, from the kernel's accounting of the Envoy
   process (`utime+stime` in `/proc/<pid>/stat` before and after each {p["duration_s"]} s run, divided by the
   responses completed). {p["rounds"]} rounds; each round starts every configuration afresh and runs them
@@ -241,15 +244,16 @@ def render(res: Results) -> str:
     w("")
     w("### Absolute figures per run (medians over rounds)")
     w("")
-    w("| Configuration | Body | Envoy CPU per request | Requests per second | Envoy core busy | Non-2xx / requests |")
-    w("|---|---|---|---|---|---|")
+    w("| Configuration | Body | Envoy CPU per request | Requests per second | Envoy core busy | Non-2xx / requests | Upstream connections opened |")
+    w("|---|---|---|---|---|---|---|")
     for c in res.configs:
         for s in res.sizes:
             util = res.cpu_field(c, s, "envoy_util")
             rps = res.cpu_field(c, s, "rps")
             bad, total = res.non2xx(c, s)
             rps_cell = f"{rps:,.0f} (Envoy saturated)" if util is not None and util >= SATURATED else f"({rps:,.0f}: load-generator bound)" if rps else "n/a"
-            w(f"| {res.label(c)} | {s} B | {fmt(res.cpu_field(c, s, 'cpu_us_per_req'), 1, ' us')} | {rps_cell} | {fmt(util and util * 100, 0, '%')} | {bad} / {total:,} |")
+            opened = sum(r.get("upstream_connections_opened", 0) for r in res.cpu[(c, s)].values())
+            w(f"| {res.label(c)} | {s} B | {fmt(res.cpu_field(c, s, 'cpu_us_per_req'), 1, ' us')} | {rps_cell} | {fmt(util and util * 100, 0, '%')} | {bad} / {total:,} | {opened} |")
     w("")
 
     # Latency.

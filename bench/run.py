@@ -164,7 +164,10 @@ class Upstream:
                             "match": {"prefix": "/"},
                             "direct_response": {"status": 200, "body": {"inline_string": '{"ok":true}'}},
                         }]}]},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        # The buffer filter first: the answer goes out only after the whole
+                        # request is read. Answering before the body ends makes Envoy close the
+                        # connection, and the proxy would open a new one per request.
+                        "http_filters": [harness.buffer_filter(), {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                     },
                 }]}],
@@ -254,6 +257,10 @@ def measured_run(envoy: harness.Envoy, req_args: list[str], connections: int, du
     result["envoy_util"] = (cpu1 - cpu0) / (result["duration_us"] / 1e6)
     result["non_2xx"] = result["status_errors"]
     return result
+
+
+def upstream_connections(envoy: harness.Envoy) -> int:
+    return envoy.stats("upstream_cx_total").get("cluster.money_api.upstream_cx_total", 0)
 
 
 def machine_facts() -> dict:
@@ -351,11 +358,13 @@ def main():
                 order = configs[r % len(configs):] + configs[:r % len(configs)]
                 for size in sizes:
                     for c in order:
+                        cx0 = upstream_connections(envoys[c])
                         res = measured_run(envoys[c], reqs.args(size, 0, cpu_n, "wrap"), args.connections, duration)
+                        res["upstream_connections_opened"] = upstream_connections(envoys[c]) - cx0
                         res.update(round=r, size=size, config=c)
                         results["cpu_runs"].append(res)
                         log(f"  cpu  {c:24s} {size:6d} B  {res['cpu_us_per_req']:7.2f} us/req  {res['rps']:8.0f} rps  "
-                            f"util {res['envoy_util']:.2f}  non-2xx {res['non_2xx']}")
+                            f"util {res['envoy_util']:.2f}  non-2xx {res['non_2xx']}  new upstream conns {res['upstream_connections_opened']}")
                 for c in order:
                     res = measured_run(envoys[c], reqs.args(lat_size, cpu_n, lat_n, "wrap"), 1, lat_duration)
                     res.update(round=r, size=lat_size, config=c)
