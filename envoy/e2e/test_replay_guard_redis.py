@@ -47,8 +47,10 @@ def guard_config(state: dict, **overrides) -> dict:
 def gateways(envoy_factory, redis_bridge, n=2, signed=True, **overrides):
     """`n` Envoy instances sharing one Redis (same key prefix), each with the buffer filter,
     request-signature (if `signed`) and replay-guard."""
-    sig_state = harness.redis_state()
-    guard_state = harness.redis_state()
+    # A generous callout timeout: the machine running the suite may be loaded; the failure tests
+    # stop Redis (webdis then answers 503 at once) or point at a closed port.
+    sig_state = harness.redis_state(timeout_ms=2000)
+    guard_state = harness.redis_state(timeout_ms=2000)
     filters = [harness.buffer_filter()]
     if signed:
         filters.append(harness.signature_filter(state=sig_state, routes=[{"methods": ["POST"], "path_prefix": "/"}]))

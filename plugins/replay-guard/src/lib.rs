@@ -48,6 +48,7 @@ const COUNTERS: &[&str] = &[
     "claim_unwound",
     "claim_unwind_not_needed",
     "claim_unwind_failed",
+    "resume_failed",
 ];
 
 proxy_wasm::main! {{
@@ -315,6 +316,7 @@ impl Context for ReplayFilter {
                 }
                 if self.on_claim_answer(answer, error.as_deref()) == Action::Continue && glue::resume_request().is_err() {
                     // A failed resume leaves the request paused; Envoy's stream timeout ends it.
+                    self.counters.increment("resume_failed");
                     glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed"));
                 }
             }
@@ -323,6 +325,7 @@ impl Context for ReplayFilter {
                 let error = answer.is_err().then(|| why(&command));
                 self.record_finish(answer, &log, error.as_deref());
                 if resume_response && glue::resume_response().is_err() {
+                    self.counters.increment("resume_failed");
                     glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} resume_failed {}", log.context));
                 }
             }
