@@ -532,6 +532,7 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
                 forwarded: seen.is_some(),
                 upstream_headers,
                 upstream_body: seen.map(|r| r.body.clone()),
+                upstream_trailers: seen.map(|r| r.trailers.clone()).unwrap_or_default(),
                 response_headers,
                 response_body,
                 host_calls: None,

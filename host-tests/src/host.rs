@@ -826,7 +826,17 @@ impl Worker {
             response_body: if s.reset || run.stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
             local_reply: s.local_reply,
             code_details: if s.reset || run.stalled { None } else { s.code_details },
-            upstream: if complete { run.upstream } else { None },
+            upstream: if complete {
+                run.upstream.map(|mut u| {
+                    // The trailers as the filter left them.
+                    if !run.request.trailers.is_empty() {
+                        u.trailers = from_map(&s.request_trailers);
+                    }
+                    u
+                })
+            } else {
+                None
+            },
             upstream_headers_sent: headers_sent,
             reset: s.reset,
             stalled: run.stalled,
@@ -863,7 +873,8 @@ fn envoy_reply(status: u16, body: &str) -> CallResponse {
 
 /// What Envoy's HTTP connection manager adds before the filters run, and what a client sends.
 pub(crate) fn hcm_normalize(mut request: Request, connection_id: u64) -> Request {
-    if !request.body_chunks.is_empty() && request.header_value("content-length").is_none() {
+    // A body with trailers goes chunked (HTTP/1.1): no content-length.
+    if !request.body_chunks.is_empty() && request.trailers.is_empty() && request.header_value("content-length").is_none() {
         let len = request.body_bytes().len().to_string();
         request = request.header("content-length", &len);
     }

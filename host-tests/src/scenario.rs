@@ -302,6 +302,12 @@ pub struct Expect {
     pub upstream_headers: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub upstream_body: Option<String>,
+    /// The body the upstream got, as base64 (binary bodies).
+    #[serde(default)]
+    pub upstream_body_base64: Option<String>,
+    /// Trailer → value the upstream saw; `null` means absent.
+    #[serde(default)]
+    pub upstream_trailers: BTreeMap<String, Option<String>>,
     #[serde(default)]
     pub response_headers: BTreeMap<String, Option<String>>,
     #[serde(default)]
@@ -567,6 +573,7 @@ pub struct Observed {
     pub forwarded: bool,
     pub upstream_headers: Vec<(String, String)>,
     pub upstream_body: Option<Vec<u8>>,
+    pub upstream_trailers: Vec<(String, String)>,
     pub response_headers: Vec<(String, String)>,
     pub response_body: Vec<u8>,
     pub host_calls: Option<u64>,
@@ -580,6 +587,7 @@ impl Observed {
             forwarded: v.forwarded(),
             upstream_headers: v.upstream.as_ref().map(|u| u.headers.clone()).unwrap_or_default(),
             upstream_body: v.upstream.as_ref().map(|u| u.body.clone()),
+            upstream_trailers: v.upstream.as_ref().map(|u| u.trailers.clone()).unwrap_or_default(),
             response_headers: v.response_headers.clone(),
             response_body: v.response_body.clone(),
             host_calls: Some(v.host_call_total()),
@@ -618,6 +626,18 @@ impl Observed {
             let got = self.upstream_body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
             if got.as_deref() != Some(b.as_str()) {
                 out.push(format!("upstream body {got:?} (want {b:?})"));
+            }
+        }
+        if let Some(b) = &e.upstream_body_base64 {
+            let got = self.upstream_body.as_ref().map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+            if got.as_deref() != Some(b.trim()) {
+                out.push(format!("upstream body (base64) {got:?} (want {b:?})"));
+            }
+        }
+        for (k, want) in &e.upstream_trailers {
+            let got = Observed::header(&self.upstream_trailers, k);
+            if got != want.as_deref() {
+                out.push(format!("upstream trailer {k} {got:?} (want {want:?})"));
             }
         }
         for (k, want) in &e.response_headers {
@@ -663,13 +683,19 @@ impl Observed {
                 out.push(format!("upstream header {k} host={a:?} envoy={b:?}"));
             }
         }
+        for k in e.upstream_trailers.keys() {
+            let (a, b) = (Observed::header(&self.upstream_trailers, k), Observed::header(&other.upstream_trailers, k));
+            if a != b {
+                out.push(format!("upstream trailer {k} host={a:?} envoy={b:?}"));
+            }
+        }
         for k in e.response_headers.keys() {
             let (a, b) = (Observed::header(&self.response_headers, k), Observed::header(&other.response_headers, k));
             if a != b {
                 out.push(format!("response header {k} host={a:?} envoy={b:?}"));
             }
         }
-        if e.upstream_body.is_some() && self.upstream_body != other.upstream_body {
+        if (e.upstream_body.is_some() || e.upstream_body_base64.is_some()) && self.upstream_body != other.upstream_body {
             out.push("upstream body differs".into());
         }
         if (e.response_body.is_some() || e.response_body_contains.is_some()) && self.response_body != other.response_body {
@@ -848,6 +874,10 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             out.push(row(&case.name, Outcome::Pass, None));
             continue;
         };
+        if !scenario.chain.is_empty() && !spec.trailers.pairs().is_empty() {
+            out.push(row(&case.name, Outcome::Fail(vec!["request trailers are not supported in a chain (yet)".into()]), None));
+            continue;
+        }
         let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref())) {
             Ok(r) => r,
             Err(e) => {
