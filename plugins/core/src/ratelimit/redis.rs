@@ -15,6 +15,9 @@
 //! Time is Redis's own clock (`TIME`, microseconds), so instances share one time base. The
 //! emission interval is `period / requests` rounded UP to a whole microsecond (towards admitting
 //! less; at most 1 us per request, e.g. 3 per second admits 2,999,997 per 10^6 s instead of 3e6).
+//! Lua numbers are doubles: exact to the microsecond while `now + burst * interval` stays below
+//! 2^53 us (any quota whose refill time `burst * per_seconds / requests` is under ~200 years
+//! from 2026); beyond that the arithmetic rounds to a few microseconds.
 //!
 //! Accuracy of the reconciled mode (tests: `lease_*` below, e2e
 //! `test_reconciled_mode_stays_within_its_bound_across_two_instances`):
