@@ -351,7 +351,8 @@ fn host_calls_are_counted_per_request() {
     let props = h.send(Request::get("/").header("x-test-props", "1"));
     assert!(plain.host_call_total() > 0);
     assert!(props.host_call_total() > plain.host_call_total());
-    assert_eq!(props.host_calls["proxy_get_property"], 6);
+    // Six from x-test-props, one for `response.code_details` on the response.
+    assert_eq!(props.host_calls["proxy_get_property"], 7);
 }
 
 #[test]
@@ -479,4 +480,52 @@ fn what_a_module_prints_is_kept() {
     let v = h.send(Request::get("/").header("x-test-print", "hello"));
     assert_eq!(v.status, 200);
     assert!(h.guest_output(0).contains("test-filter prints hello"), "{:?}", h.guest_output(0));
+}
+
+#[test]
+fn response_code_details_say_who_answered() {
+    // Envoy 1.40 (checked by scenarios/test-filter-upstream-answers.yaml): `via_upstream` for
+    // any upstream answer, `response_timeout` / `upstream_reset_before_response_started{..}`
+    // for the router's own replies, a local reply's details otherwise.
+    let mut h = Host::builder(&test_filter()).config("{}").route_timeout_ms(1000).start().unwrap();
+    let start = h.now_nanos();
+    let v = h.send(Request::get("/").answered_by(Upstream { status: 503, body: b"boom".to_vec(), ..Upstream::default() }));
+    assert_eq!((v.status, v.code_details.as_deref()), (503, Some("via_upstream")));
+    assert_eq!(v.response_header("x-code-details"), Some("via_upstream"));
+    assert_eq!(v.response_body, b"boom");
+    let v = h.send(Request::post("/").body("x").answered_by(Upstream { delay_ms: 1000, ..Upstream::default() }));
+    assert_eq!((v.status, v.response_header("x-code-details")), (504, Some("response_timeout")));
+    assert_eq!(v.response_body, b"upstream request timeout");
+    assert!(v.forwarded(), "the upstream had the request when the router gave up");
+    assert_eq!(h.now_nanos() - start, 1_000_000_000, "the fake clock moved by the route timeout");
+    let v = h.send(Request::post("/").body("x").answered_by(Upstream { reset: true, ..Upstream::default() }));
+    assert_eq!(
+        (v.status, v.response_header("x-code-details")),
+        (503, Some("upstream_reset_before_response_started{connection_termination}"))
+    );
+    let v = h.send(Request::get("/").header("x-test-deny", "403"));
+    assert_eq!((v.status, v.code_details.as_deref()), (403, Some("")));
+    // The next request without its own answer gets the host's default again.
+    let v = h.send(Request::get("/"));
+    assert_eq!((v.status, v.response_header("x-code-details")), (200, Some("via_upstream")));
+}
+
+#[test]
+fn chain_every_filter_sees_the_routers_timeout_details() {
+    let mut c = chain_of_two();
+    let v = c.send(Request::post("/").body("x").answered_by(Upstream { delay_ms: 20_000, ..Upstream::default() }));
+    assert_eq!((v.status, v.code_details.as_deref()), (504, Some("response_timeout")));
+    assert_eq!(v.response_header("x-code-details"), Some("response_timeout"));
+    let v = c.send(Request::get("/").header("x-test-deny", "403"));
+    assert_eq!((v.status, v.code_details.as_deref()), (403, Some("")));
+}
+
+#[test]
+fn request_trailers_reach_the_upstream_and_the_body_is_not_given_a_content_length() {
+    let mut h = host();
+    let v = h.send(Request::post("/").body("abc").trailer("x-t", "1"));
+    let up = v.upstream.expect("forwarded");
+    assert_eq!(up.trailers, vec![("x-t".to_string(), "1".to_string())]);
+    assert_eq!(up.body, b"abc");
+    assert_eq!(up.header("content-length"), None, "chunked with trailers, as the client sent it");
 }
