@@ -17,6 +17,10 @@
 //!     request: { method: POST, path: /pay, headers: { x-a: "1" }, body: '{"amount":1}' }
 //!     sign: { key_id: k1, secret_b64: c2VjcmV0, nonce: n-1, created_offset: 0 }
 //!     expect: { status: 200, forwarded: true, upstream_headers: { x-a: "1", x-gone: null } }
+//!   - name: the upstream answers this case its own way
+//!     request: { method: POST, path: /pay, body_base64: H4sI..., trailers: { x-t: "1" } }
+//!     upstream: { status: 503, body: oops }   # or delay_ms: 1500 (past route_timeout_ms), reset: true
+//!     expect: { status: 503, response_body: oops, upstream_trailers: { x-t: "1" } }
 //!   - name: host-only steps
 //!     host_only: needs the fake clock
 //!     advance_ms: 60000
