@@ -37,6 +37,10 @@ struct Stage {
     withheld_eos: bool,
     eos_seen: bool,
     eos_passed: bool,
+    /// Request trailers reached this filter; withheld until its headers and body have passed.
+    trailers_seen: bool,
+    trailers_withheld: bool,
+    trailers_passed: bool,
     resp_seen: bool,
     resp_passed: bool,
     resp_withheld: Vec<u8>,
@@ -257,6 +261,75 @@ impl<'a> Flow<'a> {
         }
     }
 
+    /// `proxy_on_request_trailers` of filter k (two parameters), settled like any callback.
+    fn trailers_callback(&mut self, k: usize) {
+        let id = self.stages[k].id;
+        let state = self.filter_state.clone();
+        let w = self.worker(k);
+        if w.failed.is_some() {
+            return;
+        }
+        w.stream(id).properties = state;
+        let n = w.stream(id).request_trailers.len() as i32;
+        let r = w.ctx_call::<(i32, i32), i32>(id, "proxy_on_request_trailers", (id as i32, n));
+        let w = self.worker(k);
+        self.filter_state = w.stream(id).properties.clone();
+        match r {
+            Err(t) => {
+                self.trap.get_or_insert(t);
+                self.local(k, crate::host::wasm_fail_reply(), Side::Request);
+            }
+            Ok(action) => {
+                if action.unwrap_or(0) == 0 {
+                    self.worker(k).stream(id).continue_request = true;
+                }
+                self.settle(k, Side::Request);
+            }
+        }
+    }
+
+    /// Request trailers arriving at filter k (k = n: the upstream).
+    fn req_trailers(&mut self, k: usize, trailers: HeaderMap) {
+        if self.request_ended {
+            return;
+        }
+        if k == self.n() {
+            if let Some(u) = self.upstream.as_mut() {
+                u.trailers = from_map(&trailers);
+            }
+            self.upstream_eos = true;
+            return;
+        }
+        if !self.stages[k].created {
+            return;
+        }
+        let id = self.stages[k].id;
+        self.worker(k).stream(id).request_trailers = trailers;
+        self.stages[k].trailers_seen = true;
+        let st = &self.stages[k];
+        if !st.headers_passed || !st.withheld.is_empty() {
+            self.stages[k].trailers_withheld = true;
+            return;
+        }
+        self.trailers_callback(k);
+    }
+
+    /// Passes filter k's trailers on once everything before them has gone.
+    fn pass_trailers(&mut self, k: usize) {
+        let st = &self.stages[k];
+        if !st.trailers_seen || st.trailers_withheld || st.trailers_passed || !st.headers_passed || !st.withheld.is_empty() {
+            return;
+        }
+        let id = self.stages[k].id;
+        let held = self.worker(k).stream(id).request_body.as_ref().is_some_and(|b| !b.is_empty());
+        if held {
+            return;
+        }
+        self.stages[k].trailers_passed = true;
+        let trailers = self.worker(k).stream(id).request_trailers.clone();
+        self.req_trailers(k + 1, trailers);
+    }
+
     fn settle(&mut self, k: usize, side: Side) {
         let id = self.stages[k].id;
         let s = self.worker(k).stream(id);
@@ -279,6 +352,7 @@ impl<'a> Flow<'a> {
             } else {
                 self.flush(k);
             }
+            self.pass_trailers(k);
         }
         if cont_resp && self.stages[k].resp_seen {
             if !self.stages[k].resp_passed {
@@ -375,6 +449,9 @@ impl<'a> Flow<'a> {
             let data = std::mem::take(&mut st.withheld);
             let e = std::mem::take(&mut st.withheld_eos);
             self.body_at(k, data, e);
+        }
+        if std::mem::take(&mut self.stages[k].trailers_withheld) && !self.request_ended {
+            self.trailers_callback(k);
         }
     }
 
@@ -520,9 +597,14 @@ impl<'a> Flow<'a> {
     fn run(&mut self, upstream: &Upstream) -> Verdict {
         let headers = to_map(&self.request.headers);
         let chunks = self.request.body_chunks.clone();
-        self.req_headers(0, headers, chunks.is_empty());
+        let trailers = to_map(&self.request.trailers);
+        let has_trailers = !trailers.is_empty();
+        self.req_headers(0, headers, chunks.is_empty() && !has_trailers);
         for (i, chunk) in chunks.iter().enumerate() {
-            self.req_data(0, chunk.clone(), i + 1 == chunks.len());
+            self.req_data(0, chunk.clone(), i + 1 == chunks.len() && !has_trailers);
+        }
+        if has_trailers {
+            self.req_trailers(0, trailers);
         }
         let mut response_started = false;
         let mut stalled = false;

@@ -878,10 +878,6 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             out.push(row(&case.name, Outcome::Pass, None));
             continue;
         };
-        if !scenario.chain.is_empty() && !spec.trailers.pairs().is_empty() {
-            out.push(row(&case.name, Outcome::Fail(vec!["request trailers are not supported in a chain (yet)".into()]), None));
-            continue;
-        }
         let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref())) {
             Ok(r) => r,
             Err(e) => {

@@ -27,6 +27,7 @@
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
 //! - `x-test-random`            → `x-random` = a value from WASI randomness;
 //! - `x-test-print: text`       → print it on stdout (WASI).
+//! - request trailers: `x-deny-trailer` → 400 `trailer_denied`; else `x-trailers-seen` += 1;
 //! - `x-test-read: key`         → `x-read` = the shared value (or `<absent>`);
 //! - `x-test-response-callout: cluster` → pause the response for a callout; its status →
 //!                                 response header `x-response-callout`;
@@ -328,6 +329,15 @@ impl HttpContext for Stream {
         }
         let upper = body.to_ascii_uppercase();
         self.set_http_request_body(0, body_size, &upper);
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.get_http_request_trailer("x-deny-trailer").is_some() {
+            return self.reject(400, "trailer_denied");
+        }
+        let seen = self.get_http_request_trailer("x-trailers-seen").and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        self.set_http_request_trailer("x-trailers-seen", Some(&(seen + 1).to_string()));
         Action::Continue
     }
 
