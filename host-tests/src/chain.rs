@@ -621,10 +621,14 @@ impl<'a> Flow<'a> {
                 }
                 self.code_details = Some(answer.details);
                 let last = self.n().checked_sub(1);
-                let eos = answer.body.is_empty();
+                let eos = answer.body.is_empty() && !answer.cut;
                 self.resp_headers(last, to_map(&answer.headers), eos);
-                if !eos {
-                    self.resp_data(last, answer.body, true);
+                if !answer.body.is_empty() {
+                    self.resp_data(last, answer.body, !answer.cut);
+                }
+                if answer.cut {
+                    // The upstream closed mid-body after the response started: Envoy resets.
+                    self.reset = true;
                 }
                 continue;
             }

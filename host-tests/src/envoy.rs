@@ -135,7 +135,18 @@ fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Arc<Mutex
                 }
                 out.push_str(&format!("content-length: {}\r\n\r\n", u.body.len()));
                 let mut bytes = out.into_bytes();
-                bytes.extend_from_slice(&u.body);
+                match u.body_cut_at {
+                    Some(n) if n < u.body.len() => {
+                        // Headers and part of the body, then the connection closes.
+                        bytes.extend_from_slice(&u.body[..n]);
+                        let _ = writer.write_all(&bytes);
+                        let _ = writer.flush();
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = writer.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    _ => bytes.extend_from_slice(&u.body),
+                }
                 if writer.write_all(&bytes).is_err() {
                     return;
                 }

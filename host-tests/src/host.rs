@@ -257,6 +257,8 @@ pub(crate) struct StreamRun {
     withheld_eos: bool,
     trailers_pending: bool,
     upstream_response_body: Vec<u8>,
+    /// The upstream's body is cut short: the stream is reset after what was sent.
+    response_cut: bool,
     response_body_withheld: bool,
     upstream: Option<UpstreamRequest>,
     response_started: bool,
@@ -417,6 +419,7 @@ impl Worker {
             withheld_eos: false,
             trailers_pending: false,
             upstream_response_body: Vec::new(),
+            response_cut: false,
             response_body_withheld: false,
             upstream: None,
             response_started: false,
@@ -636,16 +639,23 @@ impl Worker {
         let headers = answer.headers;
         self.stream(run.id).code_details = Some(answer.details);
         let n = headers.len() as i32;
-        let has_body = !answer.body.is_empty();
+        let has_body = !answer.body.is_empty() || answer.cut;
         self.stream(run.id).response_headers = Some(to_map(&headers));
         self.stream(run.id).response_body = Some(Vec::new());
         run.upstream_response_body = answer.body;
+        run.response_cut = answer.cut;
         let Some(action) = self.step(run, "proxy_on_response_headers", (id, n, !has_body as i32)) else { return };
         if self.ended(run) {
             return;
         }
         let continued = std::mem::take(&mut self.stream(run.id).continue_response);
         if action == Action::Pause && !continued {
+            if run.response_cut {
+                // The upstream closes while Envoy holds the response: the stream is reset.
+                self.stream(run.id).reset = true;
+                run.done = true;
+                return;
+            }
             run.response_paused = true;
             run.response_body_withheld = has_body;
             return;
@@ -661,9 +671,21 @@ impl Worker {
     fn response_body_callback(&mut self, run: &mut StreamRun) {
         let body = std::mem::take(&mut run.upstream_response_body);
         let size = body.len() as i32;
+        let cut = run.response_cut;
         self.stream(run.id).response_body = Some(body);
-        let Some(action) = self.step(run, "proxy_on_response_body", (run.id as i32, size, 1)) else { return };
+        let mut action = Action::Continue;
+        if !(cut && size == 0) {
+            let Some(a) = self.step(run, "proxy_on_response_body", (run.id as i32, size, !cut as i32)) else { return };
+            action = a;
+        }
         if self.ended(run) {
+            return;
+        }
+        if cut {
+            // Envoy's router: the upstream reset after the response started; the downstream
+            // stream is reset (the filters next see on_log).
+            self.stream(run.id).reset = true;
+            run.done = true;
             return;
         }
         let continued = std::mem::take(&mut self.stream(run.id).continue_response);
@@ -1059,6 +1081,7 @@ impl Host {
             withheld_eos: false,
             trailers_pending: false,
             upstream_response_body: Vec::new(),
+            response_cut: false,
             response_body_withheld: false,
             upstream: None,
             response_started: false,

@@ -111,6 +111,10 @@ pub struct Upstream {
     /// The upstream reads the request and closes the connection without answering: Envoy's
     /// router answers `503` (`upstream_reset_before_response_started{connection_termination}`).
     pub reset: bool,
+    /// The upstream sends its headers (with the whole body's `content-length`) and only this
+    /// many bytes of the body, then closes the connection: the filters see the headers and
+    /// that part of the body, then Envoy resets the stream (the client gets no complete answer).
+    pub body_cut_at: Option<usize>,
 }
 
 /// Envoy's `response.code_details` for an answer that came from the upstream.
@@ -127,6 +131,8 @@ pub(crate) struct RouterAnswer {
     pub details: String,
     /// How long the answer took (the fake clock moves by it).
     pub elapsed_ms: u64,
+    /// The body is cut short (`body` is the part sent): the stream is reset after it.
+    pub cut: bool,
 }
 
 impl Upstream {
@@ -141,6 +147,7 @@ impl Upstream {
             body: body.as_bytes().to_vec(),
             details: details.into(),
             elapsed_ms,
+            cut: false,
         };
         if route_timeout_ms > 0 && self.delay_ms >= route_timeout_ms {
             return local(504, "upstream request timeout", "response_timeout", route_timeout_ms);
@@ -156,7 +163,11 @@ impl Upstream {
         let mut headers: Vec<(String, String)> = vec![(":status".into(), self.status.to_string())];
         headers.extend(self.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
         headers.push(("content-length".into(), self.body.len().to_string()));
-        RouterAnswer { headers, body: self.body.clone(), details: VIA_UPSTREAM.into(), elapsed_ms: self.delay_ms }
+        let (body, cut) = match self.body_cut_at {
+            Some(n) if n < self.body.len() => (self.body[..n].to_vec(), true),
+            _ => (self.body.clone(), false),
+        };
+        RouterAnswer { headers, body, details: VIA_UPSTREAM.into(), elapsed_ms: self.delay_ms, cut }
     }
 }
 
@@ -168,6 +179,7 @@ impl Default for Upstream {
             body: br#"{"upstream":"ok"}"#.to_vec(),
             delay_ms: 0,
             reset: false,
+            body_cut_at: None,
         }
     }
 }

@@ -134,6 +134,10 @@ pub struct UpstreamSpec {
     /// Read the request, then close the connection without answering: Envoy's router answers 503.
     #[serde(default)]
     pub reset: bool,
+    /// Send the headers and only this many bytes of the body, then close the connection:
+    /// the filters see a partial body, then Envoy resets the stream (status 0 to the client).
+    #[serde(default)]
+    pub body_cut_at: Option<usize>,
 }
 
 impl UpstreamSpec {
@@ -148,6 +152,7 @@ impl UpstreamSpec {
             body,
             delay_ms: self.delay_ms,
             reset: self.reset,
+            body_cut_at: self.body_cut_at,
         })
     }
 }
