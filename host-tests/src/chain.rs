@@ -612,6 +612,11 @@ impl<'a> Flow<'a> {
             if self.done() {
                 break;
             }
+            if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started && self.request.disconnect {
+                // The client reset the stream while the upstream was working on it.
+                self.reset = true;
+                break;
+            }
             if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started {
                 response_started = true;
                 let answer = self.request.upstream.as_ref().unwrap_or(upstream).router_answer(self.route_timeout_ms());

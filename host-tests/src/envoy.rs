@@ -50,6 +50,8 @@ enum Answer {
 struct TestServer {
     port: u16,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Connections Envoy closed while the server was waiting to answer (a reset request).
+    abandoned: Arc<std::sync::atomic::AtomicUsize>,
     /// How the next request is answered (the runner sets it per case).
     answer: Arc<Mutex<Answer>>,
     stop: Arc<AtomicBool>,
@@ -63,19 +65,20 @@ impl TestServer {
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let answer = Arc::new(Mutex::new(answer));
-        let (rec, st, ans) = (received.clone(), stop.clone(), answer.clone());
+        let abandoned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (rec, st, ans, ab) = (received.clone(), stop.clone(), answer.clone(), abandoned.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (rec, answer, st) = (rec.clone(), ans.clone(), st.clone());
-                        std::thread::spawn(move || serve(conn, rec, answer, st));
+                        let (rec, answer, st, ab) = (rec.clone(), ans.clone(), st.clone(), ab.clone());
+                        std::thread::spawn(move || serve(conn, rec, answer, st, ab));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Ok(TestServer { port, received, answer, stop })
+        Ok(TestServer { port, received, abandoned, answer, stop })
     }
 
     fn set_answer(&self, answer: Answer) {
@@ -99,16 +102,32 @@ impl Drop for TestServer {
     }
 }
 
-fn serve(conn: TcpStream, received: Arc<Mutex<Vec<Received>>>, answer: Arc<Mutex<Answer>>, stop: Arc<AtomicBool>) {
+fn serve(
+    conn: TcpStream,
+    received: Arc<Mutex<Vec<Received>>>,
+    answer: Arc<Mutex<Answer>>,
+    stop: Arc<AtomicBool>,
+    abandoned: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut writer = match conn.try_clone() {
         Ok(w) => w,
         Err(_) => return,
     };
     let mut reader = BufReader::new(conn);
+    // Waits, noticing (once) when Envoy closes the connection meanwhile.
+    let Ok(peeker) = writer.try_clone() else { return };
     let wait = |d: Duration| {
         let until = Instant::now() + d;
+        let mut closed = false;
         while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+            if !closed && peeker.set_nonblocking(true).is_ok() {
+                if let Ok(0) = peeker.peek(&mut [0u8; 1]) {
+                    closed = true;
+                    abandoned.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = peeker.set_nonblocking(false);
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     };
@@ -396,9 +415,8 @@ fn admin_get(addr: &str, path: &str) -> Result<(u16, String)> {
 /// Status, headers (with `:status`) and body of a response.
 type Response = (u16, Vec<(String, String)>, Vec<u8>);
 
-fn send(port: u16, request: &Request) -> Result<Response> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+/// A request as a client writes it on an HTTP/1.1 connection.
+fn request_bytes(request: &Request) -> Vec<u8> {
     let method = request.header_value(":method").unwrap_or("GET");
     let path = request.header_value(":path").unwrap_or("/");
     let authority = request.header_value(":authority").unwrap_or("localhost");
@@ -433,7 +451,13 @@ fn send(port: u16, request: &Request) -> Result<Response> {
     } else {
         bytes.extend_from_slice(&body);
     }
-    s.write_all(&bytes)?;
+    bytes
+}
+
+fn send(port: u16, request: &Request) -> Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.write_all(&request_bytes(request))?;
     let mut reader = BufReader::new(s);
     match read_message(&mut reader, false) {
         Ok(Some((start, headers, body, _))) => {
@@ -444,6 +468,33 @@ fn send(port: u16, request: &Request) -> Result<Response> {
         }
         Ok(None) | Err(_) => Ok((0, Vec::new(), Vec::new())),
     }
+}
+
+/// Sends a request, waits until the upstream has it, then closes the connection (the client
+/// goes away before the answer); returns once Envoy has given up the upstream request too.
+fn send_and_disconnect(port: u16, request: &Request, upstream: &TestServer, before: usize) -> Result<Response> {
+    let abandoned = upstream.abandoned.load(Ordering::SeqCst);
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(&request_bytes(request))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.count() <= before {
+        if Instant::now() > deadline {
+            bail!("the upstream never got the request");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = s.shutdown(Shutdown::Both);
+    drop(s);
+    // Envoy resets the upstream request when the downstream goes away; the stream (and its
+    // on_log) ends in that same event.
+    while upstream.abandoned.load(Ordering::SeqCst) <= abandoned {
+        if Instant::now() > deadline {
+            bail!("Envoy kept the upstream request after the client left");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    Ok((0, Vec::new(), Vec::new()))
 }
 
 /// Runs a scenario file through real Envoy.
@@ -518,7 +569,11 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
             };
             upstream.set_answer(Answer::Respond(request.upstream.clone().unwrap_or_else(|| default_upstream.clone())));
             let before = upstream.count();
-            let (status, response_headers, response_body) = send(envoy.port, &request)?;
+            let (status, response_headers, response_body) = if request.disconnect {
+                send_and_disconnect(envoy.port, &request, &upstream, before)?
+            } else {
+                send(envoy.port, &request)?
+            };
             // The upstream has the request before Envoy answers; allow its thread a moment.
             std::thread::sleep(Duration::from_millis(5));
             let got = upstream.since(before);

@@ -621,6 +621,12 @@ impl Worker {
                 }
                 continue;
             }
+            if !run.response_started && run.request.disconnect {
+                // The client reset the stream while the upstream was working on it.
+                self.stream(run.id).reset = true;
+                run.done = true;
+                return true;
+            }
             if !run.response_started {
                 run.response_started = true;
                 let upstream = run.request.upstream.clone().unwrap_or_else(|| spec.upstream.clone());

@@ -18,6 +18,9 @@ pub struct Request {
     pub properties: Vec<(String, Vec<u8>)>,
     /// How the upstream answers this request (`None`: as the host's [`Upstream`] says).
     pub upstream: Option<Upstream>,
+    /// The client goes away once the whole request has reached the upstream, before the
+    /// answer: Envoy resets the stream (the filters see no response, then `on_log`).
+    pub disconnect: bool,
 }
 
 impl Request {
@@ -34,6 +37,7 @@ impl Request {
             source_address: "127.0.0.1:40000".into(),
             properties: Vec::new(),
             upstream: None,
+            disconnect: false,
         }
     }
 

@@ -235,6 +235,10 @@ pub struct RequestSpec {
     /// The body as base64, for binary bodies (gzip, deflate); replaces `body`.
     #[serde(default)]
     pub body_base64: Option<String>,
+    /// The client disconnects once the upstream has the whole request, before the answer (give
+    /// the case an upstream `delay_ms` so that it has not answered by then).
+    #[serde(default)]
+    pub disconnect: bool,
     /// Request trailers (host: `on_request_trailers`; Envoy: a chunked body with trailers).
     #[serde(default)]
     pub trailers: Headers,
@@ -515,6 +519,7 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     for (k, v) in spec.trailers.pairs() {
         r = r.trailer(&k, &v);
     }
+    r.disconnect = spec.disconnect;
     if let Some(s) = &spec.source {
         r = r.from(s);
     }

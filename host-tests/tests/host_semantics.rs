@@ -530,3 +530,22 @@ fn request_trailers_reach_the_upstream_and_the_body_is_not_given_a_content_lengt
     assert_eq!(up.body, b"abc");
     assert_eq!(up.header("content-length"), None, "chunked with trailers, as the client sent it");
 }
+
+#[test]
+fn a_client_that_goes_away_before_the_answer_gets_nothing_and_the_filter_sees_no_response() {
+    let mut h = host();
+    let mut r = Request::post("/").body("x").answered_by(Upstream { delay_ms: 500, ..Upstream::default() });
+    r.disconnect = true;
+    let v = h.send(r);
+    assert_eq!((v.status, v.reset, v.code_details.as_deref()), (0, true, None));
+    assert_eq!(v.upstream_body(), Some(&b"x"[..]), "the upstream had the whole request");
+    assert_eq!(h.send(Request::get("/")).status, 200);
+}
+
+#[test]
+fn an_upstream_body_cut_short_resets_the_stream_after_the_part_sent() {
+    let mut h = host();
+    let v = h.send(Request::get("/").answered_by(Upstream { body: b"abcdef".to_vec(), body_cut_at: Some(2), ..Upstream::default() }));
+    assert_eq!((v.status, v.reset), (0, true));
+    assert!(v.forwarded());
+}
