@@ -10,9 +10,8 @@ cd "$root"
 bash scripts/setup.sh
 bash scripts/build.sh
 
-echo "== native and test-host tests (cargo test --workspace)"
+echo "== native and test-host tests (cargo test --workspace; the host-tests scenario files run in the test host and in real Envoy)"
 cargo test --workspace --quiet
-cargo run --quiet -p firebreak-host-tests --bin firebreak-scenarios -- --mode both host-tests/scenarios  # host vs real Envoy table
 
 echo "== end-to-end tests through real Envoy"
 .venv/bin/pytest -q envoy/e2e "$@"
