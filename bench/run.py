@@ -76,6 +76,7 @@ def local_ratelimit() -> dict:
     }
 
 
+CORE_WASM = ROOT / "target" / "bench" / "wasm32-wasip1" / "release" / "bench-core-wasm.wasm"
 TRIVIAL_WASM = ROOT / "target" / "bench" / "wasm32-wasip1" / "release" / "bench_trivial_filter.wasm"
 
 
@@ -394,7 +395,7 @@ def main():
 
     if not args.skip_micro:
         log("micro-benchmarks (bench/tool micro)")
-        micro = subprocess.run([str(TOOL), "micro", "--wasm-dir", str(harness.WASM_DIR),
+        micro = subprocess.run([str(TOOL), "micro", "--wasm-dir", str(harness.WASM_DIR), "--core-wasm", str(CORE_WASM),
                                 "--iterations", "1000" if args.quick else "4000", "--reps", "3" if args.quick else "5"],
                                capture_output=True, text=True)
         if micro.returncode == 0:

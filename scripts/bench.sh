@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark (not part of the test suite): what each Firebreak filter and the whole chain cost
 # against bare Envoy and Envoy's native local_ratelimit, measured in one run on this machine.
-# Regenerates docs/benchmarks.md and docs/benchmarks.png. About 12 minutes on two cores;
-# `--quick` (about 4 minutes) for development. Other options: see `python3 bench/run.py --help`.
+# Regenerates docs/benchmarks.md and docs/benchmarks.png. About 15 minutes on two cores;
+# `--quick` (about 8 minutes) for development. Other options: see `python3 bench/run.py --help`.
 #   bash scripts/bench.sh [--quick] [--rounds N] [--duration S] [--skip-memory] [--skip-micro]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,6 +43,9 @@ CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --manifest-p
 # The reference trivial wasm filter (reads one header, sets one).
 CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --target wasm32-wasip1 \
   --manifest-path bench/trivial-filter/Cargo.toml
+# The signature decision loop compiled to wasm (micro-benchmark: the same code, wasm vs native).
+CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --target wasm32-wasip1 \
+  --manifest-path bench/core-wasm/Cargo.toml
 
 .venv/bin/python bench/run.py "${build_flag[@]}" "$@"
 .venv/bin/python bench/report.py

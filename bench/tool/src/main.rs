@@ -9,6 +9,7 @@
 //!     Each decision core natively and the same code in its wasm module in the test host
 //!     (host-tests), on the same inputs; host calls per accepted request. Prints JSON.
 
+mod coreloop;
 mod micro;
 mod requests;
 

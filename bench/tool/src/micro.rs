@@ -99,6 +99,51 @@ fn time_wasm(module: &Arc<Module>, config: &str, requests: &[Request], check: &d
     Ok((ns, last))
 }
 
+/// Runs bench/core-wasm (the coreloop compiled to wasm32-wasip1) in wasmtime on `input`.
+fn run_core_wasm(path: &Path, input: &str) -> Result<String, String> {
+    use wasmtime::{Engine, Linker, Module as WasmModule, Store};
+    use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+    let engine = Engine::default();
+    let module = WasmModule::from_file(&engine, path).map_err(|e| format!("{e:?}"))?;
+    let mut linker: Linker<wasmtime_wasi::p1::WasiP1Ctx> = Linker::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |t| t).map_err(|e| format!("{e:?}"))?;
+    let stdout = MemoryOutputPipe::new(1 << 20);
+    let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+        .stdin(MemoryInputPipe::new(input.as_bytes().to_vec()))
+        .stdout(stdout.clone())
+        .inherit_stderr()
+        .build_p1();
+    let mut store = Store::new(&engine, wasi);
+    let instance = linker.instantiate(&mut store, &module).map_err(|e| format!("{e:?}"))?;
+    let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|e| format!("{e:?}"))?;
+    start.call(&mut store, ()).map_err(|e| format!("core-wasm: {e:?}"))?;
+    drop(store);
+    String::from_utf8(stdout.contents().to_vec()).map_err(|e| e.to_string())
+}
+
+/// The same decision code natively and compiled to wasm (wasmtime), on the same inputs.
+fn core_compare(core_wasm: Option<&Path>, inputs: &[Input], config: &str, now_ms: u64, reps: usize) -> Result<Value, String> {
+    let requests: Vec<Value> = inputs
+        .iter()
+        .map(|i| json!({"headers": i.headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<_>>(), "body": String::from_utf8_lossy(&i.body)}))
+        .collect();
+    let input = json!({"config": config, "now_ms": now_ms, "reps": reps, "requests": requests}).to_string();
+    let parse = |out: &str| -> Result<(f64, u64), String> {
+        let v: Value = serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))?;
+        let times: Vec<f64> = v["ns_per_request"].as_array().ok_or("ns_per_request")?.iter().filter_map(Value::as_f64).collect();
+        Ok((median(times), v["accepted"].as_u64().unwrap_or(0)))
+    };
+    let (native, native_ok) = parse(&crate::coreloop::run(&input)?)?;
+    let Some(path) = core_wasm.filter(|p| p.exists()) else {
+        return Ok(json!({"native_ns": native, "wasm_ns": null, "ratio": null, "accepted": native_ok}));
+    };
+    let (wasm, wasm_ok) = parse(&run_core_wasm(path, &input)?)?;
+    if wasm_ok != native_ok || native_ok != inputs.len() as u64 {
+        return Err(format!("core loop accepted {native_ok} natively and {wasm_ok} in wasm of {}", inputs.len()));
+    }
+    Ok(json!({"native_ns": native, "wasm_ns": wasm, "ratio": wasm / native, "accepted": native_ok}))
+}
+
 fn signature_config() -> String {
     json!({
         "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],
@@ -111,7 +156,7 @@ fn signature_config() -> String {
     .to_string()
 }
 
-fn signature(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -> Result<Value, String> {
+fn signature(wasm_dir: &Path, core_wasm: Option<&Path>, iterations: usize, reps: usize, sizes: &[usize]) -> Result<Value, String> {
     let path = wasm_dir.join("request_signature.wasm");
     if !path.exists() {
         return Ok(json!({"missing": path}));
@@ -152,7 +197,9 @@ fn signature(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -
             host_calls_unprotected = json!({"total": verdict.host_call_total(), "by_call": verdict.host_calls});
         }
         let (native, wasm, base) = (median(native), median(wasm), median(wasm_base));
+        let core = core_compare(core_wasm, &inputs, &config, now_ms, reps)?;
         out.insert(size.to_string(), json!({
+            "core": core,
             "iterations": n,
             "native_ns": native,
             "wasm_ns": wasm,
@@ -334,6 +381,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let iterations: usize = args.num("iterations", 4000)?;
     let reps: usize = args.num("reps", 5)?;
     let sizes = args.sizes()?;
+    let core_wasm = args.get("core-wasm").map(PathBuf::from);
     let mut result = serde_json::Map::new();
     result.insert("sha256_backend".into(), json!(if cfg!(feature = "soft-sha") { "soft (portable)" } else { "native default (CPU SHA extensions when present)" }));
     result.insert("iterations".into(), json!(iterations));
@@ -348,7 +396,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
     };
-    filters.insert("request_signature".into(), run_one("request_signature", &|| signature(&wasm_dir, iterations, reps, &sizes)));
+    filters.insert("request_signature".into(), run_one("request_signature", &|| signature(&wasm_dir, core_wasm.as_deref(), iterations, reps, &sizes)));
     filters.insert("rate_limit".into(), run_one("rate_limit", &|| rate_limit(&wasm_dir, iterations, reps)));
     filters.insert("replay_guard".into(), run_one("replay_guard", &|| replay_guard(&wasm_dir, iterations, reps)));
     filters.insert("env_guard".into(), run_one("env_guard", &|| env_guard(&wasm_dir, iterations, reps, &sizes)));
