@@ -287,8 +287,8 @@ def render(res: Results) -> str:
     bare_mean, bare_p99 = res.lat_field("bare", "lat_mean_us"), res.lat_field("bare", "lat_p99_us")
     if noisy:
         w(f"**Noisy here:** bare Envoy's own mean at one connection is {bare_mean:.0f} us and its p99 {bare_p99:.0f} us "
-          "(three processes waking each other on two cores that other work shares), two orders of magnitude above the "
-          "targets; differences of that size are scheduling noise (some are negative). Read the CPU column, and rerun on "
+          f"(three processes waking each other on two cores that other work shares), {bare_mean / TARGET_LAT_MEAN:.0f} times the "
+          "mean target; differences between configurations at this scale are mostly scheduling noise. Read the CPU column, and rerun on "
           "a quiet machine for measured latency.")
         w("")
 
