@@ -43,6 +43,11 @@ pub fn now_ms() -> Option<u64> {
     u64::try_from(since.as_millis()).ok()
 }
 
+/// Whether Envoy's log level for this VM lets debug lines through (read once, at configure time).
+pub fn debug_enabled() -> bool {
+    matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug))
+}
+
 pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }

@@ -18,13 +18,18 @@ const PLUGIN: &str = "request_signature";
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(SignatureRoot { policy: None, counters: Rc::new(Counters::new("firebreak.request_signature")) })
+        Box::new(SignatureRoot {
+            policy: None,
+            counters: Rc::new(Counters::new("firebreak.request_signature")),
+            debug_log: false,
+        })
     });
 }}
 
 struct SignatureRoot {
     policy: Option<Rc<SignaturePolicy>>,
     counters: Rc<Counters>,
+    debug_log: bool,
 }
 
 impl Context for SignatureRoot {}
@@ -33,6 +38,7 @@ impl RootContext for SignatureRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         self.policy = glue::load_config(PLUGIN, |json| SignaturePolicy::from_json(json, &glue::env_var)).map(Rc::new);
         self.counters.define_all(&["accepted", "passed_unprotected"]);
+        self.debug_log = glue::debug_enabled();
         self.policy.is_some()
     }
 
@@ -42,7 +48,7 @@ impl RootContext for SignatureRoot {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.clone()?;
-        Some(Box::new(SignatureFilter { policy, counters: self.counters.clone(), pending: None }))
+        Some(Box::new(SignatureFilter { policy, counters: self.counters.clone(), pending: None, debug_log: self.debug_log }))
     }
 }
 
@@ -51,6 +57,7 @@ struct SignatureFilter {
     counters: Rc<Counters>,
     /// Headers verified; waiting for the nonce claim (Redis) and/or the end of the body.
     pending: Option<Pending>,
+    debug_log: bool,
 }
 
 struct Pending {
@@ -86,7 +93,11 @@ impl SignatureFilter {
             return self.fail(error, &pending.context);
         }
         self.counters.increment("accepted");
-        glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} accept {}", pending.context));
+        // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
+        // host call, and the counter already records every acceptance.
+        if self.debug_log {
+            glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} accept {}", pending.context));
+        }
         Action::Continue
     }
 
