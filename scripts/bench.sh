@@ -49,3 +49,7 @@ CARGO_TARGET_DIR="$root/target/bench" cargo build --quiet --release --target was
 
 .venv/bin/python bench/run.py "${build_flag[@]}" "$@"
 .venv/bin/python bench/report.py
+# The latency the Redis path adds (request-signature and rate-limit, local vs Redis via webdis).
+redis_flags=()
+for arg in "$@"; do [ "$arg" = "--quick" ] && redis_flags=(--quick); done
+.venv/bin/python bench/redis_path.py "${redis_flags[@]}"
