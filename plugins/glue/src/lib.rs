@@ -4,7 +4,7 @@
 //! context-trait helpers `unwrap` host statuses, and a panic traps the VM and fails every stream
 //! on that worker.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::UNIX_EPOCH;
 
@@ -54,14 +54,12 @@ pub fn log(level: LogLevel, message: &str) {
 
 /// Reads and parses the plugin configuration. On failure logs one line naming the field and
 /// returns `None`: `on_configure` then returns false and the plugin does not start.
+/// In a chain (one module running several filters), a stage's configuration is its section of
+/// the chain's configuration, and its field names are reported under that section.
 pub fn load_config<T>(plugin: &str, parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
-    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => Vec::new(),
-        Err(status) => {
-            log(LogLevel::Critical, &format!("firebreak {plugin} config_error cannot read configuration: {status:?}"));
-            return None;
-        }
+    let (bytes, field_prefix) = match STAGE_CONFIG.with(|stage| stage.borrow_mut().take()) {
+        Some(stage) => (stage.bytes, stage.field_prefix),
+        None => (plugin_configuration(plugin)?, String::new()),
     };
     match parse(&bytes) {
         Ok(config) => {
@@ -69,9 +67,73 @@ pub fn load_config<T>(plugin: &str, parse: impl FnOnce(&[u8]) -> Result<T, Confi
             Some(config)
         }
         Err(error) => {
-            log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={} {error}", error.field));
+            log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={field_prefix}{} {error}", error.field));
             None
         }
+    }
+}
+
+/// The configuration bytes Envoy gave this plugin (`None` if unreadable; logged).
+pub fn plugin_configuration(plugin: &str) -> Option<Vec<u8>> {
+    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(bytes) => Some(bytes.unwrap_or_default()),
+        Err(status) => {
+            log(LogLevel::Critical, &format!("firebreak {plugin} config_error cannot read configuration: {status:?}"));
+            None
+        }
+    }
+}
+
+struct StageConfig {
+    bytes: Vec<u8>,
+    field_prefix: String,
+}
+
+thread_local! {
+    static STAGE_CONFIG: RefCell<Option<StageConfig>> = const { RefCell::new(None) };
+    static CHAIN_MODE: Cell<bool> = const { Cell::new(false) };
+    static DEFERRED_RESUME: Cell<Option<Direction>> = const { Cell::new(None) };
+}
+
+/// Runs `configure` (a stage's `on_configure`) with `bytes` as its configuration.
+pub fn configure_stage(bytes: Vec<u8>, field_prefix: String, configure: impl FnOnce() -> bool) -> bool {
+    STAGE_CONFIG.with(|stage| *stage.borrow_mut() = Some(StageConfig { bytes, field_prefix }));
+    let configured = configure();
+    STAGE_CONFIG.with(|stage| stage.borrow_mut().take());
+    configured
+}
+
+/// Which half of the stream a filter resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// Called once by the chain module: from then on a filter's resume is handed to the chain (which
+/// runs the stages after it before resuming the stream) instead of going to Envoy.
+pub fn enter_chain_mode() {
+    CHAIN_MODE.with(|mode| mode.set(true));
+}
+
+/// The resume a stage asked for since the last call, if any (chain mode only).
+pub fn take_deferred_resume() -> Option<Direction> {
+    DEFERRED_RESUME.with(Cell::take)
+}
+
+fn resume(direction: Direction) -> Result<(), Status> {
+    if CHAIN_MODE.with(Cell::get) {
+        DEFERRED_RESUME.with(|deferred| deferred.set(Some(direction)));
+        return Ok(());
+    }
+    resume_stream(direction)
+}
+
+/// Resumes the stream in Envoy, whatever the mode (the chain's own resume).
+pub fn resume_stream(direction: Direction) -> Result<(), Status> {
+    match direction {
+        Direction::Request => hostcalls::resume_http_request(),
+        Direction::Response => hostcalls::resume_http_response(),
     }
 }
 
@@ -218,7 +280,7 @@ pub fn http_call_response(body_size: usize) -> (Option<u16>, Vec<u8>) {
 }
 
 pub fn resume_request() -> Result<(), Status> {
-    hostcalls::resume_http_request()
+    resume(Direction::Request)
 }
 
 /// All response headers (`:status` included), in one host call. Non-UTF-8 values are an error.
@@ -251,5 +313,5 @@ pub fn send_response(status: u16, headers: &[(String, String)], body: &[u8]) {
 
 /// Resumes a response paused by this filter (e.g. while a state update was in flight).
 pub fn resume_response() -> Result<(), Status> {
-    hostcalls::resume_http_response()
+    resume(Direction::Response)
 }
