@@ -156,6 +156,13 @@ def wasm_filter(module: str, config: dict, *, key_values: dict | None = None, ho
     }
 
 
+def chain_filter(sections: list[dict], **kw) -> dict:
+    """The one-module chain (firebreak_chain.wasm) running `sections`, each `{"<filter>": config}`,
+    in order. The secret environment variables every section may name are passed to its VM."""
+    kw.setdefault("host_env_keys", [DEMO_KEY_ENV, SECOND_KEY_ENV])
+    return wasm_filter("firebreak_chain", {"filters": sections}, root_id="firebreak", **kw)
+
+
 def signature_config(**overrides) -> dict:
     config = {
         "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],

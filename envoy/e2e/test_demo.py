@@ -13,10 +13,30 @@ import harness
 JSON = [("content-type", "application/json")]
 
 
-@pytest.fixture
-def demo(demo_api):
-    """A fresh demo gateway per test: budgets and idempotency records start empty."""
+def separate_modules(config: dict) -> dict:
+    """The demo bootstrap with its one-module chain split into one wasm filter per section, each
+    running that filter's own module with the section as its configuration."""
+    http_filters = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    (index, chain), = [(i, f) for i, f in enumerate(http_filters) if f["name"] == "envoy.filters.http.wasm"]
+    wasm = chain["typed_config"]["config"]
+    sections = json.loads(wasm["configuration"]["value"])["filters"]
+    host_env_keys = wasm["vm_config"]["environment_variables"]["host_env_keys"]
+    split = []
+    for section in sections:
+        (filter_name, filter_config), = section.items()
+        root_id = f"{filter_name}_{filter_config['name']}" if filter_name == "rate_limit" else filter_name
+        split.append(harness.wasm_filter(filter_name, filter_config, host_env_keys=host_env_keys, root_id=root_id))
+    http_filters[index:index + 1] = split
+    return config
+
+
+@pytest.fixture(params=["one module", "separate modules"])
+def demo(request, demo_api):
+    """A fresh demo gateway per test: budgets and idempotency records start empty. Every scenario
+    runs on the demo's one-module chain and on the same chain as separate modules."""
     config = yaml.safe_load((harness.ROOT / "envoy" / "demo.yaml").read_text())
+    if request.param == "separate modules":
+        config = separate_modules(config)
     envoy = harness.Envoy([], demo_api.port, bootstrap_config=config)
     yield envoy
     envoy.stop()

@@ -81,3 +81,65 @@ fn the_runner_runs_a_module_built_outside_the_project() {
     assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
     assert!(table.contains("4 passed, 0 failed"), "{table}");
 }
+
+/// A scenario file's chain of separate modules rewritten as the one-module chain
+/// (`firebreak_chain.wasm`, one `filters` section per module, in order): same cases, same
+/// expectations.
+fn as_one_module(file: &std::path::Path) -> String {
+    use serde_yaml::{Mapping, Value};
+    let mut doc: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let top = doc.as_mapping_mut().unwrap();
+    let chain = top.remove("chain").unwrap();
+    let mut sections = Vec::new();
+    let mut env = Mapping::new();
+    for filter in chain.as_sequence().unwrap() {
+        let module = filter["module"].as_str().unwrap();
+        let name = std::path::Path::new(module).file_stem().unwrap().to_str().unwrap().to_string();
+        let mut section = Mapping::new();
+        section.insert(Value::from(name), filter["plugin"]["configuration"].clone());
+        sections.push(Value::Mapping(section));
+        if let Some(vars) = filter["plugin"]["env"].as_mapping() {
+            env.extend(vars.clone());
+        }
+    }
+    let mut configuration = Mapping::new();
+    configuration.insert("filters".into(), Value::Sequence(sections));
+    let mut plugin = Mapping::new();
+    for field in ["name", "root_id", "vm_id"] {
+        plugin.insert(field.into(), "firebreak".into());
+    }
+    plugin.insert("configuration".into(), Value::Mapping(configuration));
+    plugin.insert("env".into(), Value::Mapping(env));
+    let module = workspace_root().join("target/wasm32-wasip1/release/firebreak_chain.wasm");
+    top.insert("module".into(), module.to_str().unwrap().into());
+    top.insert("plugin".into(), Value::Mapping(plugin));
+    let name = format!("{} [one module]", top["name"].as_str().unwrap());
+    top.insert("name".into(), name.into());
+    serde_yaml::to_string(&doc).unwrap()
+}
+
+/// The product's chain scenarios give the same verdicts when the filters run as stages of the
+/// one-module chain, in the host and in real Envoy.
+#[test]
+fn chain_scenarios_pass_as_one_module() {
+    require_modules();
+    let dir = std::env::temp_dir().join(format!("firebreak-one-module-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(scenarios_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.starts_with("chain-") && !name.contains("test-filter") {
+            let one_module = dir.join(&name);
+            std::fs::write(&one_module, as_one_module(&path)).unwrap();
+            files.push(one_module);
+        }
+    }
+    assert!(files.len() >= 2, "no product chain scenarios found");
+    let mode = if default_envoy().exists() { Mode::Both } else { Mode::Host };
+    let report = run(&files, &Options { mode, ..Options::default() }).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{}", report.table());
+    assert!(report.rows.len() >= 10);
+    assert_eq!(report.failures(), 0, "\n{}", report.table());
+}
