@@ -6,7 +6,9 @@
 use std::rc::Rc;
 
 use firebreak_core::ratelimit::redis::{self as remote_rl, LeaseStep};
-use firebreak_core::ratelimit::{self, client, Decision, Event, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource};
+use firebreak_core::ratelimit::{
+    self, client, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource,
+};
 use firebreak_core::remote::{self, Backend, RedisConfig};
 use firebreak_core::route::split_path;
 use firebreak_glue::{self as glue, Counters, HostStore};
@@ -120,23 +122,18 @@ fn source_address() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// First value of a request header; `None` when absent or not UTF-8 (then no route matches).
-fn request_header(name: &str) -> Option<String> {
-    let bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok()??;
-    String::from_utf8(bytes).ok()
-}
-
-/// Every value of one request header, as (name, value) pairs; a value that is not UTF-8 is
-/// kept as an empty value so that a duplicate still counts as a duplicate.
-fn all_values(name: &str) -> Vec<(String, String)> {
+/// The request headers, in one host call. A value that is not UTF-8 is kept as an empty value
+/// (so a duplicate still counts as a duplicate, and such a method or path matches no route).
+fn request_headers() -> Vec<(String, String)> {
     let Ok(headers) = hostcalls::get_map_bytes(MapType::HttpRequestHeaders) else {
         return Vec::new();
     };
-    headers
-        .into_iter()
-        .filter(|(n, _)| n == name)
-        .map(|(n, v)| (n, String::from_utf8(v).unwrap_or_default()))
-        .collect()
+    headers.into_iter().map(|(n, v)| (n, String::from_utf8(v).unwrap_or_default())).collect()
+}
+
+/// Every value of one header, as (name, value) pairs.
+fn all_values(headers: &[(String, String)], name: &str) -> Vec<(String, String)> {
+    headers.iter().filter(|(n, _)| n == name).cloned().collect()
 }
 
 impl RateLimitFilter {
@@ -237,30 +234,30 @@ impl RateLimitFilter {
 
 impl HttpContext for RateLimitFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let instance = self.policy.name.clone();
-        // Only what the decision needs: other headers (and their encodings) are not our business.
-        let method = request_header(":method").unwrap_or_default();
-        let path_and_query = request_header(":path").unwrap_or_default();
-        let path = split_path(&path_and_query).0;
-        if !self.policy.applies_to(&method, path) {
+        let instance = &self.policy.name;
+        // One read of the header map; the host is asked only for what this instance's rules key
+        // on (the client address, the verified principal).
+        let headers = request_headers();
+        let method = glue::header(&headers, ":method").unwrap_or_default();
+        let path = split_path(glue::header(&headers, ":path").unwrap_or_default()).0;
+        if !self.policy.applies_to(method, path) {
             return Action::Continue;
         }
         let context = format!("instance={instance} method={method} path={path:?}");
         let Some(now) = glue::now_ms() else {
             return self.reject(&RuleError::StoreUnavailable.rejection("-"), &context);
         };
-        let principal = match self.policy.user_source {
-            UserSource::Principal => glue::principal(),
-            UserSource::TrustedHeader(_) => None,
-        };
-        let trusted = match &self.policy.user_source {
-            UserSource::Principal => Vec::new(),
-            UserSource::TrustedHeader(name) => all_values(name),
+        let keys_on_user = self.policy.rules.iter().any(|r| r.key != KeyBy::Ip);
+        let keys_on_ip = self.policy.rules.iter().any(|r| r.key != KeyBy::User);
+        let (principal, trusted) = match &self.policy.user_source {
+            UserSource::Principal if keys_on_user => (glue::principal(), Vec::new()),
+            UserSource::TrustedHeader(name) if keys_on_user => (None, all_values(&headers, name)),
+            _ => (None, Vec::new()),
         };
         let user = ratelimit::resolve_user(&self.policy.user_source, principal, &trusted);
-        let source = source_address();
+        let source = if keys_on_ip { source_address() } else { None };
         let facts = RequestFacts {
-            method: &method,
+            method,
             path,
             client_ip: source.as_deref().and_then(client::parse_source_address),
             user: user.as_deref(),
