@@ -1,9 +1,9 @@
 //! The env-guard configuration: raw JSON shape, and the validated policy.
 //!
 //! The configuration never holds a secret: protected credentials are given as the SHA-256 of
-//! their exact bytes (`firebreak fingerprint` prints it).
+//! their exact bytes and their length (`firebreak fingerprint` prints both). The length lets the
+//! filter hash only candidates of that length; without it every candidate is hashed.
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use serde::Deserialize;
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::route::{parse_routes, RouteConfig, RouteMatch};
 use crate::ConfigError;
 
-use super::detect::{Detector, HostRule, Pattern, PatternMatcher};
+use super::detect::{Detector, Fingerprint, HostRule, Pattern, PatternMatcher};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +43,10 @@ pub struct RawConfig {
 struct RawCredential {
     label: String,
     sha256: String,
+    /// Byte length of the secret. Optional for backward compatibility (absent: every candidate
+    /// is hashed, whatever its length).
+    #[serde(default)]
+    length: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +75,8 @@ pub const MAX_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 pub const MIN_PREFIX_LEN: usize = 4;
 /// Longest accepted label.
 pub const MAX_LABEL_LEN: usize = 64;
+/// Longest accepted `protected_credentials[].length` (a PEM private key is a few KiB).
+pub const MAX_CREDENTIAL_LEN: u64 = 65536;
 
 /// What to do with a body larger than the inspection limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +147,7 @@ impl GuardPolicy {
         })?;
 
         let mut labels: Vec<String> = Vec::new();
-        let mut fingerprints: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut fingerprints: Vec<Fingerprint> = Vec::new();
         for (i, cred) in raw.protected_credentials.iter().enumerate() {
             let field = format!("protected_credentials[{i}]");
             if !valid_label(&cred.label) {
@@ -153,11 +159,21 @@ impl GuardPolicy {
                     "must be 64 hex characters: the SHA-256 of the secret (`firebreak fingerprint`), never the secret",
                 )
             })?;
-            if fingerprints.contains_key(&fp) {
+            if fingerprints.iter().any(|f| f.sha256 == fp) {
                 return Err(ConfigError::new(format!("{field}.sha256"), "duplicate fingerprint"));
             }
-            let index = label_index(&mut labels, &cred.label);
-            fingerprints.insert(fp, index);
+            let length = match cred.length {
+                None => None,
+                Some(n) if (1..=MAX_CREDENTIAL_LEN).contains(&n) => usize::try_from(n).ok(),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        format!("{field}.length"),
+                        format!("the secret's length in bytes, 1 to {MAX_CREDENTIAL_LEN} (`firebreak fingerprint` prints it)"),
+                    ))
+                }
+            };
+            let label = label_index(&mut labels, &cred.label);
+            fingerprints.push(Fingerprint { sha256: fp, length, label });
         }
 
         let mut patterns = Vec::new();
@@ -177,7 +193,16 @@ impl GuardPolicy {
                     PatternMatcher::Prefix(prefix.as_bytes().to_vec())
                 }
                 (None, Some(source)) => {
+                    // ASCII only: the regex engine is built without Unicode tables (module size),
+                    // and credentials are ASCII; `\d`, `\w`, `\s`, `(?i)` are the ASCII classes.
+                    if !source.is_ascii() {
+                        return Err(ConfigError::new(
+                            format!("{field}.regex"),
+                            "must be ASCII (escape other bytes as \\xNN); classes like \\d \\w \\s are ASCII-only",
+                        ));
+                    }
                     let regex = regex::bytes::RegexBuilder::new(source)
+                        .unicode(false)
                         .size_limit(1 << 20)
                         .dfa_size_limit(1 << 20)
                         .build()

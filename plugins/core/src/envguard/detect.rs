@@ -4,7 +4,8 @@
 //!
 //! A candidate value is checked as follows; the work is linear in its length:
 //! 1. the whole value, and the value trimmed of white space: SHA-256, compared with the
-//!    fingerprints; prefix patterns; regex patterns are searched anywhere in it;
+//!    fingerprints (only when its length is the `length` of a protected credential); prefix
+//!    patterns; regex patterns are searched anywhere in it;
 //! 2. its decodings, when it looks encoded: base64 (standard or URL-safe alphabet, padded or not,
 //!    white space ignored) and percent-encoding; each decoding is checked again from step 1, up to
 //!    [`MAX_DEPTH`] nested encodings (e.g. base64 of a percent-encoded value);
@@ -14,6 +15,13 @@
 //!    alphanumeric sub-tokens (`[A-Za-z0-9_-]+`, for a secret inside a URL or a sentence), and its
 //!    base64/percent decodings (step 2). Every token is a disjoint slice of the value, so each
 //!    byte is hashed a small constant number of times: no quadratic "every substring" search.
+//!
+//! Cost (the filter runs this on every header and body value of every guarded request): a
+//! candidate is hashed only when its byte length is one of the protected credentials' lengths
+//! (all of them when a credential was configured without `length`), and a value or a decoding
+//! shorter than the shortest thing that could match ([`Detector::shortest_match`]) is not looked
+//! at further: every candidate, token and decoding is a slice or a shrinking transform of the
+//! value, so nothing inside it can be longer than it. Tokens are slices of the value (no copies).
 //!
 //! Limits (documented in the README): a secret shorter than [`MIN_TOKEN_LEN`] bytes is found only
 //! when it is a whole value; a secret that contains a token delimiter is found only as a whole
@@ -114,13 +122,91 @@ impl Hit {
     }
 }
 
+/// One protected credential as configured: the SHA-256 of its bytes, their number when known,
+/// and the index of its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub sha256: [u8; 32],
+    pub length: Option<usize>,
+    pub label: usize,
+}
+
+/// Which candidate lengths are worth a SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HashedLengths {
+    /// Only these (sorted, no duplicates; empty without fingerprints).
+    Only(Vec<usize>),
+    /// Every length: a credential was configured without `length` (backward compatibility).
+    Every,
+}
+
 /// The compiled detection rules.
 #[derive(Debug, Clone)]
 pub struct Detector {
     labels: Vec<String>,
     fingerprints: HashMap<[u8; 32], usize>,
+    hashed_lengths: HashedLengths,
+    /// No candidate shorter than this can match anything (fingerprint, prefix or regex);
+    /// `usize::MAX` for a detector with nothing to find.
+    shortest_match: usize,
     patterns: Vec<Pattern>,
     hosts: Vec<HostRule>,
+}
+
+/// Most steps recorded in a [`Hit`]'s `how` (caller's steps plus decodings; more are dropped
+/// from the message, never from the search).
+const MAX_HOW: usize = 8;
+
+/// The decodings applied so far, on the stack (copied, never allocated, per candidate).
+#[derive(Clone, Copy)]
+struct How {
+    steps: [&'static str; MAX_HOW],
+    len: usize,
+}
+
+impl How {
+    fn new(prefix: &[&'static str]) -> How {
+        let mut how = How { steps: [""; MAX_HOW], len: 0 };
+        for step in prefix {
+            how = how.with(step);
+        }
+        how
+    }
+
+    fn with(mut self, step: &'static str) -> How {
+        if let Some(slot) = self.steps.get_mut(self.len) {
+            *slot = step;
+            self.len += 1;
+        }
+        self
+    }
+
+    fn as_slice(&self) -> &[&'static str] {
+        self.steps.get(..self.len).unwrap_or_default()
+    }
+}
+
+/// Most bytes that `len` characters of base64 (padding and white space included) decode to.
+pub fn base64_decoded_max(len: usize) -> usize {
+    len / 4 * 3 + (len % 4).saturating_sub(1)
+}
+
+/// The valid `%XX` escapes in `text`, counted as `percent_encoding::percent_decode` decodes them
+/// (a `%` not followed by two hex digits stays as is).
+pub(super) fn percent_escapes(text: &[u8]) -> usize {
+    let mut count = 0;
+    let mut rest = text;
+    while let Some(at) = rest.iter().position(|b| *b == b'%') {
+        let after = rest.get(at + 1..).unwrap_or_default();
+        match after {
+            [hi, lo, ..] if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => {
+                count += 1;
+                rest = after.get(2..).unwrap_or_default();
+            }
+            _ => rest = after,
+        }
+    }
+    count
 }
 
 /// Characters that never occur inside a credential token.
@@ -166,8 +252,49 @@ fn runs(data: &[u8], keep: fn(u8) -> bool) -> impl Iterator<Item = &[u8]> {
 }
 
 impl Detector {
-    pub fn new(labels: Vec<String>, fingerprints: HashMap<[u8; 32], usize>, patterns: Vec<Pattern>, hosts: Vec<HostRule>) -> Self {
-        Detector { labels, fingerprints, patterns, hosts }
+    /// `fingerprints` are distinct (the configuration refuses duplicates).
+    pub fn new(labels: Vec<String>, fingerprints: Vec<Fingerprint>, patterns: Vec<Pattern>, hosts: Vec<HostRule>) -> Self {
+        let hashed_lengths = if fingerprints.iter().any(|f| f.length.is_none()) {
+            HashedLengths::Every
+        } else {
+            let mut lengths: Vec<usize> = fingerprints.iter().filter_map(|f| f.length).collect();
+            lengths.sort_unstable();
+            lengths.dedup();
+            HashedLengths::Only(lengths)
+        };
+        let fingerprint_shortest = match &hashed_lengths {
+            HashedLengths::Every => Some(1),
+            HashedLengths::Only(lengths) => lengths.first().copied(),
+        };
+        let pattern_shortest = patterns.iter().map(|p| match &p.matcher {
+            // A prefix matches only a longer token.
+            PatternMatcher::Prefix(prefix) => prefix.len() + 1,
+            // Never the empty string (refused at configuration), so at least one byte.
+            PatternMatcher::Regex(_) => 1,
+        });
+        let shortest_match = fingerprint_shortest.into_iter().chain(pattern_shortest).min().unwrap_or(usize::MAX).max(1);
+        let fingerprints = fingerprints.into_iter().map(|f| (f.sha256, f.label)).collect();
+        Detector { labels, fingerprints, hashed_lengths, shortest_match, patterns, hosts }
+    }
+
+    /// The shortest candidate that could match a fingerprint or a pattern. A value (or a
+    /// decoding) shorter than this holds nothing to find.
+    pub fn shortest_match(&self) -> usize {
+        self.shortest_match
+    }
+
+    /// Whether every protected credential has a known length (otherwise every candidate of
+    /// every length is hashed: correct, slower).
+    pub fn lengths_known(&self) -> bool {
+        self.hashed_lengths != HashedLengths::Every
+    }
+
+    /// Whether a candidate of `len` bytes is worth a SHA-256.
+    fn hashed(&self, len: usize) -> bool {
+        match &self.hashed_lengths {
+            HashedLengths::Only(lengths) => lengths.binary_search(&len).is_ok(),
+            HashedLengths::Every => true,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,7 +314,8 @@ impl Detector {
         if candidate.is_empty() {
             return None;
         }
-        if !self.fingerprints.is_empty() {
+        // The length check first: most candidates are never hashed.
+        if self.hashed(candidate.len()) {
             let digest: [u8; 32] = Sha256::digest(candidate).into();
             if let Some(label) = self.fingerprints.get(&digest) {
                 return Some(self.hit(*label, how));
@@ -207,34 +335,48 @@ impl Detector {
     /// Checks one value (a header value, a parameter, a JSON string, a body) as described in
     /// the module docs. `how` prefixes the decodings already applied by the caller.
     pub fn scan(&self, data: &[u8], how: &[&'static str]) -> Option<Hit> {
-        let mut chain = how.to_vec();
-        self.scan_at(data, 0, &mut chain)
+        if data.len() < self.shortest_match {
+            return None;
+        }
+        self.scan_at(data, 0, How::new(how))
     }
 
-    fn scan_at(&self, data: &[u8], depth: u8, how: &mut Vec<&'static str>) -> Option<Hit> {
-        if let Some(hit) = self.exact(data, how) {
+    fn scan_at(&self, data: &[u8], depth: u8, how: How) -> Option<Hit> {
+        // Every candidate below is a slice or a (shrinking) decoding of `data`.
+        if data.len() < self.shortest_match {
+            return None;
+        }
+        if let Some(hit) = self.exact(data, how.as_slice()) {
             return Some(hit);
         }
         let trimmed = trim(data);
         if trimmed.len() != data.len() {
-            if let Some(hit) = self.exact(trimmed, how) {
+            if let Some(hit) = self.exact(trimmed, how.as_slice()) {
                 return Some(hit);
             }
         }
         for pattern in &self.patterns {
             if let PatternMatcher::Regex(regex) = &pattern.matcher {
                 if regex.is_match(data) {
-                    return Some(self.hit(pattern.label, how));
+                    return Some(self.hit(pattern.label, how.as_slice()));
                 }
             }
         }
         if depth < MAX_DEPTH {
             // The whole value decoded, white space ignored (wrapped base64).
             // (line breaks only: a text of words separated by spaces is not wrapped base64)
-            if trimmed.len() >= MIN_B64_LEN && trimmed.iter().all(|b| is_b64(*b) || *b == b'\n' || *b == b'\r') {
-                let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-                if let Some(hit) = self.decode_b64(&compact, depth, how) {
-                    return Some(hit);
+            if trimmed.len() >= MIN_B64_LEN
+                && base64_decoded_max(trimmed.len()) >= self.shortest_match
+                && trimmed.iter().all(|b| is_b64(*b) || *b == b'\n' || *b == b'\r')
+            {
+                let hit = if trimmed.iter().any(|b| *b == b'\n' || *b == b'\r') {
+                    let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+                    self.decode_b64(&compact, depth, how)
+                } else {
+                    self.decode_b64(trimmed, depth, how)
+                };
+                if hit.is_some() {
+                    return hit;
                 }
             }
             if let Some(hit) = self.decode_percent(trimmed, depth, how) {
@@ -242,6 +384,9 @@ impl Detector {
             }
         }
         for token in runs(data, |b| !is_delimiter(b)) {
+            if token.len() < self.shortest_match {
+                continue;
+            }
             if let Some(hit) = self.token(token, token.len() == trimmed.len(), depth, how) {
                 return Some(hit);
             }
@@ -251,15 +396,15 @@ impl Detector {
 
     /// One delimiter-free token. `is_whole`: it is the whole (trimmed) value, already checked
     /// and decoded as such.
-    fn token(&self, token: &[u8], is_whole: bool, depth: u8, how: &mut Vec<&'static str>) -> Option<Hit> {
+    fn token(&self, token: &[u8], is_whole: bool, depth: u8, how: How) -> Option<Hit> {
         if !is_whole && token.len() >= MIN_TOKEN_LEN {
-            if let Some(hit) = self.exact(token, how) {
+            if let Some(hit) = self.exact(token, how.as_slice()) {
                 return Some(hit);
             }
             // "SECRET." at the end of a sentence.
             let stripped = token.strip_suffix(b".").or_else(|| token.strip_suffix(b":")).or_else(|| token.strip_suffix(b"!"));
             if let Some(stripped) = stripped {
-                if let Some(hit) = self.exact(stripped, how) {
+                if let Some(hit) = self.exact(stripped, how.as_slice()) {
                     return Some(hit);
                 }
             }
@@ -280,7 +425,7 @@ impl Detector {
                 let (head, tail) = (token.get(..at).unwrap_or_default(), token.get(at + 1..).unwrap_or_default());
                 for part in [tail, head] {
                     if part.len() >= MIN_TOKEN_LEN {
-                        if let Some(hit) = self.exact(part, how) {
+                        if let Some(hit) = self.exact(part, how.as_slice()) {
                             return Some(hit);
                         }
                         if depth < MAX_DEPTH && sep == b'=' && looks_b64(part) {
@@ -298,7 +443,7 @@ impl Detector {
         if !single {
             for word in words {
                 if word.len() >= MIN_TOKEN_LEN {
-                    if let Some(hit) = self.exact(word, how) {
+                    if let Some(hit) = self.exact(word, how.as_slice()) {
                         return Some(hit);
                     }
                 }
@@ -307,7 +452,12 @@ impl Detector {
         None
     }
 
-    fn decode_b64(&self, text: &[u8], depth: u8, how: &mut Vec<&'static str>) -> Option<Hit> {
+    /// `text`: base64 characters only (no white space).
+    fn decode_b64(&self, text: &[u8], depth: u8, how: How) -> Option<Hit> {
+        // Decoding only shrinks: skip what cannot decode to anything long enough to match.
+        if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
+            return None;
+        }
         let url = text.iter().any(|b| *b == b'-' || *b == b'_');
         let std = text.iter().any(|b| *b == b'+' || *b == b'/');
         let engine = match (url, std) {
@@ -319,26 +469,24 @@ impl Detector {
         if decoded.len() < 4 {
             return None;
         }
-        how.push("base64");
+        let how = how.with("base64");
         // Decoded bytes that are not text (most base64-looking words decode to noise) are only
         // checked whole: tokenising noise finds nothing and costs hashes.
-        let hit = if is_text(&decoded) { self.scan_at(&decoded, depth + 1, how) } else { self.exact(&decoded, how) };
-        how.pop();
-        hit
+        if is_text(&decoded) {
+            self.scan_at(&decoded, depth + 1, how)
+        } else {
+            self.exact(&decoded, how.as_slice())
+        }
     }
 
-    fn decode_percent(&self, text: &[u8], depth: u8, how: &mut Vec<&'static str>) -> Option<Hit> {
-        if !text.contains(&b'%') {
+    fn decode_percent(&self, text: &[u8], depth: u8, how: How) -> Option<Hit> {
+        let escapes = percent_escapes(text);
+        // No escape: nothing to decode. Each escape shrinks 3 bytes to 1.
+        if escapes == 0 || text.len().saturating_sub(2 * escapes) < self.shortest_match {
             return None;
         }
         let decoded: Vec<u8> = percent_encoding::percent_decode(text).collect();
-        if decoded.len() == text.len() {
-            return None;
-        }
-        how.push("url-encoded");
-        let hit = self.scan_at(&decoded, depth + 1, how);
-        how.pop();
-        hit
+        self.scan_at(&decoded, depth + 1, how.with("url-encoded"))
     }
 
     /// The production-only host rule matching this `:authority`/`Host` value, if any.

@@ -5,7 +5,7 @@ use crate::Rejection;
 
 use super::body::{decode, parse_codings, Coding, DecodeError};
 use super::config::{GuardPolicy, OverLimit};
-use super::detect::{Detector, Hit};
+use super::detect::{base64_decoded_max, Detector, Hit};
 
 /// Stable error codes.
 pub const CODE_CREDENTIAL: &str = "production_credential_in_non_production";
@@ -14,6 +14,19 @@ pub const CODE_ENCODING: &str = "content_encoding_not_inspectable";
 pub const CODE_UNDECODABLE: &str = "body_not_decodable";
 pub const CODE_TOO_LARGE: &str = "body_too_large_to_inspect";
 pub const CODE_UNREADABLE: &str = "request_not_inspectable";
+
+/// Headers whose values are never inspected for credentials (names lower-case, as Envoy and the
+/// test host give them). Each either cannot carry a credential or is a structure whose bytes are
+/// not chosen by whoever configures a client:
+/// - `:method`, `:scheme`: a token from a short fixed set;
+/// - `signature`, `signature-input` (RFC 9421): a MAC over the request (derived from a key, never
+///   the key) and its parameters; when request-signature runs first they are already verified;
+/// - `content-digest` (RFC 9530): a hash of the body, which is inspected itself;
+/// - `idempotency-key`: a per-request unique value the client generates.
+///
+/// `:path` (its query string) is inspected; `:authority` and `host` are checked against the
+/// production-only hosts (not as credential candidates).
+pub const UNINSPECTED_HEADERS: &[&str] = &[":method", ":scheme", "signature", "signature-input", "content-digest", "idempotency-key"];
 
 /// Where in a request a finding was made (the `<where>` of the `detected.<label>.<where>` counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +185,8 @@ pub fn check_headers(policy: &GuardPolicy, headers: &[(String, String)]) -> Resu
     for (name, value) in headers {
         match name.as_str() {
             ":path" => check_path(detector, value)?,
-            ":authority" | ":method" | ":scheme" | "host" => {}
+            ":authority" | "host" => {}
+            skipped if UNINSPECTED_HEADERS.contains(&skipped) => {}
             "authorization" | "proxy-authorization" => {
                 if let Some(hit) = authorization(detector, value) {
                     return Err(found(hit, Place::Header, format!("header {name}")));
@@ -208,7 +222,7 @@ fn authorization(detector: &Detector, value: &str) -> Option<Hit> {
         if let Some(hit) = detector.scan(rest.as_bytes(), &["bearer"]) {
             return Some(hit);
         }
-    } else if scheme.eq_ignore_ascii_case("basic") {
+    } else if scheme.eq_ignore_ascii_case("basic") && base64_decoded_max(rest.len()) >= detector.shortest_match() {
         use base64::Engine as _;
         if let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(rest) {
             if let Some(hit) = detector.exact(&pair, &["basic"]) {
@@ -253,10 +267,14 @@ fn check_path(detector: &Detector, path_and_query: &str) -> Result<(), GuardErro
     Ok(())
 }
 
-/// Request trailers (HTTP/2, chunked HTTP/1.1): every value as a candidate.
+/// Request trailers (HTTP/2, chunked HTTP/1.1): every value as a candidate, except the
+/// [`UNINSPECTED_HEADERS`] (a `signature` or `content-digest` may come as a trailer).
 pub fn check_trailers(policy: &GuardPolicy, trailers: &[(String, String)]) -> Result<(), GuardError> {
     let detector = &policy.detector;
     for (name, value) in trailers {
+        if UNINSPECTED_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
         if let Some(hit) = detector.scan(value.as_bytes(), &[]) {
             return Err(found(hit, Place::Header, format!("trailer {}", safe_name(detector, name))));
         }
@@ -304,9 +322,11 @@ pub fn check_body(policy: &GuardPolicy, plan: &BodyPlan, body: &[u8]) -> Result<
     match plan.kind {
         BodyKind::Json => {
             if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-                let mut path = String::from("$");
-                return match json_walk(detector, &value, &mut path, &how) {
-                    Some((hit, at)) => Err(found(hit, Place::Body, format!("body json {at}"))),
+                return match json_walk(detector, &value, &how) {
+                    Some((hit, steps)) => {
+                        let at = json_location(detector, &steps);
+                        Err(found(hit, Place::Body, format!("body json {at}")))
+                    }
                     None => Ok(BodyOutcome::Clean),
                 };
             }
@@ -327,43 +347,56 @@ pub fn check_body(policy: &GuardPolicy, plan: &BodyPlan, body: &[u8]) -> Result<
     }
 }
 
-/// Every string (and key) of a JSON document; returns the hit and its JSONPath-like location.
-fn json_walk(detector: &Detector, value: &serde_json::Value, path: &mut String, how: &[&'static str]) -> Option<(Hit, String)> {
+/// One step from a JSON document's root to a finding.
+enum JsonStep<'a> {
+    Index(usize),
+    Key(&'a str),
+    /// The finding is the key itself (the last step).
+    TheKey,
+}
+
+/// Every string (and key) of a JSON document; returns the hit and the steps to it, innermost
+/// first (built only for a finding: a clean document costs no location strings).
+fn json_walk<'a>(detector: &Detector, value: &'a serde_json::Value, how: &[&'static str]) -> Option<(Hit, Vec<JsonStep<'a>>)> {
     match value {
-        serde_json::Value::String(s) => detector.scan(s.as_bytes(), how).map(|hit| (hit, path.clone())),
-        serde_json::Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                let hit = json_walk(detector, item, path, how);
-                path.truncate(len);
-                if hit.is_some() {
-                    return hit;
-                }
+        serde_json::Value::String(s) => detector.scan(s.as_bytes(), how).map(|hit| (hit, Vec::new())),
+        serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            json_walk(detector, item, how).map(|(hit, mut steps)| {
+                steps.push(JsonStep::Index(i));
+                (hit, steps)
+            })
+        }),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if let Some(hit) = detector.exact(key.as_bytes(), how) {
+                return Some((hit, vec![JsonStep::TheKey]));
             }
-            None
-        }
-        serde_json::Value::Object(map) => {
-            for (key, item) in map {
-                let len = path.len();
-                if let Some(hit) = detector.exact(key.as_bytes(), how) {
-                    return Some((hit, format!("{path} (a key)")));
-                }
-                let name = safe_name(detector, key);
-                if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                    path.push('.');
-                    path.push_str(&name);
-                } else {
-                    path.push_str(&format!("[{name:?}]"));
-                }
-                let hit = json_walk(detector, item, path, how);
-                path.truncate(len);
-                if hit.is_some() {
-                    return hit;
-                }
-            }
-            None
-        }
+            json_walk(detector, item, how).map(|(hit, mut steps)| {
+                steps.push(JsonStep::Key(key));
+                (hit, steps)
+            })
+        }),
         _ => None,
     }
+}
+
+/// `$.push.targets[0].key`, from [`json_walk`]'s steps (innermost first); a key that is not a
+/// tame name is printed as `["?"]`.
+fn json_location(detector: &Detector, steps: &[JsonStep]) -> String {
+    let mut at = String::from("$");
+    for step in steps.iter().rev() {
+        match step {
+            JsonStep::Index(i) => at.push_str(&format!("[{i}]")),
+            JsonStep::Key(key) => {
+                let name = safe_name(detector, key);
+                if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    at.push('.');
+                    at.push_str(&name);
+                } else {
+                    at.push_str(&format!("[{name:?}]"));
+                }
+            }
+            JsonStep::TheKey => at.push_str(" (a key)"),
+        }
+    }
+    at
 }

@@ -12,19 +12,51 @@ const TEST_KEY: &str = "fake-apns-test-key-0123456789abcdef";
 /// Basic-auth production password.
 const PROD_PASSWORD: &str = "Pr0d-Passw0rd-For-FCM!";
 
-fn config(production: bool, extra: &str) -> String {
+/// The credentials with their `length` (as `firebreak fingerprint --label` prints them).
+fn credentials() -> String {
     format!(
-        r#"{{"environment":"uat","production":{production},
-            "protected_credentials":[{{"label":"apns-prod","sha256":"{}"}},{{"label":"fcm-prod-password","sha256":"{}"}}],
-            "patterns":[{{"label":"stripe-live","prefix":"sk_live_"}},{{"label":"aws-prod-key","regex":"AKIA[0-9A-Z]{{16}}"}}],
-            "production_hosts":["api.push.apple.com","*.prod.example.com"]{extra}}}"#,
+        r#"[{{"label":"apns-prod","sha256":"{}","length":{}}},{{"label":"fcm-prod-password","sha256":"{}","length":{}}}]"#,
+        fingerprint(PROD.as_bytes()),
+        PROD.len(),
+        fingerprint(PROD_PASSWORD.as_bytes()),
+        PROD_PASSWORD.len()
+    )
+}
+
+/// The same credentials without `length` (configurations written before it existed).
+fn credentials_without_lengths() -> String {
+    format!(
+        r#"[{{"label":"apns-prod","sha256":"{}"}},{{"label":"fcm-prod-password","sha256":"{}"}}]"#,
         fingerprint(PROD.as_bytes()),
         fingerprint(PROD_PASSWORD.as_bytes())
     )
 }
 
+fn config_with(credentials: &str, production: bool, extra: &str) -> String {
+    format!(
+        r#"{{"environment":"uat","production":{production},
+            "protected_credentials":{credentials},
+            "patterns":[{{"label":"stripe-live","prefix":"sk_live_"}},{{"label":"aws-prod-key","regex":"AKIA[0-9A-Z]{{16}}"}}],
+            "production_hosts":["api.push.apple.com","*.prod.example.com"]{extra}}}"#
+    )
+}
+
+fn config(production: bool, extra: &str) -> String {
+    config_with(&credentials(), production, extra)
+}
+
 fn policy() -> GuardPolicy {
     GuardPolicy::from_json(config(false, "").as_bytes()).unwrap()
+}
+
+/// Fingerprints only (no pattern): the decode bounds apply in full.
+fn fingerprints_only_policy() -> GuardPolicy {
+    let json = format!(r#"{{"environment":"uat","production":false,"protected_credentials":{}}}"#, credentials());
+    GuardPolicy::from_json(json.as_bytes()).unwrap()
+}
+
+fn policy_without_lengths() -> GuardPolicy {
+    GuardPolicy::from_json(config_with(&credentials_without_lengths(), false, "").as_bytes()).unwrap()
 }
 
 fn policy_with(extra: &str) -> GuardPolicy {
@@ -455,4 +487,210 @@ fn arbitrary_inputs_never_panic() {
         let _ = p.detector.production_host_in_text(&body);
         let _ = super::detect::host_of(&text);
     }
+}
+
+// --- cost cuts keep every detection ----------------------------------------------------------
+
+fn url_encoded(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// The detections the length check, the decode bounds and the header skip list must not lose,
+/// with lengths configured, without (backward compatibility), and with fingerprints only (no
+/// pattern: the tightest bounds).
+#[test]
+fn detection_holds_with_and_without_lengths() {
+    let json_h = req("POST", "/v1/push", &[("content-type", "application/json")]);
+    let gzip_h = req("POST", "/v1/push", &[("content-type", "application/json"), ("content-encoding", "gzip")]);
+    let basic = format!("Basic {}", b64(format!("push-svc:{PROD}").as_bytes()));
+    let bearer = format!("Bearer {PROD}");
+    let b64_key = b64(PROD.as_bytes());
+    let url_key = url_encoded(PROD);
+    let deep = format!(r#"{{"a":{{"b":[1,{{"c":{{"d":["x","{PROD}"]}}}}]}}}}"#);
+    let deep_b64 = format!(r#"{{"a":{{"b":[{{"c":"{b64_key}"}}]}}}}"#);
+    let gz = gzip(format!(r#"{{"push":{{"key":"{PROD}"}}}}"#).as_bytes());
+    type Case = (Vec<(String, String)>, Vec<u8>, &'static str);
+    let cases: Vec<Case> = vec![
+        (req("GET", "/", &[("x-apns-key", PROD)]), vec![], "header x-apns-key"),
+        (req("GET", "/", &[("authorization", &bearer)]), vec![], "header authorization (bearer)"),
+        (req("GET", "/", &[("authorization", &basic)]), vec![], "header authorization (basic password)"),
+        (req("GET", "/", &[("x-apns-key", &b64_key)]), vec![], "header x-apns-key (base64)"),
+        (req("GET", "/", &[("x-apns-key", &url_key)]), vec![], "header x-apns-key (url-encoded)"),
+        (req("GET", &format!("/push?key={url_key}"), &[]), vec![], "query param key"),
+        (req("GET", &format!("/push?key={}", url_encoded(&b64_key)), &[]), vec![], "query param key (base64)"),
+        (json_h.clone(), deep.into_bytes(), "body json $.a.b[1].c.d[1]"),
+        (json_h.clone(), deep_b64.into_bytes(), "body json $.a.b[0].c (base64)"),
+        (gzip_h, gz, "body json $.push.key (gzip)"),
+    ];
+    for (name, p) in [("lengths", policy()), ("fingerprints only", fingerprints_only_policy()), ("no lengths", policy_without_lengths())] {
+        assert_eq!(p.detector.lengths_known(), name != "no lengths");
+        for (headers, body, location) in &cases {
+            let (label, got) = credential(run(&p, headers, body));
+            assert_eq!((label.as_str(), got.as_str()), ("apns-prod", *location), "{name}: {headers:?}");
+        }
+    }
+}
+
+#[test]
+fn a_token_of_the_same_length_that_is_not_the_key_passes() {
+    // Same length as PROD, one character different: hashed (length matches), no match.
+    let other = PROD.replace("0123", "0124");
+    assert_eq!(other.len(), PROD.len());
+    let json_h = req("POST", "/v1/push", &[("content-type", "application/json")]);
+    for p in [policy(), fingerprints_only_policy()] {
+        let body = format!(r#"{{"push":{{"key":"{other}","k2":"{}"}}}}"#, b64(other.as_bytes()));
+        let h = req("POST", &format!("/v1/push?key={}", url_encoded(&other)), &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {other}")),
+            ("x-apns-key", &b64(other.as_bytes())),
+            ("x-other", &other),
+        ]);
+        assert_eq!(run(&p, &h, body.as_bytes()), Ok(BodyOutcome::Clean));
+        assert_eq!(run(&p, &json_h, format!(r#"["{other}"]"#).as_bytes()), Ok(BodyOutcome::Clean));
+    }
+}
+
+#[test]
+fn a_short_credential_is_found_as_a_whole_value() {
+    // Shorter than the token minimum (8): found only as a whole value, as before.
+    let short = "Zq7!x2";
+    let json = format!(
+        r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"pin","sha256":"{}","length":{}}}]}}"#,
+        fingerprint(short.as_bytes()),
+        short.len()
+    );
+    let p = GuardPolicy::from_json(json.as_bytes()).unwrap();
+    assert_eq!(p.detector.shortest_match(), short.len());
+    assert_eq!(credential(run(&p, &req("GET", "/", &[("x-pin", short)]), b"")).1, "header x-pin");
+    let basic = format!("Basic {}", b64(format!("u:{short}").as_bytes()));
+    assert_eq!(credential(run(&p, &req("GET", "/", &[("authorization", &basic)]), b"")).1, "header authorization (basic password)");
+    assert_eq!(run(&p, &req("GET", "/", &[("x-pin", "Zq7!x3")]), b""), Ok(BodyOutcome::Clean));
+}
+
+/// `signature`, `signature-input`, `content-digest` and `idempotency-key` are not inspected (see
+/// `UNINSPECTED_HEADERS`): a MAC, its parameters, a body hash and a client-generated unique id
+/// are structures no client configuration puts a credential into. Everything else still is.
+#[test]
+fn uninspected_headers_are_skipped_and_only_those() {
+    let p = policy();
+    for name in ["signature", "signature-input", "content-digest", "idempotency-key"] {
+        assert!(request::UNINSPECTED_HEADERS.contains(&name));
+        let h = req("POST", "/", &[(name, PROD)]);
+        assert_eq!(run(&p, &h, b""), Ok(BodyOutcome::Clean), "{name}");
+        assert!(check_trailers(&p, &[(name.to_string(), PROD.to_string())]).is_ok(), "{name}");
+    }
+    for name in ["x-signature", "signature-key", "digest", "x-idempotency"] {
+        let h = req("POST", "/", &[(name, PROD)]);
+        assert_eq!(credential(run(&p, &h, b"")).1, format!("header {name}"));
+    }
+    // :path (query) and :authority are still checked.
+    assert_eq!(credential(run(&p, &req("GET", &format!("/?k={PROD}"), &[]), b"")).1, "query param k");
+    let mut h = req("GET", "/", &[]);
+    h[2].1 = "api.push.apple.com".to_string();
+    assert_eq!(check_headers(&p, &h).unwrap_err().code(), CODE_HOST);
+}
+
+#[test]
+fn length_and_regex_configuration_errors_are_named() {
+    let fp = fingerprint(PROD.as_bytes());
+    let cred = |length: &str| {
+        format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{fp}","length":{length}}}]}}"#)
+    };
+    for length in ["0", "65537"] {
+        let err = GuardPolicy::from_json(cred(length).as_bytes()).unwrap_err();
+        assert_eq!(err.field, "protected_credentials[0].length", "{length}: {err}");
+    }
+    // Not a number: serde's type error.
+    for length in ["-1", "\"36\"", "1.5"] {
+        assert!(GuardPolicy::from_json(cred(length).as_bytes()).is_err(), "{length}");
+    }
+    assert!(GuardPolicy::from_json(cred("65536").as_bytes()).is_ok());
+    // A mix of entries with and without length: every length is hashed.
+    let mixed = format!(
+        r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{fp}","length":{}}},{{"label":"b","sha256":"{}"}}]}}"#,
+        PROD.len(),
+        fingerprint(b"other")
+    );
+    let p = GuardPolicy::from_json(mixed.as_bytes()).unwrap();
+    assert!(!p.detector.lengths_known());
+    assert!(p.detector.scan(b"other", &[]).is_some());
+    // A wrong length hides the credential: `firebreak fingerprint` prints the right one.
+    let wrong = GuardPolicy::from_json(cred(&(PROD.len() + 1).to_string()).as_bytes()).unwrap();
+    assert!(wrong.detector.scan(PROD.as_bytes(), &[]).is_none());
+
+    let pattern = |regex: &str| {
+        format!(r#"{{"environment":"uat","production":false,"patterns":[{{"label":"a","regex":{}}}]}}"#, serde_json::json!(regex))
+    };
+    let err = GuardPolicy::from_json(pattern("clé_[0-9]+").as_bytes()).unwrap_err();
+    assert_eq!(err.field, "patterns[0].regex");
+    assert!(err.message.contains("ASCII"), "{err}");
+    // ASCII classes and case folding work without the Unicode tables.
+    let p = GuardPolicy::from_json(pattern(r"(?i)akia\d{4}\w\s").as_bytes()).unwrap();
+    assert!(p.detector.scan(b"x AKIA1234z y", &[]).is_some());
+    assert!(p.detector.scan("AKIA１２３４z ".as_bytes(), &[]).is_none());
+    assert!(p.detector.scan(b"AKIA12z ", &[]).is_none());
+}
+
+#[test]
+fn decode_bounds_are_upper_bounds() {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+    for n in 0..80usize {
+        let data: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+        let padded = STANDARD.encode(&data);
+        let bare = STANDARD_NO_PAD.encode(&data);
+        assert!(detect::base64_decoded_max(padded.len()) >= n, "{n}");
+        assert_eq!(detect::base64_decoded_max(bare.len()), n, "{n}");
+    }
+    for text in ["", "%", "%4", "%41", "a%41b%4", "%%41", "%zz%41%42", "%41%", "100%", "%e2%82%ac"] {
+        let decoded: Vec<u8> = percent_encoding::percent_decode(text.as_bytes()).collect();
+        assert_eq!(decoded.len(), text.len() - 2 * detect::percent_escapes(text.as_bytes()), "{text}");
+    }
+}
+
+/// Whatever the input, a policy with lengths decides exactly as the same policy without them
+/// (which hashes every candidate and decodes everything decodable).
+#[test]
+fn lengths_change_the_cost_never_the_verdict() {
+    let with = policy();
+    let without = policy_without_lengths();
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let url_prod = url_encoded(PROD);
+    let b64_prod = b64(PROD.as_bytes());
+    let basic = b64(format!("svc:{PROD_PASSWORD}").as_bytes());
+    let plants: [&str; 7] = [PROD, PROD_PASSWORD, &url_prod, &b64_prod, &basic, "sk_live_abcdef123", "AKIAIOSFODNN7EXAMPLE"];
+    let alphabet = b"aZ09+/=-_%:.{}[]\",;& \n\\?#@!";
+    let (mut hits, mut rounds) = (0, 0);
+    for round in 0..2000 {
+        let len = (next() % 120) as usize;
+        let mut text: String = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize] as char).collect();
+        if round % 3 == 0 {
+            let plant = plants[(next() % plants.len() as u64) as usize];
+            let at = (next() % (text.len() as u64 + 1)) as usize;
+            text.insert_str(at, plant);
+        }
+        let header_value = text.replace('\n', " ");
+        for (ct, scheme) in [("application/json", "Bearer "), ("application/x-www-form-urlencoded", "Basic "), ("text/plain", "")] {
+            let auth = format!("{scheme}{header_value}");
+            let h = req("POST", &format!("/v1/x?q={}", text.replace([' ', '\n', '#'], "+")), &[
+                ("content-type", ct),
+                ("x-h", &header_value),
+                ("authorization", &auth),
+            ]);
+            let body = format!(r#"{{"k":{}}}"#, serde_json::json!(text));
+            let a = run(&with, &h, body.as_bytes());
+            assert_eq!(a, run(&without, &h, body.as_bytes()), "{text:?}");
+            let a2 = run(&with, &req("POST", "/", &[("content-type", ct)]), text.as_bytes());
+            assert_eq!(a2, run(&without, &req("POST", "/", &[("content-type", ct)]), text.as_bytes()), "{text:?}");
+            rounds += 1;
+            hits += usize::from(a.is_err()) + usize::from(a2.is_err());
+        }
+    }
+    // The plants are found often enough for the comparison to mean something.
+    assert!(hits > rounds / 4, "{hits} of {rounds}");
 }
