@@ -5,7 +5,8 @@ use std::io::Read;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FingerprintArgs {
-    /// Print a `protected_credentials` entry (`{"label": .., "sha256": ..}`) instead of the bare hex.
+    /// Print a `protected_credentials` entry (`{"label": .., "sha256": .., "length": ..}`) instead
+    /// of the bare hex. The length (in bytes) lets env-guard hash only candidates of that length.
     #[arg(long)]
     pub label: Option<String>,
     /// Keep a trailing newline (by default exactly one trailing `\n` or `\r\n` is removed, so
@@ -37,7 +38,8 @@ pub fn fingerprint_of(input: Vec<u8>, args: &FingerprintArgs) -> Result<String, 
             if !firebreak_core::envguard::config::valid_label(label) {
                 return Err("--label: 1 to 64 characters of A-Z a-z 0-9 - _".to_string());
             }
-            format!("{}\n", serde_json::json!({ "label": label, "sha256": hex }))
+            // Key order as in the README: label, sha256, length.
+            format!("{{\"label\":{},\"sha256\":\"{hex}\",\"length\":{}}}\n", serde_json::json!(label), secret.len())
         }
     })
 }

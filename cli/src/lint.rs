@@ -35,8 +35,8 @@ pub struct LintArgs {
     /// Files and directories to scan.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// The env-guard configuration (JSON or YAML), or a fingerprints file (`<label> <sha256>` per
-    /// line, `#` comments).
+    /// The env-guard configuration (JSON or YAML), or a fingerprints file
+    /// (`<label> <sha256> [<length>]` per line, `#` comments).
     #[arg(long)]
     pub config: PathBuf,
 }
@@ -79,9 +79,14 @@ pub fn load_detector(path: &Path) -> Result<Detector, String> {
                     continue;
                 }
                 let mut parts = line.split_whitespace();
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(label), Some(sha), None) => credentials.push(serde_json::json!({"label": label, "sha256": sha})),
-                    _ => return Err(format!("--config {}:{}: expected `<label> <sha256>`", path.display(), n + 1)),
+                let bad = || format!("--config {}:{}: expected `<label> <sha256> [<length>]`", path.display(), n + 1);
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(label), Some(sha), None, None) => credentials.push(serde_json::json!({"label": label, "sha256": sha})),
+                    (Some(label), Some(sha), Some(length), None) => {
+                        let length: u64 = length.parse().map_err(|_| bad())?;
+                        credentials.push(serde_json::json!({"label": label, "sha256": sha, "length": length}))
+                    }
+                    _ => return Err(bad()),
                 }
             }
             GuardPolicy::from_value(serde_json::json!({

@@ -39,9 +39,10 @@ fn guard_config(dir: &Path) -> PathBuf {
         "guard/env-guard.json",
         &format!(
             r#"{{"environment":"uat","production":false,
-                "protected_credentials":[{{"label":"apns-prod","sha256":"{PROD_FP}"}}],
+                "protected_credentials":[{{"label":"apns-prod","sha256":"{PROD_FP}","length":{}}}],
                 "patterns":[{{"label":"stripe-live","prefix":"sk_live_"}}],
-                "production_hosts":["api.push.apple.com"]}}"#
+                "production_hosts":["api.push.apple.com"]}}"#,
+            PROD.len()
         ),
     )
 }
@@ -166,6 +167,10 @@ fn fingerprints_file_works_as_config() {
     let env = write(&dir, "x/.env.uat", &format!("A={PROD}\n"));
     let (code, out, _) = lint(&fps, &[&dir.join("x")]);
     assert_eq!((code, out), (1, format!("{}:1: apns-prod (.env A)\n", env.display())));
+    // With the length `fingerprint --label` prints.
+    let fps = write(&dir, "fingerprints-len.txt", &format!("apns-prod {PROD_FP} {}\n", PROD.len()));
+    let (code, out, _) = lint(&fps, &[&dir.join("x")]);
+    assert_eq!((code, out), (1, format!("{}:1: apns-prod (.env A)\n", env.display())));
 }
 
 #[test]
@@ -177,6 +182,12 @@ fn usage_and_config_errors_exit_2() {
     assert!(err.contains("protected_credentials[0].sha256"), "{err}");
     let bad_lines = write(&dir, "fps.txt", "apns-prod\n");
     assert_eq!(lint(&bad_lines, &[&dir]).0, 2);
+    let bad_length = write(&dir, "fps-len.txt", &format!("apns-prod {PROD_FP} long\n"));
+    assert_eq!(lint(&bad_length, &[&dir]).0, 2);
+    let zero_length = write(&dir, "fps-zero.txt", &format!("apns-prod {PROD_FP} 0\n"));
+    let (code, _, err) = lint(&zero_length, &[&dir]);
+    assert_eq!(code, 2);
+    assert!(err.contains("protected_credentials[0].length"), "{err}");
     let config = guard_config(&dir);
     assert_eq!(lint(&config, &[&dir.join("does-not-exist")]).0, 2);
     assert_eq!(lint(&dir.join("missing.json"), &[&dir]).0, 2);
@@ -202,7 +213,7 @@ fn fingerprint_strips_exactly_one_trailing_newline() {
     assert_ne!(fingerprint(format!("{PROD}\n").as_bytes(), &["--keep-newline"]).1, format!("{PROD_FP}\n"));
     assert_eq!(
         fingerprint(PROD.as_bytes(), &["--label", "apns-prod"]),
-        (0, format!("{{\"label\":\"apns-prod\",\"sha256\":\"{PROD_FP}\"}}\n"))
+        (0, format!("{{\"label\":\"apns-prod\",\"sha256\":\"{PROD_FP}\",\"length\":{}}}\n", PROD.len()))
     );
     assert_eq!(fingerprint(b"\n", &[]).0, 2);
     assert_eq!(fingerprint(b"x", &["--label", "bad label"]).0, 2);
