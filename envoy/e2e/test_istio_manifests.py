@@ -60,17 +60,19 @@ def test_plugin_config_is_accepted_by_the_module_in_real_envoy(plugin, demo_api)
     env_names = [e["name"] for e in spec.get("vmConfig", {}).get("env", []) if e.get("valueFrom") == "HOST"]
     inline = {e["name"]: e["value"] for e in spec.get("vmConfig", {}).get("env", []) if "value" in e}
     config = spec.get("pluginConfig", {})
-    clusters = []
-    state = config.get("state") if isinstance(config, dict) else None
-    if isinstance(state, dict) and state.get("cluster"):
-        clusters.append({"name": state["cluster"], "type": "STATIC", "connect_timeout": "0.25s",
-                         "load_assignment": {"cluster_name": state["cluster"], "endpoints": [{"lb_endpoints": [{
-                             "endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                                         "port_value": harness.free_port()}}}}]}]}})
+    # The one-module chain's stages each have their own configuration (and maybe state).
+    sections = [next(iter(s.values())) for s in config["filters"]] if module == "firebreak_chain" else [config]
+    state_clusters = {s["state"]["cluster"] for s in sections if isinstance(s.get("state"), dict) and s["state"].get("cluster")}
+    clusters = [{"name": name, "type": "STATIC", "connect_timeout": "0.25s",
+                 "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+                     "endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                 "port_value": harness.free_port()}}}}]}]}}
+                for name in sorted(state_clusters)]
     envoy = harness.Envoy(
         [harness.wasm_filter(module, config, key_values=inline or None, host_env_keys=env_names)],
         demo_api.port, env={name: harness.DEMO_SECRET_B64 for name in env_names}, extra_clusters=clusters)
     try:
-        assert f"firebreak {module} configured" in envoy.logs()
+        configured = "firebreak chain configured" if module == "firebreak_chain" else f"firebreak {module} configured"
+        assert configured in envoy.logs()
     finally:
         envoy.stop()
