@@ -111,6 +111,36 @@ pub struct SlotAddress {
     pub slot: u16,
 }
 
+/// One read of a bucket: its slots and the CAS token a change to it must be committed with
+/// ([`INSERT_IF_ABSENT_CAS`] when the bucket was absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSnapshot {
+    prefix: String,
+    bucket: u32,
+    slots: Vec<Option<Slot>>,
+    cas: u32,
+}
+
+impl BucketSnapshot {
+    /// Whether a slot holds a record of `key`, live or expired: when not, the key is absent
+    /// whatever the time (no clock needed to say so).
+    pub fn mentions(&self, key: KeyHash) -> bool {
+        self.slots.iter().flatten().any(|slot| slot.key == key)
+    }
+
+    /// The live record of `key` at `now_ms`: payload, expiry, address.
+    pub fn live(&self, key: KeyHash, now_ms: u64) -> Option<(Vec<u8>, u64, SlotAddress)> {
+        self.slots.iter().enumerate().find_map(|(index, slot)| match slot {
+            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => Some((
+                slot.payload.clone(),
+                slot.expires_at_ms,
+                SlotAddress { bucket: self.bucket, slot: index as u16 },
+            )),
+            _ => None,
+        })
+    }
+}
+
 /// Validated geometry of a table: it cannot hold zero buckets or slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketTable {
@@ -157,19 +187,23 @@ impl BucketTable {
         key: KeyHash,
         now_ms: u64,
     ) -> Result<Option<(Vec<u8>, u64, SlotAddress)>, TableError> {
+        Ok(self.read(store, key)?.live(key, now_ms))
+    }
+
+    /// One read of the bucket `key` lives in (one shared-data get), to look at now and to commit
+    /// a change against later with [`BucketTable::update_from`].
+    pub fn read(&self, store: &dyn SharedStore, key: KeyHash) -> Result<BucketSnapshot, TableError> {
         let bucket = key.bucket_index(self.buckets);
-        let Some((bytes, _cas)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? else {
-            return Ok(None);
+        self.read_bucket(store, bucket)
+    }
+
+    fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
+        let (mut slots, cas) = match store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
+            Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
+            None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
-        let slots = decode_bucket(&bytes).ok_or(TableError::Corrupt)?;
-        Ok(slots.into_iter().enumerate().find_map(|(index, slot)| match slot {
-            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => Some((
-                slot.payload,
-                slot.expires_at_ms,
-                SlotAddress { bucket, slot: index as u16 },
-            )),
-            _ => None,
-        }))
+        slots.resize(usize::from(self.slots_per_bucket), None);
+        Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
     }
 
     /// Atomically reads and updates the record of `key`.
@@ -181,21 +215,41 @@ impl BucketTable {
         store: &dyn SharedStore,
         key: KeyHash,
         now_ms: u64,
+        decide: impl FnMut(Option<&[u8]>) -> Update<T>,
+    ) -> Result<(T, SlotAddress), TableError> {
+        self.update_from(store, key, now_ms, None, decide)
+    }
+
+    /// [`BucketTable::update`] whose first attempt uses `snapshot`, a read made earlier (saves a
+    /// shared-data get). Still atomic: a write is committed with the snapshot's CAS token, so it
+    /// lands only if the bucket did not change since (else the bucket is read again and `decide`
+    /// runs again); and a `Keep` decided on the snapshot is decided again on a fresh read, since
+    /// the snapshot may be out of date. A snapshot of another table or bucket is ignored.
+    pub fn update_from<T>(
+        &self,
+        store: &dyn SharedStore,
+        key: KeyHash,
+        now_ms: u64,
+        snapshot: Option<BucketSnapshot>,
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
         let bucket = key.bucket_index(self.buckets);
-        let bucket_key = self.bucket_key(bucket);
+        let mut earlier = snapshot.filter(|s| {
+            s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket)
+        });
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let (mut slots, cas) = match store.get(&bucket_key).map_err(|_| TableError::Unavailable)? {
-                Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
-                None => (Vec::new(), INSERT_IF_ABSENT_CAS),
+            let from_earlier = earlier.is_some();
+            let BucketSnapshot { mut slots, cas, .. } = match earlier.take() {
+                Some(snapshot) => snapshot,
+                None => self.read_bucket(store, bucket)?,
             };
-            slots.resize(usize::from(self.slots_per_bucket), None);
             let live = slots.iter().position(|slot| {
                 matches!(slot, Some(s) if s.key == key && s.expires_at_ms > now_ms)
             });
             let current = live.and_then(|i| slots.get(i)).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
             match decide(current) {
+                // Not from an earlier read: "leave it" must be decided on the current value.
+                Update::Keep(_) if from_earlier => continue,
                 Update::Keep(result) => {
                     let address = SlotAddress { bucket, slot: live.unwrap_or(0) as u16 };
                     return Ok((result, address));
@@ -217,7 +271,7 @@ impl BucketTable {
                     if let Some(slot) = slots.get_mut(index) {
                         *slot = Some(Slot { key, expires_at_ms, payload });
                     }
-                    match store.set(&bucket_key, &encode_bucket(&slots), cas) {
+                    match store.set(&self.bucket_key(bucket), &encode_bucket(&slots), cas) {
                         Ok(()) => return Ok((result, SlotAddress { bucket, slot: index as u16 })),
                         Err(StoreError::CasMismatch) => continue,
                         Err(StoreError::Unavailable) => return Err(TableError::Unavailable),

@@ -10,8 +10,8 @@ use std::rc::Rc;
 use firebreak_core::remote::{Backend, RedisConfig};
 use firebreak_core::replay::redis::{self as remote_state, ClearStep, FinishPlan, PendingClaim, RemoteCommand};
 use firebreak_core::replay::{
-    decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClaimRequest, ClearAnswer, Decision, Exchange, FinishAnswer,
-    FinishRequest, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
+    body_sha256, decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClaimRequest, ClearAnswer, Decision, Exchange, FinishAnswer,
+    FinishRequest, KeyPeek, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
 };
 use firebreak_core::store::KeyHash;
 use firebreak_core::Rejection;
@@ -57,6 +57,7 @@ pub fn root() -> Box<dyn RootContext> {
         policy: None,
         counters: Rc::new(Counters::new("firebreak.replay_guard")),
         claims: Rc::new(ClaimIds { seed: RandomState::new(), next: Cell::new(0) }),
+        debug_log: false,
     })
 }
 
@@ -78,6 +79,8 @@ struct ReplayRoot {
     policy: Option<Rc<ReplayPolicy>>,
     counters: Rc<Counters>,
     claims: Rc<ClaimIds>,
+    /// Envoy's log level lets debug lines through (read once, at configure time).
+    debug_log: bool,
 }
 
 impl Context for ReplayRoot {}
@@ -108,6 +111,7 @@ impl RootContext for ReplayRoot {
             }
         }
         self.counters.define_all(COUNTERS);
+        self.debug_log = glue::debug_enabled();
         self.policy.is_some()
     }
 
@@ -123,6 +127,8 @@ impl RootContext for ReplayRoot {
             claims: self.claims.clone(),
             context_id,
             exchange: None,
+            peek: None,
+            debug_log: self.debug_log,
             stage: Stage::Idle,
             operator_context: String::new(),
             pending: None,
@@ -163,6 +169,11 @@ struct ReplayFilter {
     claims: Rc<ClaimIds>,
     context_id: u32,
     exchange: Option<Exchange>,
+    /// The header-time read of the key's bucket (local store): the claim commits against it.
+    peek: Option<KeyPeek>,
+    /// Accepted requests (forwarded, completed) are logged only at debug level: a log line is
+    /// a host call, and the counters already record each of them.
+    debug_log: bool,
     stage: Stage,
     operator_context: String,
     /// A Redis callout in flight (Redis backend only).
@@ -403,23 +414,28 @@ impl ReplayFilter {
         Action::Pause
     }
 
-    /// The whole body is known: fingerprint, claim, decide.
-    fn claim(&mut self, body: &[u8]) -> Action {
+    /// The whole body is known (its SHA-256): fingerprint, claim, decide.
+    fn claim(&mut self, body_sha256: &[u8; 32]) -> Action {
         let Some(exchange) = self.exchange.as_ref() else { return Action::Continue };
         let context = exchange.context().to_string();
         let Some(now) = glue::now_ms() else {
             return self.reject(&ReplayError::StateUnavailable, &context);
         };
         let claim_id = self.claims.next(now, self.context_id);
-        let Some(request) = exchange.claim_request(&self.policy, body, claim_id) else {
+        let Some(request) = exchange.claim_request_of_body_sha256(&self.policy, body_sha256, claim_id) else {
             // Optional key absent and collapse off on this route: nothing to claim.
             self.counters.increment("forwarded_unguarded");
-            glue::log(LogLevel::Info, &format!("firebreak {PLUGIN} forward_unguarded {context}"));
+            if self.debug_log {
+                glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} forward_unguarded {context}"));
+            }
             self.stage = Stage::Forwarded;
             return Action::Continue;
         };
         let (answer, sent, error) = match &self.policy.state {
-            Backend::Local => (LocalState { policy: &self.policy, store: &HostStore }.claim(&request, now), None, None),
+            Backend::Local => {
+                let state = LocalState { policy: &self.policy, store: &HostStore };
+                (Answer::Now(state.claim_after_peek(&request, now, self.peek.take())), None, None)
+            }
             Backend::Redis(redis) => {
                 let state = RemoteState { policy: &self.policy, redis, sent: RefCell::new(None), error: RefCell::new(None) };
                 let answer = state.claim(&request, now);
@@ -458,7 +474,9 @@ impl ReplayFilter {
             Decision::Forward => {
                 let what = if exchange.owns_key() { "forwarded" } else { "forwarded_first_of_fingerprint" };
                 self.counters.increment(what);
-                glue::log(LogLevel::Info, &format!("firebreak {PLUGIN} {what} {context}"));
+                if self.debug_log {
+                    glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} {what} {context}"));
+                }
                 self.stage = Stage::Forwarded;
                 Action::Continue
             }
@@ -519,6 +537,7 @@ impl ReplayFilter {
     }
 
     fn record_finish(&self, answer: Result<FinishAnswer, StateError>, log: &FinishLog, store_error: Option<&str>) {
+        let happy_path = matches!(answer, Ok(FinishAnswer::Completed { stored: true })) && store_error.is_none();
         let (counter, level) = match answer {
             Ok(FinishAnswer::Completed { stored: true }) => ("completed", LogLevel::Info),
             Ok(FinishAnswer::Completed { stored: false }) => ("completed_not_stored", LogLevel::Info),
@@ -535,23 +554,35 @@ impl ReplayFilter {
             self.counters.increment("remote_error");
             line.push_str(&format!(" store_error={why:?}"));
         }
-        glue::log(level, &line);
+        // The happy path (completed and stored) is logged only at debug level: the counter counts.
+        if !happy_path {
+            glue::log(level, &line);
+        } else if self.debug_log {
+            glue::log(LogLevel::Debug, &line);
+        }
     }
 
     /// A key still in flight is refused at header time, before the router opens an upstream
-    /// request for the retry. Store errors are left to the claim (which fails closed).
-    fn early_answer(&self, exchange: &Exchange) -> Option<ClaimAnswer> {
-        let address = exchange.key_address(&self.policy)?;
-        let now = glue::now_ms()?;
+    /// request for the retry. Store errors are left to the claim (which fails closed). The read
+    /// of the key's bucket is kept for the claim; the clock is read only when the bucket holds a
+    /// record of the key (a new key needs no time to be known free).
+    fn early_answer(&mut self, exchange: &Exchange) -> Option<ClaimAnswer> {
         if !matches!(self.policy.state, Backend::Local) {
             // The Redis store does not peek (see RemoteState::peek).
             return None;
         }
-        let state = LocalState { policy: &self.policy, store: &HostStore };
-        match state.peek(address, now) {
-            Answer::Now(Ok(record)) => decide_early(record.as_ref(), now, self.policy.in_flight_timeout_ms),
-            Answer::Now(Err(_)) | Answer::Later => None,
-        }
+        let address = exchange.key_address(&self.policy)?;
+        let peek = LocalState { policy: &self.policy, store: &HostStore }.peek_key(address).ok()?;
+        let answer = if peek.mentions_key() {
+            glue::now_ms().and_then(|now| match peek.record(now) {
+                Ok(record) => decide_early(record.as_ref(), now, self.policy.in_flight_timeout_ms),
+                Err(_) => None,
+            })
+        } else {
+            None
+        };
+        self.peek = Some(peek);
+        answer
     }
 
     /// An operator's clear request, complete: free an `outcome_unknown` key.
@@ -618,11 +649,21 @@ impl ReplayFilter {
         }
     }
 
-    fn finish_body(&mut self, size: usize) -> Action {
+    /// The body is complete (`size` bytes at most): its SHA-256 from request-signature when that
+    /// filter verified a signed `sha-256` Content-Digest earlier in this stream (a large body of
+    /// a signed request), else read and hashed here. `size_known`: `size` is the body's exact
+    /// size (not a bound from the trailers callback).
+    fn finish_body(&mut self, size: usize, size_known: bool) -> Action {
+        let signed = self.exchange.as_ref().is_some_and(|e| e.principal().is_some());
+        if signed && size_known && size >= glue::BODY_SHA256_MIN_BYTES {
+            if let Some(digest) = glue::verified_body_sha256() {
+                return self.claim(&digest);
+            }
+        }
         let context = self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default();
         match glue::request_body(size) {
             Ok(body) if body.len() as u64 > self.policy.max_body_bytes => self.reject(&ReplayError::BodyTooLarge, &context),
-            Ok(body) => self.claim(&body),
+            Ok(body) => self.claim(&body_sha256(&body)),
             Err(_) => self.reject(&ReplayError::StateUnavailable, &context),
         }
     }
@@ -668,7 +709,7 @@ impl HttpContext for ReplayFilter {
                     return self.on_claim_answer(Ok(answer), None);
                 }
                 if end_of_stream {
-                    return self.claim(&[]);
+                    return self.claim(&body_sha256(&[]));
                 }
                 // Envoy turns a paused header callback into "stop everything" and the body would
                 // never reach this filter: the headers continue (nothing executes without the
@@ -695,14 +736,14 @@ impl HttpContext for ReplayFilter {
         if !end_of_stream {
             return Action::Pause;
         }
-        self.finish_body(body_size)
+        self.finish_body(body_size, true)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         match self.stage {
             Stage::Body => {
                 let size = usize::try_from(self.policy.max_body_bytes).unwrap_or(usize::MAX).saturating_add(1);
-                self.finish_body(size)
+                self.finish_body(size, false)
             }
             Stage::Operator => self.operator_clear(0),
             Stage::AwaitingStore | Stage::Answered => Action::Pause,

@@ -5,6 +5,7 @@
 use std::rc::Rc;
 
 use firebreak_core::remote::{self, Backend, FailureMode, RedisConfig};
+use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
     claim_nonce, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
     VerifiedHeaders,
@@ -89,6 +90,15 @@ impl SignatureFilter {
     fn finish(&mut self, pending: &Pending, body: &[u8]) -> Action {
         if let Err(error) = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), body) {
             return self.fail(error, &pending.context);
+        }
+        // The Content-Digest verified against the whole body: its sha-256 is the body's, and
+        // replay-guard (later in this stream) fingerprints with it instead of hashing the body
+        // again. Not published for small bodies (see BODY_SHA256_MIN_BYTES). A failed publish
+        // only makes replay-guard hash the body itself.
+        if pending.verified.covers_content_digest && body.len() >= glue::BODY_SHA256_MIN_BYTES {
+            if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
+                let _ = glue::set_body_sha256(&digest);
+            }
         }
         self.counters.increment("accepted");
         // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a

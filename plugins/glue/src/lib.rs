@@ -246,6 +246,35 @@ pub fn principal() -> Option<String> {
     String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
 }
 
+/// Filter-state property holding the SHA-256 of the request body (64 lower-case hex digits),
+/// set by request-signature only once a signed `sha-256` Content-Digest verified against the
+/// whole body. Later filters of the stream use it instead of reading and hashing the body.
+pub const BODY_SHA256_PROPERTY: &str = "firebreak.body_sha256";
+
+/// Bodies shorter than this are hashed again rather than handed over: the hand-over costs two
+/// host calls (the set and the get), hashing a few hundred bytes costs less.
+pub const BODY_SHA256_MIN_BYTES: usize = 1024;
+
+pub fn set_body_sha256(digest: &[u8; 32]) -> Result<(), Status> {
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hostcalls::set_property(vec![BODY_SHA256_PROPERTY], Some(hex.as_bytes()))
+}
+
+/// The verified body SHA-256 published by request-signature earlier in this stream, if any
+/// (anything but 64 hex digits counts as absent).
+pub fn verified_body_sha256() -> Option<[u8; 32]> {
+    let bytes = hostcalls::get_property(vec![BODY_SHA256_PROPERTY]).ok()??;
+    let mut digest = [0u8; 32];
+    if bytes.len() != 2 * digest.len() || !bytes.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    for (out, pair) in digest.iter_mut().zip(bytes.chunks_exact(2)) {
+        let text = std::str::from_utf8(pair).ok()?;
+        *out = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(digest)
+}
+
 /// Sends one webdis command (`POST /`, body in webdis path form) to the Redis bridge cluster.
 /// The answer arrives in `on_http_call_response` with the returned token.
 pub fn dispatch_webdis(config: &firebreak_core::remote::RedisConfig, command: &[u8]) -> Result<u32, Status> {

@@ -143,6 +143,23 @@ pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, v
     Classification::Completed
 }
 
+/// SHA-256 of the exact body bytes, as the fingerprint uses it.
+pub fn body_sha256(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// The `sha-256` member of a Content-Digest header (RFC 9530), if it has exactly one of 32 bytes.
+/// Only meaningful once the header was verified against the body (request-signature's
+/// `verify_body`): it is then the SHA-256 of the body, and the fingerprint may use it instead
+/// of hashing the body again.
+pub fn body_sha256_from_content_digest(content_digest: &str) -> Option<[u8; 32]> {
+    let dict: sfv::Dictionary = Parser::new(content_digest).parse().ok()?;
+    match dict.get("sha-256")? {
+        sfv::ListEntry::Item(Item { bare_item: BareItem::ByteSequence(bytes), .. }) => bytes.as_slice().try_into().ok(),
+        _ => None,
+    }
+}
+
 /// Parses an `Idempotency-Key` value: an sf-string of 1 to `max_len` characters.
 pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, ReplayError> {
     // A bound before parsing: an sf-string of max_len characters needs at most 2 * max_len + 2.
@@ -313,6 +330,11 @@ impl Exchange {
         &self.context
     }
 
+    /// The verified principal the request came with, if any.
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
+    }
+
     pub fn route_name<'p>(&self, policy: &'p ReplayPolicy) -> &'p str {
         policy.routes.get(self.route).map_or("-", |r| r.name.as_str())
     }
@@ -331,7 +353,12 @@ impl Exchange {
 
     /// SHA-256 of (principal, method, path and query, SHA-256 of the exact body bytes).
     pub fn fingerprint(&self, body: &[u8]) -> [u8; 32] {
-        let body_hash = Sha256::digest(body);
+        self.fingerprint_of_body_sha256(&body_sha256(body))
+    }
+
+    /// [`Exchange::fingerprint`] from the body's SHA-256 (e.g. the one request-signature verified
+    /// against the signed Content-Digest): the same value as from the body itself.
+    pub fn fingerprint_of_body_sha256(&self, body_sha256: &[u8; 32]) -> [u8; 32] {
         let mut hasher = Sha256::new();
         let principal = self.principal.as_deref().map(str::as_bytes);
         let parts: [&[u8]; 5] = [
@@ -339,7 +366,7 @@ impl Exchange {
             principal.unwrap_or(b""),
             self.method.as_bytes(),
             self.path_and_query.as_bytes(),
-            body_hash.as_slice(),
+            body_sha256.as_slice(),
         ];
         for part in parts {
             hasher.update((part.len() as u64).to_be_bytes());
@@ -357,8 +384,13 @@ impl Exchange {
     /// The claim to make once the body is complete. `None`: nothing to claim (a route with
     /// optional keys and collapse off); forward.
     pub fn claim_request(&self, policy: &ReplayPolicy, body: &[u8], claim_id: u64) -> Option<ClaimRequest> {
+        self.claim_request_of_body_sha256(policy, &body_sha256(body), claim_id)
+    }
+
+    /// [`Exchange::claim_request`] from the body's SHA-256 instead of the body.
+    pub fn claim_request_of_body_sha256(&self, policy: &ReplayPolicy, body_sha256: &[u8; 32], claim_id: u64) -> Option<ClaimRequest> {
         let route = policy.routes.get(self.route)?;
-        let fingerprint = self.fingerprint(body);
+        let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
         match &self.key {
             Some(key) => Some(ClaimRequest::Key {
                 key: key_hash(&route.name, self.principal.as_deref(), key),

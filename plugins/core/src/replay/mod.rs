@@ -22,13 +22,13 @@ pub use config::{
     KEY_TABLE_PREFIX, RESPONSE_PREFIX,
 };
 pub use exchange::{
-    classify, key_hash, operator_request, parse_clear, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
+    body_sha256, body_sha256_from_content_digest, classify, key_hash, operator_request, parse_clear, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
     IDEMPOTENCY_KEY_HEADER, ORIGINAL_STATUS_HEADER,
 };
 pub use record::{KeyState, Record, StoredBody, StoredResponse, MAX_RESPONSE_HEAD_LEN, RECORD_LEN};
 pub use state::{
     decide_claim, decide_clear, decide_early, decide_finish, Answer, ClaimAnswer, ClearAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
-    LocalState, Outcome, Owner, ReplayState, StateError,
+    KeyPeek, LocalState, Outcome, Owner, ReplayState, StateError,
 };
 
 #[cfg(test)]

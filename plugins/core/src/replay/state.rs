@@ -10,7 +10,7 @@
 
 use std::num::NonZeroU64;
 
-use crate::store::{KeyHash, SharedStore, SlotAddress, StoreError, TableError, Update, INSERT_IF_ABSENT_CAS};
+use crate::store::{BucketSnapshot, KeyHash, SharedStore, SlotAddress, StoreError, TableError, Update};
 
 use super::config::ReplayPolicy;
 use super::record::{companion_digest, KeyState, Record, StoredBody, StoredResponse};
@@ -234,22 +234,54 @@ pub fn decide_finish(current: Option<&Record>, claim_id: u64, outcome: &Outcome,
     }
 }
 
+/// A header-time read of the bucket a key lives in (one shared-data get), kept for the claim:
+/// the claim commits against its CAS token instead of reading the bucket again.
+#[derive(Debug, Clone)]
+pub struct KeyPeek {
+    key: KeyHash,
+    snapshot: BucketSnapshot,
+}
+
+impl KeyPeek {
+    /// Whether the bucket holds any record of the key (live or expired). When not, the key is
+    /// free whatever the time, and the early decision needs no clock.
+    pub fn mentions_key(&self) -> bool {
+        self.snapshot.mentions(self.key)
+    }
+
+    /// The key's live record at `now_ms`.
+    pub fn record(&self, now_ms: u64) -> Result<Option<Record>, StateError> {
+        match self.snapshot.live(self.key, now_ms) {
+            Some((payload, _, _)) => Record::decode(&payload).map(Some).ok_or(StateError::Unavailable),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The per-Envoy-instance store: bucket tables over shared data; answers at once.
 pub struct LocalState<'a> {
     pub policy: &'a ReplayPolicy,
     pub store: &'a dyn SharedStore,
 }
 
-/// How often a companion write retries a CAS mismatch before giving up (the response is then
-/// recorded as not stored; the key is still completed).
-const COMPANION_ATTEMPTS: usize = 4;
-
 impl LocalState<'_> {
     fn companion_key(&self, slot: SlotAddress) -> String {
         format!("{}:{}:{}", self.policy.response_prefix, slot.bucket, slot.slot)
     }
 
-    fn claim_now(&self, request: &ClaimRequest, now_ms: u64) -> Result<ClaimAnswer, StateError> {
+    /// Reads the bucket of `key` (header time); [`LocalState::claim_after_peek`] reuses it.
+    pub fn peek_key(&self, key: KeyHash) -> Result<KeyPeek, StateError> {
+        Ok(KeyPeek { key, snapshot: self.policy.key_table.read(self.store, key)? })
+    }
+
+    /// The claim, its first attempt on the header-time read `peek` (if it is of this key): an
+    /// absent key is then claimed with one shared-data write. Same answers as
+    /// [`ReplayState::claim`] (the write is CAS-guarded; anything else is decided on a fresh read).
+    pub fn claim_after_peek(&self, request: &ClaimRequest, now_ms: u64, peek: Option<KeyPeek>) -> Result<ClaimAnswer, StateError> {
+        self.claim_now(request, now_ms, peek)
+    }
+
+    fn claim_now(&self, request: &ClaimRequest, now_ms: u64, peek: Option<KeyPeek>) -> Result<ClaimAnswer, StateError> {
         match request {
             ClaimRequest::Collapse { key, window_ms } => {
                 let expires_at_ms = now_ms.saturating_add(window_ms.get());
@@ -262,7 +294,8 @@ impl LocalState<'_> {
             ClaimRequest::Key { key, fingerprint, claim_id } => {
                 let expires_at_ms = now_ms.saturating_add(self.policy.ttl_ms.get());
                 let timeout = self.policy.in_flight_timeout_ms;
-                let (verdict, slot) = self.policy.key_table.update(self.store, *key, now_ms, |current| {
+                let earlier = peek.filter(|p| p.key == *key).map(|p| p.snapshot);
+                let (verdict, slot) = self.policy.key_table.update_from(self.store, *key, now_ms, earlier, |current| {
                     let record = match current.map(Record::decode) {
                         None => None,
                         Some(Some(record)) => Some(record),
@@ -307,32 +340,33 @@ impl LocalState<'_> {
         }
     }
 
-    /// Writes the companion with CAS; `Some(digest)` when it now holds exactly `bytes`.
+    /// Writes the companion (one shared-data write); `Some(digest)` once it holds exactly `bytes`.
+    ///
+    /// Unconditional (CAS token 0): only the claim holding the slot's live in-flight record
+    /// writes it (checked by the caller on the bucket read it then commits against), and a reader
+    /// accepts it only with that claim's id and digest. Reading the companion's token first would
+    /// not order anything more: on a mismatch the writer would read again and overwrite.
     fn write_companion(&self, slot: SlotAddress, bytes: &[u8]) -> Result<Option<[u8; 32]>, StateError> {
-        let key = self.companion_key(slot);
-        for _ in 0..COMPANION_ATTEMPTS {
-            let cas = match self.store.get(&key) {
-                Ok(Some((_, cas))) => cas,
-                Ok(None) => INSERT_IF_ABSENT_CAS,
-                Err(_) => return Err(StateError::Unavailable),
-            };
-            match self.store.set(&key, bytes, cas) {
-                Ok(()) => return Ok(Some(companion_digest(bytes))),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Unavailable) => return Err(StateError::Unavailable),
-            }
+        match self.store.set(&self.companion_key(slot), bytes, 0) {
+            Ok(()) => Ok(Some(companion_digest(bytes))),
+            // Token 0 never mismatches in Envoy; if a host did, the response is not stored.
+            Err(StoreError::CasMismatch) => Ok(None),
+            Err(StoreError::Unavailable) => Err(StateError::Unavailable),
         }
-        Ok(None)
     }
 
+    /// One read of the record's bucket, the companion write (a stored response), and the record
+    /// write committed against that read's CAS token.
     fn finish_now(&self, request: &FinishRequest, now_ms: u64) -> Result<FinishAnswer, StateError> {
         let owner = request.owner;
         let table = &self.policy.key_table;
+        let snapshot = table.read(self.store, owner.key)?;
         // The response goes to the companion first, and only while the slot still holds this
-        // claim's live record: a reader that sees "completed" can then read it.
+        // claim's live record: a reader that sees "completed" can then read it. The record write
+        // below is committed against the same read, so it lands only if the bucket is unchanged.
         let mut digest = None;
         if let (Outcome::Completed { response: Some(response), .. }, Some(slot)) = (&request.outcome, owner.slot) {
-            let ours = match table.get(self.store, owner.key, now_ms)? {
+            let ours = match snapshot.live(owner.key, now_ms) {
                 Some((payload, _, address)) => {
                     address == slot
                         && Record::decode(&payload)
@@ -347,7 +381,7 @@ impl LocalState<'_> {
                 digest = self.write_companion(slot, &bytes)?;
             }
         }
-        let (answer, _) = table.update(self.store, owner.key, now_ms, |current| {
+        let (answer, _) = table.update_from(self.store, owner.key, now_ms, Some(snapshot), |current| {
             let record = match current.map(Record::decode) {
                 None => None,
                 Some(Some(record)) => Some(record),
@@ -368,7 +402,7 @@ impl LocalState<'_> {
 
 impl ReplayState for LocalState<'_> {
     fn claim(&self, request: &ClaimRequest, now_ms: u64) -> Answer<Result<ClaimAnswer, StateError>> {
-        Answer::Now(self.claim_now(request, now_ms))
+        Answer::Now(self.claim_now(request, now_ms, None))
     }
 
     fn finish(&self, request: &FinishRequest, now_ms: u64) -> Answer<Result<FinishAnswer, StateError>> {
@@ -376,11 +410,7 @@ impl ReplayState for LocalState<'_> {
     }
 
     fn peek(&self, key: KeyHash, now_ms: u64) -> Answer<Result<Option<Record>, StateError>> {
-        Answer::Now(match self.policy.key_table.get(self.store, key, now_ms) {
-            Ok(Some((payload, _, _))) => Record::decode(&payload).map(Some).ok_or(StateError::Unavailable),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error.into()),
-        })
+        Answer::Now(self.peek_key(key).and_then(|peek| peek.record(now_ms)))
     }
 
     fn clear(&self, key: KeyHash, now_ms: u64) -> Answer<Result<ClearAnswer, StateError>> {
