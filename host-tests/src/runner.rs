@@ -85,6 +85,9 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
     let envoy_results: Vec<Option<Vec<CaseResult>>> = if options.mode == Mode::Host {
         scenarios.iter().map(|_| None).collect()
     } else {
+        // Runs in one process (tests in parallel threads) each get their own work directories.
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, Ordering::SeqCst);
         let next = AtomicUsize::new(0);
         let slots: Mutex<Vec<Option<Vec<CaseResult>>>> = Mutex::new(scenarios.iter().map(|_| None).collect());
         std::thread::scope(|scope| {
@@ -92,7 +95,7 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some((file, scenario, module_paths)) = scenarios.get(i) else { break };
-                    let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{i}", std::process::id()));
+                    let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{run}-{i}", std::process::id()));
                     let rows = run_envoy(file, scenario, module_paths, &options.envoy, &dir);
                     let _ = std::fs::remove_dir_all(&dir);
                     if let Ok(mut s) = slots.lock() {

@@ -130,7 +130,8 @@ fn chain_scenarios_pass_as_one_module() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
         if name.starts_with("chain-") && !name.contains("test-filter") {
-            let one_module = dir.join(&name);
+            // Its own file name: the runner names its run files after the scenario file.
+            let one_module = dir.join(format!("one-module-{name}"));
             std::fs::write(&one_module, as_one_module(&path)).unwrap();
             files.push(one_module);
         }
