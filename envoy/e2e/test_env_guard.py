@@ -30,7 +30,9 @@ def guard_config(**overrides) -> dict:
     config = {
         "environment": "uat",
         "production": False,
-        "protected_credentials": [{"label": "apns-prod", "sha256": PROD_FP}],
+        # With its length (`firebreak fingerprint --label`): only 38-byte candidates are hashed.
+        # DEMO_CHAIN_CONFIG below keeps the older form without length.
+        "protected_credentials": [{"label": "apns-prod", "sha256": PROD_FP, "length": len(PROD_KEY)}],
         "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
         "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
         "routes": [{"path_prefix": "/v1/"}],
@@ -271,6 +273,8 @@ def test_invalid_configuration_refuses_to_start(demo_api):
         ({"protected_credentials": [{"label": "apns-prod", "sha256": PROD_KEY}]}, "protected_credentials[0].sha256"),
         ({"production": None}, "production"),
         ({"over_limit": "maybe"}, "over_limit"),
+        ({"protected_credentials": [{"label": "apns-prod", "sha256": PROD_FP, "length": 0}]}, "protected_credentials[0].length"),
+        ({"patterns": [{"label": "x", "regex": "cl\u00e9_[0-9]+"}]}, "patterns[0].regex"),
         ({"production_hosts": ["https://api.push.apple.com"]}, "production_hosts[0]"),
     ]:
         config = guard_config(**overrides)

@@ -38,6 +38,13 @@ impl RootContext for GuardRoot {
                     if policy.production { "pass-through" } else { "blocking" }
                 ),
             );
+            if !policy.production && !policy.detector.lengths_known() {
+                // Correct but slower: every candidate of every length is hashed.
+                glue::log(
+                    LogLevel::Warn,
+                    &format!("firebreak {PLUGIN} protected_credentials without `length`: every value is hashed; add the length `firebreak fingerprint --label` prints"),
+                );
+            }
         }
         self.policy.is_some()
     }
