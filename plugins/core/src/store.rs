@@ -452,6 +452,71 @@ mod tests {
         assert_eq!(claim(&t, &late, "x", 0), Ok(false));
     }
 
+    /// A store that counts its calls.
+    #[derive(Default)]
+    struct Counting {
+        store: MemoryStore,
+        gets: std::cell::Cell<u32>,
+        sets: std::cell::Cell<u32>,
+    }
+    impl SharedStore for Counting {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            self.gets.set(self.gets.get() + 1);
+            self.store.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+            self.sets.set(self.sets.get() + 1);
+            self.store.set(key, value, cas)
+        }
+    }
+
+    fn insert(now: u64) -> impl FnMut(Option<&[u8]>) -> Update<bool> {
+        move |current| match current {
+            Some(_) => Update::Keep(false),
+            None => Update::Write { payload: vec![], expires_at_ms: now + 1000, result: true },
+        }
+    }
+
+    #[test]
+    fn an_update_from_an_earlier_read_writes_without_reading_again() {
+        let store = Counting::default();
+        let t = table(4, 4);
+        let key = KeyHash::of(&[b"a"]);
+        let snapshot = t.read(&store, key).unwrap();
+        assert!(!snapshot.mentions(key));
+        assert_eq!(t.update_from(&store, key, 0, Some(snapshot), insert(0)).map(|(won, _)| won), Ok(true));
+        assert_eq!((store.gets.get(), store.sets.get()), (1, 1));
+        let snapshot = t.read(&store, key).unwrap();
+        assert!(snapshot.mentions(key));
+        assert!(snapshot.live(key, 999).is_some());
+        assert!(snapshot.live(key, 1000).is_none(), "expired");
+    }
+
+    /// The earlier read is out of date: its CAS token no longer matches (the write is not
+    /// lost over the other worker's), and a Keep decided on it is decided again on a fresh read.
+    #[test]
+    fn an_out_of_date_earlier_read_never_decides() {
+        let store = Counting::default();
+        let t = table(1, 4);
+        let (a, b) = (KeyHash::of(&[b"a"]), KeyHash::of(&[b"b"]));
+        // Both saw the bucket absent; a's insert lands first; b's write must not erase a.
+        let stale = t.read(&store, b).unwrap();
+        assert_eq!(claim(&t, &store, "a", 0), Ok(true));
+        assert_eq!(t.update_from(&store, b, 0, Some(stale), insert(0)).map(|(won, _)| won), Ok(true));
+        assert!(t.get(&store, a, 0).unwrap().is_some(), "a survived b's write");
+        // A read that saw b live: b is still live, so the fresh read agrees (Keep).
+        let saw_b = t.read(&store, b).unwrap();
+        assert_eq!(t.update_from(&store, b, 500, Some(saw_b.clone()), insert(500)).map(|(won, _)| won), Ok(false));
+        // b is released after that read: the Keep the read suggests is not trusted, a fresh
+        // read finds b free.
+        t.update(&store, b, 0, |_| Update::Write { payload: vec![], expires_at_ms: 0, result: () }).unwrap();
+        assert_eq!(t.update_from(&store, b, 500, Some(saw_b), insert(500)).map(|(won, _)| won), Ok(true));
+        // A snapshot of another bucket is ignored.
+        let other = BucketTable::new("u", NonZeroU32::new(1).unwrap(), NonZeroU16::new(4).unwrap(), 64);
+        let snapshot = other.read(&store, a).unwrap();
+        assert_eq!(t.update_from(&store, KeyHash::of(&[b"c"]), 0, Some(snapshot), insert(0)).map(|(won, _)| won), Ok(true));
+    }
+
     #[test]
     fn corrupt_buckets_fail_closed() {
         let store = MemoryStore::default();

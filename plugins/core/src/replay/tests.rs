@@ -793,3 +793,86 @@ fn incident_3_retries_of_a_key_in_flight_are_refused_before_the_body() {
     let facts = RequestFacts { method: "POST", path_and_query: "/v1/transfers", headers: &h, principal: None };
     assert_eq!(Exchange::begin(&p, &facts).unwrap().unwrap().key_address(&p), None);
 }
+
+// ---- shared-data calls and the body digest ----
+
+/// A store that counts its calls.
+#[derive(Default)]
+struct Counting {
+    store: MemoryStore,
+    gets: Cell<u32>,
+    sets: Cell<u32>,
+}
+
+impl SharedStore for Counting {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.gets.set(self.gets.get() + 1);
+        self.store.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.sets.set(self.sets.get() + 1);
+        self.store.set(key, value, cas)
+    }
+}
+
+/// A new key: one read at header time, one write for the claim (against that read), one read
+/// and two writes (stored response, completed record) to finish.
+#[test]
+fn a_new_key_costs_two_reads_and_three_writes() {
+    let p = policy();
+    let store = Counting::default();
+    let state = LocalState { policy: &p, store: &store };
+    let h = headers(Some("\"n\""));
+    let facts = RequestFacts { method: "POST", path_and_query: "/v1/payouts", headers: &h, principal: None };
+    let mut ex = Exchange::begin(&p, &facts).unwrap().unwrap();
+    let peek = state.peek_key(ex.key_address(&p).unwrap()).unwrap();
+    assert!(!peek.mentions_key(), "a new key needs no clock at header time");
+    let claim = ex.claim_request(&p, BODY.as_bytes(), 7).unwrap();
+    let answer = state.claim_after_peek(&claim, 10, Some(peek));
+    assert_eq!(ex.on_claim(&p, answer), Decision::Forward);
+    assert_eq!((store.gets.get(), store.sets.get()), (1, 1), "claim");
+    ex.on_response_headers(&p, 201, true, &[("content-type".into(), "application/json".into())]);
+    ex.on_response_body(&p, b"{}");
+    let finish = ex.finish(&p, true).unwrap();
+    assert_eq!(state.finish(&finish, 20), Answer::Now(Ok(FinishAnswer::Completed { stored: true })));
+    assert_eq!((store.gets.get(), store.sets.get()), (2, 3), "finish");
+    // The retry is replayed from what was stored.
+    let c = Client::new(&p, &state);
+    assert!(matches!(c.send("/v1/payouts", Some("\"n\""), None, BODY, 30).0, Ok(Decision::Replay(_))));
+}
+
+/// The header-time read is stale by claim time (another worker claimed the key in between):
+/// the claim's write fails its CAS and the claim is decided on a fresh read.
+#[test]
+fn a_claim_after_a_stale_peek_sees_the_winner() {
+    let p = policy();
+    let store = MemoryStore::default();
+    let state = LocalState { policy: &p, store: &store };
+    let h = headers(Some("\"race\""));
+    let facts = RequestFacts { method: "POST", path_and_query: "/v1/payouts", headers: &h, principal: None };
+    let ex = Exchange::begin(&p, &facts).unwrap().unwrap();
+    let peek = state.peek_key(ex.key_address(&p).unwrap()).unwrap();
+    assert_eq!(Client::new(&p, &state).send("/v1/payouts", Some("\"race\""), None, BODY, 0).0, Ok(Decision::Forward));
+    let claim = ex.claim_request(&p, BODY.as_bytes(), 99).unwrap();
+    assert_eq!(state.claim_after_peek(&claim, 1, Some(peek)), Ok(ClaimAnswer::InFlight));
+}
+
+/// The fingerprint from the body's SHA-256 (as request-signature verified it) is the
+/// fingerprint from the body.
+#[test]
+fn the_fingerprint_from_a_verified_content_digest_is_the_fingerprint_from_the_body() {
+    let p = policy();
+    let h = headers(Some("\"f\""));
+    let facts = RequestFacts { method: "POST", path_and_query: "/v1/payouts?x=1", headers: &h, principal: Some("alice") };
+    let ex = Exchange::begin(&p, &facts).unwrap().unwrap();
+    let digest = crate::signature::digest::content_digest_sha256(BODY.as_bytes());
+    let from_header = body_sha256_from_content_digest(&digest).unwrap();
+    assert_eq!(from_header, body_sha256(BODY.as_bytes()));
+    assert_eq!(ex.fingerprint_of_body_sha256(&from_header), ex.fingerprint(BODY.as_bytes()));
+    assert_eq!(ex.claim_request_of_body_sha256(&p, &from_header, 1), ex.claim_request(&p, BODY.as_bytes(), 1));
+    // With sha-512 next to it, still the sha-256 member; without one, or malformed, none.
+    assert_eq!(body_sha256_from_content_digest(&format!("sha-512=:AAAA:, {digest}")), Some(from_header));
+    assert_eq!(body_sha256_from_content_digest("sha-512=:AAAA:"), None);
+    assert_eq!(body_sha256_from_content_digest("sha-256=:AAAA:"), None, "not 32 bytes");
+    assert_eq!(body_sha256_from_content_digest("sha-256=abc"), None);
+}
