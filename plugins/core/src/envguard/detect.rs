@@ -210,18 +210,95 @@ pub(super) fn percent_escapes(text: &[u8]) -> usize {
 }
 
 /// Characters that never occur inside a credential token.
-fn is_delimiter(b: u8) -> bool {
+const fn is_delimiter(b: u8) -> bool {
     b.is_ascii_whitespace()
         || b.is_ascii_control()
         || matches!(b, b'"' | b'\'' | b'`' | b',' | b';' | b'<' | b'>' | b'(' | b')' | b'[' | b']' | b'{' | b'}' | b'|' | b'\\' | b'&' | b'?')
 }
 
-fn is_word(b: u8) -> bool {
+const fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-fn is_b64(b: u8) -> bool {
+const fn is_b64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'=')
+}
+
+/// Byte classes, looked up once per byte by [`Shape::of`] (one pass instead of one per question).
+const DELIMITER: u16 = 1;
+const B64_OR_NEWLINE: u16 = 1 << 1;
+const NEWLINE: u16 = 1 << 2;
+const WORD: u16 = 1 << 3;
+const URL_SAFE: u16 = 1 << 4;
+const STANDARD: u16 = 1 << 5;
+const PERCENT: u16 = 1 << 6;
+const EQUALS: u16 = 1 << 7;
+const COLON: u16 = 1 << 8;
+
+const CLASSES: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut class = 0;
+        if is_delimiter(b) {
+            class |= DELIMITER;
+        }
+        if is_b64(b) || b == b'\n' || b == b'\r' {
+            class |= B64_OR_NEWLINE;
+        }
+        if b == b'\n' || b == b'\r' {
+            class |= NEWLINE;
+        }
+        if is_word(b) {
+            class |= WORD;
+        }
+        if b == b'-' || b == b'_' {
+            class |= URL_SAFE;
+        }
+        if b == b'+' || b == b'/' {
+            class |= STANDARD;
+        }
+        if b == b'%' {
+            class |= PERCENT;
+        }
+        if b == b'=' {
+            class |= EQUALS;
+        }
+        if b == b':' {
+            class |= COLON;
+        }
+        table[i] = class;
+        i += 1;
+    }
+    table
+};
+
+/// The byte classes present in a value (`any`) and shared by all its bytes (`all`).
+#[derive(Clone, Copy)]
+struct Shape {
+    any: u16,
+    all: u16,
+}
+
+impl Shape {
+    fn of(data: &[u8]) -> Shape {
+        let (mut any, mut all) = (0u16, u16::MAX);
+        for b in data {
+            let class = CLASSES.get(usize::from(*b)).copied().unwrap_or(DELIMITER);
+            any |= class;
+            all &= class;
+        }
+        Shape { any, all }
+    }
+
+    fn any(self, class: u16) -> bool {
+        self.any & class != 0
+    }
+
+    fn all(self, class: u16) -> bool {
+        self.all & class != 0
+    }
 }
 
 /// Shortest base64 text of a secret of [`MIN_TOKEN_LEN`] bytes.
@@ -362,42 +439,47 @@ impl Detector {
                 }
             }
         }
+        let shape = Shape::of(trimmed);
         if depth < MAX_DEPTH {
             // The whole value decoded, white space ignored (wrapped base64).
             // (line breaks only: a text of words separated by spaces is not wrapped base64)
-            if trimmed.len() >= MIN_B64_LEN
-                && base64_decoded_max(trimmed.len()) >= self.shortest_match
-                && trimmed.iter().all(|b| is_b64(*b) || *b == b'\n' || *b == b'\r')
-            {
-                let hit = if trimmed.iter().any(|b| *b == b'\n' || *b == b'\r') {
+            if trimmed.len() >= MIN_B64_LEN && base64_decoded_max(trimmed.len()) >= self.shortest_match && shape.all(B64_OR_NEWLINE) {
+                let hit = if shape.any(NEWLINE) {
                     let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-                    self.decode_b64(&compact, depth, how)
+                    self.decode_b64_shaped(&compact, shape, depth, how)
                 } else {
-                    self.decode_b64(trimmed, depth, how)
+                    self.decode_b64_shaped(trimmed, shape, depth, how)
                 };
                 if hit.is_some() {
                     return hit;
                 }
             }
-            if let Some(hit) = self.decode_percent(trimmed, depth, how) {
-                return Some(hit);
+            if shape.any(PERCENT) {
+                if let Some(hit) = self.decode_percent(trimmed, depth, how) {
+                    return Some(hit);
+                }
             }
         }
-        for token in runs(data, |b| !is_delimiter(b)) {
+        // Tokens: white space is a delimiter, so the tokens of `data` are those of `trimmed`.
+        if !shape.any(DELIMITER) {
+            return if trimmed.is_empty() { None } else { self.token(trimmed, Some(shape), depth, how) };
+        }
+        for token in runs(trimmed, |b| !is_delimiter(b)) {
             if token.len() < self.shortest_match {
                 continue;
             }
-            if let Some(hit) = self.token(token, token.len() == trimmed.len(), depth, how) {
+            let whole = (token.len() == trimmed.len()).then_some(shape);
+            if let Some(hit) = self.token(token, whole, depth, how) {
                 return Some(hit);
             }
         }
         None
     }
 
-    /// One delimiter-free token. `is_whole`: it is the whole (trimmed) value, already checked
-    /// and decoded as such.
-    fn token(&self, token: &[u8], is_whole: bool, depth: u8, how: How) -> Option<Hit> {
-        if !is_whole && token.len() >= MIN_TOKEN_LEN {
+    /// One delimiter-free token. `whole`: it is the whole (trimmed) value, of this shape,
+    /// already checked and decoded as such.
+    fn token(&self, token: &[u8], whole: Option<Shape>, depth: u8, how: How) -> Option<Hit> {
+        if whole.is_none() && token.len() >= MIN_TOKEN_LEN {
             if let Some(hit) = self.exact(token, how.as_slice()) {
                 return Some(hit);
             }
@@ -420,7 +502,10 @@ impl Detector {
             }
         }
         // key=SECRET, user:SECRET, and the other way round.
-        for sep in [b'=', b':'] {
+        for (sep, class) in [(b'=', EQUALS), (b':', COLON)] {
+            if whole.is_some_and(|shape| !shape.any(class)) {
+                continue;
+            }
             if let Some(at) = token.iter().position(|b| *b == sep) {
                 let (head, tail) = (token.get(..at).unwrap_or_default(), token.get(at + 1..).unwrap_or_default());
                 for part in [tail, head] {
@@ -438,6 +523,9 @@ impl Detector {
             }
         }
         // Word-like sub-tokens (a secret inside a URL path, after a dot, ...).
+        if whole.is_some_and(|shape| shape.all(WORD)) {
+            return None;
+        }
         let mut words = runs(token, is_word).peekable();
         let single = words.peek().is_some_and(|w| w.len() == token.len());
         if !single {
@@ -458,9 +546,15 @@ impl Detector {
         if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
             return None;
         }
-        let url = text.iter().any(|b| *b == b'-' || *b == b'_');
-        let std = text.iter().any(|b| *b == b'+' || *b == b'/');
-        let engine = match (url, std) {
+        self.decode_b64_shaped(text, Shape::of(text), depth, how)
+    }
+
+    /// `shape`: of `text`, or of `text` with line breaks (its alphabet is the same).
+    fn decode_b64_shaped(&self, text: &[u8], shape: Shape, depth: u8, how: How) -> Option<Hit> {
+        if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
+            return None;
+        }
+        let engine = match (shape.any(URL_SAFE), shape.any(STANDARD)) {
             (true, true) => return None,
             (true, false) => &B64_URL,
             (false, _) => &B64_STD,
