@@ -209,6 +209,7 @@ impl ChainFilter {
 
     /// Runs `phase` on the stages from `position` on, until one does not continue.
     fn run(&mut self, phase: Phase, from: usize) -> Action {
+        glue::begin_callback();
         for position in from..self.stages.len() {
             let index = self.stage_index(phase.direction(), position);
             let Some(stage) = self.stages.get_mut(index) else { break };
@@ -245,6 +246,7 @@ impl Context for ChainFilter {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, trailers: usize) {
         // Each stage recognises its own callout tokens and ignores the others.
         let _ = glue::take_deferred_resume();
+        glue::begin_callback();
         for index in 0..self.stages.len() {
             let Some(stage) = self.stages.get_mut(index) else { break };
             stage.on_http_call_response(token, headers, body_size, trailers);

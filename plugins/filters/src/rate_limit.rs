@@ -122,13 +122,9 @@ fn source_address() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The request headers, in one host call. A value that is not UTF-8 is kept as an empty value
-/// (so a duplicate still counts as a duplicate, and such a method or path matches no route).
+/// The request headers, in one host call; a value that is not UTF-8 is kept as an empty value.
 fn request_headers() -> Vec<(String, String)> {
-    let Ok(headers) = hostcalls::get_map_bytes(MapType::HttpRequestHeaders) else {
-        return Vec::new();
-    };
-    headers.into_iter().map(|(n, v)| (n, String::from_utf8(v).unwrap_or_default())).collect()
+    glue::request_headers_lossy().unwrap_or_default()
 }
 
 /// Every value of one header, as (name, value) pairs.

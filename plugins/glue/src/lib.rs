@@ -205,10 +205,46 @@ pub enum HeaderError {
 /// All request headers (pseudo-headers included), in one host call. Non-UTF-8 values are an
 /// error, never replaced.
 pub fn request_headers() -> Result<Vec<(String, String)>, HeaderError> {
-    let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HeaderError::Unavailable)?;
-    raw.into_iter()
+    raw_request_headers()?
+        .into_iter()
         .map(|(name, value)| String::from_utf8(value).map(|v| (name, v)).map_err(|_| HeaderError::NotUtf8))
         .collect()
+}
+
+/// All request headers, a value that is not UTF-8 kept as an empty value (so that a duplicate
+/// still counts as a duplicate, and such a method or path matches no route).
+pub fn request_headers_lossy() -> Result<Vec<(String, String)>, HeaderError> {
+    Ok(raw_request_headers()?.into_iter().map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default())).collect())
+}
+
+type RawHeaders = Vec<(String, Vec<u8>)>;
+
+// In chain mode the stages of one callback share one read of the request headers and of the
+// request body. The chain empties this at the start of every callback; a header write empties it.
+thread_local! {
+    static CALLBACK_HEADERS: RefCell<Option<RawHeaders>> = const { RefCell::new(None) };
+    static CALLBACK_BODY: RefCell<Option<(usize, Vec<u8>)>> = const { RefCell::new(None) };
+}
+
+/// Called by the chain when Envoy enters it (a callback, a callout answer): what the previous
+/// callback read may have changed since.
+pub fn begin_callback() {
+    CALLBACK_HEADERS.with(|cache| cache.borrow_mut().take());
+    CALLBACK_BODY.with(|cache| cache.borrow_mut().take());
+}
+
+fn raw_request_headers() -> Result<RawHeaders, HeaderError> {
+    let chain_mode = CHAIN_MODE.with(Cell::get);
+    if chain_mode {
+        if let Some(headers) = CALLBACK_HEADERS.with(|cache| cache.borrow().clone()) {
+            return Ok(headers);
+        }
+    }
+    let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HeaderError::Unavailable)?;
+    if chain_mode {
+        CALLBACK_HEADERS.with(|cache| *cache.borrow_mut() = Some(raw.clone()));
+    }
+    Ok(raw)
 }
 
 /// All request trailers, in one host call. Non-UTF-8 values are an error, never replaced.
@@ -220,12 +256,24 @@ pub fn request_trailers() -> Result<Vec<(String, String)>, HeaderError> {
 }
 
 pub fn set_request_header(name: &str, value: Option<&str>) -> Result<(), Status> {
+    CALLBACK_HEADERS.with(|cache| cache.borrow_mut().take());
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value)
 }
 
-/// The buffered request body so far.
+/// The buffered request body so far (at most `size` bytes).
 pub fn request_body(size: usize) -> Result<Vec<u8>, Status> {
-    Ok(hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)?.unwrap_or_default())
+    let chain_mode = CHAIN_MODE.with(Cell::get);
+    if chain_mode {
+        let cached = CALLBACK_BODY.with(|cache| cache.borrow().as_ref().filter(|(asked, _)| *asked == size).map(|(_, body)| body.clone()));
+        if let Some(body) = cached {
+            return Ok(body);
+        }
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)?.unwrap_or_default();
+    if chain_mode {
+        CALLBACK_BODY.with(|cache| *cache.borrow_mut() = Some((size, body.clone())));
+    }
+    Ok(body)
 }
 
 /// First value of a header from a list read by [`request_headers`].
