@@ -1,4 +1,6 @@
-"""The bench configurations of rate-limit, env-guard, replay-guard and the full chain.
+"""The bench configurations of rate-limit, env-guard, replay-guard and the full chain, the latter
+in two forms: separate modules (one wasm filter per module) and one module (`firebreak_chain`,
+one section per filter, the very same filter configurations in the same order).
 
 Each filter is configured as its README and end-to-end tests configure it, with budgets and
 tables sized so that every benchmark request is accepted (the benchmark measures accepted
@@ -10,6 +12,7 @@ request, memory runs), and a unique `Idempotency-Key` covered by the signature.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 MONEY = [{"methods": ["POST"], "path_prefix": "/v1/"}]
@@ -63,12 +66,25 @@ def register(configs: dict, harness, signature):
             return filters + [builders[name](purpose)]
         configs[name] = ([name], build)
 
+    def chain_stages(purpose: str) -> list[tuple[str, dict]]:
+        """(filter, its wasm filter entry) for each chain member, in chain order."""
+        return [(m, replay_guard(purpose, in_chain=True) if m == "replay_guard" else builders[m](purpose))
+                for m in chain_members(harness)]
+
     def chain(purpose: str) -> list:
-        present = [m for m in CHAIN_ORDER if _have(harness, m) and (m != "replay_guard" or _replay_known())]
-        return [harness.buffer_filter()] + [
-            replay_guard(purpose, in_chain=True) if m == "replay_guard" else builders[m](purpose) for m in present]
+        return [harness.buffer_filter()] + [entry for _, entry in chain_stages(purpose)]
+
+    def chain_one_module(purpose: str) -> list:
+        sections = [{m: _configuration(entry)} for m, entry in chain_stages(purpose)]
+        return [harness.buffer_filter(), harness.chain_filter(sections)]
 
     configs["chain"] = (["request_signature"], chain)
+    configs["chain_one_module"] = (["request_signature", "firebreak_chain"], chain_one_module)
+
+
+def _configuration(entry: dict) -> dict:
+    """The filter configuration inside a wasm filter entry (harness.wasm_filter)."""
+    return json.loads(entry["typed_config"]["config"]["configuration"]["value"])
 
 
 def _replay_known() -> bool:

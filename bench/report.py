@@ -16,6 +16,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "benchmarks.png"
 
 FILTERS = ["request_signature", "replay_guard", "rate_limit", "env_guard"]
+# The full chain as separate modules (one wasm filter each) and as one module (firebreak_chain).
+CHAINS = ["chain", "chain_one_module"]
 TARGET_FILTER = 1.12
 TARGET_CHAIN = 1.25
 TARGET_LAT_MEAN = 40.0
@@ -63,8 +65,11 @@ class Results:
 
     def label(self, c):
         label = self.labels.get(c, c)
+        members = [m.replace("_", "-") for m in self.d.get("chain_members", [])]
         if c == "chain":
-            label += " (" + " + ".join(["buffer"] + [m.replace("_", "-") for m in self.d.get("chain_members", [])]) + ")"
+            label += " (" + " + ".join(["buffer"] + members) + ")"
+        elif c == "chain_one_module":
+            label += " (buffer + firebreak_chain: " + ", ".join(members) + ")"
         return label
 
     def cpu_ratio(self, c, size, base="bare"):
@@ -83,6 +88,11 @@ class Results:
             if b:
                 diffs.append(run["cpu_us_per_req"] - b["cpu_us_per_req"])
         return med(diffs)
+
+    def saving_share(self, size):
+        """CPU per request one module saves, as a share (%) of what the separate-modules chain adds."""
+        saved, added = self.cpu_added("chain", size, base="chain_one_module"), self.cpu_added("chain", size)
+        return saved * 100 / added if saved is not None and added else None
 
     def cpu_field(self, c, size, field):
         return med([run[field] for run in self.cpu[(c, size)].values()])
@@ -197,6 +207,9 @@ def render(res: Results) -> str:
   responses completed). {p["rounds"]} rounds; each round starts every configuration afresh and runs them
   one after another (order rotated each round), so A and B run seconds apart; a ratio is computed
   per round against bare Envoy of the same round, and the table shows the median over rounds.
+- **The full chain** runs in two forms with the same filter configurations in the same order:
+  separate modules (one wasm filter, and one VM, per filter) and one module (`firebreak_chain`,
+  one wasm filter whose configuration has a section per filter).
 - **Throughput** is reported only where Envoy's core was saturated (CPU time / wall time >= {SATURATED});
   elsewhere the load generator and the upstream on core 0 are the bottleneck and requests per second
   say nothing about the filters.
@@ -235,7 +248,7 @@ def render(res: Results) -> str:
     for c in res.configs:
         if c == "bare":
             continue
-        target = TARGET_CHAIN if c == "chain" else TARGET_FILTER if c in FILTERS else None
+        target = TARGET_CHAIN if c in CHAINS else TARGET_FILTER if c in FILTERS else None
         ratios = [res.cpu_ratio(c, s) for s in res.sizes]
         worst = max([r for r in ratios if r is not None], default=None)
         cells = [f"{fmt(r)}x (+{fmt(res.cpu_added(c, s), 1)} us)" for r, s in zip(ratios, res.sizes)]
@@ -247,6 +260,18 @@ def render(res: Results) -> str:
       "filter where it reads the body (as the filter READMEs require), so its row includes the buffer filter's own cost "
       "(the `buffer` row).")
     w("")
+    if all(c in res.configs for c in CHAINS):
+        w("**The chain as one module against separate modules** (same filter configurations, same order): "
+          "CPU per request of the separate-modules chain minus the one-module chain, in the same round, median over rounds:")
+        w("")
+        w("| | " + " | ".join(f"{s} B" for s in res.sizes) + " |")
+        w("|---" * (1 + len(res.sizes)) + "|")
+        w("| Separate modules / bare | " + " | ".join(f"{fmt(res.cpu_ratio('chain', s))}x" for s in res.sizes) + " |")
+        w("| One module / bare | " + " | ".join(f"{fmt(res.cpu_ratio('chain_one_module', s))}x" for s in res.sizes) + " |")
+        w("| CPU saved per request by one module | " + " | ".join(
+            f"{fmt(res.cpu_added('chain', s, base='chain_one_module'), 1, ' us')} "
+            f"({fmt(res.saving_share(s), 0, '%')} of the separate chain's added CPU)" for s in res.sizes) + " |")
+        w("")
     w("### Absolute figures per run (medians over rounds)")
     w("")
     w("| Configuration | Body | Envoy CPU per request | Requests per second | Envoy core busy | Non-2xx / requests | Upstream connections opened |")
@@ -282,7 +307,7 @@ def render(res: Results) -> str:
         am, a50, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p50_us"), res.lat_added(c, "lat_p99_us")
         cpu = res.cpu_added(c, p["latency_size"]) if p["latency_size"] in res.sizes else None
         w(f"| {res.label(c)} | {fmt(mean, 0, ' us')} | {fmt(p50, 0, ' us')} | {fmt(p99, 0, ' us')} | {fmt(am, 0, ' us')} {mv(am, TARGET_LAT_MEAN)} | "
-          f"{fmt(a50, 0, ' us')} | {fmt(ap, 0, ' us')} {mv(ap, TARGET_LAT_P99)} | {fmt(cpu, 1, ' us')} {verdict(cpu, TARGET_LAT_MEAN) if c in FILTERS or c == 'chain' else ''} | {bad} |")
+          f"{fmt(a50, 0, ' us')} | {fmt(ap, 0, ' us')} {mv(ap, TARGET_LAT_P99)} | {fmt(cpu, 1, ' us')} {verdict(cpu, TARGET_LAT_MEAN) if c in FILTERS or c in CHAINS else ''} | {bad} |")
     w("")
     bare_mean, bare_p99 = res.lat_field("bare", "lat_mean_us"), res.lat_field("bare", "lat_p99_us")
     if noisy:
@@ -303,7 +328,7 @@ def render(res: Results) -> str:
         for c, m in mem.items():
             ratio = m["rss_kib"] / bare if bare else None
             accepted = m["requests"] - m["non_2xx"]
-            cell = "-" if c == "bare" else f"{fmt(ratio)}x {verdict(ratio, TARGET_MEMORY) if c in FILTERS or c == 'chain' else ''}"
+            cell = "-" if c == "bare" else f"{fmt(ratio)}x {verdict(ratio, TARGET_MEMORY) if c in FILTERS or c in CHAINS else ''}"
             w(f"| {res.label(c)} | {m['rss_start_kib'] / 1024:.1f} MiB | {m['rss_kib'] / 1024:.1f} MiB | {cell} | {accepted:,} |")
         w("")
     else:
@@ -361,7 +386,26 @@ def render(res: Results) -> str:
                 continue
             by = ", ".join(f"`{k}` {v}" for k, v in sorted(hc["by_call"].items()))
             w(f"| {name} | {hc['total']} | {verdict(hc['total'], TARGET_HOST_CALLS)} | {by} |")
+        chain = micro.get("chain") or {}
+        for form, label in [("separate_modules", "full chain, separate modules (sum)"), ("one_module", "full chain, one module")]:
+            hc = (chain.get(form) or {}).get("host_calls_accepted")
+            if not hc:
+                continue
+            stages = len(chain.get("members", [])) or 1
+            per_stage = hc["total"] / stages
+            by = ", ".join(f"`{k}` {v}" for k, v in sorted(hc["by_call"].items()))
+            w(f"| {label} | {hc['total']} ({per_stage:.1f} per filter) | {verdict(per_stage, TARGET_HOST_CALLS)} | {by} |")
         w("")
+        if chain.get("members"):
+            w("The chain rows: one request accepted by all of " + ", ".join(m.replace("_", "-") for m in chain["members"]) +
+              f" ({chain.get('input', '')}), with the configurations of the rows above (replay-guard requiring the "
+              "principal request-signature verified); the separate form is four modules in one filter chain of the test "
+              "host, its calls summed. The one-module chain runs the same stages, so the calls the stages make are the same; "
+              "what one module saves is the per-module cost around them (VMs, contexts, callbacks: the CPU tables).")
+            w("")
+        elif "error" in chain or "missing" in chain:
+            w(f"The chain's host calls were not counted: {str(chain.get('error') or chain.get('missing'))[:200]}")
+            w("")
     else:
         w("Not measured in this run: " + str(micro.get("error", "--skip-micro"))[:300])
         w("")
@@ -374,18 +418,36 @@ def render(res: Results) -> str:
     w("")
     w("| Configuration | " + " | ".join(f"{s} B" for s in res.sizes) + " |")
     w("|---" * (1 + len(res.sizes)) + "|")
-    for c in ["trivial_wasm", "trivial_wasm_x4", "buffer"] + [x for x in FILTERS if x in res.configs] + ["chain"]:
+    for c in ["trivial_wasm", "trivial_wasm_x4", "buffer"] + [x for x in FILTERS if x in res.configs] + CHAINS:
         if c in res.configs:
             w(f"| {res.label(c)} | " + " | ".join(fmt(res.cpu_added(c, s), 1, " us") for s in res.sizes) + " |")
+    if all(c in res.configs for c in CHAINS):
+        w("| Saved by one module (separate modules minus one module, same round) | " +
+          " | ".join(fmt(res.cpu_added("chain", s, base="chain_one_module"), 1, " us") for s in res.sizes) + " |")
+    if all(c in res.configs for c in ["trivial_wasm", "trivial_wasm_x4"]):
+        w("| Three extra do-nothing modules (4 trivial filters minus 1) | " +
+          " | ".join(fmt(res.cpu_added("trivial_wasm_x4", s, base="trivial_wasm"), 1, " us") for s in res.sizes) + " |")
     w("")
-    if "trivial_wasm_x4" in res.configs and "chain" in res.configs:
-        shares = []
+
+    def shares(part, whole, base_part="bare"):
+        out = []
         for s_ in res.sizes:
-            x4, ch = res.cpu_added("trivial_wasm_x4", s_), res.cpu_added("chain", s_)
-            if x4 is not None and ch:
-                shares.append(f"{x4 / ch:.0%} at {s_} B")
-        w("Share of the chain's added CPU that four do-nothing modules already cost: " + ", ".join(shares) + ".")
-        w("")
+            x, total = res.cpu_added(part, s_, base=base_part), res.cpu_added(whole, s_)
+            if x is not None and total:
+                out.append(f"{x / total:.0%} at {s_} B")
+        return ", ".join(out) or "n/a"
+
+    if "trivial_wasm_x4" in res.configs and "chain" in res.configs:
+        w("- Share of the separate-modules chain's added CPU that four do-nothing modules already cost: " +
+          shares("trivial_wasm_x4", "chain") + ".")
+    if "trivial_wasm" in res.configs and "chain_one_module" in res.configs:
+        w("- Share of the one-module chain's added CPU that one do-nothing module already costs: " +
+          shares("trivial_wasm", "chain_one_module") + ".")
+    if all(c in res.configs for c in CHAINS + ["trivial_wasm", "trivial_wasm_x4"]):
+        w("- The saving row is what merging the four modules into one removed; the row below it is what three modules' "
+          "fixed cost alone predicts (four trivial filters against one). The rest of the chain's added CPU is the "
+          "filters' own work per request (their rows above).")
+    w("")
     if mem and "bare" in mem:
         b = mem["bare"]
         w("Memory: the fixed cost of each configuration's VMs (RSS at start minus bare Envoy's) against what "
@@ -422,9 +484,9 @@ def render(res: Results) -> str:
 def gaps(res: Results) -> list[str]:
     out = []
     for c in res.configs:
-        if c not in FILTERS and c != "chain":
+        if c not in FILTERS and c not in CHAINS:
             continue
-        target = TARGET_CHAIN if c == "chain" else TARGET_FILTER
+        target = TARGET_CHAIN if c in CHAINS else TARGET_FILTER
         for s in res.sizes:
             r = res.cpu_ratio(c, s)
             if r is not None and r > target:
@@ -436,7 +498,7 @@ def gaps(res: Results) -> list[str]:
         am, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p99_us")
         if res.latency_noisy():
             size = res.d["params"]["latency_size"]
-            cpu = res.cpu_added(c, size) if c in FILTERS or c == "chain" else None
+            cpu = res.cpu_added(c, size) if c in FILTERS or c in CHAINS else None
             if cpu is not None and cpu > TARGET_LAT_MEAN:
                 out.append(f"Latency, {res.label(c)}: {cpu:.0f} us of CPU added per request at {size} B, on the request's "
                            f"path at one connection, against {TARGET_LAT_MEAN:.0f} us mean added (measured latency: noise on this machine).")
@@ -448,7 +510,7 @@ def gaps(res: Results) -> list[str]:
     mem = res.d.get("memory") or {}
     bare = mem.get("bare", {}).get("rss_kib")
     for c, m in mem.items():
-        if bare and (c in FILTERS or c == "chain") and m["rss_kib"] / bare > TARGET_MEMORY:
+        if bare and (c in FILTERS or c in CHAINS) and m["rss_kib"] / bare > TARGET_MEMORY:
             out.append(f"Memory, {res.label(c)}: {m['rss_kib'] / bare:.2f}x bare Envoy's RSS against {TARGET_MEMORY}x "
                        f"(+{(m['rss_kib'] - bare) / 1024:.1f} MiB for {res.d['params']['memory_keys']:,} keys).")
     micro = (res.d.get("micro") or {}).get("filters", {})
@@ -461,6 +523,12 @@ def gaps(res: Results) -> list[str]:
         hc = m.get("host_calls_accepted")
         if hc and hc["total"] > TARGET_HOST_CALLS:
             out.append(f"Host calls, {name}: {hc['total']} per accepted request against {TARGET_HOST_CALLS}.")
+    chain = (res.d.get("micro") or {}).get("chain") or {}
+    hc = (chain.get("one_module") or {}).get("host_calls_accepted")
+    stages = len(chain.get("members", []))
+    if hc and stages and hc["total"] > TARGET_HOST_CALLS * stages:
+        out.append(f"Host calls, full chain in one module: {hc['total']} per accepted request through {stages} stages "
+                   f"against {TARGET_HOST_CALLS} per filter ({TARGET_HOST_CALLS * stages}).")
     return out
 
 

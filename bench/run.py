@@ -10,7 +10,7 @@ One run, one machine, ratios against bare Envoy measured in the same run:
   * Envoy RSS after 100,000 distinct tracked keys (nonces, idempotency keys, rate-limit keys),
     against bare Envoy after the same 100,000 requests.
   * Micro-benchmarks from bench/tool (native decision core vs the wasm module in the test host,
-    host calls per accepted request).
+    host calls per accepted request, per filter and for the whole chain in both forms).
 Writes .run/bench/results.json; bench/report.py turns it into docs/benchmarks.md and the chart.
 """
 
@@ -35,7 +35,7 @@ import harness  # noqa: E402
 OUT = ROOT / ".run" / "bench"
 TOOL = ROOT / "target" / "bench" / "release" / "firebreak-bench"
 LUA = ROOT / "bench" / "replay.lua"
-MODULES = ["request_signature", "replay_guard", "rate_limit", "env_guard"]
+MODULES = ["request_signature", "replay_guard", "rate_limit", "env_guard", "firebreak_chain"]
 LOAD_CORE, ENVOY_CORE = os.environ.get("BENCH_LOAD_CORE", "0"), os.environ.get("BENCH_ENVOY_CORE", "1")
 
 
@@ -115,7 +115,8 @@ LABELS = {
     "native_local_ratelimit": "Envoy native local_ratelimit",
     "trivial_wasm": "trivial Rust wasm filter (reference)",
     "trivial_wasm_x4": "4 trivial wasm filters, 4 VMs (reference)",
-    "chain": "full chain",
+    "chain": "full chain, separate modules",
+    "chain_one_module": "full chain, one module",
 }
 
 

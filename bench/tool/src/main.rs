@@ -7,7 +7,8 @@
 //!
 //! `firebreak-bench micro --wasm-dir DIR [--iterations N]`
 //!     Each decision core natively and the same code in its wasm module in the test host
-//!     (host-tests), on the same inputs; host calls per accepted request. Prints JSON.
+//!     (host-tests), on the same inputs; host calls per accepted request, per filter and for the
+//!     whole chain (separate modules and the one-module chain). Prints JSON.
 
 mod coreloop;
 mod micro;

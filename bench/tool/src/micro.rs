@@ -1,6 +1,7 @@
 //! Micro-benchmarks: each decision core built natively against the same code inside its wasm
 //! module, run by the test host (host-tests, wasmtime) on the same inputs; host calls per
-//! accepted request, as counted by the test host.
+//! accepted request, as counted by the test host; the whole chain as four separate modules
+//! against the one-module chain (`firebreak_chain.wasm`) on the same requests.
 //!
 //! "wasm" is the whole filter callback path in the test host (the module's callbacks, its host
 //! calls, the host's own bookkeeping); "wasm net" subtracts the same module answering the same
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 use firebreak_core::signature::{claim_nonce, verify_body, verify_headers, RequestView, SignaturePolicy};
 use firebreak_core::store::MemoryStore;
-use firebreak_host_tests::{Host, Module, Request, Verdict, DEFAULT_START_NANOS};
+use firebreak_host_tests::{Chain, Host, Module, PluginSpec, Request, Upstream, Verdict, DEFAULT_START_NANOS};
 use serde_json::{json, Value};
 
 use crate::requests::header_block;
@@ -81,12 +82,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Nanoseconds per request of `send` over fresh copies of `requests` on a fresh host.
 fn time_wasm(module: &Arc<Module>, config: &str, requests: &[Request], check: &dyn Fn(&Verdict) -> bool) -> Result<(f64, Verdict), String> {
     let mut host = Host::builder(module).config(config).start().map_err(|e| e.to_string())?;
+    time_requests(requests, &mut |r| host.send(r), check)
+}
+
+/// Nanoseconds per request of `send` over fresh copies of `requests`; the last verdict.
+fn time_requests(requests: &[Request], send: &mut dyn FnMut(Request) -> Verdict, check: &dyn Fn(&Verdict) -> bool) -> Result<(f64, Verdict), String> {
     let batch: Vec<Request> = requests.to_vec();
     let mut last = Verdict::default();
     let mut bad = 0usize;
     let start = Instant::now();
     for request in batch {
-        last = host.send(request);
+        last = send(request);
         if !check(&last) {
             bad += 1;
         }
@@ -152,6 +158,47 @@ fn signature_config() -> String {
         "future_skew_seconds": 5,
         "max_body_bytes": 65536,
         "covered_headers_when_present": ["idempotency-key"],
+    })
+    .to_string()
+}
+
+/// As in the macro benchmark: one rule per user from a trusted header, 1,000 users, a budget
+/// never spent.
+fn rate_limit_config() -> String {
+    json!({
+        "name": "bench",
+        "rules": [{"name": "per-user", "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}], "key": "user",
+                   "requests": 1000000, "per_seconds": 1, "burst": 1000000}],
+        "trusted_user_header": "x-bench-client",
+        "table": {"buckets": 16384, "slots_per_bucket": 16},
+    })
+    .to_string()
+}
+
+fn env_guard_config() -> String {
+    use sha2::Digest;
+    let fingerprint: String = sha2::Sha256::digest(b"bench-production-push-key-never-sent").iter().map(|b| format!("{b:02x}")).collect();
+    json!({
+        "environment": "uat",
+        "production": false,
+        "protected_credentials": [{"label": "apns-prod", "sha256": fingerprint}],
+        "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
+        "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
+        "routes": [{"path_prefix": "/v1/"}],
+        "max_body_bytes": 65536,
+        "max_decoded_bytes": 262144,
+        "over_limit": "block",
+    })
+    .to_string()
+}
+
+/// Alone, replay-guard runs without request-signature, so without a principal; in the chain it
+/// requires the principal request-signature verified, as on a money route.
+fn replay_guard_config(require_principal: bool) -> String {
+    json!({
+        "routes": [{"name": "transfers", "match": {"methods": ["POST"], "path_exact": PATH}, "idempotency_key": "required",
+                    "require_principal": require_principal}],
+        "key_store": {"buckets": 16384, "slots_per_bucket": 16},
     })
     .to_string()
 }
@@ -262,16 +309,7 @@ fn compare<S>(
 
 fn rate_limit(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value, String> {
     use firebreak_core::ratelimit::{self, RateLimitPolicy, RequestFacts};
-    // As in the macro benchmark: one rule per user from a trusted header, 1,000 users, a budget
-    // never spent.
-    let config = json!({
-        "name": "bench",
-        "rules": [{"name": "per-user", "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}], "key": "user",
-                   "requests": 1000000, "per_seconds": 1, "burst": 1000000}],
-        "trusted_user_header": "x-bench-client",
-        "table": {"buckets": 16384, "slots_per_bucket": 16},
-    })
-    .to_string();
+    let config = rate_limit_config();
     let policy = RateLimitPolicy::from_json(config.as_bytes()).map_err(|e| format!("{e:?}"))?;
     let secret = base64_decode(SECRET_B64)?;
     let created = DEFAULT_START_NANOS / 1_000_000_000;
@@ -296,20 +334,7 @@ fn rate_limit(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value, 
 
 fn env_guard(wasm_dir: &Path, iterations: usize, reps: usize, sizes: &[usize]) -> Result<Value, String> {
     use firebreak_core::envguard::{check_body, check_headers, GuardPolicy};
-    use sha2::Digest;
-    let fingerprint: String = sha2::Sha256::digest(b"bench-production-push-key-never-sent").iter().map(|b| format!("{b:02x}")).collect();
-    let config = json!({
-        "environment": "uat",
-        "production": false,
-        "protected_credentials": [{"label": "apns-prod", "sha256": fingerprint}],
-        "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
-        "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
-        "routes": [{"path_prefix": "/v1/"}],
-        "max_body_bytes": 65536,
-        "max_decoded_bytes": 262144,
-        "over_limit": "block",
-    })
-    .to_string();
+    let config = env_guard_config();
     let policy = GuardPolicy::from_json(config.as_bytes()).map_err(|e| format!("{e:?}"))?;
     let secret = base64_decode(SECRET_B64)?;
     let created = DEFAULT_START_NANOS / 1_000_000_000;
@@ -341,11 +366,7 @@ fn replay_guard(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value
     if !path.exists() {
         return Ok(json!({"missing": path}));
     }
-    let config = json!({
-        "routes": [{"name": "transfers", "match": {"methods": ["POST"], "path_exact": PATH}, "idempotency_key": "required"}],
-        "key_store": {"buckets": 16384, "slots_per_bucket": 16},
-    })
-    .to_string();
+    let config = replay_guard_config(false);
     let module = Module::load(&path).map_err(|e| format!("{e:#}"))?;
     let secret = base64_decode(SECRET_B64)?;
     let inputs = inputs(1024, iterations, DEFAULT_START_NANOS / 1_000_000_000, &secret)?;
@@ -368,6 +389,61 @@ fn replay_guard(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value
             "wasm_net_ns": wasm - base, "ratio": null, "net_ratio": null}},
         "native_note": "no native driver yet (the decision spans request and response)",
         "host_calls_accepted": hc, "host_calls_unprotected": hcu,
+    }))
+}
+
+/// The chain's filters, in the order of the benchmark's chain (replay-guard last), with the
+/// configurations of the per-filter rows (replay-guard requiring request-signature's principal).
+fn chain_sections() -> Vec<(&'static str, String)> {
+    vec![
+        ("request_signature", signature_config()),
+        ("rate_limit", rate_limit_config()),
+        ("env_guard", env_guard_config()),
+        ("replay_guard", replay_guard_config(true)),
+    ]
+}
+
+/// Host calls of the whole chain on one accepted request, in two forms on the same requests:
+/// four separate modules in one filter chain (host-tests `Chain`, one VM each; the calls summed
+/// over the modules) and the one-module chain (`firebreak_chain.wasm`, the same configurations
+/// as its sections). Not timed: the test host's own cost per filter-chain step is no guide to
+/// Envoy's (the macro benchmark measures both forms in Envoy).
+fn chain(wasm_dir: &Path) -> Result<Value, String> {
+    const REQUESTS: usize = 20;
+    let sections = chain_sections();
+    let mut paths: Vec<PathBuf> = sections.iter().map(|(name, _)| wasm_dir.join(format!("{name}.wasm"))).collect();
+    paths.push(wasm_dir.join("firebreak_chain.wasm"));
+    if let Some(missing) = paths.iter().find(|p| !p.exists()) {
+        return Ok(json!({"missing": missing}));
+    }
+    let load = |p: &PathBuf| Module::load(p).map_err(|e| format!("{e:#}"));
+    let mut specs = Vec::new();
+    for ((name, config), path) in sections.iter().zip(&paths) {
+        let spec = PluginSpec { configuration: config.clone().into_bytes(), root_id: name.to_string(), vm_id: name.to_string(), ..PluginSpec::default() };
+        specs.push((load(path)?, spec));
+    }
+    let one_module = load(&paths[sections.len()])?;
+    let chain_sections = sections
+        .iter()
+        .map(|(name, config)| serde_json::from_str::<Value>(config).map(|c| json!({ *name: c })).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
+    let chain_config = json!({ "filters": chain_sections }).to_string();
+
+    let secret = base64_decode(SECRET_B64)?;
+    let inputs = inputs(1024, REQUESTS, DEFAULT_START_NANOS / 1_000_000_000, &secret)?;
+    let requests: Vec<Request> = inputs.iter().map(|i| i.to_host(PATH)).collect();
+    let accepted = |v: &Verdict| v.status == 200 && v.forwarded();
+    let host_calls = |v: &Verdict| json!({"total": v.host_call_total(), "by_call": v.host_calls});
+
+    let mut separate = Chain::start(specs, Upstream::default()).map_err(|(i, e)| format!("chain filter {i}: {e}"))?;
+    let (_, last_separate) = time_requests(&requests, &mut |r| separate.send(r), &accepted)?;
+    let mut one = Host::builder(&one_module).config(&chain_config).root_id("firebreak").start().map_err(|e| e.to_string())?;
+    let (_, last_one) = time_requests(&requests, &mut |r| one.send(r), &accepted)?;
+    Ok(json!({
+        "members": sections.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+        "input": "new key, 1024 B body",
+        "separate_modules": {"host_calls_accepted": host_calls(&last_separate)},
+        "one_module": {"host_calls_accepted": host_calls(&last_one)},
     }))
 }
 
@@ -401,6 +477,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     filters.insert("replay_guard".into(), run_one("replay_guard", &|| replay_guard(&wasm_dir, iterations, reps)));
     filters.insert("env_guard".into(), run_one("env_guard", &|| env_guard(&wasm_dir, iterations, reps, &sizes)));
     result.insert("filters".into(), Value::Object(filters));
+    result.insert("chain".into(), run_one("chain", &|| chain(&wasm_dir)));
     println!("{}", serde_json::to_string_pretty(&Value::Object(result)).map_err(|e| e.to_string())?);
     Ok(())
 }
