@@ -40,7 +40,8 @@ def register(configs: dict, harness, signature):
         return harness.wasm_filter("env_guard", {
             "environment": "uat",
             "production": False,
-            "protected_credentials": [{"label": "apns-prod", "sha256": hashlib.sha256(prod_key.encode()).hexdigest()}],
+            "protected_credentials": [{"label": "apns-prod", "sha256": hashlib.sha256(prod_key.encode()).hexdigest(),
+                                       "length": len(prod_key.encode())}],
             "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
             "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
             "routes": [{"path_prefix": "/v1/"}],

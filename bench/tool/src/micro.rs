@@ -177,11 +177,12 @@ fn rate_limit_config() -> String {
 
 fn env_guard_config() -> String {
     use sha2::Digest;
-    let fingerprint: String = sha2::Sha256::digest(b"bench-production-push-key-never-sent").iter().map(|b| format!("{b:02x}")).collect();
+    let production_key = b"bench-production-push-key-never-sent";
+    let fingerprint: String = sha2::Sha256::digest(production_key).iter().map(|b| format!("{b:02x}")).collect();
     json!({
         "environment": "uat",
         "production": false,
-        "protected_credentials": [{"label": "apns-prod", "sha256": fingerprint}],
+        "protected_credentials": [{"label": "apns-prod", "sha256": fingerprint, "length": production_key.len()}],
         "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
         "production_hosts": ["api.push.apple.com", "*.prod.example.com"],
         "routes": [{"path_prefix": "/v1/"}],
