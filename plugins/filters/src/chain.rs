@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 
-use firebreak_glue::{self as glue, Direction};
+use firebreak_glue::{self as glue, Direction, StreamFacts};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde_json::Value;
@@ -150,7 +150,7 @@ impl RootContext for ChainRoot {
             return None;
         }
         let stages = self.stages.iter().map(|root| root.create_http_context(context_id)).collect::<Option<Vec<_>>>()?;
-        Some(Box::new(ChainFilter { stages, stopped: None }))
+        Some(Box::new(ChainFilter { stages, stopped: None, facts: StreamFacts::default() }))
     }
 }
 
@@ -196,9 +196,20 @@ struct Stopped {
 struct ChainFilter {
     stages: Vec<Box<dyn HttpContext>>,
     stopped: Option<Stopped>,
+    /// What the stages hand each other in this stream (the verified principal, the body's
+    /// SHA-256), running in glue while Envoy is in one of this stream's callbacks.
+    facts: StreamFacts,
 }
 
 impl ChainFilter {
+    /// Runs `f` as this stream's callback: its facts are the running ones meanwhile.
+    fn in_stream<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        glue::enter_stream(std::mem::take(&mut self.facts));
+        let result = f(self);
+        self.facts = glue::leave_stream();
+        result
+    }
+
     /// The stage at `position` in the order of `direction` (responses run last to first).
     fn stage_index(&self, direction: Direction, position: usize) -> usize {
         match direction {
@@ -244,57 +255,63 @@ impl ChainFilter {
 
 impl Context for ChainFilter {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, trailers: usize) {
-        // Each stage recognises its own callout tokens and ignores the others.
-        let _ = glue::take_deferred_resume();
-        glue::begin_callback();
-        for index in 0..self.stages.len() {
-            let Some(stage) = self.stages.get_mut(index) else { break };
-            stage.on_http_call_response(token, headers, body_size, trailers);
-            if let Some(direction) = glue::take_deferred_resume() {
-                self.resume_after(index, direction);
+        self.in_stream(|chain| {
+            // Each stage recognises its own callout tokens and ignores the others.
+            let _ = glue::take_deferred_resume();
+            glue::begin_callback();
+            for index in 0..chain.stages.len() {
+                let Some(stage) = chain.stages.get_mut(index) else { break };
+                stage.on_http_call_response(token, headers, body_size, trailers);
+                if let Some(direction) = glue::take_deferred_resume() {
+                    chain.resume_after(index, direction);
+                }
             }
-        }
+        })
     }
 
     fn on_done(&mut self) -> bool {
-        for stage in &mut self.stages {
-            stage.on_done();
-        }
+        self.in_stream(|chain| {
+            for stage in &mut chain.stages {
+                stage.on_done();
+            }
+        });
         true
     }
 }
 
 impl HttpContext for ChainFilter {
     fn on_http_request_headers(&mut self, headers: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::RequestHeaders { headers, end_of_stream }, 0)
+        self.in_stream(|chain| chain.run(Phase::RequestHeaders { headers, end_of_stream }, 0))
     }
 
     // Body callbacks start again from the first stage: a stage that waits for the whole body
     // stops every chunk until the last, and a stage that has let the body through continues.
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::RequestBody { size, end_of_stream }, 0)
+        self.in_stream(|chain| chain.run(Phase::RequestBody { size, end_of_stream }, 0))
     }
 
     fn on_http_request_trailers(&mut self, trailers: usize) -> Action {
-        self.run(Phase::RequestTrailers { trailers }, 0)
+        self.in_stream(|chain| chain.run(Phase::RequestTrailers { trailers }, 0))
     }
 
     fn on_http_response_headers(&mut self, headers: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::ResponseHeaders { headers, end_of_stream }, 0)
+        self.in_stream(|chain| chain.run(Phase::ResponseHeaders { headers, end_of_stream }, 0))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.run(Phase::ResponseBody { size, end_of_stream }, 0)
+        self.in_stream(|chain| chain.run(Phase::ResponseBody { size, end_of_stream }, 0))
     }
 
     fn on_http_response_trailers(&mut self, trailers: usize) -> Action {
-        self.run(Phase::ResponseTrailers { trailers }, 0)
+        self.in_stream(|chain| chain.run(Phase::ResponseTrailers { trailers }, 0))
     }
 
     fn on_log(&mut self) {
-        for stage in &mut self.stages {
-            stage.on_log();
-        }
+        self.in_stream(|chain| {
+            for stage in &mut chain.stages {
+                stage.on_log();
+            }
+        })
     }
 }
 

@@ -654,13 +654,16 @@ impl ReplayFilter {
     /// a signed request), else read and hashed here. `size_known`: `size` is the body's exact
     /// size (not a bound from the trailers callback).
     fn finish_body(&mut self, size: usize, size_known: bool) -> Action {
+        let context = self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default();
         let signed = self.exchange.as_ref().is_some_and(|e| e.principal().is_some());
-        if signed && size_known && size >= glue::BODY_SHA256_MIN_BYTES {
-            if let Some(digest) = glue::verified_body_sha256() {
+        if signed && size_known {
+            if size as u64 > self.policy.max_body_bytes {
+                return self.reject(&ReplayError::BodyTooLarge, &context);
+            }
+            if let Some(digest) = glue::verified_body_sha256(size) {
                 return self.claim(&digest);
             }
         }
-        let context = self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default();
         match glue::request_body(size) {
             Ok(body) if body.len() as u64 > self.policy.max_body_bytes => self.reject(&ReplayError::BodyTooLarge, &context),
             Ok(body) => self.claim(&body_sha256(&body)),

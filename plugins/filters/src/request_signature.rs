@@ -93,11 +93,11 @@ impl SignatureFilter {
         }
         // The Content-Digest verified against the whole body: its sha-256 is the body's, and
         // replay-guard (later in this stream) fingerprints with it instead of hashing the body
-        // again. Not published for small bodies (see BODY_SHA256_MIN_BYTES). A failed publish
-        // only makes replay-guard hash the body itself.
-        if pending.verified.covers_content_digest && body.len() >= glue::BODY_SHA256_MIN_BYTES {
+        // again (between separate modules only for large bodies: BODY_SHA256_MIN_BYTES). A failed
+        // publish only makes replay-guard hash the body itself.
+        if pending.verified.covers_content_digest {
             if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
-                let _ = glue::set_body_sha256(&digest);
+                let _ = glue::publish_body_sha256(&digest, body.len());
             }
         }
         self.counters.increment("accepted");

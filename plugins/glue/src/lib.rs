@@ -285,11 +285,19 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
 pub const PRINCIPAL_PROPERTY: &str = "firebreak.principal";
 
 pub fn set_principal(principal: &str) -> Result<(), Status> {
+    if CHAIN_MODE.with(Cell::get) {
+        STREAM_FACTS.with(|facts| facts.borrow_mut().principal = Some(principal.to_string()));
+    }
+    // Also in chain mode: the property is the principal's contract with anything after the chain.
     hostcalls::set_property(vec![PRINCIPAL_PROPERTY], Some(principal.as_bytes()))
 }
 
-/// The principal verified by the request-signature filter earlier in this chain, if any.
+/// The principal verified by the request-signature filter earlier in this chain, if any (in
+/// chain mode from the stream's facts when a stage of this chain verified it).
 pub fn principal() -> Option<String> {
+    if let Some(principal) = STREAM_FACTS.with(|facts| facts.borrow().principal.clone()) {
+        return Some(principal);
+    }
     let bytes = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).ok()??;
     String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
 }
@@ -299,18 +307,33 @@ pub fn principal() -> Option<String> {
 /// whole body. Later filters of the stream use it instead of reading and hashing the body.
 pub const BODY_SHA256_PROPERTY: &str = "firebreak.body_sha256";
 
-/// Bodies shorter than this are hashed again rather than handed over: the hand-over costs two
-/// host calls (the set and the get), hashing a few hundred bytes costs less.
+/// Between separate modules, bodies shorter than this are hashed again rather than handed over:
+/// the hand-over costs two host calls (the set and the get), hashing a few hundred bytes costs
+/// less. In chain mode the hand-over is in memory, whatever the size.
 pub const BODY_SHA256_MIN_BYTES: usize = 1024;
 
-pub fn set_body_sha256(digest: &[u8; 32]) -> Result<(), Status> {
+/// Hands the verified SHA-256 of a `body_len`-byte body to later filters of this stream.
+pub fn publish_body_sha256(digest: &[u8; 32], body_len: usize) -> Result<(), Status> {
+    if CHAIN_MODE.with(Cell::get) {
+        STREAM_FACTS.with(|facts| facts.borrow_mut().body_sha256 = Some(*digest));
+        return Ok(());
+    }
+    if body_len < BODY_SHA256_MIN_BYTES {
+        return Ok(());
+    }
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     hostcalls::set_property(vec![BODY_SHA256_PROPERTY], Some(hex.as_bytes()))
 }
 
-/// The verified body SHA-256 published by request-signature earlier in this stream, if any
-/// (anything but 64 hex digits counts as absent).
-pub fn verified_body_sha256() -> Option<[u8; 32]> {
+/// The verified SHA-256 of this stream's `body_len`-byte body, published by request-signature
+/// earlier in this stream, if any (a property that is not 64 hex digits counts as absent).
+pub fn verified_body_sha256(body_len: usize) -> Option<[u8; 32]> {
+    if let Some(digest) = STREAM_FACTS.with(|facts| facts.borrow().body_sha256) {
+        return Some(digest);
+    }
+    if body_len < BODY_SHA256_MIN_BYTES {
+        return None;
+    }
     let bytes = hostcalls::get_property(vec![BODY_SHA256_PROPERTY]).ok()??;
     let mut digest = [0u8; 32];
     if bytes.len() != 2 * digest.len() || !bytes.iter().all(u8::is_ascii_hexdigit) {
@@ -321,6 +344,28 @@ pub fn verified_body_sha256() -> Option<[u8; 32]> {
         *out = u8::from_str_radix(text, 16).ok()?;
     }
     Some(digest)
+}
+
+/// What the stages of a chain hand each other within one stream, in memory (chain mode).
+#[derive(Debug, Default)]
+pub struct StreamFacts {
+    principal: Option<String>,
+    body_sha256: Option<[u8; 32]>,
+}
+
+thread_local! {
+    /// The facts of the stream whose callback is running (always empty outside chain mode).
+    static STREAM_FACTS: RefCell<StreamFacts> = RefCell::new(StreamFacts::default());
+}
+
+/// The chain, when Envoy enters it for a stream: that stream's facts become the running ones.
+pub fn enter_stream(facts: StreamFacts) {
+    STREAM_FACTS.with(|current| *current.borrow_mut() = facts);
+}
+
+/// The chain, when Envoy's call returns: the running stream's facts, to keep with the stream.
+pub fn leave_stream() -> StreamFacts {
+    STREAM_FACTS.with(|current| std::mem::take(&mut *current.borrow_mut()))
 }
 
 /// Sends one webdis command (`POST /`, body in webdis path form) to the Redis bridge cluster.
