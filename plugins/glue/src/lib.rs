@@ -37,10 +37,21 @@ impl SharedStore for HostStore {
 }
 
 /// Milliseconds since the Unix epoch from the host's clock; `None` if the host cannot tell.
+/// In chain mode the stages of one callback share one reading (they run within microseconds).
 pub fn now_ms() -> Option<u64> {
+    let chain_mode = CHAIN_MODE.with(Cell::get);
+    if chain_mode {
+        if let Some(now) = CALLBACK_NOW_MS.with(Cell::get) {
+            return Some(now);
+        }
+    }
     let now = hostcalls::get_current_time().ok()?;
     let since = now.duration_since(UNIX_EPOCH).ok()?;
-    u64::try_from(since.as_millis()).ok()
+    let now = u64::try_from(since.as_millis()).ok()?;
+    if chain_mode {
+        CALLBACK_NOW_MS.with(|cached| cached.set(Some(now)));
+    }
+    Some(now)
 }
 
 /// Whether Envoy's log level for this VM lets debug lines through (read once, at configure time).
@@ -219,11 +230,13 @@ pub fn request_headers_lossy() -> Result<Vec<(String, String)>, HeaderError> {
 
 type RawHeaders = Vec<(String, Vec<u8>)>;
 
-// In chain mode the stages of one callback share one read of the request headers and of the
-// request body. The chain empties this at the start of every callback; a header write empties it.
+// In chain mode the stages of one callback share one read of the request headers, of the request
+// body and of the clock. The chain empties these at the start of every callback; a header write
+// empties the headers.
 thread_local! {
     static CALLBACK_HEADERS: RefCell<Option<RawHeaders>> = const { RefCell::new(None) };
     static CALLBACK_BODY: RefCell<Option<(usize, Vec<u8>)>> = const { RefCell::new(None) };
+    static CALLBACK_NOW_MS: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Called by the chain when Envoy enters it (a callback, a callout answer): what the previous
@@ -231,6 +244,7 @@ thread_local! {
 pub fn begin_callback() {
     CALLBACK_HEADERS.with(|cache| cache.borrow_mut().take());
     CALLBACK_BODY.with(|cache| cache.borrow_mut().take());
+    CALLBACK_NOW_MS.with(|cached| cached.set(None));
 }
 
 fn raw_request_headers() -> Result<RawHeaders, HeaderError> {
