@@ -16,6 +16,7 @@
 //! modules.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use firebreak_glue::{self as glue, Direction, StreamFacts};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -23,6 +24,10 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde_json::Value;
 
 const PLUGIN: &str = "chain";
+
+/// How often the counts of passed requests are written to Envoy's counters (refusals and
+/// failures are counted at once).
+const COUNT_FLUSH_PERIOD: Duration = Duration::from_secs(1);
 
 /// The filters a chain can hold, by the name of their configuration section.
 const FILTERS: &[&str] = &["request_signature", "replay_guard", "rate_limit", "env_guard"];
@@ -137,8 +142,18 @@ impl RootContext for ChainRoot {
             names.push(section.filter);
             self.stages.push(stage);
         }
+        // Counts of passed requests are kept in the VM and written once per tick.
+        if glue::set_tick_period(COUNT_FLUSH_PERIOD).is_err() {
+            glue::log(LogLevel::Critical, &format!("firebreak {PLUGIN} config_error cannot set the tick period"));
+            self.stages.clear();
+            return false;
+        }
         glue::log(LogLevel::Info, &format!("firebreak {PLUGIN} configured stages={}", names.join(",")));
         true
+    }
+
+    fn on_tick(&mut self) {
+        glue::flush_counts();
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -92,7 +92,7 @@ impl GuardFilter {
 
     fn outcome(&mut self, outcome: BodyOutcome) -> Action {
         match outcome {
-            BodyOutcome::Clean => self.counters.increment("passed"),
+            BodyOutcome::Clean => self.counters.count_passed("passed"),
             BodyOutcome::Uninspected => {
                 self.counters.increment("passed_uninspected_over_limit");
                 glue::log(LogLevel::Warn, &format!("firebreak {PLUGIN} pass_uninspected reason=over_limit environment={}", self.policy.environment));
@@ -116,7 +116,7 @@ impl HttpContext for GuardFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.policy.production {
             // A production environment is where production credentials belong.
-            self.counters.increment("passed_production");
+            self.counters.count_passed("passed_production");
             return Action::Continue;
         }
         let headers = match glue::request_headers() {
@@ -126,7 +126,7 @@ impl HttpContext for GuardFilter {
         let method = glue::header(&headers, ":method").unwrap_or("");
         let path = firebreak_core::route::split_path(glue::header(&headers, ":path").unwrap_or("")).0;
         if !self.policy.guards(method, path) {
-            self.counters.increment("passed_unguarded");
+            self.counters.count_passed("passed_unguarded");
             return Action::Continue;
         }
         let plan = match check_headers(&self.policy, &headers) {

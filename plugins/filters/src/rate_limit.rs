@@ -148,7 +148,7 @@ impl RateLimitFilter {
                 .unwrap_or_default();
             return self.reject(rejection, &format!("{context} {key}"));
         }
-        self.counters.increment("allowed");
+        self.counters.count_passed("allowed");
         self.response_headers = decision.response_headers;
         Action::Continue
     }
@@ -205,7 +205,7 @@ impl RateLimitFilter {
         let instance = &self.policy.name;
         for event in events {
             match event {
-                Event::Allowed { rule } => self.counters.increment(&format!("rule.{rule}.allowed")),
+                Event::Allowed { rule } => self.counters.count_passed(&format!("rule.{rule}.allowed")),
                 Event::Limited { rule, .. } => self.counters.increment(&format!("rule.{rule}.limited")),
                 Event::WouldLimit { rule, key, retry_after_ms } => {
                     self.counters.increment(&format!("rule.{rule}.would_limit"));

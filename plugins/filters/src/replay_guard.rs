@@ -424,7 +424,7 @@ impl ReplayFilter {
         let claim_id = self.claims.next(now, self.context_id);
         let Some(request) = exchange.claim_request_of_body_sha256(&self.policy, body_sha256, claim_id) else {
             // Optional key absent and collapse off on this route: nothing to claim.
-            self.counters.increment("forwarded_unguarded");
+            self.counters.count_passed("forwarded_unguarded");
             if self.debug_log {
                 glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} forward_unguarded {context}"));
             }
@@ -473,7 +473,7 @@ impl ReplayFilter {
         match exchange.on_claim(&self.policy, answer) {
             Decision::Forward => {
                 let what = if exchange.owns_key() { "forwarded" } else { "forwarded_first_of_fingerprint" };
-                self.counters.increment(what);
+                self.counters.count_passed(what);
                 if self.debug_log {
                     glue::log(LogLevel::Debug, &format!("firebreak {PLUGIN} {what} {context}"));
                 }
@@ -548,7 +548,11 @@ impl ReplayFilter {
             // a failed write can never free a key whose request executed.
             Err(_) => ("finish_failed", LogLevel::Error),
         };
-        self.counters.increment(counter);
+        if happy_path {
+            self.counters.count_passed(counter);
+        } else {
+            self.counters.increment(counter);
+        }
         let mut line = format!("firebreak {PLUGIN} {counter} {} complete={} {}", log.outcome, log.complete, log.context);
         if let Some(why) = store_error {
             self.counters.increment("remote_error");
@@ -700,7 +704,7 @@ impl HttpContext for ReplayFilter {
         }
         match Exchange::begin(&self.policy, &facts) {
             Ok(None) => {
-                self.counters.increment("passed_unprotected");
+                self.counters.count_passed("passed_unprotected");
                 Action::Continue
             }
             Err((error, context)) => self.reject(&error, &context),

@@ -100,7 +100,7 @@ impl SignatureFilter {
                 let _ = glue::publish_body_sha256(&digest, body.len());
             }
         }
-        self.counters.increment("accepted");
+        self.counters.count_passed("accepted");
         // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
         // host call, and the counter already records every acceptance.
         if self.debug_log {
@@ -217,7 +217,7 @@ impl HttpContext for SignatureFilter {
             return self.fail(SigError::StateUnavailable, &context);
         }
         if !protected {
-            self.counters.increment("passed_unprotected");
+            self.counters.count_passed("passed_unprotected");
             return Action::Continue;
         }
 

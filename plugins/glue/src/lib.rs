@@ -185,6 +185,37 @@ impl Counters {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
+
+    /// Counts a request that passed (the hot path). In chain mode the count is kept in the VM
+    /// and written by the chain's tick ([`flush_counts`]): no host call per request, the counter
+    /// lags by at most the tick period. Elsewhere, and for refusals and failures (always
+    /// [`Counters::increment`]), the counter is written at once.
+    pub fn count_passed(&self, name: &str) {
+        if !CHAIN_MODE.with(Cell::get) {
+            return self.increment(name);
+        }
+        if let Some(id) = self.id(name) {
+            PENDING_COUNTS.with(|pending| *pending.borrow_mut().entry(id).or_insert(0) += 1);
+        }
+    }
+}
+
+thread_local! {
+    /// Counts of passed requests not yet written to Envoy, by metric id (chain mode).
+    static PENDING_COUNTS: RefCell<HashMap<u32, u64>> = RefCell::new(HashMap::new());
+}
+
+/// Writes the counts [`Counters::count_passed`] kept (one host call per counter that moved).
+pub fn flush_counts() {
+    let pending = PENDING_COUNTS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    for (id, count) in pending {
+        let _ = hostcalls::increment_metric(id, i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+/// Asks Envoy to call the root context's `on_tick` every `period`.
+pub fn set_tick_period(period: std::time::Duration) -> Result<(), Status> {
+    hostcalls::set_tick_period(period)
 }
 
 /// Sends the rejection as a local reply: status, JSON body, headers; plus one log line and
