@@ -8,6 +8,7 @@ import threading
 import uuid
 
 import pytest
+import yaml
 
 import harness
 
@@ -151,3 +152,28 @@ def test_a_wrong_chain_configuration_stops_envoy_and_names_the_field(demo_api, c
     chain = harness.wasm_filter("firebreak_chain", chain_config, root_id="firebreak")
     e = harness.Envoy([chain], demo_api.port, expect_failure=True)
     assert f"config_error field={field}" in e.logs(), e.logs()[-2000:]
+
+
+def test_the_readme_snippet_works_as_documented(demo_api):
+    """The `http_filters` of plugins/chain/README.md, as written (only the module path made
+    absolute): a signed payout executes once however often it is retried; an unsigned one is 401."""
+    readme = (harness.ROOT / "plugins" / "chain" / "README.md").read_text()
+    snippet = next(block for block in readme.split("```yaml\n")[1:] if block.startswith("http_filters:"))
+    http_filters = yaml.safe_load(snippet.split("```")[0])["http_filters"]
+    code = http_filters[1]["typed_config"]["config"]["vm_config"]["code"]["local"]
+    code["filename"] = str(harness.ROOT / code["filename"])
+    gw = harness.Envoy(http_filters[:-1], demo_api.port)  # the harness adds the router
+    try:
+        ref, key = new_ref(), f'"{uuid.uuid4()}"'
+        url = gw.url("/v1/payouts")
+        answers = []
+        for _ in range(3):
+            sig = harness.sign("POST", url, payout(ref), extra=["-H", f"idempotency-key: {key}", "--cover", "idempotency-key"])
+            answers.append(gw.request("POST", "/v1/payouts", JSON + [("idempotency-key", key)] + sig, payout(ref)))
+        assert [a.status for a in answers] == [201, 201, 201], [a.body for a in answers]
+        assert [a.headers.get("idempotent-replayed") for a in answers] == [None, "true", "true"]
+        assert demo_api.executed(ref) == 1
+        unsigned = gw.request("POST", "/v1/payouts", JSON + [("idempotency-key", f'"{uuid.uuid4()}"')], payout(new_ref()))
+        assert (unsigned.status, unsigned.error) == (401, "signature_missing")
+    finally:
+        gw.stop()
