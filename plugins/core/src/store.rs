@@ -381,6 +381,27 @@ impl SharedStore for MemoryStore {
     }
 }
 
+/// A [`MemoryStore`] that counts its calls (tests of how many shared-data calls a decision makes).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct CountingStore {
+    store: MemoryStore,
+    pub gets: std::cell::Cell<u32>,
+    pub sets: std::cell::Cell<u32>,
+}
+
+#[cfg(test)]
+impl SharedStore for CountingStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.gets.set(self.gets.get() + 1);
+        self.store.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.sets.set(self.sets.get() + 1);
+        self.store.set(key, value, cas)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,23 +473,6 @@ mod tests {
         assert_eq!(claim(&t, &late, "x", 0), Ok(false));
     }
 
-    /// A store that counts its calls.
-    #[derive(Default)]
-    struct Counting {
-        store: MemoryStore,
-        gets: std::cell::Cell<u32>,
-        sets: std::cell::Cell<u32>,
-    }
-    impl SharedStore for Counting {
-        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-            self.gets.set(self.gets.get() + 1);
-            self.store.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-            self.sets.set(self.sets.get() + 1);
-            self.store.set(key, value, cas)
-        }
-    }
 
     fn insert(now: u64) -> impl FnMut(Option<&[u8]>) -> Update<bool> {
         move |current| match current {
@@ -479,7 +483,7 @@ mod tests {
 
     #[test]
     fn an_update_from_an_earlier_read_writes_without_reading_again() {
-        let store = Counting::default();
+        let store = CountingStore::default();
         let t = table(4, 4);
         let key = KeyHash::of(&[b"a"]);
         let snapshot = t.read(&store, key).unwrap();
@@ -496,7 +500,7 @@ mod tests {
     /// lost over the other worker's), and a Keep decided on it is decided again on a fresh read.
     #[test]
     fn an_out_of_date_earlier_read_never_decides() {
-        let store = Counting::default();
+        let store = CountingStore::default();
         let t = table(1, 4);
         let (a, b) = (KeyHash::of(&[b"a"]), KeyHash::of(&[b"b"]));
         // Both saw the bucket absent; a's insert lands first; b's write must not erase a.

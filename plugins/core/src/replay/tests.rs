@@ -796,31 +796,13 @@ fn incident_3_retries_of_a_key_in_flight_are_refused_before_the_body() {
 
 // ---- shared-data calls and the body digest ----
 
-/// A store that counts its calls.
-#[derive(Default)]
-struct Counting {
-    store: MemoryStore,
-    gets: Cell<u32>,
-    sets: Cell<u32>,
-}
-
-impl SharedStore for Counting {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        self.gets.set(self.gets.get() + 1);
-        self.store.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        self.sets.set(self.sets.get() + 1);
-        self.store.set(key, value, cas)
-    }
-}
 
 /// A new key: one read at header time, one write for the claim (against that read), one read
 /// and two writes (stored response, completed record) to finish.
 #[test]
 fn a_new_key_costs_two_reads_and_three_writes() {
     let p = policy();
-    let store = Counting::default();
+    let store = crate::store::CountingStore::default();
     let state = LocalState { policy: &p, store: &store };
     let h = headers(Some("\"n\""));
     let facts = RequestFacts { method: "POST", path_and_query: "/v1/payouts", headers: &h, principal: None };
