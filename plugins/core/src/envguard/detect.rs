@@ -7,8 +7,12 @@
 //!    fingerprints (only when its length is the `length` of a protected credential); prefix
 //!    patterns; regex patterns are searched anywhere in it;
 //! 2. its decodings, when it looks encoded: base64 (standard or URL-safe alphabet, padded or not,
-//!    white space ignored) and percent-encoding; each decoding is checked again from step 1, up to
-//!    [`MAX_DEPTH`] nested encodings (e.g. base64 of a percent-encoded value);
+//!    white space ignored), percent-encoding, and gzip/zlib data inside a decoding (by its magic
+//!    bytes); each decoding is checked again from step 1 (a decoding that is a JSON document has
+//!    its strings checked, escapes undone), up to [`MAX_DEPTH`] nested encodings in any mix
+//!    (base64 of percent-encoded JSON of base64 ...). A decoding one layer deeper than that which
+//!    still looks like something (text, or compressed data) makes the scan return
+//!    [`Found::TooDeep`]: the filter refuses what it cannot see to the bottom of;
 //! 3. its tokens: the value is cut at characters that never occur inside a credential (white
 //!    space, quotes, brackets, `,;&?|\<>`); each token of at least [`MIN_TOKEN_LEN`] bytes is
 //!    checked, as are its parts around the first `=` or `:` (`key=SECRET`, `user:SECRET`), its
@@ -34,8 +38,10 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
-/// Nested encodings followed (base64 of base64, base64 of percent-encoded, ...).
-pub const MAX_DEPTH: u8 = 2;
+/// Nested encodings followed inside one value, in any mix (base64 of base64, base64 of a
+/// percent-encoded value, gzip inside base64, a multipart part's transfer encoding, a nested
+/// multipart...). A value still encoded below this many layers is [`Found::TooDeep`].
+pub const MAX_DEPTH: u8 = 6;
 /// Tokens shorter than this are not hashed (whole values always are).
 pub const MIN_TOKEN_LEN: usize = 8;
 
@@ -155,7 +161,68 @@ pub struct Detector {
 
 /// Most steps recorded in a [`Hit`]'s `how` (caller's steps plus decodings; more are dropped
 /// from the message, never from the search).
-const MAX_HOW: usize = 8;
+const MAX_HOW: usize = 16;
+
+/// What a scan found, other than nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A protected credential or a production-only pattern.
+    Credential(Hit),
+    /// A value still encoded after [`MAX_DEPTH`] decodings (the decodings so far, outermost
+    /// first): the guard cannot see what it hides.
+    TooDeep(Vec<&'static str>),
+    /// The decodings of this request used up the [`Budget`] (`max_decoded_bytes`).
+    OverBudget,
+}
+
+/// Bytes that decodings inside values (base64, percent-encoding, gzip/deflate inside a value,
+/// multipart transfer encodings) may produce, summed over everything one budget is used for.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    left: usize,
+    exceeded: bool,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Budget {
+        Budget { left: bytes, exceeded: false }
+    }
+
+    /// Reserves `bytes`; `false` (and the budget is marked exceeded) when they are not left.
+    pub fn take(&mut self, bytes: usize) -> bool {
+        if bytes > self.left {
+            self.exceeded = true;
+            return false;
+        }
+        self.left -= bytes;
+        true
+    }
+
+    pub fn left(&self) -> usize {
+        self.left
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+}
+
+/// The budget of [`Detector::scan`] (the lint, which has no request limits): 64 MiB.
+const SCAN_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The state of one scan: the decoding budget, and the first place found too deep to follow.
+struct Walk<'a> {
+    budget: &'a mut Budget,
+    too_deep: Option<How>,
+}
+
+impl Walk<'_> {
+    fn too_deep(&mut self, how: How) {
+        if self.too_deep.is_none() {
+            self.too_deep = Some(how);
+        }
+    }
+}
 
 /// The decodings applied so far, on the stack (copied, never allocated, per candidate).
 #[derive(Clone, Copy)]
@@ -312,6 +379,18 @@ fn looks_b64(token: &[u8]) -> bool {
         && token.iter().any(|b| b.is_ascii_uppercase() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='))
 }
 
+/// gzip (`1f 8b`, deflate method) or zlib (deflate method, header checksum) data: worth
+/// inflating when it turns up inside a decoded value.
+fn compressed(data: &[u8]) -> Option<super::body::Coding> {
+    match data {
+        [0x1f, 0x8b, 8, ..] => Some(super::body::Coding::Gzip),
+        [cmf, flg, ..] if cmf & 0x0f == 8 && cmf >> 4 <= 7 && (u16::from(*cmf) * 256 + u16::from(*flg)) % 31 == 0 => {
+            Some(super::body::Coding::Deflate)
+        }
+        _ => None,
+    }
+}
+
 /// Printable text (UTF-8 or not): at most 1 in 16 bytes is a control character other than
 /// white space.
 fn is_text(data: &[u8]) -> bool {
@@ -410,15 +489,79 @@ impl Detector {
     }
 
     /// Checks one value (a header value, a parameter, a JSON string, a body) as described in
-    /// the module docs. `how` prefixes the decodings already applied by the caller.
+    /// the module docs, for credentials only: a value too deep to follow, or over the decoding
+    /// budget, is not a finding here (the lint's view; the filter uses [`Detector::inspect`]).
     pub fn scan(&self, data: &[u8], how: &[&'static str]) -> Option<Hit> {
+        let mut budget = Budget::new(SCAN_BUDGET);
+        match self.inspect(data, how, 0, &mut budget) {
+            Some(Found::Credential(hit)) => Some(hit),
+            _ => None,
+        }
+    }
+
+    /// Checks one value found `depth` layers of encoding down (0: as received; a caller that
+    /// undid a multipart part's transfer encoding passes 1, ...), charging its decodings to
+    /// `budget`. A credential is reported first, then a value too deep to follow, then an
+    /// exhausted budget. `how` prefixes the decodings already applied by the caller.
+    pub fn inspect(&self, data: &[u8], how: &[&'static str], depth: u8, budget: &mut Budget) -> Option<Found> {
+        let mut walk = Walk { budget, too_deep: None };
+        let how = How::new(how);
+        let hit = if depth > MAX_DEPTH { self.beyond(data, how, &mut walk) } else { self.scan_at(data, depth, how, &mut walk) };
+        if let Some(hit) = hit {
+            return Some(Found::Credential(hit));
+        }
+        if let Some(how) = walk.too_deep {
+            return Some(Found::TooDeep(how.as_slice().to_vec()));
+        }
+        walk.budget.exceeded().then_some(Found::OverBudget)
+    }
+
+    /// A decoding one layer deeper than [`MAX_DEPTH`]: checked whole (cheap), and if it could
+    /// hold anything (text, or compressed data, long enough to match), the value is too deep.
+    fn beyond(&self, data: &[u8], how: How, walk: &mut Walk) -> Option<Hit> {
         if data.len() < self.shortest_match {
             return None;
         }
-        self.scan_at(data, 0, How::new(how))
+        if let Some(hit) = self.exact(data, how.as_slice()).or_else(|| self.exact(trim(data), how.as_slice())) {
+            return Some(hit);
+        }
+        if is_text(data) || compressed(data).is_some() {
+            walk.too_deep(how);
+        }
+        None
     }
 
-    fn scan_at(&self, data: &[u8], depth: u8, how: How) -> Option<Hit> {
+    /// A decoding at `depth` (1: one layer below the value as received). Text is scanned like a
+    /// value; compressed data (gzip or zlib magic) is inflated within the budget; other bytes
+    /// (most base64-looking words decode to noise) are only checked whole: tokenising noise
+    /// finds nothing and costs hashes.
+    fn layer(&self, data: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
+        if depth > MAX_DEPTH {
+            return self.beyond(data, how, walk);
+        }
+        if is_text(data) {
+            return self.scan_at(data, depth, how, walk);
+        }
+        if let Some(coding) = compressed(data) {
+            match super::body::decode(data, &[coding], walk.budget.left()) {
+                Ok(inflated) => {
+                    if walk.budget.take(inflated.len()) {
+                        return self.layer(&inflated, depth + 1, how.with(coding.name()), walk);
+                    }
+                    return None;
+                }
+                Err(super::body::DecodeError::TooLarge) => {
+                    walk.budget.take(usize::MAX);
+                    return None;
+                }
+                // Noise that starts like compressed data.
+                Err(super::body::DecodeError::Invalid(_)) => {}
+            }
+        }
+        self.exact(data, how.as_slice())
+    }
+
+    fn scan_at(&self, data: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
         // Every candidate below is a slice or a (shrinking) decoding of `data`.
         if data.len() < self.shortest_match {
             return None;
@@ -439,46 +582,65 @@ impl Detector {
                 }
             }
         }
-        let shape = Shape::of(trimmed);
-        if depth < MAX_DEPTH {
-            // The whole value decoded, white space ignored (wrapped base64).
-            // (line breaks only: a text of words separated by spaces is not wrapped base64)
-            if trimmed.len() >= MIN_B64_LEN && base64_decoded_max(trimmed.len()) >= self.shortest_match && shape.all(B64_OR_NEWLINE) {
-                let hit = if shape.any(NEWLINE) {
-                    let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-                    self.decode_b64_shaped(&compact, shape, depth, how)
-                } else {
-                    self.decode_b64_shaped(trimmed, shape, depth, how)
-                };
-                if hit.is_some() {
-                    return hit;
-                }
+        // A JSON document (a decoded layer, a header value, a text body): its strings, with
+        // their escapes (`\u0066`, `\/`) undone, at the same depth; its keys whole.
+        if let (Some(b'{' | b'['), Some(b'}' | b']')) = (trimmed.first(), trimmed.last()) {
+            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(trimmed) {
+                return self.json_strings(&value, depth, how, walk);
             }
-            if shape.any(PERCENT) {
-                if let Some(hit) = self.decode_percent(trimmed, depth, how) {
-                    return Some(hit);
-                }
+        }
+        let shape = Shape::of(trimmed);
+        // The whole value decoded, white space ignored (wrapped base64).
+        // (line breaks only: a text of words separated by spaces is not wrapped base64)
+        if trimmed.len() >= MIN_B64_LEN && base64_decoded_max(trimmed.len()) >= self.shortest_match && shape.all(B64_OR_NEWLINE) {
+            let hit = if shape.any(NEWLINE) {
+                let compact: Vec<u8> = trimmed.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+                self.decode_b64_shaped(&compact, shape, depth, how, walk)
+            } else {
+                self.decode_b64_shaped(trimmed, shape, depth, how, walk)
+            };
+            if hit.is_some() {
+                return hit;
+            }
+        }
+        // The whole value percent-decoded: its tokens are the decoded tokens, so the tokens
+        // below are not percent-decoded again (one decoding per layer, not two).
+        if shape.any(PERCENT) {
+            if let Some(hit) = self.decode_percent(trimmed, depth, how, walk) {
+                return Some(hit);
             }
         }
         // Tokens: white space is a delimiter, so the tokens of `data` are those of `trimmed`.
         if !shape.any(DELIMITER) {
-            return if trimmed.is_empty() { None } else { self.token(trimmed, Some(shape), depth, how) };
+            return if trimmed.is_empty() { None } else { self.token(trimmed, Some(shape), depth, how, walk) };
         }
         for token in runs(trimmed, |b| !is_delimiter(b)) {
             if token.len() < self.shortest_match {
                 continue;
             }
             let whole = (token.len() == trimmed.len()).then_some(shape);
-            if let Some(hit) = self.token(token, whole, depth, how) {
+            if let Some(hit) = self.token(token, whole, depth, how, walk) {
                 return Some(hit);
             }
         }
         None
     }
 
+    /// Every string of a JSON document scanned at `depth`, every key checked whole.
+    fn json_strings(&self, value: &serde_json::Value, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
+        match value {
+            serde_json::Value::String(s) => self.scan_at(s.as_bytes(), depth, how, walk),
+            serde_json::Value::Array(items) => items.iter().find_map(|item| self.json_strings(item, depth, how, walk)),
+            serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+                self.exact(key.as_bytes(), how.as_slice()).or_else(|| self.json_strings(item, depth, how, walk))
+            }),
+            _ => None,
+        }
+    }
+
     /// One delimiter-free token. `whole`: it is the whole (trimmed) value, of this shape,
     /// already checked and decoded as such.
-    fn token(&self, token: &[u8], whole: Option<Shape>, depth: u8, how: How) -> Option<Hit> {
+    fn token(&self, token: &[u8], whole: Option<Shape>, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
         if whole.is_none() && token.len() >= MIN_TOKEN_LEN {
             if let Some(hit) = self.exact(token, how.as_slice()) {
                 return Some(hit);
@@ -490,13 +652,8 @@ impl Detector {
                     return Some(hit);
                 }
             }
-            if depth < MAX_DEPTH {
-                if looks_b64(token) {
-                    if let Some(hit) = self.decode_b64(token, depth, how) {
-                        return Some(hit);
-                    }
-                }
-                if let Some(hit) = self.decode_percent(token, depth, how) {
+            if looks_b64(token) {
+                if let Some(hit) = self.decode_b64(token, depth, how, walk) {
                     return Some(hit);
                 }
             }
@@ -513,8 +670,10 @@ impl Detector {
                         if let Some(hit) = self.exact(part, how.as_slice()) {
                             return Some(hit);
                         }
-                        if depth < MAX_DEPTH && sep == b'=' && looks_b64(part) {
-                            if let Some(hit) = self.decode_b64(part, depth, how) {
+                        // A structured-field byte sequence (`sha-256=:BASE64:`, RFC 8941).
+                        let part = if sep == b'=' { part.strip_prefix(b":").and_then(|p| p.strip_suffix(b":")).unwrap_or(part) } else { part };
+                        if sep == b'=' && looks_b64(part) {
+                            if let Some(hit) = self.decode_b64(part, depth, how, walk) {
                                 return Some(hit);
                             }
                         }
@@ -541,17 +700,18 @@ impl Detector {
     }
 
     /// `text`: base64 characters only (no white space).
-    fn decode_b64(&self, text: &[u8], depth: u8, how: How) -> Option<Hit> {
+    fn decode_b64(&self, text: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
         // Decoding only shrinks: skip what cannot decode to anything long enough to match.
         if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
             return None;
         }
-        self.decode_b64_shaped(text, Shape::of(text), depth, how)
+        self.decode_b64_shaped(text, Shape::of(text), depth, how, walk)
     }
 
     /// `shape`: of `text`, or of `text` with line breaks (its alphabet is the same).
-    fn decode_b64_shaped(&self, text: &[u8], shape: Shape, depth: u8, how: How) -> Option<Hit> {
-        if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
+    fn decode_b64_shaped(&self, text: &[u8], shape: Shape, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
+        let most = base64_decoded_max(text.len());
+        if most < self.shortest_match.max(4) {
             return None;
         }
         let engine = match (shape.any(URL_SAFE), shape.any(STANDARD)) {
@@ -559,28 +719,34 @@ impl Detector {
             (true, false) => &B64_URL,
             (false, _) => &B64_STD,
         };
+        if !walk.budget.take(most) {
+            return None;
+        }
         let decoded = engine.decode(text).ok()?;
         if decoded.len() < 4 {
             return None;
         }
-        let how = how.with("base64");
-        // Decoded bytes that are not text (most base64-looking words decode to noise) are only
-        // checked whole: tokenising noise finds nothing and costs hashes.
-        if is_text(&decoded) {
-            self.scan_at(&decoded, depth + 1, how)
-        } else {
-            self.exact(&decoded, how.as_slice())
-        }
+        self.layer(&decoded, depth + 1, how.with("base64"), walk)
     }
 
-    fn decode_percent(&self, text: &[u8], depth: u8, how: How) -> Option<Hit> {
+    fn decode_percent(&self, text: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
         let escapes = percent_escapes(text);
         // No escape: nothing to decode. Each escape shrinks 3 bytes to 1.
-        if escapes == 0 || text.len().saturating_sub(2 * escapes) < self.shortest_match {
+        let most = text.len().saturating_sub(2 * escapes);
+        if escapes == 0 || most < self.shortest_match {
+            return None;
+        }
+        if !walk.budget.take(most) {
             return None;
         }
         let decoded: Vec<u8> = percent_encoding::percent_decode(text).collect();
-        self.scan_at(&decoded, depth + 1, how.with("url-encoded"))
+        let how = how.with("url-encoded");
+        // Percent-decoded bytes are scanned as a value whatever they are (as before).
+        if depth + 1 > MAX_DEPTH {
+            self.beyond(&decoded, how, walk)
+        } else {
+            self.scan_at(&decoded, depth + 1, how, walk)
+        }
     }
 
     /// The production-only host rule matching this `:authority`/`Host` value, if any.

@@ -13,7 +13,7 @@ pub mod detect;
 pub mod request;
 
 pub use config::{parse_fingerprint, GuardPolicy, OverLimit};
-pub use detect::{Detector, Hit};
+pub use detect::{Budget, Detector, Found, Hit, MAX_DEPTH};
 pub use request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
 
 /// SHA-256 hex of the exact secret bytes: the fingerprint the configuration holds.

@@ -2,7 +2,7 @@ use std::io::Write;
 
 use base64::Engine as _;
 
-use super::request::{CODE_CREDENTIAL, CODE_ENCODING, CODE_HOST, CODE_TOO_LARGE, CODE_UNDECODABLE};
+use super::request::{CODE_CREDENTIAL, CODE_ENCODING, CODE_HOST, CODE_TOO_DEEP, CODE_TOO_LARGE, CODE_UNDECODABLE};
 use super::*;
 
 /// The demo's fake production push key (documented as fake; never a real credential).
@@ -158,7 +158,7 @@ fn bearer_basic_and_plain_headers() {
         (vec![("x-apns-key", format!(" {PROD}\t"))], "apns-prod", "header x-apns-key"),
         (vec![("x-apns-key", b64(PROD.as_bytes()))], "apns-prod", "header x-apns-key (base64)"),
         (vec![("x-apns-key", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(PROD))], "apns-prod", "header x-apns-key (base64)"),
-        (vec![("cookie", format!("session=abc; push_key={PROD}; x=1"))], "apns-prod", "header cookie"),
+        (vec![("cookie", format!("session=abc; push_key={PROD}; x=1"))], "apns-prod", "header cookie push_key"),
         (vec![("x-stripe", "sk_live_51Habcdefghijklmnop".to_string())], "stripe-live", "header x-stripe"),
         (vec![("x-aws", "creds AKIAIOSFODNN7EXAMPLE here".to_string())], "aws-prod-key", "header x-aws"),
     ];
@@ -567,22 +567,41 @@ fn a_short_credential_is_found_as_a_whole_value() {
     assert_eq!(run(&p, &req("GET", "/", &[("x-pin", "Zq7!x3")]), b""), Ok(BodyOutcome::Clean));
 }
 
-/// `signature`, `signature-input`, `content-digest` and `idempotency-key` are not inspected (see
-/// `UNINSPECTED_HEADERS`): a MAC, its parameters, a body hash and a client-generated unique id
-/// are structures no client configuration puts a credential into. Everything else still is.
+/// Every header is inspected, those skipped before included (`signature`, `signature-input`,
+/// `content-digest`, `idempotency-key`, `:method`, `:scheme`, `:authority`/`host`), in headers
+/// and in trailers, whatever the case of the name.
 #[test]
-fn uninspected_headers_are_skipped_and_only_those() {
+fn every_header_is_inspected_none_skipped() {
     let p = policy();
-    for name in ["signature", "signature-input", "content-digest", "idempotency-key"] {
-        assert!(request::UNINSPECTED_HEADERS.contains(&name));
+    for name in ["signature", "signature-input", "content-digest", "idempotency-key", "x-signature", "digest", "X-Push-Key", "te", "via"] {
         let h = req("POST", "/", &[(name, PROD)]);
-        assert_eq!(run(&p, &h, b""), Ok(BodyOutcome::Clean), "{name}");
-        assert!(check_trailers(&p, &[(name.to_string(), PROD.to_string())]).is_ok(), "{name}");
+        assert_eq!(credential(run(&p, &h, b"")).1, format!("header {}", name.to_ascii_lowercase()), "{name}");
+        match check_trailers(&p, &[(name.to_string(), PROD.to_string())]) {
+            Err(GuardError::Credential { location, .. }) => assert_eq!(location, format!("trailer {}", name.to_ascii_lowercase())),
+            other => panic!("{name}: {other:?}"),
+        }
     }
-    for name in ["x-signature", "signature-key", "digest", "x-idempotency"] {
-        let h = req("POST", "/", &[(name, PROD)]);
-        assert_eq!(credential(run(&p, &h, b"")).1, format!("header {name}"));
+    // Structured headers: the key inside a signature's parameters, or as an RFC 9530 digest.
+    let sig = format!(r#"sig1=("@method" "@path");created=1;keyid="{PROD}""#);
+    assert_eq!(credential(run(&p, &req("POST", "/", &[("signature-input", &sig)]), b"")).1, "header signature-input");
+    let digest = format!("sha-256=:{}:", b64(PROD.as_bytes()));
+    assert_eq!(credential(run(&p, &req("POST", "/", &[("content-digest", &digest)]), b"")).1, "header content-digest (base64)");
+    // Pseudo-headers: a custom method token, the scheme, the authority (not a production host).
+    for (i, name) in [(0, ":method"), (3, ":scheme"), (2, ":authority")] {
+        let mut h = req("GET", "/", &[]);
+        h[i].1 = if name == ":authority" { format!("{PROD}.uat.example.com") } else { PROD.to_string() };
+        assert_eq!(credential(run(&p, &h, b"")).1, format!("header {name}"), "{name}");
     }
+    let h = vec![(":path".to_string(), "/".to_string()), ("host".to_string(), format!("{PROD}.uat.example.com:8080"))];
+    assert_eq!(credential(run(&p, &h, b"")).1, "header host");
+    // A realistic signed request (RFC 9421 + RFC 9530 + idempotency key) is clean.
+    let h = req("POST", "/v1/transfers", &[
+        ("signature-input", r#"sig1=("@method" "@path" "content-digest");created=1767000000;keyid="client-a";nonce="b3k2pQ9xZ7Lm""#),
+        ("signature", "sig1=:dGhpcyBpcyBub3QgYSByZWFsIG1hYyBidXQgMzIgYnl0ZXM=:"),
+        ("content-digest", "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"),
+        ("idempotency-key", "3f1c9a52-7b0e-4d8a-9c61-2e5f0b7d4a19"),
+    ]);
+    assert_eq!(run(&p, &h, b""), Ok(BodyOutcome::Clean));
     // :path (query) and :authority are still checked.
     assert_eq!(credential(run(&p, &req("GET", &format!("/?k={PROD}"), &[]), b"")).1, "query param k");
     let mut h = req("GET", "/", &[]);
