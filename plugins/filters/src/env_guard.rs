@@ -141,6 +141,10 @@ impl HttpContext for GuardFilter {
             }
         };
         let context = format!("method={method} path={path:?}");
+        if plan.headers_uninspected {
+            // `over_limit: pass` and the header decodings exceeded `max_decoded_bytes`.
+            self.outcome(BodyOutcome::Uninspected);
+        }
         if let Some(length) = glue::header(&headers, "content-length") {
             match length.trim().parse::<u64>() {
                 Ok(n) if n > self.policy.max_body_bytes.get() as u64 => {

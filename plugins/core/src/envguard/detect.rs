@@ -516,16 +516,10 @@ impl Detector {
         walk.budget.exceeded().then_some(Found::OverBudget)
     }
 
-    /// A decoding one layer deeper than [`MAX_DEPTH`]: checked whole (cheap), and if it could
-    /// hold anything (text, or compressed data, long enough to match), the value is too deep.
+    /// A decoding one layer deeper than [`MAX_DEPTH`]: not looked into; if it could hold
+    /// anything (text or compressed data, long enough to match), the value is too deep.
     fn beyond(&self, data: &[u8], how: How, walk: &mut Walk) -> Option<Hit> {
-        if data.len() < self.shortest_match {
-            return None;
-        }
-        if let Some(hit) = self.exact(data, how.as_slice()).or_else(|| self.exact(trim(data), how.as_slice())) {
-            return Some(hit);
-        }
-        if is_text(data) || compressed(data).is_some() {
+        if data.len() >= self.shortest_match && (is_text(data) || compressed(data).is_some()) {
             walk.too_deep(how);
         }
         None

@@ -713,3 +713,288 @@ fn lengths_change_the_cost_never_the_verdict() {
     // The plants are found often enough for the comparison to mean something.
     assert!(hits > rounds / 4, "{hits} of {rounds}");
 }
+
+// --- issue 13: nested encodings, multipart transfer encodings, every header -------------------
+
+fn pct(data: &[u8]) -> String {
+    percent_encoding::percent_encode(data, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn too_deep(result: Result<BodyOutcome, GuardError>) -> String {
+    match result {
+        Err(GuardError::TooDeep { location, .. }) => location,
+        other => panic!("expected encoding_too_deep, got {other:?}"),
+    }
+}
+
+/// `layers` applied innermost first: "b" base64, "p" percent-encoding, "g" gzip (then base64),
+/// "j" a JSON document `{"k": ...}`.
+fn wrap(secret: &str, layers: &str) -> String {
+    let mut value = secret.to_string();
+    for layer in layers.chars() {
+        value = match layer {
+            'b' => b64(value.as_bytes()),
+            'p' => pct(value.as_bytes()),
+            'g' => b64(&gzip(value.as_bytes())),
+            'j' => serde_json::json!({ "k": value }).to_string(),
+            _ => unreachable!(),
+        };
+    }
+    value
+}
+
+fn json_body(value: &str) -> (Vec<(String, String)>, Vec<u8>) {
+    let h = req("POST", "/v1/transfers", &[("content-type", "application/json")]);
+    (h, serde_json::json!({ "from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": value }).to_string().into_bytes())
+}
+
+#[test]
+fn three_to_six_nested_layers_of_mixed_encodings_are_detected() {
+    let p = policy();
+    for layers in [
+        "bbb", "pbb", "bpb", "bbp", "jpbj", "bjpb", "pjb", "gb", // 3 (j is not a layer; g is gzip + base64)
+        "bbbb", "pbpb", "pjbjbb", "bpbp", "gbb", "bgb", // 4
+        "bbbbb", "pbbbb", "bjbjbjpbp", "bbgb", // 5
+        "bbbbbb", "pbpbpb", "bgbpb", "bbgbb", // 6 = MAX_DEPTH
+    ] {
+        let value = wrap(PROD, layers);
+        // In a JSON body, in a header, in a query parameter, in a text body.
+        let (h, body) = json_body(&value);
+        let (label, location) = credential(run(&p, &h, &body));
+        assert_eq!(label, "apns-prod", "{layers}");
+        assert!(location.starts_with("body json $.reference ("), "{layers}: {location}");
+        let (label, _) = credential(run(&p, &req("GET", "/", &[("x-push-key", &value)]), b""));
+        assert_eq!(label, "apns-prod", "{layers}");
+        let text = req("POST", "/", &[("content-type", "text/plain")]);
+        assert_eq!(credential(run(&p, &text, format!("payload {value} end").as_bytes())).0, "apns-prod", "{layers}");
+    }
+    // The layers are named in the message (outermost first).
+    let (h, body) = json_body(&wrap(PROD, "pbgb"));
+    assert_eq!(credential(run(&p, &h, &body)).1, "body json $.reference (base64, base64, gzip, base64, url-encoded)");
+    // Escapes of a JSON document inside a decoding are undone (`\u0066` = `f`).
+    let escaped = b64(br#"{"key":"\u0066ake-apns-prod-key-0123456789abcdef"}"#);
+    let (h, body) = json_body(&escaped);
+    assert_eq!(credential(run(&p, &h, &body)).1, "body json $.reference (base64)");
+    // A JSON body sent as text/plain: parsed all the same.
+    let text = req("POST", "/", &[("content-type", "text/plain")]);
+    assert_eq!(credential(run(&p, &text, br#"{"key":"\u0066ake-apns-prod-key-0123456789abcdef"}"#)).1, "body text");
+}
+
+#[test]
+fn deeper_than_the_bound_is_refused_with_its_own_code() {
+    let p = policy();
+    assert_eq!(detect::MAX_DEPTH, 6);
+    for layers in ["bbbbbbb", "pbpbpbp", "bbbbbbbb", "bgbbbbbb", "bbgbbb", "bbbbbbbbbbbb"] {
+        let value = wrap(PROD, layers);
+        let (h, body) = json_body(&value);
+        let location = too_deep(run(&p, &h, &body));
+        assert!(location.starts_with("body json $.reference (base64") || location.starts_with("body json $.reference (url-encoded"), "{location}");
+        let err = run(&p, &h, &body).unwrap_err();
+        let r = err.rejection("uat");
+        assert_eq!((r.status, r.code), (422, CODE_TOO_DEEP), "{layers}");
+        assert!(r.message.contains("6 layers"), "{}", r.message);
+        assert!(!r.message.contains(PROD) && !err.log_context().contains(PROD));
+        assert_eq!(err.detection_counter(), None);
+        // In a header and in the query too; never passed, whatever over_limit says.
+        assert_eq!(check_headers(&p, &req("GET", "/", &[("x-push-key", &value)])).unwrap_err().code(), CODE_TOO_DEEP, "{layers}");
+        let q = format!("/v1/x?k={}", pct(value.as_bytes()));
+        assert_eq!(check_headers(&p, &req("GET", &q, &[])).unwrap_err().code(), CODE_TOO_DEEP, "{layers}");
+        let pass = policy_with(r#","over_limit":"pass""#);
+        assert_eq!(run(&pass, &h, &body).unwrap_err().code(), CODE_TOO_DEEP);
+    }
+    // Not only credentials: anything hidden under more layers than the guard follows.
+    let (h, body) = json_body(&wrap("an innocent but very deeply wrapped sentence", "bbbbbbb"));
+    assert_eq!(run(&p, &h, &body).unwrap_err().code(), CODE_TOO_DEEP);
+    // `%25` chains: eight layers of percent-encoding.
+    let (h, body) = json_body(&format!("100%{}41 off", "25".repeat(8)));
+    assert_eq!(run(&p, &h, &body).unwrap_err().code(), CODE_TOO_DEEP);
+    // Within the bound, innocent data passes.
+    for layers in ["b", "bb", "bbb", "pbp", "bbbbbb", "gb"] {
+        let (h, body) = json_body(&wrap("an innocent sentence, wrapped a few times", layers));
+        assert_eq!(run(&p, &h, &body), Ok(BodyOutcome::Clean), "{layers}");
+    }
+}
+
+#[test]
+fn realistic_payment_bodies_and_deep_looking_noise_pass() {
+    let p = policy();
+    let png: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let body = serde_json::json!({
+        "from": "acc-alice",
+        "to": "acc-bob",
+        "amount": "1250.00",
+        "currency": "EUR",
+        "reference": "Invoice 2026-11 / ORDER#A1B2C3D4E5, thanks!",
+        "iban": "DE89370400440532013000",
+        "bic": "COBADEFFXXX",
+        "idempotency_key": "3f1c9a52-7b0e-4d8a-9c61-2e5f0b7d4a19",
+        "callback_url": "https://merchant.example/cb?id=abc%20def&sig=dGVzdA%3D%3D&next=%2Fpay%2F%3Fstep%3D2",
+        "token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhY2MtYWxpY2UiLCJpYXQiOjE3NjcwMDAwMDB9.c2lnbmF0dXJlLW5vdC1yZWFs",
+        "attachment": b64(&png),
+        "nested": {"memo": b64(b64(b64(b"a memo encoded three times").as_bytes()).as_bytes()), "tags": ["QUJDREVGR0hJSktMTU5PUA", "%E2%82%AC100", "ZZZZZZZZZZZZZZZZZZZZ"]},
+        "deep_looking": ["QUFBQUFBQUFBQUFB!!!==", "%%%%%2525zz%2", "H4sIAAAAAAAA/wXBMQ0AAAgDsFv", "eJzLSM3JyVcozy_KSVEEAA", "Base64Base64Base64Base64=="],
+    });
+    let h = req("POST", "/v1/transfers", &[
+        ("content-type", "application/json"),
+        ("authorization", &format!("Bearer {TEST_KEY}")),
+        ("cookie", "session=eyJ1c2VyIjoiYWxpY2UifQ%3D%3D; theme=dark; _ga=GA1.2.123456789.1767000000"),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"),
+        ("accept", "application/json, text/plain;q=0.9, */*;q=0.8"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ]);
+    assert_eq!(run(&p, &h, body.to_string().as_bytes()), Ok(BodyOutcome::Clean));
+    let form = req("POST", "/v1/transfers", &[("content-type", "application/x-www-form-urlencoded")]);
+    assert_eq!(run(&p, &form, b"from=acc-alice&to=acc-bob&amount=12.50&reference=Rent+March%2C+flat+3&next=%252Fhome"), Ok(BodyOutcome::Clean));
+}
+
+#[test]
+fn decodings_inside_values_are_bounded_by_max_decoded_bytes() {
+    // 40 base64 values of 300 bytes of text: 12 000 decoded bytes, over a 4 096-byte budget.
+    let text = "an ordinary sentence of a memo field ".repeat(8);
+    let values: Vec<String> = (0..40).map(|_| b64(text.as_bytes())).collect();
+    let body = serde_json::json!({ "memos": values }).to_string();
+    let h = req("POST", "/", &[("content-type", "application/json")]);
+    let block = policy_with(r#","max_decoded_bytes":4096"#);
+    let err = run(&block, &h, body.as_bytes()).unwrap_err();
+    assert_eq!(err, GuardError::TooLarge { decoded: true });
+    assert_eq!(err.rejection("uat").status, 413);
+    let pass = policy_with(r#","max_decoded_bytes":4096,"over_limit":"pass""#);
+    assert_eq!(run(&pass, &h, body.as_bytes()), Ok(BodyOutcome::Uninspected));
+    // The default budget inspects it all.
+    assert_eq!(run(&policy(), &h, body.as_bytes()), Ok(BodyOutcome::Clean));
+    // A gzip bomb inside a base64 value: bounded too.
+    let bomb = b64(&gzip(&vec![b'a'; 8 * 1024 * 1024]));
+    let body = serde_json::json!({ "blob": bomb }).to_string();
+    let limited = policy_with(r#","max_decoded_bytes":1048576,"max_body_bytes":4194304"#);
+    assert_eq!(run(&limited, &h, body.as_bytes()).unwrap_err().code(), CODE_TOO_LARGE);
+    // Header decodings too: with `pass` the plan says the headers were not all inspected.
+    let header = b64(text.repeat(20).as_bytes());
+    let plan = check_headers(&pass, &req("GET", "/", &[("x-memo", &header)])).unwrap();
+    assert!(plan.headers_uninspected);
+    assert_eq!(check_headers(&block, &req("GET", "/", &[("x-memo", &header)])).unwrap_err().code(), CODE_TOO_LARGE);
+    assert!(!check_headers(&policy(), &req("GET", "/", &[("x-memo", &header)])).unwrap().headers_uninspected);
+}
+
+// --- multipart ---------------------------------------------------------------------------------
+
+/// A multipart body from `(part headers, part body)`, with `eol` line endings.
+fn multipart(boundary: &str, eol: &str, parts: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = format!("preamble{eol}");
+    for (headers, body) in parts {
+        out.push_str(&format!("--{boundary}{eol}{}{eol}{eol}{body}{eol}", headers.replace('\n', eol)));
+    }
+    out.push_str(&format!("--{boundary}--{eol}epilogue{eol}"));
+    out.into_bytes()
+}
+
+fn mp_headers(boundary: &str) -> Vec<(String, String)> {
+    req("POST", "/v1/upload", &[("content-type", &format!("multipart/form-data; boundary=\"{boundary}\""))])
+}
+
+/// PROD in quoted-printable, split by a soft line break and with an escaped byte, so that no
+/// piece of it is the key.
+fn qp_prod(eol: &str) -> String {
+    format!("fake-apns-prod-={eol}key-0123456789=61bcdef")
+}
+
+/// base64 of a JSON document whose key crosses a line (wrapped at 76, as MIME does).
+fn b64_json_wrapped(eol: &str) -> String {
+    let json = format!(r#"{{"push":{{"alert":"hhhhh, a note long enough","key":"{PROD}"}}}}"#);
+    let encoded = b64(json.as_bytes());
+    encoded.as_bytes().chunks(76).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect::<Vec<_>>().join(eol)
+}
+
+#[test]
+fn multipart_parts_are_decoded_by_their_transfer_encoding() {
+    let p = policy();
+    for eol in ["\r\n", "\n"] {
+        for cte in ["Content-Transfer-Encoding", "content-transfer-encoding", "CONTENT-TRANSFER-encoding"] {
+            let qp = format!("Content-Disposition: form-data; name=\"note\"\n{cte}: quoted-printable");
+            let body = multipart("XyZ-42", eol, &[("Content-Disposition: form-data; name=\"a\"", "hello"), (&qp, &qp_prod(eol))]);
+            let got = credential(run(&p, &mp_headers("XyZ-42"), &body));
+            assert_eq!(got, ("apns-prod".to_string(), "body part 2 text (quoted-printable)".to_string()), "{eol:?} {cte}");
+
+            let b = format!("Content-Disposition: form-data; name=\"payload\"\nContent-Type: application/json\n{cte}:  BASE64 ");
+            let body = multipart("XyZ-42", eol, &[(&b, &b64_json_wrapped(eol))]);
+            let got = credential(run(&p, &mp_headers("XyZ-42"), &body));
+            assert_eq!(got.1, "body part 1 json $.push.key (base64)", "{eol:?} {cte}");
+        }
+        // The same parts without the transfer decoding hide the key: the decoding is what finds it.
+        let d = &p.detector;
+        assert!(d.scan(qp_prod(eol).as_bytes(), &[]).is_none());
+        // A clean upload passes.
+        let body = multipart("b", eol, &[
+            ("Content-Disposition: form-data; name=\"from\"", "acc-alice"),
+            ("Content-Disposition: form-data; name=\"memo\"\nContent-Transfer-Encoding: quoted-printable", "caf=C3=A9 cr=C3=A8me=\r\n br=C3=BBl=C3=A9e"),
+            ("Content-Disposition: form-data; name=\"f\"; filename=\"a.png\"\nContent-Type: image/png\nContent-Transfer-Encoding: base64", &b64(&[0x89, b'P', b'N', b'G', 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])),
+        ]);
+        assert_eq!(run(&p, &mp_headers("b"), &body), Ok(BodyOutcome::Clean), "{eol:?}");
+    }
+}
+
+#[test]
+fn multipart_nested_and_malformed() {
+    let p = policy();
+    // multipart/mixed inside a part, its part in base64, gzip inside.
+    let inner = String::from_utf8(multipart("inner", "\r\n", &[("Content-Type: text/plain\r\nContent-Transfer-Encoding: base64", &b64(format!("push key {PROD} here").as_bytes()))])).unwrap();
+    let outer = multipart("outer", "\r\n", &[("Content-Disposition: form-data; name=\"a\"", "x"), ("Content-Type: multipart/mixed; boundary=inner", &inner)]);
+    assert_eq!(credential(run(&p, &mp_headers("outer"), &outer)).1, "body part 2.1 text (base64)");
+    // A part header carrying the key, and the key in the preamble.
+    let body = multipart("b", "\n", &[(&format!("Content-Disposition: form-data; name=\"a\"\nX-Key: {PROD}"), "x")]);
+    assert_eq!(credential(run(&p, &mp_headers("b"), &body)).1, "body part 1 header x-key");
+    let mut body = format!("{PROD}\r\n").into_bytes();
+    body.extend(multipart("b", "\r\n", &[("Content-Type: text/plain", "x")]));
+    assert_eq!(credential(run(&p, &mp_headers("b"), &body)).1, "body multipart preamble");
+    // Too many nested multiparts: refused as too deep.
+    let mut body = "the innermost part".to_string();
+    for level in 0..8 {
+        body = String::from_utf8(multipart(&format!("b{level}"), "\r\n", &[(&format!("Content-Type: multipart/mixed; boundary=b{}", level.max(1) - 1), &body)])).unwrap();
+    }
+    let body = multipart("top", "\r\n", &[("Content-Type: multipart/mixed; boundary=b7", &body)]);
+    assert_eq!(run(&p, &mp_headers("top"), &body).unwrap_err().code(), CODE_TOO_DEEP);
+    // Unknown transfer encoding: 415; broken base64: 400; no boundary or no delimiter: 400.
+    let body = multipart("b", "\r\n", &[("Content-Transfer-Encoding: x-uuencode", "begin 644 k")]);
+    let err = run(&p, &mp_headers("b"), &body).unwrap_err();
+    assert_eq!((err.code(), err.rejection("uat").status), (CODE_ENCODING, 415));
+    let body = multipart("b", "\r\n", &[("Content-Transfer-Encoding: base64", "this is *not* base64 !!")]);
+    assert_eq!(run(&p, &mp_headers("b"), &body).unwrap_err().code(), CODE_UNDECODABLE);
+    let h = req("POST", "/", &[("content-type", "multipart/form-data")]);
+    assert_eq!(run(&p, &h, b"--x\r\n\r\nhello\r\n--x--").unwrap_err().code(), CODE_UNDECODABLE);
+    assert_eq!(run(&p, &mp_headers("b"), b"no delimiter at all").unwrap_err().code(), CODE_UNDECODABLE);
+    // A line that only starts with the delimiter is content, not a delimiter.
+    let body = b"--b\r\nContent-Type: text/plain\r\n\r\n--bogus line\r\nhello\r\n--b--\r\n";
+    assert_eq!(run(&p, &mp_headers("b"), body), Ok(BodyOutcome::Clean));
+    // No closing delimiter: the last part runs to the end, and is still inspected.
+    let body = format!("--b\r\nContent-Transfer-Encoding: base64\r\n\r\n{}", b64(PROD.as_bytes()));
+    assert_eq!(credential(run(&p, &mp_headers("b"), body.as_bytes())).1, "body part 1 text (base64)");
+}
+
+#[test]
+fn credentials_in_every_header_kind() {
+    let p = policy();
+    // Unpadded: not what Basic requires, found by the scan of the whole value.
+    let basic_url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("svc1:{PROD}"));
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("cookie", format!("a=1; push=\"{PROD}\"; b=2"), "header cookie push"),
+        ("cookie", format!("a=1;push={}", pct(b64(PROD.as_bytes()).as_bytes())), "header cookie push (url-encoded, base64)"),
+        ("cookie", format!("{PROD}=1"), "header cookie name"),
+        ("authorization", format!("Basic {}", b64(format!("svc:{PROD}").as_bytes())), "header authorization (basic password)"),
+        ("authorization", format!("Basic {basic_url_safe}"), "header authorization (base64)"),
+        ("authorization", format!("Bearer {}", wrap(PROD, "bbb")), "header authorization (bearer, base64, base64, base64)"),
+        ("proxy-authorization", format!("Bearer {PROD}"), "header proxy-authorization (bearer)"),
+        ("authorization", format!("ApiKey {PROD}"), "header authorization"),
+        ("x-custom-token", PROD.to_string(), "header x-custom-token"),
+        ("x-forwarded-client-cert", format!("By=spiffe://uat/a;Hash={};Subject=\"CN=x\"", b64(PROD.as_bytes())), "header x-forwarded-client-cert (base64)"),
+        ("idempotency-key", PROD.to_string(), "header idempotency-key"),
+        ("signature", format!("sig1=:{}:", b64(PROD.as_bytes())), "header signature (base64)"),
+    ];
+    for (name, value, location) in cases {
+        let got = credential(run(&p, &req("GET", "/", &[(name, &value)]), b""));
+        assert_eq!(got, ("apns-prod".to_string(), location.to_string()), "{name}: {value}");
+        // The same in a trailer.
+        match check_trailers(&p, &[(name.to_string(), value.clone())]) {
+            Err(GuardError::Credential { label, .. }) => assert_eq!(label, "apns-prod"),
+            other => panic!("trailer {name}: {other:?}"),
+        }
+    }
+}
