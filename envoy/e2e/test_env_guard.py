@@ -375,3 +375,141 @@ def test_demo_chain_signed_requests_pass_and_a_signed_production_key_is_refused(
     r = chain.signed("POST", "/v1/transfers", body, headers=JSON)
     assert_refused(demo_api, chain, r, ref, "body json $.currency")
     assert chain.counter("firebreak.request_signature.accepted") == 1
+
+
+# --- issue 13: evasions (nested encodings, multipart transfer encodings, every header) -----------
+
+def upstream_requests(gateway) -> int:
+    """Requests the upstream answered. (Not `upstream_rq_total`: for a body finding the router has
+    already been handed the headers, so Envoy may open, or pick a pooled, upstream request that the
+    refusal then cancels or resets before any body byte is sent; the upstream never answers it.)"""
+    return gateway.counter("cluster.money_api.upstream_rq_completed")
+
+
+def refused_unseen(gateway, demo_api, method, path, headers, body, status, code, reference=None):
+    """Sends one request; the client gets `status`/`code` and the upstream never sees it."""
+    before = upstream_requests(gateway)
+    r = gateway.request(method, path, headers, body)
+    assert (r.status, r.error) == (status, code), r.body
+    assert r.headers.get("x-firebreak-error") == code
+    assert set(r.json) == {"error", "message"}
+    assert PROD_KEY not in r.body.decode()
+    assert upstream_requests(gateway) == before, "a refused request reached the upstream (it answered)"
+    if reference is not None:
+        assert demo_api.executed(reference) == 0
+    return r
+
+
+def wrap(secret: str, layers: str) -> str:
+    """`layers` applied innermost first: b base64, p percent-encoding, g gzip then base64,
+    j a JSON document {"k": ...}."""
+    value = secret
+    for layer in layers:
+        if layer == "b":
+            value = base64.b64encode(value.encode()).decode()
+        elif layer == "p":
+            value = urllib.parse.quote(value, safe="")
+        elif layer == "g":
+            value = base64.b64encode(gzip.compress(value.encode())).decode()
+        elif layer == "j":
+            value = json.dumps({"k": value})
+    return value
+
+
+@pytest.mark.parametrize("layers", ["bbb", "pbb", "bjpb", "gb", "bbbb", "pbpb", "bgb", "bbbbb", "bbgb", "bbbbbb", "pbpbpb", "bbgbb"])
+def test_nested_encodings_up_to_the_bound_are_found(demo_api, gateway, layers):
+    ref = new_ref()
+    value = wrap(PROD_KEY, layers)
+    # In a JSON field the API accepts (it would execute the transfer), in a header, in the query.
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", JSON, json.dumps(transfer(ref, currency=value)).encode(),
+                       403, CODE, ref)
+    assert "found in body json $.currency (" in r.json["message"], r.json["message"]
+    refused_unseen(gateway, demo_api, "POST", "/v1/transfers", JSON + [("x-push-key", value)],
+                   json.dumps(transfer(ref)).encode(), 403, CODE, ref)
+    refused_unseen(gateway, demo_api, "POST", f"/v1/transfers?k={urllib.parse.quote(value, safe='')}", JSON,
+                   json.dumps(transfer(ref)).encode(), 403, CODE, ref)
+
+
+@pytest.mark.parametrize("layers", ["bbbbbbb", "bgbbbb", "bbgbbb", "bbbbbbbbbb"])
+def test_deeper_than_the_bound_is_refused_encoding_too_deep(demo_api, gateway, layers):
+    ref = new_ref()
+    value = wrap(PROD_KEY, layers)
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", JSON, json.dumps(transfer(ref, currency=value)).encode(),
+                       422, "encoding_too_deep", ref)
+    assert "after 6 layers" in r.json["message"], r.json["message"]
+    refused_unseen(gateway, demo_api, "POST", "/v1/transfers", JSON + [("x-push-key", value)],
+                   json.dumps(transfer(ref)).encode(), 422, "encoding_too_deep", ref)
+    assert gateway.counter("firebreak.env_guard.rejected.encoding_too_deep") >= 2
+
+
+def test_deep_looking_innocent_transfer_passes(demo_api, gateway):
+    ref = new_ref()
+    memo = wrap("a memo wrapped three times", "bbb")
+    body = transfer(ref, currency="EUR")
+    headers = JSON + [("x-memo", memo), ("x-noise", "QUFBQUFBQUFBQUFB!!!== %%%%%2525zz%2 H4sIAAAAAAAA/wXBMQ0AAAgDsFv"),
+                      ("cookie", "session=eyJ1c2VyIjoiYWxpY2UifQ%3D%3D; theme=dark"),
+                      ("signature", "sig1=:dGhpcyBpcyBub3QgYSByZWFsIG1hYyBidXQgMzIgYnl0ZXM=:"),
+                      ("idempotency-key", str(uuid.uuid4()))]
+    r = gateway.request("POST", "/v1/transfers", headers, json.dumps(body).encode())
+    assert r.status == 201, r.body
+    assert demo_api.executed(ref) == 1
+
+
+def multipart_body(boundary: str, eol: str, parts) -> bytes:
+    out = f"preamble{eol}"
+    for headers, body in parts:
+        out += f"--{boundary}{eol}{headers.replace(chr(10), eol)}{eol}{eol}{body}{eol}"
+    out += f"--{boundary}--{eol}"
+    return out.encode()
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\n"])
+@pytest.mark.parametrize("cte", ["Content-Transfer-Encoding", "content-transfer-encoding"])
+def test_multipart_parts_quoted_printable_and_base64(demo_api, gateway, eol, cte):
+    ref = new_ref()
+    ct = [("content-type", 'multipart/form-data; boundary="fb-42"')]
+    # quoted-printable: the key split by a soft line break, one byte escaped (=61 is "a").
+    qp = PROD_KEY[:20] + "=" + eol + PROD_KEY[20:].replace("a", "=61")
+    body = multipart_body("fb-42", eol, [(f'Content-Disposition: form-data; name="reference"', ref),
+                                         (f'Content-Disposition: form-data; name="note"\n{cte}: quoted-printable', qp)])
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", ct, body, 403, CODE, ref)
+    assert "found in body part 2 text (quoted-printable);" in r.json["message"], r.json["message"]
+    # base64 of a JSON part, wrapped at 76 columns.
+    doc = base64.b64encode(json.dumps({"push": {"alert": "hhhhh, long enough to wrap", "key": PROD_KEY}}).encode()).decode()
+    wrapped = eol.join(doc[i:i + 76] for i in range(0, len(doc), 76))
+    body = multipart_body("fb-42", eol, [(f'Content-Disposition: form-data; name="p"\nContent-Type: application/json\n{cte}: base64', wrapped)])
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", ct, body, 403, CODE, ref)
+    assert "found in body part 1 json $.push.key (base64);" in r.json["message"], r.json["message"]
+
+
+def test_multipart_nested_unknown_and_malformed(demo_api, gateway):
+    ref = new_ref()
+    inner = multipart_body("in", "\r\n", [("Content-Type: text/plain\nContent-Transfer-Encoding: base64",
+                                           base64.b64encode(f"key {PROD_KEY}".encode()).decode())]).decode()
+    body = multipart_body("out", "\r\n", [("Content-Type: multipart/mixed; boundary=in", inner)])
+    ct = [("content-type", "multipart/mixed; boundary=out")]
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", ct, body, 403, CODE, ref)
+    assert "body part 1.1 text (base64)" in r.json["message"]
+    body = multipart_body("out", "\r\n", [("Content-Transfer-Encoding: x-uuencode", "begin 644 key")])
+    refused_unseen(gateway, demo_api, "POST", "/v1/transfers", ct, body, 415, "content_encoding_not_inspectable", ref)
+    refused_unseen(gateway, demo_api, "POST", "/v1/transfers", [("content-type", "multipart/form-data")],
+                   b"--x\r\n\r\nhello\r\n--x--\r\n", 400, "body_not_decodable", ref)
+
+
+@pytest.mark.parametrize("name,value,location", [
+    ("cookie", f'theme=dark; push="{PROD_KEY}"', "header cookie push"),
+    ("cookie", f"a=1;push={urllib.parse.quote(base64.b64encode(PROD_KEY.encode()).decode(), safe='')}", "header cookie push (url-encoded, base64)"),
+    ("authorization", "Basic " + base64.b64encode(f"svc:{PROD_KEY}".encode()).decode(), "header authorization (basic password)"),
+    ("authorization", f"Bearer {wrap(PROD_KEY, 'bb')}", "header authorization (bearer, base64, base64)"),
+    ("x-custom-token", PROD_KEY, "header x-custom-token"),
+    # Skipped before issue 13:
+    ("idempotency-key", PROD_KEY, "header idempotency-key"),
+    ("signature", f"sig1=:{base64.b64encode(PROD_KEY.encode()).decode()}:", "header signature (base64)"),
+    ("signature-input", f'sig1=("@method");created=1;keyid="{PROD_KEY}"', "header signature-input"),
+    ("content-digest", f"sha-256=:{base64.b64encode(PROD_KEY.encode()).decode()}:", "header content-digest (base64)"),
+])
+def test_credential_in_every_header_kind(demo_api, gateway, name, value, location):
+    ref = new_ref()
+    r = refused_unseen(gateway, demo_api, "POST", "/v1/transfers", JSON + [(name, value)], json.dumps(transfer(ref)).encode(),
+                       403, CODE, ref)
+    assert f"found in {location};" in r.json["message"], r.json["message"]
