@@ -124,7 +124,39 @@ def test_unknown_key_id(demo_api, gateway):
     body = transfer_body(ref)
     sig = harness.sign("POST", gateway.url("/v1/transfers"), body, key_id="mallory")
     r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
-    assert_refused(demo_api, gateway, r, ref, 401, "key_unknown")
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def client_view(response):
+    """Everything a client sees of a refusal, minus what differs between any two responses."""
+    headers = {k: v for k, v in response.headers.items() if k not in ("date", "x-envoy-upstream-service-time")}
+    return response.status, headers, response.body
+
+
+def test_an_unknown_key_id_and_a_wrong_mac_look_the_same_but_are_counted_apart(demo_api, gateway):
+    # No oracle: a caller cannot tell whether a key id exists; the operator can.
+    def counts():
+        return {reason: gateway.counter(f"firebreak.request_signature.rejected.signature_invalid.{reason}")
+                for reason in ("unknown_key", "mac_mismatch")}
+
+    before, total = counts(), gateway.counter("firebreak.request_signature.rejected.signature_invalid")
+    ref = new_ref()
+    body = transfer_body(ref)
+    unknown = gateway.request("POST", "/v1/transfers",
+                              JSON + harness.sign("POST", gateway.url("/v1/transfers"), body, key_id="mallory"), body)
+    forged = gateway.request("POST", "/v1/transfers",
+                             JSON + harness.sign("POST", gateway.url("/v1/transfers"), body,
+                                                 secret_b64=base64.b64encode(b"y" * 44).decode()), body)
+    assert client_view(unknown) == client_view(forged)
+    assert (unknown.status, unknown.error) == (401, "signature_invalid")
+    assert unknown.json == {"error": "signature_invalid", "message": "the signature does not verify"}
+    assert demo_api.executed(ref) == 0
+    after = counts()
+    assert after == {"unknown_key": before["unknown_key"] + 1, "mac_mismatch": before["mac_mismatch"] + 1}
+    assert gateway.counter("firebreak.request_signature.rejected.signature_invalid") == total + 2
+    logs = gateway.logs()
+    assert "code=signature_invalid reason=unknown_key" in logs and "keyid=mallory" in logs
+    assert "code=signature_invalid reason=mac_mismatch" in logs
 
 
 @pytest.mark.parametrize("offset,code", [(-301, "signature_stale"), (+60, "signature_from_future")])
