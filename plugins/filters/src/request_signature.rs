@@ -7,7 +7,7 @@ use std::rc::Rc;
 use firebreak_core::remote::{self, Backend, RedisConfig};
 use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
-    claim_nonce, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
+    claim_nonce, client_principal_copies, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
     VerifiedHeaders,
 };
 use firebreak_glue::{self as glue, Counters, HostStore};
@@ -190,15 +190,18 @@ impl HttpContext for SignatureFilter {
         let path = firebreak_core::route::split_path(path_and_query).0;
         let context = format!("method={method} path={path:?}");
 
-        // Only this filter may assert a principal: a client-supplied copy never survives, on any
-        // route. Duplicates are refused below on protected routes before they are stripped.
-        let client_principal = headers.iter().filter(|(n, _)| *n == self.policy.principal_header).count();
+        // Only this filter may assert a principal: a client-supplied copy, in any spelling (case,
+        // `_` for `-`), never survives, on any route; on a protected route another spelling or a
+        // duplicate is refused.
         let protected = self.policy.applies_to(method, path);
-        if protected && client_principal > 1 {
-            return self.fail(SigError::DuplicateHeader(self.policy.principal_header.clone()), &context);
-        }
-        if client_principal > 0 && glue::set_request_header(&self.policy.principal_header, None).is_err() {
-            return self.fail(SigError::StateUnavailable, &context);
+        let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
+            Ok(names) => names,
+            Err((error, name)) => return self.fail(error, &format!("{context} header={name:?}")),
+        };
+        for name in client_principal {
+            if glue::set_request_header(name, None).is_err() {
+                return self.fail(SigError::StateUnavailable, &context);
+            }
         }
         if !protected {
             self.counters.count_passed("passed_unprotected");

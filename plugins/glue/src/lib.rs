@@ -338,13 +338,16 @@ pub fn set_principal(principal: &str) -> Result<(), Status> {
 }
 
 /// The principal verified by the request-signature filter earlier in this chain, if any (in
-/// chain mode from the stream's facts when a stage of this chain verified it).
-pub fn principal() -> Option<String> {
+/// chain mode from the stream's facts when a stage of this chain verified it). An error when the
+/// host cannot tell (or holds something that is not UTF-8): the caller fails closed rather than
+/// take the request for one without a principal.
+pub fn principal() -> Result<Option<String>, Status> {
     if let Some(principal) = STREAM_FACTS.with(|facts| facts.borrow().principal.clone()) {
-        return Some(principal);
+        return Ok(Some(principal));
     }
-    let bytes = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).ok()??;
-    String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
+    let Some(bytes) = hostcalls::get_property(vec![PRINCIPAL_PROPERTY])? else { return Ok(None) };
+    let principal = String::from_utf8(bytes).map_err(|_| Status::SerializationFailure)?;
+    Ok(Some(principal).filter(|p| !p.is_empty()))
 }
 
 /// Filter-state property holding the SHA-256 of the request body (64 lower-case hex digits),

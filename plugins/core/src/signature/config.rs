@@ -195,8 +195,11 @@ impl SignaturePolicy {
             return Err(ConfigError::new("max_body_bytes", "must be between 1 and 67108864"));
         }
         let principal_header = raw.principal_header.to_ascii_lowercase();
-        if !valid_header_name(&principal_header) {
-            return Err(ConfigError::new("principal_header", "not a valid header name"));
+        if !crate::headers::valid_identity_header_name(&principal_header) {
+            return Err(ConfigError::new(
+                "principal_header",
+                "not a valid header name: letters, digits and `-` (many upstreams read `_` as `-`)",
+            ));
         }
         if let Some(label) = &raw.label {
             if sfv::KeyRef::from_str(label).is_err() {
@@ -360,6 +363,7 @@ mod tests {
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"{SECRET}","algorithm":"rsa"}}]}}"#), "keys[0].algorithm"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"nonce_store":{{"buckets":0}}}}"#), "nonce_store.buckets"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_body_bytes":0}}"#), "max_body_bytes"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"principal_header":"x_principal"}}"#), "principal_header"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_replica_clock_skew_seconds":301}}"#), "max_replica_clock_skew_seconds"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
         ];

@@ -429,3 +429,34 @@ fn the_redis_nonce_lifetime_covers_the_clock_skew_between_replicas() {
     let default = policy();
     assert_eq!(default.max_replica_clock_skew_seconds, 30);
 }
+
+#[test]
+fn every_client_spelling_of_the_principal_header_is_removed_or_refused() {
+    let p = policy();
+    let none: Vec<&str> = Vec::new();
+    // Unprotected route: every spelling is removed (each distinct name once), nothing refused.
+    let headers = h(&[
+        ("x_firebreak_principal", "victim"),
+        ("x-firebreak-principal", "admin"),
+        ("X_Firebreak-Principal", "victim"),
+        ("x_firebreak_principal", "again"),
+        ("x-firebreak-principals", "not a spelling"),
+    ]);
+    assert_eq!(
+        client_principal_copies(&p, &headers, false),
+        Ok(vec!["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak-principal"])
+    );
+    assert_eq!(client_principal_copies(&p, &h(&[("content-type", "a")]), false), Ok(none.clone()));
+    // Protected route: another spelling is an attempt to assert an identity.
+    for variant in ["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak_principal", "X-FIREBREAK-PRINCIPAL"] {
+        let headers = h(&[(variant, "victim")]);
+        let (error, name) = client_principal_copies(&p, &headers, true).unwrap_err();
+        assert_eq!((error.rejection().status, error.rejection().code, name), (400, "principal_header_spoofed", variant));
+    }
+    let twice = h(&[("x-firebreak-principal", "a"), ("x-firebreak-principal", "b")]);
+    assert_eq!(client_principal_copies(&p, &twice, true).unwrap_err().0.rejection().code, "header_duplicated");
+    // One copy under the exact name is removed (the filter sets its own once the MAC verified).
+    let once = h(&[("x-firebreak-principal", "a")]);
+    assert_eq!(client_principal_copies(&p, &once, true), Ok(vec!["x-firebreak-principal"]));
+    assert_eq!(client_principal_copies(&p, &h(&[]), true), Ok(none));
+}

@@ -28,6 +28,9 @@ pub const MAX_SIGNATURE_HEADER_LEN: usize = 4096;
 pub enum SigError {
     Missing,
     DuplicateHeader(String),
+    /// On a protected route, the client sent the principal header in another spelling (case,
+    /// `_` for `-`): an attempt to assert an identity past an upstream that merges spellings.
+    PrincipalHeaderSpoofed,
     Malformed(&'static str),
     LabelNotFound,
     MultipleSignatures,
@@ -70,6 +73,7 @@ impl SigError {
         match self {
             Missing => Rejection::new(401, "signature_missing", "this route requires Signature and Signature-Input headers"),
             DuplicateHeader(h) => Rejection::new(400, "header_duplicated", format!("header `{h}` must appear once")),
+            PrincipalHeaderSpoofed => Rejection::new(400, "principal_header_spoofed", "only the gateway sets the principal header, in any spelling"),
             Malformed(what) => Rejection::new(400, "signature_malformed", format!("malformed {what}")),
             LabelNotFound => Rejection::new(400, "signature_malformed", "the configured signature label is missing"),
             MultipleSignatures => Rejection::new(400, "signature_malformed", "exactly one signature is accepted"),
@@ -107,6 +111,33 @@ pub struct VerifiedHeaders {
     pub covers_content_digest: bool,
     /// When the nonce may be forgotten: after this the signature is no longer acceptable anyway.
     pub nonce_expires_at_ms: u64,
+}
+
+/// The client-supplied copies of the principal header, in every spelling (case, `_` for `-`; see
+/// [`crate::headers`]): only the filter may assert a principal. Returns the distinct names to
+/// remove from the request, on every route. On a protected route a copy in another spelling than
+/// the configured one is refused (`400 principal_header_spoofed`: no legitimate hop sends it), and
+/// so are two copies (`400 header_duplicated`); one copy under the exact name is removed (an
+/// outer gateway may have set it; this filter sets its own).
+pub fn client_principal_copies<'a>(
+    policy: &SignaturePolicy,
+    headers: &'a [(String, String)],
+    protected: bool,
+) -> Result<Vec<&'a str>, (SigError, &'a str)> {
+    let found = crate::headers::spellings(headers, &policy.principal_header);
+    if protected {
+        if let Some(variant) = found.variants.first() {
+            return Err((SigError::PrincipalHeaderSpoofed, variant));
+        }
+        if found.count > 1 {
+            return Err((SigError::DuplicateHeader(policy.principal_header.clone()), ""));
+        }
+    }
+    let mut names = found.variants;
+    if let Some((name, _)) = headers.iter().find(|(n, _)| *n == policy.principal_header) {
+        names.push(name);
+    }
+    Ok(names)
 }
 
 /// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
