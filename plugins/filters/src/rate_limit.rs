@@ -234,6 +234,11 @@ impl HttpContext for RateLimitFilter {
         let Ok(headers) = glue::request_headers_lossy() else {
             return self.reject(&ratelimit::host_failure("headers_unreadable"), &format!("instance={instance}"));
         };
+        // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
+        if [":method", ":path"].iter().any(|name| glue::header(&headers, name) == Some("")) {
+            let rejection = firebreak_core::Rejection::new(400, "request_headers_invalid", "the request's method or path is not valid UTF-8");
+            return self.reject(&rejection, &format!("instance={instance}"));
+        }
         let method = glue::header(&headers, ":method").unwrap_or_default();
         let path = split_path(glue::header(&headers, ":path").unwrap_or_default()).0;
         if !self.policy.applies_to(method, path) {
