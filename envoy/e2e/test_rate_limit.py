@@ -350,3 +350,25 @@ def test_the_readme_envoy_yaml_works_as_documented(demo_api, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def raw_request(port: int, request_line: bytes) -> int:
+    """The status of one request whose request line is sent as raw bytes (0: connection closed)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_line + b"\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    m = re.match(rb"HTTP/1\.1 (\d{3})", data)
+    return int(m.group(1)) if m else 0
+
+
+def test_a_path_that_is_not_utf8_is_not_an_unlimited_path(envoy_factory):
+    # The filter reads header values lossily; a path it cannot read must not match "no route".
+    # Envoy 1.40's HTTP/1 codec refuses such a request line itself (the filter's own refusal,
+    # 400 request_headers_invalid, is defence in depth for hosts and codecs that pass it).
+    envoy = envoy_factory([rate_limit("raw", [rule(routes=[{"path_prefix": "/v1/"}], burst=1)])])
+    statuses = [raw_request(envoy.port, b"GET /v1/accounts/\xff\xfe/balance HTTP/1.1") for _ in range(3)]
+    # Either Envoy refuses such a path itself, or the filter does; it never passes unlimited.
+    assert all(status in (0, 400) for status in statuses), statuses

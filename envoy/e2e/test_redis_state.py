@@ -2,6 +2,7 @@
 nonces; when Redis is down, money routes fail closed and recover when it returns."""
 
 import json
+import subprocess
 import time
 import uuid
 
@@ -64,7 +65,7 @@ def test_redis_down_fails_closed_and_recovers(envoy_factory, redis_bridge, demo_
     assert demo_api.executed(ref) == 1
 
 
-def test_unreachable_bridge_fails_closed_or_open_as_configured(envoy_factory, demo_api):
+def test_unreachable_bridge_fails_closed(envoy_factory, demo_api):
     dead = harness.free_port()
     cluster = {"name": "dead_bridge", "type": "STATIC", "connect_timeout": "0.2s",
                "load_assignment": {"cluster_name": "dead_bridge", "endpoints": [{"lb_endpoints": [{
@@ -75,12 +76,31 @@ def test_unreachable_bridge_fails_closed_or_open_as_configured(envoy_factory, de
     r = closed.signed("POST", "/v1/transfers", body(ref), headers=JSON)
     assert (r.status, r.error) == (503, "state_unavailable")
     assert demo_api.executed(ref) == 0
-    open_ = envoy_factory([harness.signature_filter(state=harness.redis_state("dead_bridge", failure_mode="open"))],
-                          extra_clusters=[cluster])
-    r = open_.signed("POST", "/v1/transfers", body(ref), headers=JSON)
-    assert r.status == 201
-    assert open_.counter("firebreak.request_signature.state_unavailable_failed_open") == 1
-    assert "fail_open nonce_unchecked" in open_.logs()
+
+
+def test_failure_mode_open_is_refused_at_configuration(demo_api):
+    # An unrecorded nonce is a replay that cannot be refused: there is no safe "open".
+    e = harness.Envoy([harness.signature_filter(state=harness.redis_state("dead_bridge", failure_mode="open"))],
+                      demo_api.port, expect_failure=True)
+    assert e.proc.returncode != 0
+    assert "config_error field=state.failure_mode" in e.logs()
+
+
+def test_the_nonce_ttl_on_redis_covers_the_replica_clock_skew(envoy_factory, redis_bridge, demo_api):
+    state = harness.redis_state()
+    gw = envoy_factory([harness.buffer_filter(), harness.signature_filter(state=state,
+                                                                          max_replica_clock_skew_seconds=45)],
+                       extra_clusters=[redis_bridge.cluster()])
+    ref = f"redis-{uuid.uuid4().hex[:10]}"
+    assert gw.signed("POST", "/v1/transfers", body(ref), headers=JSON).status == 201
+    # Straight to redis-server (the bridge refuses KEYS): the key name is the filter's business.
+    cli = ["redis-cli", "-h", "127.0.0.1", "-p", str(redis_bridge.redis_port)]
+    keys = subprocess.run(cli + ["--scan", "--pattern", f"{state['key_prefix']}:sig:nonce:*"],
+                          check=True, capture_output=True, text=True).stdout.split()
+    assert len(keys) == 1, keys
+    pttl = redis_bridge.command("PTTL", keys[0])["PTTL"]
+    # max_age 300 + future skew 5 + replica skew 45 + 1 s, whatever the gateway's clock.
+    assert 350_000 < pttl <= 351_000, pttl
 
 
 def test_fifty_concurrent_copies_across_two_instances_execute_once(envoy_factory, redis_bridge, demo_api):

@@ -124,7 +124,39 @@ def test_unknown_key_id(demo_api, gateway):
     body = transfer_body(ref)
     sig = harness.sign("POST", gateway.url("/v1/transfers"), body, key_id="mallory")
     r = gateway.request("POST", "/v1/transfers", JSON + sig, body)
-    assert_refused(demo_api, gateway, r, ref, 401, "key_unknown")
+    assert_refused(demo_api, gateway, r, ref, 401, "signature_invalid")
+
+
+def client_view(response):
+    """Everything a client sees of a refusal, minus what differs between any two responses."""
+    headers = {k: v for k, v in response.headers.items() if k not in ("date", "x-envoy-upstream-service-time")}
+    return response.status, headers, response.body
+
+
+def test_an_unknown_key_id_and_a_wrong_mac_look_the_same_but_are_counted_apart(demo_api, gateway):
+    # No oracle: a caller cannot tell whether a key id exists; the operator can.
+    def counts():
+        return {reason: gateway.counter(f"firebreak.request_signature.rejected.signature_invalid.{reason}")
+                for reason in ("unknown_key", "mac_mismatch")}
+
+    before, total = counts(), gateway.counter("firebreak.request_signature.rejected.signature_invalid")
+    ref = new_ref()
+    body = transfer_body(ref)
+    unknown = gateway.request("POST", "/v1/transfers",
+                              JSON + harness.sign("POST", gateway.url("/v1/transfers"), body, key_id="mallory"), body)
+    forged = gateway.request("POST", "/v1/transfers",
+                             JSON + harness.sign("POST", gateway.url("/v1/transfers"), body,
+                                                 secret_b64=base64.b64encode(b"y" * 44).decode()), body)
+    assert client_view(unknown) == client_view(forged)
+    assert (unknown.status, unknown.error) == (401, "signature_invalid")
+    assert unknown.json == {"error": "signature_invalid", "message": "the signature does not verify"}
+    assert demo_api.executed(ref) == 0
+    after = counts()
+    assert after == {"unknown_key": before["unknown_key"] + 1, "mac_mismatch": before["mac_mismatch"] + 1}
+    assert gateway.counter("firebreak.request_signature.rejected.signature_invalid") == total + 2
+    logs = gateway.logs()
+    assert "code=signature_invalid reason=unknown_key" in logs and "keyid=mallory" in logs
+    assert "code=signature_invalid reason=mac_mismatch" in logs
 
 
 @pytest.mark.parametrize("offset,code", [(-301, "signature_stale"), (+60, "signature_from_future")])
@@ -265,3 +297,95 @@ def test_invalid_configuration_refuses_to_start_and_names_the_field(demo_api):
         envoy = harness.Envoy([harness.signature_filter(**overrides)], demo_api.port, expect_failure=True)
         assert envoy.proc.returncode != 0
         assert f"config_error field={field}" in envoy.logs()
+
+
+class EchoUpstream:
+    """An upstream that records the header names and values of every request exactly as they
+    arrive (the names an upstream framework would read) and answers 200."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("content-length") or 0)
+                self.rfile.read(length)
+                seen.append((self.command, self.path, list(self.headers.items())))
+                body = b'{"ok":true}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def principal_headers(self):
+        """Every header line, in any spelling, an upstream could read as the principal header."""
+        norm = lambda name: name.lower().replace("_", "-")  # noqa: E731
+        return [(n, v) for _, _, headers in self.seen for n, v in headers if norm(n) == "x-firebreak-principal"]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SPELLINGS = ["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak_principal", "X-FIREBREAK-PRINCIPAL",
+             "x-firebreak-principal"]
+
+
+@pytest.mark.parametrize("underscores", [None, "REJECT_REQUEST", "DROP_HEADER"])
+def test_no_client_spelling_of_the_principal_header_reaches_the_upstream(underscores):
+    # Envoy passes header names with underscores through by default (ALLOW); the shipped
+    # configurations may reject or drop them. The filter must hold either way.
+    upstream = EchoUpstream()
+    config = harness.bootstrap(0, 0, 0, [harness.signature_filter(
+        routes=[{"methods": ["POST"], "path_prefix": "/v1/transfers"}])])
+    if underscores:
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["common_http_protocol_options"] = {"headers_with_underscores_action": underscores}
+    envoy = harness.Envoy([], upstream.port, bootstrap_config=config)
+    try:
+        def expected(name, signed):
+            """(status, error) per spelling and Envoy setting."""
+            if name.lower() == "x-firebreak-principal":  # Envoy lower-cases names: the exact one
+                return (200, None) if signed else (401, "signature_missing")
+            if underscores == "REJECT_REQUEST":
+                return (400, None)  # Envoy's own refusal, before any filter
+            if underscores == "DROP_HEADER":
+                return (200, None) if signed else (401, "signature_missing")
+            return (400, "principal_header_spoofed")
+
+        # Unprotected route, one spelling per request and all at once: every copy removed.
+        for name in SPELLINGS:
+            r = envoy.request("POST", "/v1/accounts", JSON + [(name, "victim")], b"{}")
+            assert (r.status, r.error) == ((400, None) if underscores == "REJECT_REQUEST" and "_" in name else (200, None))
+        r = envoy.request("POST", "/v1/accounts", JSON + [(n, "victim") for n in SPELLINGS], b"{}")
+        assert r.status == (400 if underscores == "REJECT_REQUEST" else 200)
+        # Protected route, unsigned and signed.
+        for name in SPELLINGS:
+            r = envoy.request("POST", "/v1/transfers", JSON + [(name, "victim")], b"{}")
+            assert (r.status, r.error) == expected(name, signed=False), (name, r.status, r.body)
+            body = json.dumps({"spelling": name}).encode()
+            r = envoy.signed("POST", "/v1/transfers", body, headers=JSON + [(name, "victim")])
+            assert (r.status, r.error) == expected(name, signed=True), (name, r.status, r.body)
+        # What the upstream saw: no client copy in any spelling; only the filter's own header
+        # (the verified key id), once per accepted signed request.
+        accepted = sum(1 for name in SPELLINGS if expected(name, signed=True)[0] == 200)
+        assert upstream.principal_headers() == [("x-firebreak-principal", harness.DEMO_KEY_ID)] * accepted, upstream.seen
+        assert len(upstream.seen) >= 2, "the unprotected requests were forwarded"
+        if underscores is None:
+            assert envoy.counter("firebreak.request_signature.rejected.principal_header_spoofed") == 6
+            assert 'code=principal_header_spoofed method=POST path="/v1/transfers" header="x_firebreak_principal"' in envoy.logs()
+    finally:
+        envoy.stop()
+        upstream.stop()

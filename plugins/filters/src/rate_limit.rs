@@ -122,14 +122,10 @@ fn source_address() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The request headers, in one host call; a value that is not UTF-8 is kept as an empty value.
-fn request_headers() -> Vec<(String, String)> {
-    glue::request_headers_lossy().unwrap_or_default()
-}
 
-/// Every value of one header, as (name, value) pairs.
+/// Every value of one header in any of its spellings (case, `_` for `-`), as (name, value) pairs.
 fn all_values(headers: &[(String, String)], name: &str) -> Vec<(String, String)> {
-    headers.iter().filter(|(n, _)| n == name).cloned().collect()
+    headers.iter().filter(|(n, _)| firebreak_core::headers::is_spelling_of(n, name)).cloned().collect()
 }
 
 impl RateLimitFilter {
@@ -233,7 +229,16 @@ impl HttpContext for RateLimitFilter {
         let instance = &self.policy.name;
         // One read of the header map; the host is asked only for what this instance's rules key
         // on (the client address, the verified principal).
-        let headers = request_headers();
+        // A value that is not UTF-8 is kept as an empty value. Headers that cannot be read at all
+        // leave the route unknown: refused, never let through unchecked.
+        let Ok(headers) = glue::request_headers_lossy() else {
+            return self.reject(&ratelimit::host_failure("headers_unreadable"), &format!("instance={instance}"));
+        };
+        // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
+        if [":method", ":path"].iter().any(|name| glue::header(&headers, name) == Some("")) {
+            let rejection = firebreak_core::Rejection::new(400, "request_headers_invalid", "the request's method or path is not valid UTF-8");
+            return self.reject(&rejection, &format!("instance={instance}"));
+        }
         let method = glue::header(&headers, ":method").unwrap_or_default();
         let path = split_path(glue::header(&headers, ":path").unwrap_or_default()).0;
         if !self.policy.applies_to(method, path) {
@@ -246,7 +251,10 @@ impl HttpContext for RateLimitFilter {
         let keys_on_user = self.policy.rules.iter().any(|r| r.key != KeyBy::Ip);
         let keys_on_ip = self.policy.rules.iter().any(|r| r.key != KeyBy::User);
         let (principal, trusted) = match &self.policy.user_source {
-            UserSource::Principal if keys_on_user => (glue::principal(), Vec::new()),
+            UserSource::Principal if keys_on_user => match glue::principal() {
+                Ok(principal) => (principal, Vec::new()),
+                Err(_) => return self.reject(&ratelimit::host_failure("principal_unreadable"), &context),
+            },
             UserSource::TrustedHeader(name) if keys_on_user => (None, all_values(&headers, name)),
             _ => (None, Vec::new()),
         };

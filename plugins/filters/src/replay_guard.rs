@@ -684,7 +684,10 @@ impl HttpContext for ReplayFilter {
                 return self.reject_with(&Rejection::new(400, "request_headers_invalid", "request headers are not valid UTF-8"), "")
             }
         };
-        let principal = glue::principal();
+        let principal = match glue::principal() {
+            Ok(principal) => principal,
+            Err(status) => return self.reject(&ReplayError::StateUnavailable, &format!("principal_unreadable={status:?}")),
+        };
         let facts = RequestFacts {
             method: glue::header(&headers, ":method").unwrap_or(""),
             path_and_query: glue::header(&headers, ":path").unwrap_or(""),

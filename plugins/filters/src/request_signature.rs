@@ -4,10 +4,10 @@
 
 use std::rc::Rc;
 
-use firebreak_core::remote::{self, Backend, FailureMode, RedisConfig};
+use firebreak_core::remote::{self, Backend, RedisConfig};
 use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
-    claim_nonce, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
+    claim_nonce, client_principal_copies, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
     VerifiedHeaders,
 };
 use firebreak_glue::{self as glue, Counters, HostStore};
@@ -137,37 +137,23 @@ impl SignatureFilter {
 
     /// Starts the Redis claim; the request waits for its answer.
     fn claim_remotely(&mut self, redis: &RedisConfig, mut pending: Pending) -> Action {
-        let Some(now) = glue::now_ms() else {
-            return self.fail(SigError::StateUnavailable, &pending.context);
-        };
         let Some(key) = nonce_key(&pending.verified) else { return self.after_claim(pending) };
-        let command = remote::claim_command(&redis.key("sig:nonce", key), nonce_ttl_ms(&pending.verified, now));
+        let command = remote::claim_command(&redis.key("sig:nonce", key), nonce_ttl_ms(&self.policy));
         match glue::dispatch_webdis(redis, &command) {
             Ok(token) => {
                 pending.claim_token = Some(token);
                 self.pending = Some(pending);
                 Action::Pause
             }
-            Err(status) => self.state_unavailable(redis, pending, &format!("dispatch failed: {status:?}")),
+            Err(status) => self.state_unavailable(pending, &format!("dispatch failed: {status:?}")),
         }
     }
 
-    /// Redis or its bridge did not answer usably: fail closed, or (if configured) pass unchecked.
-    fn state_unavailable(&mut self, redis: &RedisConfig, pending: Pending, why: &str) -> Action {
-        match redis.failure_mode {
-            FailureMode::Closed => {
-                let context = format!("{} store_error={why:?}", pending.context);
-                self.fail(SigError::StateUnavailable, &context)
-            }
-            FailureMode::Open => {
-                self.counters.increment("state_unavailable_failed_open");
-                glue::log(
-                    LogLevel::Error,
-                    &format!("firebreak {PLUGIN} fail_open nonce_unchecked {} store_error={why:?}", pending.context),
-                );
-                self.after_claim(pending)
-            }
-        }
+    /// Redis or its bridge did not answer usably: fail closed, always (`failure_mode: open` is
+    /// refused at configuration: an unrecorded nonce is a replay that cannot be refused).
+    fn state_unavailable(&mut self, pending: Pending, why: &str) -> Action {
+        let context = format!("{} store_error={why:?}", pending.context);
+        self.fail(SigError::StateUnavailable, &context)
     }
 }
 
@@ -178,15 +164,13 @@ impl Context for SignatureFilter {
             self.pending = Some(pending);
             return;
         }
-        let Backend::Redis(redis) = &self.policy.state else { return };
-        let redis = redis.clone();
         let pending = Pending { claim_token: None, ..pending };
         let (status, body) = glue::http_call_response(body_size);
         let outcome = remote::parse_reply("SET", status, &body).and_then(|reply| remote::claim_won(&reply));
         let action = match outcome {
             Ok(true) => self.after_claim(pending),
             Ok(false) => self.fail(SigError::NonceReplayed, &pending.context),
-            Err(error) => self.state_unavailable(&redis, pending, &error.to_string()),
+            Err(error) => self.state_unavailable(pending, &error.to_string()),
         };
         if action == Action::Continue {
             // A failed resume leaves the request paused; Envoy's stream timeout then ends it.
@@ -206,15 +190,18 @@ impl HttpContext for SignatureFilter {
         let path = firebreak_core::route::split_path(path_and_query).0;
         let context = format!("method={method} path={path:?}");
 
-        // Only this filter may assert a principal: a client-supplied copy never survives, on any
-        // route. Duplicates are refused below on protected routes before they are stripped.
-        let client_principal = headers.iter().filter(|(n, _)| *n == self.policy.principal_header).count();
+        // Only this filter may assert a principal: a client-supplied copy, in any spelling (case,
+        // `_` for `-`), never survives, on any route; on a protected route another spelling or a
+        // duplicate is refused.
         let protected = self.policy.applies_to(method, path);
-        if protected && client_principal > 1 {
-            return self.fail(SigError::DuplicateHeader(self.policy.principal_header.clone()), &context);
-        }
-        if client_principal > 0 && glue::set_request_header(&self.policy.principal_header, None).is_err() {
-            return self.fail(SigError::StateUnavailable, &context);
+        let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
+            Ok(names) => names,
+            Err((error, name)) => return self.fail(error, &format!("{context} header={name:?}")),
+        };
+        for name in client_principal {
+            if glue::set_request_header(name, None).is_err() {
+                return self.fail(SigError::StateUnavailable, &context);
+            }
         }
         if !protected {
             self.counters.count_passed("passed_unprotected");

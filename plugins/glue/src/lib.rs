@@ -219,7 +219,7 @@ pub fn set_tick_period(period: std::time::Duration) -> Result<(), Status> {
 }
 
 /// Sends the rejection as a local reply: status, JSON body, headers; plus one log line and
-/// the counter `rejected.<code>`.
+/// the counter `rejected.<code>` (and `rejected.<code>.<detail>` when it has an internal detail).
 pub fn reject(plugin: &str, counters: &Counters, rejection: &Rejection, context: &str) {
     reject_at(LogLevel::Warn, plugin, counters, rejection, context)
 }
@@ -227,11 +227,11 @@ pub fn reject(plugin: &str, counters: &Counters, rejection: &Rejection, context:
 /// [`reject`] with the log line at `level` (env-guard logs its findings at error level).
 pub fn reject_at(level: LogLevel, plugin: &str, counters: &Counters, rejection: &Rejection, context: &str) {
     log(level, &rejection.log_line(plugin, context));
-    counters.increment(&format!("rejected.{}", rejection.code));
+    for name in rejection.counter_names() {
+        counters.increment(&name);
+    }
     let body = rejection.body();
-    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("x-firebreak-error", rejection.code)];
-    headers.extend(rejection.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-    if hostcalls::send_http_response(u32::from(rejection.status), headers, Some(&body)).is_err() {
+    if hostcalls::send_http_response(u32::from(rejection.status), rejection.response_headers(), Some(&body)).is_err() {
         // Cannot answer: reset the stream rather than let it through.
         let _ = hostcalls::reset_http_request();
     }
@@ -338,13 +338,16 @@ pub fn set_principal(principal: &str) -> Result<(), Status> {
 }
 
 /// The principal verified by the request-signature filter earlier in this chain, if any (in
-/// chain mode from the stream's facts when a stage of this chain verified it).
-pub fn principal() -> Option<String> {
+/// chain mode from the stream's facts when a stage of this chain verified it). An error when the
+/// host cannot tell (or holds something that is not UTF-8): the caller fails closed rather than
+/// take the request for one without a principal.
+pub fn principal() -> Result<Option<String>, Status> {
     if let Some(principal) = STREAM_FACTS.with(|facts| facts.borrow().principal.clone()) {
-        return Some(principal);
+        return Ok(Some(principal));
     }
-    let bytes = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).ok()??;
-    String::from_utf8(bytes).ok().filter(|p| !p.is_empty())
+    let Some(bytes) = hostcalls::get_property(vec![PRINCIPAL_PROPERTY])? else { return Ok(None) };
+    let principal = String::from_utf8(bytes).map_err(|_| Status::SerializationFailure)?;
+    Ok(Some(principal).filter(|p| !p.is_empty()))
 }
 
 /// Filter-state property holding the SHA-256 of the request body (64 lower-case hex digits),

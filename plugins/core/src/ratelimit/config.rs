@@ -222,11 +222,11 @@ impl RateLimitPolicy {
             None => UserSource::Principal,
             Some(header) => {
                 let lower = header.to_ascii_lowercase();
-                if lower.is_empty()
-                    || lower.starts_with(':')
-                    || !lower.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-                {
-                    return Err(ConfigError::new("trusted_user_header", "not a valid header name"));
+                if !crate::headers::valid_identity_header_name(&lower) {
+                    return Err(ConfigError::new(
+                        "trusted_user_header",
+                        "not a valid header name: letters, digits and `-` (many upstreams read `_` as `-`)",
+                    ));
                 }
                 UserSource::TrustedHeader(lower)
             }
@@ -373,6 +373,7 @@ mod tests {
             (format!(r#"{{"name":"e","ipv6_prefix":129,"rules":[{RULE}]}}"#), "ipv6_prefix"),
             (format!(r#"{{"name":"e","ipv4_prefix":33,"rules":[{RULE}]}}"#), "ipv4_prefix"),
             (format!(r#"{{"name":"e","trusted_user_header":"x user","rules":[{RULE}]}}"#), "trusted_user_header"),
+            (format!(r#"{{"name":"e","trusted_user_header":"x_user","rules":[{RULE}]}}"#), "trusted_user_header"),
             (format!(r#"{{"name":"e","table":{{"buckets":0}},"rules":[{RULE}]}}"#), "table.buckets"),
             (format!(r#"{{"name":"e","table":{{"slots_per_bucket":0}},"rules":[{RULE}]}}"#), "table.slots_per_bucket"),
         ];

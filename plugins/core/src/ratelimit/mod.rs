@@ -45,19 +45,30 @@ pub struct RequestFacts<'a> {
     pub user: Option<&'a str>,
 }
 
-/// The user of a request per the configured source. A trusted header that appears more than
-/// once, or empty, yields no user.
+/// The user of a request per the configured source. A trusted header is read only under its
+/// exact (lower-case, dashed) name, and only when the request carries it once and in no other
+/// spelling (`x_edge_user`, which an upstream may read as `x-edge-user` and the trusted hop may
+/// not have stripped); otherwise, or when empty, it yields no user.
 pub fn resolve_user(source: &UserSource, principal: Option<String>, headers: &[(String, String)]) -> Option<String> {
     match source {
         UserSource::Principal => principal.filter(|p| !p.is_empty()),
         UserSource::TrustedHeader(name) => {
-            let mut values = headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
-            match (values.next(), values.next()) {
-                (Some(value), None) if !value.trim().is_empty() => Some(value.trim().to_string()),
-                _ => None,
+            let found = crate::headers::spellings(headers, name);
+            if found.count != 1 || !found.variants.is_empty() {
+                return None;
             }
+            let value = headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim())?;
+            (!value.is_empty()).then(|| value.to_string())
         }
     }
+}
+
+/// The host could not give what the decision needs (the request headers, the verified
+/// principal): `503 rate_limit_unavailable`, never forwarded unchecked; `reason` is logged and
+/// counted (`rejected.rate_limit_unavailable.<reason>`), not sent.
+pub fn host_failure(reason: &'static str) -> Rejection {
+    Rejection::new(503, "rate_limit_unavailable", "rate-limit state is unavailable; refusing rather than forwarding unchecked")
+        .with_detail(reason)
 }
 
 /// Why one rule could not be evaluated.

@@ -393,6 +393,12 @@ fn trusted_user_header_is_used_only_when_configured_and_unambiguous() {
     assert_eq!(resolve_user(&header, None, &h(&[("x-user", "bob"), ("x-user", "eve")])), None);
     assert_eq!(resolve_user(&header, None, &h(&[("x-user", " ")])), None);
     assert_eq!(resolve_user(&header, Some("alice".into()), &h(&[])), None);
+    // Only the exact name; another spelling (which an upstream may read as the same header, and
+    // which the trusted hop may not strip) is never a user, and makes the real one ambiguous.
+    for variant in ["x_user", "X_User", "X-USER"] {
+        assert_eq!(resolve_user(&header, None, &h(&[(variant, "mallory")])), None, "{variant}");
+        assert_eq!(resolve_user(&header, None, &h(&[("x-user", "bob"), (variant, "mallory")])), None, "{variant}");
+    }
 }
 
 /// A store that lets another worker write between our read and our write, `n` times.

@@ -19,6 +19,9 @@ struct RawConfig {
     max_age_seconds: Option<u64>,
     #[serde(default = "default_future_skew")]
     future_skew_seconds: u64,
+    /// Redis only: the largest clock difference between gateway replicas sharing the nonces.
+    #[serde(default = "default_replica_skew")]
+    max_replica_clock_skew_seconds: u64,
     #[serde(default = "default_max_body")]
     max_body_bytes: u64,
     #[serde(default = "default_principal_header")]
@@ -73,6 +76,9 @@ impl Default for RawNonceStore {
 fn default_future_skew() -> u64 {
     5
 }
+fn default_replica_skew() -> u64 {
+    30
+}
 fn default_max_body() -> u64 {
     1024 * 1024
 }
@@ -110,7 +116,18 @@ impl Algorithm {
             Algorithm::HmacSha256 => "hmac-sha256",
         }
     }
+
+    /// The algorithm an `alg` parameter (or a key's `algorithm`) names, if it is supported.
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        match name {
+            "hmac-sha256" => Some(Algorithm::HmacSha256),
+            _ => None,
+        }
+    }
 }
+
+/// Largest accepted `max_replica_clock_skew_seconds`.
+pub const MAX_REPLICA_CLOCK_SKEW_SECONDS: u64 = 300;
 
 /// A verification key. The secret is only ever used to build MACs; it is never printed.
 #[derive(Clone)]
@@ -135,6 +152,9 @@ pub struct SignaturePolicy {
     pub keys: Vec<Key>,
     pub max_age_seconds: NonZeroU64,
     pub future_skew_seconds: u64,
+    /// With Redis: how far apart the clocks of the replicas sharing the nonces may be. The
+    /// lifetime of a nonce on Redis covers it (see [`crate::signature::nonce_ttl_ms`]).
+    pub max_replica_clock_skew_seconds: u64,
     pub max_body_bytes: u64,
     pub principal_header: String,
     pub label: Option<String>,
@@ -145,6 +165,9 @@ pub struct SignaturePolicy {
     pub require_default_coverage: bool,
     pub nonce_table: BucketTable,
     pub state: crate::remote::Backend,
+    /// The key a MAC is computed with when the key id is unknown, so that an unknown key id costs
+    /// the same work as a wrong MAC (never accepted: the request is refused either way).
+    pub(crate) decoy_key: Key,
 }
 
 impl SignaturePolicy {
@@ -162,12 +185,21 @@ impl SignaturePolicy {
         if raw.future_skew_seconds > 300 {
             return Err(ConfigError::new("future_skew_seconds", "must be at most 300"));
         }
+        if raw.max_replica_clock_skew_seconds > MAX_REPLICA_CLOCK_SKEW_SECONDS {
+            return Err(ConfigError::new(
+                "max_replica_clock_skew_seconds",
+                format!("must be at most {MAX_REPLICA_CLOCK_SKEW_SECONDS}"),
+            ));
+        }
         if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 * 1024 * 1024 {
             return Err(ConfigError::new("max_body_bytes", "must be between 1 and 67108864"));
         }
         let principal_header = raw.principal_header.to_ascii_lowercase();
-        if !valid_header_name(&principal_header) {
-            return Err(ConfigError::new("principal_header", "not a valid header name"));
+        if !crate::headers::valid_identity_header_name(&principal_header) {
+            return Err(ConfigError::new(
+                "principal_header",
+                "not a valid header name: letters, digits and `-` (many upstreams read `_` as `-`)",
+            ));
         }
         if let Some(label) = &raw.label {
             if sfv::KeyRef::from_str(label).is_err() {
@@ -199,11 +231,35 @@ impl SignaturePolicy {
         let slots = NonZeroU16::new(raw.nonce_store.slots_per_bucket)
             .filter(|s| s.get() <= 256)
             .ok_or_else(|| ConfigError::new("nonce_store.slots_per_bucket", "must be between 1 and 256"))?;
+        let state = crate::remote::Backend::from_value(raw.state.as_ref(), "state")?;
+        if let crate::remote::Backend::Redis(redis) = &state {
+            // A nonce that could not be recorded is a replay that cannot be refused: there is no
+            // safe "open" for it (replay-guard refuses it for the same reason).
+            if redis.failure_mode == crate::remote::FailureMode::Open {
+                return Err(ConfigError::new(
+                    "state.failure_mode",
+                    "request-signature always fails closed: forwarding a request whose nonce could not be recorded lets a captured signature be replayed",
+                ));
+            }
+        }
+        let decoy_key = parse_key(
+            &RawKey {
+                id: "decoy".into(),
+                secret_base64: Some(base64::engine::general_purpose::STANDARD.encode([0x5a_u8; 32])),
+                secret_env: None,
+                algorithm: default_algorithm(),
+                not_before: None,
+                not_after: None,
+            },
+            "decoy",
+            env,
+        )?;
         Ok(SignaturePolicy {
             routes,
             keys,
             max_age_seconds,
             future_skew_seconds: raw.future_skew_seconds,
+            max_replica_clock_skew_seconds: raw.max_replica_clock_skew_seconds,
             max_body_bytes: raw.max_body_bytes,
             principal_header,
             label: raw.label,
@@ -211,7 +267,8 @@ impl SignaturePolicy {
             require_nonce: true,
             require_default_coverage: true,
             nonce_table: BucketTable::new("firebreak.sig.nonce", buckets, slots, 0),
-            state: crate::remote::Backend::from_value(raw.state.as_ref(), "state")?,
+            state,
+            decoy_key,
         })
     }
 
@@ -237,11 +294,8 @@ fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) ->
             format!("1 to {MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 - _ . :"),
         ));
     }
-    let algorithm = match raw.algorithm.as_str() {
-        "hmac-sha256" => Algorithm::HmacSha256,
-        other => {
-            return Err(ConfigError::new(format!("{field}.algorithm"), format!("unsupported algorithm `{other}`")))
-        }
+    let Some(algorithm) = Algorithm::from_name(&raw.algorithm) else {
+        return Err(ConfigError::new(format!("{field}.algorithm"), format!("unsupported algorithm `{}`", raw.algorithm)));
     };
     let (encoded, source_field) = match (&raw.secret_base64, &raw.secret_env) {
         (Some(inline), None) => (inline.clone(), format!("{field}.secret_base64")),
@@ -309,6 +363,9 @@ mod tests {
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"{SECRET}","algorithm":"rsa"}}]}}"#), "keys[0].algorithm"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"nonce_store":{{"buckets":0}}}}"#), "nonce_store.buckets"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_body_bytes":0}}"#), "max_body_bytes"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"principal_header":"x_principal"}}"#), "principal_header"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_replica_clock_skew_seconds":301}}"#), "max_replica_clock_skew_seconds"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
         ];
         for (json, field) in cases {
             let err = parse(&json).unwrap_err();

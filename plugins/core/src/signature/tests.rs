@@ -229,7 +229,7 @@ fn keys_and_time_are_enforced() {
     let r = signed(NOW_S, "n", b"", |s| s.secret = b"another-secret-of-thirty-two-bytes!!");
     assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
     let r = signed(NOW_S, "n", b"", |s| s.key_id = "nobody");
-    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "key_unknown");
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid", "an unknown key id is not told apart");
     let r = signed(NOW_S, "n", b"", |s| s.key_id = "retired");
     assert_eq!(check(&p, &fresh(), &r, NOW_MS), "key_not_active");
     let r = signed(NOW_S, "n", b"", |s| s.key_id = "bad key/../");
@@ -344,4 +344,119 @@ fn nonces_are_remembered_for_the_whole_window_and_bounded() {
     // Once the window has passed, the old signature is stale anyway and its slot is reused.
     assert_eq!(check(&p, &store, &signed(NOW_S, "a", b"", |_| {}), NOW_MS + 302_000), "signature_stale");
     assert_eq!(check(&p, &store, &signed(NOW_S + 302, "c", b"", |_| {}), NOW_MS + 302_000), "ok");
+}
+
+fn view(req: &Req) -> RequestView<'_> {
+    RequestView { method: req.method, scheme: "http", authority: req.authority, path_and_query: req.path, headers: &req.headers }
+}
+
+#[test]
+fn an_unknown_key_and_a_wrong_mac_look_the_same_to_the_client() {
+    let p = policy();
+    let wrong_secret = b"another-secret-of-thirty-two-bytes!!";
+    let unknown = signed(NOW_S, "n", b"", |s| s.key_id = "nobody");
+    let bad_mac = signed(NOW_S, "n", b"", |s| s.secret = wrong_secret);
+    let unknown = verify_headers(&p, &view(&unknown), NOW_MS).unwrap_err();
+    let bad_mac = verify_headers(&p, &view(&bad_mac), NOW_MS).unwrap_err();
+    assert_eq!((&unknown, &bad_mac), (&SigError::UnknownKey, &SigError::InvalidSignature));
+    let (u, b) = (unknown.rejection(), bad_mac.rejection());
+    // Everything the client gets: status, body, headers.
+    assert_eq!((u.status, u.body(), u.response_headers()), (b.status, b.body(), b.response_headers()));
+    assert_eq!((u.status, u.code), (401, "signature_invalid"));
+    // What the operator gets tells them apart.
+    assert_ne!(u.log_line("request_signature", "ctx"), b.log_line("request_signature", "ctx"));
+    assert!(u.log_line("request_signature", "ctx").contains("code=signature_invalid reason=unknown_key"));
+    assert!(b.log_line("request_signature", "ctx").contains("code=signature_invalid reason=mac_mismatch"));
+    assert_eq!(u.counter_names(), ["rejected.signature_invalid", "rejected.signature_invalid.unknown_key"]);
+    assert_eq!(b.counter_names(), ["rejected.signature_invalid", "rejected.signature_invalid.mac_mismatch"]);
+
+    // Nor does anything else tell a caller without the secret whether a key id exists: a retired
+    // key with a wrong MAC is a wrong MAC (its validity period is told only to its holder), and
+    // an unsupported `alg` is refused the same whatever the key id.
+    let retired_forged = signed(NOW_S, "n", b"", |s| {
+        s.key_id = "retired";
+        s.secret = wrong_secret;
+    });
+    assert_eq!(verify_headers(&p, &view(&retired_forged), NOW_MS), Err(SigError::InvalidSignature));
+    for key_id in ["demo-client", "nobody", "retired"] {
+        let mut r = signed(NOW_S, "n", b"", |s| s.key_id = key_id);
+        for (n, v) in r.headers.iter_mut() {
+            if n == "signature-input" {
+                *v = v.replace(r#"alg="hmac-sha256""#, r#"alg="rsa-v1_5-sha256""#);
+            }
+        }
+        assert_eq!(verify_headers(&p, &view(&r), NOW_MS), Err(SigError::UnsupportedAlgorithm), "{key_id}");
+    }
+}
+
+/// With Redis, replicas share the nonces but not a clock. A signature claimed on a replica whose
+/// clock runs ahead by the allowed skew must still be recorded for as long as a replica whose
+/// clock is right would accept it.
+#[test]
+fn the_redis_nonce_lifetime_covers_the_clock_skew_between_replicas() {
+    let json = format!(
+        r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":300,"future_skew_seconds":5,"max_replica_clock_skew_seconds":30,
+            "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}}],
+            "state":{{"backend":"redis","cluster":"redis_bridge"}}}}"#
+    );
+    let p = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+    let crate::remote::Backend::Redis(redis) = &p.state else { panic!() };
+    let skew_ms = 30_000;
+    // Real time t: the fast replica reads t + skew, the slow one reads t.
+    let t_claim = NOW_MS;
+    // The earliest the fast replica accepts: `created` as far in the future as it tolerates.
+    let created = (t_claim + skew_ms) / 1000 + 5;
+    let req = signed(created, "n-skew", b"", |_| {});
+    let verified = verify_headers(&p, &view(&req), t_claim + skew_ms).unwrap();
+    assert!(verify_headers(&p, &view(&req), t_claim + skew_ms - 1000).is_err(), "the earliest acceptance");
+    // The command the fast replica sends: SET <key> 1 NX PX <ttl>.
+    let key = redis.key("sig:nonce", nonce_key(&verified).unwrap());
+    let command = crate::remote::claim_command(&key, nonce_ttl_ms(&p));
+    let ttl_ms: u64 = String::from_utf8(command).unwrap().rsplit('/').next().unwrap().parse().unwrap();
+    assert_eq!(ttl_ms, (300 + 5 + 30 + 1) * 1000);
+    // Redis forgets the nonce at t_claim + ttl_ms (its own clock runs at the same rate). The
+    // slow replica accepts the signature up to some last millisecond; the nonce outlives it.
+    let last_accepted = (t_claim..t_claim + 2 * ttl_ms)
+        .step_by(100)
+        .filter(|&t| verify_headers(&p, &view(&req), t).is_ok())
+        .last()
+        .unwrap();
+    assert!(last_accepted + 100 > (created + 300) * 1000, "searched up to the end of the window");
+    assert!(last_accepted < t_claim + ttl_ms, "the slow replica accepts at {last_accepted}, the nonce expired at {}", t_claim + ttl_ms);
+    // Not dependent on the claiming replica's clock: the same TTL whenever it claims.
+    assert_eq!(nonce_ttl_ms(&p), ttl_ms);
+    // The default tolerates 30 s between replicas; more than 300 s is refused.
+    let default = policy();
+    assert_eq!(default.max_replica_clock_skew_seconds, 30);
+}
+
+#[test]
+fn every_client_spelling_of_the_principal_header_is_removed_or_refused() {
+    let p = policy();
+    let none: Vec<&str> = Vec::new();
+    // Unprotected route: every spelling is removed (each distinct name once), nothing refused.
+    let headers = h(&[
+        ("x_firebreak_principal", "victim"),
+        ("x-firebreak-principal", "admin"),
+        ("X_Firebreak-Principal", "victim"),
+        ("x_firebreak_principal", "again"),
+        ("x-firebreak-principals", "not a spelling"),
+    ]);
+    assert_eq!(
+        client_principal_copies(&p, &headers, false),
+        Ok(vec!["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak-principal"])
+    );
+    assert_eq!(client_principal_copies(&p, &h(&[("content-type", "a")]), false), Ok(none.clone()));
+    // Protected route: another spelling is an attempt to assert an identity.
+    for variant in ["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak_principal", "X-FIREBREAK-PRINCIPAL"] {
+        let headers = h(&[(variant, "victim")]);
+        let (error, name) = client_principal_copies(&p, &headers, true).unwrap_err();
+        assert_eq!((error.rejection().status, error.rejection().code, name), (400, "principal_header_spoofed", variant));
+    }
+    let twice = h(&[("x-firebreak-principal", "a"), ("x-firebreak-principal", "b")]);
+    assert_eq!(client_principal_copies(&p, &twice, true).unwrap_err().0.rejection().code, "header_duplicated");
+    // One copy under the exact name is removed (the filter sets its own once the MAC verified).
+    let once = h(&[("x-firebreak-principal", "a")]);
+    assert_eq!(client_principal_copies(&p, &once, true), Ok(vec!["x-firebreak-principal"]));
+    assert_eq!(client_principal_copies(&p, &h(&[]), true), Ok(none));
 }

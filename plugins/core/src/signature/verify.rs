@@ -28,6 +28,9 @@ pub const MAX_SIGNATURE_HEADER_LEN: usize = 4096;
 pub enum SigError {
     Missing,
     DuplicateHeader(String),
+    /// On a protected route, the client sent the principal header in another spelling (case,
+    /// `_` for `-`): an attempt to assert an identity past an upstream that merges spellings.
+    PrincipalHeaderSpoofed,
     Malformed(&'static str),
     LabelNotFound,
     MultipleSignatures,
@@ -39,11 +42,15 @@ pub enum SigError {
     ComponentMissing(String),
     CoverageInsufficient(String),
     KeyIdInvalid,
+    /// No key has this id. Looks exactly like [`SigError::InvalidSignature`] to the client.
     UnknownKey,
+    /// The MAC verified, but the key is outside its validity period (only a holder of the
+    /// key's secret can learn this).
     KeyNotActive,
     Stale,
     FromFuture,
     Expired,
+    /// The MAC does not verify. Looks exactly like [`SigError::UnknownKey`] to the client.
     InvalidSignature,
     BodyTooLarge,
     ContentDigestMalformed,
@@ -53,12 +60,20 @@ pub enum SigError {
     StateUnavailable,
 }
 
+/// The one refusal for "this signature does not verify", whatever the internal reason: an
+/// unknown key id and a wrong MAC get the same status, code, message and headers (no oracle for
+/// enumerating key ids); the reason goes only to the log line and the detail counter.
+fn signature_invalid(reason: &'static str) -> Rejection {
+    Rejection::new(401, "signature_invalid", "the signature does not verify").with_detail(reason)
+}
+
 impl SigError {
     pub fn rejection(&self) -> Rejection {
         use SigError::*;
         match self {
             Missing => Rejection::new(401, "signature_missing", "this route requires Signature and Signature-Input headers"),
             DuplicateHeader(h) => Rejection::new(400, "header_duplicated", format!("header `{h}` must appear once")),
+            PrincipalHeaderSpoofed => Rejection::new(400, "principal_header_spoofed", "only the gateway sets the principal header, in any spelling"),
             Malformed(what) => Rejection::new(400, "signature_malformed", format!("malformed {what}")),
             LabelNotFound => Rejection::new(400, "signature_malformed", "the configured signature label is missing"),
             MultipleSignatures => Rejection::new(400, "signature_malformed", "exactly one signature is accepted"),
@@ -70,12 +85,12 @@ impl SigError {
             ComponentMissing(c) => Rejection::new(400, "signature_component_missing", format!("covered component `{c}` is absent from the request")),
             CoverageInsufficient(c) => Rejection::new(401, "signature_coverage_insufficient", format!("the signature must cover `{c}`")),
             KeyIdInvalid => Rejection::new(400, "key_id_invalid", "keyid must be 1 to 64 characters of A-Z a-z 0-9 - _ . :"),
-            UnknownKey => Rejection::new(401, "key_unknown", "unknown keyid"),
+            UnknownKey => signature_invalid("unknown_key"),
             KeyNotActive => Rejection::new(401, "key_not_active", "the key is outside its validity period"),
             Stale => Rejection::new(401, "signature_stale", "created is older than the acceptance window"),
             FromFuture => Rejection::new(401, "signature_from_future", "created is in the future"),
             Expired => Rejection::new(401, "signature_expired", "the signature has expired"),
-            InvalidSignature => Rejection::new(401, "signature_invalid", "the signature does not verify"),
+            InvalidSignature => signature_invalid("mac_mismatch"),
             BodyTooLarge => Rejection::new(413, "body_too_large", "the request body exceeds the configured maximum"),
             ContentDigestMalformed => Rejection::new(400, "content_digest_malformed", "Content-Digest needs a sha-256 or sha-512 byte sequence"),
             ContentDigestMismatch => Rejection::new(401, "content_digest_mismatch", "Content-Digest does not match the body"),
@@ -96,6 +111,33 @@ pub struct VerifiedHeaders {
     pub covers_content_digest: bool,
     /// When the nonce may be forgotten: after this the signature is no longer acceptable anyway.
     pub nonce_expires_at_ms: u64,
+}
+
+/// The client-supplied copies of the principal header, in every spelling (case, `_` for `-`; see
+/// [`crate::headers`]): only the filter may assert a principal. Returns the distinct names to
+/// remove from the request, on every route. On a protected route a copy in another spelling than
+/// the configured one is refused (`400 principal_header_spoofed`: no legitimate hop sends it), and
+/// so are two copies (`400 header_duplicated`); one copy under the exact name is removed (an
+/// outer gateway may have set it; this filter sets its own).
+pub fn client_principal_copies<'a>(
+    policy: &SignaturePolicy,
+    headers: &'a [(String, String)],
+    protected: bool,
+) -> Result<Vec<&'a str>, (SigError, &'a str)> {
+    let found = crate::headers::spellings(headers, &policy.principal_header);
+    if protected {
+        if let Some(variant) = found.variants.first() {
+            return Err((SigError::PrincipalHeaderSpoofed, variant));
+        }
+        if found.count > 1 {
+            return Err((SigError::DuplicateHeader(policy.principal_header.clone()), ""));
+        }
+    }
+    let mut names = found.variants;
+    if let Some((name, _)) = headers.iter().find(|(n, _)| *n == policy.principal_header) {
+        names.push(name);
+    }
+    Ok(names)
 }
 
 /// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
@@ -244,25 +286,31 @@ pub fn verify_headers(
         accept_until = accept_until.min(expires);
     }
 
-    // Key and algorithm: the key pins the algorithm; `alg`, when sent, must agree.
-    let key = policy.key(&key_id).ok_or(SigError::UnknownKey)?;
-    if let Some(alg) = &alg {
-        if alg != key.algorithm.name() {
-            return Err(SigError::UnsupportedAlgorithm);
-        }
+    // Key and MAC. Nothing the client learns depends on whether the key id exists before the
+    // MAC verified: an `alg` naming no supported algorithm is refused whatever the key; an unknown
+    // key id costs a MAC (with the decoy key) and is refused exactly like a wrong MAC; a key's
+    // validity period and pinned algorithm are reported only to a request whose MAC verified.
+    let alg = match &alg {
+        Some(name) => Some(super::config::Algorithm::from_name(name).ok_or(SigError::UnsupportedAlgorithm)?),
+        None => None,
+    };
+    let key = policy.key(&key_id);
+    let params_value = serialize_signature_params(covered).ok_or(SigError::Malformed("Signature-Input"))?;
+    let base = signature_base(&components, &params_value, request).map_err(SigError::ComponentMissing)?;
+    // MAC over the signature base, compared in constant time.
+    let mut mac = key.unwrap_or(&policy.decoy_key).mac.clone();
+    mac.update(base.as_bytes());
+    let expected = mac.finalize().into_bytes();
+    let mac_ok = provided_mac.len() == expected.len() && bool::from(expected.as_slice().ct_eq(&provided_mac));
+    let Some(key) = key else { return Err(SigError::UnknownKey) };
+    if !mac_ok {
+        return Err(SigError::InvalidSignature);
+    }
+    if alg.is_some_and(|alg| alg != key.algorithm) {
+        return Err(SigError::UnsupportedAlgorithm);
     }
     if key.not_before.is_some_and(|nb| now_s < nb) || key.not_after.is_some_and(|na| now_s > na) {
         return Err(SigError::KeyNotActive);
-    }
-
-    // MAC over the signature base, compared in constant time.
-    let params_value = serialize_signature_params(covered).ok_or(SigError::Malformed("Signature-Input"))?;
-    let base = signature_base(&components, &params_value, request).map_err(SigError::ComponentMissing)?;
-    let mut mac = key.mac.clone();
-    mac.update(base.as_bytes());
-    let expected = mac.finalize().into_bytes();
-    if provided_mac.len() != expected.len() || !bool::from(expected.as_slice().ct_eq(&provided_mac)) {
-        return Err(SigError::InvalidSignature);
     }
 
     Ok(VerifiedHeaders {
@@ -303,9 +351,22 @@ pub fn nonce_key(verified: &VerifiedHeaders) -> Option<KeyHash> {
     Some(KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
 }
 
-/// Milliseconds a nonce must stay recorded from `now_ms`.
-pub fn nonce_ttl_ms(verified: &VerifiedHeaders, now_ms: u64) -> u64 {
-    verified.nonce_expires_at_ms.saturating_sub(now_ms).max(1)
+/// Milliseconds a nonce must stay recorded on Redis (shared by replicas) from the moment it is
+/// claimed. Independent of the claiming replica's clock: a replica whose clock runs ahead would
+/// otherwise shorten it, and a replica whose clock runs behind would still accept the signature
+/// after the nonce is gone. Any replica accepts a signature at most `max_age_seconds` after and
+/// `future_skew_seconds` before its `created` by its own clock; two replicas' clocks differ by at
+/// most `max_replica_clock_skew_seconds`: so the last acceptance anywhere is at most
+/// `max_age + future_skew + replica_skew` seconds (plus the second `created` is rounded to) after
+/// the claim.
+pub fn nonce_ttl_ms(policy: &SignaturePolicy) -> u64 {
+    policy
+        .max_age_seconds
+        .get()
+        .saturating_add(policy.future_skew_seconds)
+        .saturating_add(policy.max_replica_clock_skew_seconds)
+        .saturating_add(1)
+        .saturating_mul(1000)
 }
 
 /// Records the nonce: exactly one of any number of concurrent identical requests wins.
