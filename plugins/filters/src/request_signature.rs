@@ -209,7 +209,12 @@ impl HttpContext for SignatureFilter {
         // Only this filter may assert a principal: a client-supplied copy never survives, on any
         // route. Duplicates are refused below on protected routes before they are stripped.
         let client_principal = headers.iter().filter(|(n, _)| *n == self.policy.principal_header).count();
-        let protected = self.policy.applies_to(method, path);
+        let scope = self.policy.scope(method, path_and_query);
+        if scope == firebreak_core::route::Scope::NotCanonical {
+            glue::reject(PLUGIN, &self.counters, &firebreak_core::route::not_canonical_rejection(), &context);
+            return Action::Pause;
+        }
+        let protected = scope.applies();
         if protected && client_principal > 1 {
             return self.fail(SigError::DuplicateHeader(self.policy.principal_header.clone()), &context);
         }
