@@ -288,3 +288,53 @@ fn lenient_forms_cover_decoding_orders() {
     assert!(forms.iter().any(|f| f == b"/v1/payuts" || f == b"/v1/pay%75ts" || f == b"/v1/payuts"));
     assert!(lenient_forms("/V1//PAYOUTS/").contains(&b"/v1/payouts".to_vec()));
 }
+
+#[test]
+fn every_filter_policy_decides_on_the_canonical_scope() {
+    use crate::envguard::GuardPolicy;
+    use crate::ratelimit::RateLimitPolicy;
+    use crate::replay::{Exchange, ReplayError, ReplayPolicy, RequestFacts};
+    use crate::signature::SignaturePolicy;
+
+    let money = r#"[{"methods": ["POST"], "path_exact": "/v1/payouts"}]"#;
+    let secret = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=";
+    let signature = SignaturePolicy::from_json(
+        format!(r#"{{"routes": {money}, "max_age_seconds": 300, "keys": [{{"id": "a", "secret_base64": "{secret}"}}]}}"#).as_bytes(),
+        &|_| None,
+    )
+    .unwrap();
+    let rate = RateLimitPolicy::from_json(
+        format!(r#"{{"name": "ip", "rules": [{{"name": "r", "routes": {money}, "key": "ip", "requests": 1, "per_seconds": 1, "burst": 1}}]}}"#).as_bytes(),
+    )
+    .unwrap();
+    let guard = GuardPolicy::from_json(
+        format!(r#"{{"environment": "uat", "production": false, "patterns": [{{"label": "live", "prefix": "sk_live_"}}], "routes": {money}}}"#).as_bytes(),
+    )
+    .unwrap();
+    let replay = ReplayPolicy::from_json(
+        r#"{"routes": [{"name": "payouts", "match": {"methods": ["POST"], "path_exact": "/v1/payouts"}, "idempotency_key": "optional"}],
+            "ttl_seconds": 60, "in_flight_timeout_ms": 1000}"#
+            .as_bytes(),
+    )
+    .unwrap();
+    let seed = 0x0013_5C0E;
+    let mut rng = Rng(seed);
+    for _ in 0..2000 {
+        let path = spelling(&mut rng, "/v1/payouts");
+        let expect = if is_canonical(split_path(&path).0) { Scope::In(0) } else { Scope::NotCanonical };
+        assert_eq!(signature.scope("POST", &path), expect, "seed {seed:#x}: {path:?}");
+        assert_eq!(rate.scope("POST", &path), expect, "seed {seed:#x}: {path:?}");
+        assert_eq!(guard.guards("POST", &path), expect, "seed {seed:#x}: {path:?}");
+        assert_eq!(replay.route_for("POST", &path), expect, "seed {seed:#x}: {path:?}");
+        let facts = RequestFacts { method: "POST", path_and_query: &path, headers: &[], principal: Some("a") };
+        match Exchange::begin(&replay, &facts) {
+            Ok(Some(_)) => assert_eq!(expect, Scope::In(0)),
+            Err((error, _)) => {
+                assert_eq!(error, ReplayError::PathNotCanonical, "{path:?}");
+                assert_eq!(error.rejection().code, CODE_PATH_NOT_CANONICAL);
+                assert_eq!(error.rejection().status, 400);
+            }
+            Ok(None) => panic!("seed {seed:#x}: {path:?} escapes replay-guard"),
+        }
+    }
+}
