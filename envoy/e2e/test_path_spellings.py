@@ -43,7 +43,7 @@ def lenient_route(raw_path: str) -> str:
     path = raw_path.split("?", 1)[0]
     if "://" in path and not path.startswith("/"):
         path = "/" + path.split("://", 1)[1].partition("/")[2]
-    for _ in range(4):
+    for _ in range(5):
         path = urllib.parse.unquote(path, encoding="latin-1")
     path = path.replace("\\", "/").split("?", 1)[0].split("#", 1)[0]
     stack = []
@@ -200,6 +200,8 @@ def encode(rng: random.Random, ch: str) -> str:
         return "%25" + hx          # double encoding
     if layer < 0.18:
         return "%2525" + hx        # triple
+    if layer < 0.21:
+        return "%252525" + hx      # quadruple (past the filters' decoding bound: refused as such)
     return "%" + hx
 
 

@@ -80,9 +80,8 @@ pub fn not_canonical_rejection() -> Rejection {
     )
 }
 
-/// Percent-decoding rounds applied when computing lenient forms (an upstream decoding more often
-/// than this is beyond what any framework does; a 4th layer still leaves `%` in the path, which
-/// keeps the raw and partly decoded forms matching by prefix).
+/// Percent-decoding rounds applied when computing lenient forms. A path still holding escapes
+/// after them is refused wherever the filter has a rule for the method (fail closed).
 pub const MAX_DECODE_ROUNDS: usize = 3;
 
 impl RouteMatch {
@@ -208,8 +207,9 @@ where
             None => Scope::Out,
         };
     }
-    let forms = lenient_forms(path);
-    if routes.into_iter().any(|r| forms.iter().any(|form| r.could_match(method, form))) {
+    let (forms, exhausted) = lenient_forms(path);
+    // Still encoded after MAX_DECODE_ROUNDS decodings: any rule for this method could be meant.
+    if routes.into_iter().any(|r| if exhausted { r.method_ok(method) } else { forms.iter().any(|form| r.could_match(method, form)) }) {
         Scope::NotCanonical
     } else {
         Scope::Out
@@ -338,7 +338,9 @@ fn lenient_normalize(input: &[u8]) -> Vec<u8> {
 /// The readings of a non-canonical path that a lenient upstream could route on, lower-cased:
 /// the raw path, each of up to [`MAX_DECODE_ROUNDS`] decodings, each of those normalized, and
 /// the same after normalizing first (routers that resolve dot segments before decoding).
-pub fn lenient_forms(path: &str) -> Vec<Vec<u8>> {
+/// `true` when the path still holds escapes after the last round (more layers than the bound):
+/// then no reading is trusted and every rule for the method counts as matched.
+pub fn lenient_forms(path: &str) -> (Vec<Vec<u8>>, bool) {
     let mut raw = path.as_bytes().to_vec();
     if raw.first() != Some(&b'/') {
         // `v1/payouts`, or an absolute form `http://host/v1/payouts`: read as a path.
@@ -357,22 +359,24 @@ pub fn lenient_forms(path: &str) -> Vec<Vec<u8>> {
             forms.push(form);
         }
     };
+    let mut exhausted = false;
     for start in [raw.clone(), lenient_normalize(&raw)] {
         let mut current = start;
         for round in 0..=MAX_DECODE_ROUNDS {
             push(current.to_ascii_lowercase());
             push(lenient_normalize(&current));
-            if round == MAX_DECODE_ROUNDS {
-                break;
-            }
             let next = decode_once(&current);
             if next == current {
+                break;
+            }
+            if round == MAX_DECODE_ROUNDS {
+                exhausted = true;
                 break;
             }
             current = next;
         }
     }
-    forms
+    (forms, exhausted)
 }
 
 #[cfg(test)]
