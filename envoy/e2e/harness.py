@@ -175,8 +175,32 @@ def signature_config(**overrides) -> dict:
     return config
 
 
+# The defence-in-depth settings every shipped Envoy configuration sets on its
+# http_connection_manager (README "Canonical paths"). Tests built on `bootstrap` run without them
+# unless they pass `hcm_options=HARDENED_HCM`: the filters must be safe either way.
+HARDENED_HCM = {
+    "normalize_path": True,
+    "merge_slashes": True,
+    "path_with_escaped_slashes_action": "REJECT_REQUEST",
+    "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+}
+
+
 def bootstrap(listen_port: int, admin_port: int, upstream_port: int, http_filters: list[dict],
-              extra_clusters: list[dict] = (), route_timeout: str = "15s") -> dict:
+              extra_clusters: list[dict] = (), route_timeout: str = "15s", hcm_options: dict | None = None) -> dict:
+    config = _bootstrap(listen_port, admin_port, upstream_port, http_filters, extra_clusters, route_timeout)
+    if hcm_options:
+        hcm(config).update(json.loads(json.dumps(hcm_options)))
+    return config
+
+
+def hcm(config: dict) -> dict:
+    """The typed_config of the first listener's http_connection_manager."""
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _bootstrap(listen_port: int, admin_port: int, upstream_port: int, http_filters: list[dict],
+               extra_clusters: list[dict] = (), route_timeout: str = "15s") -> dict:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -243,7 +267,7 @@ class Envoy:
 
     def __init__(self, http_filters: list[dict], upstream_port: int, *, env: dict | None = None,
                  concurrency: int = 2, extra_clusters=(), route_timeout: str = "15s", expect_failure=False,
-                 cpu_core: int | None = None, bootstrap_config: dict | None = None):
+                 cpu_core: int | None = None, bootstrap_config: dict | None = None, hcm_options: dict | None = None):
         """`bootstrap_config`: a whole bootstrap (e.g. envoy/demo.yaml) whose first listener, admin
         and first cluster are moved to free ports / `upstream_port`; `http_filters` is then ignored."""
         self.port = free_port()
@@ -251,7 +275,8 @@ class Envoy:
         RUN_DIR.mkdir(exist_ok=True)
         self.config_path = RUN_DIR / f"envoy-{self.port}.json"
         if bootstrap_config is None:
-            config = bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout)
+            config = bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout,
+                               hcm_options)
         else:
             config = relocate(bootstrap_config, self.port, self.admin_port, upstream_port)
         self.config_path.write_text(json.dumps(config, indent=1))

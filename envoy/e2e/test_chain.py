@@ -162,7 +162,11 @@ def test_the_readme_snippet_works_as_documented(demo_api):
     http_filters = yaml.safe_load(snippet.split("```")[0])["http_filters"]
     code = http_filters[1]["typed_config"]["config"]["vm_config"]["code"]["local"]
     code["filename"] = str(harness.ROOT / code["filename"])
-    gw = harness.Envoy(http_filters[:-1], demo_api.port)  # the harness adds the router
+    # The http_connection_manager settings the README gives beside the filters (defence in depth).
+    hcm_block = next(block for block in readme.split("```yaml\n")[1:] if "normalize_path: true" in block)
+    hcm_options = yaml.safe_load(hcm_block.split("```")[0])
+    assert hcm_options == harness.HARDENED_HCM, hcm_options
+    gw = harness.Envoy(http_filters[:-1], demo_api.port, hcm_options=hcm_options)  # the harness adds the router
     try:
         ref, key = new_ref(), f'"{uuid.uuid4()}"'
         url = gw.url("/v1/payouts")

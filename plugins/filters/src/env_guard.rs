@@ -125,9 +125,16 @@ impl HttpContext for GuardFilter {
         };
         let method = glue::header(&headers, ":method").unwrap_or("");
         let path = firebreak_core::route::split_path(glue::header(&headers, ":path").unwrap_or("")).0;
-        if !self.policy.guards(method, path) {
+        let scope = self.policy.guards(method, path);
+        if !scope.applies() {
             self.counters.count_passed("passed_unguarded");
             return Action::Continue;
+        }
+        if scope == firebreak_core::route::Scope::NotCanonical {
+            let rejection = firebreak_core::route::not_canonical_rejection();
+            let context = format!("environment={} method={method}", self.policy.environment);
+            glue::reject(PLUGIN, &self.counters, &rejection, &context);
+            return Action::Pause;
         }
         let plan = match check_headers(&self.policy, &headers) {
             Ok(plan) => plan,

@@ -10,7 +10,7 @@ use firebreak_core::ratelimit::{
     self, client, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource,
 };
 use firebreak_core::remote::{self, Backend, RedisConfig};
-use firebreak_core::route::split_path;
+use firebreak_core::route::{split_path, Scope};
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -241,10 +241,14 @@ impl HttpContext for RateLimitFilter {
         }
         let method = glue::header(&headers, ":method").unwrap_or_default();
         let path = split_path(glue::header(&headers, ":path").unwrap_or_default()).0;
-        if !self.policy.applies_to(method, path) {
+        let scope = self.policy.scope(method, path);
+        if !scope.applies() {
             return Action::Continue;
         }
         let context = format!("instance={instance} method={method} path={path:?}");
+        if scope == Scope::NotCanonical {
+            return self.reject(&firebreak_core::route::not_canonical_rejection(), &context);
+        }
         let Some(now) = glue::now_ms() else {
             return self.reject(&RuleError::StoreUnavailable.rejection("-"), &context);
         };

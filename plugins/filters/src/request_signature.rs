@@ -193,7 +193,12 @@ impl HttpContext for SignatureFilter {
         // Only this filter may assert a principal: a client-supplied copy, in any spelling (case,
         // `_` for `-`), never survives, on any route; on a protected route another spelling or a
         // duplicate is refused.
-        let protected = self.policy.applies_to(method, path);
+        let scope = self.policy.scope(method, path_and_query);
+        if scope == firebreak_core::route::Scope::NotCanonical {
+            glue::reject(PLUGIN, &self.counters, &firebreak_core::route::not_canonical_rejection(), &context);
+            return Action::Pause;
+        }
+        let protected = scope.applies();
         let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
             Ok(names) => names,
             Err((error, name)) => return self.fail(error, &format!("{context} header={name:?}")),

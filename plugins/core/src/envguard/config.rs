@@ -8,7 +8,7 @@ use std::num::NonZeroUsize;
 
 use serde::Deserialize;
 
-use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::ConfigError;
 
 use super::detect::{Detector, Fingerprint, HostRule, Pattern, PatternMatcher};
@@ -257,11 +257,14 @@ impl GuardPolicy {
         })
     }
 
-    /// Whether this request is inspected (production environments inspect nothing).
-    pub fn guards(&self, method: &str, path: &str) -> bool {
+    /// Whether this request is inspected (production environments inspect nothing), on the
+    /// canonical scope (crate::route; `path` is the raw `:path`). Without `routes` every request
+    /// is inspected, whatever its spelling (`In(0)`); `NotCanonical` is refused with
+    /// `400 path_not_canonical`.
+    pub fn guards(&self, method: &str, path: &str) -> Scope {
         match &self.routes {
-            None => true,
-            Some(routes) => routes.iter().any(|r| r.matches(method, path)),
+            None => Scope::In(0),
+            Some(routes) => route::scope(routes, method, path),
         }
     }
 }

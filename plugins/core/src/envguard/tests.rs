@@ -350,9 +350,9 @@ fn production_true_parses_and_the_guard_is_told_not_to_block() {
 #[test]
 fn routes_limit_what_is_guarded() {
     let p = policy_with(r#","routes":[{"methods":["POST"],"path_prefix":"/v1/"}]"#);
-    assert!(p.guards("POST", "/v1/push"));
-    assert!(!p.guards("GET", "/v1/push"));
-    assert!(policy().guards("GET", "/anything"));
+    assert!(p.guards("POST", "/v1/push").applies());
+    assert!(!p.guards("GET", "/v1/push").applies());
+    assert!(policy().guards("GET", "/anything").applies());
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::num::{NonZeroU16, NonZeroU32};
 use serde::Deserialize;
 
 use super::gcra::Quota;
-use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::remote::Backend;
 use crate::store::BucketTable;
 use crate::ConfigError;
@@ -137,8 +137,10 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// On the canonical scope (crate::route): a non-canonical path never applies here (the
+    /// policy refuses it first, see [`RateLimitPolicy::scope`]).
     pub fn applies_to(&self, method: &str, path: &str) -> bool {
-        self.routes.iter().any(|r| r.matches(method, path))
+        matches!(route::scope(&self.routes, method, path), Scope::In(_))
     }
 
     /// Seconds to refill the whole burst: the `w` of this rule's RateLimit-Policy item.
@@ -271,8 +273,10 @@ impl RateLimitPolicy {
         })
     }
 
-    pub fn applies_to(&self, method: &str, path: &str) -> bool {
-        self.rules.iter().any(|r| r.applies_to(method, path))
+    /// Whether any rule applies (`path` is the raw `:path`), on the canonical scope over every
+    /// rule's routes: `NotCanonical` is refused with `400 path_not_canonical`.
+    pub fn scope(&self, method: &str, path: &str) -> Scope {
+        route::scope(self.rules.iter().flat_map(|r| r.routes.iter()), method, path)
     }
 }
 
@@ -346,8 +350,9 @@ mod tests {
         assert_eq!(r.missing_user, MissingUser::Reject);
         assert!(!r.report_only && !r.fail_open);
         assert_eq!(r.policy_item(), "\"r\";q=5;w=30");
-        assert!(p.applies_to("GET", "/v1/x"));
-        assert!(!p.applies_to("GET", "/v2/x"));
+        assert_eq!(p.scope("GET", "/v1/x"), Scope::In(0));
+        assert_eq!(p.scope("GET", "/v2/x"), Scope::Out);
+        assert_eq!(p.scope("GET", "/V1/%2e/x"), Scope::NotCanonical);
     }
 
     #[test]

@@ -318,9 +318,10 @@ impl ReplayPolicy {
         })
     }
 
-    /// The first route that protects this request (`path` without its query).
-    pub fn route_for(&self, method: &str, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| r.matcher.matches(method, path))
+    /// The first route that protects this request, on the canonical scope (crate::route;
+    /// `path` is the raw `:path`): `NotCanonical` is refused with `400 path_not_canonical`.
+    pub fn route_for(&self, method: &str, path: &str) -> crate::route::Scope {
+        crate::route::scope(self.routes.iter().map(|r| &r.matcher), method, path)
     }
 
     /// Worst-case shared-data bytes: record tables plus one stored response per key-table slot.

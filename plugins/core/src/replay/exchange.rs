@@ -24,6 +24,8 @@ pub const ORIGINAL_STATUS_HEADER: &str = "x-firebreak-original-status";
 /// Every way the guard refuses a request. Mapped to status and code in [`ReplayError::rejection`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayError {
+    /// A spelling of the path that could reach a protected route is not canonical (crate::route).
+    PathNotCanonical,
     KeyMissing,
     KeyDuplicated,
     KeyInvalid(&'static str),
@@ -48,6 +50,7 @@ impl ReplayError {
     pub fn rejection(&self) -> Rejection {
         use ReplayError::*;
         match self {
+            PathNotCanonical => crate::route::not_canonical_rejection(),
             KeyMissing => Rejection::new(400, "idempotency_key_missing", "this route requires an Idempotency-Key header"),
             KeyDuplicated => Rejection::new(400, "idempotency_key_duplicated", "Idempotency-Key must appear once"),
             KeyInvalid(why) => Rejection::new(400, "idempotency_key_invalid", format!("Idempotency-Key {why}")),
@@ -271,7 +274,14 @@ impl Exchange {
     /// Header-time checks. `Ok(None)`: the route is not protected.
     pub fn begin(policy: &ReplayPolicy, facts: &RequestFacts<'_>) -> Result<Option<Exchange>, (ReplayError, String)> {
         let (path, _) = crate::route::split_path(facts.path_and_query);
-        let Some(index) = policy.route_for(facts.method, path) else { return Ok(None) };
+        let index = match policy.route_for(facts.method, path) {
+            crate::route::Scope::In(index) => index,
+            crate::route::Scope::Out => return Ok(None),
+            crate::route::Scope::NotCanonical => {
+                let context = format!("method={} path={:?}", facts.method, path);
+                return Err((ReplayError::PathNotCanonical, context));
+            }
+        };
         let Some(route) = policy.routes.get(index) else { return Ok(None) };
         let principal = facts.principal.filter(|p| !p.is_empty());
         let mut context = format!(

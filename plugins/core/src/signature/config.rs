@@ -5,7 +5,7 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::route::{parse_routes, RouteConfig, RouteMatch};
+use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::store::BucketTable;
 use crate::ConfigError;
 
@@ -13,7 +13,15 @@ use crate::ConfigError;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     /// Requests that must be signed; others pass through untouched.
+    #[serde(default)]
     routes: Vec<RouteConfig>,
+    /// Protected by default: every request with an unsafe method (anything but GET, HEAD,
+    /// OPTIONS, TRACE) on every path must be signed, except `exemptions`.
+    #[serde(default)]
+    unsafe_methods_require_signature: bool,
+    /// Routes exempt from `unsafe_methods_require_signature` (never from `routes`).
+    #[serde(default)]
+    exemptions: Vec<RouteConfig>,
     keys: Vec<RawKey>,
     /// Oldest acceptable `created`, in seconds before now. Required, non-zero.
     max_age_seconds: Option<u64>,
@@ -149,6 +157,9 @@ impl std::fmt::Debug for Key {
 #[derive(Debug, Clone)]
 pub struct SignaturePolicy {
     pub routes: Vec<RouteMatch>,
+    /// Every unsafe method on every path needs a signature, except `exemptions`.
+    pub unsafe_methods_require_signature: bool,
+    pub exemptions: Vec<RouteMatch>,
     pub keys: Vec<Key>,
     pub max_age_seconds: NonZeroU64,
     pub future_skew_seconds: u64,
@@ -175,8 +186,18 @@ impl SignaturePolicy {
     pub fn from_json(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
         let routes = parse_routes(&raw.routes, "routes")?;
-        if routes.is_empty() {
-            return Err(ConfigError::new("routes", "at least one route is required"));
+        let exemptions = parse_routes(&raw.exemptions, "exemptions")?;
+        if routes.is_empty() && !raw.unsafe_methods_require_signature {
+            return Err(ConfigError::new(
+                "routes",
+                "at least one route is required (or `unsafe_methods_require_signature: true`)",
+            ));
+        }
+        if !exemptions.is_empty() && !raw.unsafe_methods_require_signature {
+            return Err(ConfigError::new(
+                "exemptions",
+                "only meaningful with `unsafe_methods_require_signature: true` (list the protected `routes` instead)",
+            ));
         }
         let max_age_seconds = raw
             .max_age_seconds
@@ -256,6 +277,8 @@ impl SignaturePolicy {
         )?;
         Ok(SignaturePolicy {
             routes,
+            unsafe_methods_require_signature: raw.unsafe_methods_require_signature,
+            exemptions,
             keys,
             max_age_seconds,
             future_skew_seconds: raw.future_skew_seconds,
@@ -272,13 +295,34 @@ impl SignaturePolicy {
         })
     }
 
-    pub fn applies_to(&self, method: &str, path: &str) -> bool {
-        self.routes.iter().any(|r| r.matches(method, path))
+    /// Whether this request must be signed (`path` is the raw `:path`), on the canonical scope
+    /// (crate::route). A listed route always applies; with `unsafe_methods_require_signature`
+    /// every unsafe method applies unless a canonical path matches an exemption (the catch-all
+    /// matches every spelling, so a non-canonical path with an unsafe method is `NotCanonical`).
+    pub fn scope(&self, method: &str, path: &str) -> Scope {
+        match route::scope(&self.routes, method, path) {
+            Scope::Out => {}
+            decided => return decided,
+        }
+        if !self.unsafe_methods_require_signature || is_safe_method(method) {
+            return Scope::Out;
+        }
+        match route::scope(&self.exemptions, method, path) {
+            Scope::In(_) => Scope::Out,
+            _ if route::is_canonical(route::split_path(path).0) => Scope::In(self.routes.len()),
+            _ => Scope::NotCanonical,
+        }
     }
 
     pub fn key(&self, id: &str) -> Option<&Key> {
         self.keys.iter().find(|k| k.id == id)
     }
+}
+
+/// GET, HEAD, OPTIONS and TRACE (ASCII case-insensitively); every other method is unsafe,
+/// extension methods included.
+pub fn is_safe_method(method: &str) -> bool {
+    ["GET", "HEAD", "OPTIONS", "TRACE"].iter().any(|m| m.eq_ignore_ascii_case(method))
 }
 
 fn valid_header_name(name: &str) -> bool {
@@ -344,8 +388,37 @@ mod tests {
         .unwrap();
         assert_eq!(p.keys.len(), 2);
         assert_eq!(p.future_skew_seconds, 5);
-        assert!(p.applies_to("POST", "/v1/transfers"));
+        assert_eq!(p.scope("POST", "/v1/transfers"), Scope::In(0));
         assert!(!format!("{:?}", p.keys[0]).contains(SECRET));
+    }
+
+    #[test]
+    fn unsafe_methods_require_a_signature_except_exemptions() {
+        let p = parse(&format!(
+            r#"{{"unsafe_methods_require_signature":true,"routes":[{{"methods":["GET"],"path_prefix":"/v1/accounts/"}}],
+                "exemptions":[{{"methods":["POST"],"path_exact":"/hooks/psp"}},{{"path_prefix":"/v1/accounts/"}}],
+                "max_age_seconds":300,"keys":[{{"id":"a","secret_base64":"{SECRET}"}}]}}"#
+        ))
+        .unwrap();
+        for method in ["POST", "put", "Patch", "DELETE", "PROPPATCH", "FOO"] {
+            assert_eq!(p.scope(method, "/anything/at/all"), Scope::In(1), "{method}");
+            assert_eq!(p.scope(method, "/"), Scope::In(1), "{method}");
+        }
+        for method in ["GET", "head", "OPTIONS", "TRACE"] {
+            assert_eq!(p.scope(method, "/anything"), Scope::Out, "{method}");
+        }
+        // Exemptions match on the canonical scope, case-insensitively; non-canonical spellings of
+        // anything are refused for unsafe methods.
+        assert_eq!(p.scope("POST", "/hooks/psp"), Scope::Out);
+        assert_eq!(p.scope("post", "/HOOKS/PSP?x=1"), Scope::Out);
+        assert_eq!(p.scope("PUT", "/hooks/psp"), Scope::In(1));
+        assert_eq!(p.scope("POST", "/hooks//psp"), Scope::NotCanonical);
+        assert_eq!(p.scope("POST", "/v1//payouts"), Scope::NotCanonical);
+        assert_eq!(p.scope("GET", "/v1//payouts"), Scope::Out);
+        // A listed route always applies, exemption or not.
+        assert_eq!(p.scope("GET", "/v1/accounts/x"), Scope::In(0));
+        assert_eq!(p.scope("DELETE", "/v1/accounts/x"), Scope::Out);
+        assert_eq!(p.scope("GET", "/v1/accounts//x"), Scope::NotCanonical);
     }
 
     #[test]
@@ -366,6 +439,15 @@ mod tests {
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"principal_header":"x_principal"}}"#), "principal_header"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_replica_clock_skew_seconds":301}}"#), "max_replica_clock_skew_seconds"),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
+        ];
+        for (json, field) in cases {
+            let err = parse(&json).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+        let cases = [
+            (format!(r#"{{"max_age_seconds":1,"keys":[{key}]}}"#), "routes"),
+            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"exemptions":[{{"path_exact":"/hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#), "exemptions"),
+            (format!(r#"{{"unsafe_methods_require_signature":true,"exemptions":[{{"path_exact":"/hooks"}},{{"path_exact":"hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#), "exemptions[1]"),
         ];
         for (json, field) in cases {
             let err = parse(&json).unwrap_err();
