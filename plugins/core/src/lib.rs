@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envguard;
+pub mod quota;
 pub mod ratelimit;
 pub mod reject;
 pub mod remote;

@@ -35,8 +35,13 @@ impl Context for SignatureRoot {}
 
 impl RootContext for SignatureRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        self.policy = glue::load_config(PLUGIN, |json| SignaturePolicy::from_json(json, &glue::env_var)).map(Rc::new);
-        self.counters.define_all(&["accepted", "passed_unprotected"]);
+        self.policy = glue::load_bound_config(
+            PLUGIN,
+            |json| SignaturePolicy::from_json(json, &glue::env_var),
+            SignaturePolicy::bind_tables,
+        )
+        .map(Rc::new);
+        self.counters.define_all(&["accepted", "passed_unprotected", "rejected.tenant_quota_exceeded"]);
         self.debug_log = glue::debug_enabled();
         self.policy.is_some()
     }

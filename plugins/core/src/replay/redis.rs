@@ -78,10 +78,10 @@ pub struct PendingClaim {
 /// The claim as one atomic command.
 pub fn claim(policy: &ReplayPolicy, redis: &RedisConfig, request: &ClaimRequest, now_ms: u64) -> PendingClaim {
     let command = match request {
-        ClaimRequest::Collapse { key, window_ms } => {
+        ClaimRequest::Collapse { key, window_ms, .. } => {
             RemoteCommand { verb: "SET", body: remote::claim_command(&redis.key(COLLAPSE_KIND, *key), window_ms.get()) }
         }
-        ClaimRequest::Key { key, fingerprint, claim_id } => {
+        ClaimRequest::Key { key, fingerprint, claim_id, .. } => {
             let record = Record::in_flight(*fingerprint, *claim_id, now_ms);
             let value = remote::encode_value(&record.encode());
             let ttl = policy.ttl_ms.get().to_string();
@@ -105,7 +105,7 @@ impl PendingClaim {
                 Ok(false) => Ok(ClaimAnswer::Duplicate),
                 Err(_) => Err(StateError::Remote),
             },
-            ClaimRequest::Key { key, fingerprint, claim_id } => {
+            ClaimRequest::Key { key, fingerprint, claim_id, .. } => {
                 let held = match remote::parse_claim_or_get(&reply) {
                     Ok(ClaimOrGet::Won) => {
                         let record = Record::in_flight(*fingerprint, *claim_id, self.now_ms);
@@ -136,7 +136,7 @@ impl PendingClaim {
     /// freeing the key is safe; otherwise the key would read `outcome_unknown` for the whole TTL
     /// although nothing executed. `None` for a collapse claim (its marker expires with the window).
     pub fn unwind(&self, redis: &RedisConfig) -> Option<RemoteCommand> {
-        let ClaimRequest::Key { key, fingerprint, claim_id } = &self.request else { return None };
+        let ClaimRequest::Key { key, fingerprint, claim_id, .. } = &self.request else { return None };
         let record = Record::in_flight(*fingerprint, *claim_id, self.now_ms);
         Some(RemoteCommand {
             verb: "EVAL",

@@ -12,6 +12,7 @@ use subtle::ConstantTimeEq;
 use super::base::{serialize_signature_params, signature_base, Component, RequestView};
 use super::config::{valid_key_id, SignaturePolicy};
 use super::digest::{verify_content_digest, DigestError};
+use crate::quota::QuotaError;
 use crate::store::{KeyHash, SharedStore, TableError, Update};
 use crate::Rejection;
 
@@ -50,6 +51,7 @@ pub enum SigError {
     ContentDigestMismatch,
     NonceReplayed,
     NonceStoreFull,
+    TenantQuotaExceeded,
     StateUnavailable,
 }
 
@@ -81,6 +83,11 @@ impl SigError {
             ContentDigestMismatch => Rejection::new(401, "content_digest_mismatch", "Content-Digest does not match the body"),
             NonceReplayed => Rejection::new(409, "nonce_replayed", "this signature nonce was already used"),
             NonceStoreFull => Rejection::new(503, "nonce_store_full", "nonce store is full; refusing rather than forgetting"),
+            TenantQuotaExceeded => Rejection::new(
+                429,
+                "tenant_quota_exceeded",
+                "this key id has recorded its quota of nonces for the current window; retry later",
+            ),
             StateUnavailable => Rejection::new(503, "state_unavailable", "replay state is unavailable"),
         }
     }
@@ -309,6 +316,10 @@ pub fn nonce_ttl_ms(verified: &VerifiedHeaders, now_ms: u64) -> u64 {
 }
 
 /// Records the nonce: exactly one of any number of concurrent identical requests wins.
+///
+/// Order: one read of the nonce's bucket (a replay is refused there, without touching the key
+/// id's quota); then the key id's quota (one read-modify-write; a refusal records no nonce);
+/// then the nonce, committed against the first read (one write when nothing changed).
 pub fn claim_nonce(
     policy: &SignaturePolicy,
     store: &dyn SharedStore,
@@ -317,16 +328,28 @@ pub fn claim_nonce(
 ) -> Result<(), SigError> {
     let Some(key) = nonce_key(verified) else { return Ok(()) };
     let expires_at_ms = verified.nonce_expires_at_ms;
+    let table_error = |e: TableError| match e {
+        TableError::Full => SigError::NonceStoreFull,
+        _ => SigError::StateUnavailable,
+    };
+    let snapshot = policy.nonce_table.read(store, key).map_err(table_error)?;
+    if snapshot.live(key, now_ms).is_some() {
+        return Err(SigError::NonceReplayed);
+    }
+    policy
+        .nonce_quota
+        .charge(store, crate::quota::tenant("key_id", &verified.key_id), now_ms)
+        .map_err(|e| match e {
+            QuotaError::Exceeded => SigError::TenantQuotaExceeded,
+            QuotaError::Table(e) => table_error(e),
+        })?;
     let (won, _) = policy
         .nonce_table
-        .update(store, key, now_ms, |current| match current {
+        .update_from(store, key, now_ms, Some(snapshot), |current| match current {
             Some(_) => Update::Keep(false),
             None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
         })
-        .map_err(|e| match e {
-            TableError::Full => SigError::NonceStoreFull,
-            _ => SigError::StateUnavailable,
-        })?;
+        .map_err(table_error)?;
     if won {
         Ok(())
     } else {
