@@ -1,0 +1,189 @@
+"""Issue 13, items 5 and 6, through real Envoy: no tenant can exhaust a shared store (per-tenant
+quotas, secret bucket placement), and a configuration reload never makes a live record claimable
+again (a reload that changes a table's geometry is refused; one that keeps it keeps the records)."""
+
+import hashlib
+import json
+import struct
+import uuid
+
+import harness
+
+JSON = [("content-type", "application/json")]
+BOTH_KEYS = [{"id": harness.DEMO_KEY_ID, "secret_env": harness.DEMO_KEY_ENV},
+             {"id": harness.SECOND_KEY_ID, "secret_env": harness.SECOND_KEY_ENV}]
+ENV_KEYS = [harness.DEMO_KEY_ENV, harness.SECOND_KEY_ENV]
+SIG = "firebreak.request_signature"
+GUARD = "firebreak.replay_guard"
+
+
+def signature(**overrides) -> dict:
+    config = harness.signature_config(keys=BOTH_KEYS, covered_headers_when_present=["idempotency-key"])
+    config.update(overrides)
+    return harness.wasm_filter("request_signature", config, host_env_keys=ENV_KEYS)
+
+
+def guard(**overrides) -> dict:
+    config = {"routes": [{"name": "payouts", "match": {"methods": ["POST"], "path_exact": "/v1/payouts"},
+                          "require_principal": True}],
+              "ttl_seconds": 3600, "in_flight_timeout_ms": 30000}
+    config.update(overrides)
+    return harness.wasm_filter("replay_guard", config)
+
+
+def transfer(ref: str) -> bytes:
+    return json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": ref}).encode()
+
+
+def payout(ref: str) -> bytes:
+    return json.dumps({"account": "acc-bob", "amount": 7, "reference": ref}).encode()
+
+
+def new_ref() -> str:
+    return f"exh-{uuid.uuid4().hex[:10]}"
+
+
+def signed(envoy, path: str, body: bytes, key_id=harness.DEMO_KEY_ID, nonce=None, idem=None):
+    """Signature headers (and the covered Idempotency-Key) for one request."""
+    secret = harness.DEMO_SECRET_B64 if key_id == harness.DEMO_KEY_ID else harness.SECOND_SECRET_B64
+    extra = ["--nonce", nonce] if nonce else []
+    headers = list(JSON)
+    if idem:
+        extra += ["-H", f"idempotency-key: {idem}", "--cover", "idempotency-key"]
+        headers.append(("idempotency-key", idem))
+    return headers + harness.sign("POST", envoy.url(path), body, key_id=key_id, secret_b64=secret, extra=extra)
+
+
+def unkeyed_bucket(key_id: str, nonce: str, buckets: int) -> int:
+    """Where the nonce table put a nonce before placement was keyed by a secret: the first four
+    bytes of KeyHash::of(["nonce", key_id, nonce]) (SHA-256 of length-prefixed parts) mod buckets.
+    A client could compute it, and so aim every record it sends at one bucket."""
+    h = hashlib.sha256()
+    for part in (b"nonce", key_id.encode(), nonce.encode()):
+        h.update(struct.pack(">Q", len(part)) + part)
+    return struct.unpack(">I", h.digest()[:4])[0] % buckets
+
+
+def aimed_nonces(key_id: str, buckets: int, target: int, n: int) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        nonce = f"aim-{uuid.uuid4().hex[:6]}-{i}"
+        if unkeyed_bucket(key_id, nonce, buckets) == target:
+            out.append(nonce)
+        i += 1
+    return out
+
+
+def test_one_key_id_flooding_fresh_nonces_cannot_fail_another_and_cannot_aim(demo_api, envoy_factory):
+    # 64 buckets x 4 slots; each key id may record 16 nonces per window. The attacker's nonces are
+    # all chosen to land in one bucket under the old (unkeyed) placement, and so are the victim's:
+    # with the old placement the attacker filled that bucket with 4 and every later nonce aimed
+    # there (the victim's included) got 503 nonce_store_full.
+    envoy = envoy_factory([signature(nonce_store={"buckets": 64, "slots_per_bucket": 4, "quota_per_key_id": 16})],
+                          env={})
+    attacker = aimed_nonces(harness.DEMO_KEY_ID, 64, 0, 24)
+    statuses = []
+    for nonce in attacker:
+        ref = new_ref()
+        r = envoy.request("POST", "/v1/transfers", signed(envoy, "/v1/transfers", transfer(ref), nonce=nonce),
+                          transfer(ref))
+        statuses.append((r.status, r.error))
+    # Placement is secret: the aimed nonces spread over the table instead of filling one bucket
+    # (16 accepted, where the unkeyed placement let 4 in); then the key id's quota stops it.
+    assert statuses[:16] == [(201, None)] * 16, statuses
+    assert statuses[16:] == [(429, "tenant_quota_exceeded")] * 8, statuses
+    # The victim, its nonces aimed at the same old bucket, is unaffected.
+    for nonce in aimed_nonces(harness.SECOND_KEY_ID, 64, 0, 4):
+        ref = new_ref()
+        r = envoy.request("POST", "/v1/transfers",
+                          signed(envoy, "/v1/transfers", transfer(ref), key_id=harness.SECOND_KEY_ID, nonce=nonce),
+                          transfer(ref))
+        assert r.status == 201, (r.status, r.body)
+        assert demo_api.executed(ref) == 1
+    assert envoy.counter(f"{SIG}.rejected.tenant_quota_exceeded") == 8
+    assert envoy.counter(f"{SIG}.rejected.nonce_store_full") == 0
+    assert "firebreak request_signature reject status=429 code=tenant_quota_exceeded" in envoy.logs()
+
+
+def test_a_refused_request_consumes_no_nonce(demo_api, envoy_factory):
+    # Tiny table (4 x 2, default quota 1 per key id): the second fresh nonce is refused by the
+    # quota, and was not recorded: signed again (same nonce) by another key id it is another
+    # nonce, and under the same key id it is still refused by the quota, not as a replay.
+    envoy = envoy_factory([signature(nonce_store={"buckets": 4, "slots_per_bucket": 2})], env={})
+    ref = new_ref()
+    assert envoy.request("POST", "/v1/transfers", signed(envoy, "/v1/transfers", transfer(ref)), transfer(ref)).status == 201
+    ref = new_ref()
+    r = envoy.request("POST", "/v1/transfers", signed(envoy, "/v1/transfers", transfer(ref), nonce="kept"), transfer(ref))
+    assert (r.status, r.error) == (429, "tenant_quota_exceeded")
+    r = envoy.request("POST", "/v1/transfers", signed(envoy, "/v1/transfers", transfer(ref), nonce="kept"), transfer(ref))
+    assert (r.status, r.error) == (429, "tenant_quota_exceeded"), "not nonce_replayed: the nonce was not recorded"
+    assert demo_api.executed(ref) == 0
+    # The other key id (its own quota) is unaffected by the table's tiny size.
+    r = envoy.request("POST", "/v1/transfers",
+                      signed(envoy, "/v1/transfers", transfer(ref), key_id=harness.SECOND_KEY_ID, nonce="kept"),
+                      transfer(ref))
+    assert r.status == 201 and demo_api.executed(ref) == 1
+
+
+def test_one_principal_flooding_fresh_idempotency_keys_cannot_fail_another(demo_api, envoy_factory):
+    # 8 x 4 key table: each principal may claim 4 keys per ttl (default capacity / 8).
+    envoy = envoy_factory([harness.buffer_filter(), signature(), guard(key_store={"buckets": 8, "slots_per_bucket": 4})],
+                          env={})
+    results = []
+    refs = [new_ref() for _ in range(10)]
+    for ref in refs:
+        r = envoy.request("POST", "/v1/payouts", signed(envoy, "/v1/payouts", payout(ref), idem=f'"{uuid.uuid4()}"'),
+                          payout(ref))
+        results.append((r.status, r.error))
+    assert results == [(201, None)] * 4 + [(429, "tenant_quota_exceeded")] * 6, results
+    assert [demo_api.executed(ref) for ref in refs] == [1] * 4 + [0] * 6
+    for _ in range(2):
+        ref = new_ref()
+        r = envoy.request("POST", "/v1/payouts",
+                          signed(envoy, "/v1/payouts", payout(ref), key_id=harness.SECOND_KEY_ID, idem=f'"{uuid.uuid4()}"'),
+                          payout(ref))
+        assert r.status == 201, (r.status, r.body)
+        assert demo_api.executed(ref) == 1
+    assert envoy.counter(f"{GUARD}.rejected.tenant_quota_exceeded") == 6
+    assert envoy.counter(f"{GUARD}.rejected.replay_store_full") == 0
+
+
+def test_a_reload_that_changes_a_table_geometry_is_refused_while_records_are_live(demo_api, envoy_factory):
+    nonce_store = {"buckets": 64, "slots_per_bucket": 4}
+    key_store = {"buckets": 64, "slots_per_bucket": 4}
+    filters = lambda nonce=nonce_store, keys=key_store, **sig: [  # noqa: E731
+        harness.buffer_filter(), signature(nonce_store=nonce, **sig), guard(key_store=keys)]
+    envoy = envoy_factory(filters(), env={}, lds=True)
+    ref, idem = new_ref(), f'"{uuid.uuid4()}"'
+    captured = signed(envoy, "/v1/payouts", payout(ref), idem=idem)
+    first = envoy.request("POST", "/v1/payouts", captured, payout(ref))
+    assert first.status == 201, first.body
+
+    def replays_refused():
+        # The captured signed request: its nonce is still recorded.
+        r = envoy.request("POST", "/v1/payouts", captured, payout(ref))
+        assert (r.status, r.error) == (409, "nonce_replayed"), (r.status, r.body)
+        # Freshly signed, same Idempotency-Key: the completed payout is replayed, not repeated.
+        r = envoy.request("POST", "/v1/payouts", signed(envoy, "/v1/payouts", payout(ref), idem=idem), payout(ref))
+        assert r.status == 201 and r.headers.get("idempotent-replayed") == "true", (r.status, r.headers, r.body)
+        assert demo_api.executed(ref) == 1
+
+    served_since = envoy.listener_updated_at()
+    for changed, field in [
+        (filters(nonce={"buckets": 128, "slots_per_bucket": 4}), "nonce_store.buckets"),
+        (filters(keys={"buckets": 64, "slots_per_bucket": 8}), "key_store.slots_per_bucket"),
+    ]:
+        assert envoy.reload_listener(changed) is False, f"a reload changing {field} was accepted"
+        assert f"config_error field={field}" in envoy.logs()
+        assert "claimable again" in envoy.logs()
+        # The old listener keeps serving, with its records.
+        assert envoy.listener_updated_at() == served_since
+        replays_refused()
+
+    # The same geometry (another setting changed) is accepted, and the records survive it.
+    assert envoy.reload_listener(filters(max_age_seconds=301)) is True
+    assert envoy.listener_updated_at() != served_since
+    replays_refused()
+    ref2 = new_ref()
+    r = envoy.request("POST", "/v1/payouts", signed(envoy, "/v1/payouts", payout(ref2), idem=f'"{uuid.uuid4()}"'), payout(ref2))
+    assert r.status == 201 and demo_api.executed(ref2) == 1
