@@ -7,6 +7,8 @@ import json
 import struct
 import uuid
 
+import pytest
+
 import harness
 
 JSON = [("content-type", "application/json")]
@@ -79,8 +81,7 @@ def test_one_key_id_flooding_fresh_nonces_cannot_fail_another_and_cannot_aim(dem
     # all chosen to land in one bucket under the old (unkeyed) placement, and so are the victim's:
     # with the old placement the attacker filled that bucket with 4 and every later nonce aimed
     # there (the victim's included) got 503 nonce_store_full.
-    envoy = envoy_factory([signature(nonce_store={"buckets": 64, "slots_per_bucket": 4, "quota_per_key_id": 16})],
-                          env={})
+    envoy = envoy_factory([signature(nonce_store={"buckets": 64, "slots_per_bucket": 4, "quota_per_key_id": 16})])
     attacker = aimed_nonces(harness.DEMO_KEY_ID, 64, 0, 24)
     statuses = []
     for nonce in attacker:
@@ -109,7 +110,7 @@ def test_a_refused_request_consumes_no_nonce(demo_api, envoy_factory):
     # Tiny table (4 x 2, default quota 1 per key id): the second fresh nonce is refused by the
     # quota, and was not recorded: signed again (same nonce) by another key id it is another
     # nonce, and under the same key id it is still refused by the quota, not as a replay.
-    envoy = envoy_factory([signature(nonce_store={"buckets": 4, "slots_per_bucket": 2})], env={})
+    envoy = envoy_factory([signature(nonce_store={"buckets": 4, "slots_per_bucket": 2})])
     ref = new_ref()
     assert envoy.request("POST", "/v1/transfers", signed(envoy, "/v1/transfers", transfer(ref)), transfer(ref)).status == 201
     ref = new_ref()
@@ -127,8 +128,7 @@ def test_a_refused_request_consumes_no_nonce(demo_api, envoy_factory):
 
 def test_one_principal_flooding_fresh_idempotency_keys_cannot_fail_another(demo_api, envoy_factory):
     # 8 x 4 key table: each principal may claim 4 keys per ttl (default capacity / 8).
-    envoy = envoy_factory([harness.buffer_filter(), signature(), guard(key_store={"buckets": 8, "slots_per_bucket": 4})],
-                          env={})
+    envoy = envoy_factory([harness.buffer_filter(), signature(), guard(key_store={"buckets": 8, "slots_per_bucket": 4})])
     results = []
     refs = [new_ref() for _ in range(10)]
     for ref in refs:
@@ -148,12 +148,26 @@ def test_one_principal_flooding_fresh_idempotency_keys_cannot_fail_another(demo_
     assert envoy.counter(f"{GUARD}.rejected.replay_store_full") == 0
 
 
-def test_a_reload_that_changes_a_table_geometry_is_refused_while_records_are_live(demo_api, envoy_factory):
+@pytest.mark.parametrize("layout", ["modules", "chain"])
+def test_a_reload_that_changes_a_table_geometry_is_refused_while_records_are_live(demo_api, envoy_factory, layout):
     nonce_store = {"buckets": 64, "slots_per_bucket": 4}
     key_store = {"buckets": 64, "slots_per_bucket": 4}
-    filters = lambda nonce=nonce_store, keys=key_store, **sig: [  # noqa: E731
-        harness.buffer_filter(), signature(nonce_store=nonce, **sig), guard(key_store=keys)]
-    envoy = envoy_factory(filters(), env={}, lds=True)
+    field_prefix = {"modules": ("", ""), "chain": ("filters[0].request_signature.", "filters[1].replay_guard.")}[layout]
+
+    def filters(nonce=nonce_store, keys=key_store, **sig):
+        sig_config = harness.signature_config(keys=BOTH_KEYS, covered_headers_when_present=["idempotency-key"],
+                                              nonce_store=nonce, **sig)
+        guard_config = {"routes": [{"name": "payouts", "match": {"methods": ["POST"], "path_exact": "/v1/payouts"},
+                                    "require_principal": True}],
+                        "ttl_seconds": 3600, "in_flight_timeout_ms": 30000, "key_store": keys}
+        if layout == "chain":
+            return [harness.buffer_filter(),
+                    harness.chain_filter([{"request_signature": sig_config}, {"replay_guard": guard_config}])]
+        return [harness.buffer_filter(),
+                harness.wasm_filter("request_signature", sig_config, host_env_keys=ENV_KEYS),
+                harness.wasm_filter("replay_guard", guard_config)]
+
+    envoy = envoy_factory(filters(), lds=True)
     ref, idem = new_ref(), f'"{uuid.uuid4()}"'
     captured = signed(envoy, "/v1/payouts", payout(ref), idem=idem)
     first = envoy.request("POST", "/v1/payouts", captured, payout(ref))
@@ -170,11 +184,11 @@ def test_a_reload_that_changes_a_table_geometry_is_refused_while_records_are_liv
 
     served_since = envoy.listener_updated_at()
     for changed, field in [
-        (filters(nonce={"buckets": 128, "slots_per_bucket": 4}), "nonce_store.buckets"),
-        (filters(keys={"buckets": 64, "slots_per_bucket": 8}), "key_store.slots_per_bucket"),
+        (filters(nonce={"buckets": 128, "slots_per_bucket": 4}), field_prefix[0] + "nonce_store.buckets"),
+        (filters(keys={"buckets": 64, "slots_per_bucket": 8}), field_prefix[1] + "key_store.slots_per_bucket"),
     ]:
         assert envoy.reload_listener(changed) is False, f"a reload changing {field} was accepted"
-        assert f"config_error field={field}" in envoy.logs()
+        assert f"config_error field={field} " in envoy.logs()
         assert "claimable again" in envoy.logs()
         # The old listener keeps serving, with its records.
         assert envoy.listener_updated_at() == served_since
