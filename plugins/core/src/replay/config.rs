@@ -350,10 +350,15 @@ impl ReplayPolicy {
         self.routes.iter().position(|r| r.matcher.matches(method, path))
     }
 
-    /// Worst-case shared-data bytes: record tables plus one stored response per key-table slot.
+    /// Worst-case shared-data bytes: record tables, one stored response per key-table slot, and
+    /// the quota tables.
     pub fn max_memory_bytes(&self) -> u64 {
         let response = u64::from(self.max_stored_body_bytes) + super::record::MAX_RESPONSE_HEAD_LEN as u64;
-        self.key_table.max_bytes() + self.collapse_table.max_bytes() + self.key_table.capacity() * response
+        self.key_table.max_bytes()
+            + self.collapse_table.max_bytes()
+            + self.key_table.capacity() * response
+            + self.key_quota.table.max_bytes()
+            + self.collapse_quota.table.max_bytes()
     }
 }
 
