@@ -201,3 +201,46 @@ def test_a_reload_that_changes_a_table_geometry_is_refused_while_records_are_liv
     ref2 = new_ref()
     r = envoy.request("POST", "/v1/payouts", signed(envoy, "/v1/payouts", payout(ref2), idem=f'"{uuid.uuid4()}"'), payout(ref2))
     assert r.status == 201 and demo_api.executed(ref2) == 1
+
+
+def test_on_redis_a_key_ids_nonce_quota_holds_across_instances_and_every_key_expires(demo_api, envoy_factory):
+    bridge = harness.RedisBridge()
+    try:
+        state = harness.redis_state(timeout_ms=2000)
+        filters = [signature(state=state, nonce_store={"buckets": 64, "slots_per_bucket": 4, "quota_per_key_id": 3})]
+        a, b = (envoy_factory(filters, extra_clusters=[bridge.cluster()]) for _ in range(2))
+        host = "money.example"
+
+        def send(envoy, key_id=harness.DEMO_KEY_ID):
+            body = transfer(new_ref())
+            secret = harness.DEMO_SECRET_B64 if key_id == harness.DEMO_KEY_ID else harness.SECOND_SECRET_B64
+            h = JSON + harness.sign("POST", f"http://{host}/v1/transfers", body, key_id=key_id, secret_b64=secret)
+            return envoy.request("POST", "/v1/transfers", h, body, host=host), h, body
+
+        sent = [send((a, b)[i % 2]) for i in range(5)]
+        results = [r for r, _, _ in sent]
+        results_headers = [h for _, h, _ in sent]
+        results_bodies = [body for _, _, body in sent]
+        assert [(r.status, r.error) for r in results] == [(201, None)] * 3 + [(429, "tenant_quota_exceeded")] * 2
+        # Another key id is unaffected; its replay is still a replay, on the other instance.
+        r, captured, body = send(b, key_id=harness.SECOND_KEY_ID)
+        assert r.status == 201, r.body
+        r = a.request("POST", "/v1/transfers", captured, body, host=host)
+        assert (r.status, r.error) == (409, "nonce_replayed"), r.body
+        # The demo key id's replay too: refused as a replay, not as over quota.
+        r = b.request("POST", "/v1/transfers", results_headers[0], results_bodies[0], host=host)
+        assert (r.status, r.error) == (409, "nonce_replayed"), r.body
+        keys = subprocess_keys(bridge, f"{state['key_prefix']}:sig:*")
+        assert any(":sig:quota:" in k for k in keys) and any(":sig:nonce:" in k for k in keys), keys
+        for key in keys:
+            ttl = bridge.command("PTTL", key)["PTTL"]
+            assert 0 < ttl <= 400_000, (key, ttl)
+    finally:
+        bridge.stop()
+
+
+def subprocess_keys(bridge, pattern: str) -> list[str]:
+    import subprocess
+    out = subprocess.run(["redis-cli", "-p", str(bridge.redis_port), "--scan", "--pattern", pattern],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return [line for line in out.splitlines() if line]

@@ -4,11 +4,11 @@
 
 use std::rc::Rc;
 
-use firebreak_core::remote::{self, Backend, FailureMode, RedisConfig};
+use firebreak_core::remote::{Backend, FailureMode, RedisConfig};
 use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
-    claim_nonce, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
-    VerifiedHeaders,
+    claim_nonce, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError,
+    SignaturePolicy, VerifiedHeaders,
 };
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -145,8 +145,11 @@ impl SignatureFilter {
         let Some(now) = glue::now_ms() else {
             return self.fail(SigError::StateUnavailable, &pending.context);
         };
-        let Some(key) = nonce_key(&pending.verified) else { return self.after_claim(pending) };
-        let command = remote::claim_command(&redis.key("sig:nonce", key), nonce_ttl_ms(&pending.verified, now));
+        // The nonce and the key id's quota, in one script.
+        let ttl_ms = nonce_ttl_ms(&pending.verified, now);
+        let Some(command) = nonce_claim_command(&self.policy, redis, &pending.verified, ttl_ms) else {
+            return self.after_claim(pending);
+        };
         match glue::dispatch_webdis(redis, &command) {
             Ok(token) => {
                 pending.claim_token = Some(token);
@@ -187,10 +190,9 @@ impl Context for SignatureFilter {
         let redis = redis.clone();
         let pending = Pending { claim_token: None, ..pending };
         let (status, body) = glue::http_call_response(body_size);
-        let outcome = remote::parse_reply("SET", status, &body).and_then(|reply| remote::claim_won(&reply));
-        let action = match outcome {
-            Ok(true) => self.after_claim(pending),
-            Ok(false) => self.fail(SigError::NonceReplayed, &pending.context),
+        let action = match nonce_claim_answer(status, &body) {
+            Ok(Ok(())) => self.after_claim(pending),
+            Ok(Err(refusal)) => self.fail(refusal, &pending.context),
             Err(error) => self.state_unavailable(&redis, pending, &error.to_string()),
         };
         if action == Action::Continue {

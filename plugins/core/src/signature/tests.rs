@@ -401,3 +401,27 @@ fn a_nonce_table_geometry_change_is_refused_on_reload() {
     same.bind_tables(&store, [9; 32]).unwrap();
     assert_eq!(check(&same, &store, &req, NOW_MS + 1000), "nonce_replayed");
 }
+
+/// On Redis the nonce and the key id's quota are one script: its command and its answers.
+#[test]
+fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
+    let json = format!(
+        r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":300,"nonce_store":{{"buckets":16,"slots_per_bucket":4,"quota_per_key_id":7}},
+            "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}}],"state":{{"backend":"redis","cluster":"bridge","key_prefix":"t"}}}}"#
+    );
+    let p = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+    let crate::remote::Backend::Redis(redis) = &p.state else { panic!() };
+    let req = signed(NOW_S, "n-r", b"", |_| {});
+    let view = RequestView { method: req.method, scheme: "http", authority: req.authority, path_and_query: req.path, headers: &req.headers };
+    let v = verify_headers(&p, &view, NOW_MS).unwrap();
+    let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
+    let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());
+    let quota = redis.key("sig:quota", crate::quota::tenant("key_id", "demo-client"));
+    assert!(command.starts_with("EVAL/"), "{command}");
+    assert!(command.ends_with(&format!("/2/{nonce}/{quota}/301000/7/306000")), "{command}");
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":1}"#), Ok(Ok(())));
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":0}"#), Ok(Err(SigError::NonceReplayed)));
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":2}"#), Ok(Err(SigError::TenantQuotaExceeded)));
+    assert!(nonce_claim_answer(Some(200), br#"{"EVAL":3}"#).is_err());
+    assert!(nonce_claim_answer(None, b"").is_err());
+}

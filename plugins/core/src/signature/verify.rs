@@ -356,3 +356,41 @@ pub fn claim_nonce(
         Err(SigError::NonceReplayed)
     }
 }
+
+/// Kind of the Redis keys counting a key id's nonces (`<prefix>:sig:quota:<hash>`).
+pub const NONCE_QUOTA_KIND: &str = "sig:quota";
+
+/// The Redis form of [`claim_nonce`]: one script ([`SET_NX_WITHIN_QUOTA_SCRIPT`]) records the
+/// nonce (`<prefix>:sig:nonce:<hash>`, `PX ttl_ms`) unless it is recorded already, within the key
+/// id's quota (`<prefix>:sig:quota:<hash>`, created with the window as its TTL). The window is
+/// the longer of the quota's window and `ttl_ms`, so a key id never holds more than twice its
+/// quota of live nonces. `None` when the signature carries no nonce.
+///
+/// [`SET_NX_WITHIN_QUOTA_SCRIPT`]: crate::remote::SET_NX_WITHIN_QUOTA_SCRIPT
+pub fn nonce_claim_command(
+    policy: &SignaturePolicy,
+    redis: &crate::remote::RedisConfig,
+    verified: &VerifiedHeaders,
+    ttl_ms: u64,
+) -> Option<Vec<u8>> {
+    let key = nonce_key(verified)?;
+    let tenant = crate::quota::tenant("key_id", &verified.key_id);
+    let ttl_ms = ttl_ms.max(1);
+    let window = policy.nonce_quota.window_ms.get().max(ttl_ms);
+    Some(crate::remote::eval_command_keys(
+        crate::remote::SET_NX_WITHIN_QUOTA_SCRIPT,
+        &[&redis.key("sig:nonce", key), &redis.key(NONCE_QUOTA_KIND, tenant)],
+        &[&ttl_ms.to_string(), &policy.nonce_quota.limit.get().to_string(), &window.to_string()],
+    ))
+}
+
+/// The bridge's answer to [`nonce_claim_command`]: recorded, or the refusal (a replay, the key
+/// id's quota); `Err` when the answer is unusable (the caller fails closed).
+pub fn nonce_claim_answer(http_status: Option<u16>, body: &[u8]) -> Result<Result<(), SigError>, crate::remote::RemoteError> {
+    match crate::remote::parse_reply("EVAL", http_status, body)? {
+        crate::remote::Reply::Integer(1) => Ok(Ok(())),
+        crate::remote::Reply::Integer(0) => Ok(Err(SigError::NonceReplayed)),
+        crate::remote::Reply::Integer(2) => Ok(Err(SigError::TenantQuotaExceeded)),
+        other => Err(crate::remote::RemoteError::Malformed(format!("unexpected nonce claim reply: {other:?}"))),
+    }
+}
