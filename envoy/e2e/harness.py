@@ -267,18 +267,32 @@ class Envoy:
 
     def __init__(self, http_filters: list[dict], upstream_port: int, *, env: dict | None = None,
                  concurrency: int = 2, extra_clusters=(), route_timeout: str = "15s", expect_failure=False,
-                 cpu_core: int | None = None, bootstrap_config: dict | None = None, hcm_options: dict | None = None):
+                 cpu_core: int | None = None, bootstrap_config: dict | None = None, hcm_options: dict | None = None,
+                 lds: bool = False):
         """`bootstrap_config`: a whole bootstrap (e.g. envoy/demo.yaml) whose first listener, admin
-        and first cluster are moved to free ports / `upstream_port`; `http_filters` is then ignored."""
+        and first cluster are moved to free ports / `upstream_port`; `http_filters` is then ignored.
+        `lds`: the listener comes from a file watched by Envoy (LDS), which `reload_listener`
+        replaces (a real configuration reload)."""
         self.port = free_port()
         self.admin_port = free_port()
         RUN_DIR.mkdir(exist_ok=True)
         self.config_path = RUN_DIR / f"envoy-{self.port}.json"
+        self.route_timeout = route_timeout
+        self.hcm_options = hcm_options
+        self.lds_path = None
+        self.lds_version = 0
         if bootstrap_config is None:
             config = bootstrap(self.port, self.admin_port, upstream_port, http_filters, extra_clusters, route_timeout,
                                hcm_options)
         else:
             config = relocate(bootstrap_config, self.port, self.admin_port, upstream_port)
+        if lds:
+            self.lds_path = RUN_DIR / f"lds-{self.port}.json"
+            listener = config["static_resources"].pop("listeners")[0]
+            self._write_lds(listener)
+            config["node"] = {"id": f"firebreak-{self.port}", "cluster": "firebreak-e2e"}
+            config["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3",
+                                                          "path_config_source": {"path": str(self.lds_path)}}}
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log = RUN_DIR / f"envoy-{self.port}.log"
         proc_env = dict(os.environ)
@@ -299,6 +313,56 @@ class Envoy:
                 raise RuntimeError("Envoy started although its configuration should have been refused")
             return
         wait_for(self._ready, 30, "envoy", self.proc, self.log)
+
+    def _write_lds(self, listener: dict):
+        """Replaces the LDS file atomically (write a temporary file, rename it over the watched one)."""
+        self.lds_version += 1
+        listener = dict(listener, **{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"})
+        doc = {"version_info": str(self.lds_version), "resources": [listener]}
+        tmp = self.lds_path.with_suffix(f".tmp{self.lds_version}")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.rename(tmp, self.lds_path)
+
+    def reload_listener(self, http_filters: list[dict], timeout: float = 20) -> bool:
+        """Swaps the listener (started with `lds=True`) for one running `http_filters`; waits until
+        Envoy has processed the update. True if Envoy accepted it, False if it rejected it."""
+        before = self.stats("listener_manager.lds.")
+        accepted0 = before.get("listener_manager.lds.update_success", 0)
+        rejected0 = before.get("listener_manager.lds.update_rejected", 0)
+        before_modified = self.stats("listener_manager.").get("listener_manager.listener_modified", 0)
+        listener = bootstrap(self.port, self.admin_port, 0, http_filters, (), self.route_timeout,
+                             self.hcm_options)["static_resources"]["listeners"][0]
+        self._write_lds(listener)
+        outcome = {}
+
+        def processed():
+            now = self.stats("listener_manager.lds.")
+            if now.get("listener_manager.lds.update_rejected", 0) > rejected0:
+                outcome["accepted"] = False
+            elif now.get("listener_manager.lds.update_success", 0) > accepted0:
+                outcome["accepted"] = True
+            return bool(outcome)
+
+        wait_for(processed, timeout, "LDS update processed", self.proc, self.log)
+        if outcome["accepted"]:
+            # The new listener replaces the old one once its workers are initialised.
+            def replaced():
+                now = self.stats("listener_manager.")
+                return (now.get("listener_manager.listener_modified", 0) > before_modified
+                        and now.get("listener_manager.total_listeners_warming", 0) == 0)
+
+            wait_for(replaced, timeout, "new listener active", self.proc, self.log)
+        return outcome["accepted"]
+
+    def listener_updated_at(self) -> str | None:
+        """`last_updated` of the active dynamic listener (admin /config_dump): changes when a
+        reload replaces it, not when one is rejected."""
+        dump = send(self.admin_port, "GET", "/config_dump?resource=dynamic_listeners").json
+        for config in dump.get("configs", []):
+            active = config.get("active_state")
+            if active:
+                return active.get("last_updated")
+        return None
 
     def _ready(self) -> bool:
         admin = send(self.admin_port, "GET", "/ready", timeout=1)

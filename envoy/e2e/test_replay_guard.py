@@ -323,22 +323,26 @@ def test_an_in_flight_request_past_its_timeout_is_outcome_unknown_not_free(demo_
     assert demo_api.executed(ref) == 1
 
 
-def test_a_full_table_fails_closed_503_and_recovers_after_ttl(demo_api, envoy_factory):
+def test_one_caller_cannot_fill_the_table_its_quota_refuses_first_and_recovers_after_ttl(demo_api, envoy_factory):
+    # A 1 x 2 table: the default quota (capacity / 8, at least 1) lets the anonymous callers of a
+    # route claim one key per ttl, so they can never fill the table for others (before the
+    # quotas, the second claim filled it and the third got 503 replay_store_full).
     envoy = start(envoy_factory, ttl_seconds=2, in_flight_timeout_ms=1000,
                   key_store={"buckets": 1, "slots_per_bucket": 2})
-    refs = [new_ref() for _ in range(3)]
-    keys = [new_key() for _ in range(3)]
+    refs = [new_ref() for _ in range(2)]
+    keys = [new_key() for _ in range(2)]
     assert post(envoy, "/v1/payouts", payout(refs[0]), keys[0]).status == 201
-    assert post(envoy, "/v1/payouts", payout(refs[1]), keys[1]).status == 201
-    r = post(envoy, "/v1/payouts", payout(refs[2]), keys[2])
-    assert_refused(r, 503, "replay_store_full")
-    assert demo_api.executed(refs[2]) == 0
-    # Remembered keys are still answered while the table is full.
+    r = post(envoy, "/v1/payouts", payout(refs[1]), keys[1])
+    assert_refused(r, 429, "tenant_quota_exceeded")
+    assert demo_api.executed(refs[1]) == 0
+    # Remembered keys are still answered (no quota needed).
     assert post(envoy, "/v1/payouts", payout(refs[0]), keys[0]).headers.get("idempotent-replayed") == "true"
     time.sleep(2.2)
-    assert post(envoy, "/v1/payouts", payout(refs[2]), keys[2]).status == 201
-    assert demo_api.executed(refs[2]) == 1
-    assert envoy.counter(f"{PREFIX}.rejected.replay_store_full") == 1
+    # The refused key was not recorded: it is claimed (once) when the window rolls.
+    assert post(envoy, "/v1/payouts", payout(refs[1]), keys[1]).status == 201
+    assert demo_api.executed(refs[1]) == 1
+    assert envoy.counter(f"{PREFIX}.rejected.tenant_quota_exceeded") == 1
+    assert "firebreak replay_guard reject status=429 code=tenant_quota_exceeded" in envoy.logs()
 
 
 def test_a_response_larger_than_the_stored_bound_is_not_replayed_nor_repeated(demo_api, envoy_factory):

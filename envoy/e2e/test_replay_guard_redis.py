@@ -289,3 +289,29 @@ def test_unreachable_bridge_fails_closed(envoy_factory, demo_api):
 def test_a_configuration_error_names_the_field(demo_api, state, field):
     e = harness.Envoy([harness.wasm_filter("replay_guard", guard_config(state))], demo_api.port, expect_failure=True)
     assert f"config_error field={field}" in e.logs()
+
+
+def test_a_principals_quota_holds_across_instances_and_every_key_has_a_ttl(demo_api, envoy_factory, redis_bridge):
+    # The per-tenant quota on Redis (issue 13): counted in the claim's script, cluster-wide.
+    (a, b), state = gateways(envoy_factory, redis_bridge, key_store={"buckets": 1024, "slots_per_bucket": 8,
+                                                                   "quota_per_principal": 3},
+                             collapse_store={"buckets": 256, "slots_per_bucket": 8, "quota_per_principal": 1})
+    refs = [new_ref() for _ in range(5)]
+    results = []
+    for i, ref in enumerate(refs):
+        r = post((a, b)[i % 2], "/v1/payouts", payout(ref), new_key())
+        results.append((r.status, r.error))
+    assert results == [(201, None)] * 3 + [(429, "tenant_quota_exceeded")] * 2, results
+    assert [demo_api.executed(ref) for ref in refs] == [1, 1, 1, 0, 0]
+    # A keyless duplicate is still a duplicate; a second distinct keyless transfer is over quota.
+    body = json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": new_ref()}).encode()
+    assert post(a, "/v1/transfers", body).status == 201
+    assert post(b, "/v1/transfers", body).error == "duplicate_request"
+    other = json.dumps({"from": "acc-alice", "to": "acc-bob", "amount": 2, "reference": new_ref()}).encode()
+    assert post(b, "/v1/transfers", other).error == "tenant_quota_exceeded"
+    # Every key the guard wrote expires by itself.
+    keys = redis_keys(redis_bridge, f"{state['key_prefix']}:replay:*")
+    assert any(":replay:quota:key:" in k for k in keys) and any(":replay:quota:dup:" in k for k in keys), keys
+    for key in keys:
+        ttl = redis_bridge.command("PTTL", key)["PTTL"]
+        assert 0 < ttl <= 3600 * 1000, (key, ttl)

@@ -7,6 +7,7 @@
 
 pub mod envguard;
 pub mod headers;
+pub mod quota;
 pub mod ratelimit;
 pub mod reject;
 pub mod remote;

@@ -301,17 +301,52 @@ pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
     webdis_command(&parts)
 }
 
-/// Result of [`CLAIM_OR_GET_SCRIPT`].
+/// Result of [`CLAIM_OR_GET_SCRIPT`] / [`CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOrGet {
     Won,
     Held { value: Vec<u8>, ttl_ms: i64 },
+    /// The tenant used its quota of the window; nothing was written.
+    QuotaExceeded,
+}
+
+/// [`CLAIM_OR_GET_SCRIPT`] with a per-tenant quota, in one script. KEYS[1] = the record, KEYS[2]
+/// = the tenant's count of claims in its window; ARGV = value, ttl ms, limit, window ms. A held
+/// key is answered as by `CLAIM_OR_GET_SCRIPT` without touching the count; a tenant at its limit
+/// gets `{2}` and nothing is written; otherwise the count goes up (created with the window as
+/// its TTL; INCR keeps the TTL) and the record is written with its TTL. Every key has a TTL.
+pub const CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT: &str = "local held = redis.call('GET', KEYS[1]) \
+if held then return {0, held, redis.call('PTTL', KEYS[1])} end \
+local n = tonumber(redis.call('GET', KEYS[2]) or '0') \
+if n >= tonumber(ARGV[3]) then return {2} end \
+if n == 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[4]) else redis.call('INCR', KEYS[2]) end \
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+return {1}";
+
+/// `SET NX PX` with a per-tenant quota, in one script. KEYS[1] = the marker, KEYS[2] = the
+/// tenant's count; ARGV = ttl ms, limit, window ms. `0`: the marker exists (count untouched);
+/// `2`: the tenant is at its limit (nothing written); `1`: written.
+pub const SET_NX_WITHIN_QUOTA_SCRIPT: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+local n = tonumber(redis.call('GET', KEYS[2]) or '0') \
+if n >= tonumber(ARGV[2]) then return 2 end \
+if n == 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) else redis.call('INCR', KEYS[2]) end \
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) \
+return 1";
+
+/// `EVAL script <keys.len()> keys... args...` in webdis's path form.
+pub fn eval_command_keys(script: &str, keys: &[&str], args: &[&str]) -> Vec<u8> {
+    let count = keys.len().to_string();
+    let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), count.as_bytes()];
+    parts.extend(keys.iter().map(|k| k.as_bytes()));
+    parts.extend(args.iter().map(|a| a.as_bytes()));
+    webdis_command(&parts)
 }
 
 pub fn parse_claim_or_get(reply: &Reply) -> Result<ClaimOrGet, RemoteError> {
     match reply {
         Reply::Array(items) => match items.as_slice() {
             [Reply::Integer(1)] => Ok(ClaimOrGet::Won),
+            [Reply::Integer(2)] => Ok(ClaimOrGet::QuotaExceeded),
             [Reply::Integer(0), Reply::Text(value), Reply::Integer(ttl)] => {
                 Ok(ClaimOrGet::Held { value: decode_value(value)?, ttl_ms: *ttl })
             }

@@ -10,6 +10,15 @@
 //! token of the read; a bucket that was absent is written with [`INSERT_IF_ABSENT_CAS`], a token
 //! that no present bucket holds, so of two workers that both saw it absent only one insert wins and
 //! the other gets a CAS mismatch and retries against the winner's value.
+//!
+//! Placement is secret: a record's bucket is a keyed hash of its [`KeyHash`] under a 32-byte
+//! placement secret that clients never see, so no client can aim records at one bucket. The
+//! secret lives in the table's metadata key (`<prefix>:meta`), with the table's geometry; the
+//! first VM of an Envoy to configure the table writes it (create-if-absent), every other VM and
+//! every later configuration adopts it ([`BucketTable::bind`]). Since shared data outlives a
+//! configuration, a configuration whose geometry differs from the stored one is refused: the
+//! same records would be looked for in other buckets, and live records would become claimable
+//! again.
 
 use sha2::{Digest, Sha256};
 
@@ -67,9 +76,59 @@ impl KeyHash {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn bucket_index(&self, buckets: u32) -> u32 {
-        let (head, _) = self.0.split_first_chunk::<4>().unwrap_or((&[0; 4], &[]));
-        u32::from_be_bytes(*head) % buckets
+    /// The bucket of this key under a placement secret: SHA-256(secret || key hash), its first
+    /// 8 bytes mod `buckets` (one SHA-256 block; the bias of the modulo is below 2^-32).
+    fn bucket_index(&self, secret: &[u8; 32], buckets: u32) -> u32 {
+        let mut hasher = Sha256::new();
+        hasher.update(secret);
+        hasher.update(self.0);
+        let digest: [u8; 32] = hasher.finalize().into();
+        let (head, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+        (u64::from_be_bytes(*head) % u64::from(buckets.max(1))) as u32
+    }
+}
+
+/// Version of the `<prefix>:meta` value layout.
+const META_VERSION: u8 = 1;
+/// `<prefix>:meta`: version (1) | buckets (4, BE) | slots per bucket (2, BE) | max payload (2, BE)
+/// | placement secret (32).
+const META_LEN: usize = 1 + 4 + 2 + 2 + 32;
+
+/// Why a table could not be bound to the shared data of this Envoy (the configuration is refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindError {
+    /// The table already exists in this Envoy's shared data with another geometry. `what` is
+    /// `buckets`, `slots_per_bucket` or `max_payload`.
+    GeometryChanged { what: &'static str, stored: u32, configured: u32 },
+    /// Buckets exist but no metadata: written by a Firebreak version without secret placement.
+    Legacy,
+    /// The metadata holds bytes this code did not write.
+    Corrupt,
+    /// The host failed, or the metadata kept changing.
+    Unavailable,
+}
+
+impl BindError {
+    /// A configuration error for the table configured at `field` (e.g. `nonce_store`).
+    pub fn config_error(&self, field: &str) -> crate::ConfigError {
+        const HOW: &str = "to change it, use a new vm_id (a new shared-data namespace) once the old records have expired, or restart Envoy (which clears shared data)";
+        match self {
+            BindError::GeometryChanged { what, stored, configured } => {
+                let name = if *what == "max_payload" { field.to_string() } else { format!("{field}.{what}") };
+                crate::ConfigError::new(
+                    name,
+                    format!(
+                        "this Envoy already holds this table with {what} = {stored} (configured: {configured}); changing the geometry of a live table would make its live records claimable again, so the configuration is refused; {HOW}"
+                    ),
+                )
+            }
+            BindError::Legacy => crate::ConfigError::new(
+                field,
+                format!("this Envoy's shared data holds this table as written by an earlier Firebreak version (without secret placement); its live records would become claimable again; {HOW}"),
+            ),
+            BindError::Corrupt => crate::ConfigError::new(field, "the table's metadata in shared data is corrupt; refusing"),
+            BindError::Unavailable => crate::ConfigError::new(field, "the table's metadata in shared data could not be read or written"),
+        }
     }
 }
 
@@ -142,12 +201,28 @@ impl BucketSnapshot {
 }
 
 /// Validated geometry of a table: it cannot hold zero buckets or slots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A table built with [`BucketTable::new`] places records with an all-zero secret (native tests);
+/// the filters [`bind`](BucketTable::bind) every table at configure time.
+#[derive(Clone, PartialEq, Eq)]
 pub struct BucketTable {
     prefix: String,
     buckets: u32,
     slots_per_bucket: u16,
     max_payload: u16,
+    placement: [u8; 32],
+}
+
+impl std::fmt::Debug for BucketTable {
+    // The placement secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketTable")
+            .field("prefix", &self.prefix)
+            .field("buckets", &self.buckets)
+            .field("slots_per_bucket", &self.slots_per_bucket)
+            .field("max_payload", &self.max_payload)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BucketTable {
@@ -163,7 +238,108 @@ impl BucketTable {
             buckets: buckets.get(),
             slots_per_bucket: slots_per_bucket.get(),
             max_payload,
+            placement: [0; 32],
         }
+    }
+
+    /// The key prefix (namespaces the table's keys).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Number of buckets.
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Slots per bucket.
+    pub fn slots_per_bucket(&self) -> u16 {
+        self.slots_per_bucket
+    }
+
+    fn meta_key(&self) -> String {
+        format!("{}:meta", self.prefix)
+    }
+
+    fn encode_meta(&self, secret: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(META_LEN);
+        out.push(META_VERSION);
+        out.extend_from_slice(&self.buckets.to_be_bytes());
+        out.extend_from_slice(&self.slots_per_bucket.to_be_bytes());
+        out.extend_from_slice(&self.max_payload.to_be_bytes());
+        out.extend_from_slice(secret);
+        out
+    }
+
+    /// Adopts the stored metadata, if its geometry is ours.
+    fn adopt_meta(&mut self, bytes: &[u8]) -> Result<(), BindError> {
+        if bytes.len() != META_LEN || bytes.first() != Some(&META_VERSION) {
+            return Err(BindError::Corrupt);
+        }
+        let (_, rest) = split(bytes, 1).ok_or(BindError::Corrupt)?;
+        let (buckets, rest) = split(rest, 4).ok_or(BindError::Corrupt)?;
+        let (slots, rest) = split(rest, 2).ok_or(BindError::Corrupt)?;
+        let (payload, secret) = split(rest, 2).ok_or(BindError::Corrupt)?;
+        let buckets = u32::from_be_bytes(buckets.try_into().map_err(|_| BindError::Corrupt)?);
+        let slots = u16::from_be_bytes(slots.try_into().map_err(|_| BindError::Corrupt)?);
+        let payload = u16::from_be_bytes(payload.try_into().map_err(|_| BindError::Corrupt)?);
+        let secret: [u8; 32] = secret.try_into().map_err(|_| BindError::Corrupt)?;
+        let checks = [
+            ("buckets", buckets, self.buckets),
+            ("slots_per_bucket", u32::from(slots), u32::from(self.slots_per_bucket)),
+            ("max_payload", u32::from(payload), u32::from(self.max_payload)),
+        ];
+        for (what, stored, configured) in checks {
+            if stored != configured {
+                return Err(BindError::GeometryChanged { what, stored, configured });
+            }
+        }
+        self.placement = secret;
+        Ok(())
+    }
+
+    /// Binds the table to this Envoy's shared data: adopts the placement secret stored in
+    /// `<prefix>:meta`, or, when the table is new, stores `entropy` (32 random bytes from the
+    /// host) as its secret with the geometry. Of VMs racing to create it, one insert wins and
+    /// the others adopt the winner's secret. Refused when the stored geometry differs from this
+    /// table's (see [`BindError`]). Configure-time only: reads every bucket key once when the
+    /// metadata is absent (to find tables written without it).
+    /// `entropy` may be shared by several tables: each table's secret is SHA-256 of it and the
+    /// table's prefix.
+    pub fn bind(&mut self, store: &dyn SharedStore, entropy: [u8; 32]) -> Result<(), BindError> {
+        let entropy: [u8; 32] = Sha256::new().chain_update(entropy).chain_update(self.prefix.as_bytes()).finalize().into();
+        let meta_key = self.meta_key();
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            match store.get(&meta_key).map_err(|_| BindError::Unavailable)? {
+                Some((bytes, _)) => return self.adopt_meta(&bytes),
+                None => {
+                    for bucket in 0..self.buckets {
+                        if store.get(&self.bucket_key(bucket)).map_err(|_| BindError::Unavailable)?.is_some() {
+                            // A VM that created the metadata since may already have written.
+                            return match store.get(&meta_key).map_err(|_| BindError::Unavailable)? {
+                                Some((bytes, _)) => self.adopt_meta(&bytes),
+                                None => Err(BindError::Legacy),
+                            };
+                        }
+                    }
+                    match store.set(&meta_key, &self.encode_meta(&entropy), INSERT_IF_ABSENT_CAS) {
+                        Ok(()) => {
+                            self.placement = entropy;
+                            return Ok(());
+                        }
+                        // Another VM created it first: adopt its secret.
+                        Err(StoreError::CasMismatch) => continue,
+                        Err(StoreError::Unavailable) => return Err(BindError::Unavailable),
+                    }
+                }
+            }
+        }
+        Err(BindError::Unavailable)
+    }
+
+    /// The bucket `key` lives in (secret placement).
+    pub fn bucket_of(&self, key: KeyHash) -> u32 {
+        key.bucket_index(&self.placement, self.buckets)
     }
 
     /// The most records the table can hold at once.
@@ -193,8 +369,7 @@ impl BucketTable {
     /// One read of the bucket `key` lives in (one shared-data get), to look at now and to commit
     /// a change against later with [`BucketTable::update_from`].
     pub fn read(&self, store: &dyn SharedStore, key: KeyHash) -> Result<BucketSnapshot, TableError> {
-        let bucket = key.bucket_index(self.buckets);
-        self.read_bucket(store, bucket)
+        self.read_bucket(store, self.bucket_of(key))
     }
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
@@ -233,7 +408,7 @@ impl BucketTable {
         snapshot: Option<BucketSnapshot>,
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
-        let bucket = key.bucket_index(self.buckets);
+        let bucket = self.bucket_of(key);
         let mut earlier = snapshot.filter(|s| {
             s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket)
         });
@@ -544,5 +719,84 @@ mod tests {
         assert!(accepted <= 16);
         assert_eq!(t.live_records(&store, 0), Ok(accepted));
         assert_eq!(store.inner.lock().unwrap().map.len(), 8);
+    }
+
+    fn bound(prefix: &str, buckets: u32, slots: u16, store: &dyn SharedStore, entropy: u8) -> BucketTable {
+        let mut t = BucketTable::new(prefix, NonZeroU32::new(buckets).unwrap(), NonZeroU16::new(slots).unwrap(), 8);
+        t.bind(store, [entropy; 32]).unwrap();
+        t
+    }
+
+    /// Placement depends on a secret: two Envoys (two secrets) place the same keys differently,
+    /// so a client that knows the key derivation still cannot tell which keys share a bucket.
+    #[test]
+    fn placement_depends_on_the_secret() {
+        let (s1, s2) = (MemoryStore::default(), MemoryStore::default());
+        let (a, b) = (bound("t", 1024, 2, &s1, 1), bound("t", 1024, 2, &s2, 2));
+        let keys: Vec<KeyHash> = (0..64u32).map(|i| KeyHash::of(&[&i.to_be_bytes()])).collect();
+        let differ = keys.iter().filter(|k| a.bucket_of(**k) != b.bucket_of(**k)).count();
+        assert!(differ > 60, "{differ} of 64 keys placed differently");
+        // The unkeyed placement (all-zero secret, as before) is not what a bound table uses.
+        let unkeyed = table(1024, 2);
+        assert!(keys.iter().filter(|k| unkeyed.bucket_of(**k) == a.bucket_of(**k)).count() < 4);
+        // "Aiming": the keys that share key 0's bucket under one secret are spread by the other.
+        let aimed: Vec<KeyHash> = (0..20_000u32)
+            .map(|i| KeyHash::of(&[&i.to_be_bytes()]))
+            .filter(|k| a.bucket_of(*k) == a.bucket_of(keys[0]))
+            .collect();
+        assert!(aimed.len() > 5);
+        let still_aimed = aimed.iter().filter(|k| b.bucket_of(**k) == b.bucket_of(keys[0])).count();
+        assert!(still_aimed <= 1, "{still_aimed} of {} keys aimed under one secret still land together", aimed.len());
+    }
+
+    /// Every VM of an Envoy adopts the first one's secret; a changed geometry is refused; a
+    /// table written without metadata (an earlier version) is refused rather than forgotten.
+    #[test]
+    fn binding_adopts_the_stored_secret_and_refuses_another_geometry() {
+        let store = MemoryStore::default();
+        let first = bound("t", 16, 2, &store, 1);
+        let second = bound("t", 16, 2, &store, 2);
+        assert_eq!(first, second, "same secret");
+        assert_eq!(claim(&first, &store, "a", 0), Ok(true));
+        assert_eq!(claim(&second, &store, "a", 0), Ok(false), "found where the first put it");
+        let mut other = BucketTable::new("t", NonZeroU32::new(32).unwrap(), NonZeroU16::new(2).unwrap(), 8);
+        assert_eq!(
+            other.bind(&store, [3; 32]),
+            Err(BindError::GeometryChanged { what: "buckets", stored: 16, configured: 32 })
+        );
+        assert_eq!(other.bind(&store, [3; 32]).unwrap_err().config_error("nonce_store").field, "nonce_store.buckets");
+        let mut other = BucketTable::new("t", NonZeroU32::new(16).unwrap(), NonZeroU16::new(4).unwrap(), 8);
+        assert_eq!(other.bind(&store, [3; 32]).unwrap_err().config_error("key_store").field, "key_store.slots_per_bucket");
+        // Another prefix is another table.
+        assert_ne!(bound("u", 16, 2, &store, 1), first);
+        // Buckets without metadata: written by a version without secret placement.
+        let legacy = MemoryStore::default();
+        assert_eq!(claim(&table(4, 2), &legacy, "a", 0), Ok(true));
+        let mut t = table(4, 2);
+        assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Legacy));
+        legacy.set("t:meta", &[9, 9], 0).unwrap();
+        assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Corrupt));
+        // Racing creators: the loser's insert fails its CAS and it adopts the winner's secret.
+        struct Racy<'a> {
+            store: &'a MemoryStore,
+            absent_reads: std::cell::Cell<u32>,
+        }
+        impl SharedStore for Racy<'_> {
+            fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+                if key.ends_with(":meta") && self.absent_reads.get() > 0 {
+                    self.absent_reads.set(self.absent_reads.get() - 1);
+                    return Ok(None);
+                }
+                self.store.get(key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+                self.store.set(key, value, cas)
+            }
+        }
+        let store = MemoryStore::default();
+        let winner = bound("r", 8, 2, &store, 1);
+        let racy = Racy { store: &store, absent_reads: std::cell::Cell::new(1) };
+        let loser = bound("r", 8, 2, &racy, 2);
+        assert_eq!(loser, winner);
     }
 }

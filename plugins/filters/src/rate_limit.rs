@@ -32,7 +32,7 @@ impl Context for RateLimitRoot {}
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(policy) = glue::load_config(PLUGIN, RateLimitPolicy::from_json) else {
+        let Some(policy) = glue::load_bound_config(PLUGIN, RateLimitPolicy::from_json, RateLimitPolicy::bind_tables) else {
             return false;
         };
         // Each instance counts under its own name: firebreak.rate_limit.<name>.<counter>.

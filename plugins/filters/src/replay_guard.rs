@@ -42,6 +42,7 @@ const COUNTERS: &[&str] = &[
     "rejected.duplicate_request",
     "rejected.idempotency_key_mismatch",
     "rejected.replay_store_full",
+    "rejected.tenant_quota_exceeded",
     "rejected.state_unavailable",
     "remote_error",
     "finish_paused_response",
@@ -87,7 +88,7 @@ impl Context for ReplayRoot {}
 
 impl RootContext for ReplayRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        self.policy = glue::load_config(PLUGIN, ReplayPolicy::from_json).map(Rc::new);
+        self.policy = glue::load_bound_config(PLUGIN, ReplayPolicy::from_json, ReplayPolicy::bind_tables).map(Rc::new);
         if let Some(policy) = &self.policy {
             if let Backend::Redis(redis) = &policy.state {
                 glue::log(

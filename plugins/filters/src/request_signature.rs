@@ -4,10 +4,10 @@
 
 use std::rc::Rc;
 
-use firebreak_core::remote::{self, Backend, RedisConfig};
+use firebreak_core::remote::{Backend, RedisConfig};
 use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
-    claim_nonce, client_principal_copies, nonce_key, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
+    claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
     VerifiedHeaders,
 };
 use firebreak_glue::{self as glue, Counters, HostStore};
@@ -35,8 +35,13 @@ impl Context for SignatureRoot {}
 
 impl RootContext for SignatureRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        self.policy = glue::load_config(PLUGIN, |json| SignaturePolicy::from_json(json, &glue::env_var)).map(Rc::new);
-        self.counters.define_all(&["accepted", "passed_unprotected"]);
+        self.policy = glue::load_bound_config(
+            PLUGIN,
+            |json| SignaturePolicy::from_json(json, &glue::env_var),
+            SignaturePolicy::bind_tables,
+        )
+        .map(Rc::new);
+        self.counters.define_all(&["accepted", "passed_unprotected", "rejected.tenant_quota_exceeded"]);
         self.debug_log = glue::debug_enabled();
         self.policy.is_some()
     }
@@ -137,8 +142,10 @@ impl SignatureFilter {
 
     /// Starts the Redis claim; the request waits for its answer.
     fn claim_remotely(&mut self, redis: &RedisConfig, mut pending: Pending) -> Action {
-        let Some(key) = nonce_key(&pending.verified) else { return self.after_claim(pending) };
-        let command = remote::claim_command(&redis.key("sig:nonce", key), nonce_ttl_ms(&self.policy));
+        // The nonce and the key id's quota, in one script.
+        let Some(command) = nonce_claim_command(&self.policy, redis, &pending.verified, nonce_ttl_ms(&self.policy)) else {
+            return self.after_claim(pending);
+        };
         match glue::dispatch_webdis(redis, &command) {
             Ok(token) => {
                 pending.claim_token = Some(token);
@@ -166,10 +173,9 @@ impl Context for SignatureFilter {
         }
         let pending = Pending { claim_token: None, ..pending };
         let (status, body) = glue::http_call_response(body_size);
-        let outcome = remote::parse_reply("SET", status, &body).and_then(|reply| remote::claim_won(&reply));
-        let action = match outcome {
-            Ok(true) => self.after_claim(pending),
-            Ok(false) => self.fail(SigError::NonceReplayed, &pending.context),
+        let action = match nonce_claim_answer(status, &body) {
+            Ok(Ok(())) => self.after_claim(pending),
+            Ok(Err(refusal)) => self.fail(refusal, &pending.context),
             Err(error) => self.state_unavailable(pending, &error.to_string()),
         };
         if action == Action::Continue {

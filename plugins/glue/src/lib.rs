@@ -36,6 +36,29 @@ impl SharedStore for HostStore {
     }
 }
 
+/// 32 random bytes from the host (WASI `random_get`): the entropy a new shared-data table's
+/// placement secret is made of. `None` if the host cannot give them (the configuration fails).
+pub fn random_32() -> Option<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// Loads a configuration and binds its shared-data tables ([`firebreak_core::store::BucketTable::bind`]):
+/// a failure is a configuration error like any other (named field, one log line).
+pub fn load_bound_config<T>(
+    plugin: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>,
+    bind: impl FnOnce(&mut T, &dyn SharedStore, [u8; 32]) -> Result<(), ConfigError>,
+) -> Option<T> {
+    load_config(plugin, |json| {
+        let mut config = parse(json)?;
+        let entropy = random_32().ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
+        bind(&mut config, &HostStore, entropy)?;
+        Ok(config)
+    })
+}
+
 /// Milliseconds since the Unix epoch from the host's clock; `None` if the host cannot tell.
 /// In chain mode the stages of one callback share one reading (they run within microseconds).
 pub fn now_ms() -> Option<u64> {

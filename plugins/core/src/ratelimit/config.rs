@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::gcra::Quota;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::remote::Backend;
-use crate::store::BucketTable;
+use crate::store::{BucketTable, SharedStore};
 use crate::ConfigError;
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +197,20 @@ pub fn valid_name(name: &str) -> bool {
 const NAME_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 - _";
 
 impl RateLimitPolicy {
+    /// Binds the local tables to this Envoy's shared data (configure time; see
+    /// [`BucketTable::bind`]): secret placement, and a refusal if the geometry changed (a reload
+    /// that moved budgets to other buckets would reset them). The budget table is local only
+    /// with the local backend, the lease table only with `reconcile`.
+    pub fn bind_tables(&mut self, store: &dyn SharedStore, entropy: [u8; 32]) -> Result<(), ConfigError> {
+        if self.state == Backend::Local {
+            self.table.bind(store, entropy).map_err(|e| e.config_error("table"))?;
+        }
+        if self.reconcile.is_some() {
+            self.lease_table.bind(store, entropy).map_err(|e| e.config_error("table"))?;
+        }
+        Ok(())
+    }
+
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
         let name = raw.name.ok_or_else(|| ConfigError::new("name", "required: names this instance's table and stats"))?;

@@ -471,3 +471,26 @@ fn threads_hammering_one_key_share_exactly_one_budget() {
     assert_eq!(total + errors, 50, "never more than the burst; contention may only refuse");
     assert_eq!(total, 50, "with 8 threads and 32 CAS attempts nothing should stay contended");
 }
+
+/// A reload that changes the budget table's geometry is refused (the budgets would be looked for
+/// in other buckets: every limited key would get a fresh budget); the same geometry adopts the
+/// stored placement secret and the spent budget survives.
+#[test]
+fn a_reload_that_changes_the_table_geometry_is_refused_and_budgets_survive_the_same_one() {
+    let store = MemoryStore::default();
+    let r = rule("per-ip", "ip", 1, 60, 1, "");
+    let mut a = instance("geo", &[r.clone()], r#","table":{"buckets":64,"slots_per_bucket":4}"#);
+    a.bind_tables(&store, [1; 32]).unwrap();
+    assert!(admitted(&a, &store, &facts("10.0.0.1", None), T0));
+    assert!(!admitted(&a, &store, &facts("10.0.0.1", None), T0));
+    for (table, field) in [
+        (r#","table":{"buckets":128,"slots_per_bucket":4}"#, "table.buckets"),
+        (r#","table":{"buckets":64,"slots_per_bucket":8}"#, "table.slots_per_bucket"),
+    ] {
+        let mut b = instance("geo", &[r.clone()], table);
+        assert_eq!(b.bind_tables(&store, [2; 32]).unwrap_err().field, field);
+    }
+    let mut same = instance("geo", &[r], r#","table":{"buckets":64,"slots_per_bucket":4}"#);
+    same.bind_tables(&store, [3; 32]).unwrap();
+    assert!(!admitted(&same, &store, &facts("10.0.0.1", None), T0), "the spent budget is found");
+}

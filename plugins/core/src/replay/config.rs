@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use crate::remote::{Backend, FailureMode};
 use crate::route::{RouteConfig, RouteMatch};
-use crate::store::BucketTable;
+use crate::quota::{self, TenantQuota};
+use crate::store::{BucketTable, SharedStore};
 use crate::ConfigError;
 
 use super::record::RECORD_LEN;
@@ -70,6 +71,10 @@ struct RawRoute {
 struct RawTable {
     buckets: u32,
     slots_per_bucket: u16,
+    /// Records one principal (or, without one, one route's anonymous requests) may claim per
+    /// window (see [`crate::quota`]); default capacity / 8.
+    #[serde(default)]
+    quota_per_principal: Option<u64>,
 }
 
 fn default_ttl() -> u64 {
@@ -101,10 +106,10 @@ fn default_marker() -> String {
     "idempotent-replayed".into()
 }
 fn default_key_store() -> RawTable {
-    RawTable { buckets: 1024, slots_per_bucket: 8 }
+    RawTable { buckets: 1024, slots_per_bucket: 8, quota_per_principal: None }
 }
 fn default_collapse_store() -> RawTable {
-    RawTable { buckets: 256, slots_per_bucket: 8 }
+    RawTable { buckets: 256, slots_per_bucket: 8, quota_per_principal: None }
 }
 fn default_key_mode() -> String {
     "required".into()
@@ -181,6 +186,10 @@ pub struct ReplayPolicy {
     pub replay_marker_header: String,
     pub key_table: BucketTable,
     pub collapse_table: BucketTable,
+    /// Idempotency keys per tenant per `ttl_seconds` (a key's life).
+    pub key_quota: TenantQuota,
+    /// Collapse records per tenant per longest `collapse_window_ms`.
+    pub collapse_quota: TenantQuota,
     /// Prefix of the companion keys holding stored responses (one per key-table slot).
     pub response_prefix: String,
     pub operator_clear: Option<OperatorClear>,
@@ -266,6 +275,9 @@ impl ReplayPolicy {
         }
         let key_table = parse_table(&raw.key_store, "key_store", KEY_TABLE_PREFIX, RECORD_LEN)?;
         let collapse_table = parse_table(&raw.collapse_store, "collapse_store", COLLAPSE_TABLE_PREFIX, 0)?;
+        let key_quota = parse_quota(&raw.key_store, "key_store", &key_table, ttl_ms)?;
+        let longest_window = routes.iter().filter_map(|r| r.collapse_window_ms).max().unwrap_or(NonZeroU64::MIN);
+        let collapse_quota = parse_quota(&raw.collapse_store, "collapse_store", &collapse_table, longest_window)?;
         let operator_clear = match &raw.operator_clear {
             None => None,
             Some(op) => {
@@ -312,10 +324,25 @@ impl ReplayPolicy {
             replay_marker_header: marker,
             key_table,
             collapse_table,
+            key_quota,
+            collapse_quota,
             response_prefix: RESPONSE_PREFIX.to_string(),
             operator_clear,
             state,
         })
+    }
+
+    /// Binds the local tables to this Envoy's shared data (configure time; see
+    /// [`BucketTable::bind`]): secret placement, and a refusal if a table's geometry changed.
+    /// A Redis backend has no local tables.
+    pub fn bind_tables(&mut self, store: &dyn SharedStore, entropy: [u8; 32]) -> Result<(), ConfigError> {
+        if self.state != Backend::Local {
+            return Ok(());
+        }
+        self.key_table.bind(store, entropy).map_err(|e| e.config_error("key_store"))?;
+        self.key_quota.bind(store, entropy).map_err(|e| e.config_error("key_store"))?;
+        self.collapse_table.bind(store, entropy).map_err(|e| e.config_error("collapse_store"))?;
+        self.collapse_quota.bind(store, entropy).map_err(|e| e.config_error("collapse_store"))
     }
 
     /// The first route that protects this request, on the canonical scope (crate::route;
@@ -324,10 +351,15 @@ impl ReplayPolicy {
         crate::route::scope(self.routes.iter().map(|r| &r.matcher), method, path)
     }
 
-    /// Worst-case shared-data bytes: record tables plus one stored response per key-table slot.
+    /// Worst-case shared-data bytes: record tables, one stored response per key-table slot, and
+    /// the quota tables.
     pub fn max_memory_bytes(&self) -> u64 {
         let response = u64::from(self.max_stored_body_bytes) + super::record::MAX_RESPONSE_HEAD_LEN as u64;
-        self.key_table.max_bytes() + self.collapse_table.max_bytes() + self.key_table.capacity() * response
+        self.key_table.max_bytes()
+            + self.collapse_table.max_bytes()
+            + self.key_table.capacity() * response
+            + self.key_quota.table.max_bytes()
+            + self.collapse_quota.table.max_bytes()
     }
 }
 
@@ -392,6 +424,13 @@ fn parse_table(raw: &RawTable, field: &str, prefix: &str, payload: usize) -> Res
         .ok_or_else(|| ConfigError::new(format!("{field}.slots_per_bucket"), "must be between 1 and 256"))?;
     let payload = u16::try_from(payload).map_err(|_| ConfigError::new(field, "record too large"))?;
     Ok(BucketTable::new(prefix, buckets, slots, payload))
+}
+
+fn parse_quota(raw: &RawTable, field: &str, table: &BucketTable, window_ms: NonZeroU64) -> Result<TenantQuota, ConfigError> {
+    let capacity = table.capacity();
+    let limit = raw.quota_per_principal.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
+    let limit = quota::validate_limit(limit, capacity, &format!("{field}.quota_per_principal"))?;
+    Ok(TenantQuota::for_table(table, limit, window_ms))
 }
 
 fn valid_header_name(name: &str) -> bool {

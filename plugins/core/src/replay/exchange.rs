@@ -37,6 +37,7 @@ pub enum ReplayError {
     Duplicate,
     NotStored { status: u16 },
     StoreFull,
+    TenantQuotaExceeded,
     StateUnavailable,
     /// The cluster-wide store (Redis) did not answer usably in time: never forwarded unchecked.
     RemoteUnavailable,
@@ -73,6 +74,11 @@ impl ReplayError {
             .with_header(ORIGINAL_STATUS_HEADER, status.to_string()),
             StoreFull => Rejection::new(503, "replay_store_full", "the idempotency store is full; refusing rather than forgetting")
                 .with_header("retry-after", "1"),
+            TenantQuotaExceeded => Rejection::new(
+                429,
+                "tenant_quota_exceeded",
+                "this principal has claimed its quota of idempotency records for the current window; retry later",
+            ),
             StateUnavailable => Rejection::new(503, "replay_state_unavailable", "the idempotency store is unavailable"),
             RemoteUnavailable => Rejection::new(
                 503,
@@ -94,6 +100,7 @@ impl From<StateError> for ReplayError {
             StateError::Full => ReplayError::StoreFull,
             StateError::Unavailable => ReplayError::StateUnavailable,
             StateError::Remote => ReplayError::RemoteUnavailable,
+            StateError::QuotaExceeded => ReplayError::TenantQuotaExceeded,
         }
     }
 }
@@ -187,6 +194,16 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
 pub fn key_hash(route: &str, principal: Option<&str>, key: &str) -> KeyHash {
     let scope: &[u8] = if principal.is_some() { b"p" } else { b"-" };
     KeyHash::of(&[b"key", scope, principal.unwrap_or("").as_bytes(), route.as_bytes(), key.as_bytes()])
+}
+
+/// Whose quota a claim counts on: the verified principal; without one, every anonymous request
+/// of the route (anonymous callers cannot be told apart; routes that need per-caller isolation
+/// set `require_principal`).
+pub fn tenant_of(route: &str, principal: Option<&str>) -> KeyHash {
+    match principal.filter(|p| !p.is_empty()) {
+        Some(principal) => crate::quota::tenant("principal", principal),
+        None => crate::quota::tenant("route", route),
+    }
 }
 
 /// An operator's request to clear a key: `POST <operator_clear.path>` with this JSON body.
@@ -401,15 +418,18 @@ impl Exchange {
     pub fn claim_request_of_body_sha256(&self, policy: &ReplayPolicy, body_sha256: &[u8; 32], claim_id: u64) -> Option<ClaimRequest> {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
+        let tenant = tenant_of(&route.name, self.principal.as_deref());
         match &self.key {
             Some(key) => Some(ClaimRequest::Key {
                 key: key_hash(&route.name, self.principal.as_deref(), key),
                 fingerprint,
                 claim_id,
+                tenant,
             }),
             None => route.collapse_window_ms.map(|window_ms| ClaimRequest::Collapse {
                 key: KeyHash::of(&[b"dup", route.name.as_bytes(), &fingerprint]),
                 window_ms,
+                tenant,
             }),
         }
     }

@@ -1,10 +1,12 @@
 //! The cluster-wide replay store: records in Redis, reached through the webdis bridge
 //! ([`crate::remote`]). Every claim and every update is ONE atomic Redis operation:
 //!
-//! - keyed claim: [`CLAIM_OR_GET_SCRIPT`](remote::CLAIM_OR_GET_SCRIPT) (`SET NX PX` of the
-//!   in-flight record, or the record that holds the key); the held record then goes through the
+//! - keyed claim: [`CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT`](remote::CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT)
+//!   (the record that holds the key; else, within the tenant's quota, the in-flight record
+//!   written with its TTL and the tenant's count raised); the held record then goes through the
 //!   same [`decide_claim`] as the local store;
-//! - collapse claim: `SET NX PX <window>`;
+//! - collapse claim: [`SET_NX_WITHIN_QUOTA_SCRIPT`](remote::SET_NX_WITHIN_QUOTA_SCRIPT)
+//!   (`SET NX PX <window>` within the tenant's quota);
 //! - finish: [`decide_finish`] on the in-flight record this request wrote, applied with
 //!   [`COMPARE_AND_SET_SCRIPT`](remote::COMPARE_AND_SET_SCRIPT) (or
 //!   [`COMPARE_AND_DELETE_SCRIPT`](remote::COMPARE_AND_DELETE_SCRIPT) for a release) against
@@ -31,6 +33,9 @@ use super::state::{
 /// Redis key kinds (`<key_prefix>:<kind>:<hex>`).
 pub const KEY_KIND: &str = "replay:key";
 pub const COLLAPSE_KIND: &str = "replay:dup";
+/// Per-tenant claim counts (see [`crate::quota`]): `<prefix>:replay:quota:key:<tenant hash>`.
+pub const KEY_QUOTA_KIND: &str = "replay:quota:key";
+pub const COLLAPSE_QUOTA_KIND: &str = "replay:quota:dup";
 
 /// A command for the bridge and the webdis reply member its answer comes under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,16 +83,29 @@ pub struct PendingClaim {
 /// The claim as one atomic command.
 pub fn claim(policy: &ReplayPolicy, redis: &RedisConfig, request: &ClaimRequest, now_ms: u64) -> PendingClaim {
     let command = match request {
-        ClaimRequest::Collapse { key, window_ms } => {
-            RemoteCommand { verb: "SET", body: remote::claim_command(&redis.key(COLLAPSE_KIND, *key), window_ms.get()) }
+        ClaimRequest::Collapse { key, window_ms, tenant } => {
+            let quota = &policy.collapse_quota;
+            RemoteCommand {
+                verb: "EVAL",
+                body: remote::eval_command_keys(
+                    remote::SET_NX_WITHIN_QUOTA_SCRIPT,
+                    &[&redis.key(COLLAPSE_KIND, *key), &redis.key(COLLAPSE_QUOTA_KIND, *tenant)],
+                    &[&window_ms.get().to_string(), &quota.limit.get().to_string(), &quota.window_ms.get().to_string()],
+                ),
+            }
         }
-        ClaimRequest::Key { key, fingerprint, claim_id } => {
+        ClaimRequest::Key { key, fingerprint, claim_id, tenant } => {
             let record = Record::in_flight(*fingerprint, *claim_id, now_ms);
             let value = remote::encode_value(&record.encode());
             let ttl = policy.ttl_ms.get().to_string();
+            let quota = &policy.key_quota;
             RemoteCommand {
                 verb: "EVAL",
-                body: remote::eval_command(remote::CLAIM_OR_GET_SCRIPT, &redis.key(KEY_KIND, *key), &[&value, &ttl]),
+                body: remote::eval_command_keys(
+                    remote::CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT,
+                    &[&redis.key(KEY_KIND, *key), &redis.key(KEY_QUOTA_KIND, *tenant)],
+                    &[&value, &ttl, &quota.limit.get().to_string(), &quota.window_ms.get().to_string()],
+                ),
             }
         }
     };
@@ -100,12 +118,13 @@ impl PendingClaim {
     pub fn answer(&self, policy: &ReplayPolicy, http_status: Option<u16>, body: &[u8]) -> Result<ClaimAnswer, StateError> {
         let reply = parse(&self.command, http_status, body)?;
         match &self.request {
-            ClaimRequest::Collapse { .. } => match remote::claim_won(&reply) {
-                Ok(true) => Ok(ClaimAnswer::Forward { owner: None }),
-                Ok(false) => Ok(ClaimAnswer::Duplicate),
-                Err(_) => Err(StateError::Remote),
+            ClaimRequest::Collapse { .. } => match reply {
+                remote::Reply::Integer(1) => Ok(ClaimAnswer::Forward { owner: None }),
+                remote::Reply::Integer(0) => Ok(ClaimAnswer::Duplicate),
+                remote::Reply::Integer(2) => Err(StateError::QuotaExceeded),
+                _ => Err(StateError::Remote),
             },
-            ClaimRequest::Key { key, fingerprint, claim_id } => {
+            ClaimRequest::Key { key, fingerprint, claim_id, .. } => {
                 let held = match remote::parse_claim_or_get(&reply) {
                     Ok(ClaimOrGet::Won) => {
                         let record = Record::in_flight(*fingerprint, *claim_id, self.now_ms);
@@ -114,6 +133,7 @@ impl PendingClaim {
                         });
                     }
                     Ok(ClaimOrGet::Held { value, .. }) => value,
+                    Ok(ClaimOrGet::QuotaExceeded) => return Err(StateError::QuotaExceeded),
                     // A held value that is not base64 was not written by this code; any other
                     // unreadable answer is the bridge's.
                     Err(_) if held_shape(&reply) => return Err(StateError::Unavailable),
@@ -136,7 +156,7 @@ impl PendingClaim {
     /// freeing the key is safe; otherwise the key would read `outcome_unknown` for the whole TTL
     /// although nothing executed. `None` for a collapse claim (its marker expires with the window).
     pub fn unwind(&self, redis: &RedisConfig) -> Option<RemoteCommand> {
-        let ClaimRequest::Key { key, fingerprint, claim_id } = &self.request else { return None };
+        let ClaimRequest::Key { key, fingerprint, claim_id, .. } = &self.request else { return None };
         let record = Record::in_flight(*fingerprint, *claim_id, self.now_ms);
         Some(RemoteCommand {
             verb: "EVAL",
@@ -300,8 +320,11 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::remote::{Backend, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT, CLAIM_OR_GET_SCRIPT};
-    use crate::replay::{Exchange, RequestFacts};
+    use crate::remote::{
+        Backend, CLAIM_OR_GET_SCRIPT, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT,
+        SET_NX_WITHIN_QUOTA_SCRIPT,
+    };
+    use crate::replay::{Exchange, ReplayError, RequestFacts};
 
     const CONFIG: &str = r#"{"routes": [
         {"name": "payouts", "match": {"methods": ["POST"], "path_prefix": "/v1/payouts"}},
@@ -344,6 +367,19 @@ mod tests {
     }
 
     impl FakeRedis {
+        /// The quota part of the scripts: false at the limit (nothing written).
+        fn count(data: &mut HashMap<String, String>, ttl: &mut HashMap<String, u64>, quota: &str, limit: &str, window: &str) -> bool {
+            let n: u64 = data.get(quota).map_or(0, |v| v.parse().unwrap());
+            if n >= limit.parse().unwrap() {
+                return false;
+            }
+            if n == 0 {
+                ttl.insert(quota.to_string(), window.parse().unwrap());
+            }
+            data.insert(quota.to_string(), (n + 1).to_string());
+            true
+        }
+
         fn run(&self, command: &RemoteCommand) -> (Option<u16>, Vec<u8>) {
             let args: Vec<String> = command.body.split(|b| *b == b'/').map(unescape).collect();
             let mut data = self.data.borrow_mut();
@@ -366,6 +402,32 @@ mod tests {
                         serde_json::json!([1])
                     }
                 },
+                ["EVAL", script, "2", key, quota, value, ttl, limit, window] if *script == CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT => {
+                    if let Some(held) = data.get(*key) {
+                        serde_json::json!([0, held, 1000])
+                    } else {
+                        let allowed = Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
+                        if allowed {
+                            data.insert(key.to_string(), value.to_string());
+                            self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
+                            serde_json::json!([1])
+                        } else {
+                            serde_json::json!([2])
+                        }
+                    }
+                }
+                ["EVAL", script, "2", key, quota, ttl, limit, window] if *script == SET_NX_WITHIN_QUOTA_SCRIPT => {
+                    let allowed = !data.contains_key(*key) && Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
+                    if data.contains_key(*key) {
+                        serde_json::json!(0)
+                    } else if !allowed {
+                        serde_json::json!(2)
+                    } else {
+                        data.insert(key.to_string(), "1".to_string());
+                        self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
+                        serde_json::json!(1)
+                    }
+                }
                 ["EVAL", script, "1", key, expected, value, ttl] if *script == COMPARE_AND_SET_SCRIPT => {
                     if data.get(*key).map(String::as_str) == Some(*expected) {
                         data.insert(key.to_string(), value.to_string());
@@ -481,10 +543,11 @@ mod tests {
         assert_eq!(claim_on(&r, &p, &e, "{}", 2, 1_000 + 10_000), Ok(ClaimAnswer::OutcomeUnknown { stale_in_flight: true }));
         let release = FinishRequest { owner, outcome: Outcome::Release };
         assert_eq!(finish_on(&r, &p, &release, 12_000), Ok(FinishAnswer::Released));
-        assert!(r.data.borrow().is_empty());
+        let records = || r.data.borrow().keys().filter(|k| !k.contains(":replay:quota:")).count();
+        assert_eq!(records(), 0);
         owner_of(claim_on(&r, &p, &e, "{}", 3, 12_001));
         assert_eq!(finish_on(&r, &p, &release, 12_002), Ok(FinishAnswer::NotOwner));
-        assert_eq!(r.data.borrow().len(), 1);
+        assert_eq!(records(), 1);
     }
 
     #[test]
@@ -534,6 +597,38 @@ mod tests {
         assert!(claim(&p, &redis(), &dup, 1).unwind(&redis()).is_some());
         let keyless = exchange(&p, "/v1/transfers", None).claim_request(&p, b"{}", 5).unwrap();
         assert_eq!(claim(&p, &redis(), &keyless, 1).unwind(&redis()), None);
+    }
+
+    /// The per-tenant quota on Redis: in the claim's script, counted only for a free key, a
+    /// refused claim writes nothing, other tenants are unaffected, and every key has a TTL.
+    #[test]
+    fn a_tenant_at_its_quota_is_refused_on_redis_and_writes_nothing() {
+        let mut p = policy();
+        p.key_quota.limit = std::num::NonZeroU32::new(2).unwrap();
+        p.collapse_quota.limit = std::num::NonZeroU32::new(1).unwrap();
+        let r = FakeRedis::default();
+        for (i, key) in ["\"q1\"", "\"q2\""].iter().enumerate() {
+            owner_of(claim_on(&r, &p, &exchange(&p, "/v1/payouts", Some(key)), "{}", i as u64 + 1, 1_000));
+        }
+        let before = r.data.borrow().len();
+        let e = exchange(&p, "/v1/payouts", Some("\"q3\""));
+        assert_eq!(claim_on(&r, &p, &e, "{}", 3, 1_001), Err(StateError::QuotaExceeded));
+        assert_eq!(r.data.borrow().len(), before, "nothing written");
+        assert_eq!(ReplayError::from(StateError::QuotaExceeded).rejection().code, "tenant_quota_exceeded");
+        // A retry of a held key is answered from its record (the count is not consulted).
+        assert_eq!(
+            claim_on(&r, &p, &exchange(&p, "/v1/payouts", Some("\"q1\"")), "{}", 4, 1_002),
+            Ok(ClaimAnswer::InFlight)
+        );
+        // Collapse: one record per window for alice; a duplicate stays a duplicate.
+        let t = exchange(&p, "/v1/transfers", None);
+        assert_eq!(claim_on(&r, &p, &t, "{}", 5, 1_000), Ok(ClaimAnswer::Forward { owner: None }));
+        assert_eq!(claim_on(&r, &p, &t, "{}", 6, 1_000), Ok(ClaimAnswer::Duplicate));
+        assert_eq!(claim_on(&r, &p, &t, "{\"b\":2}", 7, 1_000), Err(StateError::QuotaExceeded));
+        // Every key written has a TTL: records, markers and counts.
+        let (data, ttl) = (r.data.borrow(), r.ttl.borrow());
+        assert!(data.keys().all(|k| ttl.contains_key(k)), "{:?} / {:?}", data.keys().collect::<Vec<_>>(), ttl);
+        assert_eq!(ttl.iter().filter(|(k, _)| k.starts_with("t:replay:quota:key:")).map(|(_, t)| *t).collect::<Vec<_>>(), vec![60_000]);
     }
 
     #[test]

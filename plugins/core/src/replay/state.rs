@@ -10,6 +10,7 @@
 
 use std::num::NonZeroU64;
 
+use crate::quota::{QuotaError, TenantQuota};
 use crate::store::{BucketSnapshot, KeyHash, SharedStore, SlotAddress, StoreError, TableError, Update};
 
 use super::config::ReplayPolicy;
@@ -32,6 +33,8 @@ pub enum StateError {
     Unavailable,
     /// The cluster-wide store (Redis through its HTTP bridge) did not answer usably in time.
     Remote,
+    /// The request's tenant (principal, or route when anonymous) used its quota of the table.
+    QuotaExceeded,
 }
 
 impl From<TableError> for StateError {
@@ -48,10 +51,10 @@ impl From<TableError> for StateError {
 /// The claim a request makes before it is forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimRequest {
-    /// An idempotency key (scoped to principal and route).
-    Key { key: KeyHash, fingerprint: [u8; 32], claim_id: u64 },
+    /// An idempotency key (scoped to principal and route). `tenant`: whose quota it counts on.
+    Key { key: KeyHash, fingerprint: [u8; 32], claim_id: u64, tenant: KeyHash },
     /// No key: the request's fingerprint, remembered for the route's collapse window.
-    Collapse { key: KeyHash, window_ms: NonZeroU64 },
+    Collapse { key: KeyHash, window_ms: NonZeroU64, tenant: KeyHash },
 }
 
 /// The forwarded request that owns an idempotency record.
@@ -265,6 +268,13 @@ pub struct LocalState<'a> {
 }
 
 impl LocalState<'_> {
+    fn charge(&self, quota: &TenantQuota, tenant: KeyHash, now_ms: u64) -> Result<(), StateError> {
+        quota.charge(self.store, tenant, now_ms).map_err(|e| match e {
+            QuotaError::Exceeded => StateError::QuotaExceeded,
+            QuotaError::Table(e) => e.into(),
+        })
+    }
+
     fn companion_key(&self, slot: SlotAddress) -> String {
         format!("{}:{}:{}", self.policy.response_prefix, slot.bucket, slot.slot)
     }
@@ -283,18 +293,33 @@ impl LocalState<'_> {
 
     fn claim_now(&self, request: &ClaimRequest, now_ms: u64, peek: Option<KeyPeek>) -> Result<ClaimAnswer, StateError> {
         match request {
-            ClaimRequest::Collapse { key, window_ms } => {
+            ClaimRequest::Collapse { key, window_ms, tenant } => {
                 let expires_at_ms = now_ms.saturating_add(window_ms.get());
-                let (first, _) = self.policy.collapse_table.update(self.store, *key, now_ms, |current| match current {
+                // A duplicate is refused on the first read, without touching the quota.
+                let snapshot = self.policy.collapse_table.read(self.store, *key)?;
+                if snapshot.live(*key, now_ms).is_some() {
+                    return Ok(ClaimAnswer::Duplicate);
+                }
+                self.charge(&self.policy.collapse_quota, *tenant, now_ms)?;
+                let (first, _) = self.policy.collapse_table.update_from(self.store, *key, now_ms, Some(snapshot), |current| match current {
                     Some(_) => Update::Keep(false),
                     None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
                 })?;
                 Ok(if first { ClaimAnswer::Forward { owner: None } } else { ClaimAnswer::Duplicate })
             }
-            ClaimRequest::Key { key, fingerprint, claim_id } => {
+            ClaimRequest::Key { key, fingerprint, claim_id, tenant } => {
                 let expires_at_ms = now_ms.saturating_add(self.policy.ttl_ms.get());
                 let timeout = self.policy.in_flight_timeout_ms;
-                let earlier = peek.filter(|p| p.key == *key).map(|p| p.snapshot);
+                let earlier = match peek.filter(|p| p.key == *key) {
+                    Some(peek) => peek.snapshot,
+                    None => self.policy.key_table.read(self.store, *key)?,
+                };
+                // Only a claim that would take a free key counts on the tenant's quota (a retry
+                // of a live key is answered from its record); a refused claim writes no record.
+                if earlier.live(*key, now_ms).is_none() {
+                    self.charge(&self.policy.key_quota, *tenant, now_ms)?;
+                }
+                let earlier = Some(earlier);
                 let (verdict, slot) = self.policy.key_table.update_from(self.store, *key, now_ms, earlier, |current| {
                     let record = match current.map(Record::decode) {
                         None => None,

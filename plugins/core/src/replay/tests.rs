@@ -14,7 +14,7 @@ const CONFIG: &str = r#"{
   "ttl_seconds": 60,
   "in_flight_timeout_ms": 10000,
   "max_stored_body_bytes": 64,
-  "key_store": {"buckets": 4, "slots_per_bucket": 4}
+  "key_store": {"buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 8}
 }"#;
 
 fn policy() -> ReplayPolicy {
@@ -345,7 +345,9 @@ fn a_route_safe_to_repeat_releases_the_key_on_uncertain_answers() {
 
 #[test]
 fn answers_that_prove_nothing_executed_free_the_key_and_others_are_replayed() {
-    let p = policy().tap_key_store(64, 8);
+    let mut p = policy().tap_key_store(64, 8);
+    // Every claim counts on the quota, released or not: this test makes 50 of them.
+    p.key_quota.limit = std::num::NonZeroU32::new(1000).unwrap();
     let store = MemoryStore::default();
     let state = LocalState { policy: &p, store: &store };
     let c = Client::new(&p, &state);
@@ -564,8 +566,9 @@ fn a_full_collapse_table_fails_closed() {
     let state = LocalState { policy: &p, store: &store };
     let c = Client::new(&p, &state);
     assert_eq!(c.send("/v1/transfers", None, None, "1", 0).0, Ok(Decision::Forward));
-    assert_eq!(rejected(&c.send("/v1/transfers", None, None, "2", 0).0), Some(ReplayError::StoreFull));
-    assert_eq!(c.send("/v1/transfers", None, None, "2", 2000).0, Ok(Decision::Forward));
+    // Another tenant (its own quota) finds the one slot taken.
+    assert_eq!(rejected(&c.send("/v1/transfers", None, Some("bob"), "2", 0).0), Some(ReplayError::StoreFull));
+    assert_eq!(c.send("/v1/transfers", None, Some("bob"), "2", 2000).0, Ok(Decision::Forward));
 }
 
 // ---- concurrency across workers ----
@@ -797,10 +800,11 @@ fn incident_3_retries_of_a_key_in_flight_are_refused_before_the_body() {
 // ---- shared-data calls and the body digest ----
 
 
-/// A new key: one read at header time, one write for the claim (against that read), one read
-/// and two writes (stored response, completed record) to finish.
+/// A new key: one read at header time, the tenant's quota (one read, one write), one write for
+/// the claim (against the header-time read), one read and two writes (stored response,
+/// completed record) to finish.
 #[test]
-fn a_new_key_costs_two_reads_and_three_writes() {
+fn a_new_key_costs_three_reads_and_four_writes() {
     let p = policy();
     let store = crate::store::CountingStore::default();
     let state = LocalState { policy: &p, store: &store };
@@ -812,12 +816,12 @@ fn a_new_key_costs_two_reads_and_three_writes() {
     let claim = ex.claim_request(&p, BODY.as_bytes(), 7).unwrap();
     let answer = state.claim_after_peek(&claim, 10, Some(peek));
     assert_eq!(ex.on_claim(&p, answer), Decision::Forward);
-    assert_eq!((store.gets.get(), store.sets.get()), (1, 1), "claim");
+    assert_eq!((store.gets.get(), store.sets.get()), (2, 2), "claim");
     ex.on_response_headers(&p, 201, true, &[("content-type".into(), "application/json".into())]);
     ex.on_response_body(&p, b"{}");
     let finish = ex.finish(&p, true).unwrap();
     assert_eq!(state.finish(&finish, 20), Answer::Now(Ok(FinishAnswer::Completed { stored: true })));
-    assert_eq!((store.gets.get(), store.sets.get()), (2, 3), "finish");
+    assert_eq!((store.gets.get(), store.sets.get()), (3, 4), "finish");
     // The retry is replayed from what was stored.
     let c = Client::new(&p, &state);
     assert!(matches!(c.send("/v1/payouts", Some("\"n\""), None, BODY, 30).0, Ok(Decision::Replay(_))));
@@ -857,4 +861,92 @@ fn the_fingerprint_from_a_verified_content_digest_is_the_fingerprint_from_the_bo
     assert_eq!(body_sha256_from_content_digest("sha-512=:AAAA:"), None);
     assert_eq!(body_sha256_from_content_digest("sha-256=:AAAA:"), None, "not 32 bytes");
     assert_eq!(body_sha256_from_content_digest("sha-256=abc"), None);
+}
+
+// ---- per-tenant quotas ----
+
+/// One principal flooding fresh keys gets its own code at its quota; other principals are
+/// unaffected; a refused claim records nothing (the same key is free once the window rolls);
+/// a retry of a live key is answered from its record without touching the quota.
+#[test]
+fn a_tenant_at_its_quota_is_refused_alone_and_consumes_nothing() {
+    let p = policy_with(r#""collapse_store": {"buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 2}"#)
+        .tap_key_store(64, 4);
+    assert_eq!(p.key_quota.limit.get(), 8);
+    let store = MemoryStore::default();
+    let state = LocalState { policy: &p, store: &store };
+    let c = Client::new(&p, &state);
+    for i in 0..8 {
+        let key = format!("\"a{i}\"");
+        let (d, ex) = c.send("/v1/payouts", Some(&key), Some("mallory"), BODY, 0);
+        assert_eq!(d, Ok(Decision::Forward), "{i}");
+        c.answer(&mut ex.unwrap(), 201, "{}", true, 1);
+    }
+    let (d, _) = c.send("/v1/payouts", Some("\"fresh\""), Some("mallory"), BODY, 2);
+    assert_eq!(rejected(&d), Some(ReplayError::TenantQuotaExceeded));
+    assert_eq!(ReplayError::TenantQuotaExceeded.rejection().status, 429);
+    assert_eq!(ReplayError::TenantQuotaExceeded.rejection().code, "tenant_quota_exceeded");
+    // A retry of a completed key is still replayed (no quota needed).
+    assert!(matches!(c.send("/v1/payouts", Some("\"a0\""), Some("mallory"), BODY, 3).0, Ok(Decision::Replay(_))));
+    // Others are unaffected.
+    assert_eq!(c.send("/v1/payouts", Some("\"fresh\""), Some("alice"), BODY, 3).0, Ok(Decision::Forward));
+    assert_eq!(c.send("/v1/payouts", Some("\"x\""), None, BODY, 3).0, Ok(Decision::Forward), "anonymous");
+    // The refused key was not recorded: once the window (ttl 60 s) rolls, it is claimed once.
+    let Answer::Now(record) = state.peek(key_hash("payouts", Some("mallory"), "fresh"), 60_000) else { panic!() };
+    assert_eq!(record, Ok(None));
+    assert_eq!(c.send("/v1/payouts", Some("\"fresh\""), Some("mallory"), BODY, 60_000).0, Ok(Decision::Forward));
+
+    // Collapse: quota 2 per principal per longest window (2 s).
+    for i in 0..2 {
+        assert_eq!(c.send("/v1/transfers", None, Some("mallory"), &i.to_string(), 0).0, Ok(Decision::Forward));
+    }
+    assert_eq!(rejected(&c.send("/v1/transfers", None, Some("mallory"), "1", 1).0), Some(ReplayError::Duplicate), "a duplicate stays a duplicate");
+    assert_eq!(rejected(&c.send("/v1/transfers", None, Some("mallory"), "9", 1).0), Some(ReplayError::TenantQuotaExceeded));
+    assert_eq!(c.send("/v1/transfers", None, Some("bob"), "9", 1).0, Ok(Decision::Forward));
+    assert_eq!(c.send("/v1/transfers", None, Some("mallory"), "9", 2000).0, Ok(Decision::Forward));
+}
+
+#[test]
+fn quota_fields_are_validated_against_capacity() {
+    let bad = CONFIG.replace(r#""quota_per_principal": 8"#, r#""quota_per_principal": 9"#);
+    assert_eq!(ReplayPolicy::from_json(bad.as_bytes()).unwrap_err().field, "key_store.quota_per_principal");
+    let zero = CONFIG.replace(r#""quota_per_principal": 8"#, r#""quota_per_principal": 0"#);
+    assert_eq!(ReplayPolicy::from_json(zero.as_bytes()).unwrap_err().field, "key_store.quota_per_principal");
+    let default = CONFIG.replace(r#", "quota_per_principal": 8"#, "");
+    assert_eq!(ReplayPolicy::from_json(default.as_bytes()).unwrap().key_quota.limit.get(), 2, "16 / 8");
+    assert_eq!(policy().collapse_quota.limit.get(), 256, "256 x 8 / 8");
+    assert_eq!(policy().collapse_quota.window_ms.get(), 2000, "the longest collapse window");
+    assert_eq!(policy().key_quota.window_ms.get(), 60_000, "ttl");
+}
+
+/// A reload that changes a table's geometry is refused while this Envoy holds the table; the
+/// same geometry adopts the stored placement secret (the records are found where they are).
+#[test]
+fn a_reload_that_changes_the_geometry_is_refused_and_records_survive_the_same_geometry() {
+    let store = MemoryStore::default();
+    let mut a = policy();
+    a.bind_tables(&store, [1; 32]).unwrap();
+    let state = LocalState { policy: &a, store: &store };
+    let c = Client::new(&a, &state);
+    let (d, ex) = c.send("/v1/payouts", Some("\"p\""), Some("alice"), BODY, 0);
+    assert_eq!(d, Ok(Decision::Forward));
+    c.answer(&mut ex.unwrap(), 201, "{}", true, 1);
+
+    for (json, field) in [
+        (CONFIG.replace(r#""buckets": 4, "slots_per_bucket": 4"#, r#""buckets": 8, "slots_per_bucket": 4"#), "key_store.buckets"),
+        (CONFIG.replace(r#""buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 8"#, r#""buckets": 4, "slots_per_bucket": 2"#), "key_store.slots_per_bucket"),
+        (CONFIG.replace("\n}", r#", "collapse_store": {"buckets": 2, "slots_per_bucket": 8}}"#), "collapse_store.buckets"),
+    ] {
+        let mut b = ReplayPolicy::from_json(json.as_bytes()).unwrap();
+        let err = b.bind_tables(&store, [2; 32]).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.message.contains("claimable again"), "{err}");
+    }
+    // Same geometry, other entropy: the stored secret is adopted and the record is found.
+    let mut same = ReplayPolicy::from_json(CONFIG.replace("\"ttl_seconds\": 60", "\"ttl_seconds\": 61").as_bytes()).unwrap();
+    same.bind_tables(&store, [3; 32]).unwrap();
+    assert_eq!(same.key_table, a.key_table);
+    let state = LocalState { policy: &same, store: &store };
+    let c = Client::new(&same, &state);
+    assert!(matches!(c.send("/v1/payouts", Some("\"p\""), Some("alice"), BODY, 2).0, Ok(Decision::Replay(_))));
 }

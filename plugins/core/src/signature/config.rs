@@ -5,8 +5,9 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 use base64::Engine;
 use serde::Deserialize;
 
+use crate::quota::{self, TenantQuota};
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
-use crate::store::BucketTable;
+use crate::store::{BucketTable, SharedStore};
 use crate::ConfigError;
 
 #[derive(Debug, Deserialize)]
@@ -73,11 +74,14 @@ struct RawNonceStore {
     buckets: u32,
     #[serde(default = "default_slots")]
     slots_per_bucket: u16,
+    /// Nonces one key id may record per window (see [`crate::quota`]); default capacity / 8.
+    #[serde(default)]
+    quota_per_key_id: Option<u64>,
 }
 
 impl Default for RawNonceStore {
     fn default() -> Self {
-        RawNonceStore { buckets: default_buckets(), slots_per_bucket: default_slots() }
+        RawNonceStore { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_key_id: None }
     }
 }
 
@@ -102,6 +106,9 @@ fn default_buckets() -> u32 {
 fn default_slots() -> u16 {
     16
 }
+
+/// Shared-data prefix of the nonce table (its quota table is `<prefix>.quota`).
+pub const NONCE_TABLE_PREFIX: &str = "firebreak.sig.nonce";
 
 /// Longest key id accepted, in config and on the wire.
 pub const MAX_KEY_ID_LEN: usize = 64;
@@ -175,6 +182,9 @@ pub struct SignaturePolicy {
     /// Require the default coverage (@method, @authority, @path, @query, content-digest).
     pub require_default_coverage: bool,
     pub nonce_table: BucketTable,
+    /// Nonces per key id per window (`max_age_seconds + future_skew_seconds + 1`, a nonce's
+    /// longest life): a key id holds at most twice this many nonces.
+    pub nonce_quota: TenantQuota,
     pub state: crate::remote::Backend,
     /// The key a MAC is computed with when the key id is unknown, so that an unknown key id costs
     /// the same work as a wrong MAC (never accepted: the request is refused either way).
@@ -275,6 +285,17 @@ impl SignaturePolicy {
             "decoy",
             env,
         )?;
+        let nonce_table = BucketTable::new(NONCE_TABLE_PREFIX, buckets, slots, 0);
+        let quota_limit = quota::validate_limit(
+            raw.nonce_store.quota_per_key_id.unwrap_or_else(|| u64::from(quota::default_limit(nonce_table.capacity()))),
+            nonce_table.capacity(),
+            "nonce_store.quota_per_key_id",
+        )?;
+        let window_ms = NonZeroU64::new(
+            max_age_seconds.get().saturating_add(raw.future_skew_seconds).saturating_add(1).saturating_mul(1000),
+        )
+        .unwrap_or(NonZeroU64::MIN);
+        let nonce_quota = TenantQuota::for_table(&nonce_table, quota_limit, window_ms);
         Ok(SignaturePolicy {
             routes,
             unsafe_methods_require_signature: raw.unsafe_methods_require_signature,
@@ -289,10 +310,22 @@ impl SignaturePolicy {
             covered_headers_when_present: covered,
             require_nonce: true,
             require_default_coverage: true,
-            nonce_table: BucketTable::new("firebreak.sig.nonce", buckets, slots, 0),
+            nonce_table,
+            nonce_quota,
             state,
             decoy_key,
         })
+    }
+
+    /// Binds the local nonce tables to this Envoy's shared data (configure time; see
+    /// [`BucketTable::bind`]): secret placement, and a refusal if their geometry changed. A
+    /// Redis backend has no local tables.
+    pub fn bind_tables(&mut self, store: &dyn SharedStore, entropy: [u8; 32]) -> Result<(), ConfigError> {
+        if self.state != crate::remote::Backend::Local {
+            return Ok(());
+        }
+        self.nonce_table.bind(store, entropy).map_err(|e| e.config_error("nonce_store"))?;
+        self.nonce_quota.bind(store, entropy).map_err(|e| e.config_error("nonce_store"))
     }
 
     /// Whether this request must be signed (`path` is the raw `:path`), on the canonical scope

@@ -10,7 +10,10 @@ pub mod verify;
 pub use base::{Component, RequestView};
 pub use config::{valid_key_id, SignaturePolicy};
 pub use sign::{sign, SignRequest, SignedHeaders};
-pub use verify::{claim_nonce, client_principal_copies, nonce_key, nonce_ttl_ms, verify_body, verify_headers, SigError, VerifiedHeaders};
+pub use verify::{
+    claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_key, nonce_ttl_ms, verify_body,
+    verify_headers, SigError, VerifiedHeaders,
+};
 
 #[cfg(test)]
 mod tests;

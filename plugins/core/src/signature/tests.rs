@@ -460,3 +460,83 @@ fn every_client_spelling_of_the_principal_header_is_removed_or_refused() {
     assert_eq!(client_principal_copies(&p, &once, true), Ok(vec!["x-firebreak-principal"]));
     assert_eq!(client_principal_copies(&p, &h(&[]), true), Ok(none));
 }
+
+/// A key id flooding fresh nonces gets its own code at its quota, other key ids are unaffected,
+/// a replay is still a replay, and a refused request recorded no nonce (the same nonce is
+/// accepted once, after the key id's window rolled).
+#[test]
+fn a_key_id_at_its_nonce_quota_is_refused_alone_and_consumes_no_nonce() {
+    let json = format!(
+        r#"{{"routes":[{{"methods":["POST"],"path_prefix":"/v1/"}}],"max_age_seconds":300,"future_skew_seconds":5,
+            "nonce_store":{{"buckets":16,"slots_per_bucket":4,"quota_per_key_id":3}},
+            "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}},{{"id":"other","secret_base64":"{SECRET_B64}"}}]}}"#
+    );
+    let p = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+    assert_eq!(p.nonce_quota.window_ms.get(), 306_000, "max_age + skew + 1 s");
+    let store = MemoryStore::default();
+    for i in 0..3 {
+        assert_eq!(check(&p, &store, &signed(NOW_S, &format!("n{i}"), b"", |_| {}), NOW_MS), "ok");
+    }
+    assert_eq!(check(&p, &store, &signed(NOW_S, "n0", b"", |_| {}), NOW_MS), "nonce_replayed", "a replay is a replay");
+    assert_eq!(check(&p, &store, &signed(NOW_S, "x", b"", |_| {}), NOW_MS), "tenant_quota_exceeded");
+    assert_eq!(SigError::TenantQuotaExceeded.rejection().status, 429);
+    assert_eq!(check(&p, &store, &signed(NOW_S, "x", b"", |r| r.key_id = "other"), NOW_MS), "ok", "another key id");
+    assert_eq!(p.nonce_table.live_records(&store, NOW_MS), Ok(4));
+    // The window of demo-client rolls at NOW + 306 s: the refused nonce was never recorded.
+    let later = NOW_MS + 306_000;
+    assert_eq!(check(&p, &store, &signed(NOW_S + 306, "x", b"", |_| {}), later), "ok");
+    assert_eq!(check(&p, &store, &signed(NOW_S + 306, "x", b"", |_| {}), later), "nonce_replayed");
+    // Quota bounds: refused at configure time beyond half the capacity.
+    let bad = json.replace(r#""quota_per_key_id":3"#, r#""quota_per_key_id":33"#);
+    assert_eq!(SignaturePolicy::from_json(bad.as_bytes(), &|_| None).unwrap_err().field, "nonce_store.quota_per_key_id");
+    assert_eq!(policy().nonce_quota.limit.get(), 8192 * 16 / 8, "default: capacity / 8");
+}
+
+/// A reload whose nonce table geometry differs is refused, naming the field; the same geometry
+/// adopts the stored secret, and a recorded nonce is still refused.
+#[test]
+fn a_nonce_table_geometry_change_is_refused_on_reload() {
+    let config = |buckets: u32, slots: u16| {
+        format!(
+            r#"{{"routes":[{{"path_prefix":"/v1/"}}],"max_age_seconds":300,"nonce_store":{{"buckets":{buckets},"slots_per_bucket":{slots}}},
+                "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}}]}}"#
+        )
+    };
+    let store = MemoryStore::default();
+    let mut a = SignaturePolicy::from_json(config(64, 4).as_bytes(), &|_| None).unwrap();
+    a.bind_tables(&store, [7; 32]).unwrap();
+    let req = signed(NOW_S, "once", b"", |_| {});
+    assert_eq!(check(&a, &store, &req, NOW_MS), "ok");
+    for (json, field) in [(config(128, 4), "nonce_store.buckets"), (config(64, 8), "nonce_store.slots_per_bucket")] {
+        let mut b = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+        let err = b.bind_tables(&store, [8; 32]).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+    }
+    let mut same = SignaturePolicy::from_json(config(64, 4).as_bytes(), &|_| None).unwrap();
+    same.bind_tables(&store, [9; 32]).unwrap();
+    assert_eq!(check(&same, &store, &req, NOW_MS + 1000), "nonce_replayed");
+}
+
+/// On Redis the nonce and the key id's quota are one script: its command and its answers.
+#[test]
+fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
+    let json = format!(
+        r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":300,"nonce_store":{{"buckets":16,"slots_per_bucket":4,"quota_per_key_id":7}},
+            "keys":[{{"id":"demo-client","secret_base64":"{SECRET_B64}"}}],"state":{{"backend":"redis","cluster":"bridge","key_prefix":"t"}}}}"#
+    );
+    let p = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
+    let crate::remote::Backend::Redis(redis) = &p.state else { panic!() };
+    let req = signed(NOW_S, "n-r", b"", |_| {});
+    let view = RequestView { method: req.method, scheme: "http", authority: req.authority, path_and_query: req.path, headers: &req.headers };
+    let v = verify_headers(&p, &view, NOW_MS).unwrap();
+    let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
+    let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());
+    let quota = redis.key("sig:quota", crate::quota::tenant("key_id", "demo-client"));
+    assert!(command.starts_with("EVAL/"), "{command}");
+    assert!(command.ends_with(&format!("/2/{nonce}/{quota}/301000/7/306000")), "{command}");
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":1}"#), Ok(Ok(())));
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":0}"#), Ok(Err(SigError::NonceReplayed)));
+    assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":2}"#), Ok(Err(SigError::TenantQuotaExceeded)));
+    assert!(nonce_claim_answer(Some(200), br#"{"EVAL":3}"#).is_err());
+    assert!(nonce_claim_answer(None, b"").is_err());
+}

@@ -12,6 +12,7 @@ use subtle::ConstantTimeEq;
 use super::base::{serialize_signature_params, signature_base, Component, RequestView};
 use super::config::{valid_key_id, SignaturePolicy};
 use super::digest::{verify_content_digest, DigestError};
+use crate::quota::QuotaError;
 use crate::store::{KeyHash, SharedStore, TableError, Update};
 use crate::Rejection;
 
@@ -57,6 +58,7 @@ pub enum SigError {
     ContentDigestMismatch,
     NonceReplayed,
     NonceStoreFull,
+    TenantQuotaExceeded,
     StateUnavailable,
 }
 
@@ -96,6 +98,11 @@ impl SigError {
             ContentDigestMismatch => Rejection::new(401, "content_digest_mismatch", "Content-Digest does not match the body"),
             NonceReplayed => Rejection::new(409, "nonce_replayed", "this signature nonce was already used"),
             NonceStoreFull => Rejection::new(503, "nonce_store_full", "nonce store is full; refusing rather than forgetting"),
+            TenantQuotaExceeded => Rejection::new(
+                429,
+                "tenant_quota_exceeded",
+                "this key id has recorded its quota of nonces for the current window; retry later",
+            ),
             StateUnavailable => Rejection::new(503, "state_unavailable", "replay state is unavailable"),
         }
     }
@@ -370,6 +377,10 @@ pub fn nonce_ttl_ms(policy: &SignaturePolicy) -> u64 {
 }
 
 /// Records the nonce: exactly one of any number of concurrent identical requests wins.
+///
+/// Order: one read of the nonce's bucket (a replay is refused there, without touching the key
+/// id's quota); then the key id's quota (one read-modify-write; a refusal records no nonce);
+/// then the nonce, committed against the first read (one write when nothing changed).
 pub fn claim_nonce(
     policy: &SignaturePolicy,
     store: &dyn SharedStore,
@@ -378,19 +389,69 @@ pub fn claim_nonce(
 ) -> Result<(), SigError> {
     let Some(key) = nonce_key(verified) else { return Ok(()) };
     let expires_at_ms = verified.nonce_expires_at_ms;
+    let table_error = |e: TableError| match e {
+        TableError::Full => SigError::NonceStoreFull,
+        _ => SigError::StateUnavailable,
+    };
+    let snapshot = policy.nonce_table.read(store, key).map_err(table_error)?;
+    if snapshot.live(key, now_ms).is_some() {
+        return Err(SigError::NonceReplayed);
+    }
+    policy
+        .nonce_quota
+        .charge(store, crate::quota::tenant("key_id", &verified.key_id), now_ms)
+        .map_err(|e| match e {
+            QuotaError::Exceeded => SigError::TenantQuotaExceeded,
+            QuotaError::Table(e) => table_error(e),
+        })?;
     let (won, _) = policy
         .nonce_table
-        .update(store, key, now_ms, |current| match current {
+        .update_from(store, key, now_ms, Some(snapshot), |current| match current {
             Some(_) => Update::Keep(false),
             None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
         })
-        .map_err(|e| match e {
-            TableError::Full => SigError::NonceStoreFull,
-            _ => SigError::StateUnavailable,
-        })?;
+        .map_err(table_error)?;
     if won {
         Ok(())
     } else {
         Err(SigError::NonceReplayed)
+    }
+}
+
+/// Kind of the Redis keys counting a key id's nonces (`<prefix>:sig:quota:<hash>`).
+pub const NONCE_QUOTA_KIND: &str = "sig:quota";
+
+/// The Redis form of [`claim_nonce`]: one script ([`SET_NX_WITHIN_QUOTA_SCRIPT`]) records the
+/// nonce (`<prefix>:sig:nonce:<hash>`, `PX ttl_ms`) unless it is recorded already, within the key
+/// id's quota (`<prefix>:sig:quota:<hash>`, created with the window as its TTL). The window is
+/// the longer of the quota's window and `ttl_ms`, so a key id never holds more than twice its
+/// quota of live nonces. `None` when the signature carries no nonce.
+///
+/// [`SET_NX_WITHIN_QUOTA_SCRIPT`]: crate::remote::SET_NX_WITHIN_QUOTA_SCRIPT
+pub fn nonce_claim_command(
+    policy: &SignaturePolicy,
+    redis: &crate::remote::RedisConfig,
+    verified: &VerifiedHeaders,
+    ttl_ms: u64,
+) -> Option<Vec<u8>> {
+    let key = nonce_key(verified)?;
+    let tenant = crate::quota::tenant("key_id", &verified.key_id);
+    let ttl_ms = ttl_ms.max(1);
+    let window = policy.nonce_quota.window_ms.get().max(ttl_ms);
+    Some(crate::remote::eval_command_keys(
+        crate::remote::SET_NX_WITHIN_QUOTA_SCRIPT,
+        &[&redis.key("sig:nonce", key), &redis.key(NONCE_QUOTA_KIND, tenant)],
+        &[&ttl_ms.to_string(), &policy.nonce_quota.limit.get().to_string(), &window.to_string()],
+    ))
+}
+
+/// The bridge's answer to [`nonce_claim_command`]: recorded, or the refusal (a replay, the key
+/// id's quota); `Err` when the answer is unusable (the caller fails closed).
+pub fn nonce_claim_answer(http_status: Option<u16>, body: &[u8]) -> Result<Result<(), SigError>, crate::remote::RemoteError> {
+    match crate::remote::parse_reply("EVAL", http_status, body)? {
+        crate::remote::Reply::Integer(1) => Ok(Ok(())),
+        crate::remote::Reply::Integer(0) => Ok(Err(SigError::NonceReplayed)),
+        crate::remote::Reply::Integer(2) => Ok(Err(SigError::TenantQuotaExceeded)),
+        other => Err(crate::remote::RemoteError::Malformed(format!("unexpected nonce claim reply: {other:?}"))),
     }
 }
