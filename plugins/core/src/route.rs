@@ -12,7 +12,7 @@
 
 use serde::Deserialize;
 
-use crate::{ConfigError, Rejection};
+use crate::{Code, ConfigError, Rejection};
 
 /// Raw route as written in configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,15 +69,11 @@ impl Scope {
 }
 
 /// The stable code of the rejection of a non-canonical path on a protected route.
-pub const CODE_PATH_NOT_CANONICAL: &str = "path_not_canonical";
+pub const CODE_PATH_NOT_CANONICAL: &str = Code::PathNotCanonical.as_str();
 
 /// `400 path_not_canonical`, the same in every filter.
 pub fn not_canonical_rejection() -> Rejection {
-    Rejection::new(
-        400,
-        CODE_PATH_NOT_CANONICAL,
-        "the request path is not in canonical form (empty or dot segments, percent-encoded unreserved characters or separators, `;` parameters, backslashes, a trailing slash, control or non-ASCII bytes) and a spelling of it is protected; send the canonical path",
-    )
+    Rejection::new(Code::PathNotCanonical)
 }
 
 /// Percent-decoding rounds applied when computing lenient forms. A path still holding escapes

@@ -236,7 +236,8 @@ impl HttpContext for RateLimitFilter {
         };
         // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
         if [":method", ":path"].iter().any(|name| glue::header(&headers, name) == Some("")) {
-            let rejection = firebreak_core::Rejection::new(400, "request_headers_invalid", "the request's method or path is not valid UTF-8");
+            let rejection = firebreak_core::Rejection::new(firebreak_core::Code::RequestHeadersInvalid)
+                .with_message("the request's method or path is not valid UTF-8");
             return self.reject(&rejection, &format!("instance={instance}"));
         }
         let method = glue::header(&headers, ":method").unwrap_or_default();
