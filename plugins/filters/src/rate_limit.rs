@@ -5,7 +5,8 @@
 
 use std::rc::Rc;
 
-use firebreak_core::ratelimit::redis::{self as remote_rl, LeaseStep};
+use firebreak_core::ratelimit::lease::{self, LeaseStep};
+use firebreak_core::ratelimit::redis as remote_rl;
 use firebreak_core::ratelimit::{
     self, client, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource,
 };
@@ -98,7 +99,7 @@ impl Context for RateLimitFilter {
         let mut result = remote::parse_reply("EVAL", status, &body)
             .and_then(|reply| remote_rl::parse_grants(&reply, rules));
         if let (Ok(grants), Some(reconcile)) = (&result, self.policy.reconcile) {
-            result = Ok(remote_rl::store_leases(
+            result = Ok(lease::store_leases(
                 &self.policy,
                 &HostStore,
                 &pending.plan,
@@ -284,7 +285,7 @@ impl HttpContext for RateLimitFilter {
                 let redis = redis.clone();
                 let plan = match self.policy.reconcile {
                     None => plan,
-                    Some(_) => match remote_rl::spend_leases(&self.policy, &HostStore, plan, now) {
+                    Some(_) => match lease::spend_leases(&self.policy, &HostStore, plan, now) {
                         LeaseStep::Decided(decision) => {
                             self.counters.increment("lease.local_decisions");
                             return self.apply(decision, &context);

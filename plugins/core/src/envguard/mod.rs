@@ -28,7 +28,7 @@ pub const CODES: &[crate::Code] = {
 /// SHA-256 hex of the exact secret bytes: the fingerprint the configuration holds.
 pub fn fingerprint(secret: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(secret).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(secret))
 }
 
 #[cfg(test)]

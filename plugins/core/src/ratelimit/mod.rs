@@ -20,6 +20,7 @@
 pub mod client;
 pub mod config;
 pub mod gcra;
+pub mod lease;
 pub mod redis;
 
 /// Every rejection code rate-limit can send (its README's table lists exactly these).

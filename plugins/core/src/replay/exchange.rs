@@ -260,7 +260,7 @@ pub fn parse_clear(policy: &ReplayPolicy, body: &[u8]) -> Result<(KeyHash, Strin
 }
 
 fn hex8(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes.get(..4).unwrap_or(bytes))
 }
 
 /// Capture of the upstream's answer.
