@@ -25,16 +25,19 @@ macro_rules! codes {
             pub const ALL: &'static [Code] = &[$(Code::$variant,)*];
 
             /// The HTTP status of the reply.
+            #[inline(always)]
             pub const fn status(self) -> u16 {
                 match self { $(Code::$variant => $status,)* }
             }
 
             /// The stable code string: the body's `error`, `x-firebreak-error`, the counter suffix.
+            #[inline(always)]
             pub const fn as_str(self) -> &'static str {
                 match self { $(Code::$variant => $code,)* }
             }
 
             /// The message sent when the caller gives no more specific one.
+            #[inline(always)]
             pub const fn default_message(self) -> &'static str {
                 match self { $(Code::$variant => $message,)* }
             }
@@ -137,6 +140,7 @@ pub struct Rejection {
 
 impl Rejection {
     /// The rejection for `code`, with its default message.
+    #[inline(always)]
     pub fn new(code: Code) -> Self {
         Rejection {
             status: code.status(),
