@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -473,6 +475,63 @@ class RedisBridge:
             self.webdis.terminate()
             self.webdis.wait(timeout=10)
         self.stop_redis()
+
+
+class RecordingUpstream:
+    """An upstream that answers every request `200 {"ok":true}` and records it, as it arrived
+    (the header names an upstream framework would read), in `seen`: `record(method, raw path,
+    headers)`, by default the tuple `(method, path, headers)`."""
+
+    def __init__(self, record=None):
+        record = record or (lambda method, path, headers: (method, path, headers))
+        self.seen: list = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # one answer, no 40 ms delayed-ACK stall per request
+
+            def handle_one_request(self):
+                try:
+                    super().handle_one_request()
+                except (ConnectionError, OSError):
+                    self.close_connection = True
+
+            def do_any(self):
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                with outer.lock:
+                    outer.seen.append(record(self.command, self.path, list(self.headers.items())))
+                body = b'{"ok":true}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def __getattr__(self, name):
+                if name.startswith("do_"):
+                    return self.do_any
+                raise AttributeError(name)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reset(self):
+        with self.lock:
+            self.seen.clear()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def redis_state(cluster: str = "firebreak_redis", **overrides) -> dict:

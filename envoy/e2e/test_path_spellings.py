@@ -18,9 +18,7 @@ import collections
 import json
 import random
 import socket
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -67,62 +65,15 @@ def is_money(method: str, routed: str, exact_only: bool = False) -> bool:
     return routed == "/v1" or routed.startswith("/v1/")
 
 
-class LenientUpstream:
+class LenientUpstream(harness.RecordingUpstream):
     """Answers everything 200 and records (method, raw path, routed path, headers)."""
 
     def __init__(self):
-        self.seen: list[tuple[str, str, str, list[tuple[str, str]]]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # one answer, no 40 ms delayed-ACK stall per request
-
-            def handle_one_request(self):
-                try:
-                    super().handle_one_request()
-                except (ConnectionError, OSError):
-                    self.close_connection = True
-
-            def do_any(self):
-                length = int(self.headers.get("content-length") or 0)
-                if length:
-                    self.rfile.read(length)
-                with outer.lock:
-                    outer.seen.append((self.command, self.path, lenient_route(self.path), list(self.headers.items())))
-                body = b'{"ok":true}'
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def __getattr__(self, name):
-                if name.startswith("do_"):
-                    return self.do_any
-                raise AttributeError(name)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def reset(self):
-        with self.lock:
-            self.seen.clear()
+        super().__init__(lambda method, path, headers: (method, path, lenient_route(path), headers))
 
     def money(self, exact_only=False):
         with self.lock:
             return [(m, p, r) for m, p, r, _ in self.seen if is_money(m, r, exact_only)]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # ---- a raw keep-alive client (no normalisation of what is sent) ------------------------------

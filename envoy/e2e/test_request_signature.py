@@ -299,44 +299,14 @@ def test_invalid_configuration_refuses_to_start_and_names_the_field(demo_api):
         assert f"config_error field={field}" in envoy.logs()
 
 
-class EchoUpstream:
-    """An upstream that records the header names and values of every request exactly as they
-    arrive (the names an upstream framework would read) and answers 200."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        seen = self.seen = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                length = int(self.headers.get("content-length") or 0)
-                self.rfile.read(length)
-                seen.append((self.command, self.path, list(self.headers.items())))
-                body = b'{"ok":true}'
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = do_PUT = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+class EchoUpstream(harness.RecordingUpstream):
+    """Records the header names and values of every request exactly as they arrive (the names an
+    upstream framework would read) and answers 200."""
 
     def principal_headers(self):
         """Every header line, in any spelling, an upstream could read as the principal header."""
         norm = lambda name: name.lower().replace("_", "-")  # noqa: E731
         return [(n, v) for _, _, headers in self.seen for n, v in headers if norm(n) == "x-firebreak-principal"]
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 SPELLINGS = ["x_firebreak_principal", "X_Firebreak-Principal", "x-firebreak_principal", "X-FIREBREAK-PRINCIPAL",

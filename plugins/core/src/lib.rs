@@ -16,4 +16,4 @@ pub mod route;
 pub mod signature;
 pub mod store;
 
-pub use reject::{ConfigError, Rejection};
+pub use reject::{Code, ConfigError, Rejection};

@@ -124,28 +124,21 @@ impl RedisConfig {
     }
 }
 
+/// Bytes a webdis path segment carries as they are: ASCII letters, digits and `- _ . ~ :`;
+/// every other byte is percent-encoded (upper-case hex).
+const WEBDIS_ESCAPED: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b':');
+
 /// A Redis command in webdis's path form, for the body of `POST /`.
 pub fn webdis_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = String::new();
     for (i, arg) in args.iter().enumerate() {
         if i > 0 {
-            out.push(b'/');
+            out.push('/');
         }
-        for &b in arg.iter() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
-                out.push(b);
-            } else {
-                out.extend_from_slice(format!("%{b:02X}").as_bytes());
-            }
-        }
+        out.extend(percent_encoding::percent_encode(arg, WEBDIS_ESCAPED));
     }
-    out
-}
-
-/// `SET key 1 NX PX ttl`: claims `key` for `ttl_ms` unless someone holds it.
-pub fn claim_command(key: &str, ttl_ms: u64) -> Vec<u8> {
-    let ttl = ttl_ms.max(1).to_string();
-    webdis_command(&[b"SET", key.as_bytes(), b"1", b"NX", b"PX", ttl.as_bytes()])
+    out.into_bytes()
 }
 
 /// A Redis reply as webdis renders it in JSON.
@@ -216,15 +209,6 @@ fn convert(value: &serde_json::Value) -> Result<Reply, RemoteError> {
     })
 }
 
-/// Outcome of a `SET NX` claim.
-pub fn claim_won(reply: &Reply) -> Result<bool, RemoteError> {
-    match reply {
-        Reply::Status(s) if s == "OK" => Ok(true),
-        Reply::Nil => Ok(false),
-        other => Err(RemoteError::Malformed(format!("unexpected reply to SET NX: {other:?}"))),
-    }
-}
-
 /// Values stored in Redis are base64 (webdis renders replies as JSON strings, which must be
 /// valid UTF-8 whatever the record's bytes).
 pub fn encode_value(bytes: &[u8]) -> String {
@@ -239,21 +223,13 @@ pub fn decode_value(text: &str) -> Result<Vec<u8>, RemoteError> {
         .map_err(|_| RemoteError::Malformed("stored value is not base64".into()))
 }
 
-/// Atomically: store `value` under `key` for `ttl_ms` unless the key exists; otherwise return
-/// the existing value and its remaining time to live.
-pub const CLAIM_OR_GET_SCRIPT: &str = "local ok = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
-if ok then return {1} end \
-return {0, redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[1])}";
-
 /// Atomically: replace the value of `key` only if it still equals `expected` (a CAS that checks
 /// it won).
-pub const COMPARE_AND_SET_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
+pub const COMPARE_AND_SET_SCRIPT: &str = include_str!("remote/compare_and_set.lua");
 
 /// Atomically: delete `key` only if its value still equals `expected` (a release that cannot
 /// remove a record another request wrote since).
-pub const COMPARE_AND_DELETE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-return redis.call('DEL', KEYS[1]) end return 0";
+pub const COMPARE_AND_DELETE_SCRIPT: &str = include_str!("remote/compare_and_delete.lua");
 
 /// Result of [`COMPARE_AND_SET_SCRIPT`] / [`COMPARE_AND_DELETE_SCRIPT`]: `true` when the value was
 /// still the expected one and was replaced (deleted).
@@ -280,20 +256,6 @@ pub fn parse_get(reply: &Reply) -> Result<Option<(String, Vec<u8>)>, RemoteError
     }
 }
 
-/// GCRA on Redis's own clock (microseconds), so that every gateway replica shares one time base.
-/// ARGV: emission interval (us), horizon = burst x interval (us). Returns
-/// {allowed, remaining, reset_ms, retry_after_ms}. The key expires when the budget is full again.
-pub const GCRA_SCRIPT: &str = "local t = redis.call('TIME') \
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
-local interval = tonumber(ARGV[1]) local horizon = tonumber(ARGV[2]) \
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') \
-if tat < now then tat = now end \
-local candidate = tat + interval local debt = candidate - now \
-if debt <= horizon then \
-redis.call('SET', KEYS[1], string.format('%d', candidate), 'PX', math.ceil(debt / 1000) + 1) \
-return {1, math.floor((horizon - debt) / interval), math.ceil(debt / 1000), 0} end \
-return {0, 0, math.ceil((tat - now) / 1000), math.ceil((debt - horizon) / 1000)}";
-
 /// `EVAL <script> 1 <key> <args...>` in webdis form.
 pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
     let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), b"1", key.as_bytes()];
@@ -301,7 +263,7 @@ pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
     webdis_command(&parts)
 }
 
-/// Result of [`CLAIM_OR_GET_SCRIPT`] / [`CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT`].
+/// Result of [`CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOrGet {
     Won,
@@ -310,28 +272,17 @@ pub enum ClaimOrGet {
     QuotaExceeded,
 }
 
-/// [`CLAIM_OR_GET_SCRIPT`] with a per-tenant quota, in one script. KEYS[1] = the record, KEYS[2]
-/// = the tenant's count of claims in its window; ARGV = value, ttl ms, limit, window ms. A held
-/// key is answered as by `CLAIM_OR_GET_SCRIPT` without touching the count; a tenant at its limit
+/// Claim-or-get with a per-tenant quota, in one script. KEYS[1] = the record, KEYS[2] = the
+/// tenant's count of claims in its window; ARGV = value, ttl ms, limit, window ms. A held key is
+/// answered `{0, value, pttl}` without touching the count; a tenant at its limit
 /// gets `{2}` and nothing is written; otherwise the count goes up (created with the window as
 /// its TTL; INCR keeps the TTL) and the record is written with its TTL. Every key has a TTL.
-pub const CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT: &str = "local held = redis.call('GET', KEYS[1]) \
-if held then return {0, held, redis.call('PTTL', KEYS[1])} end \
-local n = tonumber(redis.call('GET', KEYS[2]) or '0') \
-if n >= tonumber(ARGV[3]) then return {2} end \
-if n == 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[4]) else redis.call('INCR', KEYS[2]) end \
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
-return {1}";
+pub const CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT: &str = include_str!("remote/claim_or_get_within_quota.lua");
 
 /// `SET NX PX` with a per-tenant quota, in one script. KEYS[1] = the marker, KEYS[2] = the
 /// tenant's count; ARGV = ttl ms, limit, window ms. `0`: the marker exists (count untouched);
 /// `2`: the tenant is at its limit (nothing written); `1`: written.
-pub const SET_NX_WITHIN_QUOTA_SCRIPT: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
-local n = tonumber(redis.call('GET', KEYS[2]) or '0') \
-if n >= tonumber(ARGV[2]) then return 2 end \
-if n == 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) else redis.call('INCR', KEYS[2]) end \
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) \
-return 1";
+pub const SET_NX_WITHIN_QUOTA_SCRIPT: &str = include_str!("remote/set_nx_within_quota.lua");
 
 /// `EVAL script <keys.len()> keys... args...` in webdis's path form.
 pub fn eval_command_keys(script: &str, keys: &[&str], args: &[&str]) -> Vec<u8> {
@@ -356,33 +307,6 @@ pub fn parse_claim_or_get(reply: &Reply) -> Result<ClaimOrGet, RemoteError> {
     }
 }
 
-/// Result of [`GCRA_SCRIPT`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteRateDecision {
-    pub allowed: bool,
-    pub remaining: u32,
-    pub reset_ms: u64,
-    pub retry_after_ms: u64,
-}
-
-pub fn parse_gcra(reply: &Reply) -> Result<RemoteRateDecision, RemoteError> {
-    let Reply::Array(items) = reply else {
-        return Err(RemoteError::Malformed(format!("unexpected GCRA reply: {reply:?}")));
-    };
-    let [Reply::Integer(allowed), Reply::Integer(remaining), Reply::Integer(reset), Reply::Integer(retry)] =
-        items.as_slice()
-    else {
-        return Err(RemoteError::Malformed(format!("unexpected GCRA reply: {reply:?}")));
-    };
-    let non_negative = |v: i64| u64::try_from(v).map_err(|_| RemoteError::Malformed("negative value".into()));
-    Ok(RemoteRateDecision {
-        allowed: *allowed == 1,
-        remaining: u32::try_from(*remaining).unwrap_or(0),
-        reset_ms: non_negative(*reset)?,
-        retry_after_ms: non_negative(*retry)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,7 +314,7 @@ mod tests {
     #[test]
     fn commands_are_percent_encoded_path_segments() {
         assert_eq!(webdis_command(&[b"SET", b"a/b c", b"1"]), b"SET/a%2Fb%20c/1".to_vec());
-        assert_eq!(claim_command("fb:n:00ff", 1500), b"SET/fb:n:00ff/1/NX/PX/1500".to_vec());
+        assert_eq!(webdis_command(&[b"SET", b"fb:n:00ff", "\u{e9}\n%~".as_bytes()]), b"SET/fb:n:00ff/%C3%A9%0A%25~".to_vec());
     }
 
     #[test]
@@ -404,9 +328,6 @@ mod tests {
         assert!(matches!(parse_reply("SET", None, b""), Err(RemoteError::Unreachable(_))));
         assert!(matches!(parse_reply("SET", Some(200), b"<html>"), Err(RemoteError::Malformed(_))));
         assert!(matches!(parse_reply("SET", Some(200), br#"{"GET":"x"}"#), Err(RemoteError::Malformed(_))));
-        assert_eq!(claim_won(&Reply::Status("OK".into())), Ok(true));
-        assert_eq!(claim_won(&Reply::Nil), Ok(false));
-        assert!(claim_won(&Reply::Integer(1)).is_err());
     }
 
     #[test]
@@ -416,10 +337,6 @@ mod tests {
         assert_eq!(parse_claim_or_get(&held), Ok(ClaimOrGet::Held { value: b"\x00rec".to_vec(), ttl_ms: 900 }));
         assert!(parse_claim_or_get(&Reply::Array(vec![Reply::Integer(0), Reply::Text("%%".into()), Reply::Integer(1)])).is_err());
         assert!(parse_claim_or_get(&Reply::Nil).is_err());
-        let d = parse_gcra(&Reply::Array(vec![Reply::Integer(0), Reply::Integer(0), Reply::Integer(120), Reply::Integer(20)])).unwrap();
-        assert_eq!((d.allowed, d.retry_after_ms), (false, 20));
-        assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1)])).is_err());
-        assert!(parse_gcra(&Reply::Array(vec![Reply::Integer(1), Reply::Integer(0), Reply::Integer(-5), Reply::Integer(0)])).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use serde::Deserialize;
 
-use crate::{ConfigError, Rejection};
+use crate::{Code, ConfigError, Rejection};
 
 /// Raw route as written in configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,15 +69,11 @@ impl Scope {
 }
 
 /// The stable code of the rejection of a non-canonical path on a protected route.
-pub const CODE_PATH_NOT_CANONICAL: &str = "path_not_canonical";
+pub const CODE_PATH_NOT_CANONICAL: &str = Code::PathNotCanonical.as_str();
 
 /// `400 path_not_canonical`, the same in every filter.
 pub fn not_canonical_rejection() -> Rejection {
-    Rejection::new(
-        400,
-        CODE_PATH_NOT_CANONICAL,
-        "the request path is not in canonical form (empty or dot segments, percent-encoded unreserved characters or separators, `;` parameters, backslashes, a trailing slash, control or non-ASCII bytes) and a spelling of it is protected; send the canonical path",
-    )
+    Rejection::new(Code::PathNotCanonical)
 }
 
 /// Percent-decoding rounds applied when computing lenient forms. A path still holding escapes
@@ -229,15 +225,6 @@ fn escape_ok(b: u8) -> bool {
     b"!\"$&'()*+,:<=>@[]^`{|}".contains(&b)
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
-    }
-}
-
 /// Whether `path` (without its query) is in canonical form: starts with `/`; no empty segment
 /// (`//`, or a trailing `/` after a non-root path); no `.` or `..` segment and no segment ending
 /// in `.`; only `pchar` characters without `;`; `%` escapes only in upper-case hex and only of
@@ -258,8 +245,8 @@ pub fn is_canonical(path: &str) -> bool {
                 if h.is_ascii_lowercase() || l.is_ascii_lowercase() {
                     return false;
                 }
-                let (Some(h), Some(l)) = (hex(h), hex(l)) else { return false };
-                if !escape_ok(h * 16 + l) {
+                let mut escaped = [0u8; 1];
+                if hex::decode_to_slice([h, l], &mut escaped).is_err() || !escape_ok(escaped[0]) {
                     return false;
                 }
                 i += 3;
@@ -280,20 +267,7 @@ pub fn is_canonical(path: &str) -> bool {
 
 /// One round of percent-decoding; invalid escapes stay as they are.
 fn decode_once(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while let Some(&b) = input.get(i) {
-        if b == b'%' {
-            if let (Some(h), Some(l)) = (input.get(i + 1).and_then(|&h| hex(h)), input.get(i + 2).and_then(|&l| hex(l))) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b);
-        i += 1;
-    }
-    out
+    percent_encoding::percent_decode(input).collect()
 }
 
 /// What a lenient router makes of a (decoded) path: `\` as `/`, cut at `?` or `#`, `;params`

@@ -73,7 +73,7 @@ impl KeyHash {
 
     /// Lower-case hex, for keys in external stores.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// The bucket of this key under a placement secret: SHA-256(secret || key hash), its first

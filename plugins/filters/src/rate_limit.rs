@@ -5,7 +5,8 @@
 
 use std::rc::Rc;
 
-use firebreak_core::ratelimit::redis::{self as remote_rl, LeaseStep};
+use firebreak_core::ratelimit::lease::{self, LeaseStep};
+use firebreak_core::ratelimit::redis as remote_rl;
 use firebreak_core::ratelimit::{
     self, client, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy, RequestFacts, RuleError, UserSource,
 };
@@ -98,7 +99,7 @@ impl Context for RateLimitFilter {
         let mut result = remote::parse_reply("EVAL", status, &body)
             .and_then(|reply| remote_rl::parse_grants(&reply, rules));
         if let (Ok(grants), Some(reconcile)) = (&result, self.policy.reconcile) {
-            result = Ok(remote_rl::store_leases(
+            result = Ok(lease::store_leases(
                 &self.policy,
                 &HostStore,
                 &pending.plan,
@@ -236,7 +237,8 @@ impl HttpContext for RateLimitFilter {
         };
         // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
         if [":method", ":path"].iter().any(|name| glue::header(&headers, name) == Some("")) {
-            let rejection = firebreak_core::Rejection::new(400, "request_headers_invalid", "the request's method or path is not valid UTF-8");
+            let rejection = firebreak_core::Rejection::new(firebreak_core::Code::RequestHeadersInvalid)
+                .with_message("the request's method or path is not valid UTF-8");
             return self.reject(&rejection, &format!("instance={instance}"));
         }
         let method = glue::header(&headers, ":method").unwrap_or_default();
@@ -283,7 +285,7 @@ impl HttpContext for RateLimitFilter {
                 let redis = redis.clone();
                 let plan = match self.policy.reconcile {
                     None => plan,
-                    Some(_) => match remote_rl::spend_leases(&self.policy, &HostStore, plan, now) {
+                    Some(_) => match lease::spend_leases(&self.policy, &HostStore, plan, now) {
                         LeaseStep::Decided(decision) => {
                             self.counters.increment("lease.local_decisions");
                             return self.apply(decision, &context);

@@ -14,7 +14,7 @@ use firebreak_core::replay::{
     FinishRequest, KeyPeek, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
 };
 use firebreak_core::store::KeyHash;
-use firebreak_core::Rejection;
+use firebreak_core::{Code, Rejection};
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -682,7 +682,7 @@ impl HttpContext for ReplayFilter {
         let headers = match glue::request_headers() {
             Ok(headers) => headers,
             Err(_) => {
-                return self.reject_with(&Rejection::new(400, "request_headers_invalid", "request headers are not valid UTF-8"), "")
+                return self.reject_with(&Rejection::new(Code::RequestHeadersInvalid), "")
             }
         };
         let principal = match glue::principal() {

@@ -392,8 +392,7 @@ pub fn publish_body_sha256(digest: &[u8; 32], body_len: usize) -> Result<(), Sta
     if body_len < BODY_SHA256_MIN_BYTES {
         return Ok(());
     }
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hostcalls::set_property(vec![BODY_SHA256_PROPERTY], Some(hex.as_bytes()))
+    hostcalls::set_property(vec![BODY_SHA256_PROPERTY], Some(hex::encode(digest).as_bytes()))
 }
 
 /// The verified SHA-256 of this stream's `body_len`-byte body, published by request-signature
@@ -407,13 +406,7 @@ pub fn verified_body_sha256(body_len: usize) -> Option<[u8; 32]> {
     }
     let bytes = hostcalls::get_property(vec![BODY_SHA256_PROPERTY]).ok()??;
     let mut digest = [0u8; 32];
-    if bytes.len() != 2 * digest.len() || !bytes.iter().all(u8::is_ascii_hexdigit) {
-        return None;
-    }
-    for (out, pair) in digest.iter_mut().zip(bytes.chunks_exact(2)) {
-        let text = std::str::from_utf8(pair).ok()?;
-        *out = u8::from_str_radix(text, 16).ok()?;
-    }
+    hex::decode_to_slice(bytes, &mut digest).ok()?;
     Some(digest)
 }
 

@@ -109,15 +109,8 @@ pub fn valid_label(label: &str) -> bool {
 
 /// Parses `<64 hex>` into the 32 bytes of a SHA-256.
 pub fn parse_fingerprint(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        let pair = hex.get(2 * i..2 * i + 2)?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(hex.trim(), &mut out).ok()?;
     Some(out)
 }
 

@@ -16,10 +16,19 @@ pub use config::{parse_fingerprint, GuardPolicy, OverLimit};
 pub use detect::{Budget, Detector, Found, Hit, MAX_DEPTH};
 pub use request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
 
+/// Every rejection code env-guard can send (its README's table lists exactly these).
+pub const CODES: &[crate::Code] = {
+    use crate::Code::*;
+    &[
+        ProductionCredential, PathNotCanonical, ProductionHost, ContentEncodingNotInspectable, BodyNotDecodable,
+        EncodingTooDeep, BodyTooLargeToInspect, RequestNotInspectable,
+    ]
+};
+
 /// SHA-256 hex of the exact secret bytes: the fingerprint the configuration holds.
 pub fn fingerprint(secret: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(secret).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(secret))
 }
 
 #[cfg(test)]

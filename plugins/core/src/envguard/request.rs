@@ -1,23 +1,23 @@
 //! The request-level decisions: where in a request to look, and the rejection for each finding.
 
 use crate::route::split_path;
-use crate::Rejection;
+use crate::{Code, Rejection};
 
 use super::body::{decode, parse_codings, Coding, DecodeError};
 use super::config::{GuardPolicy, OverLimit};
 use super::detect::{base64_decoded_max, Budget, Detector, Found, Hit, MAX_DEPTH};
 
-/// Stable error codes.
-pub const CODE_CREDENTIAL: &str = "production_credential_in_non_production";
-pub const CODE_HOST: &str = "production_host_in_non_production";
-pub const CODE_ENCODING: &str = "content_encoding_not_inspectable";
-pub const CODE_UNDECODABLE: &str = "body_not_decodable";
-pub const CODE_TOO_LARGE: &str = "body_too_large_to_inspect";
-pub const CODE_UNREADABLE: &str = "request_not_inspectable";
+/// Stable error codes (the strings of their [`Code`]s).
+pub const CODE_CREDENTIAL: &str = Code::ProductionCredential.as_str();
+pub const CODE_HOST: &str = Code::ProductionHost.as_str();
+pub const CODE_ENCODING: &str = Code::ContentEncodingNotInspectable.as_str();
+pub const CODE_UNDECODABLE: &str = Code::BodyNotDecodable.as_str();
+pub const CODE_TOO_LARGE: &str = Code::BodyTooLargeToInspect.as_str();
+pub const CODE_UNREADABLE: &str = Code::RequestNotInspectable.as_str();
 
 /// A value still encoded after this many layers (the detector's [`MAX_DEPTH`]) is refused with
 /// [`CODE_TOO_DEEP`].
-pub const CODE_TOO_DEEP: &str = "encoding_too_deep";
+pub const CODE_TOO_DEEP: &str = Code::EncodingTooDeep.as_str();
 
 /// Where in a request a finding was made (the `<where>` of the `detected.<label>.<where>` counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,53 +62,44 @@ pub enum GuardError {
 
 impl GuardError {
     pub fn code(&self) -> &'static str {
+        self.rejection_code().as_str()
+    }
+
+    /// The rejection code (status, code string, default message: [`Code`]).
+    pub fn rejection_code(&self) -> Code {
         match self {
-            GuardError::Credential { .. } => CODE_CREDENTIAL,
-            GuardError::ProductionHost { .. } => CODE_HOST,
-            GuardError::UnsupportedEncoding { .. } => CODE_ENCODING,
-            GuardError::Undecodable { .. } => CODE_UNDECODABLE,
-            GuardError::TooLarge { .. } => CODE_TOO_LARGE,
-            GuardError::TooDeep { .. } => CODE_TOO_DEEP,
-            GuardError::Unreadable(_) => CODE_UNREADABLE,
+            GuardError::Credential { .. } => Code::ProductionCredential,
+            GuardError::ProductionHost { .. } => Code::ProductionHost,
+            GuardError::UnsupportedEncoding { .. } => Code::ContentEncodingNotInspectable,
+            GuardError::Undecodable { .. } => Code::BodyNotDecodable,
+            GuardError::TooLarge { .. } => Code::BodyTooLargeToInspect,
+            GuardError::TooDeep { .. } => Code::EncodingTooDeep,
+            GuardError::Unreadable(_) => Code::RequestNotInspectable,
         }
     }
 
     pub fn rejection(&self, environment: &str) -> Rejection {
-        match self {
-            GuardError::Credential { label, location, .. } => Rejection::new(
-                403,
-                CODE_CREDENTIAL,
-                format!("production credential `{label}` found in {location}; environment `{environment}` is not production"),
+        let message = match self {
+            GuardError::Credential { label, location, .. } => format!(
+                "production credential `{label}` found in {location}; environment `{environment}` is not production"
             ),
-            GuardError::ProductionHost { rule } => Rejection::new(
-                403,
-                CODE_HOST,
-                format!("destination matches production-only host `{rule}`; environment `{environment}` is not production"),
+            GuardError::ProductionHost { rule } => format!(
+                "destination matches production-only host `{rule}`; environment `{environment}` is not production"
             ),
-            GuardError::UnsupportedEncoding { coding } => Rejection::new(
-                415,
-                CODE_ENCODING,
-                format!("content-encoding `{coding}` cannot be inspected; send identity, gzip or deflate"),
-            ),
-            GuardError::TooDeep { location, .. } => Rejection::new(
-                422,
-                CODE_TOO_DEEP,
-                format!("{location} is still encoded after {MAX_DEPTH} layers of encoding; it cannot be inspected"),
-            ),
-            GuardError::Undecodable { coding } => {
-                Rejection::new(400, CODE_UNDECODABLE, format!("body is not valid {coding} data"))
+            GuardError::UnsupportedEncoding { coding } => {
+                format!("content-encoding `{coding}` cannot be inspected; send identity, gzip or deflate")
             }
-            GuardError::TooLarge { decoded } => Rejection::new(
-                413,
-                CODE_TOO_LARGE,
-                if *decoded {
-                    "decoded content exceeds max_decoded_bytes; it cannot be inspected".to_string()
-                } else {
-                    "body exceeds max_body_bytes; it cannot be inspected".to_string()
-                },
-            ),
-            GuardError::Unreadable(what) => Rejection::new(400, CODE_UNREADABLE, format!("{what} cannot be inspected")),
-        }
+            GuardError::TooDeep { location, .. } => {
+                format!("{location} is still encoded after {MAX_DEPTH} layers of encoding; it cannot be inspected")
+            }
+            GuardError::Undecodable { coding } => format!("body is not valid {coding} data"),
+            GuardError::TooLarge { decoded: true } => {
+                "decoded content exceeds max_decoded_bytes; it cannot be inspected".to_string()
+            }
+            GuardError::TooLarge { decoded: false } => "body exceeds max_body_bytes; it cannot be inspected".to_string(),
+            GuardError::Unreadable(what) => format!("{what} cannot be inspected"),
+        };
+        Rejection::new(self.rejection_code()).with_message(message)
     }
 
     /// `label=.. where=..` for the log line (never a value).

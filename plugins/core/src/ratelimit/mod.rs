@@ -20,7 +20,17 @@
 pub mod client;
 pub mod config;
 pub mod gcra;
+pub mod lease;
 pub mod redis;
+
+/// Every rejection code rate-limit can send (its README's table lists exactly these).
+pub const CODES: &[crate::Code] = {
+    use crate::Code::*;
+    &[
+        PathNotCanonical, RateLimited, RateLimitUnauthenticated, RateLimitStoreFull, RateLimitUnavailable,
+        RequestHeadersInvalid, RateLimitClientUnknown, StateUnavailable,
+    ]
+};
 
 #[cfg(test)]
 mod tests;
@@ -31,7 +41,7 @@ pub use config::{KeyBy, MissingUser, RateLimitPolicy, Reconcile, Rule, UserSourc
 pub use gcra::{Outcome, Quota};
 
 use crate::store::{KeyHash, SharedStore, TableError, Update};
-use crate::Rejection;
+use crate::{Code, Rejection};
 
 /// What the plugin knows about a request.
 #[derive(Debug, Clone, Copy)]
@@ -67,8 +77,7 @@ pub fn resolve_user(source: &UserSource, principal: Option<String>, headers: &[(
 /// principal): `503 rate_limit_unavailable`, never forwarded unchecked; `reason` is logged and
 /// counted (`rejected.rate_limit_unavailable.<reason>`), not sent.
 pub fn host_failure(reason: &'static str) -> Rejection {
-    Rejection::new(503, "rate_limit_unavailable", "rate-limit state is unavailable; refusing rather than forwarding unchecked")
-        .with_detail(reason)
+    Rejection::new(Code::RateLimitUnavailable).with_detail(reason)
 }
 
 /// Why one rule could not be evaluated.
@@ -87,30 +96,28 @@ pub enum RuleError {
 }
 
 impl RuleError {
-    pub fn rejection(self, rule: &str) -> Rejection {
+    /// The rejection code (status, code string, default message: [`Code`]).
+    pub fn rejection_code(self) -> Code {
         match self {
-            RuleError::NoUser => Rejection::new(
-                401,
-                "rate_limit_unauthenticated",
-                format!("rule `{rule}` limits per verified user and the request has none"),
-            ),
-            RuleError::NoClientIp => {
-                Rejection::new(503, "rate_limit_client_unknown", format!("rule `{rule}`: the client address is unknown"))
-            }
-            RuleError::StoreFull => Rejection::new(
-                503,
-                "rate_limit_store_full",
-                format!("rule `{rule}`: rate-limit table is full; refusing rather than forgetting"),
-            ),
-            RuleError::StoreUnavailable => {
-                Rejection::new(503, "rate_limit_unavailable", format!("rule `{rule}`: rate-limit state is unavailable"))
-            }
-            RuleError::StateUnavailable => Rejection::new(
-                503,
-                "state_unavailable",
-                format!("rule `{rule}`: the cluster-wide rate-limit state is unavailable; refusing rather than forwarding unchecked"),
-            ),
+            RuleError::NoUser => Code::RateLimitUnauthenticated,
+            RuleError::NoClientIp => Code::RateLimitClientUnknown,
+            RuleError::StoreFull => Code::RateLimitStoreFull,
+            RuleError::StoreUnavailable => Code::RateLimitUnavailable,
+            RuleError::StateUnavailable => Code::StateUnavailable,
         }
+    }
+
+    pub fn rejection(self, rule: &str) -> Rejection {
+        let message = match self {
+            RuleError::NoUser => format!("rule `{rule}` limits per verified user and the request has none"),
+            RuleError::NoClientIp => format!("rule `{rule}`: the client address is unknown"),
+            RuleError::StoreFull => format!("rule `{rule}`: rate-limit table is full; refusing rather than forgetting"),
+            RuleError::StoreUnavailable => format!("rule `{rule}`: rate-limit state is unavailable"),
+            RuleError::StateUnavailable => format!(
+                "rule `{rule}`: the cluster-wide rate-limit state is unavailable; refusing rather than forwarding unchecked"
+            ),
+        };
+        Rejection::new(self.rejection_code()).with_message(message)
     }
 
     fn from_table(error: TableError) -> Self {
@@ -257,12 +264,9 @@ fn ratelimit_headers(items: &[(&Rule, Outcome)]) -> Vec<(String, String)> {
 
 fn limited(rule: &Rule, key: &str, outcome: &Outcome, items: &[(&Rule, Outcome)], events: Vec<Event>) -> Decision {
     let retry_after = seconds_ceil(outcome.retry_after_ms).max(1);
-    let mut rejection = Rejection::new(
-        429,
-        "rate_limited",
-        format!("rate limit `{}` exceeded; retry in {retry_after} s", rule.name),
-    )
-    .with_header("retry-after", retry_after.to_string());
+    let mut rejection = Rejection::new(Code::RateLimited)
+        .with_message(format!("rate limit `{}` exceeded; retry in {retry_after} s", rule.name))
+        .with_header("retry-after", retry_after.to_string());
     for (name, value) in ratelimit_headers(items) {
         rejection = rejection.with_header(name, value);
     }

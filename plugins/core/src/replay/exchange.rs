@@ -10,7 +10,7 @@ use sfv::{BareItem, Item, Parser};
 use sha2::{Digest, Sha256};
 
 use crate::store::KeyHash;
-use crate::Rejection;
+use crate::{Code, Rejection};
 
 use super::config::{KeyMode, OnUncertain, ReplayPolicy};
 use super::record::StoredResponse;
@@ -48,48 +48,49 @@ pub enum ReplayError {
 }
 
 impl ReplayError {
-    pub fn rejection(&self) -> Rejection {
+    /// The rejection code (status, code string, default message: [`Code`]).
+    pub fn code(&self) -> Code {
         use ReplayError::*;
         match self {
-            PathNotCanonical => crate::route::not_canonical_rejection(),
-            KeyMissing => Rejection::new(400, "idempotency_key_missing", "this route requires an Idempotency-Key header"),
-            KeyDuplicated => Rejection::new(400, "idempotency_key_duplicated", "Idempotency-Key must appear once"),
-            KeyInvalid(why) => Rejection::new(400, "idempotency_key_invalid", format!("Idempotency-Key {why}")),
-            PrincipalRequired => Rejection::new(401, "principal_required", "this route requires a verified principal (signed request)"),
-            BodyTooLarge => Rejection::new(413, "body_too_large", "the request body exceeds the configured maximum"),
-            Mismatch => Rejection::new(422, "idempotency_key_mismatch", "this Idempotency-Key was used for a different request"),
-            InFlight => Rejection::new(409, "request_in_flight", "a request with this Idempotency-Key is still being processed; retry later")
+            PathNotCanonical => Code::PathNotCanonical,
+            KeyMissing => Code::IdempotencyKeyMissing,
+            KeyDuplicated => Code::IdempotencyKeyDuplicated,
+            KeyInvalid(_) => Code::IdempotencyKeyInvalid,
+            PrincipalRequired => Code::PrincipalRequired,
+            BodyTooLarge => Code::BodyTooLarge,
+            Mismatch => Code::IdempotencyKeyMismatch,
+            InFlight => Code::RequestInFlight,
+            OutcomeUnknown => Code::OutcomeUnknown,
+            Duplicate => Code::DuplicateRequest,
+            NotStored { .. } => Code::ResponseNotStored,
+            StoreFull => Code::ReplayStoreFull,
+            TenantQuotaExceeded => Code::TenantQuotaExceeded,
+            StateUnavailable => Code::ReplayStateUnavailable,
+            RemoteUnavailable => Code::StateUnavailable,
+            OperatorForbidden => Code::OperatorForbidden,
+            ClearRequestInvalid(_) => Code::ClearRequestInvalid,
+            ClearNotFound => Code::KeyNotFound,
+            ClearRefused(_) => Code::KeyNotClearable,
+        }
+    }
+
+    pub fn rejection(&self) -> Rejection {
+        use ReplayError::*;
+        let rejection = Rejection::new(self.code());
+        match self {
+            KeyInvalid(why) => rejection.with_message(format!("Idempotency-Key {why}")),
+            InFlight | StoreFull => rejection.with_header("retry-after", "1"),
+            NotStored { status } => rejection
+                .with_message(format!("the request with this Idempotency-Key completed with status {status}; its response was not stored and the operation is not repeated"))
+                .with_header(ORIGINAL_STATUS_HEADER, status.to_string()),
+            TenantQuotaExceeded => rejection
+                .with_message("this principal has claimed its quota of idempotency records for the current window; retry later"),
+            RemoteUnavailable => rejection
+                .with_message("the cluster-wide idempotency store is unreachable or did not answer in time; the request was not forwarded")
                 .with_header("retry-after", "1"),
-            OutcomeUnknown => Rejection::new(
-                409,
-                "outcome_unknown",
-                "an earlier request with this Idempotency-Key was forwarded and its outcome is unknown; it is not forwarded again (check the operation's status before using a new key)",
-            ),
-            Duplicate => Rejection::new(409, "duplicate_request", "an identical request was just received; it is not forwarded twice"),
-            NotStored { status } => Rejection::new(
-                409,
-                "response_not_stored",
-                format!("the request with this Idempotency-Key completed with status {status}; its response was not stored and the operation is not repeated"),
-            )
-            .with_header(ORIGINAL_STATUS_HEADER, status.to_string()),
-            StoreFull => Rejection::new(503, "replay_store_full", "the idempotency store is full; refusing rather than forgetting")
-                .with_header("retry-after", "1"),
-            TenantQuotaExceeded => Rejection::new(
-                429,
-                "tenant_quota_exceeded",
-                "this principal has claimed its quota of idempotency records for the current window; retry later",
-            ),
-            StateUnavailable => Rejection::new(503, "replay_state_unavailable", "the idempotency store is unavailable"),
-            RemoteUnavailable => Rejection::new(
-                503,
-                "state_unavailable",
-                "the cluster-wide idempotency store is unreachable or did not answer in time; the request was not forwarded",
-            )
-            .with_header("retry-after", "1"),
-            OperatorForbidden => Rejection::new(403, "operator_forbidden", "this principal may not clear idempotency keys"),
-            ClearRequestInvalid(why) => Rejection::new(400, "clear_request_invalid", format!("clear request: {why}")),
-            ClearNotFound => Rejection::new(404, "key_not_found", "no live record for this key"),
-            ClearRefused(state) => Rejection::new(409, "key_not_clearable", format!("the key is {state}; only outcome_unknown keys can be cleared")),
+            ClearRequestInvalid(why) => rejection.with_message(format!("clear request: {why}")),
+            ClearRefused(state) => rejection.with_message(format!("the key is {state}; only outcome_unknown keys can be cleared")),
+            _ => rejection,
         }
     }
 }
@@ -259,7 +260,7 @@ pub fn parse_clear(policy: &ReplayPolicy, body: &[u8]) -> Result<(KeyHash, Strin
 }
 
 fn hex8(bytes: &[u8]) -> String {
-    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes.get(..4).unwrap_or(bytes))
 }
 
 /// Capture of the upstream's answer.

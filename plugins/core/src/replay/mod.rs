@@ -31,5 +31,16 @@ pub use state::{
     KeyPeek, LocalState, Outcome, Owner, ReplayState, StateError,
 };
 
+/// Every rejection code replay-guard can send (its README's table lists exactly these).
+pub const CODES: &[crate::Code] = {
+    use crate::Code::*;
+    &[
+        PathNotCanonical, IdempotencyKeyMissing, IdempotencyKeyInvalid, IdempotencyKeyDuplicated, RequestHeadersInvalid,
+        PrincipalRequired, BodyTooLarge, IdempotencyKeyMismatch, RequestInFlight, OutcomeUnknown, DuplicateRequest,
+        ResponseNotStored, TenantQuotaExceeded, ReplayStoreFull, ReplayStateUnavailable, StateUnavailable,
+        OperatorForbidden, ClearRequestInvalid, KeyNotFound, KeyNotClearable,
+    ]
+};
+
 #[cfg(test)]
 mod tests;

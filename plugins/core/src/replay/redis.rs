@@ -321,7 +321,7 @@ mod tests {
 
     use super::*;
     use crate::remote::{
-        Backend, CLAIM_OR_GET_SCRIPT, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT,
+        Backend, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT,
         SET_NX_WITHIN_QUOTA_SCRIPT,
     };
     use crate::replay::{Exchange, ReplayError, RequestFacts};
@@ -345,18 +345,7 @@ mod tests {
     }
 
     fn unescape(segment: &[u8]) -> String {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < segment.len() {
-            if segment[i] == b'%' {
-                out.push(u8::from_str_radix(std::str::from_utf8(&segment[i + 1..i + 3]).unwrap(), 16).unwrap());
-                i += 3;
-            } else {
-                out.push(segment[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
+        percent_encoding::percent_decode(segment).decode_utf8().unwrap().into_owned()
     }
 
     /// Redis as far as these commands go (no clock: values do not expire), answering in webdis JSON.
@@ -384,24 +373,7 @@ mod tests {
             let args: Vec<String> = command.body.split(|b| *b == b'/').map(unescape).collect();
             let mut data = self.data.borrow_mut();
             let reply = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                ["SET", key, value, "NX", "PX", ttl] => {
-                    if data.contains_key(*key) {
-                        serde_json::json!(null)
-                    } else {
-                        data.insert(key.to_string(), value.to_string());
-                        self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
-                        serde_json::json!([true, "OK"])
-                    }
-                }
                 ["GET", key] => data.get(*key).map_or(serde_json::json!(null), |v| serde_json::json!(v)),
-                ["EVAL", script, "1", key, value, ttl] if *script == CLAIM_OR_GET_SCRIPT => match data.get(*key) {
-                    Some(held) => serde_json::json!([0, held, 1000]),
-                    None => {
-                        data.insert(key.to_string(), value.to_string());
-                        self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
-                        serde_json::json!([1])
-                    }
-                },
                 ["EVAL", script, "2", key, quota, value, ttl, limit, window] if *script == CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT => {
                     if let Some(held) = data.get(*key) {
                         serde_json::json!([0, held, 1000])

@@ -15,5 +15,17 @@ pub use verify::{
     verify_headers, SigError, VerifiedHeaders,
 };
 
+/// Every rejection code request-signature can send (its README's table lists exactly these).
+pub const CODES: &[crate::Code] = {
+    use crate::Code::*;
+    &[
+        PathNotCanonical, HeaderDuplicated, PrincipalHeaderSpoofed, SignatureMalformed, SignatureParamMissing,
+        SignatureParamInvalid, SignatureAlgorithmUnsupported, SignatureComponentUnsupported, SignatureComponentMissing,
+        KeyIdInvalid, ContentDigestMalformed, SignatureMissing, SignatureCoverageInsufficient, KeyNotActive,
+        SignatureStale, SignatureFromFuture, SignatureExpired, SignatureInvalid, ContentDigestMismatch, NonceReplayed,
+        TenantQuotaExceeded, BodyTooLarge, NonceStoreFull, StateUnavailable,
+    ]
+};
+
 #[cfg(test)]
 mod tests;

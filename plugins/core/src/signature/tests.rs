@@ -409,10 +409,9 @@ fn the_redis_nonce_lifetime_covers_the_clock_skew_between_replicas() {
     let req = signed(created, "n-skew", b"", |_| {});
     let verified = verify_headers(&p, &view(&req), t_claim + skew_ms).unwrap();
     assert!(verify_headers(&p, &view(&req), t_claim + skew_ms - 1000).is_err(), "the earliest acceptance");
-    // The command the fast replica sends: SET <key> 1 NX PX <ttl>.
-    let key = redis.key("sig:nonce", nonce_key(&verified).unwrap());
-    let command = crate::remote::claim_command(&key, nonce_ttl_ms(&p));
-    let ttl_ms: u64 = String::from_utf8(command).unwrap().rsplit('/').next().unwrap().parse().unwrap();
+    // The nonce's TTL in the command the fast replica sends (its argument after the two keys).
+    let command = String::from_utf8(nonce_claim_command(&p, redis, &verified, nonce_ttl_ms(&p)).unwrap()).unwrap();
+    let ttl_ms: u64 = command.split('/').nth(5).unwrap().parse().unwrap();
     assert_eq!(ttl_ms, (300 + 5 + 30 + 1) * 1000);
     // Redis forgets the nonce at t_claim + ttl_ms (its own clock runs at the same rate). The
     // slow replica accepts the signature up to some last millisecond; the nonce outlives it.

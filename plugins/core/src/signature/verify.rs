@@ -14,7 +14,7 @@ use super::config::{valid_key_id, SignaturePolicy};
 use super::digest::{verify_content_digest, DigestError};
 use crate::quota::QuotaError;
 use crate::store::{KeyHash, SharedStore, TableError, Update};
-use crate::Rejection;
+use crate::{Code, Rejection};
 
 /// Headers a request may carry at most once; a second copy is an attack or a bug, never guessed at.
 pub const SINGLE_VALUED_HEADERS: &[&str] = &["signature", "signature-input", "content-digest"];
@@ -66,44 +66,61 @@ pub enum SigError {
 /// unknown key id and a wrong MAC get the same status, code, message and headers (no oracle for
 /// enumerating key ids); the reason goes only to the log line and the detail counter.
 fn signature_invalid(reason: &'static str) -> Rejection {
-    Rejection::new(401, "signature_invalid", "the signature does not verify").with_detail(reason)
+    Rejection::new(Code::SignatureInvalid).with_detail(reason)
 }
 
 impl SigError {
-    pub fn rejection(&self) -> Rejection {
+    /// The rejection code (status, code string, default message: [`Code`]).
+    pub fn code(&self) -> Code {
         use SigError::*;
         match self {
-            Missing => Rejection::new(401, "signature_missing", "this route requires Signature and Signature-Input headers"),
-            DuplicateHeader(h) => Rejection::new(400, "header_duplicated", format!("header `{h}` must appear once")),
-            PrincipalHeaderSpoofed => Rejection::new(400, "principal_header_spoofed", "only the gateway sets the principal header, in any spelling"),
-            Malformed(what) => Rejection::new(400, "signature_malformed", format!("malformed {what}")),
-            LabelNotFound => Rejection::new(400, "signature_malformed", "the configured signature label is missing"),
-            MultipleSignatures => Rejection::new(400, "signature_malformed", "exactly one signature is accepted"),
-            ParamMissing(p) => Rejection::new(400, "signature_param_missing", format!("signature parameter `{p}` is required")),
-            ParamInvalid(p) => Rejection::new(400, "signature_param_invalid", format!("signature parameter `{p}` is invalid")),
-            UnsupportedAlgorithm => Rejection::new(400, "signature_algorithm_unsupported", "only hmac-sha256 is accepted"),
-            UnsupportedComponent(c) => Rejection::new(400, "signature_component_unsupported", format!("component `{c}` is not supported")),
-            DuplicateComponent(c) => Rejection::new(400, "signature_malformed", format!("component `{c}` is listed twice")),
-            ComponentMissing(c) => Rejection::new(400, "signature_component_missing", format!("covered component `{c}` is absent from the request")),
-            CoverageInsufficient(c) => Rejection::new(401, "signature_coverage_insufficient", format!("the signature must cover `{c}`")),
-            KeyIdInvalid => Rejection::new(400, "key_id_invalid", "keyid must be 1 to 64 characters of A-Z a-z 0-9 - _ . :"),
+            Missing => Code::SignatureMissing,
+            DuplicateHeader(_) => Code::HeaderDuplicated,
+            PrincipalHeaderSpoofed => Code::PrincipalHeaderSpoofed,
+            Malformed(_) | LabelNotFound | MultipleSignatures | DuplicateComponent(_) => Code::SignatureMalformed,
+            ParamMissing(_) => Code::SignatureParamMissing,
+            ParamInvalid(_) => Code::SignatureParamInvalid,
+            UnsupportedAlgorithm => Code::SignatureAlgorithmUnsupported,
+            UnsupportedComponent(_) => Code::SignatureComponentUnsupported,
+            ComponentMissing(_) => Code::SignatureComponentMissing,
+            CoverageInsufficient(_) => Code::SignatureCoverageInsufficient,
+            KeyIdInvalid => Code::KeyIdInvalid,
+            UnknownKey | InvalidSignature => Code::SignatureInvalid,
+            KeyNotActive => Code::KeyNotActive,
+            Stale => Code::SignatureStale,
+            FromFuture => Code::SignatureFromFuture,
+            Expired => Code::SignatureExpired,
+            BodyTooLarge => Code::BodyTooLarge,
+            ContentDigestMalformed => Code::ContentDigestMalformed,
+            ContentDigestMismatch => Code::ContentDigestMismatch,
+            NonceReplayed => Code::NonceReplayed,
+            NonceStoreFull => Code::NonceStoreFull,
+            TenantQuotaExceeded => Code::TenantQuotaExceeded,
+            StateUnavailable => Code::StateUnavailable,
+        }
+    }
+
+    pub fn rejection(&self) -> Rejection {
+        use SigError::*;
+        let rejection = Rejection::new(self.code());
+        match self {
+            DuplicateHeader(h) => rejection.with_message(format!("header `{h}` must appear once")),
+            Malformed(what) => rejection.with_message(format!("malformed {what}")),
+            LabelNotFound => rejection.with_message("the configured signature label is missing"),
+            MultipleSignatures => rejection.with_message("exactly one signature is accepted"),
+            ParamMissing(p) => rejection.with_message(format!("signature parameter `{p}` is required")),
+            ParamInvalid(p) => rejection.with_message(format!("signature parameter `{p}` is invalid")),
+            UnsupportedComponent(c) => rejection.with_message(format!("component `{c}` is not supported")),
+            DuplicateComponent(c) => rejection.with_message(format!("component `{c}` is listed twice")),
+            ComponentMissing(c) => rejection.with_message(format!("covered component `{c}` is absent from the request")),
+            CoverageInsufficient(c) => rejection.with_message(format!("the signature must cover `{c}`")),
             UnknownKey => signature_invalid("unknown_key"),
-            KeyNotActive => Rejection::new(401, "key_not_active", "the key is outside its validity period"),
-            Stale => Rejection::new(401, "signature_stale", "created is older than the acceptance window"),
-            FromFuture => Rejection::new(401, "signature_from_future", "created is in the future"),
-            Expired => Rejection::new(401, "signature_expired", "the signature has expired"),
             InvalidSignature => signature_invalid("mac_mismatch"),
-            BodyTooLarge => Rejection::new(413, "body_too_large", "the request body exceeds the configured maximum"),
-            ContentDigestMalformed => Rejection::new(400, "content_digest_malformed", "Content-Digest needs a sha-256 or sha-512 byte sequence"),
-            ContentDigestMismatch => Rejection::new(401, "content_digest_mismatch", "Content-Digest does not match the body"),
-            NonceReplayed => Rejection::new(409, "nonce_replayed", "this signature nonce was already used"),
-            NonceStoreFull => Rejection::new(503, "nonce_store_full", "nonce store is full; refusing rather than forgetting"),
-            TenantQuotaExceeded => Rejection::new(
-                429,
-                "tenant_quota_exceeded",
-                "this key id has recorded its quota of nonces for the current window; retry later",
-            ),
-            StateUnavailable => Rejection::new(503, "state_unavailable", "replay state is unavailable"),
+            TenantQuotaExceeded => {
+                rejection.with_message("this key id has recorded its quota of nonces for the current window; retry later")
+            }
+            StateUnavailable => rejection.with_message("replay state is unavailable"),
+            _ => rejection,
         }
     }
 }
