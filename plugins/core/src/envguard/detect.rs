@@ -302,6 +302,8 @@ const PERCENT: u16 = 1 << 6;
 const EQUALS: u16 = 1 << 7;
 const COLON: u16 = 1 << 8;
 
+// Evaluated at compile time: an out-of-range index or cast here fails the build, never a request.
+#[allow(clippy::indexing_slicing, clippy::cast_possible_truncation, reason = "const evaluation, i < 256")]
 const CLASSES: [u16; 256] = {
     let mut table = [0u16; 256];
     let mut i = 0;

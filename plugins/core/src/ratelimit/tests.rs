@@ -479,7 +479,7 @@ fn threads_hammering_one_key_share_exactly_one_budget() {
 fn a_reload_that_changes_the_table_geometry_is_refused_and_budgets_survive_the_same_one() {
     let store = MemoryStore::default();
     let r = rule("per-ip", "ip", 1, 60, 1, "");
-    let mut a = instance("geo", &[r.clone()], r#","table":{"buckets":64,"slots_per_bucket":4}"#);
+    let mut a = instance("geo", std::slice::from_ref(&r), r#","table":{"buckets":64,"slots_per_bucket":4}"#);
     a.bind_tables(&store, [1; 32]).unwrap();
     assert!(admitted(&a, &store, &facts("10.0.0.1", None), T0));
     assert!(!admitted(&a, &store, &facts("10.0.0.1", None), T0));
@@ -487,7 +487,7 @@ fn a_reload_that_changes_the_table_geometry_is_refused_and_budgets_survive_the_s
         (r#","table":{"buckets":128,"slots_per_bucket":4}"#, "table.buckets"),
         (r#","table":{"buckets":64,"slots_per_bucket":8}"#, "table.slots_per_bucket"),
     ] {
-        let mut b = instance("geo", &[r.clone()], table);
+        let mut b = instance("geo", std::slice::from_ref(&r), table);
         assert_eq!(b.bind_tables(&store, [2; 32]).unwrap_err().field, field);
     }
     let mut same = instance("geo", &[r], r#","table":{"buckets":64,"slots_per_bucket":4}"#);

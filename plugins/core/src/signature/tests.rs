@@ -273,7 +273,8 @@ fn malformed_input_is_refused_not_guessed() {
     let p = policy();
     let fresh = || MemoryStore::default();
     let good = signed(NOW_S, "n", br#"{"a":1}"#, |_| {});
-    let with = |f: &dyn Fn(&mut Vec<(String, String)>)| {
+    type Edit<'a> = &'a dyn Fn(&mut Vec<(String, String)>);
+    let with = |f: Edit| {
         let mut r = signed(NOW_S, "n", br#"{"a":1}"#, |_| {});
         f(&mut r.headers);
         r
