@@ -289,7 +289,8 @@ impl Scanner<'_> {
         }
         if let Some(hit) = self.detector.scan(s.as_bytes(), &[]) {
             // A multi-line value: point at the line that carries the credential.
-            let line_needle = s.lines().find(|l| self.detector.scan(l.as_bytes(), &[]).is_some()).unwrap_or_else(|| first_line(s));
+            let line_needle =
+                s.lines().find(|l| self.detector.scan(l.as_bytes(), &[]).is_some()).unwrap_or_else(|| first_line(s));
             let line = self.locate(&[line_needle, first_line(s), &format!("{key}:"), &format!("\"{key}\"")]);
             self.push(line, hit.label.clone(), format!("{}{}", path_text(path), how_list(&hit)));
             return;

@@ -94,7 +94,11 @@ fn incident4_prod_push_key_in_a_dotenv_file_fails_the_deploy() {
 fn a_clean_tree_passes() {
     let dir = tree();
     let config = guard_config(&dir);
-    write(&dir, "deploy/secret.yaml", &format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: push}}\ndata:\n  APNS_KEY: {}\n", b64(UAT)));
+    write(
+        &dir,
+        "deploy/secret.yaml",
+        &format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: push}}\ndata:\n  APNS_KEY: {}\n", b64(UAT)),
+    );
     write(&dir, "deploy/.env", &format!("APNS_KEY={UAT}\nHOST=api.sandbox.push.apple.com\n"));
     write(&dir, "deploy/app.json", &format!(r#"{{"push":{{"key":"{UAT}","host":"api.sandbox.push.apple.com"}}}}"#));
     write(&dir, "README.md", "Push keys live in the vault. Stripe test keys look like sk_test_123.\n");
@@ -135,7 +139,11 @@ fn envoy_yaml_istio_json_and_text_are_all_read() {
         "apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata:\n  name: apns\nspec:\n  hosts:\n  - api.push.apple.com\n  ports:\n  - number: 443\n    name: https\n    protocol: TLS\n",
     );
     // JSON: nested, and URL-encoded inside a URL.
-    let json = write(&dir, "app/config.json", &format!("{{\n  \"push\": {{\n    \"url\": \"https://p.example/send?key={}\"\n  }}\n}}\n", PROD.replace('-', "%2D")));
+    let json = write(
+        &dir,
+        "app/config.json",
+        &format!("{{\n  \"push\": {{\n    \"url\": \"https://p.example/send?key={}\"\n  }}\n}}\n", PROD.replace('-', "%2D")),
+    );
     // Plain text with a live Stripe key.
     let text = write(&dir, "notes/runbook.txt", "step 1\nexport STRIPE=sk_live_4eC39HqLyjWDarjtT1zdp7dc\n");
     // Multi-line block scalar, base64 of a document that carries the key.
@@ -176,7 +184,11 @@ fn fingerprints_file_works_as_config() {
 #[test]
 fn usage_and_config_errors_exit_2() {
     let dir = tree();
-    let bad_fp = write(&dir, "bad.json", r#"{"environment":"uat","production":false,"protected_credentials":[{"label":"a","sha256":"not-hex"}]}"#);
+    let bad_fp = write(
+        &dir,
+        "bad.json",
+        r#"{"environment":"uat","production":false,"protected_credentials":[{"label":"a","sha256":"not-hex"}]}"#,
+    );
     let (code, _, err) = lint(&bad_fp, &[&dir]);
     assert_eq!(code, 2);
     assert!(err.contains("protected_credentials[0].sha256"), "{err}");
@@ -196,7 +208,14 @@ fn usage_and_config_errors_exit_2() {
 }
 
 fn fingerprint(stdin: &[u8], args: &[&str]) -> (i32, String) {
-    let mut child = bin().arg("fingerprint").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = bin()
+        .arg("fingerprint")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     let out = child.wait_with_output().unwrap();
     (out.status.code().unwrap(), String::from_utf8(out.stdout).unwrap())

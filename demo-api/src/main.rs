@@ -86,7 +86,8 @@ fn main() {
         }
     };
     let mut bank = Bank::default();
-    for (account, balance) in [("acc-alice", 100_000), ("acc-bob", 100_000), ("acc-carol", 100_000), ("acc-platform", 10_000_000)] {
+    for (account, balance) in [("acc-alice", 100_000), ("acc-bob", 100_000), ("acc-carol", 100_000), ("acc-platform", 10_000_000)]
+    {
         bank.balances.insert(account.to_string(), balance);
     }
     let bank = Arc::new(Mutex::new(bank));
@@ -110,7 +111,11 @@ fn serve_connection(stream: TcpStream, bank: &Mutex<Bank>) {
             Ok(Some(request)) => request,
             Ok(None) => return,
             Err(message) => {
-                let _ = write_reply(&mut writer, &Reply { status: 400, body: json!({"error": "bad_request", "message": message}) }, true);
+                let _ = write_reply(
+                    &mut writer,
+                    &Reply { status: 400, body: json!({"error": "bad_request", "message": message}) },
+                    true,
+                );
                 return;
             }
         };

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::abi::HeaderMap;
-use crate::host::{from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker};
+use crate::host::{
+    from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker,
+};
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
 
@@ -612,7 +614,8 @@ impl<'a> Flow<'a> {
             if self.done() {
                 break;
             }
-            if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started && self.request.disconnect {
+            if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started && self.request.disconnect
+            {
                 // The client reset the stream while the upstream was working on it.
                 self.reset = true;
                 break;

@@ -248,7 +248,13 @@ fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Me
 }
 
 /// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks.
-pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u16, clusters: &BTreeMap<String, u16>, admin_path: &Path) -> Result<serde_json::Value> {
+pub fn bootstrap(
+    scenario: &ScenarioFile,
+    modules: &[PathBuf],
+    upstream_port: u16,
+    clusters: &BTreeMap<String, u16>,
+    admin_path: &Path,
+) -> Result<serde_json::Value> {
     let cluster = |name: &str, port: u16| {
         json!({
             "name": name,
@@ -270,9 +276,7 @@ pub fn bootstrap(scenario: &ScenarioFile, modules: &[PathBuf], upstream_port: u1
     for (name, port) in clusters {
         all.push(cluster(name, *port));
     }
-    let string_value = |bytes: Vec<u8>| {
-        json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)})
-    };
+    let string_value = |bytes: Vec<u8>| json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)});
     let mut http_filters = Vec::new();
     for (module, plugin_section) in modules.iter().zip(scenario.plugins()) {
         let mut vm_config = json!({
@@ -498,7 +502,13 @@ fn send_and_disconnect(port: u16, request: &Request, upstream: &TestServer, befo
 }
 
 /// Runs a scenario file through real Envoy.
-pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envoy_bin: &Path, work_dir: &Path) -> Vec<CaseResult> {
+pub fn run_envoy(
+    file: &Path,
+    scenario: &ScenarioFile,
+    modules: &[PathBuf],
+    envoy_bin: &Path,
+    work_dir: &Path,
+) -> Vec<CaseResult> {
     let fname = file.display().to_string();
     let row = |case: &str, outcome: Outcome, observed: Option<Observed>| CaseResult {
         file: fname.clone(),
@@ -560,7 +570,8 @@ pub fn run_envoy(file: &Path, scenario: &ScenarioFile, modules: &[PathBuf], envo
                 continue;
             };
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref())) {
+            let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref()))
+            {
                 Ok(r) => r,
                 Err(e) => {
                     out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));

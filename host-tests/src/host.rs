@@ -10,9 +10,7 @@ use wasmtime::{Config, Engine, InstancePre, Linker, Store, WasmParams, WasmResul
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
 use crate::abi::{Action, HeaderMap};
-use crate::http::{
-    Callout, CalloutReply, GrpcReply, LocalReply, Request, Upstream, UpstreamRequest, Verdict,
-};
+use crate::http::{Callout, CalloutReply, GrpcReply, LocalReply, Request, Upstream, UpstreamRequest, Verdict};
 use crate::vm::{self, CallResponse, StreamData, Strict, VmState};
 use crate::world::{lock, MetricKind, World, DEFAULT_START_NANOS};
 
@@ -28,25 +26,25 @@ pub struct Module {
 impl Module {
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Module>> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading proxy-wasm module {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading proxy-wasm module {}", path.display()))?;
         Module::from_bytes(&path.display().to_string(), &bytes)
     }
 
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Arc<Module>> {
         let config = Config::new();
         let engine = Engine::new(&config).map_err(vm::anyhow_trap)?;
-        let module = wasmtime::Module::new(&engine, bytes)
-            .map_err(|e| anyhow!("compiling {name}: {e:?}"))?;
+        let module = wasmtime::Module::new(&engine, bytes).map_err(|e| anyhow!("compiling {name}: {e:?}"))?;
         let abi = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
         if !module.exports().any(|e| abi.contains(&e.name())) {
-            let found: Vec<String> =
-                module.exports().map(|e| e.name().to_string()).filter(|n| n.starts_with("proxy_abi_version")).collect();
+            let found: Vec<String> = module
+                .exports()
+                .map(|e| e.name().to_string())
+                .filter(|n| n.starts_with("proxy_abi_version"))
+                .collect();
             bail!("{name}: not a proxy-wasm ABI 0.2.x module (ABI exports: {found:?}); this host implements 0.2.1");
         }
         let mut linker: Linker<VmState> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut VmState| &mut s.wasi)
-            .map_err(vm::anyhow_trap)?;
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut VmState| &mut s.wasi).map_err(vm::anyhow_trap)?;
         vm::add_to_linker(&mut linker)?;
         // Imports we do not provide trap when called (Envoy would refuse to load some of them;
         // strict mode reports the trap as the violation it is).
@@ -131,7 +129,9 @@ pub enum StartError {
     Instantiate(String),
     VmStartFailed,
     /// `on_configure` returned false: Envoy does not start the plugin.
-    ConfigureFailed { logs: Vec<String> },
+    ConfigureFailed {
+        logs: Vec<String>,
+    },
     Trap(String),
 }
 
@@ -271,7 +271,6 @@ pub(crate) struct StreamRun {
     trap: Option<String>,
 }
 
-
 impl Worker {
     fn new(module: &Module, world: Arc<World>, index: usize, spec: &PluginSpec) -> Result<Worker, StartError> {
         // Envoy logs what a module prints; the host keeps it for the test.
@@ -304,10 +303,7 @@ impl Worker {
             spec.strict.clone(),
         );
         let mut store = Store::new(&module.engine, state);
-        let instance = module
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| StartError::Instantiate(format!("{e:?}")))?;
+        let instance = module.pre.instantiate(&mut store).map_err(|e| StartError::Instantiate(format!("{e:?}")))?;
         let mut w = Worker { index, store, instance, failed: None, last_tick: world.now_nanos(), output };
         // Reactor initialisation, as proxy-wasm-cpp-host does it.
         for init in ["_initialize", "_start"] {
@@ -319,15 +315,11 @@ impl Worker {
         let root = w.store.data().root_context;
         w.call::<(i32, i32), ()>("proxy_on_context_create", (root as i32, 0)).map_err(StartError::Trap)?;
         let vm_size = spec.vm_configuration.len() as i32;
-        if w.call::<(i32, i32), i32>("proxy_on_vm_start", (root as i32, vm_size)).map_err(StartError::Trap)?
-            == Some(0)
-        {
+        if w.call::<(i32, i32), i32>("proxy_on_vm_start", (root as i32, vm_size)).map_err(StartError::Trap)? == Some(0) {
             return Err(StartError::VmStartFailed);
         }
         let size = spec.configuration.len() as i32;
-        if w.call::<(i32, i32), i32>("proxy_on_configure", (root as i32, size)).map_err(StartError::Trap)?
-            == Some(0)
-        {
+        if w.call::<(i32, i32), i32>("proxy_on_configure", (root as i32, size)).map_err(StartError::Trap)? == Some(0) {
             return Err(StartError::ConfigureFailed { logs: w.store.data().root_logs.clone() });
         }
         w.last_tick = w.store.data().world.now_nanos();
@@ -369,7 +361,12 @@ impl Worker {
         }
     }
 
-    pub(crate) fn ctx_call<P: WasmParams, R: WasmResults>(&mut self, context: u32, name: &str, params: P) -> Result<Option<R>, String> {
+    pub(crate) fn ctx_call<P: WasmParams, R: WasmResults>(
+        &mut self,
+        context: u32,
+        name: &str,
+        params: P,
+    ) -> Result<Option<R>, String> {
         self.store.data_mut().effective = context;
         let r = self.call(name, params);
         let root = self.store.data().root_context;
@@ -389,12 +386,7 @@ impl Worker {
         let data = StreamData {
             request_headers: to_map(&request.headers),
             request_trailers: to_map(&request.trailers),
-            properties: request
-                .properties
-                .iter()
-                .filter(|(k, _)| !is_builtin_property(k))
-                .cloned()
-                .collect(),
+            properties: request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect(),
             overrides: request.properties.iter().filter(|(k, _)| is_builtin_property(k)).cloned().collect(),
             source_address: request.source_address.clone(),
             connection_id,
@@ -469,11 +461,8 @@ impl Worker {
         if !run.headers_released {
             run.headers_released = true;
             let s = self.stream(run.id);
-            run.upstream = Some(UpstreamRequest {
-                headers: from_map(&s.request_headers),
-                body: Vec::new(),
-                trailers: Vec::new(),
-            });
+            run.upstream =
+                Some(UpstreamRequest { headers: from_map(&s.request_headers), body: Vec::new(), trailers: Vec::new() });
         }
         let s = self.stream(run.id);
         let pending = s.request_body.as_mut().map(std::mem::take).unwrap_or_default();
@@ -842,11 +831,7 @@ impl Worker {
         let status = if s.reset || run.stalled {
             0
         } else {
-            response_headers
-                .iter()
-                .find(|(k, _)| k == ":status")
-                .and_then(|(_, v)| v.parse().ok())
-                .unwrap_or(0)
+            response_headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
         };
         Verdict {
             status,
@@ -918,13 +903,7 @@ pub(crate) fn hcm_normalize(mut request: Request, connection_id: u64) -> Request
 
 /// What Envoy answers when a VM fails under a stream (`failStream`).
 pub(crate) fn wasm_fail_reply() -> LocalReply {
-    LocalReply {
-        status: 503,
-        details: "wasm_fail_stream".into(),
-        body: Vec::new(),
-        headers: Vec::new(),
-        grpc_status: 14,
-    }
+    LocalReply { status: 503, details: "wasm_fail_stream".into(), body: Vec::new(), headers: Vec::new(), grpc_status: 14 }
 }
 
 /// The response headers of a local reply: Envoy's own, then the filter's (which replace).

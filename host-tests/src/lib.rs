@@ -14,9 +14,9 @@
 pub mod abi;
 mod chain;
 pub mod envoy;
-pub mod runner;
 mod host;
 mod http;
+pub mod runner;
 pub mod scenario;
 mod vm;
 mod world;

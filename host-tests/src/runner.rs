@@ -120,12 +120,8 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
                     };
                     let mismatch = match (&hr.observed, er.as_ref().and_then(|e| e.observed.as_ref())) {
                         (Some(a), Some(b)) => {
-                            let expect = scenario
-                                .cases
-                                .iter()
-                                .find(|c| c.name == hr.case)
-                                .map(|c| c.expect.clone())
-                                .unwrap_or_default();
+                            let expect =
+                                scenario.cases.iter().find(|c| c.name == hr.case).map(|c| c.expect.clone()).unwrap_or_default();
                             a.disagreements(b, &expect)
                         }
                         _ => Vec::new(),

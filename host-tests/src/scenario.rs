@@ -143,7 +143,9 @@ pub struct UpstreamSpec {
 impl UpstreamSpec {
     pub fn to_upstream(&self) -> Result<Upstream> {
         let body = match &self.body_base64 {
-            Some(b) => base64::engine::general_purpose::STANDARD.decode(b.trim()).context("upstream.body_base64 is not base64")?,
+            Some(b) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .context("upstream.body_base64 is not base64")?,
             None => self.body.clone().into_bytes(),
         };
         Ok(Upstream {
@@ -512,7 +514,11 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     if !spec.chunks.is_empty() {
         r = r.chunks(spec.chunks.iter());
     } else if let Some(b) = &spec.body_base64 {
-        r = r.body(base64::engine::general_purpose::STANDARD.decode(b.trim()).context("request.body_base64 is not base64")?);
+        r = r.body(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .context("request.body_base64 is not base64")?,
+        );
     } else if let Some(b) = &spec.body {
         r = r.body(b);
     }
@@ -543,8 +549,7 @@ fn sign_headers(spec: &RequestSpec, sign: &SignSpec, r: &Request, now_secs: u64)
         Some(b) => b.clone().into_bytes(),
         None => r.body_bytes(),
     };
-    let headers: Vec<(String, String)> =
-        r.headers.iter().filter(|(k, _)| !k.starts_with(':')).cloned().collect();
+    let headers: Vec<(String, String)> = r.headers.iter().filter(|(k, _)| !k.starts_with(':')).cloned().collect();
     let created = (now_secs as i64 + sign.created_offset).max(0) as u64;
     let request = SignRequest {
         method: sign.method.as_deref().unwrap_or(&spec.method),
@@ -795,10 +800,9 @@ impl Target {
     }
     fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
         match self {
-            Target::Single(h) => h.run_on(worker, request).unwrap_or_else(|e| Verdict {
-                violations: vec![e.to_string()],
-                ..Verdict::default()
-            }),
+            Target::Single(h) => h
+                .run_on(worker, request)
+                .unwrap_or_else(|e| Verdict { violations: vec![e.to_string()], ..Verdict::default() }),
             Target::Chain(c) => c.send_on(worker, request),
         }
     }
@@ -888,7 +892,8 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             out.push(row(&case.name, Outcome::Pass, None));
             continue;
         };
-        let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref())) {
+        let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref()))
+        {
             Ok(r) => r,
             Err(e) => {
                 out.push(row(&case.name, Outcome::Fail(vec![format!("{e:#}")]), None));
@@ -959,7 +964,14 @@ pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> S
             details.push(format!("MISMATCH host/envoy: {}", mismatch.join("; ")));
         }
         let case: String = host.case.chars().take(w).collect();
-        out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  {}\n", file, case, host.outcome.label(), envoy_label, details.join(" | ")));
+        out.push_str(&format!(
+            "{:<36} {:<w$} {:<5} {:<5}  {}\n",
+            file,
+            case,
+            host.outcome.label(),
+            envoy_label,
+            details.join(" | ")
+        ));
     }
     out
 }

@@ -185,9 +185,7 @@ impl VmState {
         match kind {
             buffer::VM_CONFIGURATION => Some(&mut self.vm_config),
             buffer::PLUGIN_CONFIGURATION => Some(&mut self.plugin_config),
-            buffer::HTTP_CALL_RESPONSE_BODY | buffer::GRPC_RECEIVE_BUFFER => {
-                self.call_response.as_mut().map(|r| &mut r.body)
-            }
+            buffer::HTTP_CALL_RESPONSE_BODY | buffer::GRPC_RECEIVE_BUFFER => self.call_response.as_mut().map(|r| &mut r.body),
             buffer::HTTP_REQUEST_BODY => self.stream()?.request_body.as_mut(),
             buffer::HTTP_RESPONSE_BODY => self.stream()?.response_body.as_mut(),
             _ => None,
@@ -254,11 +252,7 @@ impl VmState {
                 .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<i64>().ok())
                 .map(int),
             "source.address" => Some(s.source_address.clone().into_bytes()),
-            "source.port" => s
-                .source_address
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<i64>().ok())
-                .map(int),
+            "source.port" => s.source_address.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()).map(int),
             "destination.address" => Some(format!("127.0.0.1:{port}").into_bytes()),
             "destination.port" => Some(int(port as i64)),
             "connection.mtls" => Some(vec![0]),
@@ -316,8 +310,7 @@ fn give(caller: &mut C<'_>, data: &[u8], ptr_ptr: i32, size_ptr: i32) -> Result<
             .and_then(|e| e.into_func())
             .ok_or(Status::InvalidMemoryAccess)?;
         let alloc = alloc.typed::<i32, i32>(&*caller).map_err(|_| Status::InvalidMemoryAccess)?;
-        ptr = alloc.call(&mut *caller, data.len() as i32).map_err(|_| Status::InvalidMemoryAccess)?
-            as u32;
+        ptr = alloc.call(&mut *caller, data.len() as i32).map_err(|_| Status::InvalidMemoryAccess)? as u32;
         if ptr == 0 {
             return Err(Status::InvalidMemoryAccess);
         }
@@ -514,11 +507,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
     // Shared queues.
     hostcall!(linker, "proxy_register_shared_queue", |c, np: i32, nl: i32, rp: i32| {
         let name = text(read(&mut c, np, nl)?);
-        let (world, worker, vm, ctx) =
-            (c.data().world.clone(), c.data().worker, c.data().vm_id.clone(), c.data().effective);
-        let token = world.with_turn(worker, || {
-            (lock(&world.queues).register(&vm, &name, worker, ctx), format!("register queue {name}"))
-        });
+        let (world, worker, vm, ctx) = (c.data().world.clone(), c.data().worker, c.data().vm_id.clone(), c.data().effective);
+        let token =
+            world.with_turn(worker, || (lock(&world.queues).register(&vm, &name, worker, ctx), format!("register queue {name}")));
         write_u32(&mut c, rp, token)
     });
     hostcall!(linker, "proxy_resolve_shared_queue", |c, vp: i32, vl: i32, np: i32, nl: i32, rp: i32| {
@@ -579,7 +570,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         }
         Ok(())
     });
-    hostcall!(linker, "proxy_send_local_response", |c, code: i32, dp: i32, dl: i32, bp: i32, bl: i32, hp: i32, hl: i32, grpc: i32| {
+    hostcall!(linker, "proxy_send_local_response", |c,
+                                                    code: i32,
+                                                    dp: i32,
+                                                    dl: i32,
+                                                    bp: i32,
+                                                    bl: i32,
+                                                    hp: i32,
+                                                    hl: i32,
+                                                    grpc: i32| {
         let details = text(read(&mut c, dp, dl)?);
         let body = read(&mut c, bp, bl)?;
         let headers = abi::deserialize_map(&read(&mut c, hp, hl)?).ok_or(Status::BadArgument)?;
@@ -611,7 +610,17 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
     });
 
     // HTTP callouts.
-    hostcall!(linker, "proxy_http_call", |c, up: i32, ul: i32, hp: i32, hl: i32, bp: i32, bl: i32, tp: i32, tl: i32, timeout: i32, rp: i32| {
+    hostcall!(linker, "proxy_http_call", |c,
+                                          up: i32,
+                                          ul: i32,
+                                          hp: i32,
+                                          hl: i32,
+                                          bp: i32,
+                                          bl: i32,
+                                          tp: i32,
+                                          tl: i32,
+                                          timeout: i32,
+                                          rp: i32| {
         let cluster = text(read(&mut c, up, ul)?);
         let headers = abi::deserialize_map(&read(&mut c, hp, hl)?).ok_or(Status::BadArgument)?;
         let body = read(&mut c, bp, bl)?;
@@ -646,7 +655,19 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
     });
 
     // gRPC callouts (unary calls and streams).
-    hostcall!(linker, "proxy_grpc_call", |c, up: i32, ul: i32, sp: i32, sl: i32, mp: i32, ml: i32, hp: i32, hl: i32, bp: i32, bl: i32, timeout: i32, rp: i32| {
+    hostcall!(linker, "proxy_grpc_call", |c,
+                                          up: i32,
+                                          ul: i32,
+                                          sp: i32,
+                                          sl: i32,
+                                          mp: i32,
+                                          ml: i32,
+                                          hp: i32,
+                                          hl: i32,
+                                          bp: i32,
+                                          bl: i32,
+                                          timeout: i32,
+                                          rp: i32| {
         let cluster = text(read(&mut c, up, ul)?);
         let service = text(read(&mut c, sp, sl)?);
         let method = text(read(&mut c, mp, ml)?);
@@ -674,7 +695,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         st.pending.insert(token, PendingCall { context, callout });
         write_u32(&mut c, rp, token)
     });
-    hostcall!(linker, "proxy_grpc_stream", |c, up: i32, ul: i32, sp: i32, sl: i32, mp: i32, ml: i32, hp: i32, hl: i32, rp: i32| {
+    hostcall!(linker, "proxy_grpc_stream", |c,
+                                            up: i32,
+                                            ul: i32,
+                                            sp: i32,
+                                            sl: i32,
+                                            mp: i32,
+                                            ml: i32,
+                                            hp: i32,
+                                            hl: i32,
+                                            rp: i32| {
         let cluster = text(read(&mut c, up, ul)?);
         let service = text(read(&mut c, sp, sl)?);
         let method = text(read(&mut c, mp, ml)?);
@@ -710,12 +740,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         c.data_mut().pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound)
     });
     hostcall!(linker, "proxy_get_status", |c, cp: i32, pp: i32, sp: i32| {
-        let (code, message) = c
-            .data()
-            .call_response
-            .as_ref()
-            .and_then(|r| r.grpc_status.clone())
-            .unwrap_or((0, String::new()));
+        let (code, message) = c.data().call_response.as_ref().and_then(|r| r.grpc_status.clone()).unwrap_or((0, String::new()));
         write_u32(&mut c, cp, code)?;
         give(&mut c, message.as_bytes(), pp, sp)
     });

@@ -198,16 +198,13 @@ impl World {
                     None => break,
                     Some(&head) if head == worker => break,
                     Some(_) => {
-                        let (guard, timeout) = self
-                            .turn
-                            .wait_timeout(s, Duration::from_secs(10))
-                            .unwrap_or_else(|e| e.into_inner());
+                        let (guard, timeout) =
+                            self.turn.wait_timeout(s, Duration::from_secs(10)).unwrap_or_else(|e| e.into_inner());
                         s = guard;
                         if timeout.timed_out() {
                             // A schedule that names a worker which never makes another shared
                             // operation would deadlock: give up on the schedule, loudly.
-                            lock(&self.trace)
-                                .push((worker, "schedule abandoned: deadlock".to_string()));
+                            lock(&self.trace).push((worker, "schedule abandoned: deadlock".to_string()));
                             s.active = false;
                         }
                     }

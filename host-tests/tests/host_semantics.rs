@@ -157,8 +157,7 @@ fn race_two_workers_both_see_the_key_absent() {
     let v = h.race(vec![(0, req()), (1, req())], &[0, 1, 0, 1]);
     assert_eq!(v[0].upstream_header("x-claim"), Some("won"));
     assert_eq!(v[1].upstream_header("x-claim"), Some("won"));
-    let trace: Vec<String> =
-        h.shared_trace().into_iter().skip(before).map(|(w, d)| format!("{w}:{d}")).collect();
+    let trace: Vec<String> = h.shared_trace().into_iter().skip(before).map(|(w, d)| format!("{w}:{d}")).collect();
     assert!(trace[0].starts_with("0:get nonce-race -> absent"), "{trace:?}");
     assert!(trace[1].starts_with("1:get nonce-race -> absent"), "{trace:?}");
 
@@ -187,9 +186,7 @@ fn race_cas_mismatch_makes_the_loser_retry() {
 
 #[test]
 fn callouts_answer_fail_or_time_out_as_scripted() {
-    let start = |reply: CalloutReply| {
-        Host::builder(&test_filter()).config("{}").callout("authz", reply).start().unwrap()
-    };
+    let start = |reply: CalloutReply| Host::builder(&test_filter()).config("{}").callout("authz", reply).start().unwrap();
     let req = || Request::get("/").header("x-test-callout", "authz");
 
     let v = start(CalloutReply::ok("granted")).send(req());
@@ -368,7 +365,12 @@ fn hosts_are_isolated() {
 fn the_upstream_answer_is_scripted() {
     let mut h = Host::builder(&test_filter())
         .config("{}")
-        .upstream(Upstream { status: 201, headers: vec![("x-up".into(), "1".into())], body: b"made".to_vec(), ..Upstream::default() })
+        .upstream(Upstream {
+            status: 201,
+            headers: vec![("x-up".into(), "1".into())],
+            body: b"made".to_vec(),
+            ..Upstream::default()
+        })
         .start()
         .unwrap();
     let v = h.send(Request::get("/"));
@@ -467,7 +469,9 @@ fn a_module_of_another_abi_is_refused_with_a_reason() {
 fn wasi_randomness_is_reproducible_per_host_and_distinct_per_worker() {
     let value = |worker: usize| {
         let mut h = Host::builder(&test_filter()).config("{}").workers(2).start().unwrap();
-        h.send_on(worker, Request::get("/").header("x-test-random", "1")).upstream_header("x-random").map(str::to_string)
+        h.send_on(worker, Request::get("/").header("x-test-random", "1"))
+            .upstream_header("x-random")
+            .map(str::to_string)
     };
     assert!(value(0).is_some());
     assert_eq!(value(0), value(0), "the same seed gives the same run");
@@ -545,7 +549,8 @@ fn a_client_that_goes_away_before_the_answer_gets_nothing_and_the_filter_sees_no
 #[test]
 fn an_upstream_body_cut_short_resets_the_stream_after_the_part_sent() {
     let mut h = host();
-    let v = h.send(Request::get("/").answered_by(Upstream { body: b"abcdef".to_vec(), body_cut_at: Some(2), ..Upstream::default() }));
+    let v =
+        h.send(Request::get("/").answered_by(Upstream { body: b"abcdef".to_vec(), body_cut_at: Some(2), ..Upstream::default() }));
     assert_eq!((v.status, v.reset), (0, true));
     assert!(v.forwarded());
 }

@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use firebreak_host_tests::{workspace_root, Host, Module, Request, Upstream};
 use firebreak_core::replay::body_sha256;
+use firebreak_host_tests::{workspace_root, Host, Module, Request, Upstream};
 
 fn replay_guard() -> Arc<Module> {
     let wasm = workspace_root().join("target/wasm32-wasip1/release/replay_guard.wasm");
@@ -85,7 +85,10 @@ fn a_verified_body_sha256_replaces_reading_the_body_and_gives_the_same_fingerpri
     let body = vec![b'x'; 2048];
     let digest = body_sha256(&body);
     let request = |key: &str| {
-        Request::post("/v1/payouts").header("idempotency-key", key).property("firebreak.principal", "alice").body(&body)
+        Request::post("/v1/payouts")
+            .header("idempotency-key", key)
+            .property("firebreak.principal", "alice")
+            .body(&body)
     };
     // Computed from the body (no hand-over).
     let first = h.send(request("\"k-a\""));
@@ -117,7 +120,12 @@ fn the_body_sha256_is_ignored_without_a_principal_for_small_bodies_and_when_malf
     let big = vec![b'y'; 2048];
     let wrong = hex(&body_sha256(b"not the body"));
     // No principal: not read at all (an unsigned request never has it).
-    let v = h.send(Request::post("/v1/payouts").header("idempotency-key", "\"n-1\"").property("firebreak.body_sha256", &wrong).body(&big));
+    let v = h.send(
+        Request::post("/v1/payouts")
+            .header("idempotency-key", "\"n-1\"")
+            .property("firebreak.body_sha256", &wrong)
+            .body(&big),
+    );
     assert_eq!(v.status, 201);
     assert_eq!(v.host_calls.get("proxy_get_buffer_bytes"), Some(&2));
     let same = h.send(Request::post("/v1/payouts").header("idempotency-key", "\"n-1\"").body(&big));

@@ -10,9 +10,7 @@ use firebreak_host_tests::{workspace_root, Module};
 /// Builds (cargo no-ops when fresh) and compiles the host's own test filter, once per binary.
 pub fn test_filter() -> Arc<Module> {
     static MODULE: OnceLock<Arc<Module>> = OnceLock::new();
-    MODULE
-        .get_or_init(|| Module::load(test_filter_path()).expect("test filter compiles"))
-        .clone()
+    MODULE.get_or_init(|| Module::load(test_filter_path()).expect("test filter compiles")).clone()
 }
 
 pub fn test_filter_path() -> PathBuf {

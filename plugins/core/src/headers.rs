@@ -53,14 +53,28 @@ mod tests {
 
     #[test]
     fn case_and_underscores_are_spellings_of_the_same_name() {
-        for name in ["x-firebreak-principal", "x_firebreak_principal", "X_Firebreak-Principal", "X-FIREBREAK-PRINCIPAL", "x-firebreak_principal"] {
+        for name in [
+            "x-firebreak-principal",
+            "x_firebreak_principal",
+            "X_Firebreak-Principal",
+            "X-FIREBREAK-PRINCIPAL",
+            "x-firebreak_principal",
+        ] {
             assert!(is_spelling_of(name, "x-firebreak-principal"), "{name}");
         }
-        for name in ["x-firebreak-principals", "x-firebreak-principa", "xfirebreak-principal", "x-firebreak principal", "x.firebreak-principal", ""] {
+        for name in [
+            "x-firebreak-principals",
+            "x-firebreak-principa",
+            "xfirebreak-principal",
+            "x-firebreak principal",
+            "x.firebreak-principal",
+            "",
+        ] {
             assert!(!is_spelling_of(name, "x-firebreak-principal"), "{name}");
         }
         let h = |pairs: &[(&str, &str)]| pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect::<Vec<_>>();
-        let headers = h(&[("x-firebreak-principal", "a"), ("x_firebreak_principal", "b"), ("x_firebreak_principal", "c"), ("other", "d")]);
+        let headers =
+            h(&[("x-firebreak-principal", "a"), ("x_firebreak_principal", "b"), ("x_firebreak_principal", "c"), ("other", "d")]);
         assert_eq!(spellings(&headers, "x-firebreak-principal"), Spellings { count: 3, variants: vec!["x_firebreak_principal"] });
         assert_eq!(spellings(&headers, "x-absent"), Spellings::default());
         assert!(valid_identity_header_name("x-firebreak-principal"));

@@ -87,11 +87,9 @@ impl TenantQuota {
         let (result, _) = self
             .table
             .update(store, tenant, now_ms, |current| match current.map(decode) {
-                None => Update::Write {
-                    payload: encode(now_ms, 1),
-                    expires_at_ms: now_ms.saturating_add(window),
-                    result: Ok(()),
-                },
+                None => {
+                    Update::Write { payload: encode(now_ms, 1), expires_at_ms: now_ms.saturating_add(window), result: Ok(()) }
+                }
                 Some(Some((start, count))) if count < limit => Update::Write {
                     payload: encode(start, count.saturating_add(1)),
                     expires_at_ms: start.saturating_add(window),

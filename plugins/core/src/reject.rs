@@ -176,9 +176,7 @@ impl Rejection {
 
     /// `{"error": "<code>", "message": "..."}`
     pub fn body(&self) -> Vec<u8> {
-        serde_json::json!({ "error": self.code, "message": self.message })
-            .to_string()
-            .into_bytes()
+        serde_json::json!({ "error": self.code, "message": self.message }).to_string().into_bytes()
     }
 
     /// Every response header the client gets with this rejection, in order.
@@ -202,10 +200,7 @@ impl Rejection {
     /// `firebreak <plugin> reject status=.. code=.. [reason=..] <context> msg=".."`.
     pub fn log_line(&self, plugin: &str, context: &str) -> String {
         let reason = self.detail.map(|d| format!(" reason={d}")).unwrap_or_default();
-        format!(
-            "firebreak {plugin} reject status={} code={}{reason} {context} msg={:?}",
-            self.status, self.code, self.message
-        )
+        format!("firebreak {plugin} reject status={} code={}{reason} {context} msg={:?}", self.status, self.code, self.message)
     }
 }
 

@@ -77,8 +77,7 @@ impl Backend {
     /// `field` of a plugin configuration.
     pub fn from_value(value: Option<&serde_json::Value>, field: &str) -> Result<Backend, ConfigError> {
         let Some(value) = value else { return Ok(Backend::Local) };
-        let raw: RawBackend = serde_json::from_value(value.clone())
-            .map_err(|e| ConfigError::new(field, e.to_string()))?;
+        let raw: RawBackend = serde_json::from_value(value.clone()).map_err(|e| ConfigError::new(field, e.to_string()))?;
         match raw.backend.as_str() {
             "local" => Ok(Backend::Local),
             "redis" => {
@@ -182,11 +181,8 @@ pub fn parse_reply(command: &str, http_status: Option<u16>, body: &[u8]) -> Resu
         Some(other) => return Err(RemoteError::Unreachable(format!("bridge answered HTTP {other}"))),
         None => return Err(RemoteError::Unreachable("no answer (timeout or connection failure)".into())),
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
-    let inner = value
-        .get(command)
-        .ok_or_else(|| RemoteError::Malformed(format!("no `{command}` member")))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
+    let inner = value.get(command).ok_or_else(|| RemoteError::Malformed(format!("no `{command}` member")))?;
     let reply = convert(inner)?;
     if let Reply::Error(message) = reply {
         return Err(RemoteError::Redis(message));
@@ -267,7 +263,10 @@ pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOrGet {
     Won,
-    Held { value: Vec<u8>, ttl_ms: i64 },
+    Held {
+        value: Vec<u8>,
+        ttl_ms: i64,
+    },
     /// The tenant used its quota of the window; nothing was written.
     QuotaExceeded,
 }
@@ -321,8 +320,10 @@ mod tests {
     fn replies_parse_and_errors_are_errors() {
         assert_eq!(parse_reply("SET", Some(200), br#"{"SET":[true,"OK"]}"#), Ok(Reply::Status("OK".into())));
         assert_eq!(parse_reply("SET", Some(200), br#"{"SET":null}"#), Ok(Reply::Nil));
-        assert_eq!(parse_reply("EVAL", Some(200), br#"{"EVAL":[1,2,"abc"]}"#),
-            Ok(Reply::Array(vec![Reply::Integer(1), Reply::Integer(2), Reply::Text("abc".into())])));
+        assert_eq!(
+            parse_reply("EVAL", Some(200), br#"{"EVAL":[1,2,"abc"]}"#),
+            Ok(Reply::Array(vec![Reply::Integer(1), Reply::Integer(2), Reply::Text("abc".into())]))
+        );
         assert!(matches!(parse_reply("SET", Some(200), br#"{"SET":[false,"ERR wrong"]}"#), Err(RemoteError::Redis(_))));
         assert!(matches!(parse_reply("SET", Some(503), b""), Err(RemoteError::Unreachable(_))));
         assert!(matches!(parse_reply("SET", None, b""), Err(RemoteError::Unreachable(_))));

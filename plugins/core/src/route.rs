@@ -85,12 +85,7 @@ impl RouteMatch {
         let path = match (&raw.path_prefix, &raw.path_exact) {
             (Some(prefix), None) => PathMatch::Prefix(prefix.clone()),
             (None, Some(exact)) => PathMatch::Exact(strip_trailing_slash(exact).to_string()),
-            _ => {
-                return Err(ConfigError::new(
-                    field,
-                    "exactly one of `path_prefix` and `path_exact` is required",
-                ))
-            }
+            _ => return Err(ConfigError::new(field, "exactly one of `path_prefix` and `path_exact` is required")),
         };
         let text = match &path {
             PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
@@ -106,10 +101,7 @@ impl RouteMatch {
         }
         for method in &raw.methods {
             if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(ConfigError::new(
-                    format!("{field}.methods"),
-                    format!("`{method}` is not an upper-case HTTP method"),
-                ));
+                return Err(ConfigError::new(format!("{field}.methods"), format!("`{method}` is not an upper-case HTTP method")));
             }
         }
         let lenient = strip_trailing_slash(text).trim_end_matches('/').to_ascii_lowercase().into_bytes();
@@ -176,10 +168,7 @@ fn starts_with(path: &str, rule: &str, case_sensitive: bool) -> bool {
 
 /// Parses a list of routes, naming the failing index in errors.
 pub fn parse_routes(raw: &[RouteConfig], field: &str) -> Result<Vec<RouteMatch>, ConfigError> {
-    raw.iter()
-        .enumerate()
-        .map(|(i, r)| RouteMatch::parse(r, &format!("{field}[{i}]")))
-        .collect()
+    raw.iter().enumerate().map(|(i, r)| RouteMatch::parse(r, &format!("{field}[{i}]"))).collect()
 }
 
 /// Splits `:path` into path and query (without the `?`).
@@ -205,7 +194,10 @@ where
     }
     let (forms, exhausted) = lenient_forms(path);
     // Still encoded after MAX_DECODE_ROUNDS decodings: any rule for this method could be meant.
-    if routes.into_iter().any(|r| if exhausted { r.method_ok(method) } else { forms.iter().any(|form| r.could_match(method, form)) }) {
+    if routes
+        .into_iter()
+        .any(|r| if exhausted { r.method_ok(method) } else { forms.iter().any(|form| r.could_match(method, form)) })
+    {
         Scope::NotCanonical
     } else {
         Scope::Out

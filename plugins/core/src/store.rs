@@ -191,11 +191,9 @@ impl BucketSnapshot {
     /// The live record of `key` at `now_ms`: payload, expiry, address.
     pub fn live(&self, key: KeyHash, now_ms: u64) -> Option<(Vec<u8>, u64, SlotAddress)> {
         numbered(&self.slots).find_map(|(index, slot)| match slot {
-            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => Some((
-                slot.payload.clone(),
-                slot.expires_at_ms,
-                SlotAddress { bucket: self.bucket, slot: index },
-            )),
+            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => {
+                Some((slot.payload.clone(), slot.expires_at_ms, SlotAddress { bucket: self.bucket, slot: index }))
+            }
             _ => None,
         })
     }
@@ -410,9 +408,8 @@ impl BucketTable {
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
         let bucket = self.bucket_of(key);
-        let mut earlier = snapshot.filter(|s| {
-            s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket)
-        });
+        let mut earlier = snapshot
+            .filter(|s| s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket));
         for _ in 0..MAX_CAS_ATTEMPTS {
             let from_earlier = earlier.is_some();
             let BucketSnapshot { mut slots, cas, .. } = match earlier.take() {
@@ -593,12 +590,7 @@ mod tests {
     use std::num::{NonZeroU16, NonZeroU32};
 
     fn table(buckets: u32, slots: u16) -> BucketTable {
-        BucketTable::new(
-            "t",
-            NonZeroU32::new(buckets).unwrap(),
-            NonZeroU16::new(slots).unwrap(),
-            64,
-        )
+        BucketTable::new("t", NonZeroU32::new(buckets).unwrap(), NonZeroU16::new(slots).unwrap(), 64)
     }
 
     fn claim(table: &BucketTable, store: &dyn SharedStore, key: &str, now: u64) -> Result<bool, TableError> {
@@ -657,7 +649,6 @@ mod tests {
         let late = Interleaved { store: &store, stale_absent_reads: std::cell::Cell::new(1) };
         assert_eq!(claim(&t, &late, "x", 0), Ok(false));
     }
-
 
     fn insert(now: u64) -> impl FnMut(Option<&[u8]>) -> Update<bool> {
         move |current| match current {
@@ -770,10 +761,7 @@ mod tests {
         assert_eq!(claim(&first, &store, "a", 0), Ok(true));
         assert_eq!(claim(&second, &store, "a", 0), Ok(false), "found where the first put it");
         let mut other = BucketTable::new("t", NonZeroU32::new(32).unwrap(), NonZeroU16::new(2).unwrap(), 8);
-        assert_eq!(
-            other.bind(&store, [3; 32]),
-            Err(BindError::GeometryChanged { what: "buckets", stored: 16, configured: 32 })
-        );
+        assert_eq!(other.bind(&store, [3; 32]), Err(BindError::GeometryChanged { what: "buckets", stored: 16, configured: 32 }));
         assert_eq!(other.bind(&store, [3; 32]).unwrap_err().config_error("nonce_store").field, "nonce_store.buckets");
         let mut other = BucketTable::new("t", NonZeroU32::new(16).unwrap(), NonZeroU16::new(4).unwrap(), 8);
         assert_eq!(other.bind(&store, [3; 32]).unwrap_err().config_error("key_store").field, "key_store.slots_per_bucket");

@@ -93,7 +93,10 @@ pub fn parse_sections(json: &[u8]) -> Result<Vec<StageSection>, ChainConfigError
             return Err(chain_error(field, "must be an object with exactly one key, the filter's name"));
         };
         let Some(filter) = FILTERS.iter().copied().find(|f| *f == name.as_str()) else {
-            return Err(chain_error(format!("{field}.{name}"), format!("unknown filter (expected one of {})", FILTERS.join(", "))));
+            return Err(chain_error(
+                format!("{field}.{name}"),
+                format!("unknown filter (expected one of {})", FILTERS.join(", ")),
+            ));
         };
         if filter == "rate_limit" {
             if let Some(stage_name) = config.get("name").and_then(Value::as_str) {
@@ -126,7 +129,10 @@ impl RootContext for ChainRoot {
         let sections = match parse_sections(&bytes) {
             Ok(sections) => sections,
             Err(error) => {
-                glue::log(LogLevel::Critical, &format!("firebreak {PLUGIN} config_error field={} {}", error.field, error.message));
+                glue::log(
+                    LogLevel::Critical,
+                    &format!("firebreak {PLUGIN} config_error field={} {}", error.field, error.message),
+                );
                 return false;
             }
         };

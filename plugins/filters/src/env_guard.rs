@@ -5,7 +5,9 @@
 
 use std::rc::Rc;
 
-use firebreak_core::envguard::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, GuardPolicy, Place};
+use firebreak_core::envguard::{
+    check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, GuardPolicy, Place,
+};
 use firebreak_glue::{self as glue, Counters};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -27,7 +29,8 @@ impl Context for GuardRoot {}
 impl RootContext for GuardRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         self.policy = glue::load_config(PLUGIN, GuardPolicy::from_json).map(Rc::new);
-        self.counters.define_all(&["passed", "passed_unguarded", "passed_production", "passed_uninspected_over_limit"]);
+        self.counters
+            .define_all(&["passed", "passed_unguarded", "passed_production", "passed_uninspected_over_limit"]);
         if let Some(policy) = &self.policy {
             glue::log(
                 LogLevel::Info,
@@ -95,7 +98,10 @@ impl GuardFilter {
             BodyOutcome::Clean => self.counters.count_passed("passed"),
             BodyOutcome::Uninspected => {
                 self.counters.increment("passed_uninspected_over_limit");
-                glue::log(LogLevel::Warn, &format!("firebreak {PLUGIN} pass_uninspected reason=over_limit environment={}", self.policy.environment));
+                glue::log(
+                    LogLevel::Warn,
+                    &format!("firebreak {PLUGIN} pass_uninspected reason=over_limit environment={}", self.policy.environment),
+                );
             }
         }
         Action::Continue

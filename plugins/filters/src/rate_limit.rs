@@ -96,8 +96,7 @@ impl Context for RateLimitFilter {
         let redis = redis.clone();
         let (status, body) = glue::http_call_response(body_size);
         let rules = pending.plan.rules.len();
-        let mut result = remote::parse_reply("EVAL", status, &body)
-            .and_then(|reply| remote_rl::parse_grants(&reply, rules));
+        let mut result = remote::parse_reply("EVAL", status, &body).and_then(|reply| remote_rl::parse_grants(&reply, rules));
         if let (Ok(grants), Some(reconcile)) = (&result, self.policy.reconcile) {
             result = Ok(lease::store_leases(
                 &self.policy,
@@ -122,7 +121,6 @@ fn source_address() -> Option<String> {
     let bytes = hostcalls::get_property(vec!["source", "address"]).ok()??;
     String::from_utf8(bytes).ok()
 }
-
 
 /// Every value of one header in any of its spellings (case, `_` for `-`), as (name, value) pairs.
 fn all_values(headers: &[(String, String)], name: &str) -> Vec<(String, String)> {
@@ -185,10 +183,7 @@ impl RateLimitFilter {
         let decision = remote_rl::decide(&self.policy, plan, result, redis.failure_mode);
         if failed && decision.rejection.is_none() {
             self.counters.increment("state_unavailable_failed_open");
-            glue::log(
-                LogLevel::Error,
-                &format!("firebreak {PLUGIN} fail_open rate_limit_unchecked {context}"),
-            );
+            glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} fail_open rate_limit_unchecked {context}"));
         }
         self.apply(decision, &context)
     }
@@ -216,7 +211,10 @@ impl RateLimitFilter {
                     if !blocked {
                         glue::log(
                             LogLevel::Warn,
-                            &format!("firebreak {PLUGIN} pass_on_error instance={instance} rule={rule} error={} {context}", error.code()),
+                            &format!(
+                                "firebreak {PLUGIN} pass_on_error instance={instance} rule={rule} error={} {context}",
+                                error.code()
+                            ),
                         );
                     }
                 }

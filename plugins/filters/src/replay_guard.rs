@@ -10,8 +10,9 @@ use std::rc::Rc;
 use firebreak_core::remote::{Backend, RedisConfig};
 use firebreak_core::replay::redis::{self as remote_state, ClearStep, FinishPlan, PendingClaim, RemoteCommand};
 use firebreak_core::replay::{
-    body_sha256, decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClaimRequest, ClearAnswer, Decision, Exchange, FinishAnswer,
-    FinishRequest, KeyPeek, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts, StateError,
+    body_sha256, decide_early, operator_request, parse_clear, Answer, ClaimAnswer, ClaimRequest, ClearAnswer, Decision, Exchange,
+    FinishAnswer, FinishRequest, KeyPeek, LocalState, Outcome, Record, ReplayError, ReplayPolicy, ReplayState, RequestFacts,
+    StateError,
 };
 use firebreak_core::store::KeyHash;
 use firebreak_core::{Code, Rejection};
@@ -185,13 +186,35 @@ struct ReplayFilter {
 
 /// A Redis command sent and not answered yet, with what its answer is for.
 enum Pending {
-    Claim { token: u32, claim: PendingClaim },
-    Finish { token: u32, command: RemoteCommand, on_success: FinishAnswer, log: FinishLog, resume_response: bool },
-    ClearRead { token: u32, command: RemoteCommand, key: KeyHash, now_ms: u64 },
-    ClearDelete { token: u32, command: RemoteCommand, on_success: ClearAnswer },
+    Claim {
+        token: u32,
+        claim: PendingClaim,
+    },
+    Finish {
+        token: u32,
+        command: RemoteCommand,
+        on_success: FinishAnswer,
+        log: FinishLog,
+        resume_response: bool,
+    },
+    ClearRead {
+        token: u32,
+        command: RemoteCommand,
+        key: KeyHash,
+        now_ms: u64,
+    },
+    ClearDelete {
+        token: u32,
+        command: RemoteCommand,
+        on_success: ClearAnswer,
+    },
     /// The claim's answer was lost: deleting this claim's record (if Redis applied it) before
     /// answering 503. `why`: the claim's failure, for the log line.
-    Unwind { token: u32, command: RemoteCommand, why: String },
+    Unwind {
+        token: u32,
+        command: RemoteCommand,
+        why: String,
+    },
 }
 
 impl Pending {
@@ -331,7 +354,11 @@ impl Context for ReplayFilter {
                 }
             }
             Pending::Finish { command, on_success, log, resume_response, .. } => {
-                let answer = if too_large { Err(StateError::Remote) } else { remote_state::finish_answer(&command, on_success, status, &body) };
+                let answer = if too_large {
+                    Err(StateError::Remote)
+                } else {
+                    remote_state::finish_answer(&command, on_success, status, &body)
+                };
                 let error = answer.is_err().then(|| why(&command));
                 self.record_finish(answer, &log, error.as_deref());
                 if resume_response && glue::resume_response().is_err() {
@@ -340,7 +367,8 @@ impl Context for ReplayFilter {
                 }
             }
             Pending::Unwind { command, why: claim_error, .. } => {
-                let outcome = if too_large { Err(StateError::Remote) } else { remote_state::unwind_answer(&command, status, &body) };
+                let outcome =
+                    if too_large { Err(StateError::Remote) } else { remote_state::unwind_answer(&command, status, &body) };
                 let counter = match outcome {
                     Ok(true) => "claim_unwound",
                     Ok(false) => "claim_unwind_not_needed",
@@ -369,15 +397,13 @@ impl Context for ReplayFilter {
                     Ok(ClearStep::Done(answer)) => {
                         let _ = self.respond_clear(Ok(answer), &context);
                     }
-                    Ok(ClearStep::Delete { command, on_success }) => {
-                        match glue::dispatch_webdis(&redis, &command.body) {
-                            Ok(token) => self.pending = Some(Pending::ClearDelete { token, command, on_success }),
-                            Err(status) => {
-                                let context = format!("{context} store_error={:?}", format!("dispatch failed: {status:?}"));
-                                let _ = self.respond_clear(Err(StateError::Remote), &context);
-                            }
+                    Ok(ClearStep::Delete { command, on_success }) => match glue::dispatch_webdis(&redis, &command.body) {
+                        Ok(token) => self.pending = Some(Pending::ClearDelete { token, command, on_success }),
+                        Err(status) => {
+                            let context = format!("{context} store_error={:?}", format!("dispatch failed: {status:?}"));
+                            let _ = self.respond_clear(Err(StateError::Remote), &context);
                         }
-                    }
+                    },
                     Err(error) => {
                         let context = format!("{context} store_error={:?}", why(&command));
                         let _ = self.respond_clear(Err(error), &context);
@@ -386,7 +412,11 @@ impl Context for ReplayFilter {
             }
             Pending::ClearDelete { command, on_success, .. } => {
                 let context = self.operator_context.clone();
-                let answer = if too_large { Err(StateError::Remote) } else { remote_state::clear_answer(&command, on_success, status, &body) };
+                let answer = if too_large {
+                    Err(StateError::Remote)
+                } else {
+                    remote_state::clear_answer(&command, on_success, status, &body)
+                };
                 match answer {
                     Ok(Some(answer)) => {
                         let _ = self.respond_clear(Ok(answer), &context);
@@ -465,7 +495,10 @@ impl ReplayFilter {
         }
         if let Some(why) = store_error {
             self.counters.increment("remote_error");
-            glue::log(LogLevel::Error, &format!("firebreak {PLUGIN} remote_error op=claim store_error={why:?} {}", exchange.context()));
+            glue::log(
+                LogLevel::Error,
+                &format!("firebreak {PLUGIN} remote_error op=claim store_error={why:?} {}", exchange.context()),
+            );
         }
         let mut context = exchange.context().to_string();
         if let Some(why) = store_error {
@@ -642,7 +675,10 @@ impl ReplayFilter {
             Ok(ClearAnswer::Cleared { stale_in_flight }) => {
                 self.stage = Stage::Answered;
                 self.counters.increment("operator_cleared");
-                glue::log(LogLevel::Warn, &format!("firebreak {PLUGIN} operator_cleared stale_in_flight={stale_in_flight} {context}"));
+                glue::log(
+                    LogLevel::Warn,
+                    &format!("firebreak {PLUGIN} operator_cleared stale_in_flight={stale_in_flight} {context}"),
+                );
                 let body = format!("{{\"cleared\":true,\"stale_in_flight\":{stale_in_flight}}}");
                 glue::send_response(200, &[("content-type".to_string(), "application/json".to_string())], body.as_bytes());
                 Action::Pause
@@ -681,9 +717,7 @@ impl HttpContext for ReplayFilter {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let headers = match glue::request_headers() {
             Ok(headers) => headers,
-            Err(_) => {
-                return self.reject_with(&Rejection::new(Code::RequestHeadersInvalid), "")
-            }
+            Err(_) => return self.reject_with(&Rejection::new(Code::RequestHeadersInvalid), ""),
         };
         let principal = match glue::principal() {
             Ok(principal) => principal,

@@ -7,8 +7,8 @@ use std::rc::Rc;
 use firebreak_core::remote::{Backend, RedisConfig};
 use firebreak_core::replay::body_sha256_from_content_digest;
 use firebreak_core::signature::{
-    claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, verify_body, verify_headers, RequestView, SigError, SignaturePolicy,
-    VerifiedHeaders,
+    claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, verify_body, verify_headers,
+    RequestView, SigError, SignaturePolicy, VerifiedHeaders,
 };
 use firebreak_glue::{self as glue, Counters, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -18,11 +18,7 @@ const PLUGIN: &str = "request_signature";
 
 /// A fresh root context of this filter; `on_configure` reads its configuration.
 pub fn root() -> Box<dyn RootContext> {
-    Box::new(SignatureRoot {
-        policy: None,
-        counters: Rc::new(Counters::new("firebreak.request_signature")),
-        debug_log: false,
-    })
+    Box::new(SignatureRoot { policy: None, counters: Rc::new(Counters::new("firebreak.request_signature")), debug_log: false })
 }
 
 struct SignatureRoot {
@@ -83,8 +79,7 @@ impl SignatureFilter {
 
     /// Nonce recorded: hand the verified principal to the upstream and to later filters.
     fn publish_principal(&mut self, key_id: &str, context: &str) -> Result<(), Action> {
-        if glue::set_request_header(&self.policy.principal_header, Some(key_id)).is_err()
-            || glue::set_principal(key_id).is_err()
+        if glue::set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || glue::set_principal(key_id).is_err()
         {
             return Err(self.fail(SigError::StateUnavailable, context));
         }
@@ -116,9 +111,7 @@ impl SignatureFilter {
 
     fn finish_body(&mut self, pending: Pending, size: usize) -> Action {
         match glue::request_body(size) {
-            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => {
-                self.fail(SigError::BodyTooLarge, &pending.context)
-            }
+            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => self.fail(SigError::BodyTooLarge, &pending.context),
             Ok(body) => self.finish(&pending, &body),
             Err(_) => self.fail(SigError::StateUnavailable, &pending.context),
         }

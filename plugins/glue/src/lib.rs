@@ -53,7 +53,8 @@ pub fn load_bound_config<T>(
 ) -> Option<T> {
     load_config(plugin, |json| {
         let mut config = parse(json)?;
-        let entropy = random_32().ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
+        let entropy =
+            random_32().ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
         bind(&mut config, &HostStore, entropy)?;
         Ok(config)
     })
@@ -279,7 +280,10 @@ pub fn request_headers() -> Result<Vec<(String, String)>, HeaderError> {
 /// All request headers, a value that is not UTF-8 kept as an empty value (so that a duplicate
 /// still counts as a duplicate, and such a method or path matches no route).
 pub fn request_headers_lossy() -> Result<Vec<(String, String)>, HeaderError> {
-    Ok(raw_request_headers()?.into_iter().map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default())).collect())
+    Ok(raw_request_headers()?
+        .into_iter()
+        .map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default()))
+        .collect())
 }
 
 type RawHeaders = Vec<(String, Vec<u8>)>;
@@ -332,7 +336,8 @@ pub fn set_request_header(name: &str, value: Option<&str>) -> Result<(), Status>
 pub fn request_body(size: usize) -> Result<Vec<u8>, Status> {
     let chain_mode = CHAIN_MODE.with(Cell::get);
     if chain_mode {
-        let cached = CALLBACK_BODY.with(|cache| cache.borrow().as_ref().filter(|(asked, _)| *asked == size).map(|(_, body)| body.clone()));
+        let cached =
+            CALLBACK_BODY.with(|cache| cache.borrow().as_ref().filter(|(asked, _)| *asked == size).map(|(_, body)| body.clone()));
         if let Some(body) = cached {
             return Ok(body);
         }

@@ -201,7 +201,10 @@ impl GuardPolicy {
                         .build()
                         .map_err(|e| ConfigError::new(format!("{field}.regex"), format!("invalid regex: {e}")))?;
                     if regex.is_match(b"") {
-                        return Err(ConfigError::new(format!("{field}.regex"), "matches the empty string (would match everything)"));
+                        return Err(ConfigError::new(
+                            format!("{field}.regex"),
+                            "matches the empty string (would match everything)",
+                        ));
                     }
                     PatternMatcher::Regex(regex)
                 }
@@ -213,8 +216,12 @@ impl GuardPolicy {
         let mut hosts = Vec::new();
         for (i, host) in raw.production_hosts.iter().enumerate() {
             let field = format!("production_hosts[{i}]");
-            let rule = HostRule::parse(host)
-                .ok_or_else(|| ConfigError::new(field, "a host name (lower-case letters, digits, `-`, `.`), optionally `*.` + a suffix; no port, no scheme"))?;
+            let rule = HostRule::parse(host).ok_or_else(|| {
+                ConfigError::new(
+                    field,
+                    "a host name (lower-case letters, digits, `-`, `.`), optionally `*.` + a suffix; no port, no scheme",
+                )
+            })?;
             hosts.push(rule);
         }
 

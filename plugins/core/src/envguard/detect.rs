@@ -82,9 +82,9 @@ impl HostRule {
         let ok = !name.is_empty()
             && name.len() <= 253
             && name.contains(|c: char| c.is_ascii_alphabetic())
-            && name.split('.').all(|part| {
-                !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            });
+            && name
+                .split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
         if !ok {
             return None;
         }
@@ -95,9 +95,9 @@ impl HostRule {
     pub fn matches(&self, host: &str) -> bool {
         match self {
             HostRule::Exact(name) => host == name,
-            HostRule::Subdomains(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            HostRule::Subdomains(suffix) => {
+                host.strip_suffix(suffix.as_str()).is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+            }
         }
     }
 
@@ -280,7 +280,25 @@ pub(super) fn percent_escapes(text: &[u8]) -> usize {
 const fn is_delimiter(b: u8) -> bool {
     b.is_ascii_whitespace()
         || b.is_ascii_control()
-        || matches!(b, b'"' | b'\'' | b'`' | b',' | b';' | b'<' | b'>' | b'(' | b')' | b'[' | b']' | b'{' | b'}' | b'|' | b'\\' | b'&' | b'?')
+        || matches!(
+            b,
+            b'"' | b'\''
+                | b'`'
+                | b','
+                | b';'
+                | b'<'
+                | b'>'
+                | b'('
+                | b')'
+                | b'['
+                | b']'
+                | b'{'
+                | b'}'
+                | b'|'
+                | b'\\'
+                | b'&'
+                | b'?'
+        )
 }
 
 const fn is_word(b: u8) -> bool {
@@ -667,7 +685,11 @@ impl Detector {
                             return Some(hit);
                         }
                         // A structured-field byte sequence (`sha-256=:BASE64:`, RFC 8941).
-                        let part = if sep == b'=' { part.strip_prefix(b":").and_then(|p| p.strip_suffix(b":")).unwrap_or(part) } else { part };
+                        let part = if sep == b'=' {
+                            part.strip_prefix(b":").and_then(|p| p.strip_suffix(b":")).unwrap_or(part)
+                        } else {
+                            part
+                        };
                         if sep == b'=' && looks_b64(part) {
                             if let Some(hit) = self.decode_b64(part, depth, how, walk) {
                                 return Some(hit);
@@ -774,7 +796,9 @@ pub fn host_of(authority: &str) -> Option<String> {
         // IPv6 literal: never a production host name.
         authority.split(']').next().unwrap_or(authority)
     } else {
-        authority.rsplit_once(':').map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority })
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority })
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     (!host.is_empty()).then_some(host)

@@ -20,8 +20,14 @@ pub use request::{check_body, check_headers, check_trailers, over_limit, BodyOut
 pub const CODES: &[crate::Code] = {
     use crate::Code::*;
     &[
-        ProductionCredential, PathNotCanonical, ProductionHost, ContentEncodingNotInspectable, BodyNotDecodable,
-        EncodingTooDeep, BodyTooLargeToInspect, RequestNotInspectable,
+        ProductionCredential,
+        PathNotCanonical,
+        ProductionHost,
+        ContentEncodingNotInspectable,
+        BodyNotDecodable,
+        EncodingTooDeep,
+        BodyTooLargeToInspect,
+        RequestNotInspectable,
     ]
 };
 

@@ -80,12 +80,12 @@ impl GuardError {
 
     pub fn rejection(&self, environment: &str) -> Rejection {
         let message = match self {
-            GuardError::Credential { label, location, .. } => format!(
-                "production credential `{label}` found in {location}; environment `{environment}` is not production"
-            ),
-            GuardError::ProductionHost { rule } => format!(
-                "destination matches production-only host `{rule}`; environment `{environment}` is not production"
-            ),
+            GuardError::Credential { label, location, .. } => {
+                format!("production credential `{label}` found in {location}; environment `{environment}` is not production")
+            }
+            GuardError::ProductionHost { rule } => {
+                format!("destination matches production-only host `{rule}`; environment `{environment}` is not production")
+            }
             GuardError::UnsupportedEncoding { coding } => {
                 format!("content-encoding `{coding}` cannot be inspected; send identity, gzip or deflate")
             }
@@ -211,7 +211,14 @@ impl<'a> Inspector<'a> {
 
     /// Inspects one value found `depth` encoding layers down; `location` is built only for a
     /// finding.
-    fn value(&mut self, data: &[u8], how: &[&'static str], depth: u8, place: Place, location: impl FnOnce() -> String) -> Result<(), GuardError> {
+    fn value(
+        &mut self,
+        data: &[u8],
+        how: &[&'static str],
+        depth: u8,
+        place: Place,
+        location: impl FnOnce() -> String,
+    ) -> Result<(), GuardError> {
         match self.policy.detector.inspect(data, how, depth, &mut self.budget) {
             None => Ok(()),
             Some(found) => self.verdict(found, place, location()),
@@ -334,7 +341,9 @@ impl<'a> Inspector<'a> {
             }
             BodyKind::Form => {
                 for (name, value) in form_urlencoded::parse(data) {
-                    self.value(value.as_bytes(), how, depth, Place::Body, || format!("{at} form field {}", safe_name(detector, &name)))?;
+                    self.value(value.as_bytes(), how, depth, Place::Body, || {
+                        format!("{at} form field {}", safe_name(detector, &name))
+                    })?;
                 }
             }
             BodyKind::Multipart(boundary) => return self.multipart(data, boundary, depth, how, at),
@@ -424,7 +433,11 @@ impl<'a> Inspector<'a> {
                 if !self.budget.take(data.len()) {
                     return self.over_budget();
                 }
-                decoded = if transfer == "base64" { decode_base64_part(data) } else { quoted_printable::decode(data, quoted_printable::ParseMode::Robust).ok() };
+                decoded = if transfer == "base64" {
+                    decode_base64_part(data)
+                } else {
+                    quoted_printable::decode(data, quoted_printable::ParseMode::Robust).ok()
+                };
                 let coding = if transfer == "base64" { "base64" } else { "quoted-printable" };
                 data = decoded.as_deref().ok_or(GuardError::Undecodable { coding })?;
                 how.push(coding);
@@ -507,8 +520,9 @@ fn part_headers(head: &[u8]) -> Vec<(String, String)> {
 fn decode_base64_part(data: &[u8]) -> Option<Vec<u8>> {
     use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     use base64::Engine as _;
-    const LENIENT: GeneralPurposeConfig =
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent).with_decode_allow_trailing_bits(true);
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
     let compact: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
     let url_safe = compact.iter().any(|b| matches!(b, b'-' | b'_'));
     let alphabet = if url_safe { &base64::alphabet::URL_SAFE } else { &base64::alphabet::STANDARD };
@@ -537,8 +551,9 @@ pub fn check_headers(policy: &GuardPolicy, headers: &[(String, String)]) -> Resu
             inspector.header("header", &name, value)?;
         }
     }
-    let codings = parse_codings(headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-encoding")).map(|(_, v)| v.as_str()))
-        .map_err(|coding| GuardError::UnsupportedEncoding { coding })?;
+    let codings =
+        parse_codings(headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("content-encoding")).map(|(_, v)| v.as_str()))
+            .map_err(|coding| GuardError::UnsupportedEncoding { coding })?;
     let kind = body_kind(value("content-type").unwrap_or(""));
     Ok(BodyPlan { codings, kind, headers_uninspected: inspector.uninspected })
 }
@@ -603,10 +618,17 @@ enum JsonStep<'a> {
 
 /// Every string (and key) of a JSON document; returns the finding and the steps to it,
 /// innermost first (built only for a finding: a clean document costs no location strings).
-fn json_walk<'a>(inspector: &mut Inspector, value: &'a serde_json::Value, how: &[&'static str], depth: u8) -> Option<(Found, Vec<JsonStep<'a>>)> {
+fn json_walk<'a>(
+    inspector: &mut Inspector,
+    value: &'a serde_json::Value,
+    how: &[&'static str],
+    depth: u8,
+) -> Option<(Found, Vec<JsonStep<'a>>)> {
     let detector = inspector.detector();
     match value {
-        serde_json::Value::String(s) => detector.inspect(s.as_bytes(), how, depth, &mut inspector.budget).map(|found| (found, Vec::new())),
+        serde_json::Value::String(s) => {
+            detector.inspect(s.as_bytes(), how, depth, &mut inspector.budget).map(|found| (found, Vec::new()))
+        }
         serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
             json_walk(inspector, item, how, depth).map(|(found, mut steps)| {
                 steps.push(JsonStep::Index(i));

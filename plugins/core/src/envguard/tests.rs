@@ -124,11 +124,11 @@ fn incident4_prod_push_key_in_uat_push_request_body_is_refused() {
 fn incident4_test_keys_pass() {
     let p = policy();
     let body = format!(r#"{{"push":{{"key":"{TEST_KEY}","alert":"hhhhh"}}}}"#);
-    let h = req("POST", "/v1/push?token=".to_string().add(TEST_KEY).as_str(), &[
-        ("content-type", "application/json"),
-        ("authorization", &format!("Bearer {TEST_KEY}")),
-        ("x-api-key", TEST_KEY),
-    ]);
+    let h = req(
+        "POST",
+        "/v1/push?token=".to_string().add(TEST_KEY).as_str(),
+        &[("content-type", "application/json"), ("authorization", &format!("Bearer {TEST_KEY}")), ("x-api-key", TEST_KEY)],
+    );
     assert_eq!(run(&p, &h, body.as_bytes()), Ok(BodyOutcome::Clean));
 }
 
@@ -151,13 +151,21 @@ fn bearer_basic_and_plain_headers() {
     let cases: Vec<Case> = vec![
         (vec![("authorization", format!("Bearer {PROD}"))], "apns-prod", "header authorization (bearer)"),
         (vec![("authorization", format!("bearer   {PROD}  "))], "apns-prod", "header authorization (bearer)"),
-        (vec![("authorization", format!("Basic {}", b64(format!("svc:{PROD_PASSWORD}").as_bytes())))], "fcm-prod-password", "header authorization (basic password)"),
+        (
+            vec![("authorization", format!("Basic {}", b64(format!("svc:{PROD_PASSWORD}").as_bytes())))],
+            "fcm-prod-password",
+            "header authorization (basic password)",
+        ),
         (vec![("authorization", format!("Basic {}", b64(PROD.as_bytes())))], "apns-prod", "header authorization (basic)"),
         (vec![("authorization", format!("key={PROD}"))], "apns-prod", "header authorization"),
         (vec![("x-apns-key", PROD.to_string())], "apns-prod", "header x-apns-key"),
         (vec![("x-apns-key", format!(" {PROD}\t"))], "apns-prod", "header x-apns-key"),
         (vec![("x-apns-key", b64(PROD.as_bytes()))], "apns-prod", "header x-apns-key (base64)"),
-        (vec![("x-apns-key", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(PROD))], "apns-prod", "header x-apns-key (base64)"),
+        (
+            vec![("x-apns-key", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(PROD))],
+            "apns-prod",
+            "header x-apns-key (base64)",
+        ),
         (vec![("cookie", format!("session=abc; push_key={PROD}; x=1"))], "apns-prod", "header cookie push_key"),
         (vec![("x-stripe", "sk_live_51Habcdefghijklmnop".to_string())], "stripe-live", "header x-stripe"),
         (vec![("x-aws", "creds AKIAIOSFODNN7EXAMPLE here".to_string())], "aws-prod-key", "header x-aws"),
@@ -220,7 +228,10 @@ fn json_at_any_depth_and_arrays_and_encodings() {
     let p = policy();
     let json = |body: String| run(&p, &req("POST", "/", &[("content-type", "application/json; charset=utf-8")]), body.as_bytes());
     assert_eq!(credential(json(format!(r#"{{"a":[1,{{"b":{{"c":["x","{PROD}"]}}}}]}}"#))).1, "body json $.a[1].b.c[1]");
-    assert_eq!(credential(json(format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes())))).1, "body json $.push.key (base64)");
+    assert_eq!(
+        credential(json(format!(r#"{{"push":{{"key":"{}"}}}}"#, b64(PROD.as_bytes())))).1,
+        "body json $.push.key (base64)"
+    );
     assert_eq!(credential(json(r#"{"k":"\u0066ake-apns-prod-key-0123456789abcdef"}"#.to_string())).1, "body json $.k");
     assert_eq!(credential(json(format!(r#"{{"weird key!":"{PROD}"}}"#))).1, r#"body json $["?"]"#);
     assert_eq!(credential(json(format!(r#"{{"url":"https://push.example/send?key={PROD}&x=1"}}"#))).1, "body json $.url");
@@ -264,7 +275,10 @@ fn mime_wrapped_base64_body_is_decoded() {
     let encoded = b64(format!(r#"{{"push":{{"key":"{PROD}","alert":"hhhhh"}}}}"#).as_bytes());
     let wrapped: Vec<String> = encoded.as_bytes().chunks(16).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
     let h = req("POST", "/", &[("content-type", "application/octet-stream")]);
-    assert_eq!(credential(run(&p, &h, wrapped.join("\r\n").as_bytes())), ("apns-prod".to_string(), "body text (base64)".to_string()));
+    assert_eq!(
+        credential(run(&p, &h, wrapped.join("\r\n").as_bytes())),
+        ("apns-prod".to_string(), "body text (base64)".to_string())
+    );
 }
 
 #[test]
@@ -392,7 +406,10 @@ fn each_bad_field_is_named() {
     let err = GuardPolicy::from_json(br#"{"environment":"uat","production":false,"bogus":1}"#).unwrap_err();
     assert!(err.message.contains("bogus"), "{err}");
     // Upper-case hex is accepted (and equal to lower-case).
-    let upper = format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#, fp.to_uppercase());
+    let upper = format!(
+        r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#,
+        fp.to_uppercase()
+    );
     let p = GuardPolicy::from_json(upper.as_bytes()).unwrap();
     assert!(p.detector.scan(PROD.as_bytes(), &[]).is_some());
 }
@@ -470,7 +487,9 @@ fn arbitrary_inputs_never_panic() {
             body.extend_from_slice(PROD.as_bytes());
         }
         let text = String::from_utf8_lossy(&body).replace(['\r', '\n', '\0'], "x");
-        for (ct, ce) in [("application/json", ""), ("application/x-www-form-urlencoded", ""), ("text/plain", "gzip"), ("", "deflate")] {
+        for (ct, ce) in
+            [("application/json", ""), ("application/x-www-form-urlencoded", ""), ("text/plain", "gzip"), ("", "deflate")]
+        {
             let mut extra = vec![("content-type", ct), ("x-h", text.as_str()), ("authorization", text.as_str())];
             if !ce.is_empty() {
                 extra.push(("content-encoding", ce));
@@ -522,7 +541,9 @@ fn detection_holds_with_and_without_lengths() {
         (json_h.clone(), deep_b64.into_bytes(), "body json $.a.b[0].c (base64)"),
         (gzip_h, gz, "body json $.push.key (gzip)"),
     ];
-    for (name, p) in [("lengths", policy()), ("fingerprints only", fingerprints_only_policy()), ("no lengths", policy_without_lengths())] {
+    for (name, p) in
+        [("lengths", policy()), ("fingerprints only", fingerprints_only_policy()), ("no lengths", policy_without_lengths())]
+    {
         assert_eq!(p.detector.lengths_known(), name != "no lengths");
         for (headers, body, location) in &cases {
             let (label, got) = credential(run(&p, headers, body));
@@ -539,12 +560,16 @@ fn a_token_of_the_same_length_that_is_not_the_key_passes() {
     let json_h = req("POST", "/v1/push", &[("content-type", "application/json")]);
     for p in [policy(), fingerprints_only_policy()] {
         let body = format!(r#"{{"push":{{"key":"{other}","k2":"{}"}}}}"#, b64(other.as_bytes()));
-        let h = req("POST", &format!("/v1/push?key={}", url_encoded(&other)), &[
-            ("content-type", "application/json"),
-            ("authorization", &format!("Bearer {other}")),
-            ("x-apns-key", &b64(other.as_bytes())),
-            ("x-other", &other),
-        ]);
+        let h = req(
+            "POST",
+            &format!("/v1/push?key={}", url_encoded(&other)),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {other}")),
+                ("x-apns-key", &b64(other.as_bytes())),
+                ("x-other", &other),
+            ],
+        );
         assert_eq!(run(&p, &h, body.as_bytes()), Ok(BodyOutcome::Clean));
         assert_eq!(run(&p, &json_h, format!(r#"["{other}"]"#).as_bytes()), Ok(BodyOutcome::Clean));
     }
@@ -563,7 +588,10 @@ fn a_short_credential_is_found_as_a_whole_value() {
     assert_eq!(p.detector.shortest_match(), short.len());
     assert_eq!(credential(run(&p, &req("GET", "/", &[("x-pin", short)]), b"")).1, "header x-pin");
     let basic = format!("Basic {}", b64(format!("u:{short}").as_bytes()));
-    assert_eq!(credential(run(&p, &req("GET", "/", &[("authorization", &basic)]), b"")).1, "header authorization (basic password)");
+    assert_eq!(
+        credential(run(&p, &req("GET", "/", &[("authorization", &basic)]), b"")).1,
+        "header authorization (basic password)"
+    );
     assert_eq!(run(&p, &req("GET", "/", &[("x-pin", "Zq7!x3")]), b""), Ok(BodyOutcome::Clean));
 }
 
@@ -573,11 +601,15 @@ fn a_short_credential_is_found_as_a_whole_value() {
 #[test]
 fn every_header_is_inspected_none_skipped() {
     let p = policy();
-    for name in ["signature", "signature-input", "content-digest", "idempotency-key", "x-signature", "digest", "X-Push-Key", "te", "via"] {
+    for name in
+        ["signature", "signature-input", "content-digest", "idempotency-key", "x-signature", "digest", "X-Push-Key", "te", "via"]
+    {
         let h = req("POST", "/", &[(name, PROD)]);
         assert_eq!(credential(run(&p, &h, b"")).1, format!("header {}", name.to_ascii_lowercase()), "{name}");
         match check_trailers(&p, &[(name.to_string(), PROD.to_string())]) {
-            Err(GuardError::Credential { location, .. }) => assert_eq!(location, format!("trailer {}", name.to_ascii_lowercase())),
+            Err(GuardError::Credential { location, .. }) => {
+                assert_eq!(location, format!("trailer {}", name.to_ascii_lowercase()))
+            }
             other => panic!("{name}: {other:?}"),
         }
     }
@@ -595,12 +627,19 @@ fn every_header_is_inspected_none_skipped() {
     let h = vec![(":path".to_string(), "/".to_string()), ("host".to_string(), format!("{PROD}.uat.example.com:8080"))];
     assert_eq!(credential(run(&p, &h, b"")).1, "header host");
     // A realistic signed request (RFC 9421 + RFC 9530 + idempotency key) is clean.
-    let h = req("POST", "/v1/transfers", &[
-        ("signature-input", r#"sig1=("@method" "@path" "content-digest");created=1767000000;keyid="client-a";nonce="b3k2pQ9xZ7Lm""#),
-        ("signature", "sig1=:dGhpcyBpcyBub3QgYSByZWFsIG1hYyBidXQgMzIgYnl0ZXM=:"),
-        ("content-digest", "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"),
-        ("idempotency-key", "3f1c9a52-7b0e-4d8a-9c61-2e5f0b7d4a19"),
-    ]);
+    let h = req(
+        "POST",
+        "/v1/transfers",
+        &[
+            (
+                "signature-input",
+                r#"sig1=("@method" "@path" "content-digest");created=1767000000;keyid="client-a";nonce="b3k2pQ9xZ7Lm""#,
+            ),
+            ("signature", "sig1=:dGhpcyBpcyBub3QgYSByZWFsIG1hYyBidXQgMzIgYnl0ZXM=:"),
+            ("content-digest", "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"),
+            ("idempotency-key", "3f1c9a52-7b0e-4d8a-9c61-2e5f0b7d4a19"),
+        ],
+    );
     assert_eq!(run(&p, &h, b""), Ok(BodyOutcome::Clean));
     // :path (query) and :authority are still checked.
     assert_eq!(credential(run(&p, &req("GET", &format!("/?k={PROD}"), &[]), b"")).1, "query param k");
@@ -613,7 +652,9 @@ fn every_header_is_inspected_none_skipped() {
 fn length_and_regex_configuration_errors_are_named() {
     let fp = fingerprint(PROD.as_bytes());
     let cred = |length: &str| {
-        format!(r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{fp}","length":{length}}}]}}"#)
+        format!(
+            r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{fp}","length":{length}}}]}}"#
+        )
     };
     for length in ["0", "65537"] {
         let err = GuardPolicy::from_json(cred(length).as_bytes()).unwrap_err();
@@ -694,13 +735,14 @@ fn lengths_change_the_cost_never_the_verdict() {
             text.insert_str(at, plant);
         }
         let header_value = text.replace('\n', " ");
-        for (ct, scheme) in [("application/json", "Bearer "), ("application/x-www-form-urlencoded", "Basic "), ("text/plain", "")] {
+        for (ct, scheme) in [("application/json", "Bearer "), ("application/x-www-form-urlencoded", "Basic "), ("text/plain", "")]
+        {
             let auth = format!("{scheme}{header_value}");
-            let h = req("POST", &format!("/v1/x?q={}", text.replace([' ', '\n', '#'], "+")), &[
-                ("content-type", ct),
-                ("x-h", &header_value),
-                ("authorization", &auth),
-            ]);
+            let h = req(
+                "POST",
+                &format!("/v1/x?q={}", text.replace([' ', '\n', '#'], "+")),
+                &[("content-type", ct), ("x-h", &header_value), ("authorization", &auth)],
+            );
             let body = format!(r#"{{"k":{}}}"#, serde_json::json!(text));
             let a = run(&with, &h, body.as_bytes());
             assert_eq!(a, run(&without, &h, body.as_bytes()), "{text:?}");
@@ -745,17 +787,40 @@ fn wrap(secret: &str, layers: &str) -> String {
 
 fn json_body(value: &str) -> (Vec<(String, String)>, Vec<u8>) {
     let h = req("POST", "/v1/transfers", &[("content-type", "application/json")]);
-    (h, serde_json::json!({ "from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": value }).to_string().into_bytes())
+    (
+        h,
+        serde_json::json!({ "from": "acc-alice", "to": "acc-bob", "amount": 1, "reference": value })
+            .to_string()
+            .into_bytes(),
+    )
 }
 
 #[test]
 fn three_to_six_nested_layers_of_mixed_encodings_are_detected() {
     let p = policy();
     for layers in [
-        "bbb", "pbb", "bpb", "bbp", "jpbj", "bjpb", "pjb", "gb", // 3 (j is not a layer; g is gzip + base64)
-        "bbbb", "pbpb", "pjbjbb", "bpbp", "gbb", "bgb", // 4
-        "bbbbb", "pbbbb", "bjbjbjpbp", "bbgb", // 5
-        "bbbbbb", "pbpbpb", "bgbpb", "bbgbb", // 6 = MAX_DEPTH
+        "bbb",
+        "pbb",
+        "bpb",
+        "bbp",
+        "jpbj",
+        "bjpb",
+        "pjb",
+        "gb", // 3 (j is not a layer; g is gzip + base64)
+        "bbbb",
+        "pbpb",
+        "pjbjbb",
+        "bpbp",
+        "gbb",
+        "bgb", // 4
+        "bbbbb",
+        "pbbbb",
+        "bjbjbjpbp",
+        "bbgb", // 5
+        "bbbbbb",
+        "pbpbpb",
+        "bgbpb",
+        "bbgbb", // 6 = MAX_DEPTH
     ] {
         let value = wrap(PROD, layers);
         // In a JSON body, in a header, in a query parameter, in a text body.
@@ -788,7 +853,10 @@ fn deeper_than_the_bound_is_refused_with_its_own_code() {
         let value = wrap(PROD, layers);
         let (h, body) = json_body(&value);
         let location = too_deep(run(&p, &h, &body));
-        assert!(location.starts_with("body json $.reference (base64") || location.starts_with("body json $.reference (url-encoded"), "{location}");
+        assert!(
+            location.starts_with("body json $.reference (base64") || location.starts_with("body json $.reference (url-encoded"),
+            "{location}"
+        );
         let err = run(&p, &h, &body).unwrap_err();
         let r = err.rejection("uat");
         assert_eq!((r.status, r.code), (422, CODE_TOO_DEEP), "{layers}");
@@ -834,17 +902,24 @@ fn realistic_payment_bodies_and_deep_looking_noise_pass() {
         "nested": {"memo": b64(b64(b64(b"a memo encoded three times").as_bytes()).as_bytes()), "tags": ["QUJDREVGR0hJSktMTU5PUA", "%E2%82%AC100", "ZZZZZZZZZZZZZZZZZZZZ"]},
         "deep_looking": ["QUFBQUFBQUFBQUFB!!!==", "%%%%%2525zz%2", "H4sIAAAAAAAA/wXBMQ0AAAgDsFv", "eJzLSM3JyVcozy_KSVEEAA", "Base64Base64Base64Base64=="],
     });
-    let h = req("POST", "/v1/transfers", &[
-        ("content-type", "application/json"),
-        ("authorization", &format!("Bearer {TEST_KEY}")),
-        ("cookie", "session=eyJ1c2VyIjoiYWxpY2UifQ%3D%3D; theme=dark; _ga=GA1.2.123456789.1767000000"),
-        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"),
-        ("accept", "application/json, text/plain;q=0.9, */*;q=0.8"),
-        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-    ]);
+    let h = req(
+        "POST",
+        "/v1/transfers",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {TEST_KEY}")),
+            ("cookie", "session=eyJ1c2VyIjoiYWxpY2UifQ%3D%3D; theme=dark; _ga=GA1.2.123456789.1767000000"),
+            ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36"),
+            ("accept", "application/json, text/plain;q=0.9, */*;q=0.8"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ],
+    );
     assert_eq!(run(&p, &h, body.to_string().as_bytes()), Ok(BodyOutcome::Clean));
     let form = req("POST", "/v1/transfers", &[("content-type", "application/x-www-form-urlencoded")]);
-    assert_eq!(run(&p, &form, b"from=acc-alice&to=acc-bob&amount=12.50&reference=Rent+March%2C+flat+3&next=%252Fhome"), Ok(BodyOutcome::Clean));
+    assert_eq!(
+        run(&p, &form, b"from=acc-alice&to=acc-bob&amount=12.50&reference=Rent+March%2C+flat+3&next=%252Fhome"),
+        Ok(BodyOutcome::Clean)
+    );
 }
 
 #[test]
@@ -901,7 +976,12 @@ fn qp_prod(eol: &str) -> String {
 fn b64_json_wrapped(eol: &str) -> String {
     let json = format!(r#"{{"push":{{"alert":"hhhhh, a note long enough","key":"{PROD}"}}}}"#);
     let encoded = b64(json.as_bytes());
-    encoded.as_bytes().chunks(76).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect::<Vec<_>>().join(eol)
+    encoded
+        .as_bytes()
+        .chunks(76)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect::<Vec<_>>()
+        .join(eol)
 }
 
 #[test]
@@ -936,8 +1016,17 @@ fn multipart_parts_are_decoded_by_their_transfer_encoding() {
 fn multipart_nested_and_malformed() {
     let p = policy();
     // multipart/mixed inside a part, its part in base64, gzip inside.
-    let inner = String::from_utf8(multipart("inner", "\r\n", &[("Content-Type: text/plain\r\nContent-Transfer-Encoding: base64", &b64(format!("push key {PROD} here").as_bytes()))])).unwrap();
-    let outer = multipart("outer", "\r\n", &[("Content-Disposition: form-data; name=\"a\"", "x"), ("Content-Type: multipart/mixed; boundary=inner", &inner)]);
+    let inner = String::from_utf8(multipart(
+        "inner",
+        "\r\n",
+        &[("Content-Type: text/plain\r\nContent-Transfer-Encoding: base64", &b64(format!("push key {PROD} here").as_bytes()))],
+    ))
+    .unwrap();
+    let outer = multipart(
+        "outer",
+        "\r\n",
+        &[("Content-Disposition: form-data; name=\"a\"", "x"), ("Content-Type: multipart/mixed; boundary=inner", &inner)],
+    );
     assert_eq!(credential(run(&p, &mp_headers("outer"), &outer)).1, "body part 2.1 text (base64)");
     // A part header carrying the key, and the key in the preamble.
     let body = multipart("b", "\n", &[(&format!("Content-Disposition: form-data; name=\"a\"\nX-Key: {PROD}"), "x")]);
@@ -948,7 +1037,12 @@ fn multipart_nested_and_malformed() {
     // Too many nested multiparts: refused as too deep.
     let mut body = "the innermost part".to_string();
     for level in 0..8 {
-        body = String::from_utf8(multipart(&format!("b{level}"), "\r\n", &[(&format!("Content-Type: multipart/mixed; boundary=b{}", level.max(1) - 1), &body)])).unwrap();
+        body = String::from_utf8(multipart(
+            &format!("b{level}"),
+            "\r\n",
+            &[(&format!("Content-Type: multipart/mixed; boundary=b{}", level.max(1) - 1), &body)],
+        ))
+        .unwrap();
     }
     let body = multipart("top", "\r\n", &[("Content-Type: multipart/mixed; boundary=b7", &body)]);
     assert_eq!(run(&p, &mp_headers("top"), &body).unwrap_err().code(), CODE_TOO_DEEP);
@@ -984,7 +1078,11 @@ fn credentials_in_every_header_kind() {
         ("proxy-authorization", format!("Bearer {PROD}"), "header proxy-authorization (bearer)"),
         ("authorization", format!("ApiKey {PROD}"), "header authorization"),
         ("x-custom-token", PROD.to_string(), "header x-custom-token"),
-        ("x-forwarded-client-cert", format!("By=spiffe://uat/a;Hash={};Subject=\"CN=x\"", b64(PROD.as_bytes())), "header x-forwarded-client-cert (base64)"),
+        (
+            "x-forwarded-client-cert",
+            format!("By=spiffe://uat/a;Hash={};Subject=\"CN=x\"", b64(PROD.as_bytes())),
+            "header x-forwarded-client-cert (base64)",
+        ),
         ("idempotency-key", PROD.to_string(), "header idempotency-key"),
         ("signature", format!("sig1=:{}:", b64(PROD.as_bytes())), "header signature (base64)"),
     ];

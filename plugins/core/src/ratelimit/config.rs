@@ -5,8 +5,8 @@ use std::num::{NonZeroU16, NonZeroU32};
 use serde::Deserialize;
 
 use super::gcra::Quota;
-use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::remote::Backend;
+use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::store::{BucketTable, SharedStore};
 use crate::ConfigError;
 
@@ -189,9 +189,7 @@ pub struct RateLimitPolicy {
 
 /// Names of instances and rules: they appear in stats, table keys and quoted header strings.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 const NAME_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 - _";
@@ -213,7 +211,9 @@ impl RateLimitPolicy {
 
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_json::from_slice(json).map_err(ConfigError::from_json)?;
-        let name = raw.name.ok_or_else(|| ConfigError::new("name", "required: names this instance's table and stats"))?;
+        let name = raw
+            .name
+            .ok_or_else(|| ConfigError::new("name", "required: names this instance's table and stats"))?;
         if !valid_name(&name) {
             return Err(ConfigError::new("name", NAME_RULE));
         }
@@ -260,16 +260,14 @@ impl RateLimitPolicy {
                 return Err(ConfigError::new("reconcile", "only meaningful with the redis backend (`state`)"))
             }
             (Some(r), Backend::Redis(_)) => {
-                let lease_tokens = r
-                    .lease_tokens
-                    .and_then(NonZeroU32::new)
-                    .filter(|t| t.get() <= MAX_LEASE_TOKENS)
-                    .ok_or_else(|| ConfigError::new("reconcile.lease_tokens", format!("required, between 1 and {MAX_LEASE_TOKENS}")))?;
-                let lease_ms = r
-                    .lease_ms
-                    .and_then(NonZeroU32::new)
-                    .filter(|t| t.get() <= MAX_LEASE_MS)
-                    .ok_or_else(|| ConfigError::new("reconcile.lease_ms", format!("required, between 1 and {MAX_LEASE_MS}")))?;
+                let lease_tokens =
+                    r.lease_tokens.and_then(NonZeroU32::new).filter(|t| t.get() <= MAX_LEASE_TOKENS).ok_or_else(|| {
+                        ConfigError::new("reconcile.lease_tokens", format!("required, between 1 and {MAX_LEASE_TOKENS}"))
+                    })?;
+                let lease_ms =
+                    r.lease_ms.and_then(NonZeroU32::new).filter(|t| t.get() <= MAX_LEASE_MS).ok_or_else(|| {
+                        ConfigError::new("reconcile.lease_ms", format!("required, between 1 and {MAX_LEASE_MS}"))
+                    })?;
                 Some(Reconcile { lease_tokens, lease_ms })
             }
         };

@@ -27,8 +27,14 @@ pub mod redis;
 pub const CODES: &[crate::Code] = {
     use crate::Code::*;
     &[
-        PathNotCanonical, RateLimited, RateLimitUnauthenticated, RateLimitStoreFull, RateLimitUnavailable,
-        RequestHeadersInvalid, RateLimitClientUnknown, StateUnavailable,
+        PathNotCanonical,
+        RateLimited,
+        RateLimitUnauthenticated,
+        RateLimitStoreFull,
+        RateLimitUnavailable,
+        RequestHeadersInvalid,
+        RateLimitClientUnknown,
+        StateUnavailable,
     ]
 };
 
@@ -141,13 +147,27 @@ impl RuleError {
 /// Something the plugin counts (`rule.<rule>.<what>`) and, except `Allowed`, logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Allowed { rule: String },
+    Allowed {
+        rule: String,
+    },
     /// The rule refused the request (the request is rejected).
-    Limited { rule: String, key: String, retry_after_ms: u64 },
+    Limited {
+        rule: String,
+        key: String,
+        retry_after_ms: u64,
+    },
     /// A report-only rule would have refused it.
-    WouldLimit { rule: String, key: String, retry_after_ms: u64 },
+    WouldLimit {
+        rule: String,
+        key: String,
+        retry_after_ms: u64,
+    },
     /// The rule could not be evaluated; `blocked` says whether that refused the request.
-    Error { rule: String, error: RuleError, blocked: bool },
+    Error {
+        rule: String,
+        error: RuleError,
+        blocked: bool,
+    },
 }
 
 /// The decision for one request.

@@ -172,10 +172,7 @@ pub fn decide(
         .collect();
     let items: Vec<(&Rule, Outcome)> = enforced.iter().map(|(rule, _, o)| (*rule, *o)).collect();
     // The most restrictive refusal: the one that lasts longest.
-    let refusal = enforced
-        .iter()
-        .filter(|(_, _, o)| !o.allowed)
-        .max_by_key(|(_, _, o)| o.retry_after_ms);
+    let refusal = enforced.iter().filter(|(_, _, o)| !o.allowed).max_by_key(|(_, _, o)| o.retry_after_ms);
     if let Some((rule, key, o)) = refusal {
         return limited(rule, key, o, &items, events);
     }
@@ -183,11 +180,7 @@ pub fn decide(
         if !report_only || grant.taken > 0 {
             events.push(Event::Allowed { rule: rule.name.clone() });
         } else {
-            events.push(Event::WouldLimit {
-                rule: rule.name.clone(),
-                key: key.clone(),
-                retry_after_ms: grant.retry_after_ms,
-            });
+            events.push(Event::WouldLimit { rule: rule.name.clone(), key: key.clone(), retry_after_ms: grant.retry_after_ms });
         }
     }
     let response_headers = if policy.response_headers { ratelimit_headers(&items) } else { Vec::new() };
@@ -309,17 +302,38 @@ mod tests {
         let p = policy(&[rule("r", 1, 60, 5, "")], r#","reconcile":{"lease_tokens":4,"lease_ms":500}"#);
         assert_eq!(redis(&p).cluster, "bridge");
         assert_eq!(p.reconcile.map(|r| (r.lease_tokens.get(), r.lease_ms.get())), Some((4, 500)));
-        let local = RateLimitPolicy::from_json(format!(r#"{{"name":"p","rules":[{}]}}"#, rule("r", 1, 60, 5, "")).as_bytes()).unwrap();
+        let local =
+            RateLimitPolicy::from_json(format!(r#"{{"name":"p","rules":[{}]}}"#, rule("r", 1, 60, 5, "")).as_bytes()).unwrap();
         assert_eq!((local.state, local.reconcile), (Backend::Local, None));
         let r = rule("r", 1, 60, 5, "");
         for (json, field) in [
             (format!(r#"{{"name":"p","rules":[{r}],"reconcile":{{"lease_tokens":4,"lease_ms":500}}}}"#), "reconcile"),
             (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis"}}}}"#), "state.cluster"),
             (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"etcd"}}}}"#), "state.backend"),
-            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":0,"lease_ms":500}}}}"#), "reconcile.lease_tokens"),
-            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":10001,"lease_ms":500}}}}"#), "reconcile.lease_tokens"),
-            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3}}}}"#), "reconcile.lease_ms"),
-            (format!(r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3,"lease_ms":60001}}}}"#), "reconcile.lease_ms"),
+            (
+                format!(
+                    r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":0,"lease_ms":500}}}}"#
+                ),
+                "reconcile.lease_tokens",
+            ),
+            (
+                format!(
+                    r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":10001,"lease_ms":500}}}}"#
+                ),
+                "reconcile.lease_tokens",
+            ),
+            (
+                format!(
+                    r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3}}}}"#
+                ),
+                "reconcile.lease_ms",
+            ),
+            (
+                format!(
+                    r#"{{"name":"p","rules":[{r}],"state":{{"backend":"redis","cluster":"c"}},"reconcile":{{"lease_tokens":3,"lease_ms":60001}}}}"#
+                ),
+                "reconcile.lease_ms",
+            ),
         ] {
             assert_eq!(RateLimitPolicy::from_json(json.as_bytes()).unwrap_err().field, field, "{json}");
         }
@@ -339,7 +353,8 @@ mod tests {
 
     #[test]
     fn one_command_carries_every_key_enforced_first() {
-        let p = policy(&[rule("shadow", 1, 60, 5, r#","report_only":true"#), rule("a", 1, 60, 5, ""), rule("b", 2, 1, 3, "")], "");
+        let p =
+            policy(&[rule("shadow", 1, 60, 5, r#","report_only":true"#), rule("a", 1, 60, 5, ""), rule("b", 2, 1, 3, "")], "");
         let plan = plan_for(&p, "alice");
         assert_eq!(plan.rules.iter().map(|r| r.report_only).collect::<Vec<_>>(), [false, false, true]);
         let cmd = String::from_utf8(command(&p, &plan, &redis(&p), 1)).unwrap();
@@ -366,7 +381,11 @@ mod tests {
         assert!(parse_grants(&ints(&[1, 4, 12000, 0]), 2).is_err(), "one key short");
         assert!(parse_grants(&ints(&[1, 4, 12000, 0, 1]), 1).is_err());
         assert!(parse_grants(&ints(&[1, -4, 12000, 0]), 1).is_err());
-        assert!(parse_grants(&Reply::Array(vec![Reply::Integer(1), Reply::Text("4".into()), Reply::Integer(1), Reply::Integer(0)]), 1).is_err());
+        assert!(parse_grants(
+            &Reply::Array(vec![Reply::Integer(1), Reply::Text("4".into()), Reply::Integer(1), Reply::Integer(0)]),
+            1
+        )
+        .is_err());
         assert!(parse_grants(&Reply::Nil, 1).is_err());
         assert!(parse_grants(&Reply::Integer(1), 1).is_err());
     }
@@ -375,7 +394,8 @@ mod tests {
     fn the_redis_backend_decides_like_the_local_one() {
         // Same rules, same request sequence: the local backend and the script agree on every
         // admission, refusal and header (the clock is whole seconds, so rounding cannot differ).
-        let rules = [rule("narrow", 1, 10, 2, ""), rule("wide", 1, 10, 5, ""), rule("shadow", 1, 10, 3, r#","report_only":true"#)];
+        let rules =
+            [rule("narrow", 1, 10, 2, ""), rule("wide", 1, 10, 5, ""), rule("shadow", 1, 10, 3, r#","report_only":true"#)];
         let remote_p = policy(&rules, r#","response_headers":true"#);
         let local_p = RateLimitPolicy::from_json(
             format!(r#"{{"name":"p","response_headers":true,"rules":[{}]}}"#, rules.join(",")).as_bytes(),
@@ -421,7 +441,12 @@ mod tests {
             ]
         );
         // A reply that does not fit the plan is no answer either.
-        let d = decide(&p, plan_for(&p, "alice"), Ok(vec![Grant { taken: 1, remaining: 0, reset_ms: 0, retry_after_ms: 0 }]), FailureMode::Closed);
+        let d = decide(
+            &p,
+            plan_for(&p, "alice"),
+            Ok(vec![Grant { taken: 1, remaining: 0, reset_ms: 0, retry_after_ms: 0 }]),
+            FailureMode::Closed,
+        );
         assert_eq!(d.rejection.map(|r| r.code), Some("state_unavailable"));
         // The state's failure_mode: open passes every rule, with the events to count and log.
         let d = decide(&p, plan_for(&p, "alice"), down(), FailureMode::Open);
@@ -517,7 +542,9 @@ mod tests {
         let lease = |now| p.lease_table.get(&store, hash, now).unwrap().and_then(|(b, _, _)| Lease::decode(&b));
         assert_eq!(lease(T0).map(|l| l.tokens), Some(4));
         for _ in 0..4 {
-            assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1), LeaseStep::Decided(d) if d.rejection.is_none()));
+            assert!(
+                matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1), LeaseStep::Decided(d) if d.rejection.is_none())
+            );
         }
         assert_eq!(lease(T0 + 1), None, "spent: the next request asks Redis, it is not refused");
         assert!(matches!(spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 1), LeaseStep::Remote(_)));
@@ -535,7 +562,9 @@ mod tests {
         let refused = Grant { taken: 0, remaining: 0, reset_ms: 90_000, retry_after_ms: 30_000 };
         let seen = store_leases(&p, &store, &plan, &[refused], 1000, T0);
         assert!(decide(&p, plan.clone(), Ok(seen), FailureMode::Closed).rejection.is_some());
-        let LeaseStep::Decided(d) = spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 10_000) else { panic!("refused locally") };
+        let LeaseStep::Decided(d) = spend_leases(&p, &store, plan_for(&p, "alice"), T0 + 10_000) else {
+            panic!("refused locally")
+        };
         let r = d.rejection.expect("refused");
         assert_eq!((r.status, r.code), (429, "rate_limited"));
         assert!(r.headers.contains(&("retry-after".to_string(), "20".to_string())), "{:?}", r.headers);
@@ -557,7 +586,11 @@ mod tests {
         let store = MemoryStore::default();
         let plan = plan_for(&p, "alice");
         p.lease_table
-            .update(&store, plan.rules[0].hash, T0, |_| Update::Write { payload: vec![1, 2, 3], expires_at_ms: T0 + 500, result: () })
+            .update(&store, plan.rules[0].hash, T0, |_| Update::Write {
+                payload: vec![1, 2, 3],
+                expires_at_ms: T0 + 500,
+                result: (),
+            })
             .unwrap();
         assert!(matches!(spend_leases(&p, &store, plan, T0), LeaseStep::Remote(_)), "Redis decides");
     }

@@ -54,7 +54,9 @@ fn burst_then_throttle_with_the_documented_429() {
     assert_eq!(header("ratelimit"), Some("\"per-ip\";r=0;t=30"));
     let body: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
     assert_eq!(body["error"], "rate_limited");
-    assert!(matches!(&d.events[..], [Event::Limited { rule, key, retry_after_ms: 9999 }] if rule == "per-ip" && key == "ip=10.0.0.1/32"));
+    assert!(
+        matches!(&d.events[..], [Event::Limited { rule, key, retry_after_ms: 9999 }] if rule == "per-ip" && key == "ip=10.0.0.1/32")
+    );
 }
 
 #[test]
@@ -148,11 +150,7 @@ fn ipv4_clients_are_separate_by_default() {
 
 #[test]
 fn the_most_restrictive_rule_decides_and_a_refusal_costs_nothing_elsewhere() {
-    let p = instance(
-        "edge",
-        &[rule("loose", "ip", 100, 60, 100, ""), rule("strict", "user", 1, 60, 2, "")],
-        "",
-    );
+    let p = instance("edge", &[rule("loose", "ip", 100, 60, 100, ""), rule("strict", "user", 1, 60, 2, "")], "");
     let store = MemoryStore::default();
     let alice = facts("10.0.0.1:1", Some("alice"));
     assert_eq!(count_admitted(&p, &store, &alice, T0, 10), 2);
@@ -189,11 +187,8 @@ fn report_only_rules_count_but_never_block() {
 
 #[test]
 fn report_only_rules_are_not_charged_for_requests_an_enforced_rule_refuses() {
-    let p = instance(
-        "edge",
-        &[rule("trial", "ip", 1, 60, 5, r#","report_only":true"#), rule("enforced", "ip", 1, 60, 1, "")],
-        "",
-    );
+    let p =
+        instance("edge", &[rule("trial", "ip", 1, 60, 5, r#","report_only":true"#), rule("enforced", "ip", 1, 60, 1, "")], "");
     let store = MemoryStore::default();
     let f = facts("10.0.0.1:1", None);
     assert_eq!(count_admitted(&p, &store, &f, T0, 10), 1);
@@ -282,7 +277,8 @@ fn a_full_table_fails_closed_and_reuses_slots_once_keys_are_refilled() {
     assert!(admitted(&p, &store, &facts("10.0.0.3:1", None), T0 + 10_000));
     assert_eq!(p.table.live_records(&store, T0 + 10_000), Ok(1));
 
-    let open = instance("o", &[rule("r", "ip", 1, 10, 1, r#","fail_open":true"#)], r#","table":{"buckets":1,"slots_per_bucket":1}"#);
+    let open =
+        instance("o", &[rule("r", "ip", 1, 10, 1, r#","fail_open":true"#)], r#","table":{"buckets":1,"slots_per_bucket":1}"#);
     assert!(admitted(&open, &store, &facts("10.0.0.1:1", None), T0));
     let d = check(&open, &store, &facts("10.0.0.2:1", None), T0);
     assert!(d.rejection.is_none());

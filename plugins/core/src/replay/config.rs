@@ -4,9 +4,9 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 
 use serde::Deserialize;
 
+use crate::quota::{self, TenantQuota};
 use crate::remote::{Backend, FailureMode};
 use crate::route::{RouteConfig, RouteMatch};
-use crate::quota::{self, TenantQuota};
 use crate::store::{BucketTable, SharedStore};
 use crate::ConfigError;
 
@@ -244,7 +244,13 @@ impl ReplayPolicy {
             }
             if matches!(
                 lower.as_str(),
-                "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te" | "trailer"
+                "content-length"
+                    | "transfer-encoding"
+                    | "connection"
+                    | "keep-alive"
+                    | "upgrade"
+                    | "te"
+                    | "trailer"
                     | "proxy-connection"
             ) {
                 return Err(ConfigError::new(field, format!("`{lower}` is computed by Envoy and cannot be replayed")));
@@ -388,15 +394,10 @@ fn parse_route(raw: &RawRoute, field: &str) -> Result<ReplayRoute, ConfigError> 
     let on_uncertain = match raw.on_uncertain.as_str() {
         "lock" => OnUncertain::Lock,
         "release" => OnUncertain::Release,
-        other => {
-            return Err(ConfigError::new(format!("{field}.on_uncertain"), format!("`{other}` is not one of lock, release")))
-        }
+        other => return Err(ConfigError::new(format!("{field}.on_uncertain"), format!("`{other}` is not one of lock, release"))),
     };
     if raw.collapse_window_ms > MAX_COLLAPSE_WINDOW_MS {
-        return Err(ConfigError::new(
-            format!("{field}.collapse_window_ms"),
-            format!("must be at most {MAX_COLLAPSE_WINDOW_MS}"),
-        ));
+        return Err(ConfigError::new(format!("{field}.collapse_window_ms"), format!("must be at most {MAX_COLLAPSE_WINDOW_MS}")));
     }
     let collapse_window_ms = NonZeroU64::new(raw.collapse_window_ms);
     if key_mode == KeyMode::Ignored && collapse_window_ms.is_none() {

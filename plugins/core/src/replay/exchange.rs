@@ -35,7 +35,9 @@ pub enum ReplayError {
     InFlight,
     OutcomeUnknown,
     Duplicate,
-    NotStored { status: u16 },
+    NotStored {
+        status: u16,
+    },
     StoreFull,
     TenantQuotaExceeded,
     StateUnavailable,
@@ -177,7 +179,9 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
     if value.len() > max_len.saturating_mul(2).saturating_add(2) + 64 {
         return Err(ReplayError::KeyInvalid("is too long"));
     }
-    let item: Item = Parser::new(value).parse().map_err(|_| ReplayError::KeyInvalid("must be a structured-field string, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\""))?;
+    let item: Item = Parser::new(value).parse().map_err(|_| {
+        ReplayError::KeyInvalid("must be a structured-field string, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\"")
+    })?;
     let BareItem::String(key) = item.bare_item else {
         return Err(ReplayError::KeyInvalid("must be a structured-field string (in double quotes)"));
     };
@@ -302,13 +306,8 @@ impl Exchange {
         };
         let Some(route) = policy.routes.get(index) else { return Ok(None) };
         let principal = facts.principal.filter(|p| !p.is_empty());
-        let mut context = format!(
-            "route={} method={} path={:?} principal={}",
-            route.name,
-            facts.method,
-            path,
-            principal.unwrap_or("-")
-        );
+        let mut context =
+            format!("route={} method={} path={:?} principal={}", route.name, facts.method, path, principal.unwrap_or("-"));
         let fail = |error: ReplayError, context: &str| Err((error, context.to_string()));
         if route.require_principal && principal.is_none() {
             return fail(ReplayError::PrincipalRequired, &context);
@@ -416,7 +415,12 @@ impl Exchange {
     }
 
     /// [`Exchange::claim_request`] from the body's SHA-256 instead of the body.
-    pub fn claim_request_of_body_sha256(&self, policy: &ReplayPolicy, body_sha256: &[u8; 32], claim_id: u64) -> Option<ClaimRequest> {
+    pub fn claim_request_of_body_sha256(
+        &self,
+        policy: &ReplayPolicy,
+        body_sha256: &[u8; 32],
+        claim_id: u64,
+    ) -> Option<ClaimRequest> {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
         let tenant = tenant_of(&route.name, self.principal.as_deref());
@@ -494,7 +498,9 @@ impl Exchange {
         if self.owner.is_none() || self.capture.overflow {
             return 0;
         }
-        usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX).saturating_sub(self.capture.body.len())
+        usize::try_from(policy.max_stored_body_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(self.capture.body.len())
     }
 
     /// What the exchange proves, to write to the record; `None` when there is nothing to write

@@ -22,23 +22,39 @@ pub use config::{
     KEY_TABLE_PREFIX, RESPONSE_PREFIX,
 };
 pub use exchange::{
-    body_sha256, body_sha256_from_content_digest, classify, key_hash, operator_request, parse_clear, parse_idempotency_key, Classification, Decision, Exchange, ReplayError, RequestFacts,
-    IDEMPOTENCY_KEY_HEADER, ORIGINAL_STATUS_HEADER,
+    body_sha256, body_sha256_from_content_digest, classify, key_hash, operator_request, parse_clear, parse_idempotency_key,
+    Classification, Decision, Exchange, ReplayError, RequestFacts, IDEMPOTENCY_KEY_HEADER, ORIGINAL_STATUS_HEADER,
 };
 pub use record::{KeyState, Record, StoredBody, StoredResponse, MAX_RESPONSE_HEAD_LEN, RECORD_LEN};
 pub use state::{
-    decide_claim, decide_clear, decide_early, decide_finish, Answer, ClaimAnswer, ClearAnswer, ClaimRequest, ClaimVerdict, FinishAnswer, FinishRequest,
-    KeyPeek, LocalState, Outcome, Owner, ReplayState, StateError,
+    decide_claim, decide_clear, decide_early, decide_finish, Answer, ClaimAnswer, ClaimRequest, ClaimVerdict, ClearAnswer,
+    FinishAnswer, FinishRequest, KeyPeek, LocalState, Outcome, Owner, ReplayState, StateError,
 };
 
 /// Every rejection code replay-guard can send (its README's table lists exactly these).
 pub const CODES: &[crate::Code] = {
     use crate::Code::*;
     &[
-        PathNotCanonical, IdempotencyKeyMissing, IdempotencyKeyInvalid, IdempotencyKeyDuplicated, RequestHeadersInvalid,
-        PrincipalRequired, BodyTooLarge, IdempotencyKeyMismatch, RequestInFlight, OutcomeUnknown, DuplicateRequest,
-        ResponseNotStored, TenantQuotaExceeded, ReplayStoreFull, ReplayStateUnavailable, StateUnavailable,
-        OperatorForbidden, ClearRequestInvalid, KeyNotFound, KeyNotClearable,
+        PathNotCanonical,
+        IdempotencyKeyMissing,
+        IdempotencyKeyInvalid,
+        IdempotencyKeyDuplicated,
+        RequestHeadersInvalid,
+        PrincipalRequired,
+        BodyTooLarge,
+        IdempotencyKeyMismatch,
+        RequestInFlight,
+        OutcomeUnknown,
+        DuplicateRequest,
+        ResponseNotStored,
+        TenantQuotaExceeded,
+        ReplayStoreFull,
+        ReplayStateUnavailable,
+        StateUnavailable,
+        OperatorForbidden,
+        ClearRequestInvalid,
+        KeyNotFound,
+        KeyNotClearable,
     ]
 };
 

@@ -47,7 +47,8 @@ pub struct RemoteCommand {
 /// The largest callout answer worth reading: a record plus the largest stored response, base64,
 /// in webdis's JSON. A larger answer is not one this code wrote (fails closed).
 pub fn max_reply_bytes(policy: &ReplayPolicy) -> usize {
-    let value = RECORD_LEN + 1 + 8 + 2 + MAX_RESPONSE_HEAD_LEN + 4 + usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX);
+    let value =
+        RECORD_LEN + 1 + 8 + 2 + MAX_RESPONSE_HEAD_LEN + 4 + usize::try_from(policy.max_stored_body_bytes).unwrap_or(usize::MAX);
     // base64 is 4/3 of the bytes; the rest is room for JSON escapes (`\/`) and the reply's frame.
     value.saturating_mul(3) / 2 + 1024
 }
@@ -227,10 +228,9 @@ pub fn finish(policy: &ReplayPolicy, redis: &RedisConfig, request: &FinishReques
     let expected = remote::encode_value(&owner.record.encode());
     let command = match write {
         None => return FinishPlan::Done(answer),
-        Some(FinishWrite::Release) => RemoteCommand {
-            verb: "EVAL",
-            body: remote::eval_command(remote::COMPARE_AND_DELETE_SCRIPT, &key, &[&expected]),
-        },
+        Some(FinishWrite::Release) => {
+            RemoteCommand { verb: "EVAL", body: remote::eval_command(remote::COMPARE_AND_DELETE_SCRIPT, &key, &[&expected]) }
+        }
         Some(FinishWrite::Replace(record)) => {
             let mut value = record.encode();
             if let (KeyState::Completed { response: StoredBody::Stored(_), .. }, Some(bytes)) = (record.state, &companion) {
@@ -253,7 +253,12 @@ pub fn finish(policy: &ReplayPolicy, redis: &RedisConfig, request: &FinishReques
 }
 
 /// The answer to a finish command.
-pub fn finish_answer(command: &RemoteCommand, on_success: FinishAnswer, http_status: Option<u16>, body: &[u8]) -> Result<FinishAnswer, StateError> {
+pub fn finish_answer(
+    command: &RemoteCommand,
+    on_success: FinishAnswer,
+    http_status: Option<u16>,
+    body: &[u8],
+) -> Result<FinishAnswer, StateError> {
     let reply = parse(command, http_status, body)?;
     match remote::parse_compare_and_set(&reply) {
         Ok(true) => Ok(on_success),
@@ -305,7 +310,12 @@ pub fn clear_after_read(
 
 /// Step three: the compare-and-delete's answer. A record that changed between the read and the
 /// delete (its late answer landed, or it expired) is not cleared: the operator retries.
-pub fn clear_answer(command: &RemoteCommand, on_success: ClearAnswer, http_status: Option<u16>, body: &[u8]) -> Result<Option<ClearAnswer>, StateError> {
+pub fn clear_answer(
+    command: &RemoteCommand,
+    on_success: ClearAnswer,
+    http_status: Option<u16>,
+    body: &[u8],
+) -> Result<Option<ClearAnswer>, StateError> {
     let reply = parse(command, http_status, body)?;
     match remote::parse_compare_and_set(&reply) {
         Ok(true) => Ok(Some(on_success)),
@@ -321,8 +331,7 @@ mod tests {
 
     use super::*;
     use crate::remote::{
-        Backend, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT,
-        SET_NX_WITHIN_QUOTA_SCRIPT,
+        Backend, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT, SET_NX_WITHIN_QUOTA_SCRIPT,
     };
     use crate::replay::{Exchange, ReplayError, RequestFacts};
 
@@ -357,7 +366,13 @@ mod tests {
 
     impl FakeRedis {
         /// The quota part of the scripts: false at the limit (nothing written).
-        fn count(data: &mut HashMap<String, String>, ttl: &mut HashMap<String, u64>, quota: &str, limit: &str, window: &str) -> bool {
+        fn count(
+            data: &mut HashMap<String, String>,
+            ttl: &mut HashMap<String, u64>,
+            quota: &str,
+            limit: &str,
+            window: &str,
+        ) -> bool {
             let n: u64 = data.get(quota).map_or(0, |v| v.parse().unwrap());
             if n >= limit.parse().unwrap() {
                 return false;
@@ -389,7 +404,8 @@ mod tests {
                     }
                 }
                 ["EVAL", script, "2", key, quota, ttl, limit, window] if *script == SET_NX_WITHIN_QUOTA_SCRIPT => {
-                    let allowed = !data.contains_key(*key) && Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
+                    let allowed =
+                        !data.contains_key(*key) && Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
                     if data.contains_key(*key) {
                         serde_json::json!(0)
                     } else if !allowed {
@@ -432,14 +448,26 @@ mod tests {
         Exchange::begin(policy, &facts).unwrap().unwrap()
     }
 
-    fn claim_on(redis_: &FakeRedis, policy: &ReplayPolicy, e: &Exchange, body: &str, claim_id: u64, now: u64) -> Result<ClaimAnswer, StateError> {
+    fn claim_on(
+        redis_: &FakeRedis,
+        policy: &ReplayPolicy,
+        e: &Exchange,
+        body: &str,
+        claim_id: u64,
+        now: u64,
+    ) -> Result<ClaimAnswer, StateError> {
         let request = e.claim_request(policy, body.as_bytes(), claim_id).unwrap();
         let pending = claim(policy, &redis(), &request, now);
         let (status, reply) = redis_.run(&pending.command);
         pending.answer(policy, status, &reply)
     }
 
-    fn finish_on(redis_: &FakeRedis, policy: &ReplayPolicy, request: &FinishRequest, now: u64) -> Result<FinishAnswer, StateError> {
+    fn finish_on(
+        redis_: &FakeRedis,
+        policy: &ReplayPolicy,
+        request: &FinishRequest,
+        now: u64,
+    ) -> Result<FinishAnswer, StateError> {
         match finish(policy, &redis(), request, now) {
             FinishPlan::Done(answer) => Ok(answer),
             FinishPlan::Send { command, on_success } => {
@@ -461,7 +489,11 @@ mod tests {
             owner,
             outcome: Outcome::Completed {
                 status,
-                response: Some(StoredResponse { status, headers: vec![("content-type".into(), "application/json".into())], body: body.to_vec() }),
+                response: Some(StoredResponse {
+                    status,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: body.to_vec(),
+                }),
             },
         }
     }
@@ -588,10 +620,7 @@ mod tests {
         assert_eq!(r.data.borrow().len(), before, "nothing written");
         assert_eq!(ReplayError::from(StateError::QuotaExceeded).rejection().code, "tenant_quota_exceeded");
         // A retry of a held key is answered from its record (the count is not consulted).
-        assert_eq!(
-            claim_on(&r, &p, &exchange(&p, "/v1/payouts", Some("\"q1\"")), "{}", 4, 1_002),
-            Ok(ClaimAnswer::InFlight)
-        );
+        assert_eq!(claim_on(&r, &p, &exchange(&p, "/v1/payouts", Some("\"q1\"")), "{}", 4, 1_002), Ok(ClaimAnswer::InFlight));
         // Collapse: one record per window for alice; a duplicate stays a duplicate.
         let t = exchange(&p, "/v1/transfers", None);
         assert_eq!(claim_on(&r, &p, &t, "{}", 5, 1_000), Ok(ClaimAnswer::Forward { owner: None }));
@@ -600,7 +629,13 @@ mod tests {
         // Every key written has a TTL: records, markers and counts.
         let (data, ttl) = (r.data.borrow(), r.ttl.borrow());
         assert!(data.keys().all(|k| ttl.contains_key(k)), "{:?} / {:?}", data.keys().collect::<Vec<_>>(), ttl);
-        assert_eq!(ttl.iter().filter(|(k, _)| k.starts_with("t:replay:quota:key:")).map(|(_, t)| *t).collect::<Vec<_>>(), vec![60_000]);
+        assert_eq!(
+            ttl.iter()
+                .filter(|(k, _)| k.starts_with("t:replay:quota:key:"))
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>(),
+            vec![60_000]
+        );
     }
 
     #[test]
@@ -627,7 +662,12 @@ mod tests {
         let dup = claim(&p, &redis(), &exchange(&p, "/v1/transfers", None).claim_request(&p, b"{}", 1).unwrap(), 1_000);
         assert_eq!(dup.answer(&p, Some(200), br#"{"SET":7}"#), Err(StateError::Remote));
         let owner = owner_of(Ok(ClaimAnswer::Forward {
-            owner: Some(Owner { key: e.key_address(&p).unwrap(), claim_id: 1, slot: None, record: Record::in_flight([0; 32], 1, 1_000) }),
+            owner: Some(Owner {
+                key: e.key_address(&p).unwrap(),
+                claim_id: 1,
+                slot: None,
+                record: Record::in_flight([0; 32], 1, 1_000),
+            }),
         }));
         let FinishPlan::Send { command, on_success } = finish(&p, &redis(), &completed(owner, 201, b""), 1_100) else { panic!() };
         assert_eq!(finish_answer(&command, on_success, None, b""), Err(StateError::Remote));
@@ -683,7 +723,11 @@ mod tests {
             owner,
             outcome: Outcome::Completed {
                 status: 201,
-                response: Some(StoredResponse { status: 201, headers: vec![("location".into(), "x".repeat(2000))], body: vec![0xff; 64] }),
+                response: Some(StoredResponse {
+                    status: 201,
+                    headers: vec![("location".into(), "x".repeat(2000))],
+                    body: vec![0xff; 64],
+                }),
             },
         };
         finish_on(&r, &p, &big, 1_100).unwrap();

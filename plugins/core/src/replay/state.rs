@@ -108,7 +108,9 @@ pub struct FinishRequest {
 /// What happened to the record when its request finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishAnswer {
-    Completed { stored: bool },
+    Completed {
+        stored: bool,
+    },
     OutcomeUnknown,
     Released,
     /// The record is no longer this request's (it expired, and its slot may hold another key).
@@ -194,14 +196,10 @@ pub fn decide_claim(
         return (ClaimVerdict::Mismatch, None);
     }
     let verdict = match record.state {
-        KeyState::InFlight if now_ms.saturating_sub(record.claimed_at_ms) < in_flight_timeout_ms.get() => {
-            ClaimVerdict::InFlight
-        }
+        KeyState::InFlight if now_ms.saturating_sub(record.claimed_at_ms) < in_flight_timeout_ms.get() => ClaimVerdict::InFlight,
         KeyState::InFlight => ClaimVerdict::OutcomeUnknown { stale_in_flight: true },
         KeyState::OutcomeUnknown { .. } => ClaimVerdict::OutcomeUnknown { stale_in_flight: false },
-        KeyState::Completed { status, response } => {
-            ClaimVerdict::Completed { status, response, claim_id: record.claim_id }
-        }
+        KeyState::Completed { status, response } => ClaimVerdict::Completed { status, response, claim_id: record.claim_id },
     };
     (verdict, None)
 }
@@ -216,7 +214,12 @@ pub enum FinishWrite {
 
 /// Pure: only the owner of a record still in flight may finish it (a late answer from an owner
 /// that timed out still lands, and turns a provisional `outcome_unknown` into the truth).
-pub fn decide_finish(current: Option<&Record>, claim_id: u64, outcome: &Outcome, digest: Option<[u8; 32]>) -> (FinishAnswer, Option<FinishWrite>) {
+pub fn decide_finish(
+    current: Option<&Record>,
+    claim_id: u64,
+    outcome: &Outcome,
+    digest: Option<[u8; 32]>,
+) -> (FinishAnswer, Option<FinishWrite>) {
     let Some(record) = current.filter(|r| r.claim_id == claim_id && r.state == KeyState::InFlight) else {
         return (FinishAnswer::NotOwner, None);
     };
@@ -287,7 +290,12 @@ impl LocalState<'_> {
     /// The claim, its first attempt on the header-time read `peek` (if it is of this key): an
     /// absent key is then claimed with one shared-data write. Same answers as
     /// [`ReplayState::claim`] (the write is CAS-guarded; anything else is decided on a fresh read).
-    pub fn claim_after_peek(&self, request: &ClaimRequest, now_ms: u64, peek: Option<KeyPeek>) -> Result<ClaimAnswer, StateError> {
+    pub fn claim_after_peek(
+        &self,
+        request: &ClaimRequest,
+        now_ms: u64,
+        peek: Option<KeyPeek>,
+    ) -> Result<ClaimAnswer, StateError> {
         self.claim_now(request, now_ms, peek)
     }
 
@@ -301,10 +309,17 @@ impl LocalState<'_> {
                     return Ok(ClaimAnswer::Duplicate);
                 }
                 self.charge(&self.policy.collapse_quota, *tenant, now_ms)?;
-                let (first, _) = self.policy.collapse_table.update_from(self.store, *key, now_ms, Some(snapshot), |current| match current {
-                    Some(_) => Update::Keep(false),
-                    None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
-                })?;
+                let (first, _) =
+                    self.policy.collapse_table.update_from(
+                        self.store,
+                        *key,
+                        now_ms,
+                        Some(snapshot),
+                        |current| match current {
+                            Some(_) => Update::Keep(false),
+                            None => Update::Write { payload: Vec::new(), expires_at_ms, result: true },
+                        },
+                    )?;
                 Ok(if first { ClaimAnswer::Forward { owner: None } } else { ClaimAnswer::Duplicate })
             }
             ClaimRequest::Key { key, fingerprint, claim_id, tenant } => {
@@ -332,22 +347,18 @@ impl LocalState<'_> {
                     }
                 })?;
                 Ok(match verdict? {
-                    ClaimVerdict::Forward => {
-                        ClaimAnswer::Forward {
-                            owner: Some(Owner {
-                                key: *key,
-                                claim_id: *claim_id,
-                                slot: Some(slot),
-                                record: Record::in_flight(*fingerprint, *claim_id, now_ms),
-                            }),
-                        }
-                    }
+                    ClaimVerdict::Forward => ClaimAnswer::Forward {
+                        owner: Some(Owner {
+                            key: *key,
+                            claim_id: *claim_id,
+                            slot: Some(slot),
+                            record: Record::in_flight(*fingerprint, *claim_id, now_ms),
+                        }),
+                    },
                     ClaimVerdict::InFlight => ClaimAnswer::InFlight,
                     ClaimVerdict::OutcomeUnknown { stale_in_flight } => ClaimAnswer::OutcomeUnknown { stale_in_flight },
                     ClaimVerdict::Mismatch => ClaimAnswer::Mismatch,
-                    ClaimVerdict::Completed { status, response: StoredBody::NotStored, .. } => {
-                        ClaimAnswer::NotStored { status }
-                    }
+                    ClaimVerdict::Completed { status, response: StoredBody::NotStored, .. } => ClaimAnswer::NotStored { status },
                     ClaimVerdict::Completed { status, response: StoredBody::Stored(digest), claim_id } => {
                         let stored = match self.store.get(&self.companion_key(slot)) {
                             Ok(Some((bytes, _))) => StoredResponse::decode_for(&bytes, claim_id, &digest),
@@ -394,8 +405,7 @@ impl LocalState<'_> {
             let ours = match snapshot.live(owner.key, now_ms) {
                 Some((payload, _, address)) => {
                     address == slot
-                        && Record::decode(&payload)
-                            .is_some_and(|r| r.claim_id == owner.claim_id && r.state == KeyState::InFlight)
+                        && Record::decode(&payload).is_some_and(|r| r.claim_id == owner.claim_id && r.state == KeyState::InFlight)
                 }
                 None => false,
             };
@@ -417,7 +427,9 @@ impl LocalState<'_> {
                 (answer, Some(FinishWrite::Replace(new))) => {
                     Update::Write { payload: new.encode(), expires_at_ms, result: Ok(answer) }
                 }
-                (answer, Some(FinishWrite::Release)) => Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) },
+                (answer, Some(FinishWrite::Release)) => {
+                    Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) }
+                }
                 (answer, None) => Update::Keep(Ok(answer)),
             }
         })?;
@@ -447,7 +459,9 @@ impl ReplayState for LocalState<'_> {
                 Some(None) => return Update::Keep(Err(StateError::Unavailable)),
             };
             match decide_clear(record.as_ref(), now_ms, timeout) {
-                answer @ ClearAnswer::Cleared { .. } => Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) },
+                answer @ ClearAnswer::Cleared { .. } => {
+                    Update::Write { payload: Vec::new(), expires_at_ms: 0, result: Ok(answer) }
+                }
                 answer => Update::Keep(Ok(answer)),
             }
         });

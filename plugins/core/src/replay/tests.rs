@@ -46,7 +46,14 @@ impl<'a> Client<'a> {
         Client { policy, state, next_claim: Cell::new(1) }
     }
 
-    fn send(&self, path: &str, key: Option<&str>, principal: Option<&str>, body: &str, now: u64) -> (Result<Decision, ReplayError>, Option<Exchange>) {
+    fn send(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        principal: Option<&str>,
+        body: &str,
+        now: u64,
+    ) -> (Result<Decision, ReplayError>, Option<Exchange>) {
         let h = headers(key);
         let facts = RequestFacts { method: "POST", path_and_query: path, headers: &h, principal };
         let mut exchange = match Exchange::begin(self.policy, &facts) {
@@ -115,7 +122,10 @@ fn the_state_backend_is_local_by_default_and_redis_when_configured() {
     assert_eq!(policy().state, crate::remote::Backend::Local);
     let p = policy_with(r#""state": {"backend": "redis", "cluster": "redis_bridge", "timeout_ms": 100, "key_prefix": "fb"}"#);
     let crate::remote::Backend::Redis(redis) = p.state else { panic!("{:?}", p.state) };
-    assert_eq!((redis.cluster.as_str(), redis.timeout_ms.get(), redis.failure_mode), ("redis_bridge", 100, crate::remote::FailureMode::Closed));
+    assert_eq!(
+        (redis.cluster.as_str(), redis.timeout_ms.get(), redis.failure_mode),
+        ("redis_bridge", 100, crate::remote::FailureMode::Closed)
+    );
 }
 
 #[test]
@@ -128,10 +138,19 @@ fn each_bad_field_is_named() {
         (format!(r#"{{"routes":[{r},{r}]}}"#), "routes[1].name"),
         (r#"{"routes":[{"name":"p","match":{"path_prefix":"v1"}}]}"#.to_string(), "routes[0].match"),
         (r#"{"routes":[{"name":"p","match":{"methods":["post"],"path_prefix":"/"}}]}"#.to_string(), "routes[0].match.methods"),
-        (r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"idempotency_key":"sometimes"}]}"#.to_string(), "routes[0].idempotency_key"),
+        (
+            r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"idempotency_key":"sometimes"}]}"#.to_string(),
+            "routes[0].idempotency_key",
+        ),
         (r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"on_uncertain":"retry"}]}"#.to_string(), "routes[0].on_uncertain"),
-        (r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"idempotency_key":"ignored"}]}"#.to_string(), "routes[0].collapse_window_ms"),
-        (r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"collapse_window_ms":3600001}]}"#.to_string(), "routes[0].collapse_window_ms"),
+        (
+            r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"idempotency_key":"ignored"}]}"#.to_string(),
+            "routes[0].collapse_window_ms",
+        ),
+        (
+            r#"{"routes":[{"name":"p","match":{"path_prefix":"/"},"collapse_window_ms":3600001}]}"#.to_string(),
+            "routes[0].collapse_window_ms",
+        ),
         (format!(r#"{{"routes":[{r}],"ttl_seconds":0}}"#), "ttl_seconds"),
         (format!(r#"{{"routes":[{r}],"ttl_seconds":2592001}}"#), "ttl_seconds"),
         (format!(r#"{{"routes":[{r}],"ttl_seconds":10,"in_flight_timeout_ms":10000}}"#), "in_flight_timeout_ms"),
@@ -148,17 +167,29 @@ fn each_bad_field_is_named() {
         (format!(r#"{{"routes":[{r}],"replay_marker_header":"content-type"}}"#), "replay_marker_header"),
         (format!(r#"{{"routes":[{r}],"key_store":{{"buckets":0,"slots_per_bucket":1}}}}"#), "key_store.buckets"),
         (format!(r#"{{"routes":[{r}],"key_store":{{"buckets":1,"slots_per_bucket":0}}}}"#), "key_store.slots_per_bucket"),
-        (format!(r#"{{"routes":[{r}],"collapse_store":{{"buckets":1,"slots_per_bucket":257}}}}"#), "collapse_store.slots_per_bucket"),
+        (
+            format!(r#"{{"routes":[{r}],"collapse_store":{{"buckets":1,"slots_per_bucket":257}}}}"#),
+            "collapse_store.slots_per_bucket",
+        ),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"ops","principals":["a"]}}}}"#), "operator_clear.path"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/v1/clear","principals":["a"]}}}}"#), "operator_clear.path"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":[]}}}}"#), "operator_clear.principals"),
-        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":["a b"]}}}}"#), "operator_clear.principals[0]"),
+        (
+            format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":["a b"]}}}}"#),
+            "operator_clear.principals[0]",
+        ),
         (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis"}}}}"#), "state.cluster"),
         (format!(r#"{{"routes":[{r}],"state":{{"backend":"memcached"}}}}"#), "state.backend"),
         (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","timeout_ms":0}}}}"#), "state.timeout_ms"),
         (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","key_prefix":"a/b"}}}}"#), "state.key_prefix"),
-        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
-        (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"maybe"}}}}"#), "state.failure_mode"),
+        (
+            format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#),
+            "state.failure_mode",
+        ),
+        (
+            format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","failure_mode":"maybe"}}}}"#),
+            "state.failure_mode",
+        ),
         (format!(r#"{{"routes":[{r}],"state":{{"backend":"redis","cluster":"c","ttl":1}}}}"#), "state"),
         (format!(r#"{{"routes":[{r}],"state":"redis"}}"#), "state"),
     ];
@@ -180,10 +211,7 @@ fn idempotency_key_is_an_sf_string_of_bounded_length() {
     assert_eq!(parse_idempotency_key(r#""a";p=1"#, 255), Ok("a".into()), "parameters are ignored");
     assert_eq!(parse_idempotency_key(r#"  "a"  "#, 255), Ok("a".into()));
     for bad in ["8e03978e", r#""""#, r#""a", "b""#, "?1", "42", ":YWJj:", r#""unterminated"#, r#""tab	x""#, "\"é\""] {
-        assert!(
-            matches!(parse_idempotency_key(bad, 255), Err(ReplayError::KeyInvalid(_))),
-            "{bad:?} must be refused"
-        );
+        assert!(matches!(parse_idempotency_key(bad, 255), Err(ReplayError::KeyInvalid(_))), "{bad:?} must be refused");
     }
     assert!(parse_idempotency_key(&format!("\"{}\"", "k".repeat(255)), 255).is_ok());
     assert!(parse_idempotency_key(&format!("\"{}\"", "k".repeat(256)), 255).is_err());
@@ -252,7 +280,10 @@ fn every_rejection_has_a_status_a_stable_code_and_json() {
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(v["error"], code);
     }
-    assert!(ReplayError::NotStored { status: 201 }.rejection().headers.contains(&(ORIGINAL_STATUS_HEADER.into(), "201".into())));
+    assert!(ReplayError::NotStored { status: 201 }
+        .rejection()
+        .headers
+        .contains(&(ORIGINAL_STATUS_HEADER.into(), "201".into())));
 }
 
 // ---- the key lifecycle ----
@@ -315,7 +346,9 @@ fn incident_2_an_uncertain_answer_locks_the_key() {
     let state = LocalState { policy: &p, store: &store };
     let c = Client::new(&p, &state);
     // 503 from the upstream, 504 local reply (timeout), reset with no answer: all outcome_unknown.
-    for (key, status, via_upstream) in [("\"a\"", Some(503), true), ("\"b\"", Some(504), false), ("\"c\"", None, false), ("\"d\"", Some(200), false)] {
+    for (key, status, via_upstream) in
+        [("\"a\"", Some(503), true), ("\"b\"", Some(504), false), ("\"c\"", None, false), ("\"d\"", Some(200), false)]
+    {
         let (_, ex) = c.send("/v1/payouts", Some(key), None, BODY, 0);
         let mut ex = ex.unwrap();
         let answer = match status {
@@ -464,7 +497,10 @@ fn a_stale_companion_is_never_replayed_for_the_key_that_reused_its_slot() {
     ex.on_response_body(&p, &[b'y'; 65]);
     assert_eq!(c.finish(&mut ex, true, 60_001), Some(FinishAnswer::Completed { stored: false }));
     // b's retry must not get a's body, which still sits in the companion key.
-    assert_eq!(rejected(&c.send("/v1/payouts", Some("\"b\""), None, BODY, 60_002).0), Some(ReplayError::NotStored { status: 201 }));
+    assert_eq!(
+        rejected(&c.send("/v1/payouts", Some("\"b\""), None, BODY, 60_002).0),
+        Some(ReplayError::NotStored { status: 201 })
+    );
 }
 
 #[test]
@@ -736,12 +772,24 @@ fn only_configured_operators_reach_the_clear_endpoint() {
     assert!(operator_request(&p, &facts("POST", "/v1/payouts", Some("ops-admin"))).is_none());
     assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", Some("ops-admin"))).unwrap().0, Ok(()));
     assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear?x", Some("ops-admin"))).unwrap().0, Ok(()));
-    assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", Some("demo-client"))).unwrap().0, Err(ReplayError::OperatorForbidden));
+    assert_eq!(
+        operator_request(&p, &facts("POST", "/ops/replay/clear", Some("demo-client"))).unwrap().0,
+        Err(ReplayError::OperatorForbidden)
+    );
     assert_eq!(operator_request(&p, &facts("POST", "/ops/replay/clear", None)).unwrap().0, Err(ReplayError::OperatorForbidden));
-    assert!(matches!(operator_request(&p, &facts("GET", "/ops/replay/clear", Some("ops-admin"))).unwrap().0, Err(ReplayError::ClearRequestInvalid(_))));
+    assert!(matches!(
+        operator_request(&p, &facts("GET", "/ops/replay/clear", Some("ops-admin"))).unwrap().0,
+        Err(ReplayError::ClearRequestInvalid(_))
+    ));
     assert!(operator_request(&policy(), &facts("POST", "/ops/replay/clear", Some("ops-admin"))).is_none(), "off by default");
-    for bad in ["", "{}", r#"{"route":"nope","idempotency_key":"k"}"#, r#"{"route":"payouts","idempotency_key":""}"#,
-                r#"{"route":"payouts","idempotency_key":"k","extra":1}"#, r#"{"route":"payouts","idempotency_key":"tab	"}"#] {
+    for bad in [
+        "",
+        "{}",
+        r#"{"route":"nope","idempotency_key":"k"}"#,
+        r#"{"route":"payouts","idempotency_key":""}"#,
+        r#"{"route":"payouts","idempotency_key":"k","extra":1}"#,
+        r#"{"route":"payouts","idempotency_key":"tab	"}"#,
+    ] {
         assert!(matches!(parse_clear(&p, bad.as_bytes()), Err(ReplayError::ClearRequestInvalid(_))), "{bad}");
     }
 }
@@ -755,16 +803,36 @@ fn an_operator_clears_only_uncertain_keys() {
     // outcome_unknown, scoped to alice.
     let (_, ex) = c.send("/v1/payouts", Some("\"u\""), Some("alice"), BODY, 0);
     c.answer(&mut ex.unwrap(), 503, "", true, 1);
-    assert_eq!(clear(&p, &state, r#"{"route":"payouts","idempotency_key":"u"}"#, 2), Ok(ClearAnswer::NotFound), "anonymous scope");
-    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 2), Ok(ClearAnswer::Cleared { stale_in_flight: false }));
-    assert_eq!(c.send("/v1/payouts", Some("\"u\""), Some("alice"), BODY, 3).0, Ok(Decision::Forward), "the next request executes");
+    assert_eq!(
+        clear(&p, &state, r#"{"route":"payouts","idempotency_key":"u"}"#, 2),
+        Ok(ClearAnswer::NotFound),
+        "anonymous scope"
+    );
+    assert_eq!(
+        clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 2),
+        Ok(ClearAnswer::Cleared { stale_in_flight: false })
+    );
+    assert_eq!(
+        c.send("/v1/payouts", Some("\"u\""), Some("alice"), BODY, 3).0,
+        Ok(Decision::Forward),
+        "the next request executes"
+    );
     // Still in flight: refused; past the in-flight timeout: cleared.
-    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 4), Ok(ClearAnswer::InFlight));
-    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 10_003), Ok(ClearAnswer::Cleared { stale_in_flight: true }));
+    assert_eq!(
+        clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 4),
+        Ok(ClearAnswer::InFlight)
+    );
+    assert_eq!(
+        clear(&p, &state, r#"{"route":"payouts","principal":"alice","idempotency_key":"u"}"#, 10_003),
+        Ok(ClearAnswer::Cleared { stale_in_flight: true })
+    );
     // Completed keys keep replaying.
     let (_, ex) = c.send("/v1/payouts", Some("\"done\""), None, BODY, 0);
     c.answer(&mut ex.unwrap(), 201, "{}", true, 1);
-    assert_eq!(clear(&p, &state, r#"{"route":"payouts","principal":null,"idempotency_key":"done"}"#, 2), Ok(ClearAnswer::Completed));
+    assert_eq!(
+        clear(&p, &state, r#"{"route":"payouts","principal":null,"idempotency_key":"done"}"#, 2),
+        Ok(ClearAnswer::Completed)
+    );
     assert!(matches!(c.send("/v1/payouts", Some("\"done\""), None, BODY, 3).0, Ok(Decision::Replay(_))));
 }
 
@@ -798,7 +866,6 @@ fn incident_3_retries_of_a_key_in_flight_are_refused_before_the_body() {
 }
 
 // ---- shared-data calls and the body digest ----
-
 
 /// A new key: one read at header time, the tenant's quota (one read, one write), one write for
 /// the claim (against the header-time read), one read and two writes (stored response,
@@ -870,8 +937,8 @@ fn the_fingerprint_from_a_verified_content_digest_is_the_fingerprint_from_the_bo
 /// a retry of a live key is answered from its record without touching the quota.
 #[test]
 fn a_tenant_at_its_quota_is_refused_alone_and_consumes_nothing() {
-    let p = policy_with(r#""collapse_store": {"buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 2}"#)
-        .tap_key_store(64, 4);
+    let p =
+        policy_with(r#""collapse_store": {"buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 2}"#).tap_key_store(64, 4);
     assert_eq!(p.key_quota.limit.get(), 8);
     let store = MemoryStore::default();
     let state = LocalState { policy: &p, store: &store };
@@ -900,7 +967,11 @@ fn a_tenant_at_its_quota_is_refused_alone_and_consumes_nothing() {
     for i in 0..2 {
         assert_eq!(c.send("/v1/transfers", None, Some("mallory"), &i.to_string(), 0).0, Ok(Decision::Forward));
     }
-    assert_eq!(rejected(&c.send("/v1/transfers", None, Some("mallory"), "1", 1).0), Some(ReplayError::Duplicate), "a duplicate stays a duplicate");
+    assert_eq!(
+        rejected(&c.send("/v1/transfers", None, Some("mallory"), "1", 1).0),
+        Some(ReplayError::Duplicate),
+        "a duplicate stays a duplicate"
+    );
     assert_eq!(rejected(&c.send("/v1/transfers", None, Some("mallory"), "9", 1).0), Some(ReplayError::TenantQuotaExceeded));
     assert_eq!(c.send("/v1/transfers", None, Some("bob"), "9", 1).0, Ok(Decision::Forward));
     assert_eq!(c.send("/v1/transfers", None, Some("mallory"), "9", 2000).0, Ok(Decision::Forward));
@@ -934,7 +1005,13 @@ fn a_reload_that_changes_the_geometry_is_refused_and_records_survive_the_same_ge
 
     for (json, field) in [
         (CONFIG.replace(r#""buckets": 4, "slots_per_bucket": 4"#, r#""buckets": 8, "slots_per_bucket": 4"#), "key_store.buckets"),
-        (CONFIG.replace(r#""buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 8"#, r#""buckets": 4, "slots_per_bucket": 2"#), "key_store.slots_per_bucket"),
+        (
+            CONFIG.replace(
+                r#""buckets": 4, "slots_per_bucket": 4, "quota_per_principal": 8"#,
+                r#""buckets": 4, "slots_per_bucket": 2"#,
+            ),
+            "key_store.slots_per_bucket",
+        ),
         (CONFIG.replace("\n}", r#", "collapse_store": {"buckets": 2, "slots_per_bucket": 8}}"#), "collapse_store.buckets"),
     ] {
         let mut b = ReplayPolicy::from_json(json.as_bytes()).unwrap();

@@ -56,11 +56,8 @@ fn bad_routes_name_the_field() {
     )
     .unwrap_err();
     assert_eq!(e.field, "routes[3].methods");
-    let e = RouteMatch::parse(
-        &RouteConfig { methods: vec![], path_prefix: None, path_exact: None, case_sensitive: false },
-        "r",
-    )
-    .unwrap_err();
+    let e = RouteMatch::parse(&RouteConfig { methods: vec![], path_prefix: None, path_exact: None, case_sensitive: false }, "r")
+        .unwrap_err();
     assert_eq!(e.field, "r");
     for bad in ["/v1//x", "/v1/./x", "/v1/%70ayouts", "/v1;x/", "/v1\\x"] {
         let e = RouteMatch::parse(
@@ -74,15 +71,44 @@ fn bad_routes_name_the_field() {
 
 #[test]
 fn canonical_classification() {
-    for ok in ["/", "/v1/payouts", "/V1/Payouts", "/v1/accounts/acc-1/balance", "/a:b@c!$&'()*+,=~_-", "/x%3Ay", "/v1/payouts.json"] {
+    for ok in
+        ["/", "/v1/payouts", "/V1/Payouts", "/v1/accounts/acc-1/balance", "/a:b@c!$&'()*+,=~_-", "/x%3Ay", "/v1/payouts.json"]
+    {
         assert!(is_canonical(ok), "{ok}");
     }
     for bad in [
-        "", "v1/payouts", "//v1", "/v1/", "/v1//payouts", "/./v1", "/v1/..", "/v1/x/../payouts", "/v1/payouts.",
-        "/v1%2Fpayouts", "/v1%2fpayouts", "/v1/%70ayouts", "/v1/%2E%2E", "/v1%5Cpayouts", "/v1/payouts%3B",
-        "/v1/payouts%25", "/v1/payouts%3F", "/v1/payouts%23", "/v1/payouts%20", "/v1/payouts%00", "/v1/payouts%C3%A9",
-        "/v1/pay%3aouts", "/v1/payouts%", "/v1/payouts%G1", "/v1\\payouts", "/v1/payouts;jsessionid=1",
-        "/v1;x/payouts", "/v1/payouts#x", "/v1/pay\u{7f}outs", "/v1/pay\touts", "/v1/paýouts", "/v1/pay outs",
+        "",
+        "v1/payouts",
+        "//v1",
+        "/v1/",
+        "/v1//payouts",
+        "/./v1",
+        "/v1/..",
+        "/v1/x/../payouts",
+        "/v1/payouts.",
+        "/v1%2Fpayouts",
+        "/v1%2fpayouts",
+        "/v1/%70ayouts",
+        "/v1/%2E%2E",
+        "/v1%5Cpayouts",
+        "/v1/payouts%3B",
+        "/v1/payouts%25",
+        "/v1/payouts%3F",
+        "/v1/payouts%23",
+        "/v1/payouts%20",
+        "/v1/payouts%00",
+        "/v1/payouts%C3%A9",
+        "/v1/pay%3aouts",
+        "/v1/payouts%",
+        "/v1/payouts%G1",
+        "/v1\\payouts",
+        "/v1/payouts;jsessionid=1",
+        "/v1;x/payouts",
+        "/v1/payouts#x",
+        "/v1/pay\u{7f}outs",
+        "/v1/pay\touts",
+        "/v1/paýouts",
+        "/v1/pay outs",
     ] {
         assert!(!is_canonical(bad), "{bad:?}");
     }
@@ -143,9 +169,9 @@ impl Rng {
 fn encode(rng: &mut Rng, b: u8) -> String {
     let hex = if rng.chance(50) { format!("{b:02X}") } else { format!("{b:02x}") };
     match rng.below(12) {
-        0 => format!("%25{hex}"),       // double
-        1 => format!("%2525{hex}"),     // triple
-        2 => format!("%252525{hex}"),   // quadruple: past the bound, refused as such
+        0 => format!("%25{hex}"),     // double
+        1 => format!("%2525{hex}"),   // triple
+        2 => format!("%252525{hex}"), // quadruple: past the bound, refused as such
         _ => format!("%{hex}"),
     }
 }
@@ -235,10 +261,7 @@ fn no_spelling_of_a_money_route_is_out_of_scope() {
             let method = methods[rng.below(methods.len())];
             assert_eq!(lenient_route(&path), target, "seed {seed:#x}: generator produced {path:?}");
             match scope(&rules, method, &path) {
-                Scope::In(i) => assert!(
-                    i == rule,
-                    "seed {seed:#x}: {method} {path:?} matched rule {i}, expected {rule}"
-                ),
+                Scope::In(i) => assert!(i == rule, "seed {seed:#x}: {method} {path:?} matched rule {i}, expected {rule}"),
                 Scope::NotCanonical => refused += 1,
                 Scope::Out => panic!("seed {seed:#x}: {method} {path:?} (a lenient upstream routes it to {target}) is Out"),
             }
@@ -259,8 +282,31 @@ fn random_byte_soup_never_reaches_a_protected_path_out_of_scope() {
     let rules = demo_rules();
     let own = [rules[0].clone()];
     let pieces = [
-        "/", "//", ".", "..", "%2F", "%2f", "%5C", "\\", ";", "%3B", "%25", "%2E", "%2e", "v1", "V1", "payouts", "PayOuts",
-        "%70ayouts", "pay%6Futs", "pay%256Futs", "%76%31", "x", "?", "#", "%3F",
+        "/",
+        "//",
+        ".",
+        "..",
+        "%2F",
+        "%2f",
+        "%5C",
+        "\\",
+        ";",
+        "%3B",
+        "%25",
+        "%2E",
+        "%2e",
+        "v1",
+        "V1",
+        "payouts",
+        "PayOuts",
+        "%70ayouts",
+        "pay%6Futs",
+        "pay%256Futs",
+        "%76%31",
+        "x",
+        "?",
+        "#",
+        "%3F",
     ];
     let mut hits = 0;
     for seed in SEEDS {
@@ -308,7 +354,8 @@ fn every_filter_policy_decides_on_the_canonical_scope() {
     let money = r#"[{"methods": ["POST"], "path_exact": "/v1/payouts"}]"#;
     let secret = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=";
     let signature = SignaturePolicy::from_json(
-        format!(r#"{{"routes": {money}, "max_age_seconds": 300, "keys": [{{"id": "a", "secret_base64": "{secret}"}}]}}"#).as_bytes(),
+        format!(r#"{{"routes": {money}, "max_age_seconds": 300, "keys": [{{"id": "a", "secret_base64": "{secret}"}}]}}"#)
+            .as_bytes(),
         &|_| None,
     )
     .unwrap();

@@ -145,11 +145,7 @@ pub fn serialize_signature_params(list: &InnerList) -> Option<String> {
 }
 
 /// Builds the signature base (RFC 9421 2.5). Fails with the name of a component the request lacks.
-pub fn signature_base(
-    components: &[Component],
-    params_value: &str,
-    request: &RequestView<'_>,
-) -> Result<String, String> {
+pub fn signature_base(components: &[Component], params_value: &str, request: &RequestView<'_>) -> Result<String, String> {
     let mut base = String::new();
     for component in components {
         let value = component.value(request).ok_or_else(|| component.name().to_string())?;

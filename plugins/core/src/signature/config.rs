@@ -156,7 +156,10 @@ pub struct Key {
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key").field("id", &self.id).field("algorithm", &self.algorithm).finish_non_exhaustive()
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
     }
 }
 
@@ -287,14 +290,15 @@ impl SignaturePolicy {
         )?;
         let nonce_table = BucketTable::new(NONCE_TABLE_PREFIX, buckets, slots, 0);
         let quota_limit = quota::validate_limit(
-            raw.nonce_store.quota_per_key_id.unwrap_or_else(|| u64::from(quota::default_limit(nonce_table.capacity()))),
+            raw.nonce_store
+                .quota_per_key_id
+                .unwrap_or_else(|| u64::from(quota::default_limit(nonce_table.capacity()))),
             nonce_table.capacity(),
             "nonce_store.quota_per_key_id",
         )?;
-        let window_ms = NonZeroU64::new(
-            max_age_seconds.get().saturating_add(raw.future_skew_seconds).saturating_add(1).saturating_mul(1000),
-        )
-        .unwrap_or(NonZeroU64::MIN);
+        let window_ms =
+            NonZeroU64::new(max_age_seconds.get().saturating_add(raw.future_skew_seconds).saturating_add(1).saturating_mul(1000))
+                .unwrap_or(NonZeroU64::MIN);
         let nonce_quota = TenantQuota::for_table(&nonce_table, quota_limit, window_ms);
         Ok(SignaturePolicy {
             routes,
@@ -366,10 +370,7 @@ fn valid_header_name(name: &str) -> bool {
 
 fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Key, ConfigError> {
     if !valid_key_id(&raw.id) {
-        return Err(ConfigError::new(
-            format!("{field}.id"),
-            format!("1 to {MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 - _ . :"),
-        ));
+        return Err(ConfigError::new(format!("{field}.id"), format!("1 to {MAX_KEY_ID_LEN} characters of A-Z a-z 0-9 - _ . :")));
     }
     let Some(algorithm) = Algorithm::from_name(&raw.algorithm) else {
         return Err(ConfigError::new(format!("{field}.algorithm"), format!("unsupported algorithm `{}`", raw.algorithm)));
@@ -382,9 +383,7 @@ fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) ->
             })?;
             (value, format!("{field}.secret_env"))
         }
-        _ => {
-            return Err(ConfigError::new(field, "exactly one of `secret_base64` and `secret_env` is required"))
-        }
+        _ => return Err(ConfigError::new(field, "exactly one of `secret_base64` and `secret_env` is required")),
     };
     let secret = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
@@ -398,8 +397,7 @@ fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) ->
         }
     }
     use hmac::Mac;
-    let mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret)
-        .map_err(|_| ConfigError::new(&source_field, "unusable key"))?;
+    let mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret).map_err(|_| ConfigError::new(&source_field, "unusable key"))?;
     Ok(Key { id: raw.id.clone(), algorithm, not_before: raw.not_before, not_after: raw.not_after, mac })
 }
 
@@ -462,16 +460,56 @@ mod tests {
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":0,"keys":[{key}]}}"#), "max_age_seconds"),
             (format!(r#"{{"routes":[],"max_age_seconds":1,"keys":[{key}]}}"#), "routes"),
             (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[]}"#.to_string(), "keys"),
-            (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_base64":"c2hvcnQ="}]}"#.to_string(), "keys[0].secret_base64"),
-            (r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_env":"NOPE"}]}"#.to_string(), "keys[0].secret_env"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a b","secret_base64":"{SECRET}"}}]}}"#), "keys[0].id"),
+            (
+                r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_base64":"c2hvcnQ="}]}"#
+                    .to_string(),
+                "keys[0].secret_base64",
+            ),
+            (
+                r#"{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_env":"NOPE"}]}"#.to_string(),
+                "keys[0].secret_env",
+            ),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a b","secret_base64":"{SECRET}"}}]}}"#
+                ),
+                "keys[0].id",
+            ),
             (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key},{key}]}}"#), "keys[1].id"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"{SECRET}","algorithm":"rsa"}}]}}"#), "keys[0].algorithm"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"nonce_store":{{"buckets":0}}}}"#), "nonce_store.buckets"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_body_bytes":0}}"#), "max_body_bytes"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"principal_header":"x_principal"}}"#), "principal_header"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_replica_clock_skew_seconds":301}}"#), "max_replica_clock_skew_seconds"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#), "state.failure_mode"),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"{SECRET}","algorithm":"rsa"}}]}}"#
+                ),
+                "keys[0].algorithm",
+            ),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"nonce_store":{{"buckets":0}}}}"#
+                ),
+                "nonce_store.buckets",
+            ),
+            (
+                format!(r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_body_bytes":0}}"#),
+                "max_body_bytes",
+            ),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"principal_header":"x_principal"}}"#
+                ),
+                "principal_header",
+            ),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"max_replica_clock_skew_seconds":301}}"#
+                ),
+                "max_replica_clock_skew_seconds",
+            ),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{key}],"state":{{"backend":"redis","cluster":"c","failure_mode":"open"}}}}"#
+                ),
+                "state.failure_mode",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(&json).unwrap_err();
@@ -479,8 +517,18 @@ mod tests {
         }
         let cases = [
             (format!(r#"{{"max_age_seconds":1,"keys":[{key}]}}"#), "routes"),
-            (format!(r#"{{"routes":[{{"path_prefix":"/"}}],"exemptions":[{{"path_exact":"/hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#), "exemptions"),
-            (format!(r#"{{"unsafe_methods_require_signature":true,"exemptions":[{{"path_exact":"/hooks"}},{{"path_exact":"hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#), "exemptions[1]"),
+            (
+                format!(
+                    r#"{{"routes":[{{"path_prefix":"/"}}],"exemptions":[{{"path_exact":"/hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#
+                ),
+                "exemptions",
+            ),
+            (
+                format!(
+                    r#"{{"unsafe_methods_require_signature":true,"exemptions":[{{"path_exact":"/hooks"}},{{"path_exact":"hooks"}}],"max_age_seconds":1,"keys":[{key}]}}"#
+                ),
+                "exemptions[1]",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(&json).unwrap_err();

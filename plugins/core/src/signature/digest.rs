@@ -55,10 +55,7 @@ mod tests {
     fn rfc_examples_verify() {
         assert_eq!(verify_content_digest(SHA512, BODY), Ok(()));
         assert_eq!(verify_content_digest(&content_digest_sha256(BODY), BODY), Ok(()));
-        assert_eq!(
-            verify_content_digest("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:", BODY),
-            Ok(())
-        );
+        assert_eq!(verify_content_digest("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:", BODY), Ok(()));
     }
 
     #[test]

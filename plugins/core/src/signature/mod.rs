@@ -19,11 +19,30 @@ pub use verify::{
 pub const CODES: &[crate::Code] = {
     use crate::Code::*;
     &[
-        PathNotCanonical, HeaderDuplicated, PrincipalHeaderSpoofed, SignatureMalformed, SignatureParamMissing,
-        SignatureParamInvalid, SignatureAlgorithmUnsupported, SignatureComponentUnsupported, SignatureComponentMissing,
-        KeyIdInvalid, ContentDigestMalformed, SignatureMissing, SignatureCoverageInsufficient, KeyNotActive,
-        SignatureStale, SignatureFromFuture, SignatureExpired, SignatureInvalid, ContentDigestMismatch, NonceReplayed,
-        TenantQuotaExceeded, BodyTooLarge, NonceStoreFull, StateUnavailable,
+        PathNotCanonical,
+        HeaderDuplicated,
+        PrincipalHeaderSpoofed,
+        SignatureMalformed,
+        SignatureParamMissing,
+        SignatureParamInvalid,
+        SignatureAlgorithmUnsupported,
+        SignatureComponentUnsupported,
+        SignatureComponentMissing,
+        KeyIdInvalid,
+        ContentDigestMalformed,
+        SignatureMissing,
+        SignatureCoverageInsufficient,
+        KeyNotActive,
+        SignatureStale,
+        SignatureFromFuture,
+        SignatureExpired,
+        SignatureInvalid,
+        ContentDigestMismatch,
+        NonceReplayed,
+        TenantQuotaExceeded,
+        BodyTooLarge,
+        NonceStoreFull,
+        StateUnavailable,
     ]
 };
 

@@ -99,8 +99,7 @@ pub fn sign(request: &SignRequest<'_>) -> Result<SignedHeaders, String> {
     params.insert(key("alg")?, string("hmac-sha256")?);
     let list = inner_list(&components, params);
     let params_value = serialize_signature_params(&list).ok_or("cannot serialize signature parameters")?;
-    let base = signature_base(&components, &params_value, &view)
-        .map_err(|c| format!("the request has no `{c}` to cover"))?;
+    let base = signature_base(&components, &params_value, &view).map_err(|c| format!("the request has no `{c}` to cover"))?;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(request.secret).map_err(|e| e.to_string())?;
     mac.update(base.as_bytes());
     let tag = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());

@@ -5,8 +5,7 @@ use base64::Engine;
 use super::*;
 use crate::store::MemoryStore;
 
-const RFC_SHARED_SECRET: &str =
-    "uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==";
+const RFC_SHARED_SECRET: &str = "uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==";
 const SECRET_B64: &str = "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE=";
 const NOW_S: u64 = 1_700_000_000;
 const NOW_MS: u64 = NOW_S * 1000;
@@ -89,11 +88,10 @@ fn rfc9421_signature_bases_match_the_examples() {
         headers: &headers,
     };
     // B.2.1: minimal coverage.
-    let input: sfv::Dictionary = sfv::Parser::new(
-        r#"sig-b21=();created=1618884473;keyid="test-key-rsa-pss";nonce="b3k2pp5k7z-50gnwp.yemd""#,
-    )
-    .parse()
-    .unwrap();
+    let input: sfv::Dictionary =
+        sfv::Parser::new(r#"sig-b21=();created=1618884473;keyid="test-key-rsa-pss";nonce="b3k2pp5k7z-50gnwp.yemd""#)
+            .parse()
+            .unwrap();
     let sfv::ListEntry::InnerList(list) = &input["sig-b21"] else { panic!() };
     let params = base::serialize_signature_params(list).unwrap();
     assert_eq!(
@@ -101,15 +99,16 @@ fn rfc9421_signature_bases_match_the_examples() {
         "\"@signature-params\": ();created=1618884473;keyid=\"test-key-rsa-pss\";nonce=\"b3k2pp5k7z-50gnwp.yemd\""
     );
     // B.2.2: selective coverage.
-    let components: Vec<Component> =
-        ["@authority", "content-digest", "@query-param"].iter().filter_map(|c| Component::parse(c)).collect();
+    let components: Vec<Component> = ["@authority", "content-digest", "@query-param"]
+        .iter()
+        .filter_map(|c| Component::parse(c))
+        .collect();
     assert_eq!(components.len(), 2, "@query-param is refused, not half-supported");
     let expected = "\"@authority\": example.com\n\"content-digest\": sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:\n\"@signature-params\": (\"@authority\" \"content-digest\");created=1618884473;keyid=\"test-key-rsa-pss\"";
-    let input: sfv::Dictionary = sfv::Parser::new(
-        r#"sig-b22=("@authority" "content-digest");created=1618884473;keyid="test-key-rsa-pss""#,
-    )
-    .parse()
-    .unwrap();
+    let input: sfv::Dictionary =
+        sfv::Parser::new(r#"sig-b22=("@authority" "content-digest");created=1618884473;keyid="test-key-rsa-pss""#)
+            .parse()
+            .unwrap();
     let sfv::ListEntry::InnerList(list) = &input["sig-b22"] else { panic!() };
     let params = base::serialize_signature_params(list).unwrap();
     assert_eq!(base::signature_base(&components, &params, &request).unwrap(), expected);
@@ -295,20 +294,32 @@ fn malformed_input_is_refused_not_guessed() {
         (with(&|h| h.push(("signature-input".into(), input.clone()))), "header_duplicated"),
         (with(&|h| h.push(("content-digest".into(), "sha-256=:AAAA:".into()))), "header_duplicated"),
         (with(&|h| h.push(("x-firebreak-principal".into(), "a".into()))), "ok"),
-        (with(&|h| { h.push(("x-firebreak-principal".into(), "a".into())); h.push(("x-firebreak-principal".into(), "b".into())); }), "header_duplicated"),
+        (
+            with(&|h| {
+                h.push(("x-firebreak-principal".into(), "a".into()));
+                h.push(("x-firebreak-principal".into(), "b".into()));
+            }),
+            "header_duplicated",
+        ),
         (with(&|h| set(h, "signature", "sig1=notbytes")), "signature_malformed"),
         (with(&|h| set(h, "signature", "sig1=:!!!:")), "signature_malformed"),
         (with(&|h| set(h, "signature-input", "sig1=(\"@method\"")), "signature_malformed"),
         (with(&|h| set(h, "signature-input", &input.replace("sig1=", "other="))), "signature_malformed"),
         (with(&|h| set(h, "signature", &format!("{sig}, sig2=:AAAA:"))), "signature_malformed"),
-        (with(&|h| set(h, "signature-input", &input.replace("\"hmac-sha256\"", "\"rsa-pss-sha512\""))), "signature_algorithm_unsupported"),
+        (
+            with(&|h| set(h, "signature-input", &input.replace("\"hmac-sha256\"", "\"rsa-pss-sha512\""))),
+            "signature_algorithm_unsupported",
+        ),
         (with(&|h| set(h, "signature-input", &input.replace(";nonce=\"n\"", ""))), "signature_param_missing"),
         (with(&|h| set(h, "signature-input", &input.replace(";keyid=\"demo-client\"", ""))), "signature_param_missing"),
         (with(&|h| set(h, "signature-input", &input.replace("created=", "foo=1;created="))), "signature_malformed"),
         (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "\"@path\";req"))), "signature_component_unsupported"),
         (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "\"@status\""))), "signature_component_unsupported"),
         (with(&|h| set(h, "signature-input", &input.replace("\"@path\"", "@path"))), "signature_malformed"),
-        (with(&|h| set(h, "signature-input", &input.replace("nonce=\"n\"", &format!("nonce=\"{}\"", "x".repeat(129))))), "signature_param_invalid"),
+        (
+            with(&|h| set(h, "signature-input", &input.replace("nonce=\"n\"", &format!("nonce=\"{}\"", "x".repeat(129))))),
+            "signature_param_invalid",
+        ),
         (with(&|h| set(h, "signature-input", &input.replace("created=", "created=-"))), "signature_param_invalid"),
         (with(&|h| set(h, "content-digest", "sha-256=:AAAA:")), "signature_invalid"),
         (with(&|h| h.retain(|(n, _)| n != "content-digest")), "signature_component_missing"),
@@ -330,12 +341,8 @@ fn body_limits() {
 #[test]
 fn nonces_are_remembered_for_the_whole_window_and_bounded() {
     let mut p = policy();
-    p.nonce_table = crate::store::BucketTable::new(
-        "n",
-        std::num::NonZeroU32::new(1).unwrap(),
-        std::num::NonZeroU16::new(2).unwrap(),
-        0,
-    );
+    p.nonce_table =
+        crate::store::BucketTable::new("n", std::num::NonZeroU32::new(1).unwrap(), std::num::NonZeroU16::new(2).unwrap(), 0);
     let store = MemoryStore::default();
     assert_eq!(check(&p, &store, &signed(NOW_S, "a", b"", |_| {}), NOW_MS), "ok");
     assert_eq!(check(&p, &store, &signed(NOW_S, "b", b"", |_| {}), NOW_MS), "ok");
@@ -422,7 +429,11 @@ fn the_redis_nonce_lifetime_covers_the_clock_skew_between_replicas() {
         .last()
         .unwrap();
     assert!(last_accepted + 100 > (created + 300) * 1000, "searched up to the end of the window");
-    assert!(last_accepted < t_claim + ttl_ms, "the slow replica accepts at {last_accepted}, the nonce expired at {}", t_claim + ttl_ms);
+    assert!(
+        last_accepted < t_claim + ttl_ms,
+        "the slow replica accepts at {last_accepted}, the nonce expired at {}",
+        t_claim + ttl_ms
+    );
     // Not dependent on the claiming replica's clock: the same TTL whenever it claims.
     assert_eq!(nonce_ttl_ms(&p), ttl_ms);
     // The default tolerates 30 s between replicas; more than 300 s is refused.
@@ -527,7 +538,13 @@ fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
     let p = SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap();
     let crate::remote::Backend::Redis(redis) = &p.state else { panic!() };
     let req = signed(NOW_S, "n-r", b"", |_| {});
-    let view = RequestView { method: req.method, scheme: "http", authority: req.authority, path_and_query: req.path, headers: &req.headers };
+    let view = RequestView {
+        method: req.method,
+        scheme: "http",
+        authority: req.authority,
+        path_and_query: req.path,
+        headers: &req.headers,
+    };
     let v = verify_headers(&p, &view, NOW_MS).unwrap();
     let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
     let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());

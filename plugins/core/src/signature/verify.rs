@@ -165,11 +165,7 @@ pub fn client_principal_copies<'a>(
 }
 
 /// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
-pub fn verify_headers(
-    policy: &SignaturePolicy,
-    request: &RequestView<'_>,
-    now_ms: u64,
-) -> Result<VerifiedHeaders, SigError> {
+pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_ms: u64) -> Result<VerifiedHeaders, SigError> {
     for name in SINGLE_VALUED_HEADERS.iter().copied().chain([policy.principal_header.as_str()]) {
         if request.header_count(name) > 1 {
             return Err(SigError::DuplicateHeader(name.to_string()));
@@ -196,7 +192,11 @@ pub fn verify_headers(
         }
     };
     let Some(ListEntry::InnerList(covered)) = inputs.get(label.as_str()) else {
-        return Err(if inputs.contains_key(label.as_str()) { SigError::Malformed("Signature-Input") } else { SigError::LabelNotFound });
+        return Err(if inputs.contains_key(label.as_str()) {
+            SigError::Malformed("Signature-Input")
+        } else {
+            SigError::LabelNotFound
+        });
     };
     let provided_mac = match signatures.get(label.as_str()) {
         Some(ListEntry::Item(item)) => match &item.bare_item {
@@ -257,7 +257,8 @@ pub fn verify_headers(
         if !item.params.is_empty() {
             return Err(SigError::UnsupportedComponent(format!("{};{}", name.as_str(), "params")));
         }
-        let component = Component::parse(name.as_str()).ok_or_else(|| SigError::UnsupportedComponent(name.as_str().to_string()))?;
+        let component =
+            Component::parse(name.as_str()).ok_or_else(|| SigError::UnsupportedComponent(name.as_str().to_string()))?;
         if components.contains(&component) {
             return Err(SigError::DuplicateComponent(component.name().to_string()));
         }
@@ -277,9 +278,7 @@ pub fn verify_headers(
         if !(covers(&Component::Path) || target_uri || covers(&Component::RequestTarget)) {
             return Err(SigError::CoverageInsufficient("@path".into()));
         }
-        if request.query().is_some()
-            && !(covers(&Component::Query) || target_uri || covers(&Component::RequestTarget))
-        {
+        if request.query().is_some() && !(covers(&Component::Query) || target_uri || covers(&Component::RequestTarget)) {
             return Err(SigError::CoverageInsufficient("@query".into()));
         }
     }
