@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::string_slice, clippy::unreachable))]
 
 pub mod envguard;
+pub mod flow;
 pub mod headers;
 pub mod quota;
 pub mod ratelimit;

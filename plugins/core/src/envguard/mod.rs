@@ -6,14 +6,17 @@
 //!   credential"; shared by the filter and by `firebreak lint`.
 //! - [`request`]: where in a request to look, and the [`GuardError`] -> [`crate::Rejection`] map.
 //! - [`body`]: Content-Encoding parsing and bounded gzip/deflate decoding.
+//! - [`flow`]: the flow of one request (when to read, hold, reply; counters and log lines).
 
 pub mod body;
 pub mod config;
 pub mod detect;
+pub mod flow;
 pub mod request;
 
 pub use config::{parse_fingerprint, GuardPolicy, OverLimit};
 pub use detect::{Budget, Detector, Found, Hit, MAX_DEPTH};
+pub use flow::GuardFlow;
 pub use request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
 
 /// Every rejection code env-guard can send (its README's table lists exactly these).
