@@ -885,7 +885,8 @@ fn envoy_reply(status: u16, body: &str) -> CallResponse {
 }
 
 /// What Envoy's HTTP connection manager adds before the filters run, and what a client sends.
-pub(crate) fn hcm_normalize(mut request: Request, connection_id: u64) -> Request {
+/// (Public for the native runs of the scenario files, `tests/env_guard_native.rs`.)
+pub fn hcm_normalize(mut request: Request, connection_id: u64) -> Request {
     // A body with trailers goes chunked (HTTP/1.1): no content-length.
     if !request.body_chunks.is_empty() && request.trailers.is_empty() && request.header_value("content-length").is_none() {
         let len = request.body_bytes().len().to_string();

@@ -41,4 +41,6 @@ pub fn fingerprint(secret: &[u8]) -> String {
 }
 
 #[cfg(test)]
+mod flow_tests;
+#[cfg(test)]
 mod tests;

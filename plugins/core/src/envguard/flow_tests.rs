@@ -1,0 +1,338 @@
+//! env-guard's flow driven through the in-memory host: replies, counters, log lines, what is
+//! held and what is read. (The scenario files run the same flow natively too:
+//! `host-tests/tests/env_guard_native.rs`.)
+
+use std::rc::Rc;
+
+use crate::flow::memory::{drive, MemoryRequest, Outcome, Reads};
+use crate::flow::{Event, Flow, Level, Request, Step, Unreadable};
+
+use super::flow::{configured, GuardFlow, PLUGIN};
+use super::*;
+
+const PROD: &str = "fake-apns-prod-key-0123456789abcdef";
+
+fn policy(production: bool, extra: &str) -> Rc<GuardPolicy> {
+    let json = format!(
+        r#"{{"environment":"uat","production":{production},
+            "protected_credentials":[{{"label":"apns-prod","sha256":"{}","length":{}}}],
+            "production_hosts":["api.push.apple.com"],"routes":[{{"path_prefix":"/v1/"}}],
+            "max_body_bytes":64{extra}}}"#,
+        fingerprint(PROD.as_bytes()),
+        PROD.len()
+    );
+    Rc::new(GuardPolicy::from_json(json.as_bytes()).unwrap())
+}
+
+fn headers(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut h = vec![
+        (":method".to_string(), method.to_string()),
+        (":path".to_string(), path.to_string()),
+        (":authority".to_string(), "uat-api.example.com".to_string()),
+    ];
+    h.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+    h
+}
+
+fn run(policy: &Rc<GuardPolicy>, request: MemoryRequest) -> Outcome {
+    drive(PLUGIN, &mut GuardFlow::new(policy.clone()), &request)
+}
+
+fn chunked(headers: Vec<(String, String)>, chunks: &[&str], trailers: Option<&[(&str, &str)]>) -> MemoryRequest {
+    MemoryRequest {
+        headers,
+        chunks: chunks.iter().map(|c| c.as_bytes().to_vec()).collect(),
+        trailers: trailers.map(|t| t.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()),
+        now_ms: 0,
+    }
+}
+
+/// One row: a request, the code it gets (`None`: forwarded), and every counter it moves.
+struct Row {
+    name: &'static str,
+    production: bool,
+    extra: &'static str,
+    request: MemoryRequest,
+    code: Option<&'static str>,
+    counters: &'static [&'static str],
+}
+
+#[test]
+fn table_of_requests_replies_and_counters() {
+    let key_json = format!(r#"{{"key":"{PROD}"}}"#);
+    let big = "x".repeat(65);
+    let rows = vec![
+        Row {
+            name: "production environment: everything passes, nothing read",
+            production: true,
+            extra: "",
+            request: MemoryRequest::new(headers("POST", "/v1/push", &[("x-key", PROD)]), key_json.as_bytes()),
+            code: None,
+            counters: &["passed_production"],
+        },
+        Row {
+            name: "outside the routes",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("POST", "/other", &[("x-key", PROD)]), key_json.as_bytes()),
+            code: None,
+            counters: &["passed_unguarded"],
+        },
+        Row {
+            name: "a path that is not canonical",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("GET", "/v1/../v1/push", &[]), b""),
+            code: Some("path_not_canonical"),
+            counters: &["rejected.path_not_canonical"],
+        },
+        Row {
+            name: "the key in a header",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("GET", "/v1/push", &[("x-key", PROD)]), b""),
+            code: Some("production_credential_in_non_production"),
+            counters: &["detected.apns-prod.header", "rejected.production_credential_in_non_production"],
+        },
+        Row {
+            name: "the key in the body",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(
+                headers("POST", "/v1/push", &[("content-type", "application/json")]),
+                key_json.as_bytes(),
+            ),
+            code: Some("production_credential_in_non_production"),
+            counters: &["detected.apns-prod.body", "rejected.production_credential_in_non_production"],
+        },
+        Row {
+            name: "the key split over two chunks",
+            production: false,
+            extra: "",
+            request: chunked(headers("POST", "/v1/push", &[]), &[&PROD[..10], &PROD[10..]], None),
+            code: Some("production_credential_in_non_production"),
+            counters: &["detected.apns-prod.body", "rejected.production_credential_in_non_production"],
+        },
+        Row {
+            name: "the key in a trailer",
+            production: false,
+            extra: "",
+            request: chunked(headers("POST", "/v1/push", &[]), &["{}"], Some(&[("x-key", PROD)])),
+            code: Some("production_credential_in_non_production"),
+            counters: &["detected.apns-prod.header", "rejected.production_credential_in_non_production"],
+        },
+        Row {
+            name: "a production host",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(
+                vec![
+                    (":method".into(), "GET".into()),
+                    (":path".into(), "/v1/push".into()),
+                    (":authority".into(), "api.push.apple.com".into()),
+                ],
+                b"",
+            ),
+            code: Some("production_host_in_non_production"),
+            counters: &["detected.production_host.host", "rejected.production_host_in_non_production"],
+        },
+        Row {
+            name: "a clean body",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("POST", "/v1/push", &[]), b"{\"alert\":\"hi\"}"),
+            code: None,
+            counters: &["passed"],
+        },
+        Row {
+            name: "no body",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("GET", "/v1/push", &[]), b""),
+            code: None,
+            counters: &["passed"],
+        },
+        Row {
+            name: "content-length over max_body_bytes, over_limit block",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("POST", "/v1/push", &[("content-length", "65")]), big.as_bytes()),
+            code: Some("body_too_large_to_inspect"),
+            counters: &["rejected.body_too_large_to_inspect"],
+        },
+        Row {
+            name: "content-length over max_body_bytes, over_limit pass",
+            production: false,
+            extra: r#","over_limit":"pass""#,
+            request: MemoryRequest::new(headers("POST", "/v1/push", &[("content-length", "65")]), big.as_bytes()),
+            code: None,
+            counters: &["passed_uninspected_over_limit"],
+        },
+        Row {
+            name: "a body over max_body_bytes without content-length, over_limit block",
+            production: false,
+            extra: "",
+            request: chunked(headers("POST", "/v1/push", &[]), &[&big[..40], &big[40..]], None),
+            code: Some("body_too_large_to_inspect"),
+            counters: &["rejected.body_too_large_to_inspect"],
+        },
+        Row {
+            name: "a content-length that is not a number",
+            production: false,
+            extra: "",
+            request: MemoryRequest::new(headers("POST", "/v1/push", &[("content-length", "ten")]), b"{}"),
+            code: Some("request_not_inspectable"),
+            counters: &["rejected.request_not_inspectable"],
+        },
+    ];
+    for row in rows {
+        let outcome = run(&policy(row.production, row.extra), row.request);
+        let code = outcome.reply.as_ref().map(|r| r.rejection.code);
+        assert_eq!(code, row.code, "{}", row.name);
+        let mut counters: Vec<&str> = outcome.counters.keys().map(String::as_str).collect();
+        counters.sort_unstable();
+        let mut want = row.counters.to_vec();
+        want.sort_unstable();
+        assert_eq!(counters, want, "{}", row.name);
+        assert!(outcome.counters.values().all(|n| *n == 1), "{}: {:?}", row.name, outcome.counters);
+        if row.code.is_none() {
+            assert!(outcome.forwarded(), "{}", row.name);
+        } else {
+            assert!(outcome.forwarded_body.is_empty(), "{}: nothing reaches the upstream", row.name);
+        }
+    }
+}
+
+#[test]
+fn the_body_is_held_until_its_end_then_forwarded_whole() {
+    let policy = policy(false, "");
+    let outcome = run(&policy, chunked(headers("POST", "/v1/push", &[]), &["{\"a\":", "\"b\"", "}"], None));
+    assert!(outcome.forwarded());
+    assert_eq!(outcome.forwarded_body, b"{\"a\":\"b\"}");
+    // The body is read once, at its end; the headers once.
+    assert_eq!(outcome.reads, Reads { headers: 1, body: 1, trailers: 0 });
+
+    // Step by step: the headers continue (a paused header callback would stop the body), the
+    // chunks before the last are held.
+    let mut flow = GuardFlow::new(policy.clone());
+    let request = chunked(headers("POST", "/v1/push", &[]), &[], None);
+    let mut host = Fixed(request);
+    assert_eq!(flow.on_event(Event::RequestHeaders { end_of_stream: false }, &mut host).step, Step::Continue);
+    assert_eq!(flow.on_event(Event::RequestBody { buffered: 3, end_of_stream: false }, &mut host).step, Step::Hold);
+    assert_eq!(flow.on_event(Event::RequestBody { buffered: 6, end_of_stream: false }, &mut host).step, Step::Hold);
+}
+
+#[test]
+fn production_and_unguarded_requests_read_nothing_more() {
+    let production = run(&policy(true, ""), MemoryRequest::new(headers("POST", "/v1/push", &[]), b"{}"));
+    assert_eq!(production.reads, Reads::default());
+    let unguarded = run(&policy(false, ""), MemoryRequest::new(headers("POST", "/other", &[]), b"{}"));
+    assert_eq!(unguarded.reads, Reads { headers: 1, body: 0, trailers: 0 });
+    let over = run(
+        &policy(false, r#","over_limit":"pass""#),
+        MemoryRequest::new(headers("POST", "/v1/push", &[("content-length", "100")]), &[b'x'; 100]),
+    );
+    assert_eq!(over.reads, Reads { headers: 1, body: 0, trailers: 0 });
+}
+
+#[test]
+fn log_lines_name_the_finding_never_the_value() {
+    let outcome = run(&policy(false, ""), MemoryRequest::new(headers("GET", &format!("/v1/{PROD}"), &[]), b""));
+    let reply = outcome.reply.clone().unwrap();
+    assert_eq!(reply.level, Level::Error);
+    // A path carrying the credential is never logged.
+    assert_eq!(reply.context, "environment=uat method=GET label=apns-prod where=path location=\"path\"");
+    assert_eq!(outcome.logs.len(), 1);
+    let (level, line) = &outcome.logs[0];
+    assert_eq!(*level, Level::Error);
+    assert!(line.starts_with("firebreak env_guard reject status=403 code=production_credential_in_non_production"), "{line}");
+    assert!(!line.contains(PROD), "{line}");
+
+    let outcome = run(
+        &policy(false, r#","over_limit":"pass""#),
+        MemoryRequest::new(headers("POST", "/v1/push", &[("content-length", "100")]), &[b'x'; 100]),
+    );
+    assert_eq!(
+        outcome.logs,
+        vec![(Level::Warn, "firebreak env_guard pass_uninspected reason=over_limit environment=uat".to_string())]
+    );
+}
+
+#[test]
+fn unreadable_headers_body_and_trailers_are_refused() {
+    for (what, event, message) in [
+        ("headers", Event::RequestHeaders { end_of_stream: true }, "request headers (not UTF-8) cannot be inspected"),
+        ("body", Event::RequestBody { buffered: 2, end_of_stream: true }, "request body cannot be inspected"),
+        ("trailers", Event::RequestTrailers, "request trailers cannot be inspected"),
+    ] {
+        let mut flow = GuardFlow::new(policy(false, ""));
+        if what != "headers" {
+            let mut fine = Fixed(MemoryRequest::new(headers("POST", "/v1/push", &[]), b""));
+            assert_eq!(flow.on_event(Event::RequestHeaders { end_of_stream: false }, &mut fine).step, Step::Continue);
+        }
+        let output = flow.on_event(event, &mut Broken);
+        let Step::Reply(reply) = output.step else { panic!("{what}: {:?}", output.step) };
+        assert_eq!(reply.rejection.code, "request_not_inspectable", "{what}");
+        assert_eq!(reply.rejection.message, message, "{what}");
+        assert_eq!(reply.level, Level::Warn, "{what}");
+        assert!(output.records.is_empty(), "{what}: {:?}", output.records);
+        // After a reply the flow lets whatever still comes through untouched.
+        assert_eq!(flow.on_event(Event::RequestTrailers, &mut Broken).step, Step::Continue, "{what}");
+    }
+}
+
+#[test]
+fn configuration_log_lines() {
+    assert_eq!(
+        configured(&policy(false, "")),
+        vec![(Level::Info, "firebreak env_guard environment=uat production=false mode=blocking".to_string())]
+    );
+    assert_eq!(configured(&policy(true, ""))[0].1, "firebreak env_guard environment=uat production=true mode=pass-through");
+    let without_length = GuardPolicy::from_json(
+        format!(
+            r#"{{"environment":"uat","production":false,"protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#,
+            fingerprint(PROD.as_bytes())
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let lines = configured(&without_length);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1].0, Level::Warn);
+}
+
+/// A host whose request reads always succeed, with a fixed request.
+struct Fixed(MemoryRequest);
+
+impl Request for Fixed {
+    fn now_ms(&mut self) -> Option<u64> {
+        Some(self.0.now_ms)
+    }
+    fn headers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
+        Ok(self.0.headers.clone())
+    }
+    fn body(&mut self, _size: usize) -> Result<Vec<u8>, Unreadable> {
+        Ok(self.0.chunks.concat())
+    }
+    fn trailers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
+        Ok(self.0.trailers.clone().unwrap_or_default())
+    }
+}
+
+/// A host that can read nothing.
+struct Broken;
+
+impl Request for Broken {
+    fn now_ms(&mut self) -> Option<u64> {
+        None
+    }
+    fn headers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
+        Err(Unreadable)
+    }
+    fn body(&mut self, _size: usize) -> Result<Vec<u8>, Unreadable> {
+        Err(Unreadable)
+    }
+    fn trailers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
+        Err(Unreadable)
+    }
+}
