@@ -147,6 +147,9 @@ def test_redis_down_fails_closed_at_the_first_stage_and_recovers(envoy_factory, 
     ({"filters": [{"rate_limit": {"name": "a", "rules": []}}, {"rate_limit": {"name": "a", "rules": []}}]},
      "filters[1].rate_limit.name"),
     ({"stages": []}, "stages"),
+    # A stage's own field, from a typed enum of its configuration, under the stage's section.
+    ({"filters": [{"replay_guard": {"routes": [{"name": "p", "match": {"path_prefix": "/"}, "on_uncertain": "retry"}]}}]},
+     "filters[0].replay_guard.routes[0].on_uncertain"),
 ])
 def test_a_wrong_chain_configuration_stops_envoy_and_names_the_field(demo_api, chain_config, field):
     chain = harness.wasm_filter("firebreak_chain", chain_config, root_id="firebreak")

@@ -216,6 +216,18 @@ impl ConfigError {
         ConfigError { field: field.into(), message: message.into() }
     }
 
+    /// The same error, seen from a configuration that holds this one at `section` (the chain:
+    /// `filters[1].request_signature`): the field becomes `<section>.<field>`. An empty `section`
+    /// leaves it as it is (a filter configured on its own).
+    pub fn under(self, section: &str) -> Self {
+        let field = match (section.is_empty(), self.field.is_empty()) {
+            (true, _) => self.field,
+            (false, true) => section.to_string(),
+            (false, false) => format!("{section}.{}", self.field),
+        };
+        ConfigError { field, message: self.message }
+    }
+
     /// Wraps a serde_json error: serde names the unknown or mistyped field in its message.
     pub fn from_json(error: serde_json::Error) -> Self {
         ConfigError::new("<configuration>", error.to_string())
@@ -233,6 +245,14 @@ impl std::error::Error for ConfigError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_section_prefixes_the_field() {
+        let e = ConfigError::new("rules[0].key", "m");
+        assert_eq!(e.clone().under("filters[2].rate_limit").field, "filters[2].rate_limit.rules[0].key");
+        assert_eq!(e.clone().under(""), e);
+        assert_eq!(ConfigError::new("", "m").under("filters[0].env_guard").field, "filters[0].env_guard");
+    }
 
     #[test]
     fn body_is_the_documented_json_and_escapes_the_message() {

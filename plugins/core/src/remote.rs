@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 
 use serde::Deserialize;
 
+use crate::config::Choice;
 use crate::store::KeyHash;
 use crate::ConfigError;
 
@@ -23,9 +24,11 @@ pub enum Backend {
 }
 
 /// What to do when Redis or the bridge does not answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// Refuse with 503 `state_unavailable` (money routes: never forward unchecked).
+    #[default]
     Closed,
     /// Forward without the check, with a counter and a log line.
     Open,
@@ -42,11 +45,22 @@ pub struct RedisConfig {
     pub failure_mode: FailureMode,
 }
 
+/// The spellings of `backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// The JSON shape of a `state` section. The local backend accepts (and ignores) the Redis
+/// fields, as it always did; they are checked only with `"backend": "redis"`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackend {
-    #[serde(default = "default_backend")]
-    backend: String,
+    #[serde(default)]
+    backend: Choice<BackendKind>,
     #[serde(default)]
     cluster: Option<String>,
     #[serde(default)]
@@ -55,21 +69,15 @@ struct RawBackend {
     timeout_ms: u32,
     #[serde(default = "default_prefix")]
     key_prefix: String,
-    #[serde(default = "default_failure_mode")]
-    failure_mode: String,
+    #[serde(default)]
+    failure_mode: Choice<FailureMode>,
 }
 
-fn default_backend() -> String {
-    "local".into()
-}
 fn default_timeout() -> u32 {
     250
 }
 fn default_prefix() -> String {
     "firebreak".into()
-}
-fn default_failure_mode() -> String {
-    "closed".into()
 }
 
 impl Backend {
@@ -77,10 +85,10 @@ impl Backend {
     /// `field` of a plugin configuration.
     pub fn from_value(value: Option<&serde_json::Value>, field: &str) -> Result<Backend, ConfigError> {
         let Some(value) = value else { return Ok(Backend::Local) };
-        let raw: RawBackend = serde_json::from_value(value.clone()).map_err(|e| ConfigError::new(field, e.to_string()))?;
-        match raw.backend.as_str() {
-            "local" => Ok(Backend::Local),
-            "redis" => {
+        let raw = RawBackend::deserialize(value).map_err(|e| ConfigError::new(field, e.to_string()))?;
+        match raw.backend.get(format!("{field}.backend"))? {
+            BackendKind::Local => Ok(Backend::Local),
+            BackendKind::Redis => {
                 let cluster = raw
                     .cluster
                     .filter(|c| !c.is_empty())
@@ -93,16 +101,7 @@ impl Backend {
                 {
                     return Err(ConfigError::new(format!("{field}.key_prefix"), "1+ characters of A-Z a-z 0-9 - _ . :"));
                 }
-                let failure_mode = match raw.failure_mode.as_str() {
-                    "closed" => FailureMode::Closed,
-                    "open" => FailureMode::Open,
-                    other => {
-                        return Err(ConfigError::new(
-                            format!("{field}.failure_mode"),
-                            format!("`{other}`: expected `closed` or `open`"),
-                        ))
-                    }
-                };
+                let failure_mode = raw.failure_mode.get(format!("{field}.failure_mode"))?;
                 Ok(Backend::Redis(RedisConfig {
                     authority: raw.authority.unwrap_or_else(|| cluster.clone()),
                     cluster,
@@ -111,7 +110,6 @@ impl Backend {
                     failure_mode,
                 }))
             }
-            other => Err(ConfigError::new(format!("{field}.backend"), format!("`{other}`: expected `local` or `redis`"))),
         }
     }
 }
@@ -373,5 +371,40 @@ mod tests {
         ] {
             assert_eq!(Backend::from_value(Some(&v), "state").unwrap_err().field, field);
         }
+        // The accepted JSON is unchanged: no `backend` means local, and local ignores the Redis
+        // fields (even invalid ones); the defaults are 250 ms, `firebreak`, closed.
+        for v in [
+            serde_json::json!({}),
+            serde_json::json!({"backend": "local"}),
+            serde_json::json!({"cluster": "c", "timeout_ms": 0, "failure_mode": "maybe", "key_prefix": ""}),
+        ] {
+            assert_eq!(Backend::from_value(Some(&v), "state"), Ok(Backend::Local), "{v}");
+        }
+        let v = serde_json::json!({"backend": "redis", "cluster": "c"});
+        assert_eq!(
+            Backend::from_value(Some(&v), "state"),
+            Ok(Backend::Redis(RedisConfig {
+                cluster: "c".into(),
+                authority: "c".into(),
+                timeout_ms: NonZeroU32::new(250).unwrap(),
+                key_prefix: "firebreak".into(),
+                failure_mode: FailureMode::Closed,
+            }))
+        );
+        let v = serde_json::json!({"backend": "redis", "cluster": "c", "authority": "a", "failure_mode": "open"});
+        let Backend::Redis(r) = Backend::from_value(Some(&v), "state").unwrap() else { panic!() };
+        assert_eq!((r.authority.as_str(), r.failure_mode), ("a", FailureMode::Open));
+        // Unknown fields and wrong types are errors of the whole section; spellings are exact.
+        for v in [
+            serde_json::json!({"backend": "redis", "cluster": "c", "clutser": "c"}),
+            serde_json::json!({"backend": "redis", "cluster": "c", "timeout_ms": "100"}),
+            serde_json::json!({"backend": 1}),
+        ] {
+            assert_eq!(Backend::from_value(Some(&v), "state").unwrap_err().field, "state", "{v}");
+        }
+        let v = serde_json::json!({"backend": "Redis", "cluster": "c"});
+        assert_eq!(Backend::from_value(Some(&v), "state").unwrap_err().field, "state.backend");
+        let v = serde_json::json!({"backend": "redis", "cluster": "c", "failure_mode": "OPEN"});
+        assert_eq!(Backend::from_value(Some(&v), "state").unwrap_err().field, "state.failure_mode");
     }
 }

@@ -18,6 +18,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use firebreak_core::ConfigError;
 use firebreak_glue::{self as glue, Direction, StreamFacts};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -55,22 +56,22 @@ pub struct StageSection {
     pub config: Vec<u8>,
 }
 
-/// A chain configuration error: the field (`filters[2]`, ...) and what is wrong with it.
-#[derive(Debug, PartialEq)]
-pub struct ChainConfigError {
-    pub field: String,
-    pub message: String,
+/// Where stage `index`'s section sits in the chain's configuration: `filters[<index>].<filter>`.
+/// A stage's own configuration errors are reported under it ([`ConfigError::under`]), so the
+/// chain and the filters share one error type and every field is named by its full path.
+pub fn stage_section(index: usize, filter: &str) -> String {
+    format!("filters[{index}].{filter}")
 }
 
-fn chain_error(field: impl Into<String>, message: impl Into<String>) -> ChainConfigError {
-    ChainConfigError { field: field.into(), message: message.into() }
+fn chain_error(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::new(field, message)
 }
 
 /// Splits `{"filters": [{"<filter>": {...}}, ...]}` into its sections, in order. The filters'
 /// own fields are checked by each filter when it configures; this checks the shape of the chain:
 /// a known filter per section, at most one of each filter but `rate_limit`, and distinct
 /// rate-limit `name`s (a name names the budget table: two stages with one name would share it).
-pub fn parse_sections(json: &[u8]) -> Result<Vec<StageSection>, ChainConfigError> {
+pub fn parse_sections(json: &[u8]) -> Result<Vec<StageSection>, ConfigError> {
     let value: Value = serde_json::from_slice(json).map_err(|e| chain_error("", format!("not valid JSON: {e}")))?;
     let Value::Object(top) = value else {
         return Err(chain_error("", "must be a JSON object with a `filters` list"));
@@ -139,9 +140,8 @@ impl RootContext for ChainRoot {
         let mut names = Vec::with_capacity(sections.len());
         for (index, section) in sections.into_iter().enumerate() {
             let Some(mut stage) = filter_root(section.filter) else { return false };
-            let prefix = format!("filters[{index}].{}.", section.filter);
-            // The stage logs its own config_error, with the field under `prefix`.
-            if !glue::configure_stage(section.config, prefix, || stage.on_configure(0)) {
+            // The stage logs its own config_error, with the field under its section.
+            if !glue::configure_stage(section.config, stage_section(index, section.filter), || stage.on_configure(0)) {
                 self.stages.clear();
                 return false;
             }
@@ -374,5 +374,83 @@ mod tests {
             field_of(r#"{"filters": [{"rate_limit": {"name": "a"}}, {"rate_limit": {"name": "a"}}]}"#),
             "filters[1].rate_limit.name"
         );
+    }
+
+    /// A stage's own configuration, parsed as `on_configure` parses it (the same core function),
+    /// its error reported under `at` as `glue::load_config` reports it (`""`: a separate module).
+    fn stage_error(at: &str, section: &StageSection) -> Option<ConfigError> {
+        use firebreak_core::envguard::GuardPolicy;
+        use firebreak_core::ratelimit::RateLimitPolicy;
+        use firebreak_core::replay::ReplayPolicy;
+        use firebreak_core::signature::SignaturePolicy;
+        let json = section.config.as_slice();
+        let error = match section.filter {
+            "request_signature" => SignaturePolicy::from_json(json, &|_| None).err(),
+            "replay_guard" => ReplayPolicy::from_json(json).err(),
+            "rate_limit" => RateLimitPolicy::from_json(json).err(),
+            "env_guard" => GuardPolicy::from_json(json).err(),
+            other => panic!("no stage {other}"),
+        };
+        error.map(|e| e.under(at))
+    }
+
+    #[test]
+    fn every_stage_error_is_named_by_its_full_path_in_the_chain() {
+        let rule = r#"{"name":"r","routes":[{"path_prefix":"/"}],"key":"ip","requests":1,"per_seconds":1,"burst":1}"#;
+        let redis =
+            |failure_mode: &str| format!(r#""state":{{"backend":"redis","cluster":"webdis","failure_mode":"{failure_mode}"}}"#);
+        let cases = [
+            (
+                r#"{"request_signature":{"routes":[{"path_prefix":"/"}],"max_age_seconds":1,"keys":[{"id":"a","secret_env":"NOPE"}]}}"#
+                    .to_string(),
+                "filters[0].request_signature.keys[0].secret_env",
+            ),
+            (
+                format!(r#"{{"request_signature":{{"routes":[{{"path_prefix":"/"}}],"max_age_seconds":1,"keys":[{{"id":"a","secret_base64":"WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlo="}}],{}}}}}"#, redis("open")),
+                "filters[0].request_signature.state.failure_mode",
+            ),
+            (
+                r#"{"replay_guard":{"routes":[{"name":"p","match":{"path_prefix":"/"},"on_uncertain":"retry"}]}}"#.to_string(),
+                "filters[0].replay_guard.routes[0].on_uncertain",
+            ),
+            (
+                r#"{"replay_guard":{"routes":[{"name":"p","match":{"path_prefix":"/"},"idempotency_key":"Required"}]}}"#.to_string(),
+                "filters[0].replay_guard.routes[0].idempotency_key",
+            ),
+            (
+                format!(r#"{{"rate_limit":{{"name":"a","rules":[{}]}}}}"#, rule.replace(r#""ip""#, r#""cookie""#)),
+                "filters[0].rate_limit.rules[0].key",
+            ),
+            (
+                format!(r#"{{"rate_limit":{{"name":"a","rules":[{}],{}}}}}"#, rule, redis("maybe")),
+                "filters[0].rate_limit.state.failure_mode",
+            ),
+            (
+                format!(r#"{{"rate_limit":{{"name":"a","rules":[{rule}],"state":{{"backend":"memcached"}}}}}}"#),
+                "filters[0].rate_limit.state.backend",
+            ),
+            (
+                format!(r#"{{"rate_limit":{{"name":"a","rules":[{rule}],"state":{{"backend":"redis"}}}}}}"#),
+                "filters[0].rate_limit.state.cluster",
+            ),
+            (
+                r#"{"env_guard":{"environment":"uat","production":false,"production_hosts":["a.example"],"over_limit":"allow"}}"#
+                    .to_string(),
+                "filters[0].env_guard.over_limit",
+            ),
+            (r#"{"rate_limit":{"name":"a","rules":[],"bogus":1}}"#.to_string(), "filters[0].rate_limit.<configuration>"),
+        ];
+        let valid = format!(r#"{{"rate_limit":{{"name":"first","rules":[{rule}]}}}}"#);
+        for (bad, field) in cases {
+            // The bad stage second, after a valid one: its index is its place in the chain.
+            let chain = format!(r#"{{"filters":[{valid},{bad}]}}"#);
+            let sections = parse_sections(chain.as_bytes()).unwrap();
+            assert_eq!(stage_error(&stage_section(0, sections[0].filter), &sections[0]), None, "{valid}");
+            let error = stage_error(&stage_section(1, sections[1].filter), &sections[1]).expect(&chain);
+            assert_eq!(error.field, field.replacen("filters[0]", "filters[1]", 1), "{chain}: {error}");
+            // The same section as a separate module: the stage's own path, without the section.
+            let own = field.splitn(3, '.').nth(2).unwrap();
+            assert_eq!(stage_error("", &sections[1]).map(|e| e.field), Some(own.to_string()), "{chain}");
+        }
     }
 }

@@ -92,8 +92,8 @@ pub fn log(level: LogLevel, message: &str) {
 /// In a chain (one module running several filters), a stage's configuration is its section of
 /// the chain's configuration, and its field names are reported under that section.
 pub fn load_config<T>(plugin: &str, parse: impl FnOnce(&[u8]) -> Result<T, ConfigError>) -> Option<T> {
-    let (bytes, field_prefix) = match STAGE_CONFIG.with(|stage| stage.borrow_mut().take()) {
-        Some(stage) => (stage.bytes, stage.field_prefix),
+    let (bytes, section) = match STAGE_CONFIG.with(|stage| stage.borrow_mut().take()) {
+        Some(stage) => (stage.bytes, stage.section),
         None => (plugin_configuration(plugin)?, String::new()),
     };
     match parse(&bytes) {
@@ -102,7 +102,8 @@ pub fn load_config<T>(plugin: &str, parse: impl FnOnce(&[u8]) -> Result<T, Confi
             Some(config)
         }
         Err(error) => {
-            log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={field_prefix}{} {error}", error.field));
+            let error = error.under(&section);
+            log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={} {error}", error.field));
             None
         }
     }
@@ -121,7 +122,8 @@ pub fn plugin_configuration(plugin: &str) -> Option<Vec<u8>> {
 
 struct StageConfig {
     bytes: Vec<u8>,
-    field_prefix: String,
+    /// Where the stage's section sits in the chain's configuration (`filters[1].rate_limit`).
+    section: String,
 }
 
 thread_local! {
@@ -130,9 +132,10 @@ thread_local! {
     static DEFERRED_RESUME: Cell<Option<Direction>> = const { Cell::new(None) };
 }
 
-/// Runs `configure` (a stage's `on_configure`) with `bytes` as its configuration.
-pub fn configure_stage(bytes: Vec<u8>, field_prefix: String, configure: impl FnOnce() -> bool) -> bool {
-    STAGE_CONFIG.with(|stage| *stage.borrow_mut() = Some(StageConfig { bytes, field_prefix }));
+/// Runs `configure` (a stage's `on_configure`) with `bytes` as its configuration; its
+/// configuration errors are reported under `section` ([`ConfigError::under`]).
+pub fn configure_stage(bytes: Vec<u8>, section: String, configure: impl FnOnce() -> bool) -> bool {
+    STAGE_CONFIG.with(|stage| *stage.borrow_mut() = Some(StageConfig { bytes, section }));
     let configured = configure();
     STAGE_CONFIG.with(|stage| stage.borrow_mut().take());
     configured

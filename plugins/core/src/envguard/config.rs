@@ -8,6 +8,7 @@ use std::num::NonZeroUsize;
 
 use serde::Deserialize;
 
+use crate::config::Choice;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::ConfigError;
 
@@ -34,8 +35,8 @@ pub struct RawConfig {
     max_body_bytes: u64,
     #[serde(default = "default_max_decoded")]
     max_decoded_bytes: u64,
-    #[serde(default = "default_over_limit")]
-    over_limit: String,
+    #[serde(default)]
+    over_limit: Choice<OverLimit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,9 +66,6 @@ fn default_max_body() -> u64 {
 fn default_max_decoded() -> u64 {
     4 * 1024 * 1024
 }
-fn default_over_limit() -> String {
-    "block".to_string()
-}
 
 /// Upper bound of `max_body_bytes` and `max_decoded_bytes`.
 pub const MAX_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
@@ -78,10 +76,12 @@ pub const MAX_LABEL_LEN: usize = 64;
 /// Longest accepted `protected_credentials[].length` (a PEM private key is a few KiB).
 pub const MAX_CREDENTIAL_LEN: u64 = 65536;
 
-/// What to do with a body larger than the inspection limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to do with a body larger than the inspection limits (`over_limit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OverLimit {
     /// Refuse it (413 `body_too_large_to_inspect`). The default.
+    #[default]
     Block,
     /// Forward it uninspected (headers, query and host are still checked) and count it.
     Pass,
@@ -241,11 +241,7 @@ impl GuardPolicy {
         };
         let max_body_bytes = limit(raw.max_body_bytes, "max_body_bytes")?;
         let max_decoded_bytes = limit(raw.max_decoded_bytes, "max_decoded_bytes")?;
-        let over_limit = match raw.over_limit.as_str() {
-            "block" => OverLimit::Block,
-            "pass" => OverLimit::Pass,
-            other => return Err(ConfigError::new("over_limit", format!("`{other}`: expected `block` or `pass`"))),
-        };
+        let over_limit = raw.over_limit.get("over_limit")?;
         Ok(GuardPolicy {
             environment,
             production,

@@ -5,6 +5,7 @@ use std::num::{NonZeroU16, NonZeroU32};
 use serde::Deserialize;
 
 use super::gcra::Quota;
+use crate::config::Choice;
 use crate::remote::Backend;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::store::{BucketTable, SharedStore};
@@ -51,14 +52,14 @@ struct RawReconcile {
 struct RawRule {
     name: String,
     routes: Vec<RouteConfig>,
-    key: String,
+    key: Choice<KeyBy>,
     requests: Option<u32>,
     per_seconds: Option<u32>,
     burst: Option<u32>,
     #[serde(default)]
     report_only: bool,
     #[serde(default)]
-    missing_user: Option<String>,
+    missing_user: Option<Choice<MissingUser>>,
     #[serde(default)]
     fail_open: bool,
 }
@@ -96,8 +97,9 @@ pub const MAX_REQUESTS: u32 = 1_000_000;
 /// Longest period accepted: one day.
 pub const MAX_PER_SECONDS: u32 = 86_400;
 
-/// What a rule counts requests against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a rule counts requests against (`key`: `ip`, `user` or `ip_and_user`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum KeyBy {
     /// The client address Envoy computed, grouped by prefix.
     Ip,
@@ -107,10 +109,13 @@ pub enum KeyBy {
     IpAndUser,
 }
 
-/// What a user-keyed rule does with a request that carries no verified user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a user-keyed rule does with a request that carries no verified user (`missing_user`:
+/// `reject` or `by_ip`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MissingUser {
     /// 401 `rate_limit_unauthenticated` (the default: a per-user limit cannot be applied).
+    #[default]
     Reject,
     /// Count the request against its client network instead.
     ByIp,
@@ -300,14 +305,7 @@ fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
     if routes.is_empty() {
         return Err(ConfigError::new(format!("{field}.routes"), "at least one route is required"));
     }
-    let key = match raw.key.as_str() {
-        "ip" => KeyBy::Ip,
-        "user" => KeyBy::User,
-        "ip_and_user" => KeyBy::IpAndUser,
-        other => {
-            return Err(ConfigError::new(format!("{field}.key"), format!("`{other}`: expected `ip`, `user` or `ip_and_user`")))
-        }
-    };
+    let key = raw.key.get(format!("{field}.key"))?;
     let bounded = |value: Option<u32>, name: &str, max: u32| {
         value
             .and_then(NonZeroU32::new)
@@ -319,16 +317,15 @@ fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
     let burst = bounded(raw.burst, "burst", MAX_REQUESTS)?;
     let period_ms = NonZeroU32::new(per_seconds.get() * 1000)
         .ok_or_else(|| ConfigError::new(format!("{field}.per_seconds"), "out of range"))?;
-    let missing_user = match (raw.missing_user.as_deref(), key) {
-        (None | Some("reject"), _) => MissingUser::Reject,
-        (Some("by_ip"), KeyBy::User | KeyBy::IpAndUser) => MissingUser::ByIp,
-        (Some("by_ip"), KeyBy::Ip) => {
-            return Err(ConfigError::new(format!("{field}.missing_user"), "only meaningful for rules keyed by user"))
-        }
-        (Some(other), _) => {
-            return Err(ConfigError::new(format!("{field}.missing_user"), format!("`{other}`: expected `reject` or `by_ip`")))
-        }
-    };
+    let missing_user = raw
+        .missing_user
+        .as_ref()
+        .map(|m| m.get(format!("{field}.missing_user")))
+        .transpose()?
+        .unwrap_or_default();
+    if (missing_user, key) == (MissingUser::ByIp, KeyBy::Ip) {
+        return Err(ConfigError::new(format!("{field}.missing_user"), "only meaningful for rules keyed by user"));
+    }
     Ok(Rule {
         name: raw.name.clone(),
         routes,
@@ -386,6 +383,9 @@ mod tests {
             (with(RULE.replace("[{\"path_prefix\":\"/v1/\"}]", "[]")), "rules[0].routes"),
             (with(rule("\"missing_user\":\"by_ip\"")), "rules[0].missing_user"),
             (with(rule("\"missing_user\":\"allow\"").replace("\"ip\"", "\"user\"")), "rules[0].missing_user"),
+            (with(rule("\"missing_user\":\"allow\"")), "rules[0].missing_user"),
+            (with(RULE.replace("\"ip\"", "\"IP\"")), "rules[0].key"),
+            (with(RULE.replace("\"ip\"", "\"ip_and_user\"").replace("\"burst\":5", "\"burst\":0")), "rules[0].burst"),
             (format!(r#"{{"name":"e","ipv6_prefix":0,"rules":[{RULE}]}}"#), "ipv6_prefix"),
             (format!(r#"{{"name":"e","ipv6_prefix":129,"rules":[{RULE}]}}"#), "ipv6_prefix"),
             (format!(r#"{{"name":"e","ipv4_prefix":33,"rules":[{RULE}]}}"#), "ipv4_prefix"),
@@ -415,5 +415,17 @@ mod tests {
         assert_eq!(p.user_source, UserSource::TrustedHeader("x-user".into()));
         assert_eq!(p.rules[0].missing_user, MissingUser::ByIp);
         assert_eq!(p.rules[0].key, KeyBy::User);
+        for (key, by) in [("ip", KeyBy::Ip), ("user", KeyBy::User), ("ip_and_user", KeyBy::IpAndUser)] {
+            let spellings = [
+                ("", MissingUser::Reject),
+                (r#""missing_user":null,"#, MissingUser::Reject),
+                (r#""missing_user":"reject","#, MissingUser::Reject),
+            ];
+            for (missing, expected) in spellings {
+                let rule = RULE.replace("\"ip\"", &format!("\"{key}\"")).replacen('{', &format!("{{{missing}"), 1);
+                let p = parse(&format!(r#"{{"name":"e","rules":[{rule}]}}"#)).unwrap();
+                assert_eq!((p.rules[0].key, p.rules[0].missing_user), (by, expected));
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 
 use serde::Deserialize;
 
+use crate::config::Choice;
 use crate::quota::{self, TenantQuota};
 use crate::remote::{Backend, FailureMode};
 use crate::route::{RouteConfig, RouteMatch};
@@ -56,12 +57,12 @@ struct RawRoute {
     name: String,
     #[serde(rename = "match")]
     matcher: RouteConfig,
-    #[serde(default = "default_key_mode")]
-    idempotency_key: String,
+    #[serde(default)]
+    idempotency_key: Choice<KeyMode>,
     #[serde(default)]
     collapse_window_ms: u64,
-    #[serde(default = "default_on_uncertain")]
-    on_uncertain: String,
+    #[serde(default)]
+    on_uncertain: Choice<OnUncertain>,
     #[serde(default)]
     require_principal: bool,
 }
@@ -111,12 +112,6 @@ fn default_key_store() -> RawTable {
 fn default_collapse_store() -> RawTable {
     RawTable { buckets: 256, slots_per_bucket: 8, quota_per_principal: None }
 }
-fn default_key_mode() -> String {
-    "required".into()
-}
-fn default_on_uncertain() -> String {
-    "lock".into()
-}
 
 /// Limits that are not configurable (they bound memory whatever the configuration says).
 pub const MAX_KEY_LENGTH_LIMIT: usize = 1024;
@@ -126,10 +121,12 @@ pub const MAX_COLLAPSE_WINDOW_MS: u64 = 3_600_000;
 pub const MAX_STORED_HEADERS: usize = 16;
 pub const MAX_ROUTE_NAME_LEN: usize = 64;
 
-/// What the `Idempotency-Key` header means on a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the `Idempotency-Key` header means on a route (`idempotency_key`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KeyMode {
-    /// A request without a key is refused (400 `idempotency_key_missing`).
+    /// A request without a key is refused (400 `idempotency_key_missing`). The default.
+    #[default]
     Required,
     /// A key is honoured when present; requests without one fall back to duplicate collapse.
     Optional,
@@ -137,10 +134,13 @@ pub enum KeyMode {
     Ignored,
 }
 
-/// What an answer that does not prove the outcome (5xx, timeout, reset, local reply) does to a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an answer that does not prove the outcome (5xx, timeout, reset, local reply) does to a key
+/// (`on_uncertain`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnUncertain {
-    /// The key becomes `outcome_unknown`: retries get 409 until the TTL ends.
+    /// The key becomes `outcome_unknown`: retries get 409 until the TTL ends. The default.
+    #[default]
     Lock,
     /// The key is released: a retry is forwarded (only for operations safe to repeat).
     Release,
@@ -380,22 +380,8 @@ fn parse_route(raw: &RawRoute, field: &str) -> Result<ReplayRoute, ConfigError> 
         ));
     }
     let matcher = RouteMatch::parse(&raw.matcher, &format!("{field}.match"))?;
-    let key_mode = match raw.idempotency_key.as_str() {
-        "required" => KeyMode::Required,
-        "optional" => KeyMode::Optional,
-        "ignored" => KeyMode::Ignored,
-        other => {
-            return Err(ConfigError::new(
-                format!("{field}.idempotency_key"),
-                format!("`{other}` is not one of required, optional, ignored"),
-            ))
-        }
-    };
-    let on_uncertain = match raw.on_uncertain.as_str() {
-        "lock" => OnUncertain::Lock,
-        "release" => OnUncertain::Release,
-        other => return Err(ConfigError::new(format!("{field}.on_uncertain"), format!("`{other}` is not one of lock, release"))),
-    };
+    let key_mode = raw.idempotency_key.get(format!("{field}.idempotency_key"))?;
+    let on_uncertain = raw.on_uncertain.get(format!("{field}.on_uncertain"))?;
     if raw.collapse_window_ms > MAX_COLLAPSE_WINDOW_MS {
         return Err(ConfigError::new(format!("{field}.collapse_window_ms"), format!("must be at most {MAX_COLLAPSE_WINDOW_MS}")));
     }
