@@ -14,6 +14,8 @@ def replay_guard(harness, purpose: str, in_chain: bool = False) -> dict:
         "in_flight_timeout_ms": 30000,
         "max_stored_body_bytes": 4096,
         "stored_headers": ["content-type", "location"],
-        "key_store": {"buckets": 16384, "slots_per_bucket": 16},
+        # One tenant sends every request of a run: its quota is the most a table allows
+        # (capacity / 2), and the table is sized so a run stays under it.
+        "key_store": {"buckets": 65536, "slots_per_bucket": 16, "quota_per_principal": 65536 * 16 // 2},
         "collapse_store": {"buckets": 256, "slots_per_bucket": 8},
     })

@@ -54,11 +54,13 @@ def have(module: str) -> bool:
 # distinct keys): the tables are sized for what the run puts in them, as an operator would.
 
 def signature(purpose: str) -> dict:
-    buckets = 32768 if purpose == "cpu" else 16384
+    # One key id signs every request of a run: its quota is the most a table allows
+    # (capacity / 2), and the table is sized so a run stays under it.
+    buckets = 65536 if purpose == "cpu" else 16384
     return harness.wasm_filter("request_signature", harness.signature_config(
         max_age_seconds=3600,
         covered_headers_when_present=["idempotency-key"],
-        nonce_store={"buckets": buckets, "slots_per_bucket": 16},
+        nonce_store={"buckets": buckets, "slots_per_bucket": 16, "quota_per_key_id": buckets * 16 // 2},
     ), host_env_keys=[harness.DEMO_KEY_ENV])
 
 

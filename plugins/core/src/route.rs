@@ -192,12 +192,15 @@ where
             None => Scope::Out,
         };
     }
+    // Only rules for this method can be meant: with none, no reading needs computing.
+    let candidates: Vec<&RouteMatch> = routes.into_iter().filter(|r| r.method_ok(method)).collect();
+    if candidates.is_empty() {
+        return Scope::Out;
+    }
     let (forms, exhausted) = lenient_forms(path);
-    // Still encoded after MAX_DECODE_ROUNDS decodings: any rule for this method could be meant.
-    if routes
-        .into_iter()
-        .any(|r| if exhausted { r.method_ok(method) } else { forms.iter().any(|form| r.could_match(method, form)) })
-    {
+    // Unreadable (still encoded after MAX_DECODE_ROUNDS decodings, non-ASCII, a `%` that is not
+    // an escape): any rule for this method could be meant.
+    if candidates.iter().any(|r| exhausted || forms.iter().any(|form| r.could_match(method, form))) {
         Scope::NotCanonical
     } else {
         Scope::Out
@@ -212,7 +215,8 @@ fn literal_ok(b: u8) -> bool {
 
 /// Characters a canonical path may carry percent-encoded: printable ASCII whose encoding a
 /// lenient upstream cannot turn into a different route (never unreserved characters, `/`, `\`,
-/// `;`, `%`, `.`, `?`, `#`, space, control or non-ASCII bytes).
+/// `;`, `%`, `.`, `?`, `#`, space, control or non-ASCII bytes). [`is_canonical`] also refuses
+/// the escape of a character [`literal_ok`] allows, so a canonical path has one spelling.
 fn escape_ok(b: u8) -> bool {
     b"!\"$&'()*+,:<=>@[]^`{|}".contains(&b)
 }
@@ -238,7 +242,8 @@ pub fn is_canonical(path: &str) -> bool {
                     return false;
                 }
                 let mut escaped = [0u8; 1];
-                if hex::decode_to_slice([h, l], &mut escaped).is_err() || !escape_ok(escaped[0]) {
+                // One spelling per character: what may stand literally must not be escaped.
+                if hex::decode_to_slice([h, l], &mut escaped).is_err() || !escape_ok(escaped[0]) || literal_ok(escaped[0]) {
                     return false;
                 }
                 i += 3;
@@ -325,8 +330,21 @@ pub fn lenient_forms(path: &str) -> (Vec<Vec<u8>>, bool) {
             forms.push(form);
         }
     };
+    let mut starts = vec![raw.clone(), lenient_normalize(&raw)];
+    // `//host/v1/payouts` (also `/\host/...`): many URL parsers read the first segment as an
+    // authority and route on what follows it.
+    let slashes = |b: &u8| *b == b'/' || *b == b'\\';
+    let leading = raw.iter().take_while(|b| slashes(b)).count();
+    if leading >= 2 {
+        let after_authority = raw.get(leading..).unwrap_or_default();
+        let path_start = after_authority.iter().position(slashes).unwrap_or(after_authority.len());
+        let rest = after_authority.get(path_start..).unwrap_or_default();
+        let rest = if rest.is_empty() { b"/".to_vec() } else { rest.to_vec() };
+        starts.push(lenient_normalize(&rest));
+        starts.push(rest);
+    }
     let mut exhausted = false;
-    for start in [raw.clone(), lenient_normalize(&raw)] {
+    for start in starts {
         let mut current = start;
         for round in 0..=MAX_DECODE_ROUNDS {
             push(current.to_ascii_lowercase());
@@ -342,6 +360,17 @@ pub fn lenient_forms(path: &str) -> (Vec<Vec<u8>>, bool) {
             current = next;
         }
     }
+    // Bytes no ASCII rule can be compared with (a router may fold `ſ` to `s` or decode an
+    // overlong `/`), or a `%` that is not an escape (`%u0073`, IIS): no reading is trusted.
+    let unreadable = |form: &Vec<u8>| {
+        form.iter().enumerate().any(|(i, &b)| {
+            !b.is_ascii()
+                || (b == b'%'
+                    && !(form.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                        && form.get(i + 2).is_some_and(u8::is_ascii_hexdigit)))
+        })
+    };
+    exhausted |= forms.iter().any(unreadable);
     (forms, exhausted)
 }
 

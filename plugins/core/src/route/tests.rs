@@ -72,7 +72,7 @@ fn bad_routes_name_the_field() {
 #[test]
 fn canonical_classification() {
     for ok in
-        ["/", "/v1/payouts", "/V1/Payouts", "/v1/accounts/acc-1/balance", "/a:b@c!$&'()*+,=~_-", "/x%3Ay", "/v1/payouts.json"]
+        ["/", "/v1/payouts", "/V1/Payouts", "/v1/accounts/acc-1/balance", "/a:b@c!$&'()*+,=~_-", "/x%7By%7D", "/v1/payouts.json"]
     {
         assert!(is_canonical(ok), "{ok}");
     }
@@ -101,6 +101,9 @@ fn canonical_classification() {
         "/v1/pay%3aouts",
         "/v1/payouts%",
         "/v1/payouts%G1",
+        "/x%3Ay",
+        "/v1/payouts%3Abatch",
+        "/v1/%40me",
         "/v1\\payouts",
         "/v1/payouts;jsessionid=1",
         "/v1;x/payouts",
@@ -143,6 +146,34 @@ fn ordinary_paths_are_decided_normally() {
     assert_eq!(scope(&rules, "POST", "/x/../v1/payouts"), Scope::NotCanonical);
     assert_eq!(scope(&rules, "POST", "v1/payouts"), Scope::NotCanonical);
     assert_eq!(scope(&rules, "POST", "http://h/v1/payouts"), Scope::NotCanonical);
+}
+
+/// Spellings a first review found `Out`: an escape of a character that may stand literally
+/// (two canonical spellings of one path), an authority-looking first segment (`//host/...`,
+/// which many URL parsers strip), and bytes no ASCII rule can be compared with (non-ASCII that a
+/// router may fold or decode to ASCII, IIS `%uXXXX`).
+#[test]
+fn spellings_that_once_escaped_are_refused() {
+    let batch = vec![route(&["POST"], None, Some("/v1/payouts:batch"))];
+    assert_eq!(scope(&batch, "POST", "/v1/payouts:batch"), Scope::In(0));
+    assert_eq!(scope(&batch, "POST", "/v1/payouts%3Abatch"), Scope::NotCanonical);
+    let rules = demo_rules();
+    for path in [
+        "//x/v1/payouts",
+        "//x/v1/transfers",
+        "/\\x/v1/payouts",
+        "\\\\x/v1/withdrawals",
+        "//evil.example:80/v1/payouts?a=b",
+        "/v1/payout%C5%BF",
+        "/v1/payouts%C0%AF",
+        "/%u0076%u0031/payouts",
+        "/v1/pay%u006Futs",
+    ] {
+        assert_eq!(scope(&rules, "POST", path), Scope::NotCanonical, "{path:?}");
+    }
+    // The same spellings on a method no rule names are out of scope, whatever they read as.
+    assert_eq!(scope(&rules, "GET", "//x/v1/payouts"), Scope::Out);
+    assert_eq!(scope(&rules, "GET", "/v1/payout%C5%BF"), Scope::Out);
 }
 
 /// A small deterministic generator (xorshift64*): the tests need no crate and print the seed.
