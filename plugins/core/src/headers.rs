@@ -41,6 +41,15 @@ pub fn spellings<'a>(headers: &'a [(String, String)], canonical: &str) -> Spelli
     found
 }
 
+/// A header name as configuration may give it: lower-case letters, digits, `-` and `_`, at most
+/// 128 bytes, not a pseudo-header.
+pub fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(':')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// A header name fit to carry identity: lower-case letters, digits and `-` (no `_`, whose
 /// spellings upstreams disagree on), not a pseudo-header.
 pub fn valid_identity_header_name(name: &str) -> bool {

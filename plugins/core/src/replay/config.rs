@@ -239,7 +239,7 @@ impl ReplayPolicy {
         for (i, name) in raw.stored_headers.iter().enumerate() {
             let lower = name.to_ascii_lowercase();
             let field = format!("stored_headers[{i}]");
-            if !valid_header_name(&lower) {
+            if !crate::headers::valid_header_name(&lower) {
                 return Err(ConfigError::new(field, "not a valid header name"));
             }
             if matches!(
@@ -273,7 +273,7 @@ impl ReplayPolicy {
             }
         }
         let marker = raw.replay_marker_header.to_ascii_lowercase();
-        if !valid_header_name(&marker) {
+        if !crate::headers::valid_header_name(&marker) {
             return Err(ConfigError::new("replay_marker_header", "not a valid header name"));
         }
         if stored_headers.contains(&marker) {
@@ -289,6 +289,14 @@ impl ReplayPolicy {
             Some(op) => {
                 if !op.path.starts_with('/') || op.path.contains('?') || op.path.len() > 256 {
                     return Err(ConfigError::new("operator_clear.path", "an absolute path without a query"));
+                }
+                // Compared byte for byte with the request path: only its canonical spelling can
+                // ever match (another spelling is forwarded like any request).
+                if !crate::route::is_canonical(&op.path) {
+                    return Err(ConfigError::new(
+                        "operator_clear.path",
+                        "must be a canonical path (see README, Canonical paths)",
+                    ));
                 }
                 if routes.iter().any(|r| r.matcher.matches("POST", &op.path)) {
                     return Err(ConfigError::new("operator_clear.path", "must not be a protected route"));
@@ -418,11 +426,4 @@ fn parse_quota(raw: &RawTable, field: &str, table: &BucketTable, window_ms: NonZ
     let limit = raw.quota_per_principal.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
     let limit = quota::validate_limit(limit, capacity, &format!("{field}.quota_per_principal"))?;
     Ok(TenantQuota::for_table(table, limit, window_ms))
-}
-
-fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with(':')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }

@@ -173,6 +173,8 @@ fn each_bad_field_is_named() {
         ),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"ops","principals":["a"]}}}}"#), "operator_clear.path"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/v1/clear","principals":["a"]}}}}"#), "operator_clear.path"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops//clear","principals":["a"]}}}}"#), "operator_clear.path"),
+        (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/%63lear","principals":["a"]}}}}"#), "operator_clear.path"),
         (format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":[]}}}}"#), "operator_clear.principals"),
         (
             format!(r#"{{"routes":[{r}],"operator_clear":{{"path":"/ops/clear","principals":["a b"]}}}}"#),

@@ -243,7 +243,7 @@ impl SignaturePolicy {
         let mut covered = Vec::new();
         for (i, name) in raw.covered_headers_when_present.iter().enumerate() {
             let lower = name.to_ascii_lowercase();
-            if !valid_header_name(&lower) {
+            if !crate::headers::valid_header_name(&lower) {
                 return Err(ConfigError::new(format!("covered_headers_when_present[{i}]"), "not a valid header name"));
             }
             covered.push(lower);
@@ -360,12 +360,6 @@ impl SignaturePolicy {
 /// extension methods included.
 pub fn is_safe_method(method: &str) -> bool {
     ["GET", "HEAD", "OPTIONS", "TRACE"].iter().any(|m| m.eq_ignore_ascii_case(method))
-}
-
-fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(':')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn parse_key(raw: &RawKey, field: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Key, ConfigError> {
