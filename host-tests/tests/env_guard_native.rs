@@ -5,7 +5,6 @@
 
 use std::rc::Rc;
 
-use firebreak_core::envguard::flow::PLUGIN;
 use firebreak_core::envguard::{GuardFlow, GuardPolicy};
 use firebreak_core::flow::memory::{drive, MemoryRequest, Outcome};
 use firebreak_host_tests::scenario::{build_request, value_bytes, Expect, RequestSpec, ScenarioFile, UpstreamSpec};
@@ -38,22 +37,17 @@ fn check(
         headers: request.headers.clone(),
         chunks: request.body_chunks.clone(),
         trailers: if request.trailers.is_empty() { None } else { Some(request.trailers.clone()) },
-        now_ms: 0,
+        source_address: None,
     };
-    let outcome = drive(PLUGIN, &mut GuardFlow::new(policy.clone()), &memory);
+    let outcome = drive(&mut GuardFlow::new(policy.clone()), &memory);
     let mut failures = Vec::new();
     let mut fail = |what: String| failures.push(format!("{at}: {what}"));
     let upstream = upstream.map(|u| u.to_upstream().unwrap());
     let (status, response_body, response_headers): (u16, Vec<u8>, Vec<(String, String)>) = match &outcome.reply {
         Some(reply) => (
-            reply.rejection.status,
-            reply.rejection.body(),
-            reply
-                .rejection
-                .response_headers()
-                .into_iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
+            reply.status,
+            reply.body(),
+            reply.response_headers().into_iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
         ),
         None => match &upstream {
             Some(u) => (u.status, u.body.clone(), u.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect()),
@@ -66,14 +60,14 @@ fn check(
         }
     }
     if let Some(want) = &expect.error {
-        let got = outcome.reply.as_ref().map(|r| r.rejection.code.to_string());
+        let got = outcome.reply.as_ref().map(|r| r.code.to_string());
         if *want != got {
             fail(format!("error {got:?}, expected {want:?}"));
         }
     }
     if let Some(want) = expect.forwarded {
-        if want != outcome.forwarded() {
-            fail(format!("forwarded {}, expected {want}", outcome.forwarded()));
+        if want != outcome.passed() {
+            fail(format!("forwarded {}, expected {want}", outcome.passed()));
         }
     }
     let body = String::from_utf8_lossy(&response_body).to_string();
@@ -93,7 +87,7 @@ fn check(
             fail(format!("response header {name} {got:?}, expected {want:?}"));
         }
     }
-    if outcome.forwarded() {
+    if outcome.passed() {
         // env-guard changes neither headers nor trailers: the upstream sees what was sent.
         for (name, want) in &expect.upstream_headers {
             let got = request.header_value(name).map(str::to_string);

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod envguard;
+pub mod filters;
 pub mod flow;
 pub mod headers;
 pub mod quota;

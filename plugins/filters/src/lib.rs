@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod env_guard;
+pub mod flow_root;
 pub mod rate_limit;
 pub mod replay_guard;
 pub mod request_signature;

@@ -4,6 +4,8 @@
 //! context-trait helpers `unwrap` host statuses, and a panic traps the VM and fails every stream
 //! on that worker.
 
+pub mod host;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::UNIX_EPOCH;

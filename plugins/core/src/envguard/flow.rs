@@ -1,7 +1,6 @@
 //! env-guard's flow: when it reads the headers, whether it holds the body, and how a finding
 //! becomes a reply, with its counters and log lines. The decisions it calls are in
-//! [`super::request`]; the proxy-wasm adapter (`plugins/filters/src/env_guard.rs`) only applies
-//! the [`Output`]s.
+//! [`super::request`]; a host only applies the [`Step`]s.
 //!
 //! One request, top to bottom:
 //! 1. Headers. In a production environment everything passes (`passed_production`). Otherwise:
@@ -16,7 +15,7 @@
 
 use std::rc::Rc;
 
-use crate::flow::{Event, Flow, Level, Output, Record, Reply, Request, Step};
+use crate::flow::{header, reject, Event, Flow, FlowFactory, Host, Level, Meter, Step};
 use crate::route::{not_canonical_rejection, split_path, Scope};
 
 use super::request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
@@ -47,9 +46,15 @@ pub fn configured(policy: &GuardPolicy) -> Vec<(Level, String)> {
     lines
 }
 
+/// Where env-guard's counters and log lines go.
+pub fn meter() -> Meter {
+    Meter::new(PLUGIN, "firebreak.env_guard")
+}
+
 /// env-guard's flow for one request.
 pub struct GuardFlow {
     policy: Rc<GuardPolicy>,
+    meter: Meter,
     /// Headers clean, body still to inspect.
     pending: Option<Pending>,
 }
@@ -62,42 +67,41 @@ struct Pending {
 
 impl GuardFlow {
     pub fn new(policy: Rc<GuardPolicy>) -> Self {
-        GuardFlow { policy, pending: None }
+        GuardFlow { policy, meter: meter(), pending: None }
     }
 }
 
 impl Flow for GuardFlow {
-    fn on_event(&mut self, event: Event, request: &mut dyn Request) -> Output {
-        let mut records = Vec::new();
-        let step = match event {
-            Event::RequestHeaders { end_of_stream } => self.headers(request, end_of_stream, &mut records),
-            Event::RequestBody { buffered, end_of_stream } => self.body(request, buffered, end_of_stream, &mut records),
-            Event::RequestTrailers => self.trailers(request, &mut records),
-        };
-        Output { records, step }
+    fn on_event(&mut self, event: Event, host: &mut dyn Host) -> Step {
+        match event {
+            Event::RequestHeaders { end_of_stream } => self.headers(host, end_of_stream),
+            Event::RequestBody { buffered, end_of_stream } => self.body(host, buffered, end_of_stream),
+            Event::RequestTrailers => self.trailers(host),
+            _ => Step::Continue,
+        }
     }
 }
 
 impl GuardFlow {
-    fn headers(&mut self, request: &mut dyn Request, end_of_stream: bool, records: &mut Vec<Record>) -> Step {
+    fn headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Step {
         if self.policy.production {
             // A production environment is where production credentials belong.
-            records.push(Record::CountPassed("passed_production"));
+            host.count_passed(&self.meter, "passed_production");
             return Step::Continue;
         }
-        let Ok(headers) = request.headers() else {
-            return self.reject(&GuardError::Unreadable("request headers (not UTF-8)"), "", records);
+        let Ok(headers) = host.request_headers() else {
+            return self.reject(&GuardError::Unreadable("request headers (not UTF-8)"), "", host);
         };
         let method = header(&headers, ":method").unwrap_or("");
         let path = split_path(header(&headers, ":path").unwrap_or("")).0;
         let scope = self.policy.guards(method, path);
         if !scope.applies() {
-            records.push(Record::CountPassed("passed_unguarded"));
+            host.count_passed(&self.meter, "passed_unguarded");
             return Step::Continue;
         }
         if scope == Scope::NotCanonical {
             let context = format!("environment={} method={method}", self.policy.environment);
-            return Step::Reply(Reply { rejection: not_canonical_rejection(), level: Level::Warn, context });
+            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context);
         }
         let plan = match check_headers(&self.policy, &headers) {
             Ok(plan) => plan,
@@ -107,23 +111,23 @@ impl GuardFlow {
                     GuardError::Credential { place: Place::Path, .. } => format!("method={method}"),
                     _ => format!("method={method} path={path:?}"),
                 };
-                return self.reject(&error, &context, records);
+                return self.reject(&error, &context, host);
             }
         };
         let context = format!("method={method} path={path:?}");
         if plan.headers_uninspected {
             // `over_limit: pass` and the header decodings exceeded `max_decoded_bytes`.
-            self.outcome(BodyOutcome::Uninspected, records);
+            self.outcome(BodyOutcome::Uninspected, host);
         }
         if let Some(length) = header(&headers, "content-length") {
             match length.trim().parse::<u64>() {
-                Ok(n) if n > self.policy.max_body_bytes.get() as u64 => return self.over_limit(&context, records),
+                Ok(n) if n > self.policy.max_body_bytes.get() as u64 => return self.over_limit(&context, host),
                 Ok(_) => {}
-                Err(_) => return self.reject(&GuardError::Unreadable("content-length"), &context, records),
+                Err(_) => return self.reject(&GuardError::Unreadable("content-length"), &context, host),
             }
         }
         if end_of_stream {
-            return self.outcome(BodyOutcome::Clean, records);
+            return self.outcome(BodyOutcome::Clean, host);
         }
         // A paused header callback would stop the body from ever reaching this filter (Envoy
         // turns it into StopAllIteration): continue here and hold the body until it is complete.
@@ -131,68 +135,68 @@ impl GuardFlow {
         Step::Continue
     }
 
-    fn body(&mut self, request: &mut dyn Request, buffered: usize, end_of_stream: bool, records: &mut Vec<Record>) -> Step {
+    fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
         let Some(pending) = self.pending.take() else { return Step::Continue };
         if buffered > self.policy.max_body_bytes.get() {
-            return self.over_limit(&pending.context, records);
+            return self.over_limit(&pending.context, host);
         }
         if !end_of_stream {
             self.pending = Some(pending);
             return Step::Hold;
         }
-        self.finish_body(request, pending, buffered, records)
+        self.finish_body(host, pending, buffered)
     }
 
-    fn trailers(&mut self, request: &mut dyn Request, records: &mut Vec<Record>) -> Step {
+    fn trailers(&mut self, host: &mut dyn Host) -> Step {
         // Trailers end the body: inspect them, then what was buffered.
         let Some(pending) = self.pending.take() else { return Step::Continue };
-        match request.trailers() {
+        match host.request_trailers() {
             Ok(trailers) => {
                 if let Err(error) = check_trailers(&self.policy, &trailers) {
-                    return self.reject(&error, &pending.context, records);
+                    return self.reject(&error, &pending.context, host);
                 }
             }
-            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &pending.context, records),
+            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &pending.context, host),
         }
         let size = self.policy.max_body_bytes.get().saturating_add(1);
-        self.finish_body(request, pending, size, records)
+        self.finish_body(host, pending, size)
     }
 
-    fn finish_body(&mut self, request: &mut dyn Request, pending: Pending, size: usize, records: &mut Vec<Record>) -> Step {
-        match request.body(size) {
+    fn finish_body(&mut self, host: &mut dyn Host, pending: Pending, size: usize) -> Step {
+        match host.request_body(size) {
             Ok(body) => match check_body(&self.policy, &pending.plan, &body) {
-                Ok(outcome) => self.outcome(outcome, records),
-                Err(error) => self.reject(&error, &pending.context, records),
+                Ok(outcome) => self.outcome(outcome, host),
+                Err(error) => self.reject(&error, &pending.context, host),
             },
-            Err(_) => self.reject(&GuardError::Unreadable("request body"), &pending.context, records),
+            Err(_) => self.reject(&GuardError::Unreadable("request body"), &pending.context, host),
         }
     }
 
     /// A body over `max_body_bytes`: `over_limit` refuses it or lets it through uninspected.
-    fn over_limit(&mut self, context: &str, records: &mut Vec<Record>) -> Step {
+    fn over_limit(&mut self, context: &str, host: &mut dyn Host) -> Step {
         match over_limit(&self.policy) {
-            Ok(outcome) => self.outcome(outcome, records),
-            Err(error) => self.reject(&error, context, records),
+            Ok(outcome) => self.outcome(outcome, host),
+            Err(error) => self.reject(&error, context, host),
         }
     }
 
-    fn outcome(&mut self, outcome: BodyOutcome, records: &mut Vec<Record>) -> Step {
+    fn outcome(&mut self, outcome: BodyOutcome, host: &mut dyn Host) -> Step {
         match outcome {
-            BodyOutcome::Clean => records.push(Record::CountPassed("passed")),
+            BodyOutcome::Clean => host.count_passed(&self.meter, "passed"),
             BodyOutcome::Uninspected => {
-                records.push(Record::Count("passed_uninspected_over_limit".to_string()));
+                host.count(&self.meter, "passed_uninspected_over_limit");
                 let environment = &self.policy.environment;
                 let line = format!("firebreak {PLUGIN} pass_uninspected reason=over_limit environment={environment}");
-                records.push(Record::Log(Level::Warn, line));
+                host.log(Level::Warn, &line);
             }
         }
         Step::Continue
     }
 
-    fn reject(&mut self, error: &GuardError, context: &str, records: &mut Vec<Record>) -> Step {
+    fn reject(&mut self, error: &GuardError, context: &str, host: &mut dyn Host) -> Step {
         self.pending = None;
         if let Some(counter) = error.detection_counter() {
-            records.push(Record::Count(counter));
+            host.count(&self.meter, &counter);
         }
         let rejection = error.rejection(&self.policy.environment);
         let context = format!("environment={} {context} {}", self.policy.environment, error.log_context());
@@ -201,11 +205,29 @@ impl GuardFlow {
             GuardError::Credential { .. } | GuardError::ProductionHost { .. } => Level::Error,
             _ => Level::Warn,
         };
-        Step::Reply(Reply { rejection, level, context: context.trim_end().to_string() })
+        reject(host, &self.meter, level, rejection, context.trim_end())
     }
 }
 
-/// First value of a header.
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// env-guard, configured.
+pub struct GuardFactory {
+    pub policy: Rc<GuardPolicy>,
+}
+
+impl FlowFactory for GuardFactory {
+    fn new_flow(&self) -> Box<dyn Flow> {
+        Box::new(GuardFlow::new(self.policy.clone()))
+    }
+
+    fn meter(&self) -> Meter {
+        meter()
+    }
+
+    fn counters(&self) -> Vec<String> {
+        COUNTERS.iter().map(|name| name.to_string()).collect()
+    }
+
+    fn configured(&self) -> Vec<(Level, String)> {
+        configured(&self.policy)
+    }
 }

@@ -4,10 +4,10 @@
 
 use std::rc::Rc;
 
-use crate::flow::memory::{drive, MemoryRequest, Outcome, Reads};
-use crate::flow::{Event, Flow, Level, Request, Step, Unreadable};
+use crate::flow::memory::{drive, step, Faults, MemoryEnv, MemoryRequest, MemoryUpstream, Outcome, Reads};
+use crate::flow::{Event, Level, Step};
 
-use super::flow::{configured, GuardFlow, PLUGIN};
+use super::flow::{configured, GuardFlow};
 use super::*;
 
 const PROD: &str = "fake-apns-prod-key-0123456789abcdef";
@@ -35,7 +35,7 @@ fn headers(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, Str
 }
 
 fn run(policy: &Rc<GuardPolicy>, request: MemoryRequest) -> Outcome {
-    drive(PLUGIN, &mut GuardFlow::new(policy.clone()), &request)
+    drive(&mut GuardFlow::new(policy.clone()), &request)
 }
 
 fn chunked(headers: Vec<(String, String)>, chunks: &[&str], trailers: Option<&[(&str, &str)]>) -> MemoryRequest {
@@ -43,7 +43,7 @@ fn chunked(headers: Vec<(String, String)>, chunks: &[&str], trailers: Option<&[(
         headers,
         chunks: chunks.iter().map(|c| c.as_bytes().to_vec()).collect(),
         trailers: trailers.map(|t| t.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()),
-        now_ms: 0,
+        source_address: None,
     }
 }
 
@@ -187,16 +187,16 @@ fn table_of_requests_replies_and_counters() {
     ];
     for row in rows {
         let outcome = run(&policy(row.production, row.extra), row.request);
-        let code = outcome.reply.as_ref().map(|r| r.rejection.code);
+        let code = outcome.reply.as_ref().map(|r| r.code);
         assert_eq!(code, row.code, "{}", row.name);
-        let mut counters: Vec<&str> = outcome.counters.keys().map(String::as_str).collect();
+        let mut counters: Vec<&str> = outcome.counters.keys().filter_map(|k| k.strip_prefix("firebreak.env_guard.")).collect();
         counters.sort_unstable();
         let mut want = row.counters.to_vec();
         want.sort_unstable();
         assert_eq!(counters, want, "{}", row.name);
         assert!(outcome.counters.values().all(|n| *n == 1), "{}: {:?}", row.name, outcome.counters);
         if row.code.is_none() {
-            assert!(outcome.forwarded(), "{}", row.name);
+            assert!(outcome.passed(), "{}", row.name);
         } else {
             assert!(outcome.forwarded_body.is_empty(), "{}: nothing reaches the upstream", row.name);
         }
@@ -207,7 +207,7 @@ fn table_of_requests_replies_and_counters() {
 fn the_body_is_held_until_its_end_then_forwarded_whole() {
     let policy = policy(false, "");
     let outcome = run(&policy, chunked(headers("POST", "/v1/push", &[]), &["{\"a\":", "\"b\"", "}"], None));
-    assert!(outcome.forwarded());
+    assert!(outcome.passed());
     assert_eq!(outcome.forwarded_body, b"{\"a\":\"b\"}");
     // The body is read once, at its end; the headers once.
     assert_eq!(outcome.reads, Reads { headers: 1, body: 1, trailers: 0 });
@@ -216,10 +216,12 @@ fn the_body_is_held_until_its_end_then_forwarded_whole() {
     // chunks before the last are held.
     let mut flow = GuardFlow::new(policy.clone());
     let request = chunked(headers("POST", "/v1/push", &[]), &[], None);
-    let mut host = Fixed(request);
-    assert_eq!(flow.on_event(Event::RequestHeaders { end_of_stream: false }, &mut host).step, Step::Continue);
-    assert_eq!(flow.on_event(Event::RequestBody { buffered: 3, end_of_stream: false }, &mut host).step, Step::Hold);
-    assert_eq!(flow.on_event(Event::RequestBody { buffered: 6, end_of_stream: false }, &mut host).step, Step::Hold);
+    let mut env = MemoryEnv::default();
+    let upstream = MemoryUpstream::default();
+    let mut event = |event| step(&mut flow, event, &mut env, &request, &upstream).0;
+    assert_eq!(event(Event::RequestHeaders { end_of_stream: false }), Step::Continue);
+    assert_eq!(event(Event::RequestBody { buffered: 3, end_of_stream: false }), Step::Hold);
+    assert_eq!(event(Event::RequestBody { buffered: 6, end_of_stream: false }), Step::Hold);
 }
 
 #[test]
@@ -238,13 +240,12 @@ fn production_and_unguarded_requests_read_nothing_more() {
 #[test]
 fn log_lines_name_the_finding_never_the_value() {
     let outcome = run(&policy(false, ""), MemoryRequest::new(headers("GET", &format!("/v1/{PROD}"), &[]), b""));
-    let reply = outcome.reply.clone().unwrap();
-    assert_eq!(reply.level, Level::Error);
-    // A path carrying the credential is never logged.
-    assert_eq!(reply.context, "environment=uat method=GET label=apns-prod where=path location=\"path\"");
+    assert!(outcome.reply.is_some());
     assert_eq!(outcome.logs.len(), 1);
     let (level, line) = &outcome.logs[0];
     assert_eq!(*level, Level::Error);
+    // A path carrying the credential is never logged.
+    assert!(line.contains(" environment=uat method=GET label=apns-prod where=path location=\"path\" msg="), "{line}");
     assert!(line.starts_with("firebreak env_guard reject status=403 code=production_credential_in_non_production"), "{line}");
     assert!(!line.contains(PROD), "{line}");
 
@@ -260,24 +261,34 @@ fn log_lines_name_the_finding_never_the_value() {
 
 #[test]
 fn unreadable_headers_body_and_trailers_are_refused() {
+    let broken = Faults { request_headers: true, request_body: true, request_trailers: true, ..Faults::default() };
+    let upstream = MemoryUpstream::default();
     for (what, event, message) in [
         ("headers", Event::RequestHeaders { end_of_stream: true }, "request headers (not UTF-8) cannot be inspected"),
         ("body", Event::RequestBody { buffered: 2, end_of_stream: true }, "request body cannot be inspected"),
         ("trailers", Event::RequestTrailers, "request trailers cannot be inspected"),
     ] {
         let mut flow = GuardFlow::new(policy(false, ""));
+        let request = MemoryRequest::new(headers("POST", "/v1/push", &[]), b"");
         if what != "headers" {
-            let mut fine = Fixed(MemoryRequest::new(headers("POST", "/v1/push", &[]), b""));
-            assert_eq!(flow.on_event(Event::RequestHeaders { end_of_stream: false }, &mut fine).step, Step::Continue);
+            let (first, _) =
+                step(&mut flow, Event::RequestHeaders { end_of_stream: false }, &mut MemoryEnv::default(), &request, &upstream);
+            assert_eq!(first, Step::Continue);
         }
-        let output = flow.on_event(event, &mut Broken);
-        let Step::Reply(reply) = output.step else { panic!("{what}: {:?}", output.step) };
-        assert_eq!(reply.rejection.code, "request_not_inspectable", "{what}");
-        assert_eq!(reply.rejection.message, message, "{what}");
-        assert_eq!(reply.level, Level::Warn, "{what}");
-        assert!(output.records.is_empty(), "{what}: {:?}", output.records);
+        let mut env = MemoryEnv { faults: broken, ..MemoryEnv::default() };
+        let (answer, outcome) = step(&mut flow, event, &mut env, &request, &upstream);
+        let Step::Reply(rejection) = answer else { panic!("{what}: {answer:?}") };
+        assert_eq!(rejection.code, "request_not_inspectable", "{what}");
+        assert_eq!(rejection.message, message, "{what}");
+        assert_eq!(outcome.logs.len(), 1, "{what}");
+        assert_eq!(outcome.logs[0].0, Level::Warn, "{what}");
+        assert_eq!(
+            outcome.counters.keys().collect::<Vec<_>>(),
+            ["firebreak.env_guard.rejected.request_not_inspectable"],
+            "{what}"
+        );
         // After a reply the flow lets whatever still comes through untouched.
-        assert_eq!(flow.on_event(Event::RequestTrailers, &mut Broken).step, Step::Continue, "{what}");
+        assert_eq!(step(&mut flow, Event::RequestTrailers, &mut env, &request, &upstream).0, Step::Continue, "{what}");
     }
 }
 
@@ -299,40 +310,4 @@ fn configuration_log_lines() {
     let lines = configured(&without_length);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1].0, Level::Warn);
-}
-
-/// A host whose request reads always succeed, with a fixed request.
-struct Fixed(MemoryRequest);
-
-impl Request for Fixed {
-    fn now_ms(&mut self) -> Option<u64> {
-        Some(self.0.now_ms)
-    }
-    fn headers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
-        Ok(self.0.headers.clone())
-    }
-    fn body(&mut self, _size: usize) -> Result<Vec<u8>, Unreadable> {
-        Ok(self.0.chunks.concat())
-    }
-    fn trailers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
-        Ok(self.0.trailers.clone().unwrap_or_default())
-    }
-}
-
-/// A host that can read nothing.
-struct Broken;
-
-impl Request for Broken {
-    fn now_ms(&mut self) -> Option<u64> {
-        None
-    }
-    fn headers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
-        Err(Unreadable)
-    }
-    fn body(&mut self, _size: usize) -> Result<Vec<u8>, Unreadable> {
-        Err(Unreadable)
-    }
-    fn trailers(&mut self) -> Result<Vec<(String, String)>, Unreadable> {
-        Err(Unreadable)
-    }
 }

@@ -1,15 +1,24 @@
-//! An in-memory host for native tests: drives a [`Flow`] through one request the way Envoy
-//! would (headers, body chunks, trailers) and records what reached the client, the counters and
-//! the log lines.
+//! An in-memory host for native tests: drives a [`Flow`] (one filter's, or a [`super::chain::Chain`])
+//! through one exchange the way Envoy would, and records what reached the upstream and the client,
+//! the counters, the log lines and the calls made.
 //!
-//! Like Envoy: a body chunk the flow answers [`Step::Continue`] to goes on to the upstream and
-//! leaves the buffer; chunks it answers [`Step::Hold`] to stay buffered and the next event sees
-//! them all. A [`Step::Reply`] ends the request (its log line and `rejected.<code>` counters are
-//! recorded as the proxy-wasm glue records them).
+//! Like Envoy:
+//! - a body chunk the flow answers [`Step::Continue`] to goes on and leaves the buffer; chunks it
+//!   answers [`Step::Hold`] to stay buffered and the next event sees them all;
+//! - a flow that holds waiting for a call is resumed by [`Step::Continue`] to the call's answer;
+//! - a [`Step::Reply`] or [`Step::Respond`] ends the exchange: that is what the client gets;
+//! - the stream's end ([`Event::StreamEnd`]) comes last, whatever happened.
+//!
+//! Calls are answered by the [`MemoryEnv::redis`] closure, in the order they were made, after the
+//! event that made them. State that outlives one exchange (shared data, the clock, the fake Redis)
+//! lives in the [`MemoryEnv`], so a scenario's requests see each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
-use super::{Event, Flow, Headers, Level, Record, Reply, Request, Step, Unreadable};
+use super::{CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, Response, Step};
+use crate::remote::RedisConfig;
+use crate::store::{MemoryStore, SharedStore};
+use crate::Rejection;
 
 /// One request to drive through a flow.
 #[derive(Debug, Clone, Default)]
@@ -19,30 +28,103 @@ pub struct MemoryRequest {
     pub chunks: Vec<Vec<u8>>,
     /// Trailers (`None`: the last body chunk, or the headers, end the request).
     pub trailers: Option<Headers>,
-    pub now_ms: u64,
+    /// `source.address` (`None`: the host cannot tell).
+    pub source_address: Option<String>,
 }
 
 impl MemoryRequest {
     /// A request with its body in one chunk (none when `body` is empty).
     pub fn new(headers: Headers, body: &[u8]) -> Self {
         let chunks = if body.is_empty() { Vec::new() } else { vec![body.to_vec()] };
-        MemoryRequest { headers, chunks, trailers: None, now_ms: 0 }
+        MemoryRequest { headers, chunks, trailers: None, source_address: Some("127.0.0.1:40000".into()) }
     }
 }
 
-/// What a request did.
+/// What the upstream answers when a request reaches it.
+#[derive(Debug, Clone)]
+pub struct MemoryUpstream {
+    pub status: u16,
+    pub headers: Headers,
+    pub chunks: Vec<Vec<u8>>,
+    pub trailers: Option<Headers>,
+    /// The answer came from the upstream (false: Envoy's own reply, e.g. a reset or a timeout).
+    pub via_upstream: bool,
+}
+
+impl Default for MemoryUpstream {
+    fn default() -> Self {
+        MemoryUpstream { status: 200, headers: Vec::new(), chunks: Vec::new(), trailers: None, via_upstream: true }
+    }
+}
+
+/// A fake Redis bridge: the command (webdis path form) in, the answer out.
+pub type FakeRedis = Box<dyn FnMut(&[u8]) -> CallAnswer>;
+
+/// What outlives one exchange.
+pub struct MemoryEnv {
+    pub store: MemoryStore,
+    /// The clock every read of this exchange sees (`None`: the host has no clock).
+    pub now_ms: Option<u64>,
+    /// Answers calls (`None`: every call fails to dispatch).
+    pub redis: Option<FakeRedis>,
+    /// Debug lines are written.
+    pub debug: bool,
+    /// Host calls made to fail.
+    pub faults: Faults,
+}
+
+/// Host calls a test makes fail, as a broken or departing stream would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub request_headers: bool,
+    pub request_body: bool,
+    pub request_trailers: bool,
+    /// Setting or removing a request header, adding a response header, handing on the principal.
+    pub writes: bool,
+    /// Reading the principal an earlier filter handed on.
+    pub principal: bool,
+}
+
+impl Default for MemoryEnv {
+    fn default() -> Self {
+        MemoryEnv {
+            store: MemoryStore::default(),
+            now_ms: Some(1_700_000_000_000),
+            redis: None,
+            debug: false,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// What an exchange did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
-    /// The reply the client got instead of the upstream's answer.
-    pub reply: Option<Reply>,
-    /// The body bytes that went on to the upstream (when there is no reply).
+    /// The rejection the client got instead of the upstream's answer.
+    pub reply: Option<Rejection>,
+    /// A response the flow sent instead of the upstream's (a stored one, an operator's).
+    pub responded: Option<Response>,
+    /// The request reached the upstream.
+    pub forwarded: bool,
+    /// The request as the upstream saw it: headers after the flow's changes, and the body.
+    pub upstream_headers: Headers,
     pub forwarded_body: Vec<u8>,
-    /// Every counter the flow (or its reply) incremented, by name after the plugin's prefix.
+    /// The response the client got from the upstream (headers after the flow's changes, body).
+    pub client_headers: Headers,
+    pub client_body: Vec<u8>,
+    /// The stream stopped and nothing resumed it (Envoy's stream timeout would end it).
+    pub stalled: bool,
+    /// Every counter incremented, by full name (`<prefix>.<name>`).
     pub counters: BTreeMap<String, u64>,
     /// Every log line, in order.
     pub logs: Vec<(Level, String)>,
-    /// How many times the flow read the headers, the body and the trailers.
+    /// Every call made (the command sent), in order.
+    pub calls: Vec<Vec<u8>>,
+    /// How many times the flow read the request headers, body and trailers.
     pub reads: Reads,
+    /// The facts handed to later filters.
+    pub principal: Option<String>,
+    pub body_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,98 +135,363 @@ pub struct Reads {
 }
 
 impl Outcome {
-    pub fn forwarded(&self) -> bool {
-        self.reply.is_none()
+    /// The request reached the upstream and the client got the upstream's answer.
+    pub fn passed(&self) -> bool {
+        self.forwarded && self.reply.is_none() && self.responded.is_none()
     }
 
+    /// Counter `<prefix>.<name>` (prefix `firebreak.<filter>` or the rate-limit instance's).
     pub fn counter(&self, name: &str) -> u64 {
         self.counters.get(name).copied().unwrap_or(0)
     }
-}
 
-/// The request as the flow sees it during one event.
-struct Held<'a> {
-    request: &'a MemoryRequest,
-    buffer: &'a [u8],
-    reads: &'a mut Reads,
-}
-
-impl Request for Held<'_> {
-    fn now_ms(&mut self) -> Option<u64> {
-        Some(self.request.now_ms)
-    }
-
-    fn headers(&mut self) -> Result<Headers, Unreadable> {
-        self.reads.headers += 1;
-        Ok(self.request.headers.clone())
-    }
-
-    fn body(&mut self, size: usize) -> Result<Vec<u8>, Unreadable> {
-        self.reads.body += 1;
-        Ok(self.buffer.get(..size.min(self.buffer.len())).unwrap_or_default().to_vec())
-    }
-
-    fn trailers(&mut self) -> Result<Headers, Unreadable> {
-        self.reads.trailers += 1;
-        self.request.trailers.clone().ok_or(Unreadable)
-    }
-}
-
-/// Drives `flow` through `request`; `plugin` names the reply's log line.
-pub fn drive(plugin: &str, flow: &mut dyn Flow, request: &MemoryRequest) -> Outcome {
-    let mut outcome = Outcome::default();
-    let mut buffer: Vec<u8> = Vec::new();
-    let no_body = request.chunks.is_empty() && request.trailers.is_none();
-    if apply(plugin, flow, Event::RequestHeaders { end_of_stream: no_body }, request, &mut buffer, &mut outcome) {
-        return outcome;
-    }
-    for (index, chunk) in request.chunks.iter().enumerate() {
-        buffer.extend_from_slice(chunk);
-        let end_of_stream = index + 1 == request.chunks.len() && request.trailers.is_none();
-        let event = Event::RequestBody { buffered: buffer.len(), end_of_stream };
-        if apply(plugin, flow, event, request, &mut buffer, &mut outcome) {
-            return outcome;
+    /// The status the client got.
+    pub fn status(&self, upstream: &MemoryUpstream) -> u16 {
+        match (&self.reply, &self.responded) {
+            (Some(rejection), _) => rejection.status,
+            (None, Some(response)) => response.status,
+            (None, None) => upstream.status,
         }
     }
-    if request.trailers.is_some() && apply(plugin, flow, Event::RequestTrailers, request, &mut buffer, &mut outcome) {
-        return outcome;
-    }
-    // The end of the request: what is still buffered goes on.
-    outcome.forwarded_body.append(&mut buffer);
-    outcome
 }
 
-/// One event: records what the flow asks for, applies its step. True when the flow replied.
-fn apply(
-    plugin: &str,
+/// The host of one exchange.
+struct Memory<'a> {
+    env: &'a mut MemoryEnv,
+    request: &'a MemoryRequest,
+    upstream: &'a MemoryUpstream,
+    outcome: Outcome,
+    request_headers: Headers,
+    request_buffer: Vec<u8>,
+    response_buffer: Vec<u8>,
+    next_call: u32,
+    queued: VecDeque<(CallId, Vec<u8>)>,
+    answer: Option<CallAnswer>,
+    /// The half of the stream the flow stopped, if any.
+    stopped: Option<Direction>,
+    /// The client got a reply or a response: nothing more goes anywhere.
+    answered: bool,
+}
+
+fn raw(headers: &Headers) -> RawHeaders {
+    headers.iter().map(|(n, v)| (n.clone(), v.clone().into_bytes())).collect()
+}
+
+impl Host for Memory<'_> {
+    fn now_ms(&mut self) -> Option<u64> {
+        self.env.now_ms
+    }
+
+    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        self.outcome.reads.headers += 1;
+        if self.env.faults.request_headers {
+            return Err(HostFailed);
+        }
+        Ok(raw(&self.request_headers))
+    }
+
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+        self.outcome.reads.body += 1;
+        if self.env.faults.request_body {
+            return Err(HostFailed);
+        }
+        Ok(self.request_buffer.get(..size.min(self.request_buffer.len())).unwrap_or_default().to_vec())
+    }
+
+    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        self.outcome.reads.trailers += 1;
+        if self.env.faults.request_trailers {
+            return Err(HostFailed);
+        }
+        self.request.trailers.as_ref().map(raw).ok_or(HostFailed)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
+        if self.env.faults.writes {
+            return Err(HostFailed);
+        }
+        self.request_headers.retain(|(n, _)| n != name);
+        if let Some(value) = value {
+            self.request_headers.push((name.to_string(), value.to_string()));
+        }
+        Ok(())
+    }
+
+    fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        let mut headers = vec![(":status".to_string(), self.upstream.status.to_string())];
+        headers.extend(self.outcome.client_headers.iter().cloned());
+        Ok(raw(&headers))
+    }
+
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+        Ok(self.response_buffer.get(..size.min(self.response_buffer.len())).unwrap_or_default().to_vec())
+    }
+
+    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
+        if self.env.faults.writes {
+            return Err(HostFailed);
+        }
+        self.outcome.client_headers.push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    fn response_from_upstream(&mut self) -> bool {
+        self.upstream.via_upstream
+    }
+
+    fn source_address(&mut self) -> Option<String> {
+        self.request.source_address.clone()
+    }
+
+    fn principal(&mut self) -> Result<Option<String>, HostFailed> {
+        if self.env.faults.principal {
+            return Err(HostFailed);
+        }
+        Ok(self.outcome.principal.clone())
+    }
+
+    fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed> {
+        if self.env.faults.writes {
+            return Err(HostFailed);
+        }
+        self.outcome.principal = Some(principal.to_string());
+        Ok(())
+    }
+
+    fn body_sha256(&mut self, _body_len: usize) -> Option<[u8; 32]> {
+        self.outcome.body_sha256
+    }
+
+    fn set_body_sha256(&mut self, digest: &[u8; 32], _body_len: usize) {
+        self.outcome.body_sha256 = Some(*digest);
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        &self.env.store
+    }
+
+    fn call_redis(&mut self, _redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed> {
+        if self.env.redis.is_none() {
+            return Err(HostFailed);
+        }
+        self.next_call = self.next_call.wrapping_add(1);
+        let call = CallId(self.next_call);
+        self.outcome.calls.push(command.to_vec());
+        self.queued.push_back((call, command.to_vec()));
+        Ok(call)
+    }
+
+    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
+        if body_size > max_bytes {
+            return None;
+        }
+        self.answer.clone()
+    }
+
+    fn count(&mut self, meter: &Meter, name: &str) {
+        *self.outcome.counters.entry(format!("{}.{name}", meter.prefix)).or_insert(0) += 1;
+    }
+
+    fn count_passed(&mut self, meter: &Meter, name: &str) {
+        self.count(meter, name);
+    }
+
+    fn logs_debug(&self) -> bool {
+        self.env.debug
+    }
+
+    fn log(&mut self, level: Level, line: &str) {
+        if level != Level::Debug || self.env.debug {
+            self.outcome.logs.push((level, line.to_string()));
+        }
+    }
+}
+
+impl Memory<'_> {
+    /// One event, then the answers to the calls it made. False once the client is answered or
+    /// the stream stalled.
+    fn send(&mut self, flow: &mut dyn Flow, event: Event) -> bool {
+        let step = flow.on_event(event, self);
+        if let Some(direction) = event.direction() {
+            self.apply(step, Some(direction));
+        } else {
+            self.apply(step, None);
+        }
+        self.answer_calls(flow);
+        !self.answered
+    }
+
+    fn answer_calls(&mut self, flow: &mut dyn Flow) {
+        while let Some((call, command)) = self.queued.pop_front() {
+            let answer = match self.env.redis.as_mut() {
+                Some(redis) => redis(&command),
+                None => CallAnswer::default(),
+            };
+            if self.answered {
+                // The stream is over: the command ran, its answer goes nowhere.
+                continue;
+            }
+            let body_size = answer.body.len();
+            self.answer = Some(answer);
+            let step = flow.on_event(Event::CallAnswer { call, body_size }, self);
+            self.answer = None;
+            self.apply(step, None);
+        }
+    }
+
+    /// Applies a step; `direction`: the half of the stream whose event it answers (`None`: a call
+    /// answer, which resumes what the flow stopped).
+    fn apply(&mut self, step: Step, direction: Option<Direction>) {
+        match step {
+            Step::Continue => {
+                let resumed = match direction {
+                    Some(direction) => Some(direction),
+                    None => self.stopped.take(),
+                };
+                if direction.is_some() {
+                    self.stopped = None;
+                }
+                match resumed {
+                    Some(Direction::Request) => self.outcome.forwarded_body.append(&mut self.request_buffer),
+                    Some(Direction::Response) => self.outcome.client_body.append(&mut self.response_buffer),
+                    None => {}
+                }
+            }
+            Step::Hold => {
+                if direction.is_some() {
+                    self.stopped = direction;
+                }
+            }
+            Step::Reply(rejection) => {
+                self.outcome.reply = Some(rejection);
+                self.answered = true;
+            }
+            Step::Respond(response) => {
+                self.outcome.responded = Some(response);
+                self.answered = true;
+            }
+        }
+    }
+
+    /// Whether the half of the stream went through (not stopped for good, not answered).
+    fn through(&mut self, direction: Direction) -> bool {
+        if self.answered {
+            return false;
+        }
+        if self.stopped == Some(direction) {
+            self.outcome.stalled = true;
+            return false;
+        }
+        true
+    }
+
+    fn request_phase(&mut self, flow: &mut dyn Flow) -> bool {
+        let request = self.request;
+        let no_body = request.chunks.is_empty() && request.trailers.is_none();
+        if !self.send(flow, Event::RequestHeaders { end_of_stream: no_body }) || !self.through(Direction::Request) {
+            return false;
+        }
+        for (index, chunk) in request.chunks.iter().enumerate() {
+            self.request_buffer.extend_from_slice(chunk);
+            let end_of_stream = index + 1 == request.chunks.len() && request.trailers.is_none();
+            let event = Event::RequestBody { buffered: self.request_buffer.len(), end_of_stream };
+            if !self.send(flow, event) {
+                return false;
+            }
+        }
+        if request.trailers.is_some() && !self.send(flow, Event::RequestTrailers) {
+            return false;
+        }
+        if !self.through(Direction::Request) {
+            return false;
+        }
+        // The end of the request: what is still buffered goes on.
+        self.outcome.forwarded_body.append(&mut self.request_buffer);
+        self.outcome.forwarded = true;
+        self.outcome.upstream_headers = self.request_headers.clone();
+        true
+    }
+
+    fn response_phase(&mut self, flow: &mut dyn Flow) {
+        let upstream = self.upstream;
+        self.outcome.client_headers = upstream.headers.clone();
+        let no_body = upstream.chunks.is_empty() && upstream.trailers.is_none();
+        if !self.send(flow, Event::ResponseHeaders { end_of_stream: no_body }) {
+            return;
+        }
+        for (index, chunk) in upstream.chunks.iter().enumerate() {
+            self.response_buffer.extend_from_slice(chunk);
+            let end_of_stream = index + 1 == upstream.chunks.len() && upstream.trailers.is_none();
+            let event = Event::ResponseBody { buffered: self.response_buffer.len(), end_of_stream };
+            if !self.send(flow, event) {
+                return;
+            }
+        }
+        if upstream.trailers.is_some() && !self.send(flow, Event::ResponseTrailers) {
+            return;
+        }
+        if self.through(Direction::Response) {
+            self.outcome.client_body.append(&mut self.response_buffer);
+        }
+    }
+}
+
+/// Drives `flow` through one exchange: the request, the upstream's answer if the request reaches
+/// it, then the end of the stream.
+pub fn exchange(flow: &mut dyn Flow, env: &mut MemoryEnv, request: &MemoryRequest, upstream: &MemoryUpstream) -> Outcome {
+    let mut host = Memory {
+        env,
+        request,
+        upstream,
+        outcome: Outcome::default(),
+        request_headers: request.headers.clone(),
+        request_buffer: Vec::new(),
+        response_buffer: Vec::new(),
+        next_call: 0,
+        queued: VecDeque::new(),
+        answer: None,
+        stopped: None,
+        answered: false,
+    };
+    if host.request_phase(flow) {
+        host.response_phase(flow);
+    }
+    host.answered = true;
+    let _ = flow.on_event(Event::StreamEnd, &mut host);
+    host.answer_calls(flow);
+    host.outcome
+}
+
+/// Drives `flow` through one request answered `200` with no body by the upstream, in a fresh
+/// environment.
+pub fn drive(flow: &mut dyn Flow, request: &MemoryRequest) -> Outcome {
+    exchange(flow, &mut MemoryEnv::default(), request, &MemoryUpstream::default())
+}
+
+/// One event alone, with `request`'s whole body buffered and its upstream's headers as the
+/// response: the step, and what the flow did meanwhile (calls are not answered).
+pub fn step(
     flow: &mut dyn Flow,
     event: Event,
+    env: &mut MemoryEnv,
     request: &MemoryRequest,
-    buffer: &mut Vec<u8>,
-    outcome: &mut Outcome,
-) -> bool {
-    let output = flow.on_event(event, &mut Held { request, buffer, reads: &mut outcome.reads });
-    for record in output.records {
-        match record {
-            Record::Count(name) => *outcome.counters.entry(name).or_insert(0) += 1,
-            Record::CountPassed(name) => *outcome.counters.entry(name.to_string()).or_insert(0) += 1,
-            Record::Log(level, line) => outcome.logs.push((level, line)),
-        }
-    }
-    match output.step {
-        Step::Continue => {
-            outcome.forwarded_body.append(buffer);
-            false
-        }
-        Step::Hold => false,
-        Step::Reply(reply) => {
-            outcome.logs.push((reply.level, reply.rejection.log_line(plugin, &reply.context)));
-            for name in reply.rejection.counter_names() {
-                *outcome.counters.entry(name).or_insert(0) += 1;
-            }
-            outcome.forwarded_body.clear();
-            outcome.reply = Some(reply);
-            true
-        }
-    }
+    upstream: &MemoryUpstream,
+) -> (Step, Outcome) {
+    let mut host = Memory {
+        env,
+        request,
+        upstream,
+        outcome: Outcome::default(),
+        request_headers: request.headers.clone(),
+        request_buffer: request.chunks.concat(),
+        response_buffer: upstream.chunks.concat(),
+        next_call: 0,
+        queued: VecDeque::new(),
+        answer: None,
+        stopped: None,
+        answered: false,
+    };
+    host.outcome.client_headers = upstream.headers.clone();
+    let step = flow.on_event(event, &mut host);
+    (step, host.outcome)
 }

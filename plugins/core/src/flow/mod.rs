@@ -1,25 +1,34 @@
-//! A filter's *flow*, independent of the host: the events it receives, the steps it answers
-//! with, and what it wants recorded.
+//! A filter's *flow*, independent of the host: the events it receives, the [`Host`] it reads the
+//! stream from and acts through, and the [`Step`] it answers each event with.
 //!
-//! A host (the proxy-wasm adapter of a filter, or [`memory::MemoryHost`] in native tests) turns
-//! what Envoy tells it into an [`Event`], hands the flow a [`Request`] to read the request from on
-//! demand, and applies the [`Output`]: first its [`Record`]s in order (counters, log lines), then
-//! its [`Step`]. The host decides nothing.
+//! A host (the proxy-wasm driver in `plugins/glue`, [`memory::MemoryHost`] in native tests, the
+//! Envoy dynamic module later) turns what Envoy tells it into an [`Event`], hands the flow itself
+//! as a [`Host`], and applies the [`Step`]. The host decides nothing.
 //!
-//! The request is read on demand, not pushed with the event: a flow that lets a request through
-//! on its headers alone never reads its body, and a flow that needs no clock never asks for it,
-//! so moving a flow here adds no host call.
+//! The stream is read on demand, not pushed with the event: a flow that lets a request through on
+//! its headers alone never reads its body, and a flow that needs no clock never asks for it, so
+//! moving a flow here adds no host call.
 //!
-//! Only what env-guard (the first flow moved here, `crate::envguard::flow`) needs is defined so
-//! far. The other flows will add what they need: callouts (a command to send and its answer as an
-//! event), stored responses to replay, facts handed to later stages of a chain (the verified
-//! principal, the body digest), response events and ticks.
+//! Callouts (Redis through webdis) go through [`calls::Calls`], the one callout runtime: the flow
+//! starts a call with [`Host::call_redis`], answers the event with [`Step::Hold`], and gets the
+//! answer later as [`Event::CallAnswer`]. Answering that event with [`Step::Continue`] resumes the
+//! stream the flow stopped; [`Step::Hold`] leaves it stopped.
+//!
+//! Stages of one chain ([`chain::Chain`]) hand each other facts (the verified principal, the
+//! body's SHA-256) through the same [`Host`] methods a separate module uses to hand them to the
+//! next module; the chain keeps them in memory.
 
+pub mod calls;
+pub mod chain;
 pub mod memory;
 
+use std::rc::Rc;
+
+use crate::remote::RedisConfig;
+use crate::store::SharedStore;
 use crate::Rejection;
 
-/// What the host tells a flow about the request.
+/// What the host tells a flow about its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// The request headers are complete; `end_of_stream`: the request has no body.
@@ -29,79 +38,232 @@ pub enum Event {
     RequestBody { buffered: usize, end_of_stream: bool },
     /// The request trailers arrived (they end the body).
     RequestTrailers,
+    /// The response headers arrived; `end_of_stream`: the response has no body.
+    ResponseHeaders { end_of_stream: bool },
+    /// A chunk of the response body arrived (`buffered` as for the request).
+    ResponseBody { buffered: usize, end_of_stream: bool },
+    /// The response trailers arrived (they end the response).
+    ResponseTrailers,
+    /// The answer to a call this flow started ([`Host::call_redis`]); `body_size`: the size of
+    /// its body, read with [`Host::call_answer`].
+    CallAnswer { call: CallId, body_size: usize },
+    /// The stream is over (Envoy's access-log point): the last chance to record an outcome.
+    StreamEnd,
 }
 
-/// The request could not be read (gone, or not UTF-8).
+impl Event {
+    /// The half of the stream the event belongs to (`None`: a call answer, the end of the stream).
+    pub fn direction(self) -> Option<Direction> {
+        match self {
+            Event::RequestHeaders { .. } | Event::RequestBody { .. } | Event::RequestTrailers => Some(Direction::Request),
+            Event::ResponseHeaders { .. } | Event::ResponseBody { .. } | Event::ResponseTrailers => Some(Direction::Response),
+            Event::CallAnswer { .. } | Event::StreamEnd => None,
+        }
+    }
+}
+
+/// A half of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unreadable;
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// The host could not do what it was asked (the stream is gone, a host call failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFailed;
+
+/// Why a header list could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    HostFailed,
+    /// A value is not UTF-8 (never replaced: the caller decides).
+    NotUtf8,
+}
+
+impl From<HostFailed> for ReadError {
+    fn from(_: HostFailed) -> Self {
+        ReadError::HostFailed
+    }
+}
 
 /// A header list: names lower-case, pseudo-headers (`:method`, `:path`, ...) included.
 pub type Headers = Vec<(String, String)>;
 
-/// The request as the host holds it, read on demand.
-pub trait Request {
-    /// The current time, in milliseconds since the Unix epoch (`None`: the host has no clock).
-    fn now_ms(&mut self) -> Option<u64>;
-    fn headers(&mut self) -> Result<Headers, Unreadable>;
-    /// The buffered body, at most `size` bytes.
-    fn body(&mut self, size: usize) -> Result<Vec<u8>, Unreadable>;
-    fn trailers(&mut self) -> Result<Headers, Unreadable>;
+/// A header list as the host holds it (values are bytes).
+pub type RawHeaders = Vec<(String, Vec<u8>)>;
+
+/// Every value UTF-8, or [`ReadError::NotUtf8`].
+pub fn utf8_headers(raw: RawHeaders) -> Result<Headers, ReadError> {
+    raw.into_iter()
+        .map(|(name, value)| String::from_utf8(value).map(|v| (name, v)).map_err(|_| ReadError::NotUtf8))
+        .collect()
 }
 
-/// What the flow wants done with the request after an event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    /// Let the request go on (the current headers or body chunk go to the next filter).
-    Continue,
-    /// Keep the body buffered: wait for more of it.
-    Hold,
-    /// Answer the client with the rejection instead of forwarding.
-    Reply(Reply),
+/// A value that is not UTF-8 kept as an empty value (so that a duplicate still counts as a
+/// duplicate, and such a method or path matches no route).
+pub fn lossy_headers(raw: RawHeaders) -> Headers {
+    raw.into_iter().map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default())).collect()
 }
 
-/// A rejection to send, and its one log line.
+/// First value of a header (names lower-case).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// A call in flight, named by the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallId(pub u32);
+
+/// What came back from a call: the HTTP status (`None`: no answer at all, which is how Envoy
+/// reports a timeout or a connection failure) and the body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallAnswer {
+    pub status: Option<u16>,
+    pub body: Vec<u8>,
+}
+
+/// Where a flow's counters and log lines go: `<prefix>.<name>` counters (for example
+/// `firebreak.rate_limit.per-ip`), log lines starting `firebreak <plugin>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub rejection: Rejection,
-    /// The level of its log line (`Rejection::log_line`).
-    pub level: Level,
-    /// What the log line says about the request (never a secret).
-    pub context: String,
+pub struct Meter {
+    pub plugin: &'static str,
+    pub prefix: Rc<str>,
+}
+
+impl Meter {
+    pub fn new(plugin: &'static str, prefix: impl Into<Rc<str>>) -> Self {
+        Meter { plugin, prefix: prefix.into() }
+    }
 }
 
 /// A log level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
+    Debug,
     Info,
     Warn,
     Error,
 }
 
-/// Something the host records, in order, before it applies the step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
-    /// Increment the counter `<prefix>.<name>` now.
-    Count(String),
-    /// Count a request that passed (the hot path: a host may batch these, as the chain does).
-    CountPassed(&'static str),
-    /// One log line.
-    Log(Level, String),
-}
+/// The stream as the host holds it, and what a flow can ask the host to do. Reads are on demand;
+/// a host may cache what it read within one event (and must forget it when the flow writes).
+pub trait Host {
+    /// The current time, in milliseconds since the Unix epoch (`None`: the host has no clock).
+    fn now_ms(&mut self) -> Option<u64>;
 
-/// A flow's answer to one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Output {
-    pub records: Vec<Record>,
-    pub step: Step,
-}
+    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
+    /// The buffered request body, at most `size` bytes.
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed>;
+    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
+    /// Sets (`Some`) or removes (`None`) a request header.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed>;
 
-impl Output {
-    pub fn new(step: Step) -> Self {
-        Output { records: Vec::new(), step }
+    fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
+    /// The buffered response body, at most `size` bytes.
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed>;
+    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed>;
+    /// The response came from the upstream (Envoy's `response.code_details` is `via_upstream`),
+    /// not from a local reply or a reset.
+    fn response_from_upstream(&mut self) -> bool;
+
+    /// The downstream address Envoy computed (`source.address`, with its port).
+    fn source_address(&mut self) -> Option<String>;
+
+    /// The principal a request-signature earlier in this stream verified, if any. An error when
+    /// the host cannot tell: the caller fails closed rather than take the request for an
+    /// anonymous one.
+    fn principal(&mut self) -> Result<Option<String>, HostFailed>;
+    /// Hands the verified principal to later filters of this stream.
+    fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed>;
+    /// The verified SHA-256 of this stream's `body_len`-byte body, if an earlier filter handed it over.
+    fn body_sha256(&mut self, body_len: usize) -> Option<[u8; 32]>;
+    /// Hands the verified SHA-256 of a `body_len`-byte body to later filters of this stream.
+    fn set_body_sha256(&mut self, digest: &[u8; 32], body_len: usize);
+
+    /// The shared data of this plugin (every worker of one Envoy).
+    fn store(&self) -> &dyn SharedStore;
+
+    /// Sends one webdis command (`POST /`, body in webdis path form) to `redis`; the answer comes
+    /// as [`Event::CallAnswer`] with the returned id.
+    fn call_redis(&mut self, redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed>;
+    /// The answer being delivered ([`Event::CallAnswer`]); its body is read only when
+    /// `body_size` (the event's) is at most `max_bytes`, else `None`.
+    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer>;
+
+    /// Increments the counter `<meter.prefix>.<name>`.
+    fn count(&mut self, meter: &Meter, name: &str);
+    /// Counts a request that passed (the hot path: a host may batch these).
+    fn count_passed(&mut self, meter: &Meter, name: &str);
+    /// Whether debug lines are written (so a flow formats them only then).
+    fn logs_debug(&self) -> bool;
+    fn log(&mut self, level: Level, line: &str);
+
+    /// Every request header, each value UTF-8.
+    fn request_headers(&mut self) -> Result<Headers, ReadError> {
+        utf8_headers(self.request_headers_raw()?)
+    }
+
+    /// Every request header, a value that is not UTF-8 kept as an empty value ([`lossy_headers`]).
+    fn request_headers_lossy(&mut self) -> Result<Headers, HostFailed> {
+        Ok(lossy_headers(self.request_headers_raw()?))
+    }
+
+    fn request_trailers(&mut self) -> Result<Headers, ReadError> {
+        utf8_headers(self.request_trailers_raw()?)
+    }
+
+    fn response_headers(&mut self) -> Result<Headers, ReadError> {
+        utf8_headers(self.response_headers_raw()?)
     }
 }
 
-/// A filter's flow for one request: one value per request, fed every event in order.
+/// A response a flow sends as is instead of the upstream's (a stored answer replayed, an
+/// operator's answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+}
+
+/// What the flow wants done with the stream after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Let the stream go on (the current headers or body chunk go to the next filter). After a
+    /// call answer: resume the stream this flow stopped.
+    Continue,
+    /// Stop here: keep the body buffered, or wait for a call's answer.
+    Hold,
+    /// Answer the client with the rejection instead of forwarding (already logged and counted by
+    /// [`reject`]).
+    Reply(Rejection),
+    /// Answer the client with this response instead of forwarding.
+    Respond(Response),
+}
+
+/// Refuses the request: one log line at `level` and the counters `rejected.<code>` (and
+/// `rejected.<code>.<detail>`), then the reply. Every flow refuses through here.
+pub fn reject(host: &mut dyn Host, meter: &Meter, level: Level, rejection: Rejection, context: &str) -> Step {
+    host.log(level, &rejection.log_line(meter.plugin, context));
+    for name in rejection.counter_names() {
+        host.count(meter, &name);
+    }
+    Step::Reply(rejection)
+}
+
+/// A filter's flow for one stream: one value per stream, fed every event in order.
 pub trait Flow {
-    fn on_event(&mut self, event: Event, request: &mut dyn Request) -> Output;
+    fn on_event(&mut self, event: Event, host: &mut dyn Host) -> Step;
+}
+
+/// A configured filter: makes its flow for each stream (built once, at configure time).
+pub trait FlowFactory {
+    fn new_flow(&self) -> Box<dyn Flow>;
+    /// Where its counters and log lines go.
+    fn meter(&self) -> Meter;
+    /// Counters to define at configure time, so they show (as 0) before the first event.
+    fn counters(&self) -> Vec<String>;
+    /// The log lines of the accepted configuration.
+    fn configured(&self) -> Vec<(Level, String)>;
 }
