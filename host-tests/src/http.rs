@@ -127,7 +127,7 @@ pub const VIA_UPSTREAM: &str = "via_upstream";
 /// What reaches the filters' encoder side for a forwarded request: the upstream's answer, or
 /// the reply Envoy's router makes in its place.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RouterAnswer {
+pub struct RouterAnswer {
     /// `:status` first.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -141,7 +141,7 @@ pub(crate) struct RouterAnswer {
 
 impl Upstream {
     /// The answer the filters see, given the route timeout (0: none), as Envoy's router makes it.
-    pub(crate) fn router_answer(&self, route_timeout_ms: u64) -> RouterAnswer {
+    pub fn router_answer(&self, route_timeout_ms: u64) -> RouterAnswer {
         let local = |status: u16, body: &str, details: &str, elapsed_ms: u64| RouterAnswer {
             headers: vec![
                 (":status".into(), status.to_string()),

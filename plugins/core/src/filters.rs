@@ -1,14 +1,22 @@
 //! The filters by name: each one's configuration parsed, validated and bound into a
-//! [`FlowFactory`] that makes its flow per stream. Every host configures filters through here: the
-//! separate proxy-wasm modules, the chain module (one section per stage), the native tests.
+//! [`FlowFactory`] that makes its flow per stream; and the chain's configuration, one section per
+//! stage, into one factory of [`Chain`]s. Every host configures filters through here: the
+//! separate proxy-wasm modules, the chain module, the native tests.
 
+use std::collections::HashSet;
 use std::rc::Rc;
+
+use serde_json::Value;
 
 use crate::envguard::flow::GuardFactory;
 use crate::envguard::GuardPolicy;
-use crate::flow::FlowFactory;
+use crate::flow::chain::Chain;
+use crate::flow::{Flow, FlowFactory, Level, Meter};
 use crate::store::SharedStore;
 use crate::ConfigError;
+
+/// The filters, by the name of their configuration section (and their module's root id).
+pub const FILTERS: &[&str] = &["request_signature", "replay_guard", "rate_limit", "env_guard"];
 
 /// What a filter's configuration may need besides its JSON.
 pub struct Setup<'a> {
@@ -25,6 +33,118 @@ pub struct Setup<'a> {
 pub fn configure(filter: &str, json: &[u8], _setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
     match filter {
         "env_guard" => Ok(Rc::new(GuardFactory { policy: Rc::new(GuardPolicy::from_json(json)?) })),
-        other => Err(ConfigError::new("", format!("unknown filter `{other}`"))),
+        other => Err(ConfigError::new("", format!("unknown filter `{other}` (expected one of {})", FILTERS.join(", ")))),
     }
 }
+
+/// One section of a chain's configuration: which filter, and its own configuration.
+#[derive(Debug, PartialEq)]
+pub struct StageSection {
+    pub filter: &'static str,
+    pub config: Vec<u8>,
+}
+
+/// Where stage `index`'s section sits in the chain's configuration: `filters[<index>].<filter>`.
+/// A stage's own configuration errors are reported under it ([`ConfigError::under`]), so the
+/// chain and the filters share one error type and every field is named by its full path.
+pub fn stage_section(index: usize, filter: &str) -> String {
+    format!("filters[{index}].{filter}")
+}
+
+/// Splits `{"filters": [{"<filter>": {...}}, ...]}` into its sections, in order. The filters'
+/// own fields are checked by each filter when it configures; this checks the shape of the chain:
+/// a known filter per section, at most one of each filter but `rate_limit`, and distinct
+/// rate-limit `name`s (a name names the budget table: two stages with one name would share it).
+pub fn parse_sections(json: &[u8]) -> Result<Vec<StageSection>, ConfigError> {
+    let value: Value = serde_json::from_slice(json).map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
+    let Value::Object(top) = value else {
+        return Err(ConfigError::new("", "must be a JSON object with a `filters` list"));
+    };
+    if let Some(unknown) = top.keys().find(|k| k.as_str() != "filters") {
+        return Err(ConfigError::new(unknown.as_str(), "unknown field (expected only `filters`)"));
+    }
+    let Some(Value::Array(filters)) = top.get("filters") else {
+        return Err(ConfigError::new("filters", "required: a list of {\"<filter>\": {<its configuration>}}"));
+    };
+    if filters.is_empty() {
+        return Err(ConfigError::new("filters", "must name at least one filter"));
+    }
+    let mut seen = HashSet::new();
+    let mut rate_limit_names = HashSet::new();
+    let mut sections = Vec::with_capacity(filters.len());
+    for (index, entry) in filters.iter().enumerate() {
+        let field = format!("filters[{index}]");
+        let Some((name, config)) = entry.as_object().filter(|o| o.len() == 1).and_then(|o| o.iter().next()) else {
+            return Err(ConfigError::new(field, "must be an object with exactly one key, the filter's name"));
+        };
+        let Some(filter) = FILTERS.iter().copied().find(|f| *f == name.as_str()) else {
+            return Err(ConfigError::new(
+                format!("{field}.{name}"),
+                format!("unknown filter (expected one of {})", FILTERS.join(", ")),
+            ));
+        };
+        if filter == "rate_limit" {
+            if let Some(stage_name) = config.get("name").and_then(Value::as_str) {
+                if !rate_limit_names.insert(stage_name.to_string()) {
+                    return Err(ConfigError::new(
+                        format!("{field}.rate_limit.name"),
+                        format!("duplicate rate-limit name `{stage_name}`: each stage needs its own budget table"),
+                    ));
+                }
+            }
+        } else if !seen.insert(filter) {
+            return Err(ConfigError::new(format!("{field}.{filter}"), "this filter is already in the chain"));
+        }
+        let config = serde_json::to_vec(config).map_err(|e| ConfigError::new(format!("{field}.{filter}"), e.to_string()))?;
+        sections.push(StageSection { filter, config });
+    }
+    Ok(sections)
+}
+
+/// Configures a chain: each section as its filter, errors named under the section.
+pub fn configure_chain(json: &[u8], setup: &Setup<'_>) -> Result<ChainFactory, ConfigError> {
+    let sections = parse_sections(json)?;
+    let mut stages = Vec::with_capacity(sections.len());
+    for (index, section) in sections.iter().enumerate() {
+        let stage =
+            configure(section.filter, &section.config, setup).map_err(|e| e.under(&stage_section(index, section.filter)))?;
+        stages.push((section.filter, stage));
+    }
+    Ok(ChainFactory { stages })
+}
+
+/// A configured chain: one flow per stage per stream, composed by [`Chain`].
+pub struct ChainFactory {
+    stages: Vec<(&'static str, Rc<dyn FlowFactory>)>,
+}
+
+/// The chain's own log lines.
+pub const CHAIN: &str = "chain";
+
+impl FlowFactory for ChainFactory {
+    fn new_flow(&self) -> Box<dyn Flow> {
+        Box::new(Chain::new(self.stages.iter().map(|(_, stage)| stage.new_flow()).collect()))
+    }
+
+    fn meter(&self) -> Meter {
+        Meter::new(CHAIN, "firebreak.chain")
+    }
+
+    fn counters(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn configured(&self) -> Vec<(Level, String)> {
+        let mut lines: Vec<(Level, String)> = self.stages.iter().flat_map(|(_, stage)| stage.configured()).collect();
+        let names: Vec<&str> = self.stages.iter().map(|(filter, _)| *filter).collect();
+        lines.push((Level::Info, format!("firebreak {CHAIN} configured stages={}", names.join(","))));
+        lines
+    }
+
+    fn definitions(&self) -> Vec<(Meter, Vec<String>)> {
+        self.stages.iter().flat_map(|(_, stage)| stage.definitions()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

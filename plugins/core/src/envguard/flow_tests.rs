@@ -43,7 +43,7 @@ fn chunked(headers: Vec<(String, String)>, chunks: &[&str], trailers: Option<&[(
         headers,
         chunks: chunks.iter().map(|c| c.as_bytes().to_vec()).collect(),
         trailers: trailers.map(|t| t.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()),
-        source_address: None,
+        ..MemoryRequest::default()
     }
 }
 

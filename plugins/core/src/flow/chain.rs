@@ -202,3 +202,6 @@ impl Host for StageHost<'_> {
         self.inner.log(level, line)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -30,13 +30,24 @@ pub struct MemoryRequest {
     pub trailers: Option<Headers>,
     /// `source.address` (`None`: the host cannot tell).
     pub source_address: Option<String>,
+    /// The principal an earlier filter (outside this flow) handed over.
+    pub principal: Option<String>,
+    /// The client goes away once the request reached the upstream: no response, then the end.
+    pub disconnect: bool,
 }
 
 impl MemoryRequest {
     /// A request with its body in one chunk (none when `body` is empty).
     pub fn new(headers: Headers, body: &[u8]) -> Self {
         let chunks = if body.is_empty() { Vec::new() } else { vec![body.to_vec()] };
-        MemoryRequest { headers, chunks, trailers: None, source_address: Some("127.0.0.1:40000".into()) }
+        MemoryRequest {
+            headers,
+            chunks,
+            trailers: None,
+            source_address: Some("127.0.0.1:40000".into()),
+            principal: None,
+            disconnect: false,
+        }
     }
 }
 
@@ -49,11 +60,14 @@ pub struct MemoryUpstream {
     pub trailers: Option<Headers>,
     /// The answer came from the upstream (false: Envoy's own reply, e.g. a reset or a timeout).
     pub via_upstream: bool,
+    /// The upstream closes the connection after these chunks: the last one does not end the
+    /// response, and the stream ends there (the client gets no complete answer).
+    pub cut: bool,
 }
 
 impl Default for MemoryUpstream {
     fn default() -> Self {
-        MemoryUpstream { status: 200, headers: Vec::new(), chunks: Vec::new(), trailers: None, via_upstream: true }
+        MemoryUpstream { status: 200, headers: Vec::new(), chunks: Vec::new(), trailers: None, via_upstream: true, cut: false }
     }
 }
 
@@ -114,6 +128,8 @@ pub struct Outcome {
     pub client_body: Vec<u8>,
     /// The stream stopped and nothing resumed it (Envoy's stream timeout would end it).
     pub stalled: bool,
+    /// The stream was reset after the response started (a cut upstream answer).
+    pub reset: bool,
     /// Every counter incremented, by full name (`<prefix>.<name>`).
     pub counters: BTreeMap<String, u64>,
     /// Every log line, in order.
@@ -415,17 +431,23 @@ impl Memory<'_> {
     fn response_phase(&mut self, flow: &mut dyn Flow) {
         let upstream = self.upstream;
         self.outcome.client_headers = upstream.headers.clone();
-        let no_body = upstream.chunks.is_empty() && upstream.trailers.is_none();
+        let no_body = upstream.chunks.is_empty() && upstream.trailers.is_none() && !upstream.cut;
         if !self.send(flow, Event::ResponseHeaders { end_of_stream: no_body }) {
             return;
         }
         for (index, chunk) in upstream.chunks.iter().enumerate() {
             self.response_buffer.extend_from_slice(chunk);
-            let end_of_stream = index + 1 == upstream.chunks.len() && upstream.trailers.is_none();
+            let end_of_stream = index + 1 == upstream.chunks.len() && upstream.trailers.is_none() && !upstream.cut;
             let event = Event::ResponseBody { buffered: self.response_buffer.len(), end_of_stream };
             if !self.send(flow, event) {
                 return;
             }
+        }
+        if upstream.cut {
+            // Reset: the client gets no complete answer.
+            self.outcome.client_body.clear();
+            self.outcome.reset = true;
+            return;
         }
         if upstream.trailers.is_some() && !self.send(flow, Event::ResponseTrailers) {
             return;
@@ -453,7 +475,8 @@ pub fn exchange(flow: &mut dyn Flow, env: &mut MemoryEnv, request: &MemoryReques
         stopped: None,
         answered: false,
     };
-    if host.request_phase(flow) {
+    host.outcome.principal = request.principal.clone();
+    if host.request_phase(flow) && !request.disconnect {
         host.response_phase(flow);
     }
     host.answered = true;
@@ -492,6 +515,7 @@ pub fn step(
         answered: false,
     };
     host.outcome.client_headers = upstream.headers.clone();
+    host.outcome.principal = request.principal.clone();
     let step = flow.on_event(event, &mut host);
     (step, host.outcome)
 }

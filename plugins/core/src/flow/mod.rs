@@ -266,4 +266,9 @@ pub trait FlowFactory {
     fn counters(&self) -> Vec<String>;
     /// The log lines of the accepted configuration.
     fn configured(&self) -> Vec<(Level, String)>;
+    /// Every meter its flows count under, with the counters to define up front (a chain has one
+    /// per stage).
+    fn definitions(&self) -> Vec<(Meter, Vec<String>)> {
+        vec![(self.meter(), self.counters())]
+    }
 }
