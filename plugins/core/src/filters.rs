@@ -8,8 +8,6 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
-use crate::envguard::flow::GuardFactory;
-use crate::envguard::GuardPolicy;
 use crate::flow::chain::Chain;
 use crate::flow::{Flow, FlowFactory, Level, Meter};
 use crate::store::SharedStore;
@@ -28,11 +26,16 @@ pub struct Setup<'a> {
     pub entropy: [u8; 32],
 }
 
+/// A filter's own configure function (each filter's module has one: a separate module links only
+/// its own filter).
+pub type Configure = fn(&[u8], &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError>;
+
 /// Configures `filter` from its JSON configuration. An error names the field, from the filter's
 /// own configuration down (the chain puts its section in front, [`ConfigError::under`]).
-pub fn configure(filter: &str, json: &[u8], _setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
+pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
     match filter {
-        "env_guard" => Ok(Rc::new(GuardFactory { policy: Rc::new(GuardPolicy::from_json(json)?) })),
+        "env_guard" => crate::envguard::flow::configure(json, setup),
+        "rate_limit" => crate::ratelimit::flow::configure(json, setup),
         other => Err(ConfigError::new("", format!("unknown filter `{other}` (expected one of {})", FILTERS.join(", ")))),
     }
 }
@@ -135,7 +138,11 @@ impl FlowFactory for ChainFactory {
     }
 
     fn configured(&self) -> Vec<(Level, String)> {
-        let mut lines: Vec<(Level, String)> = self.stages.iter().flat_map(|(_, stage)| stage.configured()).collect();
+        let mut lines = Vec::new();
+        for (filter, stage) in &self.stages {
+            lines.push((Level::Info, format!("firebreak {filter} configured")));
+            lines.extend(stage.configured());
+        }
         let names: Vec<&str> = self.stages.iter().map(|(filter, _)| *filter).collect();
         lines.push((Level::Info, format!("firebreak {CHAIN} configured stages={}", names.join(","))));
         lines

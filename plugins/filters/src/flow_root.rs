@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use firebreak_core::filters::{self, Setup};
+use firebreak_core::filters::{Configure, Setup};
 use firebreak_core::flow::FlowFactory;
 use firebreak_core::ConfigError;
 use firebreak_glue::host::{FlowContext, Module};
@@ -11,13 +11,15 @@ use firebreak_glue::{self as glue, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
-/// A fresh root context of `filter`; `on_configure` reads its configuration.
-pub fn root(filter: &'static str) -> Box<dyn RootContext> {
-    Box::new(FlowRoot { filter, factory: None, module: Module::new() })
+/// A fresh root context of `filter`, configured by its own `configure` (so that a separate module
+/// links only its own filter); `on_configure` reads its configuration.
+pub fn root(filter: &'static str, configure: Configure) -> Box<dyn RootContext> {
+    Box::new(FlowRoot { filter, configure, factory: None, module: Module::new() })
 }
 
 struct FlowRoot {
     filter: &'static str,
+    configure: Configure,
     factory: Option<Rc<dyn FlowFactory>>,
     module: Rc<Module>,
 }
@@ -27,11 +29,12 @@ impl Context for FlowRoot {}
 impl RootContext for FlowRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
         let filter = self.filter;
+        let configure = self.configure;
         self.module = Module::new();
         self.factory = glue::load_config(filter, |json| {
             let entropy = glue::random_32()
                 .ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
-            filters::configure(filter, json, &Setup { env: &glue::env_var, store: &HostStore, entropy })
+            configure(json, &Setup { env: &glue::env_var, store: &HostStore, entropy })
         });
         let Some(factory) = &self.factory else { return false };
         let meter = factory.meter();

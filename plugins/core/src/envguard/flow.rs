@@ -231,3 +231,8 @@ impl FlowFactory for GuardFactory {
         configured(&self.policy)
     }
 }
+
+/// Configures env-guard ([`crate::filters::Configure`]).
+pub fn configure(json: &[u8], _setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+    Ok(Rc::new(GuardFactory { policy: Rc::new(GuardPolicy::from_json(json)?) }))
+}

@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod config;
+pub mod flow;
 pub mod gcra;
 pub mod lease;
 pub mod redis;
@@ -38,6 +39,8 @@ pub const CODES: &[crate::Code] = {
     ]
 };
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;
 

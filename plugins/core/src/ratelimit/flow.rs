@@ -1,0 +1,345 @@
+//! rate-limit's flow: what it reads from the host and when, how a decision becomes a reply or
+//! response headers, with its counters and log lines, and how it waits for Redis. The decisions
+//! it calls are in [`super`] (local GCRA), [`super::redis`] and [`super::lease`]; a host only
+//! applies the [`Step`]s.
+//!
+//! One request, top to bottom:
+//! 1. Headers. One read of the header map. A request outside every rule's routes passes untouched
+//!    (no counter); a path that is not canonical is refused. The host is then asked only for
+//!    what this instance's rules key on: the clock, the verified principal (only when a rule keys
+//!    on the user and the user is the principal), the client address (only when a rule keys on
+//!    ip). The plan decides at once (no rule can be keyed, or one that cannot blocks), or:
+//!    - local backend: the budgets in shared data decide;
+//!    - Redis backend, reconciled: the leases in shared data decide when every rule holds one
+//!      (`lease.local_decisions`); else, and in direct mode, one script on Redis decides and the
+//!      request waits (Hold) for its answer.
+//! 2. Body chunks and trailers are held while the decision waits for Redis (never let data pass
+//!    before the decision), and continue otherwise.
+//! 3. Redis's answer: a refusal is replied; an admission resumes the request. A failure (dispatch,
+//!    no answer, an unreadable answer) is `redis.failed` and goes to the failure mode.
+//! 4. Response headers: the RateLimit-Policy / RateLimit headers of an admitted request are
+//!    added (when `response_headers` is configured).
+
+use std::rc::Rc;
+
+use crate::flow::calls::{Calls, Delivered};
+use crate::flow::{header, reject, Event as FlowEvent, Flow, FlowFactory, Host, Level, Meter, Step};
+use crate::remote::{self, Backend, RedisConfig, RemoteError};
+use crate::route::{not_canonical_rejection, split_path, Scope};
+use crate::{Code, Rejection};
+
+use super::lease::{self, LeaseStep};
+use super::redis as remote_rl;
+use super::{
+    check_planned, client, host_failure, plan, resolve_user, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy,
+    RequestFacts, RuleError, UserSource,
+};
+
+/// The log lines' plugin name.
+pub const PLUGIN: &str = "rate_limit";
+
+/// The largest Redis answer read. The adapter this flow replaced read every answer whole, and
+/// this keeps that (an answer this code cannot parse fails like any unreadable one).
+const MAX_REPLY_BYTES: usize = usize::MAX;
+
+/// Where an instance's counters and log lines go: each instance counts under its own name,
+/// `firebreak.rate_limit.<name>.<counter>`.
+pub fn meter(policy: &RateLimitPolicy) -> Meter {
+    Meter::new(PLUGIN, format!("firebreak.{PLUGIN}.{}", policy.name))
+}
+
+/// Counters defined up front (shown as 0 before the first request).
+pub fn counters(policy: &RateLimitPolicy) -> Vec<String> {
+    let mut names = vec!["allowed".to_string(), "rejected.rate_limited".to_string()];
+    if let Backend::Redis(_) = policy.state {
+        for name in ["redis.calls", "redis.failed", "state_unavailable_failed_open", "rejected.state_unavailable"] {
+            names.push(name.to_string());
+        }
+        if policy.reconcile.is_some() {
+            names.push("lease.local_decisions".to_string());
+        }
+    }
+    for rule in &policy.rules {
+        for what in ["allowed", "limited", "would_limit"] {
+            names.push(format!("rule.{}.{what}", rule.name));
+        }
+    }
+    names
+}
+
+/// A request waiting for Redis: what its answer decides.
+#[derive(Debug)]
+struct Pending {
+    plan: Plan,
+    /// `instance=.. method=.. path=..` for the log lines of the decision.
+    context: String,
+    /// The clock of the request's headers (the leases of the answer are stored as of then).
+    now_ms: u64,
+}
+
+/// rate-limit's flow for one request.
+pub struct RateLimitFlow {
+    policy: Rc<RateLimitPolicy>,
+    meter: Meter,
+    /// RateLimit-Policy / RateLimit for the response of an admitted request.
+    response_headers: Vec<(String, String)>,
+    /// The request waits for Redis.
+    calls: Calls<Pending>,
+}
+
+impl RateLimitFlow {
+    pub fn new(policy: Rc<RateLimitPolicy>, meter: Meter) -> Self {
+        RateLimitFlow { policy, meter, response_headers: Vec::new(), calls: Calls::default() }
+    }
+}
+
+impl Flow for RateLimitFlow {
+    fn on_event(&mut self, event: FlowEvent, host: &mut dyn Host) -> Step {
+        match event {
+            FlowEvent::RequestHeaders { .. } => self.headers(host),
+            // Never let data pass while the decision waits for Redis.
+            FlowEvent::RequestBody { .. } | FlowEvent::RequestTrailers => {
+                if self.calls.waiting() {
+                    Step::Hold
+                } else {
+                    Step::Continue
+                }
+            }
+            FlowEvent::ResponseHeaders { .. } => {
+                for (name, value) in std::mem::take(&mut self.response_headers) {
+                    // A header Envoy does not take only leaves the response without it.
+                    let _ = host.add_response_header(&name, &value);
+                }
+                Step::Continue
+            }
+            FlowEvent::CallAnswer { call, body_size } => match self.calls.deliver(host, call, body_size, MAX_REPLY_BYTES) {
+                Some((pending, delivered)) => self.answer(host, pending, delivered),
+                None => Step::Hold,
+            },
+            FlowEvent::ResponseBody { .. } | FlowEvent::ResponseTrailers | FlowEvent::StreamEnd => Step::Continue,
+        }
+    }
+}
+
+/// Every value of one header in any of its spellings (case, `_` for `-`), as (name, value) pairs.
+fn all_values(headers: &[(String, String)], name: &str) -> Vec<(String, String)> {
+    headers.iter().filter(|(n, _)| crate::headers::is_spelling_of(n, name)).cloned().collect()
+}
+
+impl RateLimitFlow {
+    fn headers(&mut self, host: &mut dyn Host) -> Step {
+        let policy = self.policy.clone();
+        let instance = &policy.name;
+        // One read of the header map; the host is asked only for what this instance's rules key
+        // on (the client address, the verified principal).
+        // A value that is not UTF-8 is kept as an empty value. Headers that cannot be read at all
+        // leave the route unknown: refused, never let through unchecked.
+        let Ok(headers) = host.request_headers_lossy() else {
+            return self.reject(host, host_failure("headers_unreadable"), &format!("instance={instance}"));
+        };
+        // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
+        if [":method", ":path"].iter().any(|name| header(&headers, name) == Some("")) {
+            let rejection =
+                Rejection::new(Code::RequestHeadersInvalid).with_message("the request's method or path is not valid UTF-8");
+            return self.reject(host, rejection, &format!("instance={instance}"));
+        }
+        let method = header(&headers, ":method").unwrap_or_default();
+        let path = split_path(header(&headers, ":path").unwrap_or_default()).0;
+        let scope = policy.scope(method, path);
+        if !scope.applies() {
+            return Step::Continue;
+        }
+        let context = format!("instance={instance} method={method} path={path:?}");
+        if scope == Scope::NotCanonical {
+            return self.reject(host, not_canonical_rejection(), &context);
+        }
+        let Some(now) = host.now_ms() else {
+            return self.reject(host, RuleError::StoreUnavailable.rejection("-"), &context);
+        };
+        let keys_on_user = policy.rules.iter().any(|r| r.key != KeyBy::Ip);
+        let keys_on_ip = policy.rules.iter().any(|r| r.key != KeyBy::User);
+        let (principal, trusted) = match &policy.user_source {
+            UserSource::Principal if keys_on_user => match host.principal() {
+                Ok(principal) => (principal, Vec::new()),
+                Err(_) => return self.reject(host, host_failure("principal_unreadable"), &context),
+            },
+            UserSource::TrustedHeader(name) if keys_on_user => (None, all_values(&headers, name)),
+            _ => (None, Vec::new()),
+        };
+        let user = resolve_user(&policy.user_source, principal, &trusted);
+        let source = if keys_on_ip { host.source_address() } else { None };
+        let facts = RequestFacts {
+            method,
+            path,
+            client_ip: source.as_deref().and_then(client::parse_source_address),
+            user: user.as_deref(),
+        };
+        let plan = match plan(&policy, &facts) {
+            Planned::Decided(decision) => return self.apply(host, decision, &context),
+            Planned::Evaluate(plan) => plan,
+        };
+        match &policy.state {
+            Backend::Local => {
+                let decision = check_planned(&policy, host.store(), plan, now);
+                self.apply(host, decision, &context)
+            }
+            Backend::Redis(redis) => {
+                let plan = match policy.reconcile {
+                    None => plan,
+                    Some(_) => match lease::spend_leases(&policy, host.store(), plan, now) {
+                        LeaseStep::Decided(decision) => {
+                            host.count(&self.meter, "lease.local_decisions");
+                            return self.apply(host, decision, &context);
+                        }
+                        LeaseStep::Remote(plan) => plan,
+                    },
+                };
+                self.ask_redis(host, redis, plan, context, now)
+            }
+        }
+    }
+
+    /// Sends the plan to Redis; the request waits for the answer.
+    fn ask_redis(&mut self, host: &mut dyn Host, redis: &RedisConfig, plan: Plan, context: String, now_ms: u64) -> Step {
+        let lease = self.policy.reconcile.map_or(1, |r| r.lease_tokens.get());
+        let command = remote_rl::command(&self.policy, &plan, redis, lease);
+        host.count(&self.meter, "redis.calls");
+        match self.calls.start(host, redis, &command, Pending { plan, context, now_ms }) {
+            Ok(()) => Step::Hold,
+            Err((pending, error)) => self.finish_remote(host, redis, pending.plan, Err(error), &pending.context),
+        }
+    }
+
+    /// Redis answered (or the answer cannot be read).
+    fn answer(&mut self, host: &mut dyn Host, pending: Pending, delivered: Delivered) -> Step {
+        let policy = self.policy.clone();
+        let Backend::Redis(redis) = &policy.state else { return Step::Hold };
+        let rules = pending.plan.rules.len();
+        let mut result = delivered
+            .and_then(|answer| remote::parse_reply("EVAL", answer.status, &answer.body))
+            .and_then(|reply| remote_rl::parse_grants(&reply, rules));
+        if let (Ok(grants), Some(reconcile)) = (&result, policy.reconcile) {
+            result =
+                Ok(lease::store_leases(&policy, host.store(), &pending.plan, grants, reconcile.lease_ms.get(), pending.now_ms));
+        }
+        // An admission continues: the host resumes the request this flow held.
+        self.finish_remote(host, redis, pending.plan, result, &pending.context)
+    }
+
+    fn finish_remote(
+        &mut self,
+        host: &mut dyn Host,
+        redis: &RedisConfig,
+        plan: Plan,
+        result: Result<Vec<remote_rl::Grant>, RemoteError>,
+        context: &str,
+    ) -> Step {
+        let context = match &result {
+            Ok(_) => context.to_string(),
+            Err(error) => {
+                host.count(&self.meter, "redis.failed");
+                format!("{context} store_error={:?}", error.to_string())
+            }
+        };
+        let failed = result.is_err();
+        let decision = remote_rl::decide(&self.policy, plan, result, redis.failure_mode);
+        if failed && decision.rejection.is_none() {
+            host.count(&self.meter, "state_unavailable_failed_open");
+            host.log(Level::Error, &format!("firebreak {PLUGIN} fail_open rate_limit_unchecked {context}"));
+        }
+        self.apply(host, decision, &context)
+    }
+
+    /// Applies a decision: the local reply, or the response headers to add and Continue.
+    fn apply(&mut self, host: &mut dyn Host, decision: Decision, context: &str) -> Step {
+        self.record(host, &decision.events, context);
+        if let Some(rejection) = decision.rejection {
+            let key = decision
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::Limited { rule, key, .. } => Some(format!("rule={rule} {key}")),
+                    Event::Error { rule, error, blocked: true } => Some(format!("rule={rule} error={}", error.code())),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            return self.reject(host, rejection, &format!("{context} {key}"));
+        }
+        host.count_passed(&self.meter, "allowed");
+        self.response_headers = decision.response_headers;
+        Step::Continue
+    }
+
+    fn reject(&mut self, host: &mut dyn Host, rejection: Rejection, context: &str) -> Step {
+        reject(host, &self.meter, Level::Warn, rejection, context)
+    }
+
+    fn record(&self, host: &mut dyn Host, events: &[Event], context: &str) {
+        let instance = &self.policy.name;
+        for event in events {
+            match event {
+                Event::Allowed { rule } => host.count_passed(&self.meter, &format!("rule.{rule}.allowed")),
+                Event::Limited { rule, .. } => host.count(&self.meter, &format!("rule.{rule}.limited")),
+                Event::WouldLimit { rule, key, retry_after_ms } => {
+                    host.count(&self.meter, &format!("rule.{rule}.would_limit"));
+                    host.log(
+                        Level::Warn,
+                        &format!("firebreak {PLUGIN} would_reject instance={instance} rule={rule} {key} retry_after_ms={retry_after_ms} {context}"),
+                    );
+                }
+                Event::Error { rule, error, blocked } => {
+                    host.count(&self.meter, &format!("rule.{rule}.error.{}", error.code()));
+                    if !blocked {
+                        host.log(
+                            Level::Warn,
+                            &format!(
+                                "firebreak {PLUGIN} pass_on_error instance={instance} rule={rule} error={} {context}",
+                                error.code()
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// rate-limit, configured: one instance (its tables bound to the plugin's shared data).
+pub struct RateLimitFactory {
+    pub policy: Rc<RateLimitPolicy>,
+    meter: Meter,
+}
+
+impl RateLimitFactory {
+    pub fn new(policy: RateLimitPolicy) -> Self {
+        let meter = meter(&policy);
+        RateLimitFactory { policy: Rc::new(policy), meter }
+    }
+}
+
+impl FlowFactory for RateLimitFactory {
+    fn new_flow(&self) -> Box<dyn Flow> {
+        Box::new(RateLimitFlow::new(self.policy.clone(), self.meter.clone()))
+    }
+
+    fn meter(&self) -> Meter {
+        self.meter.clone()
+    }
+
+    fn counters(&self) -> Vec<String> {
+        counters(&self.policy)
+    }
+
+    /// Nothing besides the `configured` line every filter logs.
+    fn configured(&self) -> Vec<(Level, String)> {
+        Vec::new()
+    }
+}
+
+/// Configures rate-limit ([`crate::filters::Configure`]): parses the configuration and binds its
+/// local tables (secret placement, and a refusal if the geometry changed).
+pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+    let mut policy = RateLimitPolicy::from_json(json)?;
+    policy.bind_tables(setup.store, setup.entropy)?;
+    Ok(Rc::new(RateLimitFactory::new(policy)))
+}
