@@ -4,11 +4,13 @@
 pub mod base;
 pub mod config;
 pub mod digest;
+pub mod flow;
 pub mod sign;
 pub mod verify;
 
 pub use base::{Component, RequestView};
 pub use config::{valid_key_id, SignaturePolicy};
+pub use flow::SignatureFlow;
 pub use sign::{sign, SignRequest, SignedHeaders};
 pub use verify::{
     claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_key, nonce_ttl_ms, verify_body,
@@ -46,5 +48,7 @@ pub const CODES: &[crate::Code] = {
     ]
 };
 
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;

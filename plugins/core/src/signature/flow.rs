@@ -1,0 +1,324 @@
+//! request-signature's flow: when it reads the headers, where it claims the nonce (the shared
+//! data, or Redis through [`Calls`]), when it publishes the principal, how it holds the body until
+//! it is complete, and how a failure becomes a reply with its counters and log lines. The
+//! decisions it calls are in [`super::verify`]; a host only applies the [`Step`]s.
+//!
+//! One request, top to bottom:
+//! 1. Headers. A path that is not canonical is refused. Every client copy of the principal header
+//!    is removed (on a protected route another spelling or a duplicate is refused). A request
+//!    outside the protected scope passes (`passed_unprotected`). Otherwise: a `content-length` over
+//!    `max_body_bytes` is refused, the signature is verified (MAC, time, coverage), then the nonce
+//!    is claimed: in the shared data at once, or on Redis (the request is held until the answer;
+//!    an unusable answer fails closed, always). Once it is recorded the principal is published
+//!    (request header and fact). A request without a body is finished at once; otherwise the
+//!    headers continue and the body is held.
+//! 2. Body chunks are held until the last one; a body over `max_body_bytes` is refused; the whole
+//!    body is then checked against the signed `Content-Digest` (`accepted`).
+//! 3. Trailers end the body: what was buffered is checked.
+
+use std::rc::Rc;
+
+use crate::flow::calls::Calls;
+use crate::flow::{header, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Step};
+use crate::remote::{Backend, RedisConfig};
+use crate::replay::body_sha256_from_content_digest;
+use crate::route::{not_canonical_rejection, split_path, Scope};
+
+use super::{
+    claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, valid_key_id, verify_body,
+    verify_headers, RequestView, SigError, SignaturePolicy, VerifiedHeaders,
+};
+
+/// The log lines' plugin name.
+pub const PLUGIN: &str = "request_signature";
+
+/// Counters defined up front (shown as 0 before the first request).
+pub const COUNTERS: &[&str] = &["accepted", "passed_unprotected", "rejected.tenant_quota_exceeded"];
+
+/// Where request-signature's counters and log lines go.
+pub fn meter() -> Meter {
+    Meter::new(PLUGIN, "firebreak.request_signature")
+}
+
+/// request-signature's flow for one request.
+pub struct SignatureFlow {
+    policy: Rc<SignaturePolicy>,
+    meter: Meter,
+    /// Headers verified; waiting for the nonce claim (Redis) and/or the end of the body.
+    pending: Option<Pending>,
+    /// The Redis claim still in flight (at most one); what it is for is `pending`.
+    claims: Calls<()>,
+}
+
+struct Pending {
+    verified: VerifiedHeaders,
+    content_digest: Option<String>,
+    context: String,
+    /// The request had no body (headers ended the stream).
+    headers_only: bool,
+}
+
+impl SignatureFlow {
+    pub fn new(policy: Rc<SignaturePolicy>) -> Self {
+        SignatureFlow { policy, meter: meter(), pending: None, claims: Calls::default() }
+    }
+}
+
+impl Flow for SignatureFlow {
+    fn on_event(&mut self, event: Event, host: &mut dyn Host) -> Step {
+        match event {
+            Event::RequestHeaders { end_of_stream } => self.headers(host, end_of_stream),
+            Event::RequestBody { buffered, end_of_stream } => self.body(host, buffered, end_of_stream),
+            Event::RequestTrailers => self.trailers(host),
+            Event::CallAnswer { call, body_size } => self.claim_answer(host, call, body_size),
+            _ => Step::Continue,
+        }
+    }
+}
+
+impl SignatureFlow {
+    fn headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Step {
+        let headers = match host.request_headers() {
+            Ok(headers) => headers,
+            Err(_) => return self.fail(host, SigError::Malformed("request headers (not UTF-8)"), ""),
+        };
+        let method = header(&headers, ":method").unwrap_or("");
+        let path_and_query = header(&headers, ":path").unwrap_or("");
+        let path = split_path(path_and_query).0;
+        let context = format!("method={method} path={path:?}");
+
+        // Only this filter may assert a principal: a client-supplied copy, in any spelling (case,
+        // `_` for `-`), never survives, on any route; on a protected route another spelling or a
+        // duplicate is refused.
+        let scope = self.policy.scope(method, path_and_query);
+        if scope == Scope::NotCanonical {
+            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context);
+        }
+        let protected = scope.applies();
+        let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
+            Ok(names) => names,
+            Err((error, name)) => return self.fail(host, error, &format!("{context} header={name:?}")),
+        };
+        for name in client_principal {
+            if host.set_request_header(name, None).is_err() {
+                return self.fail(host, SigError::StateUnavailable, &context);
+            }
+        }
+        if !protected {
+            host.count_passed(&self.meter, "passed_unprotected");
+            return Step::Continue;
+        }
+
+        if let Some(length) = header(&headers, "content-length") {
+            match length.trim().parse::<u64>() {
+                Ok(n) if n > self.policy.max_body_bytes => return self.fail(host, SigError::BodyTooLarge, &context),
+                Ok(_) => {}
+                Err(_) => return self.fail(host, SigError::Malformed("content-length"), &context),
+            }
+        }
+        let Some(now) = host.now_ms() else {
+            return self.fail(host, SigError::StateUnavailable, &context);
+        };
+        let view = RequestView {
+            method,
+            scheme: header(&headers, ":scheme").unwrap_or("http"),
+            authority: header(&headers, ":authority").unwrap_or(""),
+            path_and_query,
+            headers: &headers,
+        };
+        let verified = match verify_headers(&self.policy, &view, now) {
+            Ok(verified) => verified,
+            Err(error) => return self.fail(host, error, &format!("{context} {}", key_context(&view))),
+        };
+        let pending = Pending {
+            context: format!("{context} keyid={}", verified.key_id),
+            content_digest: header(&headers, "content-digest").map(str::to_string),
+            verified,
+            headers_only: end_of_stream,
+        };
+        // The nonce is claimed after the MAC verified and before anything goes upstream, so of N
+        // concurrent copies of one signed request N-1 are refused before Envoy forwards a byte.
+        let policy = self.policy.clone();
+        match &policy.state {
+            Backend::Local => match claim_nonce(&policy, host.store(), &pending.verified, now) {
+                Ok(()) => self.after_claim(host, pending),
+                Err(error) => self.fail(host, error, &pending.context),
+            },
+            Backend::Redis(redis) => self.claim_remotely(host, redis, pending),
+        }
+    }
+
+    fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
+        let Some(pending) = self.pending.take() else { return Step::Continue };
+        if buffered as u64 > self.policy.max_body_bytes {
+            return self.fail(host, SigError::BodyTooLarge, &pending.context);
+        }
+        if !end_of_stream || self.claims.waiting() {
+            self.pending = Some(pending);
+            return Step::Hold;
+        }
+        self.finish_body(host, pending, buffered)
+    }
+
+    fn trailers(&mut self, host: &mut dyn Host) -> Step {
+        // Trailers end the body: verify what was buffered.
+        let Some(pending) = self.pending.take() else { return Step::Continue };
+        if self.claims.waiting() {
+            self.pending = Some(pending);
+            return Step::Hold;
+        }
+        let size = usize::try_from(self.policy.max_body_bytes).unwrap_or(usize::MAX).saturating_add(1);
+        self.finish_body(host, pending, size)
+    }
+
+    /// The answer of the Redis claim: the nonce is recorded (go on), refused (a replay, the key
+    /// id's quota), or the answer is unusable (fail closed).
+    fn claim_answer(&mut self, host: &mut dyn Host, call: CallId, body_size: usize) -> Step {
+        // The whole answer is read, whatever its size (as the bridge's answer always was).
+        let Some(((), delivered)) = self.claims.deliver(host, call, body_size, usize::MAX) else { return Step::Hold };
+        let Some(pending) = self.pending.take() else { return Step::Hold };
+        let answer = match delivered {
+            Ok(answer) => answer,
+            Err(error) => return self.state_unavailable(host, pending, &error.to_string()),
+        };
+        // A Continue resumes the request this flow held; a failed resume leaves it paused and
+        // Envoy's stream timeout then ends it.
+        match nonce_claim_answer(answer.status, &answer.body) {
+            Ok(Ok(())) => self.after_claim(host, pending),
+            Ok(Err(refusal)) => self.fail(host, refusal, &pending.context),
+            Err(error) => self.state_unavailable(host, pending, &error.to_string()),
+        }
+    }
+
+    /// Refuses the request (one log line, the `rejected.<code>` counters) and forgets it: a claim
+    /// still in flight is answered to nobody.
+    fn fail(&mut self, host: &mut dyn Host, error: SigError, context: &str) -> Step {
+        self.pending = None;
+        self.claims = Calls::default();
+        reject(host, &self.meter, Level::Warn, error.rejection(), context)
+    }
+
+    /// Nonce recorded: hand the verified principal to the upstream and to later filters.
+    fn publish_principal(&mut self, host: &mut dyn Host, key_id: &str, context: &str) -> Result<(), Step> {
+        if host.set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || host.set_principal(key_id).is_err() {
+            return Err(self.fail(host, SigError::StateUnavailable, context));
+        }
+        Ok(())
+    }
+
+    /// The whole body is known (possibly empty): check it against the signed Content-Digest.
+    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, body: &[u8]) -> Step {
+        if let Err(error) = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), body) {
+            return self.fail(host, error, &pending.context);
+        }
+        // The Content-Digest verified against the whole body: its sha-256 is the body's, and
+        // replay-guard (later in this stream) fingerprints with it instead of hashing the body
+        // again (between separate modules only for large bodies: BODY_SHA256_MIN_BYTES). A failed
+        // publish only makes replay-guard hash the body itself.
+        if pending.verified.covers_content_digest {
+            if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
+                host.set_body_sha256(&digest, body.len());
+            }
+        }
+        host.count_passed(&self.meter, "accepted");
+        // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
+        // host call, and the counter already records every acceptance.
+        if host.logs_debug() {
+            host.log(Level::Debug, &format!("firebreak {PLUGIN} accept {}", pending.context));
+        }
+        Step::Continue
+    }
+
+    fn finish_body(&mut self, host: &mut dyn Host, pending: Pending, size: usize) -> Step {
+        match host.request_body(size) {
+            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => {
+                self.fail(host, SigError::BodyTooLarge, &pending.context)
+            }
+            Ok(body) => self.finish(host, &pending, &body),
+            Err(_) => self.fail(host, SigError::StateUnavailable, &pending.context),
+        }
+    }
+
+    /// After the nonce is recorded: either finish now (no body) or let the body come.
+    fn after_claim(&mut self, host: &mut dyn Host, pending: Pending) -> Step {
+        if let Err(step) = self.publish_principal(host, &pending.verified.key_id, &pending.context) {
+            return step;
+        }
+        if pending.headers_only {
+            return self.finish(host, &pending, &[]);
+        }
+        // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
+        // would never reach this filter: the headers continue, and the body is held (below) until
+        // it is complete and verified. Envoy's `buffer` filter before this one makes the whole
+        // request present before any filter forwards its headers (see README).
+        self.pending = Some(pending);
+        Step::Continue
+    }
+
+    /// Starts the Redis claim; the request waits for its answer.
+    fn claim_remotely(&mut self, host: &mut dyn Host, redis: &RedisConfig, pending: Pending) -> Step {
+        // The nonce and the key id's quota, in one script.
+        let Some(command) = nonce_claim_command(&self.policy, redis, &pending.verified, nonce_ttl_ms(&self.policy)) else {
+            return self.after_claim(host, pending);
+        };
+        match self.claims.start(host, redis, &command, ()) {
+            Ok(()) => {
+                self.pending = Some(pending);
+                Step::Hold
+            }
+            // The host names no reason (the proxy-wasm status is not carried through `Host`).
+            Err(((), _)) => self.state_unavailable(host, pending, "dispatch failed"),
+        }
+    }
+
+    /// Redis or its bridge did not answer usably: fail closed, always (`failure_mode: open` is
+    /// refused at configuration: an unrecorded nonce is a replay that cannot be refused).
+    fn state_unavailable(&mut self, host: &mut dyn Host, pending: Pending, why: &str) -> Step {
+        let context = format!("{} store_error={why:?}", pending.context);
+        self.fail(host, SigError::StateUnavailable, &context)
+    }
+}
+
+/// The key id the client claims, for the log line of a rejection (never a MAC or a secret).
+fn key_context(view: &RequestView<'_>) -> String {
+    let input = view.header_values("signature-input").next().unwrap_or("");
+    let key_id = input
+        .split("keyid=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .filter(|k| valid_key_id(k))
+        .unwrap_or("-");
+    format!("keyid={key_id}")
+}
+
+/// request-signature, configured (its tables bound).
+pub struct SignatureFactory {
+    pub policy: Rc<SignaturePolicy>,
+}
+
+impl FlowFactory for SignatureFactory {
+    fn new_flow(&self) -> Box<dyn Flow> {
+        Box::new(SignatureFlow::new(self.policy.clone()))
+    }
+
+    fn meter(&self) -> Meter {
+        meter()
+    }
+
+    fn counters(&self) -> Vec<String> {
+        COUNTERS.iter().map(|name| name.to_string()).collect()
+    }
+
+    fn configured(&self) -> Vec<(Level, String)> {
+        // `firebreak request_signature configured` is the host's line (`glue::load_config`).
+        Vec::new()
+    }
+}
+
+/// Configures request-signature ([`crate::filters::Configure`]): parses the configuration (keys
+/// from `secret_env` through `setup.env`) and binds its local tables.
+pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+    let mut policy = SignaturePolicy::from_json(json, setup.env)?;
+    policy.bind_tables(setup.store, setup.entropy)?;
+    Ok(Rc::new(SignatureFactory { policy: Rc::new(policy) }))
+}
