@@ -7,6 +7,8 @@ use std::rc::Rc;
 use crate::envguard::flow::GuardFactory;
 use crate::envguard::GuardPolicy;
 use crate::flow::FlowFactory;
+use crate::replay::flow::ReplayFactory;
+use crate::replay::ReplayPolicy;
 use crate::store::SharedStore;
 use crate::ConfigError;
 
@@ -22,9 +24,14 @@ pub struct Setup<'a> {
 
 /// Configures `filter` from its JSON configuration. An error names the field, from the filter's
 /// own configuration down (the chain puts its section in front, [`ConfigError::under`]).
-pub fn configure(filter: &str, json: &[u8], _setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
+pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
     match filter {
         "env_guard" => Ok(Rc::new(GuardFactory { policy: Rc::new(GuardPolicy::from_json(json)?) })),
+        "replay_guard" => {
+            let mut policy = ReplayPolicy::from_json(json)?;
+            policy.bind_tables(setup.store, setup.entropy)?;
+            Ok(Rc::new(ReplayFactory::new(policy, setup.entropy)))
+        }
         other => Err(ConfigError::new("", format!("unknown filter `{other}`"))),
     }
 }
