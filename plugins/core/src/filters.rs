@@ -37,6 +37,7 @@ pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Rc<dyn 
         "env_guard" => crate::envguard::flow::configure(json, setup),
         "rate_limit" => crate::ratelimit::flow::configure(json, setup),
         "request_signature" => crate::signature::flow::configure(json, setup),
+        "replay_guard" => crate::replay::flow::configure(json, setup),
         other => Err(ConfigError::new("", format!("unknown filter `{other}` (expected one of {})", FILTERS.join(", ")))),
     }
 }

@@ -13,6 +13,7 @@
 
 mod config;
 mod exchange;
+pub mod flow;
 mod record;
 pub mod redis;
 pub mod state;
@@ -58,5 +59,9 @@ pub const CODES: &[crate::Code] = {
     ]
 };
 
+#[cfg(test)]
+mod fake_redis;
+#[cfg(test)]
+mod flow_tests;
 #[cfg(test)]
 mod tests;

@@ -326,13 +326,9 @@ pub fn clear_answer(
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
     use super::*;
-    use crate::remote::{
-        Backend, CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, COMPARE_AND_DELETE_SCRIPT, COMPARE_AND_SET_SCRIPT, SET_NX_WITHIN_QUOTA_SCRIPT,
-    };
+    use crate::remote::Backend;
+    use crate::replay::fake_redis::FakeRedis;
     use crate::replay::{Exchange, ReplayError, RequestFacts};
 
     const CONFIG: &str = r#"{"routes": [
@@ -350,92 +346,6 @@ mod tests {
         match Backend::from_value(Some(&v), "state").unwrap() {
             Backend::Redis(r) => r,
             Backend::Local => unreachable!(),
-        }
-    }
-
-    fn unescape(segment: &[u8]) -> String {
-        percent_encoding::percent_decode(segment).decode_utf8().unwrap().into_owned()
-    }
-
-    /// Redis as far as these commands go (no clock: values do not expire), answering in webdis JSON.
-    #[derive(Default)]
-    struct FakeRedis {
-        data: RefCell<HashMap<String, String>>,
-        ttl: RefCell<HashMap<String, u64>>,
-    }
-
-    impl FakeRedis {
-        /// The quota part of the scripts: false at the limit (nothing written).
-        fn count(
-            data: &mut HashMap<String, String>,
-            ttl: &mut HashMap<String, u64>,
-            quota: &str,
-            limit: &str,
-            window: &str,
-        ) -> bool {
-            let n: u64 = data.get(quota).map_or(0, |v| v.parse().unwrap());
-            if n >= limit.parse().unwrap() {
-                return false;
-            }
-            if n == 0 {
-                ttl.insert(quota.to_string(), window.parse().unwrap());
-            }
-            data.insert(quota.to_string(), (n + 1).to_string());
-            true
-        }
-
-        fn run(&self, command: &RemoteCommand) -> (Option<u16>, Vec<u8>) {
-            let args: Vec<String> = command.body.split(|b| *b == b'/').map(unescape).collect();
-            let mut data = self.data.borrow_mut();
-            let reply = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                ["GET", key] => data.get(*key).map_or(serde_json::json!(null), |v| serde_json::json!(v)),
-                ["EVAL", script, "2", key, quota, value, ttl, limit, window] if *script == CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT => {
-                    if let Some(held) = data.get(*key) {
-                        serde_json::json!([0, held, 1000])
-                    } else {
-                        let allowed = Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
-                        if allowed {
-                            data.insert(key.to_string(), value.to_string());
-                            self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
-                            serde_json::json!([1])
-                        } else {
-                            serde_json::json!([2])
-                        }
-                    }
-                }
-                ["EVAL", script, "2", key, quota, ttl, limit, window] if *script == SET_NX_WITHIN_QUOTA_SCRIPT => {
-                    let allowed =
-                        !data.contains_key(*key) && Self::count(&mut data, &mut self.ttl.borrow_mut(), quota, limit, window);
-                    if data.contains_key(*key) {
-                        serde_json::json!(0)
-                    } else if !allowed {
-                        serde_json::json!(2)
-                    } else {
-                        data.insert(key.to_string(), "1".to_string());
-                        self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
-                        serde_json::json!(1)
-                    }
-                }
-                ["EVAL", script, "1", key, expected, value, ttl] if *script == COMPARE_AND_SET_SCRIPT => {
-                    if data.get(*key).map(String::as_str) == Some(*expected) {
-                        data.insert(key.to_string(), value.to_string());
-                        self.ttl.borrow_mut().insert(key.to_string(), ttl.parse().unwrap());
-                        serde_json::json!(1)
-                    } else {
-                        serde_json::json!(0)
-                    }
-                }
-                ["EVAL", script, "1", key, expected] if *script == COMPARE_AND_DELETE_SCRIPT => {
-                    if data.get(*key).map(String::as_str) == Some(*expected) {
-                        data.remove(*key);
-                        serde_json::json!(1)
-                    } else {
-                        serde_json::json!(0)
-                    }
-                }
-                other => panic!("unexpected command {other:?}"),
-            };
-            (Some(200), serde_json::json!({ command.verb: reply }).to_string().into_bytes())
         }
     }
 
