@@ -7,5 +7,5 @@ use proxy_wasm::traits::RootContext;
 
 /// A fresh root context of this filter; `on_configure` reads its configuration.
 pub fn root() -> Box<dyn RootContext> {
-    crate::flow_root::root("env_guard", firebreak_core::envguard::flow::configure)
+    crate::flow_root::filter_root("env_guard", firebreak_core::envguard::flow::configure)
 }

@@ -1,48 +1,109 @@
-//! The root context of a filter whose flow lives in core: configures it through
-//! `firebreak_core::filters::configure` and gives every stream a [`FlowContext`] running its flow.
+//! The one root context of every module: configures a filter (or, in the chain module, a chain
+//! of them) through `firebreak_core::filters`, defines its counters, logs its configuration, and
+//! gives every stream a [`FlowContext`] running its flow.
 
 use std::rc::Rc;
+use std::time::Duration;
 
-use firebreak_core::filters::{Configure, Setup};
+use firebreak_core::filters::{self, Configure, Setup, CHAIN};
 use firebreak_core::flow::FlowFactory;
 use firebreak_core::ConfigError;
-use firebreak_glue::host::{FlowContext, Module};
+use firebreak_glue::host::{log_at, FlowContext, Module};
 use firebreak_glue::{self as glue, HostStore};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{ContextType, LogLevel};
 
-/// A fresh root context of `filter`, configured by its own `configure` (so that a separate module
-/// links only its own filter); `on_configure` reads its configuration.
-pub fn root(filter: &'static str, configure: Configure) -> Box<dyn RootContext> {
-    Box::new(FlowRoot { filter, configure, factory: None, module: Module::new() })
+/// How often the chain module writes the counts of passed requests to Envoy's counters
+/// (refusals and failures are counted at once).
+const COUNT_FLUSH_PERIOD: Duration = Duration::from_secs(1);
+
+/// What a module runs.
+#[derive(Clone, Copy)]
+enum Runs {
+    /// One filter: its name (`core::filters::FILTERS`) and its own configure function (so that
+    /// its module links only that filter).
+    Filter(&'static str, Configure),
+    /// The chain: its configuration names the stages.
+    Chain,
+}
+
+/// A fresh root context of `filter`'s module; `on_configure` reads its configuration.
+pub fn filter_root(filter: &'static str, configure: Configure) -> Box<dyn RootContext> {
+    Box::new(FlowRoot { runs: Runs::Filter(filter, configure), factory: None, module: None })
+}
+
+/// A fresh root context of the chain module.
+pub fn chain_root() -> Box<dyn RootContext> {
+    Box::new(FlowRoot { runs: Runs::Chain, factory: None, module: None })
 }
 
 struct FlowRoot {
-    filter: &'static str,
-    configure: Configure,
+    runs: Runs,
     factory: Option<Rc<dyn FlowFactory>>,
-    module: Rc<Module>,
+    /// Made at configure time (it reads Envoy's log level).
+    module: Option<Rc<Module>>,
+}
+
+impl FlowRoot {
+    fn plugin(&self) -> &'static str {
+        match self.runs {
+            Runs::Filter(filter, _) => filter,
+            Runs::Chain => CHAIN,
+        }
+    }
+
+    fn configure(&self, json: &[u8]) -> Result<Rc<dyn FlowFactory>, ConfigError> {
+        let entropy = glue::random_32()
+            .ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
+        let setup = Setup { env: &glue::env_var, store: &HostStore, entropy };
+        match self.runs {
+            Runs::Filter(_, configure) => configure(json, &setup),
+            Runs::Chain => Ok(Rc::new(filters::configure_chain(json, &setup)?)),
+        }
+    }
 }
 
 impl Context for FlowRoot {}
 
 impl RootContext for FlowRoot {
+    /// A configuration that is refused logs one line naming the field, and the plugin does not
+    /// start (`false`).
     fn on_configure(&mut self, _size: usize) -> bool {
-        let filter = self.filter;
-        let configure = self.configure;
-        self.module = Module::new();
-        self.factory = glue::load_config(filter, |json| {
-            let entropy = glue::random_32()
-                .ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
-            configure(json, &Setup { env: &glue::env_var, store: &HostStore, entropy })
-        });
-        let Some(factory) = &self.factory else { return false };
-        let meter = factory.meter();
-        self.module.meters.define(&meter, &factory.counters());
-        for (level, line) in factory.configured() {
-            glue::host::log_at(level, &line);
+        let plugin = self.plugin();
+        let chain = matches!(self.runs, Runs::Chain);
+        self.factory = None;
+        self.module = None;
+        let Some(json) = glue::plugin_configuration(plugin) else { return false };
+        let factory = match self.configure(&json) {
+            Ok(factory) => factory,
+            Err(error) => {
+                glue::log(LogLevel::Critical, &format!("firebreak {plugin} config_error field={} {error}", error.field));
+                return false;
+            }
+        };
+        if chain && glue::set_tick_period(COUNT_FLUSH_PERIOD).is_err() {
+            glue::log(LogLevel::Critical, &format!("firebreak {plugin} config_error cannot set the tick period"));
+            return false;
         }
+        let module = Module::new(chain, factory.meter());
+        for (meter, names) in factory.definitions() {
+            module.meters.define(&meter, &names);
+        }
+        if let Runs::Filter(filter, _) = self.runs {
+            glue::log(LogLevel::Info, &format!("firebreak {filter} configured"));
+        }
+        for (level, line) in factory.configured() {
+            log_at(level, &line);
+        }
+        self.factory = Some(factory);
+        self.module = Some(module);
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(module) = &self.module {
+            module.meters.flush();
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -51,6 +112,7 @@ impl RootContext for FlowRoot {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let factory = self.factory.as_ref()?;
-        Some(Box::new(FlowContext::new(factory.new_flow(), self.module.clone())))
+        let module = self.module.clone()?;
+        Some(Box::new(FlowContext::new(factory.new_flow(), module)))
     }
 }

@@ -7,5 +7,5 @@ use proxy_wasm::traits::RootContext;
 
 /// A fresh root context of this filter; `on_configure` reads its configuration.
 pub fn root() -> Box<dyn RootContext> {
-    crate::flow_root::root("rate_limit", firebreak_core::ratelimit::flow::configure)
+    crate::flow_root::filter_root("rate_limit", firebreak_core::ratelimit::flow::configure)
 }

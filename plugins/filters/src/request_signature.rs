@@ -6,5 +6,5 @@ use proxy_wasm::traits::RootContext;
 
 /// A fresh root context of this filter; `on_configure` reads its configuration.
 pub fn root() -> Box<dyn RootContext> {
-    crate::flow_root::root("request_signature", firebreak_core::signature::flow::configure)
+    crate::flow_root::filter_root("request_signature", firebreak_core::signature::flow::configure)
 }

@@ -1,6 +1,11 @@
-//! The proxy-wasm host of a core flow: [`EnvoyHost`] answers a flow's [`Host`] calls with Envoy's
-//! host calls, and [`FlowContext`] is the one `HttpContext` every filter (and the chain) runs: it
-//! turns each callback into an [`Event`] and applies the [`Step`] the flow returns.
+//! The proxy-wasm host of a core flow: [`EnvoyHost`] answers a flow's [`Host`] calls with
+//! Envoy's host calls, and [`FlowContext`] is the one `HttpContext` every module runs (a single
+//! filter's flow, or a chain's): it turns each callback into an [`Event`] and applies the
+//! [`Step`] the flow returns.
+//!
+//! One `EnvoyHost` serves one callback. It reads the request headers, the request body and the
+//! clock at most once per callback, whichever stage asks first (every stage of a chain shares it),
+//! and forgets the headers when a flow writes one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,18 +19,20 @@ use firebreak_core::store::SharedStore;
 use firebreak_core::Rejection;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use crate::{Counters, HostStore};
+use crate::{Counters, HostStore, BODY_SHA256_MIN_BYTES, BODY_SHA256_PROPERTY, PRINCIPAL_PROPERTY};
 
 /// Every flow's counters in one module, by meter prefix (defined on first use per worker).
 #[derive(Default)]
 pub struct Meters {
     families: RefCell<HashMap<Rc<str>, Rc<Counters>>>,
+    /// Counts of passed requests not yet written to Envoy, by metric id (batched modules).
+    pending: RefCell<HashMap<u32, u64>>,
 }
 
 impl Meters {
-    pub fn counters(&self, meter: &Meter) -> Rc<Counters> {
+    fn counters(&self, meter: &Meter) -> Rc<Counters> {
         if let Some(counters) = self.families.borrow().get(&meter.prefix) {
             return counters.clone();
         }
@@ -39,18 +46,33 @@ impl Meters {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         self.counters(meter).define_all(&names);
     }
+
+    /// Writes the batched counts (one host call per counter that moved).
+    pub fn flush(&self) {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        for (id, count) in pending {
+            crate::add(id, count);
+        }
+    }
 }
 
-/// What a module's flows share: the counters, and whether debug lines are written.
+/// What a module's streams share: the counters, whether debug lines are written, and whether
+/// passed requests are counted in the VM and written by the root's tick.
 pub struct Module {
     pub meters: Meters,
     pub debug_log: bool,
+    /// Counts of passed requests are kept in the VM and written by [`Meters::flush`] (the chain
+    /// module's tick): no host call per request, a counter lags by at most the tick period.
+    /// Refusals and failures are always counted at once.
+    pub batch_passed: bool,
+    /// Where the module counts and logs what is its own (a resume Envoy refused).
+    pub meter: Meter,
 }
 
 impl Module {
     /// Reads Envoy's log level (once, at configure time).
-    pub fn new() -> Rc<Self> {
-        Rc::new(Module { meters: Meters::default(), debug_log: crate::debug_enabled() })
+    pub fn new(batch_passed: bool, meter: Meter) -> Rc<Self> {
+        Rc::new(Module { meters: Meters::default(), debug_log: crate::debug_enabled(), batch_passed, meter })
     }
 }
 
@@ -59,6 +81,9 @@ pub struct EnvoyHost<'a> {
     module: &'a Module,
     /// The size of the call answer being delivered.
     answer_size: usize,
+    headers: Option<RawHeaders>,
+    body: Option<(usize, Vec<u8>)>,
+    now_ms: Option<u64>,
 }
 
 fn log_level(level: Level) -> LogLevel {
@@ -77,15 +102,32 @@ pub fn log_at(level: Level, line: &str) {
 
 impl Host for EnvoyHost<'_> {
     fn now_ms(&mut self) -> Option<u64> {
-        crate::now_ms()
+        if self.now_ms.is_none() {
+            self.now_ms = crate::now_ms();
+        }
+        self.now_ms
     }
 
     fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        crate::raw_request_headers().map_err(|_| HostFailed)
+        if let Some(headers) = &self.headers {
+            return Ok(headers.clone());
+        }
+        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HostFailed)?;
+        self.headers = Some(headers.clone());
+        Ok(headers)
     }
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        crate::request_body(size).map_err(|_| HostFailed)
+        if let Some((asked, body)) = &self.body {
+            if *asked == size {
+                return Ok(body.clone());
+            }
+        }
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .map_err(|_| HostFailed)?
+            .unwrap_or_default();
+        self.body = Some((size, body.clone()));
+        Ok(body)
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -93,7 +135,8 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        crate::set_request_header(name, value).map_err(|_| HostFailed)
+        self.headers = None;
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(|_| HostFailed)
     }
 
     fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -101,7 +144,9 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        crate::response_body(size).map_err(|_| HostFailed)
+        Ok(hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .map_err(|_| HostFailed)?
+            .unwrap_or_default())
     }
 
     fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
@@ -116,21 +161,36 @@ impl Host for EnvoyHost<'_> {
         crate::property_string(&["source", "address"])
     }
 
+    /// An error when the host cannot tell (or holds something that is not UTF-8): the caller
+    /// fails closed rather than take the request for one without a principal.
     fn principal(&mut self) -> Result<Option<String>, HostFailed> {
-        crate::principal().map_err(|_| HostFailed)
+        let Some(bytes) = hostcalls::get_property(vec![PRINCIPAL_PROPERTY]).map_err(|_| HostFailed)? else {
+            return Ok(None);
+        };
+        let principal = String::from_utf8(bytes).map_err(|_| HostFailed)?;
+        Ok(Some(principal).filter(|p| !p.is_empty()))
     }
 
     fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed> {
-        crate::set_principal(principal).map_err(|_| HostFailed)
+        hostcalls::set_property(vec![PRINCIPAL_PROPERTY], Some(principal.as_bytes())).map_err(|_| HostFailed)
     }
 
+    /// A property that is not 64 hex digits counts as absent.
     fn body_sha256(&mut self, body_len: usize) -> Option<[u8; 32]> {
-        crate::verified_body_sha256(body_len)
+        if body_len < BODY_SHA256_MIN_BYTES {
+            return None;
+        }
+        let bytes = hostcalls::get_property(vec![BODY_SHA256_PROPERTY]).ok()??;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(bytes, &mut digest).ok()?;
+        Some(digest)
     }
 
+    /// A failed hand-over only makes a later filter hash the body itself.
     fn set_body_sha256(&mut self, digest: &[u8; 32], body_len: usize) {
-        // A failed hand-over only makes a later filter hash the body itself.
-        let _ = crate::publish_body_sha256(digest, body_len);
+        if body_len >= BODY_SHA256_MIN_BYTES {
+            let _ = hostcalls::set_property(vec![BODY_SHA256_PROPERTY], Some(hex::encode(digest).as_bytes()));
+        }
     }
 
     fn store(&self) -> &dyn SharedStore {
@@ -141,11 +201,19 @@ impl Host for EnvoyHost<'_> {
         crate::dispatch_webdis(redis, command).map(CallId).map_err(|_| HostFailed)
     }
 
+    /// Envoy reports a timeout or a connection failure as an answer without a `:status`.
     fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
         if body_size > max_bytes {
             return None;
         }
-        let (status, body) = crate::http_call_response(body_size.min(self.answer_size));
+        let status = hostcalls::get_map(MapType::HttpCallResponseHeaders)
+            .ok()
+            .and_then(|headers| headers.into_iter().find(|(n, _)| n == ":status"))
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(self.answer_size))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         Some(CallAnswer { status, body })
     }
 
@@ -154,7 +222,13 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn count_passed(&mut self, meter: &Meter, name: &str) {
-        self.module.meters.counters(meter).count_passed(name);
+        let meters = &self.module.meters;
+        if !self.module.batch_passed {
+            return meters.counters(meter).increment(name);
+        }
+        if let Some(id) = meters.counters(meter).id(name) {
+            *meters.pending.borrow_mut().entry(id).or_insert(0) += 1;
+        }
     }
 
     fn logs_debug(&self) -> bool {
@@ -172,7 +246,7 @@ impl Host for EnvoyHost<'_> {
 pub struct FlowContext {
     flow: Box<dyn Flow>,
     module: Rc<Module>,
-    /// The half of the stream this context stopped to wait (a resume goes there).
+    /// The half of the stream this context stopped (a `Continue` on a call's answer resumes it).
     stopped: Option<Direction>,
 }
 
@@ -183,29 +257,28 @@ impl FlowContext {
 
     fn event(&mut self, event: Event, answer_size: usize) -> Action {
         let module = self.module.clone();
-        let mut host = EnvoyHost { module: &module, answer_size };
+        let mut host = EnvoyHost { module: &module, answer_size, headers: None, body: None, now_ms: None };
         let step = self.flow.on_event(event, &mut host);
         self.apply(step, event.direction())
     }
 
     /// Applies a step; `direction`: the half of the stream whose callback it answers (`None`: a
-    /// call's answer, which resumes what this context stopped).
+    /// call's answer or the end of the stream).
     fn apply(&mut self, step: Step, direction: Option<Direction>) -> Action {
         match step {
             Step::Continue => {
-                match direction {
-                    Some(_) => self.stopped = None,
-                    None => {
-                        if let Some(stopped) = self.stopped.take() {
-                            let resumed = match stopped {
-                                Direction::Request => crate::resume_request(),
-                                Direction::Response => crate::resume_response(),
-                            };
-                            if resumed.is_err() {
-                                // The stream stays stopped; Envoy's stream timeout then ends it.
-                                crate::log(LogLevel::Error, &format!("firebreak resume_failed direction={stopped:?}"));
-                            }
-                        }
+                if direction.is_some() {
+                    self.stopped = None;
+                } else if let Some(stopped) = self.stopped.take() {
+                    let resumed = match stopped {
+                        Direction::Request => hostcalls::resume_http_request(),
+                        Direction::Response => hostcalls::resume_http_response(),
+                    };
+                    if resumed.is_err() {
+                        // The stream stays stopped; Envoy's stream timeout then ends it.
+                        let meter = &self.module.meter;
+                        self.module.meters.counters(meter).increment("resume_failed");
+                        crate::log(LogLevel::Error, &format!("firebreak {} resume_failed direction={stopped:?}", meter.plugin));
                     }
                 }
                 Action::Continue
@@ -221,7 +294,10 @@ impl FlowContext {
                 Action::Pause
             }
             Step::Respond(Response { status, headers, body }) => {
-                crate::send_response(status, &headers, &body);
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+                if hostcalls::send_http_response(u32::from(status), headers, Some(&body)).is_err() {
+                    let _ = hostcalls::reset_http_request();
+                }
                 Action::Pause
             }
         }
@@ -230,7 +306,7 @@ impl FlowContext {
 
 /// Sends a rejection as a local reply (status, JSON body, headers); if Envoy cannot send it, the
 /// stream is reset rather than let through.
-pub fn send_rejection(rejection: &Rejection) {
+fn send_rejection(rejection: &Rejection) {
     let body = rejection.body();
     if hostcalls::send_http_response(u32::from(rejection.status), rejection.response_headers(), Some(&body)).is_err() {
         let _ = hostcalls::reset_http_request();
