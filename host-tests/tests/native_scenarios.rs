@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use firebreak_core::filters::{self, Setup};
 use firebreak_core::flow::chain::Chain;
@@ -23,7 +23,7 @@ use firebreak_host_tests::{hcm_normalize, workspace_root, Request, Upstream, DEF
 
 /// The filters of a file, configured: one factory per module, in Envoy's order.
 struct Configured {
-    stages: Vec<Rc<dyn FlowFactory>>,
+    stages: Vec<Arc<dyn FlowFactory>>,
 }
 
 impl Configured {
@@ -49,13 +49,13 @@ fn configure_module(
     configuration: &Option<serde_yaml::Value>,
     env: &BTreeMap<String, String>,
     state: &MemoryEnv,
-) -> Result<Option<Rc<dyn FlowFactory>>, ConfigError> {
+) -> Result<Option<Arc<dyn FlowFactory>>, ConfigError> {
     let Some(filter) = module_filter(module) else { return Ok(None) };
     let json = value_bytes(configuration).map_err(|e| ConfigError::new("", e.to_string()))?;
     let lookup = |name: &str| env.get(name).cloned();
     let setup = Setup { env: &lookup, store: &state.store, entropy: [7; 32] };
     if filter == "chain" {
-        return Ok(Some(Rc::new(filters::configure_chain(&json, &setup)?)));
+        return Ok(Some(Arc::new(filters::configure_chain(&json, &setup)?)));
     }
     filters::configure(filter, &json, &setup).map(Some)
 }

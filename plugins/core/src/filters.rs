@@ -4,7 +4,7 @@
 //! separate proxy-wasm modules, the chain module, the native tests.
 
 use std::collections::HashSet;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -28,11 +28,11 @@ pub struct Setup<'a> {
 
 /// A filter's own configure function (each filter's module has one: a separate module links only
 /// its own filter).
-pub type Configure = fn(&[u8], &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError>;
+pub type Configure = fn(&[u8], &Setup<'_>) -> Result<Arc<dyn FlowFactory>, ConfigError>;
 
 /// Configures `filter` from its JSON configuration. An error names the field, from the filter's
 /// own configuration down (the chain puts its section in front, [`ConfigError::under`]).
-pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Rc<dyn FlowFactory>, ConfigError> {
+pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Arc<dyn FlowFactory>, ConfigError> {
     match filter {
         "env_guard" => crate::envguard::flow::configure(json, setup),
         "rate_limit" => crate::ratelimit::flow::configure(json, setup),
@@ -120,7 +120,7 @@ pub fn configure_chain(json: &[u8], setup: &Setup<'_>) -> Result<ChainFactory, C
 
 /// A configured chain: one flow per stage per stream, composed by [`Chain`].
 pub struct ChainFactory {
-    stages: Vec<(&'static str, Rc<dyn FlowFactory>)>,
+    stages: Vec<(&'static str, Arc<dyn FlowFactory>)>,
 }
 
 /// The chain's own log lines.

@@ -3,6 +3,7 @@
 //! gives every stream a [`FlowContext`] running its flow.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use firebreak_core::filters::{self, Configure, Setup, CHAIN};
@@ -39,7 +40,7 @@ pub fn chain_root() -> Box<dyn RootContext> {
 
 struct FlowRoot {
     runs: Runs,
-    factory: Option<Rc<dyn FlowFactory>>,
+    factory: Option<Arc<dyn FlowFactory>>,
     /// Made at configure time (it reads Envoy's log level).
     module: Option<Rc<Module>>,
 }
@@ -52,13 +53,13 @@ impl FlowRoot {
         }
     }
 
-    fn configure(&self, json: &[u8]) -> Result<Rc<dyn FlowFactory>, ConfigError> {
+    fn configure(&self, json: &[u8]) -> Result<Arc<dyn FlowFactory>, ConfigError> {
         let entropy = glue::random_32()
             .ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
         let setup = Setup { env: &glue::env_var, store: &HostStore, entropy };
         match self.runs {
             Runs::Filter(_, configure) => configure(json, &setup),
-            Runs::Chain => Ok(Rc::new(filters::configure_chain(json, &setup)?)),
+            Runs::Chain => Ok(Arc::new(filters::configure_chain(json, &setup)?)),
         }
     }
 }

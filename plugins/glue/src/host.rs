@@ -26,7 +26,7 @@ use crate::{Counters, HostStore, BODY_SHA256_MIN_BYTES, BODY_SHA256_PROPERTY, PR
 /// Every flow's counters in one module, by meter prefix (defined on first use per worker).
 #[derive(Default)]
 pub struct Meters {
-    families: RefCell<HashMap<Rc<str>, Rc<Counters>>>,
+    families: RefCell<HashMap<std::sync::Arc<str>, Rc<Counters>>>,
     /// Counts of passed requests not yet written to Envoy, by metric id (batched modules).
     pending: RefCell<HashMap<u32, u64>>,
 }

@@ -13,7 +13,7 @@
 //!    `over_limit`; the whole body is then inspected.
 //! 3. Trailers end the body: they are inspected, then the body buffered so far.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::flow::{header, reject, Event, Flow, FlowFactory, Host, Level, Meter, Step};
 use crate::route::{not_canonical_rejection, split_path, Scope};
@@ -53,7 +53,7 @@ pub fn meter() -> Meter {
 
 /// env-guard's flow for one request.
 pub struct GuardFlow {
-    policy: Rc<GuardPolicy>,
+    policy: Arc<GuardPolicy>,
     meter: Meter,
     /// Headers clean, body still to inspect.
     pending: Option<Pending>,
@@ -66,7 +66,7 @@ struct Pending {
 }
 
 impl GuardFlow {
-    pub fn new(policy: Rc<GuardPolicy>) -> Self {
+    pub fn new(policy: Arc<GuardPolicy>) -> Self {
         GuardFlow { policy, meter: meter(), pending: None }
     }
 }
@@ -211,7 +211,7 @@ impl GuardFlow {
 
 /// env-guard, configured.
 pub struct GuardFactory {
-    pub policy: Rc<GuardPolicy>,
+    pub policy: Arc<GuardPolicy>,
 }
 
 impl FlowFactory for GuardFactory {
@@ -233,6 +233,6 @@ impl FlowFactory for GuardFactory {
 }
 
 /// Configures env-guard ([`crate::filters::Configure`]).
-pub fn configure(json: &[u8], _setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
-    Ok(Rc::new(GuardFactory { policy: Rc::new(GuardPolicy::from_json(json)?) }))
+pub fn configure(json: &[u8], _setup: &crate::filters::Setup<'_>) -> Result<Arc<dyn FlowFactory>, crate::ConfigError> {
+    Ok(Arc::new(GuardFactory { policy: Arc::new(GuardPolicy::from_json(json)?) }))
 }

@@ -2,8 +2,6 @@
 //! held and what is read. (The scenario files run the same flow natively too:
 //! `host-tests/tests/env_guard_native.rs`.)
 
-use std::rc::Rc;
-
 use crate::flow::memory::{drive, step, Faults, MemoryEnv, MemoryRequest, MemoryUpstream, Outcome, Reads};
 use crate::flow::{Event, Level, Step};
 
@@ -12,7 +10,7 @@ use super::*;
 
 const PROD: &str = "fake-apns-prod-key-0123456789abcdef";
 
-fn policy(production: bool, extra: &str) -> Rc<GuardPolicy> {
+fn policy(production: bool, extra: &str) -> std::sync::Arc<GuardPolicy> {
     let json = format!(
         r#"{{"environment":"uat","production":{production},
             "protected_credentials":[{{"label":"apns-prod","sha256":"{}","length":{}}}],
@@ -21,7 +19,7 @@ fn policy(production: bool, extra: &str) -> Rc<GuardPolicy> {
         fingerprint(PROD.as_bytes()),
         PROD.len()
     );
-    Rc::new(GuardPolicy::from_json(json.as_bytes()).unwrap())
+    std::sync::Arc::new(GuardPolicy::from_json(json.as_bytes()).unwrap())
 }
 
 fn headers(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -34,7 +32,7 @@ fn headers(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<(String, Str
     h
 }
 
-fn run(policy: &Rc<GuardPolicy>, request: MemoryRequest) -> Outcome {
+fn run(policy: &std::sync::Arc<GuardPolicy>, request: MemoryRequest) -> Outcome {
     drive(&mut GuardFlow::new(policy.clone()), &request)
 }
 

@@ -22,7 +22,7 @@ pub mod calls;
 pub mod chain;
 pub mod memory;
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::remote::RedisConfig;
 use crate::store::SharedStore;
@@ -128,11 +128,11 @@ pub struct CallAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {
     pub plugin: &'static str,
-    pub prefix: Rc<str>,
+    pub prefix: Arc<str>,
 }
 
 impl Meter {
-    pub fn new(plugin: &'static str, prefix: impl Into<Rc<str>>) -> Self {
+    pub fn new(plugin: &'static str, prefix: impl Into<Arc<str>>) -> Self {
         Meter { plugin, prefix: prefix.into() }
     }
 }
@@ -258,7 +258,7 @@ pub trait Flow {
 }
 
 /// A configured filter: makes its flow for each stream (built once, at configure time).
-pub trait FlowFactory {
+pub trait FlowFactory: Send + Sync {
     fn new_flow(&self) -> Box<dyn Flow>;
     /// Where its counters and log lines go.
     fn meter(&self) -> Meter;

@@ -20,7 +20,7 @@
 //! 4. Response headers: the RateLimit-Policy / RateLimit headers of an admitted request are
 //!    added (when `response_headers` is configured).
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::flow::calls::{Calls, Delivered};
 use crate::flow::{header, reject, Event as FlowEvent, Flow, FlowFactory, Host, Level, Meter, Step};
@@ -79,7 +79,7 @@ struct Pending {
 
 /// rate-limit's flow for one request.
 pub struct RateLimitFlow {
-    policy: Rc<RateLimitPolicy>,
+    policy: Arc<RateLimitPolicy>,
     meter: Meter,
     /// RateLimit-Policy / RateLimit for the response of an admitted request.
     response_headers: Vec<(String, String)>,
@@ -88,7 +88,7 @@ pub struct RateLimitFlow {
 }
 
 impl RateLimitFlow {
-    pub fn new(policy: Rc<RateLimitPolicy>, meter: Meter) -> Self {
+    pub fn new(policy: Arc<RateLimitPolicy>, meter: Meter) -> Self {
         RateLimitFlow { policy, meter, response_headers: Vec::new(), calls: Calls::default() }
     }
 }
@@ -306,14 +306,14 @@ impl RateLimitFlow {
 
 /// rate-limit, configured: one instance (its tables bound to the plugin's shared data).
 pub struct RateLimitFactory {
-    pub policy: Rc<RateLimitPolicy>,
+    pub policy: Arc<RateLimitPolicy>,
     meter: Meter,
 }
 
 impl RateLimitFactory {
     pub fn new(policy: RateLimitPolicy) -> Self {
         let meter = meter(&policy);
-        RateLimitFactory { policy: Rc::new(policy), meter }
+        RateLimitFactory { policy: Arc::new(policy), meter }
     }
 }
 
@@ -338,8 +338,8 @@ impl FlowFactory for RateLimitFactory {
 
 /// Configures rate-limit ([`crate::filters::Configure`]): parses the configuration and binds its
 /// local tables (secret placement, and a refusal if the geometry changed).
-pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Arc<dyn FlowFactory>, crate::ConfigError> {
     let mut policy = RateLimitPolicy::from_json(json)?;
     policy.bind_tables(setup.store, setup.entropy)?;
-    Ok(Rc::new(RateLimitFactory::new(policy)))
+    Ok(Arc::new(RateLimitFactory::new(policy)))
 }

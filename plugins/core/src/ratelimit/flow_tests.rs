@@ -31,7 +31,7 @@ fn redis_state(failure_mode: &str) -> String {
 }
 
 /// Configures rate-limit as every host does, its tables bound to `env`'s shared data.
-fn instance(json: &str, env: &MemoryEnv) -> Rc<dyn FlowFactory> {
+fn instance(json: &str, env: &MemoryEnv) -> std::sync::Arc<dyn FlowFactory> {
     let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
     match configure("rate_limit", json.as_bytes(), &setup) {
         Ok(factory) => factory,
@@ -53,7 +53,7 @@ fn get(path: &str) -> MemoryRequest {
     request("GET", path, &[])
 }
 
-fn send(factory: &Rc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
+fn send(factory: &std::sync::Arc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
     exchange(&mut *factory.new_flow(), env, request, &MemoryUpstream::default())
 }
 
@@ -87,7 +87,12 @@ impl Flow for Verified {
     }
 }
 
-fn send_as(principal: &'static str, factory: &Rc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
+fn send_as(
+    principal: &'static str,
+    factory: &std::sync::Arc<dyn FlowFactory>,
+    env: &mut MemoryEnv,
+    request: &MemoryRequest,
+) -> Outcome {
     let mut flow = Verified { principal, inner: factory.new_flow() };
     exchange(&mut flow, env, request, &MemoryUpstream::default())
 }
@@ -442,7 +447,7 @@ impl Flow for Watched {
     }
 }
 
-fn asked(factory: &Rc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> (Outcome, Asked) {
+fn asked(factory: &std::sync::Arc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> (Outcome, Asked) {
     let asked = Rc::new(Cell::new(Asked::default()));
     let mut flow = Watched { inner: factory.new_flow(), asked: asked.clone() };
     let outcome = exchange(&mut flow, env, request, &MemoryUpstream::default());

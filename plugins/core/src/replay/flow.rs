@@ -17,10 +17,10 @@
 //!    stream's end) what it proves is written back. With Redis the answer (up to [`hold_limit`])
 //!    is held until its record is written, and resumed on the write's answer.
 
-use std::cell::Cell;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -107,7 +107,7 @@ pub fn configured(policy: &ReplayPolicy) -> Vec<(Level, String)> {
 #[derive(Debug)]
 pub struct ClaimIds {
     seed: [u8; 32],
-    next: Cell<u64>,
+    next: AtomicU64,
 }
 
 impl ClaimIds {
@@ -119,12 +119,11 @@ impl ClaimIds {
             .chain_update(entropy)
             .finalize()
             .into();
-        ClaimIds { seed, next: Cell::new(0) }
+        ClaimIds { seed, next: AtomicU64::new(0) }
     }
 
     pub fn next(&self, now_ms: u64) -> u64 {
-        let n = self.next.get().wrapping_add(1);
-        self.next.set(n);
+        let n = self.next.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let mut hasher = DefaultHasher::new();
         (self.seed, now_ms, n).hash(&mut hasher);
         hasher.finish()
@@ -270,9 +269,9 @@ impl RemoteState<'_> {
 
 /// replay-guard's flow for one stream.
 pub struct ReplayFlow {
-    policy: Rc<ReplayPolicy>,
+    policy: Arc<ReplayPolicy>,
     meter: Meter,
-    claims: Rc<ClaimIds>,
+    claims: Arc<ClaimIds>,
     exchange: Option<Exchange>,
     /// The header-time read of the key's bucket (local store): the claim commits against it.
     peek: Option<KeyPeek>,
@@ -285,7 +284,7 @@ pub struct ReplayFlow {
 }
 
 impl ReplayFlow {
-    pub fn new(policy: Rc<ReplayPolicy>, claims: Rc<ClaimIds>) -> Self {
+    pub fn new(policy: Arc<ReplayPolicy>, claims: Arc<ClaimIds>) -> Self {
         ReplayFlow {
             policy,
             meter: meter(),
@@ -883,14 +882,14 @@ impl ReplayFlow {
 
 /// replay-guard, configured.
 pub struct ReplayFactory {
-    pub policy: Rc<ReplayPolicy>,
-    claims: Rc<ClaimIds>,
+    pub policy: Arc<ReplayPolicy>,
+    claims: Arc<ClaimIds>,
 }
 
 impl ReplayFactory {
     /// `entropy`: the configuration's random bytes (the claim ids' seed is made of them).
     pub fn new(policy: ReplayPolicy, entropy: [u8; 32]) -> Self {
-        ReplayFactory { policy: Rc::new(policy), claims: Rc::new(ClaimIds::new(entropy)) }
+        ReplayFactory { policy: Arc::new(policy), claims: Arc::new(ClaimIds::new(entropy)) }
     }
 }
 
@@ -914,8 +913,8 @@ impl FlowFactory for ReplayFactory {
 
 /// Configures replay-guard ([`crate::filters::Configure`]): parses the configuration and binds
 /// its local tables; the claim ids' seed is made of the configuration's random bytes.
-pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Arc<dyn FlowFactory>, crate::ConfigError> {
     let mut policy = ReplayPolicy::from_json(json)?;
     policy.bind_tables(setup.store, setup.entropy)?;
-    Ok(Rc::new(ReplayFactory::new(policy, setup.entropy)))
+    Ok(Arc::new(ReplayFactory::new(policy, setup.entropy)))
 }

@@ -28,12 +28,12 @@ const REDIS: &str = r#""state": {"backend": "redis", "cluster": "bridge", "key_p
 
 /// replay-guard configured on a memory environment; with Redis, the fake behind the bridge.
 struct Guard {
-    factory: Rc<dyn FlowFactory>,
+    factory: std::sync::Arc<dyn FlowFactory>,
     env: MemoryEnv,
     redis: Rc<FakeRedis>,
 }
 
-fn configure_in(env: &MemoryEnv, json: &str) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+fn configure_in(env: &MemoryEnv, json: &str) -> Result<std::sync::Arc<dyn FlowFactory>, crate::ConfigError> {
     configure("replay_guard", json.as_bytes(), &Setup { env: &|_| None, store: &env.store, entropy: [7; 32] })
 }
 

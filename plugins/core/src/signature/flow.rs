@@ -16,7 +16,7 @@
 //!    body is then checked against the signed `Content-Digest` (`accepted`).
 //! 3. Trailers end the body: what was buffered is checked.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::flow::calls::Calls;
 use crate::flow::{header, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Step};
@@ -42,7 +42,7 @@ pub fn meter() -> Meter {
 
 /// request-signature's flow for one request.
 pub struct SignatureFlow {
-    policy: Rc<SignaturePolicy>,
+    policy: Arc<SignaturePolicy>,
     meter: Meter,
     /// Headers verified; waiting for the nonce claim (Redis) and/or the end of the body.
     pending: Option<Pending>,
@@ -59,7 +59,7 @@ struct Pending {
 }
 
 impl SignatureFlow {
-    pub fn new(policy: Rc<SignaturePolicy>) -> Self {
+    pub fn new(policy: Arc<SignaturePolicy>) -> Self {
         SignatureFlow { policy, meter: meter(), pending: None, claims: Calls::default() }
     }
 }
@@ -293,7 +293,7 @@ fn key_context(view: &RequestView<'_>) -> String {
 
 /// request-signature, configured (its tables bound).
 pub struct SignatureFactory {
-    pub policy: Rc<SignaturePolicy>,
+    pub policy: Arc<SignaturePolicy>,
 }
 
 impl FlowFactory for SignatureFactory {
@@ -317,8 +317,8 @@ impl FlowFactory for SignatureFactory {
 
 /// Configures request-signature ([`crate::filters::Configure`]): parses the configuration (keys
 /// from `secret_env` through `setup.env`) and binds its local tables.
-pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Rc<dyn FlowFactory>, crate::ConfigError> {
+pub fn configure(json: &[u8], setup: &crate::filters::Setup<'_>) -> Result<Arc<dyn FlowFactory>, crate::ConfigError> {
     let mut policy = SignaturePolicy::from_json(json, setup.env)?;
     policy.bind_tables(setup.store, setup.entropy)?;
-    Ok(Rc::new(SignatureFactory { policy: Rc::new(policy) }))
+    Ok(Arc::new(SignatureFactory { policy: Arc::new(policy) }))
 }

@@ -35,7 +35,7 @@ fn config(extra: &str) -> String {
 const REDIS: &str = r#","state":{"backend":"redis","cluster":"bridge","key_prefix":"t"}"#;
 
 /// The factory as every host gets it: configured by name, its tables bound in `env`'s store.
-fn make(env: &MemoryEnv, extra: &str) -> Rc<dyn FlowFactory> {
+fn make(env: &MemoryEnv, extra: &str) -> std::sync::Arc<dyn FlowFactory> {
     let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
     match configure("request_signature", config(extra).as_bytes(), &setup) {
         Ok(factory) => factory,
@@ -98,7 +98,7 @@ fn chunked(mut request: MemoryRequest, chunks: &[&[u8]], trailers: Option<&[(&st
     request
 }
 
-fn run(factory: &Rc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
+fn run(factory: &std::sync::Arc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
     exchange(&mut *factory.new_flow(), env, request, &MemoryUpstream::default())
 }
 
