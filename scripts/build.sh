@@ -8,12 +8,16 @@ cd "$root"
 # Every crate under plugins/ with a cdylib target is a filter module.
 plugins=()
 for manifest in plugins/*/Cargo.toml; do
-  if grep -q 'cdylib' "$manifest"; then
+  # plugins/native is the Envoy dynamic module (built natively below), not a wasm module.
+  if grep -q 'cdylib' "$manifest" && [ "$manifest" != plugins/native/Cargo.toml ]; then
     plugins+=(-p "$(sed -n 's/^name = "\(.*\)"/\1/p' "$manifest" | head -n 1)")
   fi
 done
 cargo build --quiet --release --target wasm32-wasip1 "${plugins[@]}"
 cargo build --quiet --release -p firebreak-demo-api -p firebreak-cli
+# The Envoy dynamic module: target/native/libfirebreak.so.
+cargo build --quiet --profile native -p firebreak-native
+echo "built target/native/libfirebreak.so ($(stat -c %s target/native/libfirebreak.so) bytes)"
 for wasm in target/wasm32-wasip1/release/*.wasm; do
   case "$(basename "$wasm")" in firebreak_test_filter.wasm) continue ;; esac
   echo "built $wasm ($(stat -c %s "$wasm") bytes)"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The demo: builds everything, starts the demo money API on 127.0.0.1:18080 and Envoy with every
 # Firebreak filter on 127.0.0.1:10000 (admin on 127.0.0.1:9901). Ctrl-C stops both.
+#   bash scripts/demo.sh            the chain as one wasm module (envoy/demo.yaml)
+#   bash scripts/demo.sh --native   the same chain in the Envoy dynamic module (libfirebreak.so)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -24,8 +26,23 @@ trap cleanup INT TERM EXIT
 
 target/release/demo-api --listen 127.0.0.1:18080 &
 pids+=($!)
-.venv/bin/envoy -c envoy/demo.yaml --concurrency 2 --use-dynamic-base-id --log-level warn \
-  --component-log-level wasm:info &
+config=envoy/demo.yaml
+if [ "${1:-}" = "--native" ]; then
+  # envoy/demo.yaml with its wasm chain replaced by the same sections in libfirebreak.so.
+  mkdir -p .run
+  config=.run/demo-native.json
+  .venv/bin/python - "$config" <<'PY'
+import json, sys
+import yaml
+sys.path.insert(0, "envoy/e2e")
+import harness
+config = harness.native_bootstrap(yaml.safe_load(open("envoy/demo.yaml")))
+json.dump(config, open(sys.argv[1], "w"), indent=1)
+PY
+  export ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$root/target/native"
+fi
+.venv/bin/envoy -c "$config" --concurrency 2 --use-dynamic-base-id --log-level warn \
+  --component-log-level wasm:info,dynamic_modules:info &
 pids+=($!)
 
 for _ in $(seq 1 100); do

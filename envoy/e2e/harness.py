@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / ".venv" / "bin" / "envoy"
 WASM_DIR = ROOT / "target" / "wasm32-wasip1" / "release"
+# libfirebreak.so, the Envoy dynamic module (scripts/build.sh: cargo build --profile native).
+NATIVE_DIR = ROOT / "target" / "native"
 BIN_DIR = ROOT / "target" / "release"
 RUN_DIR = ROOT / ".run"
 
@@ -156,6 +158,40 @@ def wasm_filter(module: str, config: dict, *, key_values: dict | None = None, ho
             },
         },
     }
+
+
+def native_filter(filter_name: str, config: dict) -> dict:
+    """An envoy.filters.http.dynamic_modules entry running libfirebreak.so: `filter_name` is `chain`
+    (config `{"filters": [...]}`, as the chain module's) or one filter (its own configuration)."""
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": "firebreak"},
+            "filter_name": filter_name,
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": json.dumps(config)},
+        },
+    }
+
+
+def native_chain_filter(sections: list[dict]) -> dict:
+    """The chain in libfirebreak.so running `sections`, as `chain_filter` does in wasm."""
+    return native_filter("chain", {"filters": sections})
+
+
+def native_bootstrap(config: dict) -> dict:
+    """A bootstrap (e.g. envoy/demo.yaml) with its one-module wasm chain replaced by the same chain,
+    with the same sections, in the native module (libfirebreak.so)."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                http_filters = network_filter.get("typed_config", {}).get("http_filters", [])
+                for index, http_filter in enumerate(http_filters):
+                    wasm = http_filter.get("typed_config", {}).get("config", {})
+                    if http_filter["name"] == "envoy.filters.http.wasm" and wasm.get("root_id") == "firebreak":
+                        sections = json.loads(wasm["configuration"]["value"])["filters"]
+                        http_filters[index] = native_chain_filter(sections)
+    return config
 
 
 def chain_filter(sections: list[dict], **kw) -> dict:
@@ -300,9 +336,10 @@ class Envoy:
         proc_env = dict(os.environ)
         proc_env.setdefault(DEMO_KEY_ENV, DEMO_SECRET_B64)
         proc_env.setdefault(SECOND_KEY_ENV, SECOND_SECRET_B64)
+        proc_env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(NATIVE_DIR)
         proc_env.update(env or {})
         cmd = [str(ENVOY), "-c", str(self.config_path), "--concurrency", str(concurrency),
-               "--use-dynamic-base-id", "--log-level", "warn", "--component-log-level", "wasm:info",
+               "--use-dynamic-base-id", "--log-level", "warn", "--component-log-level", "wasm:info,dynamic_modules:info",
                "--disable-hot-restart"]
         if cpu_core is not None:
             cmd = ["taskset", "-c", str(cpu_core)] + cmd

@@ -30,13 +30,16 @@ def separate_modules(config: dict) -> dict:
     return config
 
 
-@pytest.fixture(params=["one module", "separate modules"])
+@pytest.fixture(params=["one module", "separate modules", "native module"])
 def demo(request, demo_api):
     """A fresh demo gateway per test: budgets and idempotency records start empty. Every scenario
-    runs on the demo's one-module chain and on the same chain as separate modules."""
+    runs on the demo's one-module chain, on the same chain as separate modules, and on the same
+    chain in the native module (libfirebreak.so)."""
     config = yaml.safe_load((harness.ROOT / "envoy" / "demo.yaml").read_text())
     if request.param == "separate modules":
         config = separate_modules(config)
+    if request.param == "native module":
+        config = harness.native_bootstrap(config)
     envoy = harness.Envoy([], demo_api.port, bootstrap_config=config)
     yield envoy
     envoy.stop()

@@ -54,6 +54,7 @@ codes! {
     /// A tenant (key id, principal) used its quota of the shared tables.
     TenantQuotaExceeded = (429, "tenant_quota_exceeded", "this tenant has used its quota of records for the current window; retry later"),
     /// The cluster-wide state (Redis through its bridge) did not answer usably: never forwarded unchecked.
+    FilterFailed = (500, "filter_failed", "the filter failed; the request was not forwarded"),
     StateUnavailable = (503, "state_unavailable", "the cluster-wide state is unavailable; the request was not forwarded"),
 
     // request-signature
@@ -289,9 +290,11 @@ mod tests {
         }
     }
 
-    /// The codes each filter can send, and the README that documents them.
-    fn filters() -> [(&'static str, &'static [Code]); 4] {
+    /// The codes each filter can send, and the README that documents them (the native module's
+    /// own: a hook that failed).
+    fn filters() -> [(&'static str, &'static [Code]); 5] {
         [
+            ("native", &[Code::FilterFailed]),
             ("request-signature", crate::signature::CODES),
             ("replay-guard", crate::replay::CODES),
             ("rate-limit", crate::ratelimit::CODES),

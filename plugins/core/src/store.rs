@@ -563,6 +563,75 @@ impl SharedStore for MemoryStore {
     }
 }
 
+/// A [`SharedStore`] for a native host (the Envoy dynamic module): Envoy's shared-data semantics
+/// under real concurrency, for every worker of the process. The keys are spread over
+/// [`SHARDS`] locks by a per-process random hash (a client cannot aim every key at one lock), and
+/// the CAS tokens come from one process-wide counter, as Envoy's do.
+pub struct ShardedStore {
+    shards: Vec<std::sync::Mutex<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+    next_cas: std::sync::atomic::AtomicU32,
+}
+
+/// One lock's keys: value and CAS token by key.
+type Shard = std::collections::HashMap<String, (Vec<u8>, u32)>;
+
+/// How many locks a [`ShardedStore`] spreads its keys over.
+pub const SHARDS: usize = 64;
+
+impl Default for ShardedStore {
+    fn default() -> Self {
+        ShardedStore {
+            shards: (0..SHARDS).map(|_| std::sync::Mutex::new(std::collections::HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            next_cas: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+}
+
+impl ShardedStore {
+    fn shard(&self, key: &str) -> Result<std::sync::MutexGuard<'_, Shard>, StoreError> {
+        use std::hash::BuildHasher;
+        let index = usize::try_from(self.hasher.hash_one(key) % SHARDS as u64).unwrap_or(0);
+        // A poisoned lock (a panic while holding it) fails closed.
+        self.shards.get(index).ok_or(StoreError::Unavailable)?.lock().map_err(|_| StoreError::Unavailable)
+    }
+
+    /// The next CAS token: never 0 (0 means "no check").
+    fn token(&self) -> u32 {
+        loop {
+            let token = self.next_cas.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(1);
+            if token != 0 {
+                return token;
+            }
+        }
+    }
+}
+
+impl SharedStore for ShardedStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        Ok(self.shard(key)?.get(key).cloned())
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let mut shard = self.shard(key)?;
+        match shard.get_mut(key) {
+            Some(entry) => {
+                if cas != 0 && cas != entry.1 {
+                    return Err(StoreError::CasMismatch);
+                }
+                *entry = (value.to_vec(), self.token());
+            }
+            // Envoy inserts an absent key whatever the token.
+            None => {
+                let token = self.token();
+                shard.insert(key.to_string(), (value.to_vec(), token));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A [`MemoryStore`] that counts its calls (tests of how many shared-data calls a decision makes).
 #[cfg(test)]
 #[derive(Default)]
@@ -796,5 +865,42 @@ mod tests {
         let racy = Racy { store: &store, absent_reads: std::cell::Cell::new(1) };
         let loser = bound("r", 8, 2, &racy, 2);
         assert_eq!(loser, winner);
+    }
+
+    /// Many threads claim keys of one table at once: every key is claimed exactly once, and CAS
+    /// increments of one shared key lose no update.
+    #[test]
+    fn the_sharded_store_keeps_exactly_once_under_real_concurrency() {
+        let store = std::sync::Arc::new(ShardedStore::default());
+        let table = std::sync::Arc::new(table(4096, 8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, table) = (store.clone(), table.clone());
+                std::thread::spawn(move || {
+                    let mut won = 0u32;
+                    for key in 0..500 {
+                        if claim(&table, store.as_ref(), &format!("k{key}"), 1) == Ok(true) {
+                            won += 1;
+                        }
+                    }
+                    for _ in 0..500 {
+                        loop {
+                            let (value, cas) = match store.get("counter").unwrap() {
+                                Some((value, cas)) => (u32::from_le_bytes(value.try_into().unwrap()), cas),
+                                None => (0, INSERT_IF_ABSENT_CAS),
+                            };
+                            if store.set("counter", &(value + 1).to_le_bytes(), cas).is_ok() {
+                                break;
+                            }
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        let won: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(won, 500, "each key claimed by exactly one thread");
+        let (value, _) = store.get("counter").unwrap().unwrap();
+        assert_eq!(u32::from_le_bytes(value.try_into().unwrap()), 8 * 500);
     }
 }

@@ -1,0 +1,457 @@
+//! The native host of the engine: a filter configuration (the chain, or one filter) shared by
+//! every worker, and per stream a [`NativeFilter`] that turns Envoy's hooks into core events and
+//! applies the steps, through [`NativeHost`] (core's `Host` on the dynamic-module ABI). No
+//! decision is made here.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use firebreak_core::filters::{self, Setup, CHAIN};
+use firebreak_core::flow::{
+    CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Host, HostFailed, Level, Meter, RawHeaders, Response, Step,
+};
+use firebreak_core::remote::RedisConfig;
+use firebreak_core::store::{ShardedStore, SharedStore};
+use firebreak_core::{Code, Rejection};
+
+use crate::abi::{self, CalloutAnswer, ConfigEnvoy, HeaderMap, Stream};
+
+/// The shared data of the whole process: every configuration and worker, like proxy-wasm's
+/// shared data for one VM id (each table's keys carry its own prefix), and it outlives a
+/// configuration reload.
+fn process_store() -> &'static ShardedStore {
+    static STORE: OnceLock<ShardedStore> = OnceLock::new();
+    STORE.get_or_init(ShardedStore::default)
+}
+
+/// Filter-state keys, the same as the proxy-wasm properties.
+const PRINCIPAL_KEY: &str = "firebreak.principal";
+const BODY_SHA256_KEY: &str = "firebreak.body_sha256";
+
+/// A configured filter (or chain) with its counters, shared by every worker.
+pub struct Config {
+    factory: Arc<dyn FlowFactory>,
+    /// Counter ids by full name (`<meter prefix>.<name>`), defined at configure time.
+    counters: HashMap<String, usize>,
+    /// The counter a name that was not defined at configure time goes to.
+    uncounted: Option<usize>,
+    debug_log: bool,
+    /// `FIREBREAK_NATIVE_TRACE` set in Envoy's environment: one line per hook (event, step,
+    /// status; never a header or body value), for diagnosing the ABI in a new Envoy.
+    trace: bool,
+}
+
+/// Configures the filter named `name` (`chain` for a chain) from `json`. A refused configuration
+/// logs one line naming the field, and Envoy refuses the listener.
+pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<Arc<Config>> {
+    let name = std::str::from_utf8(name).unwrap_or("");
+    let plugin = if name == CHAIN { CHAIN } else { filters::FILTERS.iter().copied().find(|f| *f == name).unwrap_or(name) };
+    let mut entropy = [0u8; 32];
+    let configured = if getrandom::fill(&mut entropy).is_err() {
+        Err(firebreak_core::ConfigError::new("", "no random bytes for the table placement secret"))
+    } else {
+        let env = |variable: &str| std::env::var(variable).ok();
+        let setup = Setup { env: &env, store: process_store(), entropy };
+        if plugin == CHAIN {
+            filters::configure_chain(json, &setup).map(|chain| Arc::new(chain) as Arc<dyn FlowFactory>)
+        } else {
+            filters::configure(plugin, json, &setup)
+        }
+    };
+    let factory = match configured {
+        Ok(factory) => factory,
+        Err(error) => {
+            abi::log(abi::LOG_CRITICAL, &format!("firebreak {plugin} config_error field={} {error}", error.field));
+            return None;
+        }
+    };
+    let mut counters = HashMap::new();
+    for (meter, names) in factory.definitions() {
+        let rejections = Code::ALL.iter().map(|code| format!("rejected.{}", code.as_str()));
+        for name in names.into_iter().chain(rejections) {
+            let full = format!("{}.{name}", meter.prefix);
+            if let Some(id) = envoy.define_counter(&full) {
+                counters.insert(full, id);
+            }
+        }
+    }
+    let uncounted = envoy.define_counter("firebreak.native.uncounted");
+    if plugin != CHAIN {
+        abi::log(abi::LOG_INFO, &format!("firebreak {plugin} configured"));
+    }
+    for (level, line) in factory.configured() {
+        abi::log(log_level(level), &line);
+    }
+    let trace = std::env::var_os("FIREBREAK_NATIVE_TRACE").is_some();
+    Some(Arc::new(Config { factory, counters, uncounted, debug_log: abi::log_enabled(abi::LOG_DEBUG), trace }))
+}
+
+fn log_level(level: Level) -> u32 {
+    match level {
+        Level::Debug => abi::LOG_DEBUG,
+        Level::Info => abi::LOG_INFO,
+        Level::Warn => abi::LOG_WARN,
+        Level::Error => abi::LOG_ERROR,
+    }
+}
+
+/// A hook of one stream.
+pub enum Hook {
+    RequestHeaders { end_of_stream: bool },
+    RequestBody { end_of_stream: bool },
+    RequestTrailers,
+    ResponseHeaders { end_of_stream: bool },
+    ResponseBody { end_of_stream: bool },
+    ResponseTrailers,
+    CalloutDone(CalloutAnswer),
+    StreamComplete,
+}
+
+/// What a hook returns to Envoy.
+pub enum HookResult {
+    Status(u32),
+    Panicked,
+}
+
+/// One stream's filter.
+pub struct NativeFilter {
+    config: Arc<Config>,
+    state: RefCell<StreamState>,
+}
+
+struct StreamState {
+    flow: Box<dyn Flow>,
+    /// Where the flow stopped the stream (a `Continue` on a call's answer resumes it).
+    stopped: Option<Stopped>,
+    /// The end of a body (or trailers) that arrived while its half's headers waited for a call.
+    /// The flow gets it once the headers go on, as Envoy gives it to a wasm filter after its resume.
+    deferred: Option<Deferred>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stopped {
+    direction: Direction,
+    /// Stopped at the headers (waiting for a call), not at a body chunk.
+    at_headers: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Deferred {
+    direction: Direction,
+    end_of_stream: bool,
+    trailers: bool,
+}
+
+impl NativeFilter {
+    pub fn new(config: &Arc<Config>) -> Self {
+        let flow = config.factory.new_flow();
+        NativeFilter { config: config.clone(), state: RefCell::new(StreamState { flow, stopped: None, deferred: None }) }
+    }
+
+    pub fn on_hook(&self, stream: &Stream<'_>, hook: Hook) -> HookResult {
+        // A hook re-entered while another runs (Envoy may call back synchronously): nothing to do.
+        let Ok(mut state) = self.state.try_borrow_mut() else { return HookResult::Status(0) };
+        let mut host = NativeHost { stream, config: &self.config, answer: None, body_hook: None, headers: None };
+        let (event, status_of): (Event, fn(&Step) -> u32) = match hook {
+            Hook::RequestHeaders { end_of_stream } => (Event::RequestHeaders { end_of_stream }, headers_status),
+            Hook::RequestBody { end_of_stream } => {
+                if state.defer(Direction::Request, end_of_stream, false) {
+                    return HookResult::Status(abi::BODY_STOP_AND_BUFFER);
+                }
+                host.body_hook = Some(Direction::Request);
+                let buffered = stream.body_size(false, true);
+                (Event::RequestBody { buffered, end_of_stream }, body_status)
+            }
+            Hook::RequestTrailers => {
+                if state.defer(Direction::Request, true, true) {
+                    return HookResult::Status(abi::TRAILERS_STOP);
+                }
+                (Event::RequestTrailers, trailers_status)
+            }
+            Hook::ResponseHeaders { end_of_stream } => (Event::ResponseHeaders { end_of_stream }, headers_status),
+            Hook::ResponseBody { end_of_stream } => {
+                if state.defer(Direction::Response, end_of_stream, false) {
+                    return HookResult::Status(abi::BODY_STOP_AND_BUFFER);
+                }
+                host.body_hook = Some(Direction::Response);
+                let buffered = stream.body_size(true, true);
+                (Event::ResponseBody { buffered, end_of_stream }, body_status)
+            }
+            Hook::ResponseTrailers => {
+                if state.defer(Direction::Response, true, true) {
+                    return HookResult::Status(abi::TRAILERS_STOP);
+                }
+                (Event::ResponseTrailers, trailers_status)
+            }
+            Hook::CalloutDone(answer) => {
+                let Ok(call) = u32::try_from(answer.id) else { return HookResult::Status(0) };
+                let status = if answer.succeeded {
+                    answer
+                        .headers
+                        .iter()
+                        .find(|(name, _)| name == ":status")
+                        .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u16>().ok())
+                } else {
+                    None
+                };
+                let body_size = answer.body.len();
+                host.answer = Some(CallAnswer { status, body: answer.body });
+                (Event::CallAnswer { call: CallId(call), body_size }, |_| 0)
+            }
+            Hook::StreamComplete => (Event::StreamEnd, |_| 0),
+        };
+        let mut step = state.flow.on_event(event, &mut host);
+        let status = status_of(&step);
+        if self.config.trace {
+            abi::log(abi::LOG_INFO, &format!("firebreak native trace {event:?} -> {step:?} status={status}"));
+        }
+        if let (Step::Continue, None, Some(stopped)) = (&step, event.direction(), state.stopped) {
+            // The flow lets the stream go on after a call: first the body (and trailers) that
+            // arrived while the headers waited.
+            if stopped.at_headers {
+                if let Some(deferred) = state.deferred.take().filter(|d| d.direction == stopped.direction) {
+                    // `stopped` stays set: a `Continue` below resumes that half.
+                    step = state.deliver(&mut host, deferred);
+                }
+            }
+        }
+        match (step, event.direction()) {
+            (Step::Continue, Some(_)) => state.stopped = None,
+            (Step::Continue, None) => match state.stopped.take().map(|s| s.direction) {
+                Some(Direction::Request) => stream.continue_decoding(),
+                Some(Direction::Response) => stream.continue_encoding(),
+                None => {}
+            },
+            (Step::Hold, Some(direction)) => {
+                let at_headers = matches!(event, Event::RequestHeaders { .. } | Event::ResponseHeaders { .. });
+                state.stopped = Some(Stopped { direction, at_headers });
+            }
+            (Step::Hold, None) => {}
+            (Step::Reply(rejection), _) => {
+                drop(state);
+                send_rejection(stream, &rejection);
+            }
+            (Step::Respond(Response { status, headers, body }), _) => {
+                drop(state);
+                stream.send_response(status, &headers, &body, "firebreak_response");
+            }
+        }
+        HookResult::Status(status)
+    }
+}
+
+impl StreamState {
+    /// Keeps a body end (or trailers) for later when its half's headers wait for a call.
+    fn defer(&mut self, direction: Direction, end_of_stream: bool, trailers: bool) -> bool {
+        let waiting = self.stopped == Some(Stopped { direction, at_headers: true });
+        if waiting {
+            let trailers = trailers || self.deferred.is_some_and(|d| d.trailers);
+            self.deferred = Some(Deferred { direction, end_of_stream, trailers });
+        }
+        waiting
+    }
+
+    /// The deferred body (then trailers) to the flow; its last step. A step that holds stops the
+    /// stream at the body.
+    fn deliver(&mut self, host: &mut NativeHost<'_, '_>, deferred: Deferred) -> Step {
+        let response = deferred.direction == Direction::Response;
+        let buffered = host.stream.body_size(response, false);
+        let body = if response {
+            Event::ResponseBody { buffered, end_of_stream: deferred.end_of_stream && !deferred.trailers }
+        } else {
+            Event::RequestBody { buffered, end_of_stream: deferred.end_of_stream && !deferred.trailers }
+        };
+        let mut step = self.flow.on_event(body, host);
+        if step == Step::Continue && deferred.trailers {
+            let trailers = if response { Event::ResponseTrailers } else { Event::RequestTrailers };
+            step = self.flow.on_event(trailers, host);
+        }
+        if step == Step::Hold {
+            // Still stopped (Envoy holds headers and body), now at the body.
+            self.stopped = Some(Stopped { direction: deferred.direction, at_headers: false });
+        }
+        step
+    }
+}
+
+fn headers_status(step: &Step) -> u32 {
+    match step {
+        Step::Continue => abi::HEADERS_CONTINUE,
+        // Waiting for a call: the body still comes to this filter, which buffers it until then.
+        Step::Hold => abi::HEADERS_STOP_ITERATION,
+        Step::Reply(_) | Step::Respond(_) => abi::HEADERS_STOP_ITERATION,
+    }
+}
+
+fn body_status(step: &Step) -> u32 {
+    match step {
+        Step::Continue => abi::BODY_CONTINUE,
+        Step::Hold => abi::BODY_STOP_AND_BUFFER,
+        Step::Reply(_) | Step::Respond(_) => abi::BODY_STOP_NO_BUFFER,
+    }
+}
+
+fn trailers_status(step: &Step) -> u32 {
+    match step {
+        Step::Continue => abi::TRAILERS_CONTINUE,
+        _ => abi::TRAILERS_STOP,
+    }
+}
+
+fn send_rejection(stream: &Stream<'_>, rejection: &Rejection) {
+    let headers: Vec<(String, String)> = rejection
+        .response_headers()
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    stream.send_response(rejection.status, &headers, &rejection.body(), &format!("firebreak_{}", rejection.code));
+}
+
+/// After a panic in a hook: the request is refused, never let through.
+pub fn fail_closed(stream: &Stream<'_>) {
+    send_rejection(stream, &Rejection::new(Code::FilterFailed));
+}
+
+/// Envoy, through the dynamic-module ABI, as a flow's host during one hook.
+struct NativeHost<'a, 'hook> {
+    stream: &'a Stream<'hook>,
+    config: &'a Config,
+    /// The callout answer being delivered.
+    answer: Option<CallAnswer>,
+    /// Inside a body hook of this half: the hook's own chunk is part of the body.
+    body_hook: Option<Direction>,
+    /// The request headers, read once per hook (every stage of a chain shares the read); forgotten
+    /// when a flow writes one.
+    headers: Option<RawHeaders>,
+}
+
+impl Host for NativeHost<'_, '_> {
+    fn now_ms(&mut self) -> Option<u64> {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+        u64::try_from(since.as_millis()).ok()
+    }
+
+    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        if let Some(headers) = &self.headers {
+            return Ok(headers.clone());
+        }
+        let headers = self.stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed)?;
+        self.headers = Some(headers.clone());
+        Ok(headers)
+    }
+
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+        let mut body = self.stream.body(false, self.body_hook == Some(Direction::Request));
+        body.truncate(size);
+        Ok(body)
+    }
+
+    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        self.stream.headers(HeaderMap::RequestTrailers).ok_or(HostFailed)
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
+        self.headers = None;
+        // The ABI reports removing an absent header as a failure: only a failed set counts.
+        let done = self.stream.set_header(HeaderMap::RequestHeaders, name, value);
+        if done || value.is_none() {
+            Ok(())
+        } else {
+            Err(HostFailed)
+        }
+    }
+
+    fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+        self.stream.headers(HeaderMap::ResponseHeaders).ok_or(HostFailed)
+    }
+
+    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+        let mut body = self.stream.body(true, self.body_hook == Some(Direction::Response));
+        body.truncate(size);
+        Ok(body)
+    }
+
+    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
+        self.stream.add_header(HeaderMap::ResponseHeaders, name, value).then_some(()).ok_or(HostFailed)
+    }
+
+    fn response_from_upstream(&mut self) -> bool {
+        self.stream.attribute_string(abi::ATTRIBUTE_RESPONSE_CODE_DETAILS).as_deref() == Some("via_upstream")
+    }
+
+    fn source_address(&mut self) -> Option<String> {
+        self.stream.attribute_string(abi::ATTRIBUTE_SOURCE_ADDRESS)
+    }
+
+    fn principal(&mut self) -> Result<Option<String>, HostFailed> {
+        let Some(bytes) = self.stream.filter_state(PRINCIPAL_KEY) else { return Ok(None) };
+        let principal = String::from_utf8(bytes).map_err(|_| HostFailed)?;
+        Ok(Some(principal).filter(|p| !p.is_empty()))
+    }
+
+    fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed> {
+        self.stream.set_filter_state(PRINCIPAL_KEY, principal.as_bytes()).then_some(()).ok_or(HostFailed)
+    }
+
+    fn body_sha256(&mut self, _body_len: usize) -> Option<[u8; 32]> {
+        let bytes = self.stream.filter_state(BODY_SHA256_KEY)?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(bytes, &mut digest).ok()?;
+        Some(digest)
+    }
+
+    fn set_body_sha256(&mut self, digest: &[u8; 32], _body_len: usize) {
+        let _ = self.stream.set_filter_state(BODY_SHA256_KEY, hex::encode(digest).as_bytes());
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        process_store()
+    }
+
+    fn call_redis(&mut self, redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed> {
+        let length = command.len().to_string();
+        let headers = [
+            (":method", "POST"),
+            (":path", "/"),
+            (":authority", redis.authority.as_str()),
+            ("host", redis.authority.as_str()),
+            ("content-type", "text/plain"),
+            ("content-length", length.as_str()),
+        ];
+        let id = self
+            .stream
+            .callout(&redis.cluster, &headers, command, u64::from(redis.timeout_ms.get()))
+            .ok_or(HostFailed)?;
+        u32::try_from(id).map(CallId).map_err(|_| HostFailed)
+    }
+
+    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
+        if body_size > max_bytes {
+            return None;
+        }
+        self.answer.clone()
+    }
+
+    fn count(&mut self, meter: &Meter, name: &str) {
+        let full = format!("{}.{name}", meter.prefix);
+        if let Some(id) = self.config.counters.get(&full).copied().or(self.config.uncounted) {
+            self.stream.increment_counter(id, 1);
+        }
+    }
+
+    fn count_passed(&mut self, meter: &Meter, name: &str) {
+        self.count(meter, name);
+    }
+
+    fn logs_debug(&self) -> bool {
+        self.config.debug_log
+    }
+
+    fn log(&mut self, level: Level, line: &str) {
+        if level != Level::Debug || self.config.debug_log {
+            abi::log(log_level(level), line);
+        }
+    }
+}
