@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use firebreak_core::flow::{
-    CallAnswer, CallId, Direction, Event, Flow, Host, HostFailed, Level, Meter, RawHeaders, Response, Step,
+    lossy_headers, utf8_headers, CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders,
+    ReadError, Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::SharedStore;
@@ -29,12 +30,22 @@ pub struct Meters {
     families: RefCell<HashMap<std::sync::Arc<str>, Rc<Counters>>>,
     /// Counts of passed requests not yet written to Envoy, by metric id (batched modules).
     pending: RefCell<HashMap<u32, u64>>,
+    /// The family counted last (most counts of one event come from one flow): found by pointer,
+    /// without hashing its prefix.
+    last: RefCell<Option<(std::sync::Arc<str>, Rc<Counters>)>>,
 }
 
 impl Meters {
     fn counters(&self, meter: &Meter) -> Rc<Counters> {
-        if let Some(counters) = self.families.borrow().get(&meter.prefix) {
-            return counters.clone();
+        if let Some((prefix, counters)) = self.last.borrow().as_ref() {
+            if std::sync::Arc::ptr_eq(prefix, &meter.prefix) {
+                return counters.clone();
+            }
+        }
+        let known = self.families.borrow().get(&meter.prefix).cloned();
+        if let Some(counters) = known {
+            *self.last.borrow_mut() = Some((meter.prefix.clone(), counters.clone()));
+            return counters;
         }
         let counters = Rc::new(Counters::new(meter.prefix.to_string()));
         self.families.borrow_mut().insert(meter.prefix.clone(), counters.clone());
@@ -81,7 +92,8 @@ pub struct EnvoyHost<'a> {
     module: &'a Module,
     /// The size of the call answer being delivered.
     answer_size: usize,
-    headers: Option<RawHeaders>,
+    headers: Option<Rc<Headers>>,
+    lossy: Option<Rc<Headers>>,
     body: Option<(usize, Vec<u8>)>,
     now_ms: Option<u64>,
 }
@@ -108,12 +120,24 @@ impl Host for EnvoyHost<'_> {
         self.now_ms
     }
 
-    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
         if let Some(headers) = &self.headers {
             return Ok(headers.clone());
         }
-        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HostFailed)?;
+        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| ReadError::HostFailed)?;
+        let headers = Rc::new(utf8_headers(raw)?);
         self.headers = Some(headers.clone());
+        Ok(headers)
+    }
+
+    /// Headers that are all UTF-8 are their own lossy form: one read serves both.
+    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
+        if let Some(headers) = self.headers.as_ref().or(self.lossy.as_ref()) {
+            return Ok(headers.clone());
+        }
+        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HostFailed)?;
+        let headers = Rc::new(lossy_headers(raw));
+        self.lossy = Some(headers.clone());
         Ok(headers)
     }
 
@@ -136,6 +160,7 @@ impl Host for EnvoyHost<'_> {
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
         self.headers = None;
+        self.lossy = None;
         hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(|_| HostFailed)
     }
 
@@ -257,7 +282,7 @@ impl FlowContext {
 
     fn event(&mut self, event: Event, answer_size: usize) -> Action {
         let module = self.module.clone();
-        let mut host = EnvoyHost { module: &module, answer_size, headers: None, body: None, now_ms: None };
+        let mut host = EnvoyHost { module: &module, answer_size, headers: None, lossy: None, body: None, now_ms: None };
         let step = self.flow.on_event(event, &mut host);
         self.apply(step, event.direction())
     }

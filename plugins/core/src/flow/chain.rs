@@ -12,7 +12,9 @@
 //!   memory, for the stages after it. The principal also goes to the host: it is the contract
 //!   with anything after the chain.
 
-use super::{CallAnswer, CallId, Direction, Event, Flow, Host, HostFailed, Level, Meter, RawHeaders, Step};
+use std::rc::Rc;
+
+use super::{CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Step};
 use crate::remote::RedisConfig;
 use crate::store::SharedStore;
 
@@ -115,8 +117,12 @@ impl Host for StageHost<'_> {
         self.inner.now_ms()
     }
 
-    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.request_headers_raw()
+    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
+        self.inner.request_headers()
+    }
+
+    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
+        self.inner.request_headers_lossy()
     }
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {

@@ -14,8 +14,11 @@
 //! lives in the [`MemoryEnv`], so a scenario's requests see each other.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 
-use super::{CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, Response, Step};
+use super::{
+    CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
+};
 use crate::remote::RedisConfig;
 use crate::store::{MemoryStore, SharedStore};
 use crate::Rejection;
@@ -198,12 +201,16 @@ impl Host for Memory<'_> {
         self.env.now_ms
     }
 
-    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
         self.outcome.reads.headers += 1;
         if self.env.faults.request_headers {
-            return Err(HostFailed);
+            return Err(ReadError::HostFailed);
         }
-        Ok(raw(&self.request_headers))
+        Ok(Rc::new(self.request_headers.clone()))
+    }
+
+    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
+        self.request_headers().map_err(|_| HostFailed)
     }
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {

@@ -22,6 +22,7 @@ pub mod calls;
 pub mod chain;
 pub mod memory;
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::remote::RedisConfig;
@@ -152,7 +153,11 @@ pub trait Host {
     /// The current time, in milliseconds since the Unix epoch (`None`: the host has no clock).
     fn now_ms(&mut self) -> Option<u64>;
 
-    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
+    /// Every request header, each value UTF-8 (a value that is not is [`ReadError::NotUtf8`],
+    /// never replaced). Shared: a host reads the headers once per event, whichever flow asks.
+    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError>;
+    /// Every request header, a value that is not UTF-8 kept as an empty value ([`lossy_headers`]).
+    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed>;
     /// The buffered request body, at most `size` bytes.
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed>;
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
@@ -198,16 +203,6 @@ pub trait Host {
     /// Whether debug lines are written (so a flow formats them only then).
     fn logs_debug(&self) -> bool;
     fn log(&mut self, level: Level, line: &str);
-
-    /// Every request header, each value UTF-8.
-    fn request_headers(&mut self) -> Result<Headers, ReadError> {
-        utf8_headers(self.request_headers_raw()?)
-    }
-
-    /// Every request header, a value that is not UTF-8 kept as an empty value ([`lossy_headers`]).
-    fn request_headers_lossy(&mut self) -> Result<Headers, HostFailed> {
-        Ok(lossy_headers(self.request_headers_raw()?))
-    }
 
     fn request_trailers(&mut self) -> Result<Headers, ReadError> {
         utf8_headers(self.request_trailers_raw()?)

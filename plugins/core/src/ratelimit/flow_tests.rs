@@ -368,9 +368,14 @@ impl Host for Counting<'_> {
         self.ask(|a| a.clock += 1);
         self.inner.now_ms()
     }
-    fn request_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
+    fn request_headers(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, crate::flow::ReadError> {
         self.ask(|a| a.headers += 1);
-        self.inner.request_headers_raw()
+        self.inner.request_headers()
+    }
+
+    fn request_headers_lossy(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, HostFailed> {
+        self.ask(|a| a.headers += 1);
+        self.inner.request_headers_lossy()
     }
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
         self.inner.request_body(size)

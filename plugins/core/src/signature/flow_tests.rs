@@ -536,7 +536,11 @@ impl crate::flow::Host for AnswerHost {
     fn now_ms(&mut self) -> Option<u64> {
         Some(NOW_S * 1000)
     }
-    fn request_headers_raw(&mut self) -> Result<crate::flow::RawHeaders, HostFailed> {
+    fn request_headers(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, crate::flow::ReadError> {
+        Err(crate::flow::ReadError::HostFailed)
+    }
+
+    fn request_headers_lossy(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, HostFailed> {
         Err(HostFailed)
     }
     fn request_body(&mut self, _size: usize) -> Result<Vec<u8>, HostFailed> {
