@@ -330,7 +330,26 @@ impl Host for Memory<'_> {
     }
 }
 
-impl Memory<'_> {
+impl<'a> Memory<'a> {
+    /// A fresh exchange: nothing buffered, nothing sent; the principal handed over is the request's.
+    fn new(env: &'a mut MemoryEnv, request: &'a MemoryRequest, upstream: &'a MemoryUpstream) -> Self {
+        let outcome = Outcome { principal: request.principal.clone(), ..Outcome::default() };
+        Memory {
+            env,
+            request,
+            upstream,
+            outcome,
+            request_headers: request.headers.clone(),
+            request_buffer: Vec::new(),
+            response_buffer: Vec::new(),
+            next_call: 0,
+            queued: VecDeque::new(),
+            answer: None,
+            stopped: None,
+            answered: false,
+        }
+    }
+
     /// One event, then the answers to the calls it made. False once the client is answered or
     /// the stream stalled.
     fn send(&mut self, flow: &mut dyn Flow, event: Event) -> bool {
@@ -468,21 +487,7 @@ impl Memory<'_> {
 /// Drives `flow` through one exchange: the request, the upstream's answer if the request reaches
 /// it, then the end of the stream.
 pub fn exchange(flow: &mut dyn Flow, env: &mut MemoryEnv, request: &MemoryRequest, upstream: &MemoryUpstream) -> Outcome {
-    let mut host = Memory {
-        env,
-        request,
-        upstream,
-        outcome: Outcome::default(),
-        request_headers: request.headers.clone(),
-        request_buffer: Vec::new(),
-        response_buffer: Vec::new(),
-        next_call: 0,
-        queued: VecDeque::new(),
-        answer: None,
-        stopped: None,
-        answered: false,
-    };
-    host.outcome.principal = request.principal.clone();
+    let mut host = Memory::new(env, request, upstream);
     if host.request_phase(flow) && !request.disconnect {
         host.response_phase(flow);
     }
@@ -507,22 +512,10 @@ pub fn step(
     request: &MemoryRequest,
     upstream: &MemoryUpstream,
 ) -> (Step, Outcome) {
-    let mut host = Memory {
-        env,
-        request,
-        upstream,
-        outcome: Outcome::default(),
-        request_headers: request.headers.clone(),
-        request_buffer: request.chunks.concat(),
-        response_buffer: upstream.chunks.concat(),
-        next_call: 0,
-        queued: VecDeque::new(),
-        answer: None,
-        stopped: None,
-        answered: false,
-    };
+    let mut host = Memory::new(env, request, upstream);
+    host.request_buffer = request.chunks.concat();
+    host.response_buffer = upstream.chunks.concat();
     host.outcome.client_headers = upstream.headers.clone();
-    host.outcome.principal = request.principal.clone();
     let step = flow.on_event(event, &mut host);
     (step, host.outcome)
 }
