@@ -1,6 +1,8 @@
 """The bench configurations of rate-limit, env-guard, replay-guard and the full chain, the latter
 in two forms: separate modules (one wasm filter per module) and one module (`firebreak_chain`,
-one section per filter, the very same filter configurations in the same order).
+one section per filter, the very same filter configurations in the same order). Then the same
+again in the native module (`libfirebreak.so`, an Envoy dynamic module): each filter with its wasm
+row's configuration, and the chain with the one-module chain's sections.
 
 Each filter is configured as its README and end-to-end tests configure it, with budgets and
 tables sized so that every benchmark request is accepted (the benchmark measures accepted
@@ -75,12 +77,30 @@ def register(configs: dict, harness, signature):
     def chain(purpose: str) -> list:
         return [harness.buffer_filter()] + [entry for _, entry in chain_stages(purpose)]
 
+    def chain_sections(purpose: str) -> list[dict]:
+        """The one-module chain's configuration: a section per member, in chain order."""
+        return [{m: _configuration(entry)} for m, entry in chain_stages(purpose)]
+
     def chain_one_module(purpose: str) -> list:
-        sections = [{m: _configuration(entry)} for m, entry in chain_stages(purpose)]
-        return [harness.buffer_filter(), harness.chain_filter(sections)]
+        return [harness.buffer_filter(), harness.chain_filter(chain_sections(purpose))]
 
     configs["chain"] = (["request_signature"], chain)
     configs["chain_one_module"] = (["request_signature", "firebreak_chain"], chain_one_module)
+
+    # The native module: the same configurations, behind the same buffer filter.
+    for name in ["request_signature", "replay_guard", "rate_limit", "env_guard"]:
+        if name == "replay_guard" and not _replay_known():
+            continue
+
+        def build_native(purpose, name=name):
+            filters = [harness.buffer_filter()] if name in body_filters else []
+            return filters + [harness.native_filter(name, _configuration(builders[name](purpose)))]
+        configs[f"native_{name}"] = (["@native"], build_native)
+
+    def native_chain(purpose: str) -> list:
+        return [harness.buffer_filter(), harness.native_chain_filter(chain_sections(purpose))]
+
+    configs["native_chain"] = (["@native"], native_chain)
 
 
 def _configuration(entry: dict) -> dict:

@@ -18,8 +18,16 @@ CHART = ROOT / "docs" / "benchmarks.png"
 FILTERS = ["request_signature", "replay_guard", "rate_limit", "env_guard"]
 # The full chain as separate modules (one wasm filter each) and as one module (firebreak_chain).
 CHAINS = ["chain", "chain_one_module"]
+# The same filters and chain in the native module (libfirebreak.so, bench/filters.py).
+NATIVE_FILTERS = [f"native_{x}" for x in FILTERS]
+NATIVE_CHAIN = "native_chain"
+FIREBREAK = FILTERS + CHAINS + NATIVE_FILTERS + [NATIVE_CHAIN]
 TARGET_FILTER = 1.12
 TARGET_CHAIN = 1.25
+# Issue #15: the native chain at 0 B and 1 KiB, at 10 KiB (bodies over 1 KiB); each native filter.
+TARGET_NATIVE_CHAIN = 1.15
+TARGET_NATIVE_CHAIN_LARGE = 1.3
+TARGET_NATIVE_FILTER = 1.05
 TARGET_LAT_MEAN = 40.0
 TARGET_LAT_P99 = 150.0
 TARGET_WASM_NATIVE = 1.5
@@ -37,6 +45,31 @@ def fmt(v, digits=2, suffix=""):
     if v is None:
         return "n/a"
     return f"{v:.{digits}f}{suffix}"
+
+
+def cpu_target(c, size):
+    """The CPU target (ratio to bare Envoy) of a configuration at a body size; None for references."""
+    if c in CHAINS:
+        return TARGET_CHAIN
+    if c in FILTERS:
+        return TARGET_FILTER
+    if c in NATIVE_FILTERS:
+        return TARGET_NATIVE_FILTER
+    if c == NATIVE_CHAIN:
+        return TARGET_NATIVE_CHAIN_LARGE if size > 1024 else TARGET_NATIVE_CHAIN
+    return None
+
+
+def target_cell(c, sizes):
+    """The headline's target column: the target, or each target with its body sizes; None for references."""
+    by_target = defaultdict(list)
+    for s in sizes:
+        by_target[cpu_target(c, s)].append(f"{s} B")
+    if None in by_target:
+        return None
+    if len(by_target) == 1:
+        return f"<= {next(iter(by_target))}x"
+    return "<= " + ", ".join(f"{t}x ({', '.join(ss)})" for t, ss in sorted(by_target.items()))
 
 
 def verdict(value, target, lower_is_better=True):
@@ -70,6 +103,8 @@ class Results:
             label += " (" + " + ".join(["buffer"] + members) + ")"
         elif c == "chain_one_module":
             label += " (buffer + firebreak_chain: " + ", ".join(members) + ")"
+        elif c == NATIVE_CHAIN:
+            label += " (buffer + libfirebreak.so chain: " + ", ".join(members) + ")"
         return label
 
     def cpu_ratio(self, c, size, base="bare"):
@@ -135,6 +170,10 @@ def chart(res: Results, path: Path):
         ax.bar([x + i * width for x in xs], ratios[size], width, label=f"{size} B body")
     ax.axhline(TARGET_FILTER, color="tab:orange", ls="--", lw=1, label=f"target one filter {TARGET_FILTER}x")
     ax.axhline(TARGET_CHAIN, color="tab:red", ls="--", lw=1, label=f"target chain {TARGET_CHAIN}x")
+    if any(c in configs for c in NATIVE_FILTERS + [NATIVE_CHAIN]):
+        ax.axhline(TARGET_NATIVE_FILTER, color="tab:green", ls=":", lw=1, label=f"target native filter {TARGET_NATIVE_FILTER}x")
+        ax.axhline(TARGET_NATIVE_CHAIN, color="tab:purple", ls=":", lw=1,
+                   label=f"target native chain {TARGET_NATIVE_CHAIN}x ({TARGET_NATIVE_CHAIN_LARGE}x at 10 KiB)")
     ax.set_xticks([x + width * (len(res.sizes) - 1) / 2 for x in xs], short, rotation=30, ha="right")
     ax.set_ylabel("Envoy CPU per request / bare Envoy")
     ax.set_title("Envoy CPU per proxied request\n(median ratio to bare Envoy)")
@@ -180,7 +219,9 @@ def render(res: Results) -> str:
         w("**`scripts/build.sh` failed in this run**: the modules measured are those already in `target/`, possibly stale.")
         w("")
     if d["modules_missing"]:
-        w(f"**Modules missing from this run** (not built when it ran): {', '.join('`' + m + '.wasm`' for m in d['modules_missing'])}. "
+        # File names (older results: wasm module names).
+        names = [m if "." in m else m + ".wasm" for m in d["modules_missing"]]
+        w(f"**Modules missing from this run** (not built when it ran): {', '.join('`' + m + '`' for m in names)}. "
           "Their rows are absent or marked n/a.")
         w("")
     if "replay_guard" not in d.get("chain_members", []) and "replay_guard" not in d["modules_missing"]:
@@ -189,7 +230,7 @@ def render(res: Results) -> str:
         w("")
     w("## How it is measured")
     w("")
-    w(f"""- **Command:** `bash scripts/bench.sh` (about 15 minutes; `--quick` about 8). It installs `wrk` (Debian) and
+    w(f"""- **Command:** `bash scripts/bench.sh` (about 20 minutes; `--quick` about 10). It installs `wrk` (Debian) and
   matplotlib (`bench/requirements.txt`, into `.venv`), builds the modules and the bench tool, runs
   `bench/run.py`, then `bench/report.py` writes this file and `docs/benchmarks.png`.
 - **Topology:** Envoy under test, one worker (`--concurrency 1`) pinned to core 1 (`taskset`); the
@@ -210,6 +251,10 @@ def render(res: Results) -> str:
 - **The full chain** runs in two forms with the same filter configurations in the same order:
   separate modules (one wasm filter, and one VM, per filter) and one module (`firebreak_chain`,
   one wasm filter whose configuration has a section per filter).
+- **The native module** (`libfirebreak.so`, the same engine as an Envoy dynamic module,
+  `plugins/native`): each filter with its wasm row's configuration and the chain with the one-module
+  chain's sections, behind the same buffer filter, measured in the same rounds ("(native)" rows,
+  "full chain, native module").
 - **Throughput** is reported only where Envoy's core was saturated (CPU time / wall time >= {SATURATED});
   elsewhere the load generator and the upstream on core 0 are the bottleneck and requests per second
   say nothing about the filters.
@@ -248,15 +293,17 @@ def render(res: Results) -> str:
     for c in res.configs:
         if c == "bare":
             continue
-        target = TARGET_CHAIN if c in CHAINS else TARGET_FILTER if c in FILTERS else None
+        targets = [cpu_target(c, s) for s in res.sizes]
         ratios = [res.cpu_ratio(c, s) for s in res.sizes]
-        worst = max([r for r in ratios if r is not None], default=None)
+        # The worst size: the furthest above (or least below) its own target.
+        judged = [(r, t) for r, t in zip(ratios, targets) if r is not None and t]
+        worst = max(judged, key=lambda rt: rt[0] / rt[1], default=(None, None))
         cells = [f"{fmt(r)}x (+{fmt(res.cpu_added(c, s), 1)} us)" for r, s in zip(ratios, res.sizes)]
-        tcell = f"<= {target}x" if target else ("reference (~1.03x)" if c == "native_local_ratelimit" else "reference")
-        w(f"| {res.label(c)} | {tcell} | " + " | ".join(cells) + f" | {verdict(worst, target) if target else '-'} |")
+        tcell = target_cell(c, res.sizes) or ("reference (~1.03x)" if c == "native_local_ratelimit" else "reference")
+        w(f"| {res.label(c)} | {tcell} | " + " | ".join(cells) + f" | {verdict(*worst) if any(targets) else '-'} |")
     w("")
     w("Each cell: median over rounds of (CPU per request of the configuration) / (CPU per request of bare Envoy in the same round), "
-      "and in brackets the median CPU time added per request. Every wasm filter runs behind Envoy's `buffer` "
+      "and in brackets the median CPU time added per request. Every filter, wasm or native, runs behind Envoy's `buffer` "
       "filter where it reads the body (as the filter READMEs require), so its row includes the buffer filter's own cost "
       "(the `buffer` row).")
     w("")
@@ -271,6 +318,8 @@ def render(res: Results) -> str:
         w("| CPU saved per request by one module | " + " | ".join(
             f"{fmt(res.cpu_added('chain', s, base='chain_one_module'), 1, ' us')} "
             f"({fmt(res.saving_share(s), 0, '%')} of the separate chain's added CPU)" for s in res.sizes) + " |")
+        if NATIVE_CHAIN in res.configs:  # the same sections in libfirebreak.so
+            w("| Native module / bare | " + " | ".join(f"{fmt(res.cpu_ratio(NATIVE_CHAIN, s))}x" for s in res.sizes) + " |")
         w("")
     w("### Absolute figures per run (medians over rounds)")
     w("")
@@ -307,7 +356,7 @@ def render(res: Results) -> str:
         am, a50, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p50_us"), res.lat_added(c, "lat_p99_us")
         cpu = res.cpu_added(c, p["latency_size"]) if p["latency_size"] in res.sizes else None
         w(f"| {res.label(c)} | {fmt(mean, 0, ' us')} | {fmt(p50, 0, ' us')} | {fmt(p99, 0, ' us')} | {fmt(am, 0, ' us')} {mv(am, TARGET_LAT_MEAN)} | "
-          f"{fmt(a50, 0, ' us')} | {fmt(ap, 0, ' us')} {mv(ap, TARGET_LAT_P99)} | {fmt(cpu, 1, ' us')} {verdict(cpu, TARGET_LAT_MEAN) if c in FILTERS or c in CHAINS else ''} | {bad} |")
+          f"{fmt(a50, 0, ' us')} | {fmt(ap, 0, ' us')} {mv(ap, TARGET_LAT_P99)} | {fmt(cpu, 1, ' us')} {verdict(cpu, TARGET_LAT_MEAN) if c in FIREBREAK else ''} | {bad} |")
     w("")
     bare_mean, bare_p99 = res.lat_field("bare", "lat_mean_us"), res.lat_field("bare", "lat_p99_us")
     if noisy:
@@ -328,7 +377,7 @@ def render(res: Results) -> str:
         for c, m in mem.items():
             ratio = m["rss_kib"] / bare if bare else None
             accepted = m["requests"] - m["non_2xx"]
-            cell = "-" if c == "bare" else f"{fmt(ratio)}x {verdict(ratio, TARGET_MEMORY) if c in FILTERS or c in CHAINS else ''}"
+            cell = "-" if c == "bare" else f"{fmt(ratio)}x {verdict(ratio, TARGET_MEMORY) if c in FIREBREAK else ''}"
             w(f"| {res.label(c)} | {m['rss_start_kib'] / 1024:.1f} MiB | {m['rss_kib'] / 1024:.1f} MiB | {cell} | {accepted:,} |")
         w("")
     else:
@@ -420,7 +469,7 @@ def render(res: Results) -> str:
     w("")
     w("| Configuration | " + " | ".join(f"{s} B" for s in res.sizes) + " |")
     w("|---" * (1 + len(res.sizes)) + "|")
-    for c in ["trivial_wasm", "trivial_wasm_x4", "buffer"] + [x for x in FILTERS if x in res.configs] + CHAINS:
+    for c in ["trivial_wasm", "trivial_wasm_x4", "buffer"] + FILTERS + CHAINS + NATIVE_FILTERS + [NATIVE_CHAIN]:
         if c in res.configs:
             w(f"| {res.label(c)} | " + " | ".join(fmt(res.cpu_added(c, s), 1, " us") for s in res.sizes) + " |")
     if all(c in res.configs for c in CHAINS):
@@ -452,7 +501,7 @@ def render(res: Results) -> str:
     w("")
     if mem and "bare" in mem:
         b = mem["bare"]
-        w("Memory: the fixed cost of each configuration's VMs (RSS at start minus bare Envoy's) against what "
+        w("Memory: the fixed cost of each configuration's VMs or native library (RSS at start minus bare Envoy's) against what "
           f"{p['memory_keys']:,} keys added (RSS growth during the requests minus bare Envoy's growth):")
         w("")
         w("| Configuration | VMs at start | Growth from the keys |")
@@ -486,12 +535,9 @@ def render(res: Results) -> str:
 def gaps(res: Results) -> list[str]:
     out = []
     for c in res.configs:
-        if c not in FILTERS and c not in CHAINS:
-            continue
-        target = TARGET_CHAIN if c in CHAINS else TARGET_FILTER
         for s in res.sizes:
-            r = res.cpu_ratio(c, s)
-            if r is not None and r > target:
+            r, target = res.cpu_ratio(c, s), cpu_target(c, s)
+            if r is not None and target and r > target:
                 out.append(f"CPU, {res.label(c)}, {s} B: {r:.2f}x against a target of {target}x "
                            f"(+{res.cpu_added(c, s):.1f} us per request; missed by {r / target - 1:.0%}).")
     for c in res.configs:
@@ -500,7 +546,7 @@ def gaps(res: Results) -> list[str]:
         am, ap = res.lat_added(c, "lat_mean_us"), res.lat_added(c, "lat_p99_us")
         if res.latency_noisy():
             size = res.d["params"]["latency_size"]
-            cpu = res.cpu_added(c, size) if c in FILTERS or c in CHAINS else None
+            cpu = res.cpu_added(c, size) if c in FIREBREAK else None
             if cpu is not None and cpu > TARGET_LAT_MEAN:
                 out.append(f"Latency, {res.label(c)}: {cpu:.0f} us of CPU added per request at {size} B, on the request's "
                            f"path at one connection, against {TARGET_LAT_MEAN:.0f} us mean added (measured latency: noise on this machine).")
@@ -512,7 +558,7 @@ def gaps(res: Results) -> list[str]:
     mem = res.d.get("memory") or {}
     bare = mem.get("bare", {}).get("rss_kib")
     for c, m in mem.items():
-        if bare and (c in FILTERS or c in CHAINS) and m["rss_kib"] / bare > TARGET_MEMORY:
+        if bare and c in FIREBREAK and m["rss_kib"] / bare > TARGET_MEMORY:
             out.append(f"Memory, {res.label(c)}: {m['rss_kib'] / bare:.2f}x bare Envoy's RSS against {TARGET_MEMORY}x "
                        f"(+{(m['rss_kib'] - bare) / 1024:.1f} MiB for {res.d['params']['memory_keys']:,} keys).")
     micro = (res.d.get("micro") or {}).get("filters", {})

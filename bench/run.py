@@ -46,6 +46,8 @@ def log(msg: str):
 def have(module: str) -> bool:
     if module == "@trivial":
         return TRIVIAL_WASM.exists()
+    if module == "@native":
+        return NATIVE_SO.exists()
     return (harness.WASM_DIR / f"{module}.wasm").exists()
 
 
@@ -78,6 +80,9 @@ def local_ratelimit() -> dict:
     }
 
 
+# The native module (scripts/build.sh); every Envoy the bench starts (harness.Envoy) has
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH set to its directory.
+NATIVE_SO = harness.NATIVE_DIR / "libfirebreak.so"
 CORE_WASM = ROOT / "target" / "bench" / "wasm32-wasip1" / "release" / "bench-core-wasm.wasm"
 TRIVIAL_WASM = ROOT / "target" / "bench" / "wasm32-wasip1" / "release" / "bench_trivial_filter.wasm"
 
@@ -119,6 +124,11 @@ LABELS = {
     "trivial_wasm_x4": "4 trivial wasm filters, 4 VMs (reference)",
     "chain": "full chain, separate modules",
     "chain_one_module": "full chain, one module",
+    "native_request_signature": "request-signature (native)",
+    "native_replay_guard": "replay-guard (native)",
+    "native_rate_limit": "rate-limit (native)",
+    "native_env_guard": "env-guard (native)",
+    "native_chain": "full chain, native module",
 }
 
 
@@ -319,7 +329,7 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     mem_keys = 100_000
 
-    missing = [m for m in MODULES if not have(m)]
+    missing = [f"{m}.wasm" for m in MODULES if not have(m)] + ([] if have("@native") else [NATIVE_SO.name])
     configs = [c for c, (mods, _) in CONFIGS.items() if all(have(m) for m in mods)]
     if args.configs:
         wanted = args.configs.split(",")
@@ -387,7 +397,7 @@ def main():
                     res = wrk_until(e, reqs.args(mem_size, 0, mem_keys, "stop"), 16, mem_keys)
                     time.sleep(1.0)
                     rss1 = proc_rss_kib(e.proc.pid)
-                    stats = e.stats("wasmcustom")
+                    stats = {**e.stats("wasmcustom"), **e.stats("dynamicmodulescustom")}
                     results["memory"][c] = {"rss_start_kib": rss0, "rss_kib": rss1, "requests": res["requests"],
                                             "non_2xx": res["status_errors"], "counters": stats}
                     log(f"  mem  {c:24s} rss {rss0} -> {rss1} KiB after {res['requests']} requests, non-2xx {res['status_errors']}")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark (not part of the test suite): what each Firebreak filter and the whole chain (as
-# separate modules and as one module) cost against bare Envoy and Envoy's native local_ratelimit,
-# measured in one run on this machine.
-# Regenerates docs/benchmarks.md and docs/benchmarks.png. About 15 minutes on two cores;
-# `--quick` (about 8 minutes) for development. Other options: see `python3 bench/run.py --help`.
+# separate modules and as one module; and each filter and the chain in the native module,
+# libfirebreak.so) cost against bare Envoy and Envoy's native local_ratelimit, measured in one run.
+# Regenerates docs/benchmarks.md and docs/benchmarks.png. About 20 minutes on two cores;
+# `--quick` (about 10 minutes) for development. Other options: see `python3 bench/run.py --help`.
 #   bash scripts/bench.sh [--quick] [--rounds N] [--duration S] [--skip-memory] [--skip-micro]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
