@@ -25,7 +25,7 @@ done
 echo "== lints of the plugin crates for wasm32-wasip1 (cargo clippy --release --target wasm32-wasip1 -p <each plugins/* crate> -- -D warnings)"
 cargo clippy --quiet --release --target wasm32-wasip1 "${plugins[@]}" -- -D warnings
 
-echo "== native and test-host tests (cargo test --workspace; the host-tests scenario files run in the test host and in real Envoy)"
+echo "== native and test-host tests (cargo test --workspace; the host-tests scenario files run in the test host, in real Envoy, and in real Envoy on the native module)"
 cargo test --workspace --quiet
 
 echo "== end-to-end tests through real Envoy"

@@ -1,6 +1,7 @@
 //! Runs a scenario file through real Envoy: a generated bootstrap (listener, HTTP connection
-//! manager, the wasm filter on V8, the router), an upstream and callout clusters served by
-//! threads of this process that record what they receive and answer as the scenario scripts.
+//! manager, the wasm filter on V8 or the native module in its place, the router), an upstream and
+//! callout clusters served by threads of this process that record what they receive and answer as
+//! the scenario scripts.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use firebreak_core::filters;
 use serde_json::json;
 
 use crate::http::{Request, Upstream};
@@ -23,6 +25,43 @@ pub fn default_envoy() -> PathBuf {
         return PathBuf::from(p);
     }
     crate::workspace_root().join(".venv/bin/envoy")
+}
+
+/// The native module's directory (`libfirebreak.so`, from `bash scripts/build.sh`), unless
+/// `FIREBREAK_NATIVE_DIR` says.
+pub fn default_native_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("FIREBREAK_NATIVE_DIR") {
+        return PathBuf::from(p);
+    }
+    crate::workspace_root().join("target/native")
+}
+
+/// What runs a scenario's filters in Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    /// The scenario's wasm modules on V8.
+    Wasm,
+    /// The Firebreak engine as an Envoy dynamic module (`libfirebreak.so` in this directory), one
+    /// `dynamic_modules` filter in place of each wasm module.
+    Native { dir: PathBuf },
+}
+
+/// The native module's `filter_name` for a wasm module file: `<filter>.wasm` is that filter,
+/// `firebreak_chain.wasm` the chain; `None` for a module that is not a Firebreak filter.
+pub fn native_filter_name(module: &Path) -> Option<&'static str> {
+    let stem = module.file_stem()?.to_str()?;
+    if stem == "firebreak_chain" {
+        return Some(filters::CHAIN);
+    }
+    filters::FILTERS.iter().copied().find(|filter| *filter == stem)
+}
+
+/// Why a file cannot run on the native module, if it cannot: a module that is not a Firebreak
+/// filter (the test filters), named.
+fn native_skip_reason(modules: &[PathBuf]) -> Option<String> {
+    let foreign = modules.iter().find(|module| native_filter_name(module).is_none())?;
+    let name = foreign.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Some(format!("{name} is not a Firebreak filter: the native module runs only Firebreak's"))
 }
 
 /// A request as an HTTP/1.1 server received it.
@@ -247,36 +286,12 @@ fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Me
     Ok(Some((start, headers, body, trailers)))
 }
 
-/// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks.
-pub fn bootstrap(
-    scenario: &ScenarioFile,
-    modules: &[PathBuf],
-    upstream_port: u16,
-    clusters: &BTreeMap<String, u16>,
-    admin_path: &Path,
-) -> Result<serde_json::Value> {
-    let cluster = |name: &str, port: u16| {
-        json!({
-            "name": name,
-            "connect_timeout": "1s",
-            "type": "STATIC",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-        })
-    };
-    let mut upstream_cluster = cluster("upstream", upstream_port);
-    // HTTP/1 drops trailers unless told to keep them (both sides of Envoy).
-    upstream_cluster["typed_extension_protocol_options"] = json!({
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http_protocol_options": {"enable_trailers": true}}
-        }
-    });
-    let mut all = vec![upstream_cluster];
-    for (name, port) in clusters {
-        all.push(cluster(name, *port));
-    }
-    let string_value = |bytes: Vec<u8>| json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)});
+fn string_value(bytes: Vec<u8>) -> serde_json::Value {
+    json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": String::from_utf8_lossy(&bytes)})
+}
+
+/// One `envoy.filters.http.wasm` filter per module, on V8, with its plugin section.
+fn wasm_filters(scenario: &ScenarioFile, modules: &[PathBuf]) -> Result<Vec<serde_json::Value>> {
     let mut http_filters = Vec::new();
     for (module, plugin_section) in modules.iter().zip(scenario.plugins()) {
         let mut vm_config = json!({
@@ -303,6 +318,77 @@ pub fn bootstrap(
         http_filters.push(json!({"name": "envoy.filters.http.wasm", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": plugin}}));
+    }
+    Ok(http_filters)
+}
+
+/// One `envoy.filters.http.dynamic_modules` filter per module, in order: the native module's filter
+/// the module file names, with the plugin's configuration as its JSON (the plugin's environment
+/// goes into Envoy's, see [`native_environment`]).
+fn native_filters(scenario: &ScenarioFile, modules: &[PathBuf]) -> Result<Vec<serde_json::Value>> {
+    let mut http_filters = Vec::new();
+    for (module, plugin_section) in modules.iter().zip(scenario.plugins()) {
+        let filter_name = native_filter_name(module).ok_or_else(|| anyhow!("{}: not a Firebreak filter", module.display()))?;
+        http_filters.push(json!({"name": "envoy.filters.http.dynamic_modules", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": "firebreak"},
+            "filter_name": filter_name,
+            "filter_config": string_value(value_bytes(&plugin_section.configuration)?)}}));
+    }
+    Ok(http_filters)
+}
+
+/// Envoy's own environment in native mode: where the module is, and every plugin's `env` (the
+/// native module reads `secret_env` from the process, one environment for every filter: two
+/// plugins may not give one variable different values).
+fn native_environment(scenario: &ScenarioFile, dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    for (name, value) in scenario.plugins().iter().flat_map(|plugin| plugin.env.iter()) {
+        if env.insert(name.clone(), value.clone()).is_some_and(|earlier| earlier != *value) {
+            bail!("two plugins give {name} different values: the native module has one environment");
+        }
+    }
+    env.insert("ENVOY_DYNAMIC_MODULES_SEARCH_PATH".into(), dir.display().to_string());
+    Ok(env)
+}
+
+/// The scenario's filters, in Envoy's order, as `runtime` runs them.
+pub fn scenario_filters(scenario: &ScenarioFile, modules: &[PathBuf], runtime: &Runtime) -> Result<Vec<serde_json::Value>> {
+    match runtime {
+        Runtime::Wasm => wasm_filters(scenario, modules),
+        Runtime::Native { .. } => native_filters(scenario, modules),
+    }
+}
+
+/// The Envoy bootstrap for a scenario: listener and admin on ports Envoy picks, `http_filters`
+/// (the scenario's, see [`scenario_filters`]) before the router.
+pub fn bootstrap(
+    scenario: &ScenarioFile,
+    mut http_filters: Vec<serde_json::Value>,
+    upstream_port: u16,
+    clusters: &BTreeMap<String, u16>,
+    admin_path: &Path,
+) -> Result<serde_json::Value> {
+    let cluster = |name: &str, port: u16| {
+        json!({
+            "name": name,
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+        })
+    };
+    let mut upstream_cluster = cluster("upstream", upstream_port);
+    // HTTP/1 drops trailers unless told to keep them (both sides of Envoy).
+    upstream_cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {"enable_trailers": true}}
+        }
+    });
+    let mut all = vec![upstream_cluster];
+    for (name, port) in clusters {
+        all.push(cluster(name, *port));
     }
     let ms = scenario.route_timeout_ms();
     let route_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
@@ -352,7 +438,14 @@ enum Started {
     Refused(String),
 }
 
-fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path, concurrency: u32) -> Result<Started> {
+/// How to start one Envoy: its binary, its `--concurrency`, and what to add to its environment.
+struct Launch<'a> {
+    envoy_bin: &'a Path,
+    concurrency: u32,
+    env: BTreeMap<String, String>,
+}
+
+fn start_envoy(launch: &Launch<'_>, config: &serde_json::Value, dir: &Path) -> Result<Started> {
     std::fs::create_dir_all(dir)?;
     let mut config = config.clone();
     let admin_path = PathBuf::from(config["admin_address_path"].as_str().unwrap_or_default());
@@ -363,11 +456,12 @@ fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path, concurr
     let cfg_path = dir.join("envoy.yaml");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
     let log = dir.join("envoy.log");
-    let child = Command::new(envoy_bin)
+    let child = Command::new(launch.envoy_bin)
+        .envs(&launch.env)
         .arg("-c")
         .arg(&cfg_path)
         .arg("--concurrency")
-        .arg(concurrency.to_string())
+        .arg(launch.concurrency.to_string())
         .args(["--use-dynamic-base-id", "-l", "warning", "--admin-address-path"])
         .arg(&admin_path)
         .arg("--log-path")
@@ -376,7 +470,7 @@ fn start_envoy(envoy_bin: &Path, config: &serde_json::Value, dir: &Path, concurr
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {}", envoy_bin.display()))?;
+        .with_context(|| format!("starting {}", launch.envoy_bin.display()))?;
     let mut envoy = Envoy { child, port: 0, log: log.clone() };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -501,11 +595,67 @@ fn send_and_disconnect(port: u16, request: &Request, upstream: &TestServer, befo
     Ok((0, Vec::new(), Vec::new()))
 }
 
-/// Runs a scenario file through real Envoy.
+/// The library `Runtime::Native` loads from its directory (`dynamic_module_config.name: firebreak`).
+pub const NATIVE_LIBRARY: &str = "libfirebreak.so";
+
+/// The modules as Envoy loads them, and how to start Envoy for `runtime`.
+fn prepare<'a>(
+    scenario: &ScenarioFile,
+    modules: &[PathBuf],
+    runtime: &Runtime,
+    envoy_bin: &'a Path,
+) -> Result<(Vec<PathBuf>, Launch<'a>)> {
+    let concurrency = scenario.envoy_concurrency.unwrap_or(2);
+    match runtime {
+        Runtime::Wasm => {
+            let mut canonical = Vec::new();
+            for module in modules {
+                canonical.push(std::fs::canonicalize(module).with_context(|| module.display().to_string())?);
+            }
+            Ok((canonical, Launch { envoy_bin, concurrency, env: BTreeMap::new() }))
+        }
+        Runtime::Native { dir } => {
+            let library = dir.join(NATIVE_LIBRARY);
+            let dir = std::fs::canonicalize(dir)
+                .ok()
+                .filter(|dir| dir.join(NATIVE_LIBRARY).is_file())
+                .ok_or_else(|| anyhow!("{} is missing: run `bash scripts/build.sh` first", library.display()))?;
+            let env = native_environment(scenario, &dir)?;
+            Ok((modules.to_vec(), Launch { envoy_bin, concurrency, env }))
+        }
+    }
+}
+
+/// Whether Envoy's log says it refused the scenario's filter configuration (rather than failing
+/// for another reason).
+fn refused_configuration(log: &str, runtime: &Runtime) -> bool {
+    match runtime {
+        Runtime::Wasm => log.contains("Unable to create Wasm") || log.contains("Failed to configure"),
+        Runtime::Native { .. } => log.contains("config_error field="),
+    }
+}
+
+/// Every case of a file that does not run, with the reason (one row for a file without cases).
+fn skipped_rows(file: &str, scenario: &ScenarioFile, reason: &str) -> Vec<CaseResult> {
+    let skipped = |case: &str| CaseResult {
+        file: file.to_string(),
+        case: case.to_string(),
+        outcome: Outcome::Skipped(reason.to_string()),
+        observed: None,
+    };
+    if scenario.cases.is_empty() {
+        let what = if scenario.expects_start_failure() { "plugin refuses to start" } else { "plugin start" };
+        return vec![skipped(what)];
+    }
+    scenario.cases.iter().map(|case| skipped(&case.name)).collect()
+}
+
+/// Runs a scenario file through real Envoy, its filters run by `runtime`.
 pub fn run_envoy(
     file: &Path,
     scenario: &ScenarioFile,
     modules: &[PathBuf],
+    runtime: &Runtime,
     envoy_bin: &Path,
     work_dir: &Path,
 ) -> Vec<CaseResult> {
@@ -516,13 +666,13 @@ pub fn run_envoy(
         outcome,
         observed,
     };
-    let mut canonical = Vec::new();
-    for module in modules {
-        match std::fs::canonicalize(module) {
-            Ok(m) => canonical.push(m),
-            Err(e) => return vec![row("(module)", Outcome::Fail(vec![format!("{}: {e}", module.display())]), None)],
-        }
+    if let (Runtime::Native { .. }, Some(reason)) = (runtime, native_skip_reason(modules)) {
+        return skipped_rows(&fname, scenario, &reason);
     }
+    let (modules, launch) = match prepare(scenario, modules, runtime, envoy_bin) {
+        Ok(prepared) => prepared,
+        Err(e) => return vec![row("(module)", Outcome::Fail(vec![format!("{e:#}")]), None)],
+    };
     let result = (|| -> Result<Vec<CaseResult>> {
         let default_upstream = scenario.upstream_reply()?;
         let upstream = TestServer::start(Answer::Respond(default_upstream.clone()))?;
@@ -544,10 +694,11 @@ pub fn run_envoy(
             servers.push(server);
         }
         let admin_path = work_dir.join("admin.address");
-        let config = bootstrap(scenario, &canonical, upstream.port, &clusters, &admin_path)?;
-        let envoy = match start_envoy(envoy_bin, &config, work_dir, scenario.envoy_concurrency.unwrap_or(2))? {
+        let filters = scenario_filters(scenario, &modules, runtime)?;
+        let config = bootstrap(scenario, filters, upstream.port, &clusters, &admin_path)?;
+        let envoy = match start_envoy(&launch, &config, work_dir)? {
             Started::Refused(log) => {
-                let refused = log.contains("Unable to create Wasm") || log.contains("Failed to configure");
+                let refused = refused_configuration(&log, runtime);
                 return Ok(vec![if scenario.expects_start_failure() && refused {
                     row("plugin refuses to start", Outcome::Pass, None)
                 } else {

@@ -1,4 +1,5 @@
-//! Runs scenario files in the host, in real Envoy, or both (the fidelity check), and reports.
+//! Runs scenario files in the host, in real Envoy (the wasm modules, or the native module in their
+//! place), or both (the fidelity check), and reports.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -6,15 +7,38 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 
-use crate::envoy::{default_envoy, run_envoy};
+use crate::envoy::{default_envoy, default_native_dir, run_envoy, Runtime};
 use crate::scenario::{collect_files, render_table, run_host, CaseResult, ModuleCache, Outcome, ScenarioFile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Host,
     Envoy,
+    /// Real Envoy with the native module (`libfirebreak.so`) in place of the wasm modules; files of
+    /// other modules (the test filters) are skipped.
+    EnvoyNative,
     /// Both, and every case Envoy can run must get the same verdict from each.
     Both,
+}
+
+impl Mode {
+    fn runs_host(self) -> bool {
+        matches!(self, Mode::Host | Mode::Both)
+    }
+
+    fn runs_envoy(self) -> bool {
+        self != Mode::Host
+    }
+
+    /// The report's two columns: the first result's runtime, then the second's.
+    fn columns(self) -> [&'static str; 2] {
+        match self {
+            Mode::Host => ["host", "-"],
+            Mode::Envoy => ["envoy", "-"],
+            Mode::EnvoyNative => ["native", "-"],
+            Mode::Both => ["host", "envoy"],
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -23,17 +47,33 @@ pub struct Options {
     /// Run every file against this module instead of the one the file names.
     pub module: Option<PathBuf>,
     pub envoy: PathBuf,
+    /// Where `libfirebreak.so` is (`Mode::EnvoyNative`).
+    pub native_dir: PathBuf,
+}
+
+impl Options {
+    /// What runs the filters in Envoy.
+    fn runtime(&self) -> Runtime {
+        if self.mode == Mode::EnvoyNative {
+            Runtime::Native { dir: self.native_dir.clone() }
+        } else {
+            Runtime::Wasm
+        }
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { mode: Mode::Host, module: None, envoy: default_envoy() }
+        Options { mode: Mode::Host, module: None, envoy: default_envoy(), native_dir: default_native_dir() }
     }
 }
 
-/// One row per case: the host's result, Envoy's, and where they disagree.
+/// One row per case: the host's result, Envoy's, and where they disagree (in a one-runtime mode,
+/// that runtime's result alone).
 pub struct Report {
     pub rows: Vec<(CaseResult, Option<CaseResult>, Vec<String>)>,
+    /// The runtimes of the two results (`Mode::columns`).
+    pub columns: [&'static str; 2],
 }
 
 impl Report {
@@ -53,7 +93,7 @@ impl Report {
     }
 
     pub fn table(&self) -> String {
-        let mut t = render_table(&self.rows);
+        let mut t = render_table(&self.rows, self.columns);
         t.push_str(&format!("{} passed, {} failed\n", self.passes(), self.failures()));
         t
     }
@@ -71,7 +111,7 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
     let mut cache = ModuleCache::default();
     let mut host_results = Vec::new();
     for (file, scenario, module_paths) in &scenarios {
-        host_results.push(if options.mode == Mode::Envoy {
+        host_results.push(if !options.mode.runs_host() {
             None
         } else {
             let modules: Result<Vec<_>> = module_paths.iter().map(|p| cache.get(p)).collect();
@@ -82,7 +122,8 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
         });
     }
     // The Envoy runs, two at a time: most of an Envoy run is waiting (start-up, callouts).
-    let envoy_results: Vec<Option<Vec<CaseResult>>> = if options.mode == Mode::Host {
+    let runtime = options.runtime();
+    let envoy_results: Vec<Option<Vec<CaseResult>>> = if !options.mode.runs_envoy() {
         scenarios.iter().map(|_| None).collect()
     } else {
         // Runs in one process (tests in parallel threads) each get their own work directories.
@@ -96,7 +137,7 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some((file, scenario, module_paths)) = scenarios.get(i) else { break };
                     let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{run}-{i}", std::process::id()));
-                    let rows = run_envoy(file, scenario, module_paths, &options.envoy, &dir);
+                    let rows = run_envoy(file, scenario, module_paths, &runtime, &options.envoy, &dir);
                     let _ = std::fs::remove_dir_all(&dir);
                     if let Ok(mut s) = slots.lock() {
                         s[i] = Some(rows);
@@ -135,7 +176,7 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
             (None, None) => {}
         }
     }
-    Ok(Report { rows })
+    Ok(Report { rows, columns: options.mode.columns() })
 }
 
 fn error_row(file: &Path, message: String) -> CaseResult {

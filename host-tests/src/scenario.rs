@@ -938,11 +938,13 @@ pub fn collect_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The pass/fail table.
-pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> String {
+/// The pass/fail table: `columns` names the runtimes of each row's two results (the second is
+/// `-` when a run has one).
+pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)], columns: [&str; 2]) -> String {
+    let [first, second] = columns;
     let mut out = String::new();
     let w = rows.iter().map(|(h, _, _)| h.case.chars().count()).max().unwrap_or(4).clamp(4, 70);
-    out.push_str(&format!("{:<36} {:<w$} {:<5} {:<5}  details\n", "file", "case", "host", "envoy"));
+    out.push_str(&format!("{:<36} {:<w$} {:<6} {:<5}  details\n", "file", "case", first, second));
     for (host, envoy, mismatch) in rows {
         let file = Path::new(&host.file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
         let envoy_label = match envoy {
@@ -950,22 +952,24 @@ pub fn render_table(rows: &[(CaseResult, Option<CaseResult>, Vec<String>)]) -> S
             Some(e) => e.outcome.label(),
         };
         let mut details = Vec::new();
-        if let Outcome::Fail(p) = &host.outcome {
-            details.push(format!("host: {}", p.join("; ")));
+        match &host.outcome {
+            Outcome::Fail(p) => details.push(format!("{first}: {}", p.join("; "))),
+            Outcome::Skipped(r) => details.push(format!("{first} skipped: {r}")),
+            Outcome::Pass => {}
         }
         if let Some(e) = envoy {
             match &e.outcome {
-                Outcome::Fail(p) => details.push(format!("envoy: {}", p.join("; "))),
-                Outcome::Skipped(r) => details.push(format!("envoy skipped: {r}")),
+                Outcome::Fail(p) => details.push(format!("{second}: {}", p.join("; "))),
+                Outcome::Skipped(r) => details.push(format!("{second} skipped: {r}")),
                 Outcome::Pass => {}
             }
         }
         if !mismatch.is_empty() {
-            details.push(format!("MISMATCH host/envoy: {}", mismatch.join("; ")));
+            details.push(format!("MISMATCH {first}/{second}: {}", mismatch.join("; ")));
         }
         let case: String = host.case.chars().take(w).collect();
         out.push_str(&format!(
-            "{:<36} {:<w$} {:<5} {:<5}  {}\n",
+            "{:<36} {:<w$} {:<6} {:<5}  {}\n",
             file,
             case,
             host.outcome.label(),

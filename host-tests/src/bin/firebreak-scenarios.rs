@@ -1,9 +1,12 @@
 //! Runs proxy-wasm scenario files (any module, ours or anyone's) and prints a pass/fail table.
 //!
-//!   firebreak-scenarios [--mode host|envoy|both] [--module M.wasm] [--envoy PATH] FILE_OR_DIR...
+//!   firebreak-scenarios [--mode host|envoy|envoy-native|both] [--module M.wasm] [--envoy PATH]
+//!                       [--native-dir DIR] FILE_OR_DIR...
 //!
-//! `host` (default) runs in the wasmtime test host; `envoy` through real Envoy; `both` runs
-//! each and fails when they disagree. Exit status 1 on any failure.
+//! `host` (default) runs in the wasmtime test host; `envoy` through real Envoy; `envoy-native`
+//! through real Envoy with the native module (`DIR/libfirebreak.so`, default `target/native`) in
+//! place of each Firebreak wasm module; `both` runs host and Envoy and fails when they disagree.
+//! Exit status 1 on any failure.
 
 use std::path::PathBuf;
 
@@ -19,12 +22,16 @@ fn main() {
                 options.mode = match args.next().as_deref() {
                     Some("host") => Mode::Host,
                     Some("envoy") => Mode::Envoy,
+                    Some("envoy-native") => Mode::EnvoyNative,
                     Some("both") => Mode::Both,
                     other => usage(&format!("unknown mode {other:?}")),
                 }
             }
             "--module" => options.module = Some(PathBuf::from(args.next().unwrap_or_else(|| usage("--module needs a path")))),
             "--envoy" => options.envoy = PathBuf::from(args.next().unwrap_or_else(|| usage("--envoy needs a path"))),
+            "--native-dir" => {
+                options.native_dir = PathBuf::from(args.next().unwrap_or_else(|| usage("--native-dir needs a directory")))
+            }
             "-h" | "--help" => usage(""),
             _ => paths.push(PathBuf::from(a)),
         }
@@ -48,6 +55,8 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("firebreak-scenarios: {problem}");
     }
-    eprintln!("usage: firebreak-scenarios [--mode host|envoy|both] [--module M.wasm] [--envoy PATH] FILE_OR_DIR...");
+    eprintln!(
+        "usage: firebreak-scenarios [--mode host|envoy|envoy-native|both] [--module M.wasm] [--envoy PATH] [--native-dir DIR] FILE_OR_DIR..."
+    );
     std::process::exit(2);
 }
