@@ -24,8 +24,9 @@ enum Runs {
     /// One filter: its name (`core::filters::FILTERS`) and its own configure function (so that
     /// its module links only that filter).
     Filter(&'static str, Configure),
-    /// The chain: its configuration names the stages.
-    Chain,
+    /// The chain: its configuration names the stages (configured by `configure_chain`, a
+    /// function only the chain module's root names, so a filter's module does not link it).
+    Chain(Configure),
 }
 
 /// A fresh root context of `filter`'s module; `on_configure` reads its configuration.
@@ -35,7 +36,7 @@ pub fn filter_root(filter: &'static str, configure: Configure) -> Box<dyn RootCo
 
 /// A fresh root context of the chain module.
 pub fn chain_root() -> Box<dyn RootContext> {
-    Box::new(FlowRoot { runs: Runs::Chain, factory: None, module: None })
+    Box::new(FlowRoot { runs: Runs::Chain(configure_chain), factory: None, module: None })
 }
 
 struct FlowRoot {
@@ -49,7 +50,7 @@ impl FlowRoot {
     fn plugin(&self) -> &'static str {
         match self.runs {
             Runs::Filter(filter, _) => filter,
-            Runs::Chain => CHAIN,
+            Runs::Chain(_) => CHAIN,
         }
     }
 
@@ -58,8 +59,7 @@ impl FlowRoot {
             .ok_or_else(|| ConfigError::new("", "the host gave no random bytes for the table placement secret"))?;
         let setup = Setup { env: &glue::env_var, store: &HostStore, entropy };
         match self.runs {
-            Runs::Filter(_, configure) => configure(json, &setup),
-            Runs::Chain => Ok(Arc::new(filters::configure_chain(json, &setup)?)),
+            Runs::Filter(_, configure) | Runs::Chain(configure) => configure(json, &setup),
         }
     }
 }
@@ -71,7 +71,7 @@ impl RootContext for FlowRoot {
     /// start (`false`).
     fn on_configure(&mut self, _size: usize) -> bool {
         let plugin = self.plugin();
-        let chain = matches!(self.runs, Runs::Chain);
+        let chain = matches!(self.runs, Runs::Chain(_));
         self.factory = None;
         self.module = None;
         let Some(json) = glue::plugin_configuration(plugin) else { return false };
@@ -116,4 +116,9 @@ impl RootContext for FlowRoot {
         let module = self.module.clone()?;
         Some(Box::new(FlowContext::new(factory.new_flow(), module)))
     }
+}
+
+/// The chain's [`Configure`]: every filter, by the sections of its configuration.
+fn configure_chain(json: &[u8], setup: &Setup<'_>) -> Result<Arc<dyn FlowFactory>, ConfigError> {
+    Ok(Arc::new(filters::configure_chain(json, setup)?))
 }
