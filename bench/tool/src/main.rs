@@ -11,6 +11,7 @@
 //!     whole chain (separate modules and the one-module chain). Prints JSON.
 
 mod coreloop;
+mod flows;
 mod micro;
 mod requests;
 
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
     let result = Args::parse(rest).and_then(|args| match command.as_str() {
         "requests" => requests::run(&args),
         "micro" => micro::run(&args),
+        "flows" => flows::run(&args),
         other => Err(format!("unknown command {other}")),
     });
     match result {

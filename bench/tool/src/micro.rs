@@ -22,9 +22,9 @@ use crate::{body, Args, AUTHORITY, KEY_ID, PATH, SECRET_B64};
 
 /// A request as the filter sees it: pseudo-headers first, then the headers, and the body.
 #[derive(Clone)]
-struct Input {
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub(crate) struct Input {
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Input {
@@ -67,7 +67,7 @@ fn parse_block(block: &str, body: Vec<u8>) -> Input {
     Input { headers, body }
 }
 
-fn inputs(size: usize, count: usize, created: u64, secret: &[u8]) -> Result<Vec<Input>, String> {
+pub(crate) fn inputs(size: usize, count: usize, created: u64, secret: &[u8]) -> Result<Vec<Input>, String> {
     let body = body(size);
     (0..count as u64)
         .map(|i| header_block(size, i, created, secret, &body).map(|b| parse_block(&b, body.clone())))
@@ -395,7 +395,7 @@ fn replay_guard(wasm_dir: &Path, iterations: usize, reps: usize) -> Result<Value
 
 /// The chain's filters, in the order of the benchmark's chain (replay-guard last), with the
 /// configurations of the per-filter rows (replay-guard requiring request-signature's principal).
-fn chain_sections() -> Vec<(&'static str, String)> {
+pub(crate) fn chain_sections() -> Vec<(&'static str, String)> {
     vec![
         ("request_signature", signature_config()),
         ("rate_limit", rate_limit_config()),
@@ -448,7 +448,7 @@ fn chain(wasm_dir: &Path) -> Result<Value, String> {
     }))
 }
 
-fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string())
 }

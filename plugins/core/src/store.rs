@@ -20,7 +20,10 @@
 //! same records would be looked for in other buckets, and live records would become claimable
 //! again.
 
+use std::hash::Hasher;
+
 use sha2::{Digest, Sha256};
+use siphasher::sip::SipHasher13;
 
 /// Failure of a shared-data operation, as the host reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,16 +79,15 @@ impl KeyHash {
         hex::encode(self.0)
     }
 
-    /// The bucket of this key under a placement secret: SHA-256(secret || key hash), its first
-    /// 8 bytes mod `buckets` (one SHA-256 block; the bias of the modulo is below 2^-32).
+    /// The bucket of this key under a placement secret: SipHash-1-3 (a keyed pseudo-random
+    /// function) of the key hash under the secret's first 16 bytes, mod `buckets`. Without the
+    /// secret no client can predict a bucket; the bias of the modulo is below 2^-32.
     fn bucket_index(&self, secret: &[u8; 32], buckets: u32) -> u32 {
-        let mut hasher = Sha256::new();
-        hasher.update(secret);
-        hasher.update(self.0);
-        let digest: [u8; 32] = hasher.finalize().into();
-        let (head, _) = digest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+        let (sip_key, _) = secret.split_first_chunk::<16>().unwrap_or((&[0; 16], &[]));
+        let mut hasher = SipHasher13::new_with_key(sip_key);
+        hasher.write(&self.0);
         // The remainder is below `buckets`, a u32: it always fits (the fallback is never taken).
-        u32::try_from(u64::from_be_bytes(*head) % u64::from(buckets.max(1))).unwrap_or(0)
+        u32::try_from(hasher.finish() % u64::from(buckets.max(1))).unwrap_or(0)
     }
 }
 

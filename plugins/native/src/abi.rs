@@ -215,11 +215,25 @@ fn copy(ptr: *const c_char, length: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }.to_vec()
 }
 
+/// Borrows `length` bytes Envoy owns, for the rest of the current hook.
+fn borrow<'hook>(ptr: *const c_char, length: usize) -> &'hook [u8] {
+    if ptr.is_null() || length == 0 {
+        return &[];
+    }
+    // SAFETY: Envoy gave `ptr` and `length` for one buffer it keeps valid until the current hook
+    // returns; callers use the slice only inside that hook (they copy what they keep). Non-null
+    // was checked above.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }
+}
+
+/// Names lower-cased (Envoy's already are: one allocation for the name, one for the value).
 fn copy_headers(headers: &[EnvoyHttpHeader]) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
         .map(|h| {
-            (String::from_utf8_lossy(&copy(h.key_ptr, h.key_length)).to_ascii_lowercase(), copy(h.value_ptr, h.value_length))
+            let name = String::from_utf8_lossy(borrow(h.key_ptr, h.key_length));
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) { name.to_ascii_lowercase() } else { name.into_owned() };
+            (name, copy(h.value_ptr, h.value_length))
         })
         .collect()
 }

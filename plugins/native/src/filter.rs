@@ -35,8 +35,9 @@ const BODY_SHA256_KEY: &str = "firebreak.body_sha256";
 /// A configured filter (or chain) with its counters, shared by every worker.
 pub struct Config {
     factory: Arc<dyn FlowFactory>,
-    /// Counter ids by full name (`<meter prefix>.<name>`), defined at configure time.
-    counters: HashMap<String, usize>,
+    /// Counter ids by meter prefix, then by name (the Envoy stat is `<prefix>.<name>`), defined
+    /// at configure time: an increment looks up two borrowed strings and allocates nothing.
+    counters: HashMap<String, HashMap<String, usize>>,
     /// The counter a name that was not defined at configure time goes to.
     uncounted: Option<usize>,
     debug_log: bool,
@@ -69,13 +70,13 @@ pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<A
             return None;
         }
     };
-    let mut counters = HashMap::new();
+    let mut counters: HashMap<String, HashMap<String, usize>> = HashMap::new();
     for (meter, names) in factory.definitions() {
         let rejections = Code::ALL.iter().map(|code| format!("rejected.{}", code.as_str()));
+        let ids = counters.entry(meter.prefix.to_string()).or_default();
         for name in names.into_iter().chain(rejections) {
-            let full = format!("{}.{name}", meter.prefix);
-            if let Some(id) = envoy.define_counter(&full) {
-                counters.insert(full, id);
+            if let Some(id) = envoy.define_counter(&format!("{}.{name}", meter.prefix)) {
+                ids.insert(name, id);
             }
         }
     }
@@ -451,8 +452,8 @@ impl Host for NativeHost<'_, '_> {
     }
 
     fn count(&mut self, meter: &Meter, name: &str) {
-        let full = format!("{}.{name}", meter.prefix);
-        if let Some(id) = self.config.counters.get(&full).copied().or(self.config.uncounted) {
+        let defined = self.config.counters.get(meter.prefix.as_ref()).and_then(|ids| ids.get(name));
+        if let Some(id) = defined.copied().or(self.config.uncounted) {
             self.stream.increment_counter(id, 1);
         }
     }

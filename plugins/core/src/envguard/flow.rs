@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::flow::{header, reject, Event, Flow, FlowFactory, Host, Level, Meter, Step};
+use crate::flow::{header, reject, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
 use crate::route::{not_canonical_rejection, split_path, Scope};
 
 use super::request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
@@ -61,8 +61,6 @@ pub struct GuardFlow {
 
 struct Pending {
     plan: BodyPlan,
-    /// `method=.. path=..` for the log line of a refusal of the body.
-    context: String,
 }
 
 impl GuardFlow {
@@ -114,16 +112,16 @@ impl GuardFlow {
                 return self.reject(&error, &context, host);
             }
         };
-        let context = format!("method={method} path={path:?}");
+        let context = || RequestContext { method, path }.to_string();
         if plan.headers_uninspected {
             // `over_limit: pass` and the header decodings exceeded `max_decoded_bytes`.
             self.outcome(BodyOutcome::Uninspected, host);
         }
         if let Some(length) = header(&headers, "content-length") {
             match length.trim().parse::<u64>() {
-                Ok(n) if n > self.policy.max_body_bytes.get() as u64 => return self.over_limit(&context, host),
+                Ok(n) if n > self.policy.max_body_bytes.get() as u64 => return self.over_limit(&context(), host),
                 Ok(_) => {}
-                Err(_) => return self.reject(&GuardError::Unreadable("content-length"), &context, host),
+                Err(_) => return self.reject(&GuardError::Unreadable("content-length"), &context(), host),
             }
         }
         if end_of_stream {
@@ -131,14 +129,14 @@ impl GuardFlow {
         }
         // A paused header callback would stop the body from ever reaching this filter (Envoy
         // turns it into StopAllIteration): continue here and hold the body until it is complete.
-        self.pending = Some(Pending { plan, context });
+        self.pending = Some(Pending { plan });
         Step::Continue
     }
 
     fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
         let Some(pending) = self.pending.take() else { return Step::Continue };
         if buffered > self.policy.max_body_bytes.get() {
-            return self.over_limit(&pending.context, host);
+            return self.over_limit(&request_context(host), host);
         }
         if !end_of_stream {
             self.pending = Some(pending);
@@ -153,10 +151,10 @@ impl GuardFlow {
         match host.request_trailers() {
             Ok(trailers) => {
                 if let Err(error) = check_trailers(&self.policy, &trailers) {
-                    return self.reject(&error, &pending.context, host);
+                    return self.reject(&error, &request_context(host), host);
                 }
             }
-            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &pending.context, host),
+            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &request_context(host), host),
         }
         let size = self.policy.max_body_bytes.get().saturating_add(1);
         self.finish_body(host, pending, size)
@@ -166,9 +164,9 @@ impl GuardFlow {
         match host.request_body(size) {
             Ok(body) => match check_body(&self.policy, &pending.plan, &body) {
                 Ok(outcome) => self.outcome(outcome, host),
-                Err(error) => self.reject(&error, &pending.context, host),
+                Err(error) => self.reject(&error, &request_context(host), host),
             },
-            Err(_) => self.reject(&GuardError::Unreadable("request body"), &pending.context, host),
+            Err(_) => self.reject(&GuardError::Unreadable("request body"), &request_context(host), host),
         }
     }
 

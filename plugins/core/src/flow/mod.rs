@@ -237,6 +237,32 @@ pub enum Step {
     Respond(Response),
 }
 
+/// `method=.. path=".."`: the context of a log line about a request, formatted only when a line
+/// is written (the accepted path formats nothing).
+pub struct RequestContext<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
+impl std::fmt::Display for RequestContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "method={} path={:?}", self.method, self.path)
+    }
+}
+
+/// [`RequestContext`] read again from the request headers, for a line written at a later event
+/// (a refusal of the body). Empty when the headers cannot be read.
+pub fn request_context(host: &mut dyn Host) -> String {
+    match host.request_headers_lossy() {
+        Ok(headers) => {
+            let method = header(&headers, ":method").unwrap_or("");
+            let path = crate::route::split_path(header(&headers, ":path").unwrap_or("")).0;
+            RequestContext { method, path }.to_string()
+        }
+        Err(_) => String::new(),
+    }
+}
+
 /// Refuses the request: one log line at `level` and the counters `rejected.<code>` (and
 /// `rejected.<code>.<detail>`), then the reply. Every flow refuses through here.
 pub fn reject(host: &mut dyn Host, meter: &Meter, level: Level, rejection: Rejection, context: &str) -> Step {

@@ -20,6 +20,7 @@
 //! 4. Response headers: the RateLimit-Policy / RateLimit headers of an admitted request are
 //!    added (when `response_headers` is configured).
 
+use std::fmt::Display;
 use std::sync::Arc;
 
 use crate::flow::calls::{Calls, Delivered};
@@ -81,6 +82,8 @@ struct Pending {
 pub struct RateLimitFlow {
     policy: Arc<RateLimitPolicy>,
     meter: Meter,
+    /// Each rule's `rule.<name>.allowed` counter name, made once at configure time.
+    allowed_counters: Arc<[(String, String)]>,
     /// RateLimit-Policy / RateLimit for the response of an admitted request.
     response_headers: Vec<(String, String)>,
     /// The request waits for Redis.
@@ -89,7 +92,29 @@ pub struct RateLimitFlow {
 
 impl RateLimitFlow {
     pub fn new(policy: Arc<RateLimitPolicy>, meter: Meter) -> Self {
-        RateLimitFlow { policy, meter, response_headers: Vec::new(), calls: Calls::default() }
+        let allowed_counters = allowed_counters(&policy);
+        RateLimitFlow { policy, meter, allowed_counters, response_headers: Vec::new(), calls: Calls::default() }
+    }
+
+    fn with_counters(policy: Arc<RateLimitPolicy>, meter: Meter, allowed_counters: Arc<[(String, String)]>) -> Self {
+        RateLimitFlow { policy, meter, allowed_counters, response_headers: Vec::new(), calls: Calls::default() }
+    }
+}
+
+fn allowed_counters(policy: &RateLimitPolicy) -> Arc<[(String, String)]> {
+    policy.rules.iter().map(|rule| (rule.name.clone(), format!("rule.{}.allowed", rule.name))).collect()
+}
+
+/// `instance=.. method=.. path=".."`: a log line's context, formatted only when one is written.
+struct RouteContext<'a> {
+    instance: &'a str,
+    method: &'a str,
+    path: &'a str,
+}
+
+impl Display for RouteContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "instance={} method={} path={:?}", self.instance, self.method, self.path)
     }
 }
 
@@ -149,7 +174,8 @@ impl RateLimitFlow {
         if !scope.applies() {
             return Step::Continue;
         }
-        let context = format!("instance={instance} method={method} path={path:?}");
+        // Formatted only when a line is written.
+        let context = RouteContext { instance, method, path };
         if scope == Scope::NotCanonical {
             return self.reject(host, not_canonical_rejection(), &context);
         }
@@ -194,7 +220,7 @@ impl RateLimitFlow {
                         LeaseStep::Remote(plan) => plan,
                     },
                 };
-                self.ask_redis(host, redis, plan, context, now)
+                self.ask_redis(host, redis, plan, context.to_string(), now)
             }
         }
     }
@@ -251,7 +277,7 @@ impl RateLimitFlow {
     }
 
     /// Applies a decision: the local reply, or the response headers to add and Continue.
-    fn apply(&mut self, host: &mut dyn Host, decision: Decision, context: &str) -> Step {
+    fn apply(&mut self, host: &mut dyn Host, decision: Decision, context: &dyn Display) -> Step {
         self.record(host, &decision.events, context);
         if let Some(rejection) = decision.rejection {
             let key = decision
@@ -263,22 +289,25 @@ impl RateLimitFlow {
                     _ => None,
                 })
                 .unwrap_or_default();
-            return self.reject(host, rejection, &format!("{context} {key}"));
+            return self.reject(host, rejection, &format_args!("{context} {key}"));
         }
         host.count_passed(&self.meter, "allowed");
         self.response_headers = decision.response_headers;
         Step::Continue
     }
 
-    fn reject(&mut self, host: &mut dyn Host, rejection: Rejection, context: &str) -> Step {
-        reject(host, &self.meter, Level::Warn, rejection, context)
+    fn reject(&mut self, host: &mut dyn Host, rejection: Rejection, context: &dyn Display) -> Step {
+        reject(host, &self.meter, Level::Warn, rejection, &context.to_string())
     }
 
-    fn record(&self, host: &mut dyn Host, events: &[Event], context: &str) {
+    fn record(&self, host: &mut dyn Host, events: &[Event], context: &dyn Display) {
         let instance = &self.policy.name;
         for event in events {
             match event {
-                Event::Allowed { rule } => host.count_passed(&self.meter, &format!("rule.{rule}.allowed")),
+                Event::Allowed { rule } => match self.allowed_counters.iter().find(|(name, _)| name == rule) {
+                    Some((_, counter)) => host.count_passed(&self.meter, counter),
+                    None => host.count_passed(&self.meter, &format!("rule.{rule}.allowed")),
+                },
                 Event::Limited { rule, .. } => host.count(&self.meter, &format!("rule.{rule}.limited")),
                 Event::WouldLimit { rule, key, retry_after_ms } => {
                     host.count(&self.meter, &format!("rule.{rule}.would_limit"));
@@ -308,18 +337,20 @@ impl RateLimitFlow {
 pub struct RateLimitFactory {
     pub policy: Arc<RateLimitPolicy>,
     meter: Meter,
+    allowed_counters: Arc<[(String, String)]>,
 }
 
 impl RateLimitFactory {
     pub fn new(policy: RateLimitPolicy) -> Self {
         let meter = meter(&policy);
-        RateLimitFactory { policy: Arc::new(policy), meter }
+        let allowed_counters = allowed_counters(&policy);
+        RateLimitFactory { policy: Arc::new(policy), meter, allowed_counters }
     }
 }
 
 impl FlowFactory for RateLimitFactory {
     fn new_flow(&self) -> Box<dyn Flow> {
-        Box::new(RateLimitFlow::new(self.policy.clone(), self.meter.clone()))
+        Box::new(RateLimitFlow::with_counters(self.policy.clone(), self.meter.clone(), self.allowed_counters.clone()))
     }
 
     fn meter(&self) -> Meter {

@@ -263,6 +263,17 @@ pub fn parse_clear(policy: &ReplayPolicy, body: &[u8]) -> Result<(KeyHash, Strin
     Ok((key_hash(&route.name, principal.as_deref(), &key), context))
 }
 
+/// `route=.. method=.. path=".." principal=..` and, with a key, its short hash (the key itself is
+/// never logged: the hash correlates the lines of one key).
+fn log_context(route: &str, method: &str, path: &str, principal: Option<&str>, key: Option<&str>) -> String {
+    let mut context = format!("route={route} method={method} path={path:?} principal={}", principal.unwrap_or("-"));
+    if let Some(key) = key {
+        context.push_str(" key=");
+        context.push_str(&hex8(&Sha256::digest(key.as_bytes())));
+    }
+    context
+}
+
 fn hex8(bytes: &[u8]) -> String {
     hex::encode(bytes.get(..4).unwrap_or(bytes))
 }
@@ -289,7 +300,6 @@ pub struct Exchange {
     /// Set once the request was claimed and forwarded with a key; `None` after finishing.
     owner: Option<Owner>,
     capture: Capture,
-    context: String,
 }
 
 impl Exchange {
@@ -306,36 +316,32 @@ impl Exchange {
         };
         let Some(route) = policy.routes.get(index) else { return Ok(None) };
         let principal = facts.principal.filter(|p| !p.is_empty());
-        let mut context =
-            format!("route={} method={} path={:?} principal={}", route.name, facts.method, path, principal.unwrap_or("-"));
-        let fail = |error: ReplayError, context: &str| Err((error, context.to_string()));
+        // The log context is formatted only for a refusal (a line is written then).
+        let context = |key: Option<&str>| log_context(&route.name, facts.method, path, principal, key);
+        let fail = |error: ReplayError, key: Option<&str>| Err((error, context(key)));
         if route.require_principal && principal.is_none() {
-            return fail(ReplayError::PrincipalRequired, &context);
+            return fail(ReplayError::PrincipalRequired, None);
         }
         let key = if route.key_mode == KeyMode::Ignored {
             None
         } else {
             let mut values = facts.headers.iter().filter(|(n, _)| n == IDEMPOTENCY_KEY_HEADER).map(|(_, v)| v.as_str());
             match (values.next(), values.next()) {
-                (Some(_), Some(_)) => return fail(ReplayError::KeyDuplicated, &context),
+                (Some(_), Some(_)) => return fail(ReplayError::KeyDuplicated, None),
                 (Some(value), None) => match parse_idempotency_key(value, policy.max_key_length) {
                     Ok(key) => Some(key),
-                    Err(error) => return fail(error, &context),
+                    Err(error) => return fail(error, None),
                 },
                 (None, _) => None,
             }
         };
         if key.is_none() && route.key_mode == KeyMode::Required {
-            return fail(ReplayError::KeyMissing, &context);
-        }
-        if let Some(key) = &key {
-            // The key itself is not logged: a short hash correlates log lines.
-            context.push_str(&format!(" key={}", hex8(&Sha256::digest(key.as_bytes()))));
+            return fail(ReplayError::KeyMissing, None);
         }
         for (name, value) in facts.headers {
             if name == "content-length" {
                 match value.trim().parse::<u64>() {
-                    Ok(n) if n > policy.max_body_bytes => return fail(ReplayError::BodyTooLarge, &context),
+                    Ok(n) if n > policy.max_body_bytes => return fail(ReplayError::BodyTooLarge, key.as_deref()),
                     _ => {}
                 }
             }
@@ -348,13 +354,14 @@ impl Exchange {
             path_and_query: facts.path_and_query.to_string(),
             owner: None,
             capture: Capture::default(),
-            context,
         }))
     }
 
     /// For log lines: route, method, path, principal, short key hash. Never the key or a secret.
-    pub fn context(&self) -> &str {
-        &self.context
+    /// Formatted on demand (a refusal, a debug line), never on the accepted path.
+    pub fn context(&self, policy: &ReplayPolicy) -> String {
+        let (path, _) = crate::route::split_path(&self.path_and_query);
+        log_context(self.route_name(policy), &self.method, path, self.principal.as_deref(), self.key.as_deref())
     }
 
     /// The verified principal the request came with, if any.

@@ -187,9 +187,25 @@ enum Pending {
 /// What the finish log line says besides the answer.
 #[derive(Debug, Clone)]
 struct FinishLog {
-    outcome: String,
+    outcome: FinishOutcome,
     complete: bool,
     context: String,
+}
+
+/// The outcome a finish records, as its log line says it.
+#[derive(Debug, Clone, Copy)]
+enum FinishOutcome {
+    Status(u16),
+    Release,
+}
+
+impl std::fmt::Display for FinishOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FinishOutcome::Status(status) => write!(f, "status={status}"),
+            FinishOutcome::Release => f.write_str("release"),
+        }
+    }
 }
 
 /// Why a call gave no usable answer, for a log line (never a value): a dispatch that failed, an
@@ -514,7 +530,7 @@ impl ReplayFlow {
                     remote_state::finish_answer(&command, on_success, status, &body)
                 };
                 let error = answer.is_err().then(|| why(&command));
-                self.record_finish(host, answer, &log, error.as_deref());
+                self.record_finish(host, answer, &|| log.clone(), error.as_deref());
                 if resume_response {
                     Step::Continue
                 } else {
@@ -591,9 +607,15 @@ impl ReplayFlow {
         }
     }
 
-    /// The exchange's log context (empty without one).
+    /// The exchange's log context (empty without one), formatted when a line is written.
     fn context(&self) -> String {
-        self.exchange.as_ref().map(|e| e.context().to_string()).unwrap_or_default()
+        self.exchange.as_ref().map(|e| e.context(&self.policy)).unwrap_or_default()
+    }
+
+    /// Refuses with the exchange's context.
+    fn refuse(&mut self, host: &mut dyn Host, error: &ReplayError) -> Step {
+        let context = self.context();
+        self.reject(host, error, &context)
     }
 
     fn reject(&mut self, host: &mut dyn Host, error: &ReplayError, context: &str) -> Step {
@@ -608,16 +630,15 @@ impl ReplayFlow {
     /// The whole body is known (its SHA-256): fingerprint, claim, decide.
     fn claim(&mut self, host: &mut dyn Host, body_sha256: &[u8; 32]) -> Step {
         let Some(exchange) = self.exchange.as_ref() else { return Step::Continue };
-        let context = exchange.context().to_string();
         let Some(now) = host.now_ms() else {
-            return self.reject(host, &ReplayError::StateUnavailable, &context);
+            return self.refuse(host, &ReplayError::StateUnavailable);
         };
         let claim_id = self.claims.next(now);
         let Some(request) = exchange.claim_request_of_body_sha256(&self.policy, body_sha256, claim_id) else {
             // Optional key absent and collapse off on this route: nothing to claim.
             host.count_passed(&self.meter, "forwarded_unguarded");
             if host.logs_debug() {
-                host.log(Level::Debug, &format!("firebreak {PLUGIN} forward_unguarded {context}"));
+                host.log(Level::Debug, &format!("firebreak {PLUGIN} forward_unguarded {}", exchange.context(&self.policy)));
             }
             self.stage = Stage::Forwarded;
             return Step::Continue;
@@ -662,28 +683,33 @@ impl ReplayFlow {
             host.count(&self.meter, "remote_error");
             host.log(
                 Level::Error,
-                &format!("firebreak {PLUGIN} remote_error op=claim store_error={why:?} {}", exchange.context()),
+                &format!("firebreak {PLUGIN} remote_error op=claim store_error={why:?} {}", exchange.context(&self.policy)),
             );
         }
-        let mut context = exchange.context().to_string();
-        if let Some(why) = store_error {
-            context.push_str(&format!(" store_error={why:?}"));
-        }
+        // Formatted only when a line is written.
+        let context = |exchange: &Exchange, policy: &ReplayPolicy| match store_error {
+            Some(why) => format!("{} store_error={why:?}", exchange.context(policy)),
+            None => exchange.context(policy),
+        };
         match exchange.on_claim(&self.policy, answer) {
             Decision::Forward => {
                 let what = if exchange.owns_key() { "forwarded" } else { "forwarded_first_of_fingerprint" };
                 host.count_passed(&self.meter, what);
                 if host.logs_debug() {
-                    host.log(Level::Debug, &format!("firebreak {PLUGIN} {what} {context}"));
+                    host.log(Level::Debug, &format!("firebreak {PLUGIN} {what} {}", context(exchange, &self.policy)));
                 }
                 self.stage = Stage::Forwarded;
                 Step::Continue
             }
-            Decision::Reject(error) => self.reject(host, &error, &context),
+            Decision::Reject(error) => {
+                let context = context(exchange, &self.policy);
+                self.reject(host, &error, &context)
+            }
             Decision::Replay(response) => {
                 self.stage = Stage::Answered;
                 host.count(&self.meter, "replayed");
-                host.log(Level::Info, &format!("firebreak {PLUGIN} replayed status={} {context}", response.status));
+                let line = format!("firebreak {PLUGIN} replayed status={} {}", response.status, context(exchange, &self.policy));
+                host.log(Level::Info, &line);
                 Step::Respond(Response { status: response.status, headers: response.headers, body: response.body })
             }
         }
@@ -696,12 +722,13 @@ impl ReplayFlow {
     fn finish(&mut self, host: &mut dyn Host, complete: bool, pause_response: bool) -> bool {
         let Some(exchange) = self.exchange.as_mut() else { return false };
         let Some(request) = exchange.finish(&self.policy, complete) else { return false };
+        let Some(exchange) = self.exchange.as_ref() else { return false };
         let outcome = match &request.outcome {
-            Outcome::Completed { status, .. } => format!("status={status}"),
-            Outcome::Unknown { status } => format!("status={status}"),
-            Outcome::Release => "release".to_string(),
+            Outcome::Completed { status, .. } | Outcome::Unknown { status } => FinishOutcome::Status(*status),
+            Outcome::Release => FinishOutcome::Release,
         };
-        let log = FinishLog { outcome, complete, context: exchange.context().to_string() };
+        // The context is formatted only when a line is written (or a Redis write carries it).
+        let log = || FinishLog { outcome, complete, context: exchange.context(&self.policy) };
         let Some(now) = host.now_ms() else {
             self.record_finish(host, Err(StateError::Unavailable), &log, None);
             return false;
@@ -711,7 +738,7 @@ impl ReplayFlow {
             Backend::Local => (LocalState { policy: &policy, store: host.store() }.finish(&request, now), None),
             Backend::Redis(redis) => {
                 let mut state = RemoteState { policy: &policy, redis, host: &mut *host, calls: &mut self.calls, error: None };
-                let answer = state.finish(&request, now, &log, pause_response);
+                let answer = state.finish(&request, now, &log(), pause_response);
                 (answer, state.error)
             }
         };
@@ -733,7 +760,7 @@ impl ReplayFlow {
         &self,
         host: &mut dyn Host,
         answer: Result<FinishAnswer, StateError>,
-        log: &FinishLog,
+        log: &dyn Fn() -> FinishLog,
         store_error: Option<&str>,
     ) {
         let happy_path = matches!(answer, Ok(FinishAnswer::Completed { stored: true })) && store_error.is_none();
@@ -752,17 +779,23 @@ impl ReplayFlow {
         } else {
             host.count(&self.meter, counter);
         }
-        let mut line = format!("firebreak {PLUGIN} {counter} {} complete={} {}", log.outcome, log.complete, log.context);
-        if let Some(why) = store_error {
+        if store_error.is_some() {
             host.count(&self.meter, "remote_error");
-            line.push_str(&format!(" store_error={why:?}"));
         }
         // The happy path (completed and stored) is logged only at debug level: the counter counts.
-        if !happy_path {
-            host.log(level, &line);
+        let level = if !happy_path {
+            level
         } else if host.logs_debug() {
-            host.log(Level::Debug, &line);
+            Level::Debug
+        } else {
+            return;
+        };
+        let log = log();
+        let mut line = format!("firebreak {PLUGIN} {counter} {} complete={} {}", log.outcome, log.complete, log.context);
+        if let Some(why) = store_error {
+            line.push_str(&format!(" store_error={why:?}"));
         }
+        host.log(level, &line);
     }
 
     /// A key still in flight is refused at header time, before the router opens an upstream
@@ -860,22 +893,21 @@ impl ReplayFlow {
     /// a signed request), else read and hashed here. `size_known`: `size` is the body's exact
     /// size (not a bound from the trailers event).
     fn finish_body(&mut self, host: &mut dyn Host, size: usize, size_known: bool) -> Step {
-        let context = self.context();
         let signed = self.exchange.as_ref().is_some_and(|e| e.principal().is_some());
         let max_body_bytes = self.policy.max_body_bytes;
         let too_large = move |len: usize| u64::try_from(len).unwrap_or(u64::MAX) > max_body_bytes;
         if signed && size_known {
             if too_large(size) {
-                return self.reject(host, &ReplayError::BodyTooLarge, &context);
+                return self.refuse(host, &ReplayError::BodyTooLarge);
             }
             if let Some(digest) = host.body_sha256(size) {
                 return self.claim(host, &digest);
             }
         }
         match host.request_body(size) {
-            Ok(body) if too_large(body.len()) => self.reject(host, &ReplayError::BodyTooLarge, &context),
+            Ok(body) if too_large(body.len()) => self.refuse(host, &ReplayError::BodyTooLarge),
             Ok(body) => self.claim(host, &body_sha256(&body)),
-            Err(_) => self.reject(host, &ReplayError::StateUnavailable, &context),
+            Err(_) => self.refuse(host, &ReplayError::StateUnavailable),
         }
     }
 }

@@ -16,10 +16,11 @@
 //!    body is then checked against the signed `Content-Digest` (`accepted`).
 //! 3. Trailers end the body: what was buffered is checked.
 
+use std::fmt::Display;
 use std::sync::Arc;
 
 use crate::flow::calls::Calls;
-use crate::flow::{header, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Step};
+use crate::flow::{header, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
 use crate::remote::{Backend, RedisConfig};
 use crate::replay::body_sha256_from_content_digest;
 use crate::route::{not_canonical_rejection, split_path, Scope};
@@ -53,7 +54,6 @@ pub struct SignatureFlow {
 struct Pending {
     verified: VerifiedHeaders,
     content_digest: Option<String>,
-    context: String,
     /// The request had no body (headers ended the stream).
     headers_only: bool,
 }
@@ -80,19 +80,20 @@ impl SignatureFlow {
     fn headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Step {
         let headers = match host.request_headers() {
             Ok(headers) => headers,
-            Err(_) => return self.fail(host, SigError::Malformed("request headers (not UTF-8)"), ""),
+            Err(_) => return self.fail(host, SigError::Malformed("request headers (not UTF-8)"), &""),
         };
         let method = header(&headers, ":method").unwrap_or("");
         let path_and_query = header(&headers, ":path").unwrap_or("");
         let path = split_path(path_and_query).0;
-        let context = format!("method={method} path={path:?}");
+        // Formatted only when a line is written.
+        let context = RequestContext { method, path };
 
         // Only this filter may assert a principal: a client-supplied copy, in any spelling (case,
         // `_` for `-`), never survives, on any route; on a protected route another spelling or a
         // duplicate is refused.
         let scope = self.policy.scope(method, path_and_query);
         if scope == Scope::NotCanonical {
-            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context);
+            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context.to_string());
         }
         let protected = scope.applies();
         let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
@@ -131,7 +132,6 @@ impl SignatureFlow {
             Err(error) => return self.fail(host, error, &format!("{context} {}", key_context(&view))),
         };
         let pending = Pending {
-            context: format!("{context} keyid={}", verified.key_id),
             content_digest: header(&headers, "content-digest").map(str::to_string),
             verified,
             headers_only: end_of_stream,
@@ -142,7 +142,7 @@ impl SignatureFlow {
         match &policy.state {
             Backend::Local => match claim_nonce(&policy, host.store(), &pending.verified, now) {
                 Ok(()) => self.after_claim(host, pending),
-                Err(error) => self.fail(host, error, &pending.context),
+                Err(error) => self.fail_verified(host, error, &pending),
             },
             Backend::Redis(redis) => self.claim_remotely(host, redis, pending),
         }
@@ -151,7 +151,7 @@ impl SignatureFlow {
     fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
         let Some(pending) = self.pending.take() else { return Step::Continue };
         if buffered as u64 > self.policy.max_body_bytes {
-            return self.fail(host, SigError::BodyTooLarge, &pending.context);
+            return self.fail_verified(host, SigError::BodyTooLarge, &pending);
         }
         if !end_of_stream || self.claims.waiting() {
             self.pending = Some(pending);
@@ -185,23 +185,31 @@ impl SignatureFlow {
         // Envoy's stream timeout then ends it.
         match nonce_claim_answer(answer.status, &answer.body) {
             Ok(Ok(())) => self.after_claim(host, pending),
-            Ok(Err(refusal)) => self.fail(host, refusal, &pending.context),
+            Ok(Err(refusal)) => self.fail_verified(host, refusal, &pending),
             Err(error) => self.state_unavailable(host, pending, &error.to_string()),
         }
     }
 
     /// Refuses the request (one log line, the `rejected.<code>` counters) and forgets it: a claim
     /// still in flight is answered to nobody.
-    fn fail(&mut self, host: &mut dyn Host, error: SigError, context: &str) -> Step {
+    fn fail(&mut self, host: &mut dyn Host, error: SigError, context: &dyn Display) -> Step {
         self.pending = None;
         self.claims = Calls::default();
-        reject(host, &self.meter, Level::Warn, error.rejection(), context)
+        reject(host, &self.meter, Level::Warn, error.rejection(), &context.to_string())
+    }
+
+    /// Refuses a request whose headers verified, with their context (read again: a refusal is
+    /// the only time it is written).
+    fn fail_verified(&mut self, host: &mut dyn Host, error: SigError, pending: &Pending) -> Step {
+        let context = verified_context(host, pending);
+        self.fail(host, error, &context)
     }
 
     /// Nonce recorded: hand the verified principal to the upstream and to later filters.
-    fn publish_principal(&mut self, host: &mut dyn Host, key_id: &str, context: &str) -> Result<(), Step> {
+    fn publish_principal(&mut self, host: &mut dyn Host, pending: &Pending) -> Result<(), Step> {
+        let key_id = pending.verified.key_id.as_str();
         if host.set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || host.set_principal(key_id).is_err() {
-            return Err(self.fail(host, SigError::StateUnavailable, context));
+            return Err(self.fail_verified(host, SigError::StateUnavailable, pending));
         }
         Ok(())
     }
@@ -209,7 +217,7 @@ impl SignatureFlow {
     /// The whole body is known (possibly empty): check it against the signed Content-Digest.
     fn finish(&mut self, host: &mut dyn Host, pending: &Pending, body: &[u8]) -> Step {
         if let Err(error) = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), body) {
-            return self.fail(host, error, &pending.context);
+            return self.fail_verified(host, error, pending);
         }
         // The Content-Digest verified against the whole body: its sha-256 is the body's, and
         // replay-guard (later in this stream) fingerprints with it instead of hashing the body
@@ -224,7 +232,8 @@ impl SignatureFlow {
         // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
         // host call, and the counter already records every acceptance.
         if host.logs_debug() {
-            host.log(Level::Debug, &format!("firebreak {PLUGIN} accept {}", pending.context));
+            let line = format!("firebreak {PLUGIN} accept {}", verified_context(host, pending));
+            host.log(Level::Debug, &line);
         }
         Step::Continue
     }
@@ -232,16 +241,16 @@ impl SignatureFlow {
     fn finish_body(&mut self, host: &mut dyn Host, pending: Pending, size: usize) -> Step {
         match host.request_body(size) {
             Ok(body) if body.len() as u64 > self.policy.max_body_bytes => {
-                self.fail(host, SigError::BodyTooLarge, &pending.context)
+                self.fail_verified(host, SigError::BodyTooLarge, &pending)
             }
             Ok(body) => self.finish(host, &pending, &body),
-            Err(_) => self.fail(host, SigError::StateUnavailable, &pending.context),
+            Err(_) => self.fail_verified(host, SigError::StateUnavailable, &pending),
         }
     }
 
     /// After the nonce is recorded: either finish now (no body) or let the body come.
     fn after_claim(&mut self, host: &mut dyn Host, pending: Pending) -> Step {
-        if let Err(step) = self.publish_principal(host, &pending.verified.key_id, &pending.context) {
+        if let Err(step) = self.publish_principal(host, &pending) {
             return step;
         }
         if pending.headers_only {
@@ -274,9 +283,14 @@ impl SignatureFlow {
     /// Redis or its bridge did not answer usably: fail closed, always (`failure_mode: open` is
     /// refused at configuration: an unrecorded nonce is a replay that cannot be refused).
     fn state_unavailable(&mut self, host: &mut dyn Host, pending: Pending, why: &str) -> Step {
-        let context = format!("{} store_error={why:?}", pending.context);
+        let context = format!("{} store_error={why:?}", verified_context(host, &pending));
         self.fail(host, SigError::StateUnavailable, &context)
     }
+}
+
+/// `method=.. path=".." keyid=..` of a request whose headers verified.
+fn verified_context(host: &mut dyn Host, pending: &Pending) -> String {
+    format!("{} keyid={}", request_context(host), pending.verified.key_id)
 }
 
 /// The key id the client claims, for the log line of a rejection (never a MAC or a secret).
