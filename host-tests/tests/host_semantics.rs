@@ -554,3 +554,57 @@ fn an_upstream_body_cut_short_resets_the_stream_after_the_part_sent() {
     assert_eq!((v.status, v.reset), (0, true));
     assert!(v.forwarded());
 }
+
+/// The filter modules do not export the callbacks their filter does not act on
+/// (`scripts/build.sh` trims them: tools/wasm-trim), so Envoy never enters their VM for those;
+/// replay-guard and the chain act on every event and keep them all.
+#[test]
+fn each_filter_module_exports_only_the_callbacks_its_filter_acts_on() {
+    const OPTIONAL: [&str; 8] = [
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_response_trailers",
+        "proxy_on_http_call_response",
+        "proxy_on_log",
+    ];
+    let expected: [(&str, &[&str]); 5] = [
+        ("env_guard", &OPTIONAL[..3]),
+        (
+            "request_signature",
+            &["proxy_on_request_headers", "proxy_on_request_body", "proxy_on_request_trailers", "proxy_on_http_call_response"],
+        ),
+        (
+            "rate_limit",
+            &[
+                "proxy_on_request_headers",
+                "proxy_on_request_body",
+                "proxy_on_request_trailers",
+                "proxy_on_response_headers",
+                "proxy_on_http_call_response",
+            ],
+        ),
+        ("replay_guard", &OPTIONAL),
+        ("firebreak_chain", &OPTIONAL),
+    ];
+    for (module, callbacks) in expected {
+        let path = firebreak_host_tests::workspace_root().join(format!("target/wasm32-wasip1/release/{module}.wasm"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build.sh)", path.display()));
+        let mut exported = Vec::new();
+        for payload in wasmparser::Parser::new(0).parse_all(&bytes) {
+            if let wasmparser::Payload::ExportSection(reader) = payload.unwrap() {
+                for export in reader {
+                    exported.push(export.unwrap().name.to_string());
+                }
+            }
+        }
+        let present: Vec<&str> = OPTIONAL.iter().copied().filter(|name| exported.iter().any(|e| e == name)).collect();
+        assert_eq!(present, callbacks, "{module}");
+        // What every module keeps: the context lifecycle and the root's callbacks.
+        for name in ["proxy_on_context_create", "proxy_on_done", "proxy_on_delete", "proxy_on_configure", "proxy_on_vm_start"] {
+            assert!(exported.iter().any(|e| e == name), "{module} lacks {name}");
+        }
+    }
+}

@@ -16,6 +16,50 @@ use crate::ConfigError;
 /// The filters, by the name of their configuration section (and their module's root id).
 pub const FILTERS: &[&str] = &["request_signature", "replay_guard", "rate_limit", "env_guard"];
 
+/// A kind of stream event ([`crate::flow::Event`] without its values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    CallAnswer,
+    StreamEnd,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::RequestHeaders,
+        EventKind::RequestBody,
+        EventKind::RequestTrailers,
+        EventKind::ResponseHeaders,
+        EventKind::ResponseBody,
+        EventKind::ResponseTrailers,
+        EventKind::CallAnswer,
+        EventKind::StreamEnd,
+    ];
+}
+
+/// The events `filter`'s flow acts on (`None`: not a filter). To any other event the flow answers
+/// `Continue` and does nothing, so a host may leave it undelivered: a proxy-wasm module does not
+/// export those callbacks, and Envoy then never enters the VM for them. The chain acts on every
+/// event (replay-guard needs them all). `filters/tests.rs` checks that every other event is
+/// ignored.
+pub fn events_used(filter: &str) -> Option<&'static [EventKind]> {
+    use EventKind::*;
+    const REQUEST: [EventKind; 3] = [RequestHeaders, RequestBody, RequestTrailers];
+    match filter {
+        "env_guard" => Some(&REQUEST),
+        "request_signature" => Some(&[RequestHeaders, RequestBody, RequestTrailers, CallAnswer]),
+        // The RateLimit headers go on the response.
+        "rate_limit" => Some(&[RequestHeaders, RequestBody, RequestTrailers, ResponseHeaders, CallAnswer]),
+        "replay_guard" | CHAIN => Some(&EventKind::ALL),
+        _ => None,
+    }
+}
+
 /// What a filter's configuration may need besides its JSON.
 pub struct Setup<'a> {
     /// Environment variables given to the plugin (keys from `secret_env`).

@@ -115,3 +115,78 @@ fn every_stage_error_is_named_by_its_full_path_in_the_chain() {
         assert_eq!(stage_error("", &sections[1]).map(|e| e.field), Some(own.to_string()), "{chain}");
     }
 }
+
+/// A valid configuration of each filter, its routes under `/v1/`.
+fn sample_config(filter: &str) -> &'static str {
+    match filter {
+        "env_guard" => {
+            r#"{"environment": "uat", "production": false, "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}],
+                           "routes": [{"path_prefix": "/v1/"}], "over_limit": "block"}"#
+        }
+        "request_signature" => {
+            r#"{"routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],
+                                   "keys": [{"id": "k1", "secret_base64": "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE="}],
+                                   "max_age_seconds": 300, "future_skew_seconds": 5, "max_body_bytes": 65536}"#
+        }
+        "rate_limit" => {
+            r#"{"name": "t", "rules": [{"name": "per-ip", "routes": [{"path_prefix": "/v1/"}], "key": "ip",
+                            "requests": 10, "per_seconds": 1, "burst": 10}], "response_headers": true}"#
+        }
+        _ => r#"{"routes": [{"name": "transfers", "match": {"path_prefix": "/v1/"}, "idempotency_key": "required"}]}"#,
+    }
+}
+
+fn event_of(kind: EventKind) -> crate::flow::Event {
+    use crate::flow::{CallId, Event};
+    match kind {
+        EventKind::RequestHeaders => Event::RequestHeaders { end_of_stream: false },
+        EventKind::RequestBody => Event::RequestBody { buffered: 2, end_of_stream: true },
+        EventKind::RequestTrailers => Event::RequestTrailers,
+        EventKind::ResponseHeaders => Event::ResponseHeaders { end_of_stream: false },
+        EventKind::ResponseBody => Event::ResponseBody { buffered: 2, end_of_stream: true },
+        EventKind::ResponseTrailers => Event::ResponseTrailers,
+        EventKind::CallAnswer => Event::CallAnswer { call: CallId(1), body_size: 0 },
+        EventKind::StreamEnd => Event::StreamEnd,
+    }
+}
+
+/// What `events_used` leaves out is what a proxy-wasm module does not export: each such event,
+/// on a fresh flow and after the request headers, must be answered `Continue` with no effect.
+#[test]
+fn a_filter_ignores_every_event_it_does_not_declare() {
+    use crate::flow::memory::{step, MemoryEnv, MemoryRequest, MemoryUpstream};
+    use crate::flow::Step;
+    use crate::store::MemoryStore;
+
+    let headers = |list: &[(&str, &str)]| list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect::<Vec<_>>();
+    let request = MemoryRequest::new(
+        headers(&[(":method", "POST"), (":path", "/v1/transfers"), (":authority", "a"), ("idempotency-key", "k-1")]),
+        b"{}",
+    );
+    let upstream =
+        MemoryUpstream { headers: headers(&[(":status", "200")]), chunks: vec![b"{}".to_vec()], ..MemoryUpstream::default() };
+    for filter in FILTERS {
+        let used = events_used(filter).unwrap();
+        let store = MemoryStore::default();
+        let setup = Setup { env: &|_: &str| None, store: &store, entropy: [3; 32] };
+        let factory = configure(filter, sample_config(filter).as_bytes(), &setup).unwrap();
+        for kind in EventKind::ALL.iter().filter(|k| !used.contains(k)) {
+            for after_headers in [false, true] {
+                let mut env = MemoryEnv { now_ms: Some(1_700_000_000_000), ..MemoryEnv::default() };
+                let mut flow = factory.new_flow();
+                if after_headers {
+                    let _ = step(flow.as_mut(), event_of(EventKind::RequestHeaders), &mut env, &request, &upstream);
+                }
+                let (answer, outcome) = step(flow.as_mut(), event_of(*kind), &mut env, &request, &upstream);
+                let context = format!("{filter} {kind:?} after_headers={after_headers}");
+                assert!(matches!(answer, Step::Continue), "{context}: {answer:?}");
+                assert!(outcome.counters.is_empty(), "{context}: {:?}", outcome.counters);
+                assert!(outcome.logs.is_empty(), "{context}: {:?}", outcome.logs);
+                assert!(outcome.calls.is_empty(), "{context}");
+                assert_eq!(outcome.client_headers, upstream.headers, "{context}");
+            }
+        }
+    }
+    assert_eq!(events_used(CHAIN), Some(&EventKind::ALL[..]));
+    assert_eq!(events_used("nope"), None);
+}

@@ -294,6 +294,8 @@ struct Capture {
 pub struct Exchange {
     route: usize,
     key: Option<String>,
+    /// The key's address ([`key_hash`]), computed once: the header-time peek and the claim share it.
+    key_hash: Option<KeyHash>,
     principal: Option<String>,
     method: String,
     path_and_query: String,
@@ -346,9 +348,11 @@ impl Exchange {
                 }
             }
         }
+        let key_hash = key.as_deref().map(|key| key_hash(&route.name, principal, key));
         Ok(Some(Exchange {
             route: index,
             key,
+            key_hash,
             principal: principal.map(str::to_string),
             method: facts.method.to_string(),
             path_and_query: facts.path_and_query.to_string(),
@@ -411,8 +415,8 @@ impl Exchange {
 
     /// Where this request's key lives (header time), if it carries one.
     pub fn key_address(&self, policy: &ReplayPolicy) -> Option<KeyHash> {
-        let route = policy.routes.get(self.route)?;
-        self.key.as_deref().map(|key| key_hash(&route.name, self.principal.as_deref(), key))
+        policy.routes.get(self.route)?;
+        self.key_hash
     }
 
     /// The claim to make once the body is complete. `None`: nothing to claim (a route with
@@ -431,13 +435,8 @@ impl Exchange {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
         let tenant = tenant_of(&route.name, self.principal.as_deref());
-        match &self.key {
-            Some(key) => Some(ClaimRequest::Key {
-                key: key_hash(&route.name, self.principal.as_deref(), key),
-                fingerprint,
-                claim_id,
-                tenant,
-            }),
+        match self.key_hash {
+            Some(key) => Some(ClaimRequest::Key { key, fingerprint, claim_id, tenant }),
             None => route.collapse_window_ms.map(|window_ms| ClaimRequest::Collapse {
                 key: KeyHash::of(&[b"dup", route.name.as_bytes(), &fingerprint]),
                 window_ms,
