@@ -376,6 +376,13 @@ impl BucketTable {
             Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
+        // More slots than the table has, or a payload larger than it allows: bytes this table did
+        // not write (cutting the slots down would forget live records).
+        if slots.len() > usize::from(self.slots_per_bucket)
+            || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
+        {
+            return Err(TableError::Corrupt);
+        }
         slots.resize(usize::from(self.slots_per_bucket), None);
         Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
     }
@@ -513,6 +520,15 @@ fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
         }
     }
     Some(slots)
+}
+
+/// Decodes a bucket's bytes and encodes the slots again: the number of slots and the bytes
+/// (`None`: bytes this code did not write). For the fuzz targets (docs/robustness.md): a decoded
+/// bucket must re-encode to the same bytes.
+#[doc(hidden)]
+pub fn reencode_bucket(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let slots = decode_bucket(bytes)?;
+    Some((slots.len(), encode_bucket(&slots).ok()?))
 }
 
 fn split(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
