@@ -373,18 +373,24 @@ impl BucketTable {
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
         let (mut slots, cas) = match store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-            Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
+            Some((bytes, cas)) => (self.decode(&bytes)?, cas),
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
-        // More slots than the table has, or a payload larger than it allows: bytes this table did
-        // not write (cutting the slots down would forget live records).
+        slots.resize(usize::from(self.slots_per_bucket), None);
+        Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
+    }
+
+    /// A bucket's bytes as this table wrote them. More slots than the table has, or a payload
+    /// larger than it allows, are bytes it did not write: `Corrupt` (cutting the slots down would
+    /// forget live records).
+    fn decode(&self, bytes: &[u8]) -> Result<Vec<Option<Slot>>, TableError> {
+        let slots = decode_bucket(bytes).ok_or(TableError::Corrupt)?;
         if slots.len() > usize::from(self.slots_per_bucket)
             || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
         {
             return Err(TableError::Corrupt);
         }
-        slots.resize(usize::from(self.slots_per_bucket), None);
-        Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
+        Ok(slots)
     }
 
     /// Atomically reads and updates the record of `key`.
@@ -469,7 +475,7 @@ impl BucketTable {
         let mut count = 0;
         for bucket in 0..self.buckets {
             if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-                let slots = decode_bucket(&bytes).ok_or(TableError::Corrupt)?;
+                let slots = self.decode(&bytes)?;
                 count += slots.iter().flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64;
             }
         }
