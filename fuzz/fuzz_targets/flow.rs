@@ -175,10 +175,10 @@ fuzz_target!(|requests: Vec<Request>| {
             let principal = request.sign.as_ref().is_some_and(|s| s.second_key);
             let slot = (principal, key % 4);
             assert!(!locked.get(&slot).copied().unwrap_or(false), "payout key {slot:?} forwarded twice");
-            let released = request.via_upstream
-                && !request.cut
-                && !request.disconnect
-                && DEFAULT_NOT_EXECUTED_STATUSES.contains(&status);
+            // The upstream's own status saying it did not execute the request releases the key
+            // (even if its body was then cut); a local reply or no answer does not.
+            let released =
+                request.via_upstream && !request.disconnect && DEFAULT_NOT_EXECUTED_STATUSES.contains(&status);
             locked.insert(slot, !released);
         }
     }

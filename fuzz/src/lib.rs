@@ -45,19 +45,20 @@ pub fn check_rejection(rejection: &Rejection) {
     assert!(rejection.response_headers().contains(&("x-firebreak-error", rejection.code)));
 }
 
-/// Whether a configuration error's field is a path of keys and indexes (`a.b[0].c`), the whole
-/// document (`""` or `<configuration>`, for a document serde could not read).
+/// Whether a configuration error's field is a path (`a.b[0].c`) whose first segment is a field
+/// name with its indexes, or the whole document (`""` or `<configuration>`, for a document serde
+/// could not read). Later segments may repeat a key the input spelled (an unknown filter or field
+/// is named as written).
 pub fn well_formed_field(field: &str) -> bool {
     if field.is_empty() || field == "<configuration>" {
         return true;
     }
-    field.split('.').all(|segment| {
-        let name = segment.split('[').next().unwrap_or("");
-        let indexes = segment.get(name.len()..).unwrap_or("");
-        // An unknown key is named as written: any text but `.` and `[`.
-        !name.is_empty()
-            && indexes.split('[').skip(1).all(|i| i.strip_suffix(']').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
-    })
+    let first = field.split('.').next().unwrap_or("");
+    let name = first.split('[').next().unwrap_or("");
+    let indexes = &first[name.len()..];
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && indexes.split('[').skip(1).all(|i| i.strip_suffix(']').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// A model of what a lenient upstream router makes of a path, written independently of
