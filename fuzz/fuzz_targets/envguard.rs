@@ -62,7 +62,10 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// The fuzzer's text around the token, cut so that it cannot glue itself to the token.
 fn around(bytes: &[u8]) -> Vec<u8> {
-    bytes.iter().map(|&b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80 { b' ' } else { b }).collect()
+    bytes
+        .iter()
+        .map(|&b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80 { b' ' } else { b })
+        .collect()
 }
 
 fn refused(result: Result<BodyOutcome, firebreak_core::envguard::GuardError>) -> bool {

@@ -106,7 +106,8 @@ fuzz_target!(|requests: Vec<Request>| {
             headers.push(("idempotency-key".into(), format!("\"key-{}\"", key % 4)));
         }
         if let Some(ct) = request.content_type {
-            let types = ["application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=b"];
+            let types =
+                ["application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=b"];
             headers.push(("content-type".into(), types[usize::from(ct % 4)].into()));
         }
         headers.extend(request.headers.iter().cloned());
@@ -177,8 +178,7 @@ fuzz_target!(|requests: Vec<Request>| {
             assert!(!locked.get(&slot).copied().unwrap_or(false), "payout key {slot:?} forwarded twice");
             // The upstream's own status saying it did not execute the request releases the key
             // (even if its body was then cut); a local reply or no answer does not.
-            let released =
-                request.via_upstream && !request.disconnect && DEFAULT_NOT_EXECUTED_STATUSES.contains(&status);
+            let released = request.via_upstream && !request.disconnect && DEFAULT_NOT_EXECUTED_STATUSES.contains(&status);
             locked.insert(slot, !released);
         }
     }

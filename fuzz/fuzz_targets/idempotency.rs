@@ -76,7 +76,8 @@ fuzz_target!(|input: Input| {
                     assert_ne!(f1, other.fingerprint(one));
                 }
                 let other_principal = format!("{}-other", principal.unwrap_or(""));
-                let other = RequestFacts { method, path_and_query: &input.path, headers: &headers, principal: Some(&other_principal) };
+                let other =
+                    RequestFacts { method, path_and_query: &input.path, headers: &headers, principal: Some(&other_principal) };
                 if let Ok(Some(other)) = Exchange::begin(policy, &other) {
                     assert_ne!(f1, other.fingerprint(one));
                 }

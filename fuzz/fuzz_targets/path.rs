@@ -53,7 +53,11 @@ fuzz_target!(|input: (u8, String)| {
         let reading = lenient_reading(path.as_bytes(), rounds);
         if let Ok(reading) = std::str::from_utf8(&reading) {
             if is_canonical(reading) && routes.iter().any(|r| r.matches(method, reading)) {
-                assert_ne!(decision, Scope::Out, "{path:?} reads as protected {reading:?} after {rounds} decodings but is out of scope");
+                assert_ne!(
+                    decision,
+                    Scope::Out,
+                    "{path:?} reads as protected {reading:?} after {rounds} decodings but is out of scope"
+                );
             }
         }
     }

@@ -78,7 +78,11 @@ fuzz_target!(|input: Input| {
     if let Some(record) = Record::decode(bytes) {
         assert_eq!(&record.encode(), bytes);
     }
-    if let Some(response) = StoredResponse::decode_for(bytes, input.claim_id, &sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes)).into()) {
+    if let Some(response) = StoredResponse::decode_for(
+        bytes,
+        input.claim_id,
+        &sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes)).into(),
+    ) {
         if let Some(again) = response.encode(input.claim_id) {
             assert_eq!(&again, bytes, "a stored response re-encoded differently");
         }

@@ -133,7 +133,8 @@ fuzz_target!(|input: Input| {
                     }
                 }
             };
-            let (mut m, mut a, mut p, mut h, mut b) = (method.to_string(), "api.example.com".to_string(), path.clone(), all.clone(), body.clone());
+            let (mut m, mut a, mut p, mut h, mut b) =
+                (method.to_string(), "api.example.com".to_string(), path.clone(), all.clone(), body.clone());
             match tamper {
                 Tamper::MacBit(bit) => {
                     let mac = signed.signature.trim_start_matches("sig1=:").trim_end_matches(':');

@@ -63,8 +63,8 @@ fuzz_target!(|input: Input| {
             admitted += 1;
         }
         let elapsed = u128::from(now - input.start_ms);
-        let bound = u128::from(input.burst.get())
-            + elapsed * u128::from(input.requests.get()) / u128::from(input.period_ms.get());
+        let bound =
+            u128::from(input.burst.get()) + elapsed * u128::from(input.requests.get()) / u128::from(input.period_ms.get());
         assert!(admitted <= bound, "admitted {admitted} > burst + rate * time = {bound}");
     }
 

@@ -58,7 +58,10 @@ pub fn well_formed_field(field: &str) -> bool {
     let indexes = &first[name.len()..];
     !name.is_empty()
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && indexes.split('[').skip(1).all(|i| i.strip_suffix(']').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+        && indexes
+            .split('[')
+            .skip(1)
+            .all(|i| i.strip_suffix(']').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// A model of what a lenient upstream router makes of a path, written independently of

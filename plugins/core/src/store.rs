@@ -719,7 +719,8 @@ mod tests {
         assert_eq!(claim(&t, &store, "a", u64::MAX), Ok(true));
         assert_eq!(claim(&t, &store, "a", u64::MAX), Ok(false), "claimed twice at u64::MAX");
         assert_eq!(t.live_records(&store, u64::MAX), Ok(1));
-        let quota = crate::quota::TenantQuota::for_table(&t, NonZeroU32::new(2).unwrap(), std::num::NonZeroU64::new(1000).unwrap());
+        let quota =
+            crate::quota::TenantQuota::for_table(&t, NonZeroU32::new(2).unwrap(), std::num::NonZeroU64::new(1000).unwrap());
         let tenant = KeyHash::of(&[b"t"]);
         assert!(quota.charge(&store, tenant, u64::MAX).is_ok());
         assert!(quota.charge(&store, tenant, u64::MAX).is_ok());

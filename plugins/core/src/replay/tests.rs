@@ -742,7 +742,8 @@ fn a_record_with_bytes_in_its_unused_fields_is_foreign() {
     let mut with_digest = in_flight.clone();
     with_digest[digest_at] = 1;
     assert_eq!(Record::decode(&with_digest), None);
-    for state in [KeyState::OutcomeUnknown { status: 503 }, KeyState::Completed { status: 201, response: StoredBody::NotStored }] {
+    for state in [KeyState::OutcomeUnknown { status: 503 }, KeyState::Completed { status: 201, response: StoredBody::NotStored }]
+    {
         let mut bytes = Record { state, fingerprint: [3; 32], claim_id: 1, claimed_at_ms: 2 }.encode();
         bytes[RECORD_LEN - 1] = 1;
         assert_eq!(Record::decode(&bytes), None, "{state:?}");
