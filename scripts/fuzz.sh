@@ -9,7 +9,7 @@
 #   bash scripts/fuzz.sh ... -- path flow     # only these targets
 #
 # Installs what it needs (the nightly toolchain, cargo-fuzz) when missing. One fuzz process at a
-# time (-jobs=1). New inputs go to fuzz/corpus-run/<target> (git-ignored); the committed seeds in
+# time, one process (no -jobs). New inputs go to fuzz/corpus-run/<target> (git-ignored); the committed seeds in
 # fuzz/corpus/<target> are only read. A crash stops the script and is left in
 # fuzz/artifacts/<target>/: fix it, add a regression test in plugins/core, and commit the input
 # under fuzz/regressions/<target>/ (replayed by every run of this script, and so by scripts/test.sh).
@@ -99,7 +99,7 @@ for target in "${targets[@]}"; do
   mkdir -p "fuzz/corpus-run/$target" "fuzz/artifacts/$target" "fuzz/corpus/$target"
   log="fuzz/target/logs/$target.log"
   t0=$(date +%s.%N)
-  if ! "$bin/$target" "${limit[@]}" -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+  if ! "$bin/$target" "${limit[@]}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="fuzz/artifacts/$target/" "fuzz/corpus-run/$target" "fuzz/corpus/$target" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "fuzz target $target failed: the input is in fuzz/artifacts/$target/ (see the top of this script)" >&2
