@@ -8,6 +8,9 @@
 //! "Amounts never exceed their budgets": Firebreak has no amount budgets (no filter reads an
 //! amount); the budgets it keeps are GCRA's and the tenant quotas', both covered here.
 
+// Test code: indexing and unwrapping are allowed (README, "Lint policy").
+#![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::cast_possible_truncation)]
+
 use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 
