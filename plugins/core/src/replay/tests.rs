@@ -729,6 +729,27 @@ fn a_store_that_answers_later_gets_the_same_decisions() {
 
 // ---- encodings ----
 
+/// Fuzz regression (fuzz/regressions/shared_data/record-unused-fields): the fields a state does
+/// not use must be zero as written, so that every decoded record re-encodes to its bytes.
+#[test]
+fn a_record_with_bytes_in_its_unused_fields_is_foreign() {
+    let in_flight = Record::in_flight([3; 32], 42, 99).encode();
+    let digest_at = RECORD_LEN - 32;
+    let status_at = digest_at - 3;
+    let mut with_status = in_flight.clone();
+    with_status[status_at + 1] = 5;
+    assert_eq!(Record::decode(&with_status), None);
+    let mut with_digest = in_flight.clone();
+    with_digest[digest_at] = 1;
+    assert_eq!(Record::decode(&with_digest), None);
+    for state in [KeyState::OutcomeUnknown { status: 503 }, KeyState::Completed { status: 201, response: StoredBody::NotStored }]
+    {
+        let mut bytes = Record { state, fingerprint: [3; 32], claim_id: 1, claimed_at_ms: 2 }.encode();
+        bytes[RECORD_LEN - 1] = 1;
+        assert_eq!(Record::decode(&bytes), None, "{state:?}");
+    }
+}
+
 #[test]
 fn records_and_companions_round_trip_and_refuse_foreign_bytes() {
     let states = [

@@ -425,3 +425,14 @@ fn every_filter_policy_decides_on_the_canonical_scope() {
         }
     }
 }
+
+/// Fuzz regression (fuzz/regressions/path/absolute-form-read-as-relative): a path that looks like
+/// an absolute form is also read as a relative path (`;://admin:;:/x` is `/admin:/x` to a router
+/// that drops `;` parameters), and a protected reading is refused, not out of scope.
+#[test]
+fn a_lookalike_absolute_form_is_also_read_as_a_relative_path() {
+    let rules = vec![route(&[], Some("/admin"), None)];
+    assert_eq!(scope(&rules, "GET", ";://admin:;:/-:;"), Scope::NotCanonical);
+    assert_eq!(scope(&rules, "GET", "x://host/admin"), Scope::NotCanonical);
+    assert_eq!(scope(&rules, "GET", "x://host/public"), Scope::Out);
+}
