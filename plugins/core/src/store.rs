@@ -354,7 +354,25 @@ impl BucketTable {
     }
 
     fn bucket_key(&self, bucket: u32) -> String {
-        format!("{}:{}", self.prefix, bucket)
+        // `<prefix>:<bucket>` without the formatting machinery (every shared-data call makes one).
+        let mut digits = [0u8; 10];
+        let mut at = digits.len();
+        let mut rest = bucket;
+        loop {
+            at -= 1;
+            if let Some(digit) = digits.get_mut(at) {
+                *digit = b'0' + (rest % 10) as u8;
+            }
+            rest /= 10;
+            if rest == 0 || at == 0 {
+                break;
+            }
+        }
+        let mut key = String::with_capacity(self.prefix.len() + 1 + digits.len() - at);
+        key.push_str(&self.prefix);
+        key.push(':');
+        key.extend(digits.iter().skip(at).map(|d| char::from(*d)));
+        key
     }
 
     /// Reads the live record of `key`, if any.
@@ -599,14 +617,18 @@ impl SharedStore for MemoryStore {
 /// under real concurrency, for every worker of the process. The keys are spread over
 /// [`SHARDS`] locks by a per-process random hash (a client cannot aim every key at one lock), and
 /// the CAS tokens come from one process-wide counter, as Envoy's do.
+///
+/// The hash is foldhash, randomly seeded: fast, and enough here because no client chooses a key.
+/// The keys are a table's bucket keys (`<prefix>:<bucket>`), whose bucket a client cannot predict
+/// (secret placement, [`KeyHash`]), so there is no key set to flood a lock or a map with.
 pub struct ShardedStore {
     shards: Vec<std::sync::Mutex<Shard>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     next_cas: std::sync::atomic::AtomicU32,
 }
 
 /// One lock's keys: value and CAS token by key.
-type Shard = std::collections::HashMap<String, (Vec<u8>, u32)>;
+type Shard = std::collections::HashMap<String, (Vec<u8>, u32), foldhash::fast::RandomState>;
 
 /// How many locks a [`ShardedStore`] spreads its keys over.
 pub const SHARDS: usize = 64;
@@ -614,8 +636,8 @@ pub const SHARDS: usize = 64;
 impl Default for ShardedStore {
     fn default() -> Self {
         ShardedStore {
-            shards: (0..SHARDS).map(|_| std::sync::Mutex::new(std::collections::HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SHARDS).map(|_| std::sync::Mutex::new(Shard::default())).collect(),
+            hasher: foldhash::fast::RandomState::default(),
             next_cas: std::sync::atomic::AtomicU32::new(0),
         }
     }
@@ -652,7 +674,10 @@ impl SharedStore for ShardedStore {
                 if cas != 0 && cas != entry.1 {
                     return Err(StoreError::CasMismatch);
                 }
-                *entry = (value.to_vec(), self.token());
+                // The value's allocation is reused (a bucket keeps its size).
+                entry.0.clear();
+                entry.0.extend_from_slice(value);
+                entry.1 = self.token();
             }
             // Envoy inserts an absent key whatever the token.
             None => {
@@ -692,6 +717,14 @@ mod tests {
 
     fn table(buckets: u32, slots: u16) -> BucketTable {
         BucketTable::new("t", NonZeroU32::new(buckets).unwrap(), NonZeroU16::new(slots).unwrap(), 64)
+    }
+
+    #[test]
+    fn a_bucket_key_is_the_prefix_and_the_decimal_bucket() {
+        let t = table(1, 1);
+        for (bucket, key) in [(0, "t:0"), (7, "t:7"), (10, "t:10"), (65_536, "t:65536"), (u32::MAX, "t:4294967295")] {
+            assert_eq!(t.bucket_key(bucket), key);
+        }
     }
 
     fn claim(table: &BucketTable, store: &dyn SharedStore, key: &str, now: u64) -> Result<bool, TableError> {
