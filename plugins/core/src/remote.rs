@@ -180,7 +180,12 @@ pub fn parse_reply(command: &str, http_status: Option<u16>, body: &[u8]) -> Resu
         None => return Err(RemoteError::Unreachable("no answer (timeout or connection failure)".into())),
     }
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
-    let inner = value.get(command).ok_or_else(|| RemoteError::Malformed(format!("no `{command}` member")))?;
+    // A script runs as `EVALSHA`, or as `EVAL` after `NOSCRIPT`: either member answers "EVAL".
+    let inner = match command {
+        "EVAL" | "EVALSHA" => value.get("EVALSHA").or_else(|| value.get("EVAL")),
+        _ => value.get(command),
+    };
+    let inner = inner.ok_or_else(|| RemoteError::Malformed(format!("no `{command}` member")))?;
     let reply = convert(inner)?;
     if let Reply::Error(message) = reply {
         return Err(RemoteError::Redis(message));
@@ -250,11 +255,54 @@ pub fn parse_get(reply: &Reply) -> Result<Option<(String, Vec<u8>)>, RemoteError
     }
 }
 
-/// `EVAL <script> 1 <key> <args...>` in webdis form.
-pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
-    let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), b"1", key.as_bytes()];
+/// Every Lua script Firebreak runs, with its SHA-1 (hex), by which Redis keeps a script it has run
+/// once. A call names the script by its SHA-1 (`EVALSHA`): the script's text goes to Redis only
+/// when Redis answers `NOSCRIPT` (first use, a restarted or flushed Redis), and the callout runtime
+/// ([`crate::flow::calls`]) then sends the same call once as `EVAL` ([`eval_fallback`]), which
+/// loads it. Checked against the texts by a test.
+pub const SCRIPTS: [(&str, &str); 5] = [
+    (COMPARE_AND_SET_SCRIPT, "b9bd6f945013c281f5fca7ee11bc02132d6540bd"),
+    (COMPARE_AND_DELETE_SCRIPT, "d98200e5372164fe1f360fc5f9b4635c0edda3df"),
+    (CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, "2e44eb1fdcd593c0886ebea7f09b5a5ea6390f1a"),
+    (SET_NX_WITHIN_QUOTA_SCRIPT, "6768f79a1859f136ac4a1957749f4d95415a2c39"),
+    (crate::ratelimit::redis::MULTI_GCRA_SCRIPT, "404cbd490400f225358fc704188292560e5dbf5d"),
+];
+
+/// `EVALSHA <sha1 of script> <keys.len()> keys... args...` in webdis's path form (`EVAL` with the
+/// script's text for a script not in [`SCRIPTS`]).
+pub fn script_command(script: &str, keys: &[&str], args: &[&str]) -> Vec<u8> {
+    let count = keys.len().to_string();
+    let mut parts: Vec<&[u8]> = match SCRIPTS.iter().find(|(text, _)| *text == script) {
+        Some((_, sha1)) => vec![b"EVALSHA", sha1.as_bytes(), count.as_bytes()],
+        None => vec![b"EVAL", script.as_bytes(), count.as_bytes()],
+    };
+    parts.extend(keys.iter().map(|k| k.as_bytes()));
     parts.extend(args.iter().map(|a| a.as_bytes()));
     webdis_command(&parts)
+}
+
+/// The same call with the script's text (`EVAL`), for an `EVALSHA` call Redis answered
+/// `NOSCRIPT`; `None` for any other command.
+pub fn eval_fallback(command: &[u8]) -> Option<Vec<u8>> {
+    let rest = command.strip_prefix(b"EVALSHA/")?;
+    let (sha1, args) = match rest.iter().position(|b| *b == b'/') {
+        Some(at) => (rest.get(..at)?, rest.get(at..)?),
+        None => (rest, &[][..]),
+    };
+    let (script, _) = SCRIPTS.iter().find(|(_, known)| known.as_bytes() == sha1)?;
+    let mut out = webdis_command(&[b"EVAL", script.as_bytes()]);
+    out.extend_from_slice(args);
+    Some(out)
+}
+
+/// Whether webdis's answer is Redis's `NOSCRIPT` error to an `EVALSHA`.
+pub fn is_noscript(http_status: Option<u16>, body: &[u8]) -> bool {
+    matches!(parse_reply("EVALSHA", http_status, body), Err(RemoteError::Redis(message)) if message.starts_with("NOSCRIPT"))
+}
+
+/// `EVALSHA <script> 1 <key> <args...>` in webdis form ([`script_command`]).
+pub fn eval_command(script: &str, key: &str, args: &[&str]) -> Vec<u8> {
+    script_command(script, &[key], args)
 }
 
 /// Result of [`CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT`].
@@ -281,13 +329,9 @@ pub const CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT: &str = include_str!("remote/claim_or
 /// `2`: the tenant is at its limit (nothing written); `1`: written.
 pub const SET_NX_WITHIN_QUOTA_SCRIPT: &str = include_str!("remote/set_nx_within_quota.lua");
 
-/// `EVAL script <keys.len()> keys... args...` in webdis's path form.
+/// A script with `keys` ([`script_command`]).
 pub fn eval_command_keys(script: &str, keys: &[&str], args: &[&str]) -> Vec<u8> {
-    let count = keys.len().to_string();
-    let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), count.as_bytes()];
-    parts.extend(keys.iter().map(|k| k.as_bytes()));
-    parts.extend(args.iter().map(|a| a.as_bytes()));
-    webdis_command(&parts)
+    script_command(script, keys, args)
 }
 
 pub fn parse_claim_or_get(reply: &Reply) -> Result<ClaimOrGet, RemoteError> {
@@ -307,6 +351,31 @@ pub fn parse_claim_or_get(reply: &Reply) -> Result<ClaimOrGet, RemoteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_scripts_sha1_is_the_sha1_of_its_text() {
+        use sha1::Digest;
+        for (script, sha1) in SCRIPTS {
+            assert_eq!(hex::encode(sha1::Sha1::digest(script.as_bytes())), sha1, "{}", script.lines().next().unwrap_or(""));
+        }
+    }
+
+    #[test]
+    fn only_a_known_scripts_evalsha_has_a_fallback() {
+        assert_eq!(eval_fallback(b"GET/k"), None);
+        assert_eq!(eval_fallback(b"EVALSHA/0000000000000000000000000000000000000000/1/k"), None);
+        let call = script_command(SET_NX_WITHIN_QUOTA_SCRIPT, &["a", "b"], &["1"]);
+        let eval = String::from_utf8(eval_fallback(&call).unwrap()).unwrap();
+        let args: Vec<String> = eval
+            .split('/')
+            .map(|p| percent_encoding::percent_decode_str(p).decode_utf8().unwrap().into_owned())
+            .collect();
+        assert_eq!(args, ["EVAL", SET_NX_WITHIN_QUOTA_SCRIPT, "2", "a", "b", "1"]);
+        assert!(is_noscript(Some(200), br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#));
+        assert!(!is_noscript(Some(200), br#"{"EVALSHA":[false,"ERR other"]}"#));
+        assert!(!is_noscript(Some(200), br#"{"EVALSHA":1}"#));
+        assert_eq!(parse_reply("EVAL", Some(200), br#"{"EVALSHA":1}"#), Ok(Reply::Integer(1)));
+    }
 
     #[test]
     fn commands_are_percent_encoded_path_segments() {
@@ -352,8 +421,10 @@ mod tests {
         assert!(parse_get(&Reply::Text("not base64!".into())).is_err());
         assert!(parse_get(&Reply::Integer(3)).is_err());
         let cmd = eval_command(COMPARE_AND_DELETE_SCRIPT, "fb:k", &["v"]);
-        assert!(cmd.starts_with(b"EVAL/if%20redis.call"));
-        assert!(cmd.ends_with(b"/1/fb:k/v"));
+        assert_eq!(cmd, b"EVALSHA/d98200e5372164fe1f360fc5f9b4635c0edda3df/1/fb:k/v".to_vec());
+        let eval = eval_fallback(&cmd).unwrap();
+        assert!(eval.starts_with(b"EVAL/if%20redis.call"));
+        assert!(eval.ends_with(b"/1/fb:k/v"));
     }
 
     #[test]

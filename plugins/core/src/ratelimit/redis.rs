@@ -73,15 +73,12 @@ pub fn command(policy: &RateLimitPolicy, plan: &Plan, redis: &RedisConfig, lease
         args.push(interval.to_string());
         args.push(horizon.to_string());
     }
-    let count = keys.len().to_string();
     let enforced = enforced.to_string();
     let lease = lease.max(1).to_string();
-    let mut parts: Vec<&[u8]> = vec![b"EVAL", MULTI_GCRA_SCRIPT.as_bytes(), count.as_bytes()];
-    parts.extend(keys.iter().map(|k| k.as_bytes()));
-    parts.push(enforced.as_bytes());
-    parts.push(lease.as_bytes());
-    parts.extend(args.iter().map(|a| a.as_bytes()));
-    remote::webdis_command(&parts)
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut argv: Vec<&str> = vec![&enforced, &lease];
+    argv.extend(args.iter().map(String::as_str));
+    remote::script_command(MULTI_GCRA_SCRIPT, &keys, &argv)
 }
 
 /// What the script answered for one key.
@@ -358,7 +355,9 @@ mod tests {
         let plan = plan_for(&p, "alice");
         assert_eq!(plan.rules.iter().map(|r| r.report_only).collect::<Vec<_>>(), [false, false, true]);
         let cmd = String::from_utf8(command(&p, &plan, &redis(&p), 1)).unwrap();
-        assert!(cmd.starts_with("EVAL/local%20t%20%3D%20redis.call"), "{cmd}");
+        assert!(cmd.starts_with("EVALSHA/404cbd490400f225358fc704188292560e5dbf5d/3/"), "{cmd}");
+        let eval = String::from_utf8(crate::remote::eval_fallback(cmd.as_bytes()).unwrap()).unwrap();
+        assert!(eval.starts_with("EVAL/local%20t%20%3D%20redis.call"), "{eval}");
         let tail: Vec<&str> = cmd.rsplit('/').take(12).collect::<Vec<_>>().into_iter().rev().collect();
         let keys: Vec<String> = plan.rules.iter().map(|r| format!("t:rl:{}", r.hash.to_hex())).collect();
         assert_eq!(tail[0], "3", "{cmd}");

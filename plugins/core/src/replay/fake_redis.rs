@@ -42,7 +42,11 @@ impl FakeRedis {
     }
 
     /// The bridge's answer to one command (its first segment names the reply's member).
+    /// A Redis that holds every script already: an `EVALSHA` runs the script its SHA-1 names, and
+    /// the answer's member is `EVALSHA`, as webdis names it.
     pub fn answer(&self, command: &[u8]) -> CallAnswer {
+        let sha = command.starts_with(b"EVALSHA/");
+        let command = crate::remote::eval_fallback(command).unwrap_or_else(|| command.to_vec());
         let args: Vec<String> = command.split(|b| *b == b'/').map(unescape).collect();
         let mut data = self.data.borrow_mut();
         let reply = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
@@ -93,7 +97,7 @@ impl FakeRedis {
             }
             other => panic!("unexpected command {other:?}"),
         };
-        let verb = args.first().cloned().unwrap_or_default();
+        let verb = if sha { "EVALSHA".to_string() } else { args.first().cloned().unwrap_or_default() };
         CallAnswer { status: Some(200), body: serde_json::json!({ verb: reply }).to_string().into_bytes() }
     }
 }

@@ -494,7 +494,7 @@ fn redis_one_call_per_claim_and_per_finish_and_the_answer_is_held_until_written(
     assert!(!first.stalled);
     assert_eq!(first.client_body, br#"{"id":"op-1"}"#);
     assert_eq!(first.calls.len(), 2, "the claim, the finish");
-    assert!(first.calls.iter().all(|c| c.starts_with(b"EVAL/")));
+    assert!(first.calls.iter().all(|c| c.starts_with(b"EVALSHA/")));
     assert_eq!(counters(&first), counted(&["forwarded", "finish_paused_response", "completed"]));
     assert_eq!(g.redis_records(), 1);
     // The retry: one call, replayed from Redis.

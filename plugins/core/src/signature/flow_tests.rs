@@ -122,7 +122,7 @@ fn fake_redis(quota: usize) -> (FakeRedis, Rc<RefCell<Vec<String>>>) {
         let command = String::from_utf8(command.to_vec()).unwrap();
         log.borrow_mut().push(command.clone());
         let parts: Vec<&str> = command.split('/').collect();
-        assert_eq!(parts[0], "EVAL", "{command}");
+        assert_eq!(parts[0], "EVALSHA", "{command}");
         let nonce_key = parts[parts.len() - 5].to_string();
         let answer = if nonces.contains(&nonce_key) {
             0
@@ -480,7 +480,7 @@ fn the_redis_claim_holds_the_request_until_its_answer() {
     assert_eq!(accepted.calls.len(), 1);
     assert_eq!(accepted.principal.as_deref(), Some("client-a"));
     assert_eq!(accepted.forwarded_body, body);
-    assert!(commands.borrow()[0].starts_with("EVAL/"), "{:?}", commands.borrow());
+    assert!(commands.borrow()[0].starts_with("EVALSHA/"), "{:?}", commands.borrow());
 
     let replay = run(&factory, &mut env, &signed("POST", "/v1/transfers", &[], body, "r-1"));
     assert_eq!(code(&replay), Some("nonce_replayed"));
@@ -712,4 +712,37 @@ fn the_factory_defines_the_counters_and_the_meter() {
     let error = configure("request_signature", other.as_bytes(), &setup).err().unwrap();
     assert_eq!(error.field, "nonce_store.buckets", "a table already bound with another geometry");
     let _ = SignatureFlow::new;
+}
+
+/// A Redis that does not hold the script yet answers the `EVALSHA` with `NOSCRIPT`: the callout
+/// runtime sends the same call once with the script's text (`EVAL`, which loads it) and the
+/// request goes on with that answer; the next request's `EVALSHA` finds the script.
+#[test]
+fn noscript_is_answered_by_sending_the_script_once() {
+    let loaded = Rc::new(RefCell::new(false));
+    let seen = loaded.clone();
+    let redis = Box::new(move |command: &[u8]| {
+        if command.starts_with(b"EVALSHA/") && !*seen.borrow() {
+            return CallAnswer {
+                status: Some(200),
+                body: br#"{"EVALSHA":[false,"NOSCRIPT No matching script. Please use EVAL."]}"#.to_vec(),
+            };
+        }
+        if command.starts_with(b"EVAL/") {
+            *seen.borrow_mut() = true;
+            return CallAnswer { status: Some(200), body: br#"{"EVAL":1}"#.to_vec() };
+        }
+        CallAnswer { status: Some(200), body: br#"{"EVALSHA":1}"#.to_vec() }
+    });
+    let mut env = MemoryEnv { redis: Some(redis), ..MemoryEnv::default() };
+    let factory = make(&env, REDIS);
+    let first = run(&factory, &mut env, &signed("POST", "/v1/transfers", &[], b"{}", "n-1"));
+    assert!(first.passed(), "{:?}", first.reply);
+    let verbs: Vec<&[u8]> = first.calls.iter().map(|c| c.split(|b| *b == b'/').next().unwrap()).collect();
+    assert_eq!(verbs, [&b"EVALSHA"[..], &b"EVAL"[..]]);
+    assert!(first.calls[1].len() > first.calls[0].len(), "the fallback carries the script");
+    let second = run(&factory, &mut env, &signed("POST", "/v1/transfers", &[], b"{}", "n-2"));
+    assert!(second.passed(), "{:?}", second.reply);
+    assert_eq!(second.calls.len(), 1);
+    assert!(second.calls[0].starts_with(b"EVALSHA/"));
 }

@@ -549,7 +549,7 @@ fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
     let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
     let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());
     let quota = redis.key("sig:quota", crate::quota::tenant("key_id", "demo-client"));
-    assert!(command.starts_with("EVAL/"), "{command}");
+    assert!(command.starts_with("EVALSHA/6768f79a1859f136ac4a1957749f4d95415a2c39/"), "{command}");
     assert!(command.ends_with(&format!("/2/{nonce}/{quota}/301000/7/306000")), "{command}");
     assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":1}"#), Ok(Ok(())));
     assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":0}"#), Ok(Err(SigError::NonceReplayed)));
