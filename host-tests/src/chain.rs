@@ -189,6 +189,11 @@ impl Chain {
         self.world.now_nanos()
     }
 
+    /// Every filter's root-context log lines, per worker VM (filter by filter).
+    pub fn all_root_logs(&self) -> Vec<Vec<String>> {
+        self.hosts.iter().flat_map(|h| h.all_root_logs()).collect()
+    }
+
     pub fn shared_data(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
         lock(&self.world.shared).get(vm_id, key)
     }

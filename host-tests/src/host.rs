@@ -1200,6 +1200,11 @@ impl Host {
         self.workers[worker].store.data().root_logs.clone()
     }
 
+    /// Root-context log lines of every worker, per worker.
+    pub fn all_root_logs(&self) -> Vec<Vec<String>> {
+        self.workers.iter().map(|w| w.store.data().root_logs.clone()).collect()
+    }
+
     /// Host calls made by a worker's root context, by name.
     pub fn root_host_calls(&self, worker: usize) -> BTreeMap<String, u64> {
         self.workers[worker].store.data().root_calls.clone()
