@@ -165,19 +165,33 @@ impl Chain {
         results.into_iter().map(|(_, v)| v).collect()
     }
 
+    /// Advances the fake clock, firing every filter's ticks at their own times (as
+    /// [`Host::advance`]; ties in chain order, then worker order).
     pub fn advance(&mut self, by: Duration) {
-        self.world.advance(by);
-        let now = self.world.now_nanos();
+        let target = self.world.now_nanos() + by.as_nanos() as u64;
+        let slots: Vec<(usize, usize)> =
+            self.hosts.iter().enumerate().flat_map(|(h, host)| (0..host.workers.len()).map(move |w| (h, w))).collect();
+        loop {
+            let dues = slots.iter().enumerate().map(|(k, &(h, w))| (k, self.hosts[h].workers[w].tick_due()));
+            let Some((due, k)) = crate::host::next_tick(dues, target) else { break };
+            let (h, w) = slots[k];
+            self.world.advance_to(due);
+            self.hosts[h].workers[w].fire_tick();
+            self.hosts[h].pump_queues();
+        }
+        self.world.advance_to(target);
         for h in self.hosts.iter_mut() {
-            for w in h.workers.iter_mut() {
-                w.tick(now);
-            }
             h.pump_queues();
         }
     }
 
     pub fn now_nanos(&self) -> u64 {
         self.world.now_nanos()
+    }
+
+    /// Every filter's root-context log lines, per worker VM (filter by filter).
+    pub fn all_root_logs(&self) -> Vec<Vec<String>> {
+        self.hosts.iter().flat_map(|h| h.all_root_logs()).collect()
     }
 
     pub fn shared_data(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {

@@ -17,7 +17,7 @@ use firebreak_core::filters;
 use serde_json::json;
 
 use crate::http::{Request, Upstream};
-use crate::scenario::{answered_by, build_request, value_bytes, CalloutSpec, CaseResult, Observed, Outcome, ScenarioFile};
+use crate::scenario::{answered_by, build_request, value_bytes, CalloutSpec, CaseResult, Expect, Observed, Outcome, ScenarioFile};
 
 /// The Envoy the project pins (installed by scripts/setup.sh), unless `FIREBREAK_ENVOY` says.
 pub fn default_envoy() -> PathBuf {
@@ -462,13 +462,14 @@ fn start_envoy(launch: &Launch<'_>, config: &serde_json::Value, dir: &Path) -> R
         .arg(&cfg_path)
         .arg("--concurrency")
         .arg(launch.concurrency.to_string())
-        .args(["--use-dynamic-base-id", "-l", "warning", "--admin-address-path"])
+        // The wasm log at info, as the host reports it to modules (`proxy_get_log_level`), so
+        // scenarios can check the modules' lines. Envoy's log goes to stderr, which flushes each
+        // line (`--log-path` flushes every 10 s), into envoy.log: read per case, kept on failure.
+        .args(["--use-dynamic-base-id", "-l", "warning", "--component-log-level", "wasm:info", "--admin-address-path"])
         .arg(&admin_path)
-        .arg("--log-path")
-        .arg(&log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log)?))
         .spawn()
         .with_context(|| format!("starting {}", launch.envoy_bin.display()))?;
     let mut envoy = Envoy { child, port: 0, log: log.clone() };
@@ -680,10 +681,10 @@ pub fn run_envoy(
         let mut clusters = BTreeMap::new();
         for (name, spec) in &scenario.callouts {
             let answer = match spec {
-                CalloutSpec::Respond { status, headers, body } => Answer::Respond(Upstream {
+                CalloutSpec::Respond { status, headers, .. } => Answer::Respond(Upstream {
                     status: *status,
                     headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    body: body.clone().into_bytes(),
+                    body: spec.body()?,
                     ..Upstream::default()
                 }),
                 CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
@@ -691,7 +692,7 @@ pub fn run_envoy(
             };
             let server = TestServer::start(answer)?;
             clusters.insert(name.clone(), server.port);
-            servers.push(server);
+            servers.push((name.clone(), server));
         }
         let admin_path = work_dir.join("admin.address");
         let filters = scenario_filters(scenario, &modules, runtime)?;
@@ -711,15 +712,22 @@ pub fn run_envoy(
             return Ok(vec![row("plugin refuses to start", Outcome::Fail(vec!["Envoy started the plugin".into()]), None)]);
         }
         let mut out = Vec::new();
+        // Envoy's log read so far (none: the first case sees the plugin's start).
+        let mut log_offset = 0usize;
         for case in &scenario.cases {
             if let Some(reason) = scenario.host_only_reason(case) {
+                log_offset = log_len(&envoy.log);
                 out.push(row(&case.name, Outcome::Skipped(reason), None));
                 continue;
             }
             let Some(spec) = &case.request else {
-                out.push(row(&case.name, Outcome::Pass, None));
+                let (lines, _) = log_since(&envoy.log, &mut log_offset);
+                let observed = Observed { logs: Some(lines), ..Observed::default() };
+                let problems = observed.check_effects(&Expect { trap: None, ..case.expect.clone() });
+                out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, None));
                 continue;
             };
+            let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref()))
             {
@@ -740,18 +748,7 @@ pub fn run_envoy(
             std::thread::sleep(Duration::from_millis(5));
             let got = upstream.since(before);
             let seen = got.first();
-            let mut upstream_headers = Vec::new();
-            if let Some(r) = seen {
-                upstream_headers.push((":method".to_string(), r.method.clone()));
-                upstream_headers.push((":path".to_string(), r.path.clone()));
-                upstream_headers.extend(r.headers.iter().map(|(k, v)| {
-                    if k == "host" {
-                        (":authority".to_string(), v.clone())
-                    } else {
-                        (k.clone(), v.clone())
-                    }
-                }));
-            }
+            let upstream_headers = seen.map(pseudo_headers).unwrap_or_default();
             let observed = Observed {
                 status,
                 error: serde_json::from_slice::<serde_json::Value>(&response_body)
@@ -764,7 +761,19 @@ pub fn run_envoy(
                 response_headers,
                 response_body,
                 host_calls: None,
+                ..Observed::default()
             };
+            let (logs, trap) = log_since(&envoy.log, &mut log_offset);
+            let mut observed = observed;
+            observed.logs = Some(logs);
+            observed.trap = Some(trap);
+            let mut callouts = Vec::new();
+            for ((name, server), before) in servers.iter().zip(&callouts_before) {
+                for r in server.since(*before) {
+                    callouts.push((name.clone(), pseudo_headers(&r)));
+                }
+            }
+            observed.callouts = Some(callouts);
             let problems = observed.check(&case.expect);
             out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
         }
@@ -776,6 +785,53 @@ pub fn run_envoy(
         Ok(rows) => rows,
         Err(e) => vec![row("(envoy)", Outcome::Fail(vec![format!("{e:#}")]), None)],
     }
+}
+
+/// A request a test server received, its headers as the filters name them (`:method`, `:path`,
+/// `:authority` for `host`).
+fn pseudo_headers(r: &Received) -> Vec<(String, String)> {
+    let mut headers = vec![(":method".to_string(), r.method.clone()), (":path".to_string(), r.path.clone())];
+    headers.extend(r.headers.iter().map(|(k, v)| {
+        if k == "host" {
+            (":authority".to_string(), v.clone())
+        } else {
+            (k.clone(), v.clone())
+        }
+    }));
+    headers
+}
+
+fn log_len(log: &Path) -> usize {
+    std::fs::metadata(log).map(|m| m.len() as usize).unwrap_or(0)
+}
+
+/// The modules' log lines (level, message) Envoy wrote since `offset` (moved to the end), and
+/// whether a VM trapped (proxy-wasm-cpp-host's `Function: ... failed` line).
+fn log_since(log: &Path, offset: &mut usize) -> (Vec<(String, String)>, bool) {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let start = (*offset).min(bytes.len());
+    // Only whole lines; a line being written is read next time.
+    let end = bytes[start..].iter().rposition(|b| *b == b'\n').map(|i| start + i + 1).unwrap_or(start);
+    *offset = end;
+    let text = String::from_utf8_lossy(&bytes[start..end]);
+    let mut lines = Vec::new();
+    let mut trap = false;
+    for line in text.lines() {
+        if line.contains("Function: ") && line.contains(" failed") {
+            trap = true;
+        }
+        lines.extend(wasm_log_line(line));
+    }
+    (lines, trap)
+}
+
+/// `[time][thread][level][wasm] [source:line] wasm log <plugin> <root_id> <vm_id>: message`.
+fn wasm_log_line(line: &str) -> Option<(String, String)> {
+    let at = line.find("][wasm] ")?;
+    let level = &line[line[..at].rfind('[')? + 1..at];
+    let rest = &line[line.find(" wasm log")? + " wasm log".len()..];
+    let (_, message) = rest.split_once(": ")?;
+    Some((level.to_string(), message.to_string()))
 }
 
 fn last_lines(text: &str, n: usize) -> String {

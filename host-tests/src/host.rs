@@ -241,7 +241,6 @@ pub(crate) struct Worker {
     pub(crate) store: Store<VmState>,
     instance: wasmtime::Instance,
     pub(crate) failed: Option<String>,
-    last_tick: u64,
     output: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
 }
 
@@ -304,7 +303,7 @@ impl Worker {
         );
         let mut store = Store::new(&module.engine, state);
         let instance = module.pre.instantiate(&mut store).map_err(|e| StartError::Instantiate(format!("{e:?}")))?;
-        let mut w = Worker { index, store, instance, failed: None, last_tick: world.now_nanos(), output };
+        let mut w = Worker { index, store, instance, failed: None, output };
         // Reactor initialisation, as proxy-wasm-cpp-host does it.
         for init in ["_initialize", "_start"] {
             if w.instance.get_func(&mut w.store, init).is_some() {
@@ -322,7 +321,6 @@ impl Worker {
         if w.call::<(i32, i32), i32>("proxy_on_configure", (root as i32, size)).map_err(StartError::Trap)? == Some(0) {
             return Err(StartError::ConfigureFailed { logs: w.store.data().root_logs.clone() });
         }
-        w.last_tick = w.store.data().world.now_nanos();
         Ok(w)
     }
 
@@ -861,18 +859,31 @@ impl Worker {
         }
     }
 
-    pub(crate) fn tick(&mut self, now: u64) {
-        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
-        if period == 0 {
-            self.last_tick = now;
-            return;
+    /// When this worker's root context ticks next, if its timer is armed and the VM alive.
+    pub(crate) fn tick_due(&self) -> Option<u64> {
+        if self.failed.is_some() {
+            return None;
         }
-        while self.last_tick + period <= now && self.failed.is_none() {
-            self.last_tick += period;
-            let root = self.store.data().root_context;
-            let _ = self.ctx_call::<(i32,), ()>(root, "proxy_on_tick", (root as i32,));
-        }
+        self.store.data().tick_due
     }
+
+    /// Fires the root context's tick (the clock is at its due time) and re-arms the timer as
+    /// Envoy's Wasm::tickHandler does: at now + the period in force after `on_tick`.
+    pub(crate) fn fire_tick(&mut self) {
+        let now = self.store.data().world.now_nanos();
+        let root = self.store.data().root_context;
+        let _ = self.ctx_call::<(i32,), ()>(root, "proxy_on_tick", (root as i32,));
+        // A period set during on_tick has re-armed the timer at now + period; Envoy then arms it
+        // again with the period in force, which comes to the same. A trap stops it.
+        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
+        self.store.data_mut().tick_due = (period > 0 && self.failed.is_none()).then_some(now + period);
+    }
+}
+
+/// The next tick due at or before `target` among `dues` (worker position, due time): the
+/// earliest, ties in order.
+pub(crate) fn next_tick(dues: impl Iterator<Item = (usize, Option<u64>)>, target: u64) -> Option<(u64, usize)> {
+    dues.filter_map(|(i, due)| due.map(|d| (d, i))).filter(|(d, _)| *d <= target).min()
 }
 
 fn envoy_reply(status: u16, body: &str) -> CallResponse {
@@ -1135,11 +1146,16 @@ impl Host {
 
     /// Advances the fake clock, firing due ticks on every worker.
     pub fn advance(&mut self, by: Duration) {
-        self.world.advance(by);
-        let now = self.world.now_nanos();
-        for w in self.workers.iter_mut() {
-            w.tick(now);
+        let target = self.world.now_nanos() + by.as_nanos() as u64;
+        // Each tick at its own time, in time order across workers; what a tick enqueues is
+        // delivered before the next one. A tick whose time already passed (the clock moved
+        // during a request) fires at once.
+        while let Some((due, i)) = next_tick(self.workers.iter().map(Worker::tick_due).enumerate(), target) {
+            self.world.advance_to(due);
+            self.workers[i].fire_tick();
+            self.pump_queues();
         }
+        self.world.advance_to(target);
         self.pump_queues();
     }
 
@@ -1182,6 +1198,11 @@ impl Host {
     /// Log lines written by root contexts of a worker.
     pub fn root_logs(&self, worker: usize) -> Vec<String> {
         self.workers[worker].store.data().root_logs.clone()
+    }
+
+    /// Root-context log lines of every worker, per worker.
+    pub fn all_root_logs(&self) -> Vec<Vec<String>> {
+        self.workers.iter().map(|w| w.store.data().root_logs.clone()).collect()
     }
 
     /// Host calls made by a worker's root context, by name.

@@ -138,7 +138,20 @@ pub fn run(paths: &[PathBuf], options: &Options) -> Result<Report> {
                     let Some((file, scenario, module_paths)) = scenarios.get(i) else { break };
                     let dir = std::env::temp_dir().join(format!("firebreak-scenarios-{}-{run}-{i}", std::process::id()));
                     let rows = run_envoy(file, scenario, module_paths, &runtime, &options.envoy, &dir);
-                    let _ = std::fs::remove_dir_all(&dir);
+                    if rows.iter().any(|r| matches!(r.outcome, Outcome::Fail(_))) {
+                        // Kept, and its end printed, so a failure can be understood.
+                        let log = dir.join("envoy.log");
+                        let text = std::fs::read_to_string(&log).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        eprintln!(
+                            "{}: a case failed in Envoy; its log is kept in {} (last 40 lines):\n{}",
+                            file.display(),
+                            log.display(),
+                            lines[lines.len().saturating_sub(40)..].join("\n")
+                        );
+                    } else {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                     if let Ok(mut s) = slots.lock() {
                         s[i] = Some(rows);
                     }

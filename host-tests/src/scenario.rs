@@ -175,6 +175,9 @@ pub enum CalloutSpec {
         headers: BTreeMap<String, String>,
         #[serde(default)]
         body: String,
+        /// The body as base64 (binary answers); replaces `body`.
+        #[serde(default)]
+        body_base64: Option<String>,
     },
 }
 
@@ -188,12 +191,23 @@ impl CalloutSpec {
                 "hold" => CalloutReply::Hold,
                 other => return Err(anyhow!("unknown callout answer {other:?}")),
             },
-            CalloutSpec::Respond { status, headers, body } => CalloutReply::Respond {
+            CalloutSpec::Respond { status, headers, .. } => CalloutReply::Respond {
                 status: *status,
                 headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                body: body.clone().into_bytes(),
+                body: self.body()?,
             },
         })
+    }
+
+    /// The body of a `Respond` answer (`body_base64` decoded, or `body`).
+    pub fn body(&self) -> Result<Vec<u8>> {
+        match self {
+            CalloutSpec::Respond { body_base64: Some(b), .. } => {
+                base64::engine::general_purpose::STANDARD.decode(b.trim()).context("callout body_base64 is not base64")
+            }
+            CalloutSpec::Respond { body, .. } => Ok(body.clone().into_bytes()),
+            CalloutSpec::Word(_) => Ok(Vec::new()),
+        }
     }
 
     /// Whether real Envoy can be made to answer this way.
@@ -302,6 +316,58 @@ fn label() -> String {
     "sig1".into()
 }
 
+/// An expected header value: one string (the first value, as `proxy_get_header_map_value` reads
+/// it) or a list (every value, in order: repeated headers).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    One(String),
+    All(Vec<String>),
+}
+
+/// A log line the module must (or, with `absent: true`, must not) write during the case.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogExpect {
+    /// trace | debug | info | warn | error | critical (any when absent).
+    #[serde(default)]
+    pub level: Option<String>,
+    /// The whole message.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// A part of the message.
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub absent: bool,
+}
+
+impl LogExpect {
+    fn matches(&self, level: &str, message: &str) -> bool {
+        self.level.as_deref().is_none_or(|l| normalize_level(l) == normalize_level(level))
+            && self.text.as_deref().is_none_or(|t| t == message)
+            && self.contains.as_deref().is_none_or(|c| message.contains(c))
+    }
+}
+
+/// Envoy says `warning`, the host (and the ABI's names) `warn`.
+fn normalize_level(level: &str) -> &str {
+    match level {
+        "warning" => "warn",
+        other => other,
+    }
+}
+
+/// An HTTP callout the module must make during the case: its cluster and the named headers
+/// (`:method`, `:path`, `:authority` included; `null`: absent).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalloutExpect {
+    pub cluster: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Option<HeaderValue>>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
@@ -312,9 +378,9 @@ pub struct Expect {
     pub error: Option<Option<String>>,
     #[serde(default)]
     pub forwarded: Option<bool>,
-    /// Header → value the upstream saw; `null` means absent.
+    /// Header → value the upstream saw (a list: every value); `null` means absent.
     #[serde(default)]
-    pub upstream_headers: BTreeMap<String, Option<String>>,
+    pub upstream_headers: BTreeMap<String, Option<HeaderValue>>,
     #[serde(default)]
     pub upstream_body: Option<String>,
     /// The body the upstream got, as base64 (binary bodies).
@@ -322,9 +388,9 @@ pub struct Expect {
     pub upstream_body_base64: Option<String>,
     /// Trailer → value the upstream saw; `null` means absent.
     #[serde(default)]
-    pub upstream_trailers: BTreeMap<String, Option<String>>,
+    pub upstream_trailers: BTreeMap<String, Option<HeaderValue>>,
     #[serde(default)]
-    pub response_headers: BTreeMap<String, Option<String>>,
+    pub response_headers: BTreeMap<String, Option<HeaderValue>>,
     #[serde(default)]
     pub response_body_contains: Option<String>,
     /// The whole response body the client got.
@@ -333,6 +399,17 @@ pub struct Expect {
     /// Host-call budget for this request (host only).
     #[serde(default)]
     pub max_host_calls: Option<u64>,
+    /// Log lines written during the case (since the previous case; the first case includes the
+    /// plugin's start). Host: every context's `proxy_log`; Envoy: its `wasm` log.
+    #[serde(default)]
+    pub logs: Vec<LogExpect>,
+    /// The HTTP callouts made during the case, in any order, and no others.
+    #[serde(default)]
+    pub callouts: Option<Vec<CalloutExpect>>,
+    /// Whether the module traps in this case (host: the trap; Envoy: its `Function: ... failed`
+    /// log line). Without it a trap fails the case unless it expects status 503.
+    #[serde(default)]
+    pub trap: Option<bool>,
 }
 
 fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
@@ -596,6 +673,37 @@ pub struct Observed {
     pub response_headers: Vec<(String, String)>,
     pub response_body: Vec<u8>,
     pub host_calls: Option<u64>,
+    /// (level, message) of the module's log lines during the case, where the runtime shows them.
+    pub logs: Option<Vec<(String, String)>>,
+    /// (cluster, headers) of the HTTP callouts made during the case.
+    pub callouts: Option<Vec<(String, Vec<(String, String)>)>>,
+    pub trap: Option<bool>,
+}
+
+/// Splits the host's `[level] message` log lines.
+pub fn host_log_lines(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| match l.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+            Some((level, message)) => (level.to_string(), message.to_string()),
+            None => (String::new(), l.clone()),
+        })
+        .collect()
+}
+
+/// Whether one header expectation holds; the problem otherwise.
+fn header_problem(what: &str, list: &[(String, String)], name: &str, want: &Option<HeaderValue>) -> Option<String> {
+    let all: Vec<&str> = list.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect();
+    let ok = match want {
+        None => all.is_empty(),
+        Some(HeaderValue::One(v)) => all.first() == Some(&v.as_str()),
+        Some(HeaderValue::All(vs)) => all.len() == vs.len() && all.iter().zip(vs).all(|(a, b)| *a == b),
+    };
+    (!ok).then(|| match want {
+        Some(HeaderValue::All(vs)) => format!("{what} {name} {all:?} (want {vs:?})"),
+        Some(HeaderValue::One(v)) => format!("{what} {name} {:?} (want {v:?})", all.first()),
+        None => format!("{what} {name} {:?} (want absent)", all.first()),
+    })
 }
 
 impl Observed {
@@ -610,11 +718,54 @@ impl Observed {
             response_headers: v.response_headers.clone(),
             response_body: v.response_body.clone(),
             host_calls: Some(v.host_call_total()),
+            logs: Some(host_log_lines(&v.logs)),
+            callouts: Some(v.callouts.iter().map(|c| (c.cluster.clone(), c.headers.clone())).collect()),
+            trap: Some(v.trap.is_some()),
         }
     }
 
-    fn header<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
-        list.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    /// Log, callout and trap expectations (all a case without a request can check).
+    pub fn check_effects(&self, e: &Expect) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(logs) = &self.logs {
+            for want in &e.logs {
+                let found = logs.iter().any(|(level, message)| want.matches(level, message));
+                if found == want.absent {
+                    let what = if want.absent { "unwanted log line" } else { "no log line" };
+                    let shown: Vec<String> = logs.iter().map(|(l, m)| format!("[{l}] {m}")).collect();
+                    out.push(format!("{what} {want:?}; logged: {shown:?}"));
+                }
+            }
+        }
+        if let (Some(want), Some(got)) = (&e.callouts, &self.callouts) {
+            let mut left: Vec<&(String, Vec<(String, String)>)> = got.iter().collect();
+            for c in want {
+                let hit = left.iter().position(|(cluster, headers)| {
+                    *cluster == c.cluster
+                        && c.headers.iter().all(|(k, v)| header_problem("", headers, k, v).is_none())
+                });
+                match hit {
+                    Some(i) => {
+                        left.remove(i);
+                    }
+                    None => out.push(format!("no callout to {} with {:?}; made: {got:?}", c.cluster, c.headers)),
+                }
+            }
+            if !left.is_empty() {
+                out.push(format!("unexpected callouts: {left:?}"));
+            }
+        }
+        if let (Some(want), Some(got)) = (e.trap, self.trap) {
+            if want != got {
+                out.push(format!("trap {got} (want {want})"));
+            }
+        }
+        out
+    }
+
+    /// Every value of a header, in order.
+    fn values<'a>(list: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        list.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
     }
 
     /// Differences from the expectation, one line each.
@@ -636,10 +787,7 @@ impl Observed {
             }
         }
         for (k, want) in &e.upstream_headers {
-            let got = Observed::header(&self.upstream_headers, k);
-            if got != want.as_deref() {
-                out.push(format!("upstream header {k} {got:?} (want {want:?})"));
-            }
+            out.extend(header_problem("upstream header", &self.upstream_headers, k, want));
         }
         if let Some(b) = &e.upstream_body {
             let got = self.upstream_body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
@@ -654,16 +802,10 @@ impl Observed {
             }
         }
         for (k, want) in &e.upstream_trailers {
-            let got = Observed::header(&self.upstream_trailers, k);
-            if got != want.as_deref() {
-                out.push(format!("upstream trailer {k} {got:?} (want {want:?})"));
-            }
+            out.extend(header_problem("upstream trailer", &self.upstream_trailers, k, want));
         }
         for (k, want) in &e.response_headers {
-            let got = Observed::header(&self.response_headers, k);
-            if got != want.as_deref() {
-                out.push(format!("response header {k} {got:?} (want {want:?})"));
-            }
+            out.extend(header_problem("response header", &self.response_headers, k, want));
         }
         if let Some(c) = &e.response_body_contains {
             if !String::from_utf8_lossy(&self.response_body).contains(c.as_str()) {
@@ -680,6 +822,7 @@ impl Observed {
                 out.push(format!("{n} host calls (budget {max})"));
             }
         }
+        out.extend(self.check_effects(e));
         out
     }
 
@@ -697,19 +840,19 @@ impl Observed {
             out.push(format!("forwarded host={} envoy={}", self.forwarded, other.forwarded));
         }
         for k in e.upstream_headers.keys() {
-            let (a, b) = (Observed::header(&self.upstream_headers, k), Observed::header(&other.upstream_headers, k));
+            let (a, b) = (Observed::values(&self.upstream_headers, k), Observed::values(&other.upstream_headers, k));
             if a != b {
                 out.push(format!("upstream header {k} host={a:?} envoy={b:?}"));
             }
         }
         for k in e.upstream_trailers.keys() {
-            let (a, b) = (Observed::header(&self.upstream_trailers, k), Observed::header(&other.upstream_trailers, k));
+            let (a, b) = (Observed::values(&self.upstream_trailers, k), Observed::values(&other.upstream_trailers, k));
             if a != b {
                 out.push(format!("upstream trailer {k} host={a:?} envoy={b:?}"));
             }
         }
         for k in e.response_headers.keys() {
-            let (a, b) = (Observed::header(&self.response_headers, k), Observed::header(&other.response_headers, k));
+            let (a, b) = (Observed::values(&self.response_headers, k), Observed::values(&other.response_headers, k));
             if a != b {
                 out.push(format!("response header {k} host={a:?} envoy={b:?}"));
             }
@@ -798,6 +941,19 @@ impl Target {
             Target::Chain(c) => c.now_nanos(),
         }
     }
+    fn root_logs(&self) -> Vec<Vec<String>> {
+        match self {
+            Target::Single(h) => h.all_root_logs(),
+            Target::Chain(c) => c.all_root_logs(),
+        }
+    }
+    /// Root-context lines logged since `seen` (lines per VM), and the new counts.
+    fn root_logs_since(&self, seen: &[usize]) -> (Vec<String>, Vec<usize>) {
+        let all = self.root_logs();
+        let counts = all.iter().map(Vec::len).collect();
+        let new = all.into_iter().enumerate().flat_map(|(i, l)| l.into_iter().skip(seen.get(i).copied().unwrap_or(0))).collect();
+        (new, counts)
+    }
     fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
         match self {
             Target::Single(h) => h
@@ -859,6 +1015,8 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         Err(e) => return vec![row("plugin start", Outcome::Fail(vec![e.to_string()]), None)],
     };
     let mut out = Vec::new();
+    // Root-context log lines already reported (none: the first case sees the plugin's start).
+    let mut seen_logs: Vec<usize> = Vec::new();
     for case in &scenario.cases {
         if case.advance_ms > 0 {
             host.advance(Duration::from_millis(case.advance_ms));
@@ -889,7 +1047,11 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             continue;
         }
         let Some(spec) = &case.request else {
-            out.push(row(&case.name, Outcome::Pass, None));
+            // No request (a root-only module, or the clock moving): the logs, ticks included.
+            let (lines, counts) = host.root_logs_since(&seen_logs);
+            seen_logs = counts;
+            let observed = Observed { logs: Some(host_log_lines(&lines)), ..Observed::default() };
+            out.push(row(&case.name, outcome(observed.check_effects(&case.expect)), None));
             continue;
         };
         let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref()))
@@ -905,13 +1067,19 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             continue;
         }
         let verdict = host.send_on(case.worker, request);
-        let observed = Observed::from_verdict(&verdict);
+        let mut observed = Observed::from_verdict(&verdict);
+        // Root-context lines (ticks, queue deliveries, a callout's root) come before the stream's.
+        let (lines, counts) = host.root_logs_since(&seen_logs);
+        seen_logs = counts;
+        if let Some(logs) = observed.logs.as_mut() {
+            logs.splice(0..0, host_log_lines(&lines));
+        }
         let mut problems = observed.check(&case.expect);
         for v in &verdict.violations {
             problems.push(format!("strict: {v}"));
         }
         if let Some(t) = &verdict.trap {
-            if case.expect.status != Some(503) {
+            if case.expect.status != Some(503) && case.expect.trap.is_none() {
                 problems.push(format!("trap: {t}"));
             }
         }

@@ -82,6 +82,10 @@ pub struct VmState {
     /// HTTP callout clusters that exist (the scripted ones); others get BadArgument, as in Envoy.
     pub(crate) clusters: BTreeSet<String>,
     pub(crate) tick_period_ms: u32,
+    /// When the root context's tick timer fires next (fake-clock nanos), as Envoy arms it:
+    /// `proxy_set_tick_period_milliseconds` re-arms it at now + period (0 disarms it), and after
+    /// each `on_tick` it is armed again at the firing time + the period then in force.
+    pub(crate) tick_due: Option<u64>,
     pub(crate) root_logs: Vec<String>,
     pub(crate) root_calls: BTreeMap<String, u64>,
     pub(crate) root_violations: Vec<String>,
@@ -121,6 +125,7 @@ impl VmState {
             pending: BTreeMap::new(),
             clusters,
             tick_period_ms: 0,
+            tick_due: None,
             root_logs: Vec::new(),
             root_calls: BTreeMap::new(),
             root_violations: Vec::new(),
@@ -372,7 +377,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         write(&mut c, ptr, &now.to_le_bytes())
     });
     hostcall!(linker, "proxy_set_tick_period_milliseconds", |c, ms: i32| {
-        c.data_mut().tick_period_ms = ms as u32;
+        // Envoy's Wasm::setTimerPeriod: disable the running timer; a period above 0 arms a new
+        // one at now + period.
+        let now = c.data().world.now_nanos();
+        let st = c.data_mut();
+        st.tick_period_ms = ms as u32;
+        st.tick_due = (ms as u32 > 0).then(|| now + ms as u32 as u64 * 1_000_000);
         Ok(())
     });
 

@@ -155,6 +155,11 @@ impl World {
         self.clock_nanos.load(Ordering::SeqCst)
     }
 
+    /// Moves the clock forward to `nanos` (never back).
+    pub(crate) fn advance_to(&self, nanos: u64) {
+        self.clock_nanos.fetch_max(nanos, Ordering::SeqCst);
+    }
+
     pub(crate) fn advance(&self, by: Duration) {
         self.clock_nanos.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
     }

@@ -303,6 +303,47 @@ fn fake_clock_time_and_timers() {
     assert_eq!(v.upstream_header("x-now-ms"), Some((DEFAULT_START_NANOS / 1_000_000 + 350).to_string().as_str()));
 }
 
+/// Envoy arms a root context's tick timer at now + period when the period is set, and again at
+/// the firing time + period after each `on_tick`: advancing 12 s with a 5 s period fires two ticks
+/// that see the clock at +5 s and +10 s, not both at +12 s.
+#[test]
+fn each_tick_fires_at_its_own_time() {
+    let mut h = Host::builder(&common::test_service()).config(r#"{"tick_ms": 5000}"#).start().unwrap();
+    assert_eq!(h.root_logs(0), ["[info] test-service: started", "[info] test-service: configured tick_ms=5000"]);
+    h.advance(Duration::from_secs(12));
+    assert_eq!(h.root_logs(0)[2..], ["[info] test-service: tick 1 at +5000 ms", "[info] test-service: tick 2 at +10000 ms"]);
+    assert_eq!(h.metric("test_service.ticks"), Some(2));
+    // The next is due at +15 s: 2.999 s more fires nothing, 1 ms more fires it.
+    h.advance(Duration::from_millis(2999));
+    assert_eq!(h.root_logs(0).len(), 4);
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.root_logs(0)[4], "[info] test-service: tick 3 at +15000 ms");
+}
+
+/// A period changed in `on_tick` takes effect from that tick; a period of 0 stops the ticks; each
+/// worker's root context ticks on its own timer, in time order.
+#[test]
+fn tick_period_changes_and_stops() {
+    let mut h = Host::builder(&common::test_service())
+        .config(r#"{"tick_ms": 1000, "retick_ms": 300, "stop_after": 3}"#)
+        .workers(2)
+        .start()
+        .unwrap();
+    h.advance(Duration::from_secs(10));
+    for w in 0..2 {
+        assert_eq!(
+            h.root_logs(w)[2..],
+            [
+                "[info] test-service: tick 1 at +1000 ms",
+                "[info] test-service: tick 2 at +1300 ms",
+                "[info] test-service: tick 3 at +1600 ms"
+            ]
+        );
+    }
+    assert_eq!(h.tick_period_ms(0), 0);
+    assert_eq!(h.metric("test_service.ticks"), Some(6));
+}
+
 #[test]
 fn shared_queues_deliver_to_the_registering_root() {
     let mut h = host();

@@ -132,7 +132,7 @@ fn observed(outcome: &Outcome, request: &MemoryRequest, upstream: &MemoryUpstrea
         upstream_trailers: if outcome.forwarded { request.trailers.clone().unwrap_or_default() } else { Vec::new() },
         response_headers,
         response_body,
-        host_calls: None,
+        ..Observed::default()
     }
 }
 

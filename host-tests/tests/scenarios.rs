@@ -19,6 +19,7 @@ fn scenarios_dir() -> PathBuf {
 /// The product modules the scenario files name must exist: `bash scripts/build.sh` builds them.
 fn require_modules() {
     common::test_filter_path();
+    common::test_service_path();
     let wasm = workspace_root().join("target/wasm32-wasip1/release/request_signature.wasm");
     assert!(wasm.exists(), "{} is missing: run `bash scripts/build.sh` first", wasm.display());
 }
