@@ -169,8 +169,12 @@ impl Chain {
     /// [`Host::advance`]; ties in chain order, then worker order).
     pub fn advance(&mut self, by: Duration) {
         let target = self.world.now_nanos() + by.as_nanos() as u64;
-        let slots: Vec<(usize, usize)> =
-            self.hosts.iter().enumerate().flat_map(|(h, host)| (0..host.workers.len()).map(move |w| (h, w))).collect();
+        let slots: Vec<(usize, usize)> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(h, host)| (0..host.workers.len()).map(move |w| (h, w)))
+            .collect();
         loop {
             let dues = slots.iter().enumerate().map(|(k, &(h, w))| (k, self.hosts[h].workers[w].tick_due()));
             let Some((due, k)) = crate::host::next_tick(dues, target) else { break };

@@ -17,7 +17,9 @@ use firebreak_core::filters;
 use serde_json::json;
 
 use crate::http::{Request, Upstream};
-use crate::scenario::{answered_by, build_request, value_bytes, CalloutSpec, CaseResult, Expect, Observed, Outcome, ScenarioFile};
+use crate::scenario::{
+    answered_by, build_request, value_bytes, CalloutSpec, CaseResult, Expect, Observed, Outcome, ScenarioFile,
+};
 
 /// The Envoy the project pins (installed by scripts/setup.sh), unless `FIREBREAK_ENVOY` says.
 pub fn default_envoy() -> PathBuf {

@@ -202,9 +202,9 @@ impl CalloutSpec {
     /// The body of a `Respond` answer (`body_base64` decoded, or `body`).
     pub fn body(&self) -> Result<Vec<u8>> {
         match self {
-            CalloutSpec::Respond { body_base64: Some(b), .. } => {
-                base64::engine::general_purpose::STANDARD.decode(b.trim()).context("callout body_base64 is not base64")
-            }
+            CalloutSpec::Respond { body_base64: Some(b), .. } => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .context("callout body_base64 is not base64"),
             CalloutSpec::Respond { body, .. } => Ok(body.clone().into_bytes()),
             CalloutSpec::Word(_) => Ok(Vec::new()),
         }
@@ -741,8 +741,7 @@ impl Observed {
             let mut left: Vec<&(String, Vec<(String, String)>)> = got.iter().collect();
             for c in want {
                 let hit = left.iter().position(|(cluster, headers)| {
-                    *cluster == c.cluster
-                        && c.headers.iter().all(|(k, v)| header_problem("", headers, k, v).is_none())
+                    *cluster == c.cluster && c.headers.iter().all(|(k, v)| header_problem("", headers, k, v).is_none())
                 });
                 match hit {
                     Some(i) => {
@@ -951,7 +950,11 @@ impl Target {
     fn root_logs_since(&self, seen: &[usize]) -> (Vec<String>, Vec<usize>) {
         let all = self.root_logs();
         let counts = all.iter().map(Vec::len).collect();
-        let new = all.into_iter().enumerate().flat_map(|(i, l)| l.into_iter().skip(seen.get(i).copied().unwrap_or(0))).collect();
+        let new = all
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, l)| l.into_iter().skip(seen.get(i).copied().unwrap_or(0)))
+            .collect();
         (new, counts)
     }
     fn send_on(&mut self, worker: usize, request: Request) -> Verdict {
