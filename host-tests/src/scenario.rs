@@ -676,9 +676,12 @@ pub struct Observed {
     /// (level, message) of the module's log lines during the case, where the runtime shows them.
     pub logs: Option<Vec<(String, String)>>,
     /// (cluster, headers) of the HTTP callouts made during the case.
-    pub callouts: Option<Vec<(String, Vec<(String, String)>)>>,
+    pub callouts: Option<Vec<ObservedCallout>>,
     pub trap: Option<bool>,
 }
+
+/// An HTTP callout a module made: its cluster and headers.
+pub type ObservedCallout = (String, Vec<(String, String)>);
 
 /// Splits the host's `[level] message` log lines.
 pub fn host_log_lines(lines: &[String]) -> Vec<(String, String)> {
