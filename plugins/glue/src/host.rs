@@ -11,9 +11,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    lossy_headers, utf8_headers, CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders,
-    ReadError, Response, Step,
+    CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::SharedStore;
@@ -92,10 +92,13 @@ pub struct EnvoyHost<'a> {
     module: &'a Module,
     /// The size of the call answer being delivered.
     answer_size: usize,
-    headers: Option<Rc<Headers>>,
-    lossy: Option<Rc<Headers>>,
+    headers: RequestHeaderCache,
     body: Option<(usize, Vec<u8>)>,
     now_ms: Option<u64>,
+}
+
+fn read_request_headers() -> Result<RawHeaders, HostFailed> {
+    hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HostFailed)
 }
 
 fn log_level(level: Level) -> LogLevel {
@@ -121,24 +124,11 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
-        if let Some(headers) = &self.headers {
-            return Ok(headers.clone());
-        }
-        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| ReadError::HostFailed)?;
-        let headers = Rc::new(utf8_headers(raw)?);
-        self.headers = Some(headers.clone());
-        Ok(headers)
+        self.headers.utf8(read_request_headers)
     }
 
-    /// Headers that are all UTF-8 are their own lossy form: one read serves both.
     fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
-        if let Some(headers) = self.headers.as_ref().or(self.lossy.as_ref()) {
-            return Ok(headers.clone());
-        }
-        let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|_| HostFailed)?;
-        let headers = Rc::new(lossy_headers(raw));
-        self.lossy = Some(headers.clone());
-        Ok(headers)
+        self.headers.lossy(read_request_headers)
     }
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
@@ -159,9 +149,9 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        self.headers = None;
-        self.lossy = None;
-        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(|_| HostFailed)
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(|_| HostFailed)?;
+        self.headers.wrote(name, value);
+        Ok(())
     }
 
     fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -282,7 +272,8 @@ impl FlowContext {
 
     fn event(&mut self, event: Event, answer_size: usize) -> Action {
         let module = self.module.clone();
-        let mut host = EnvoyHost { module: &module, answer_size, headers: None, lossy: None, body: None, now_ms: None };
+        let mut host =
+            EnvoyHost { module: &module, answer_size, headers: RequestHeaderCache::default(), body: None, now_ms: None };
         let step = self.flow.on_event(event, &mut host);
         self.apply(step, event.direction())
     }

@@ -10,9 +10,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use firebreak_core::filters::{self, Setup, CHAIN};
+use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    lossy_headers, utf8_headers, CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level,
-    Meter, RawHeaders, ReadError, Response, Step,
+    CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
+    Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::{ShardedStore, SharedStore};
@@ -156,7 +157,8 @@ impl NativeFilter {
     pub fn on_hook(&self, stream: &Stream<'_>, hook: Hook) -> HookResult {
         // A hook re-entered while another runs (Envoy may call back synchronously): nothing to do.
         let Ok(mut state) = self.state.try_borrow_mut() else { return HookResult::Status(0) };
-        let mut host = NativeHost { stream, config: &self.config, answer: None, body_hook: None, headers: None, lossy: None };
+        let mut host =
+            NativeHost { stream, config: &self.config, answer: None, body_hook: None, headers: RequestHeaderCache::default() };
         let (event, status_of): (Event, fn(&Step) -> u32) = match hook {
             Hook::RequestHeaders { end_of_stream } => (Event::RequestHeaders { end_of_stream }, headers_status),
             Hook::RequestBody { end_of_stream } => {
@@ -327,8 +329,7 @@ struct NativeHost<'a, 'hook> {
     body_hook: Option<Direction>,
     /// The request headers, read once per hook (every stage of a chain shares the read); forgotten
     /// when a flow writes one.
-    headers: Option<Rc<Headers>>,
-    lossy: Option<Rc<Headers>>,
+    headers: RequestHeaderCache,
 }
 
 impl Host for NativeHost<'_, '_> {
@@ -338,24 +339,13 @@ impl Host for NativeHost<'_, '_> {
     }
 
     fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
-        if let Some(headers) = &self.headers {
-            return Ok(headers.clone());
-        }
-        let raw = self.stream.headers(HeaderMap::RequestHeaders).ok_or(ReadError::HostFailed)?;
-        let headers = Rc::new(utf8_headers(raw)?);
-        self.headers = Some(headers.clone());
-        Ok(headers)
+        let stream = self.stream;
+        self.headers.utf8(|| stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed))
     }
 
-    /// Headers that are all UTF-8 are their own lossy form: one read serves both.
     fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
-        if let Some(headers) = self.headers.as_ref().or(self.lossy.as_ref()) {
-            return Ok(headers.clone());
-        }
-        let raw = self.stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed)?;
-        let headers = Rc::new(lossy_headers(raw));
-        self.lossy = Some(headers.clone());
-        Ok(headers)
+        let stream = self.stream;
+        self.headers.lossy(|| stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed))
     }
 
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
@@ -369,11 +359,10 @@ impl Host for NativeHost<'_, '_> {
     }
 
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        self.headers = None;
-        self.lossy = None;
         // The ABI reports removing an absent header as a failure: only a failed set counts.
         let done = self.stream.set_header(HeaderMap::RequestHeaders, name, value);
         if done || value.is_none() {
+            self.headers.wrote(name, value);
             Ok(())
         } else {
             Err(HostFailed)

@@ -20,6 +20,7 @@
 
 pub mod calls;
 pub mod chain;
+pub mod header_cache;
 pub mod memory;
 
 use std::rc::Rc;
