@@ -27,6 +27,22 @@ struct Configured {
 }
 
 impl Configured {
+    /// Every counter the stages declare at configure time (`<prefix>.<name>`), with the
+    /// `rejected.<code>` of every code: all a host that must define its counters up front (the
+    /// native module) can count.
+    fn declared(&self) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for stage in &self.stages {
+            for (meter, counters) in stage.definitions() {
+                let rejections = firebreak_core::rejection_counter_names();
+                for name in counters.into_iter().chain(rejections) {
+                    names.insert(format!("{}.{name}", meter.prefix));
+                }
+            }
+        }
+        names
+    }
+
     fn new_flow(&self) -> Box<dyn Flow> {
         match self.stages.as_slice() {
             [one] => one.new_flow(),
@@ -164,6 +180,7 @@ fn run_file(path: &Path, tally: &mut Tally) {
         Ok(Some(configured)) => configured,
     };
     tally.files += 1;
+    let declared = configured.declared();
     let route_timeout_ms = file.route_timeout_ms();
     for (index, case) in file.cases.iter().enumerate() {
         let at = format!("{name} / {}", case.name);
@@ -195,6 +212,11 @@ fn run_file(path: &Path, tally: &mut Tally) {
         }
         if outcome.stalled {
             tally.failures.push(format!("{at}: the stream stalled (nothing resumed it)"));
+        }
+        // A counter not declared at configure time would be lost by the native module (Envoy
+        // defines a dynamic module's counters only then).
+        for name in outcome.counters.keys().filter(|name| !declared.contains(*name)) {
+            tally.failures.push(format!("{at}: counter {name} is not declared by its filter's definitions()"));
         }
     }
 }

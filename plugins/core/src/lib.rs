@@ -22,4 +22,4 @@ pub mod route;
 pub mod signature;
 pub mod store;
 
-pub use reject::{Code, ConfigError, Rejection};
+pub use reject::{rejection_counter_names, Code, ConfigError, Rejection};

@@ -123,6 +123,22 @@ impl std::fmt::Display for Code {
     }
 }
 
+/// Every internal reason ([`Rejection::with_detail`]) a rejection may carry, with its code.
+pub const DETAILS: [(Code, &str); 4] = [
+    (Code::SignatureInvalid, "unknown_key"),
+    (Code::SignatureInvalid, "mac_mismatch"),
+    (Code::RateLimitUnavailable, "headers_unreadable"),
+    (Code::RateLimitUnavailable, "principal_unreadable"),
+];
+
+/// Every rejection counter a filter may count: `rejected.<code>` for every code and
+/// `rejected.<code>.<detail>` for every [`DETAILS`] entry. A host that must define its counters
+/// up front (the native module) defines these under every meter.
+pub fn rejection_counter_names() -> impl Iterator<Item = String> {
+    let codes = Code::ALL.iter().map(|code| format!("rejected.{}", code.as_str()));
+    codes.chain(DETAILS.iter().map(|(code, detail)| format!("rejected.{}.{detail}", code.as_str())))
+}
+
 /// A request the gateway refuses to forward. Built only from a [`Code`] ([`Rejection::new`]):
 /// `status` and `code` always come from the table.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -73,7 +73,7 @@ pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<A
     };
     let mut counters: HashMap<String, HashMap<String, usize>> = HashMap::new();
     for (meter, names) in factory.definitions() {
-        let rejections = Code::ALL.iter().map(|code| format!("rejected.{}", code.as_str()));
+        let rejections = firebreak_core::rejection_counter_names();
         let ids = counters.entry(meter.prefix.to_string()).or_default();
         for name in names.into_iter().chain(rejections) {
             if let Some(id) = envoy.define_counter(&format!("{}.{name}", meter.prefix)) {

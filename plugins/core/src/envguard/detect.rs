@@ -429,6 +429,11 @@ fn runs(data: &[u8], keep: fn(u8) -> bool) -> impl Iterator<Item = &[u8]> {
 
 impl Detector {
     /// `fingerprints` are distinct (the configuration refuses duplicates).
+    /// The labels of the credentials and patterns it looks for.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
     pub fn new(labels: Vec<String>, fingerprints: Vec<Fingerprint>, patterns: Vec<Pattern>, hosts: Vec<HostRule>) -> Self {
         let hashed_lengths = if fingerprints.iter().any(|f| f.length.is_none()) {
             HashedLengths::Every

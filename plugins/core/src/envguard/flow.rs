@@ -221,8 +221,14 @@ impl FlowFactory for GuardFactory {
         meter()
     }
 
+    /// With `detected.<label>.<place>` for every label and place, and the production host's.
     fn counters(&self) -> Vec<String> {
-        COUNTERS.iter().map(|name| name.to_string()).collect()
+        let mut names: Vec<String> = COUNTERS.iter().map(|name| name.to_string()).collect();
+        for label in self.policy.detector.labels() {
+            names.extend(Place::ALL.iter().map(|place| format!("detected.{label}.{}", place.name())));
+        }
+        names.push("detected.production_host.host".to_string());
+        names
     }
 
     fn configured(&self) -> Vec<(Level, String)> {

@@ -30,6 +30,8 @@ pub enum Place {
 }
 
 impl Place {
+    pub const ALL: [Place; 5] = [Place::Header, Place::Path, Place::Query, Place::Body, Place::Host];
+
     pub fn name(self) -> &'static str {
         match self {
             Place::Header => "header",

@@ -64,6 +64,9 @@ pub fn counters(policy: &RateLimitPolicy) -> Vec<String> {
         for what in ["allowed", "limited", "would_limit"] {
             names.push(format!("rule.{}.{what}", rule.name));
         }
+        for error in RuleError::ALL {
+            names.push(format!("rule.{}.error.{}", rule.name, error.code()));
+        }
     }
     names
 }

@@ -799,9 +799,19 @@ fn the_factory_defines_every_counter_and_binds_the_tables() {
             "rule.a.allowed",
             "rule.a.limited",
             "rule.a.would_limit",
+            "rule.a.error.no_user",
+            "rule.a.error.no_client_ip",
+            "rule.a.error.store_full",
+            "rule.a.error.store_unavailable",
+            "rule.a.error.state_unavailable",
             "rule.b.allowed",
             "rule.b.limited",
-            "rule.b.would_limit"
+            "rule.b.would_limit",
+            "rule.b.error.no_user",
+            "rule.b.error.no_client_ip",
+            "rule.b.error.store_full",
+            "rule.b.error.store_unavailable",
+            "rule.b.error.state_unavailable"
         ]
     );
     assert!(local.configured().is_empty());

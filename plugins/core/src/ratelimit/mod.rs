@@ -136,6 +136,14 @@ impl RuleError {
         }
     }
 
+    pub const ALL: [RuleError; 5] = [
+        RuleError::NoUser,
+        RuleError::NoClientIp,
+        RuleError::StoreFull,
+        RuleError::StoreUnavailable,
+        RuleError::StateUnavailable,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             RuleError::NoUser => "no_user",
