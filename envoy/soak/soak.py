@@ -540,6 +540,14 @@ class Soak:
                 doubles += 1
                 violations.append(f"double execution: key {key} executed {len(ops)} times: {[o['id'] for o in ops]}")
         executed_keys = {k for k in by_key if k in self.ops}
+        # A refusal means "not forwarded": a key the ledger executed must have had at least one
+        # attempt that may have reached the API (an executed 2xx, an uncertain answer, no answer).
+        maybe_forwarded = {a["key"] for a in self.attempts if a["status"] is None
+                           or (a["status"] >= 500 and "x-firebreak-error" not in a["headers"])
+                           or (200 <= a["status"] < 300 and a["headers"].get("idempotent-replayed") != "true")}
+        for key in sorted(executed_keys - maybe_forwarded):
+            answers = [(a["status"], a["headers"].get("x-firebreak-error")) for a in self.attempts if a["key"] == key]
+            violations.append(f"executed although every attempt was refused or replayed: key {key} {answers}")
         unknown_executed = len(executed_keys - accepted_keys)
         foreign = [op["id"] for op in ledger if op.get("idempotency_key") not in self.ops]
         if foreign:
@@ -580,6 +588,21 @@ class Soak:
         print(f"violations:              {len(violations)}")
         for v in violations[:40]:
             print(f"  VIOLATION {v}")
+        checks = {
+            "nothing executed twice (one ledger operation per key at most)": "double execution",
+            "nothing accepted and lost (every 2xx in the ledger, for its key)": "loss",
+            "every refusal carries a documented code and status": "undocumented refusal",
+            "every other non-2xx answer is explained by a fault": "unexplained answer",
+            "every execution had an attempt that may have been forwarded": "executed although",
+            "the ledger holds only what the clients sent": "ledger operations no client sent",
+            "both Envoy instances alive at the end": "Envoy exited",
+        }
+        failed = 0
+        for name, prefix in checks.items():
+            bad = sum(1 for v in violations if v.startswith(prefix))
+            failed += bool(bad)
+            print(f"  {'FAIL' if bad else 'ok  '} {name}" + (f" ({bad})" if bad else ""))
+        print(f"soak: {len(checks) - failed} passed, {failed} failed")
         if self.args.report:
             Path(self.args.report).write_text(json.dumps({
                 "requests": len(self.attempts), "operations": len(self.ops), "duplicates": dict(self.duplicates),
