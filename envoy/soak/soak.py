@@ -78,11 +78,13 @@ class Bridge(harness.RedisBridge):
     advice; a restart without persistence forgets every key, which is documented, not a bug) and
     webdis restartable."""
 
+    volatile = False  # --redis-volatile: no persistence (a restart forgets every key)
+
     def start_redis(self):
+        persistence = ["--appendonly", "no"] if self.volatile else ["--appendonly", "yes", "--appendfsync", "always"]
         self.redis = subprocess.Popen(
             ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction",
-             "--dir", str(self.dir)],
+             *persistence, "--maxmemory-policy", "noeviction", "--dir", str(self.dir)],
             stdout=(self.dir / "redis.log").open("a"), stderr=subprocess.STDOUT)
         harness.wait_for(lambda: socket.create_connection(("127.0.0.1", self.redis_port), timeout=1).close() or True,
                          15, "redis-server", self.redis)
@@ -209,8 +211,12 @@ def sections(prefix: str) -> list[dict]:
         return harness.redis_state(timeout_ms=1000, key_prefix=prefix)
 
     return [
+        # The one key id signs every request: its nonce quota (default 16384 per window of
+        # max_age + skew + 1 s) would refuse the soak's rate with 429 tenant_quota_exceeded.
         {"request_signature": harness.signature_config(routes=MONEY, state=state(),
-                                                       covered_headers_when_present=["idempotency-key"])},
+                                                       covered_headers_when_present=["idempotency-key"],
+                                                       nonce_store={"buckets": 32768, "slots_per_bucket": 16,
+                                                                    "quota_per_key_id": 262144})},
         {"rate_limit": {"name": "per-user", "state": state(), "response_headers": True,
                         "rules": [{"name": "user-money", "routes": MONEY, "key": "user",
                                    "requests": 1000000, "per_seconds": 1, "burst": 1000000}]}},
@@ -290,6 +296,7 @@ class Soak:
         self.codes = documented_codes()
         self.lock = threading.Lock()
         self.attempts: list[dict] = []  # every request a client sent
+        self.accepted: list[str] = []  # keys a client got a 2xx for
         self.ops: dict[str, dict] = {}  # idempotency key -> {"ref", "amount"}
         self.faults = Counter()
         self.fault_log: list[str] = []
@@ -303,6 +310,7 @@ class Soak:
         harness.RUN_DIR.mkdir(exist_ok=True)
         self.api = harness.DemoApi()
         self.upstream = FaultyUpstream(self.api.port, random.Random(self.args.seed + 1))
+        Bridge.volatile = self.args.redis_volatile
         self.bridge = Bridge()
         prefix = f"fb-soak-{uuid.uuid4().hex[:8]}"
         chain = (harness.native_chain_filter(sections(prefix)) if self.args.native
@@ -353,8 +361,22 @@ class Soak:
             t.join()
         return out
 
+    def late_retry(self):
+        """A client retrying an operation it was answered long ago (fresh signature, same key and
+        body): it must be replayed, never executed again."""
+        with self.lock:
+            if not self.accepted:
+                return
+            key = self.rng.choice(self.accepted)
+            op = self.ops[key]
+        body = json.dumps({"account": "acc-bob", "amount": op["amount"], "reference": op["ref"]}).encode()
+        self.duplicates["late_retry"] += 1
+        self.send(key, body, self.rng.randrange(2), "late_retry")
+
     def one_operation(self):
         rng = self.rng
+        if rng.random() < 0.05:
+            self.late_retry()
         ref = f"soak-{uuid.uuid4().hex[:12]}"
         key = f'"{uuid.uuid4()}"'
         amount = rng.randint(1, 9)
@@ -380,6 +402,8 @@ class Soak:
             if self.stop_traffic.is_set():
                 break
             if any(a.status is not None and 200 <= a.status < 300 for a in answers):
+                with self.lock:
+                    self.accepted.append(key)
                 if rng.random() < 0.3:
                     self.duplicates["retry_after_success"] += 1
                     self.send(key, body, rng.randrange(2), "retry")
@@ -647,6 +671,8 @@ def main() -> int:
     parser.add_argument("--native", action="store_true", help="the chain in libfirebreak.so instead of wasm")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client threads (default 4)")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    parser.add_argument("--redis-volatile", action="store_true",
+                        help="Redis without persistence (against the README's advice): its restarts forget keys")
     parser.add_argument("--report", help="also write the figures as JSON to this file")
     parser.add_argument("--inject-violation", choices=["double", "loss", "code"],
                         help="self-test: plant one violation of this kind; the soak must then fail")
