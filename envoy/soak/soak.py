@@ -122,6 +122,9 @@ class FaultyUpstream:
         self.rng = rng
         self.lock = threading.Lock()
         self.injected = Counter()
+        self.incomplete = Counter()
+        self.t0 = time.monotonic()
+        self.seen: list[tuple[str, str]] = []  # (idempotency key, action) of every POST that reached it
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,9 +140,22 @@ class FaultyUpstream:
             def do_any(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:
+                    # Headers, then a reset before the whole body: an incomplete request, which an
+                    # HTTP server never executes. replay-guard's claim is at body time, after the
+                    # router may have sent the headers (its README, "Body handling and the
+                    # claim"): every request it answers itself (replay, in flight, ...) looks so.
+                    with outer.lock:
+                        outer.incomplete[f"{len(body)} of {length} body bytes"] += 1
+                    self.close_connection = True
+                    return
                 headers = [(k, v) for k, v in self.headers.items()
                            if k.lower() not in ("connection", "content-length", "host", "keep-alive")]
                 action = outer.decide(self.command)
+                if self.command == "POST":
+                    with outer.lock:
+                        outer.seen.append((self.headers.get("idempotency-key", ""),
+                                           f"{action}@{time.monotonic() - outer.t0:.2f}s/{len(body)}B"))
                 if action == "refuse_503":
                     return self.reply(503, b'{"error":"soak_upstream_unavailable","message":"injected, not executed"}')
                 if action == "hang":
@@ -466,6 +482,8 @@ class Soak:
             self.upstream.mode = "none"
 
     def fault_loop(self, duration: float):
+        if not self.args.faults:
+            return
         slot = max(6.0, min(12.0, duration / (len(FAULT_KINDS) + 1)))
         hold = slot / 2
         i = 0
@@ -473,7 +491,7 @@ class Soak:
         time.sleep(min(3.0, slot / 3))
         while time.monotonic() + slot <= deadline and not self.stop_traffic.is_set():
             start = time.monotonic()
-            self.inject(FAULT_KINDS[i % len(FAULT_KINDS)], hold)
+            self.inject(self.args.faults[i % len(self.args.faults)], hold)
             i += 1
             rest = slot - (time.monotonic() - start)
             if rest > 0:
@@ -564,6 +582,18 @@ class Soak:
                 doubles += 1
                 violations.append(f"double execution: key {key} executed {len(ops)} times: {[o['id'] for o in ops]}")
         executed_keys = {k for k in by_key if k in self.ops}
+        # Exactly one forward per key: the upstream (the proxy in front of the API) saw each key
+        # at most once, whether or not the API then executed it.
+        reached = defaultdict(list)
+        for key, action in self.upstream.seen:
+            reached[key].append(action)
+        for key, actions in reached.items():
+            if len(actions) > 1:
+                tries = [(round(a["t"] + self.t0 - self.upstream.t0, 2), a["instance"], a["kind"], a["status"],
+                          a["headers"].get("x-firebreak-error"), a["headers"].get("idempotent-replayed"), a["note"])
+                         for a in self.attempts if a["key"] == key]
+                violations.append(f"forwarded twice: key {key} reached the upstream {len(actions)} times ({actions}); "
+                                  f"ledger {[o['id'] for o in by_key.get(key, [])]}; the clients' attempts {tries}")
         # A refusal means "not forwarded": a key the ledger executed must have had at least one
         # attempt that may have reached the API (an executed 2xx, an uncertain answer, no answer).
         maybe_forwarded = {a["key"] for a in self.attempts if a["status"] is None
@@ -597,6 +627,8 @@ class Soak:
         print(f"faults injected:         {sum(v for k, v in self.faults.items() if k in FAULT_KINDS)} "
               f"({', '.join(f'{k} {v}' for k, v in sorted(self.faults.items()))})")
         print(f"upstream faults:         {', '.join(f'{k} {v}' for k, v in sorted(self.upstream.injected.items()))}")
+        print(f"incomplete at upstream:  {sum(self.upstream.incomplete.values())} requests whose headers reached the "
+              f"upstream, then reset ({', '.join(f'{k} {v}' for k, v in sorted(self.upstream.incomplete.items()))})")
         print(f"answers:                 {', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))}")
         print(f"refusals by code:        {', '.join(f'{k} {v}' for k, v in sorted(refusals.items()))}")
         print(f"ledger operations:       {len(ledger)} (keys executed {len(executed_keys)}, of which accepted "
@@ -609,12 +641,18 @@ class Soak:
                        "claim_unwind_failed", "remote_error", "stale_in_flight", "finish_not_owner"]
         print("replay_guard counters:   " + ", ".join(
             f"{n} {counters.get('firebreak.replay_guard.' + n, 0)}" for n in interesting))
+        not_executed = self.upstream.injected["upstream_refuse_503"] + self.upstream.injected["upstream_hang"]
+        forwarded = counters.get("firebreak.replay_guard.forwarded", 0)
+        print(f"forwarded vs ledger:     forwarded {forwarded} - never executed by the upstream {not_executed} = "
+              f"{forwarded - not_executed}; ledger {len(ledger)} (equal unless a client or a trap cut a forwarded "
+              f"request before the upstream read it all)")
         print(f"violations:              {len(violations)}")
         for v in violations[:40]:
             print(f"  VIOLATION {v}")
         checks = {
             "nothing executed twice (one ledger operation per key at most)": "double execution",
             "nothing accepted and lost (every 2xx in the ledger, for its key)": "loss",
+            "no key's whole request reached the upstream twice": "forwarded twice",
             "every refusal carries a documented code and status": "undocumented refusal",
             "every other non-2xx answer is explained by a fault": "unexplained answer",
             "every execution had an attempt that may have been forwarded": "executed although",
@@ -632,7 +670,7 @@ class Soak:
                 "requests": len(self.attempts), "operations": len(self.ops), "duplicates": dict(self.duplicates),
                 "faults": dict(self.faults), "upstream_faults": dict(self.upstream.injected),
                 "answers": dict(outcomes), "refusals": dict(refusals), "ledger": len(ledger),
-                "double_executions": doubles, "losses": losses, "violations": violations,
+                "double_executions": doubles, "incomplete_at_upstream": dict(self.upstream.incomplete), "losses": losses, "violations": violations,
                 "counters": dict(counters), "fault_log": self.fault_log}, indent=1))
         return 1 if violations else 0
 
@@ -673,11 +711,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     parser.add_argument("--redis-volatile", action="store_true",
                         help="Redis without persistence (against the README's advice): its restarts forget keys")
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS),
+                        help=f"the faults to inject, in turn (comma-separated; default all: {','.join(FAULT_KINDS)}; "
+                             "'none' for none)")
     parser.add_argument("--report", help="also write the figures as JSON to this file")
     parser.add_argument("--inject-violation", choices=["double", "loss", "code"],
                         help="self-test: plant one violation of this kind; the soak must then fail")
     args = parser.parse_args()
     args.duration = max(10.0, min(args.duration, 3600.0))
+    args.faults = [f for f in args.faults.split(",") if f and f != "none"]
+    unknown = [f for f in args.faults if f not in FAULT_KINDS]
+    if unknown:
+        parser.error(f"unknown fault(s) {unknown}; known: {FAULT_KINDS}")
     for path in [harness.ENVOY, harness.BIN_DIR / "demo-api", harness.BIN_DIR / "firebreak", TEST_FILTER,
                  harness.WASM_DIR / "firebreak_chain.wasm"] + ([harness.NATIVE_DIR / "libfirebreak.so"] if args.native else []):
         if not Path(path).exists():
