@@ -8,7 +8,7 @@
 #   bash scripts/soak.sh                 # 180 s of traffic (about 3.5 minutes in all)
 #   bash scripts/soak.sh --duration 60   # the short version scripts/test.sh runs
 #   bash scripts/soak.sh --native        # the same on libfirebreak.so (the Envoy dynamic module)
-#   bash scripts/soak.sh --inject-violation double|loss|code   # self-test: must exit 1
+#   bash scripts/soak.sh --inject-violation double|forward|loss|code   # self-test: must exit 1
 #
 # Expects scripts/setup.sh and scripts/build.sh to have run (scripts/test.sh runs them first);
 # builds the test filter (host-tests/test-filter, the VM it makes trap) if it is missing.

@@ -526,6 +526,9 @@ class Soak:
             # Self-test: the ledger as if it had lost the first accepted operation.
             lost = next(json.loads(a["body"])["id"] for a in self.attempts if a["status"] and 200 <= a["status"] < 300)
             ledger = [op for op in ledger if op["id"] != lost]
+        if self.args.inject_violation == "forward":
+            # Self-test: the upstream as if it had received one key's whole request twice.
+            self.upstream.seen.append(next(entry for entry in self.upstream.seen if entry[1].startswith("forward")))
         if self.args.inject_violation == "code":
             # Self-test: a refusal whose code is not in the table.
             self.attempts.append({"key": next(iter(self.ops)), "instance": 0, "kind": "injected", "status": 409,
@@ -609,7 +612,7 @@ class Soak:
         dead = [e.port for e in self.envoys if e.proc.poll() is not None]
         if dead:
             violations.append(f"Envoy exited during the soak: {dead}")
-        losses = sum(1 for v in violations if v.startswith("loss"))
+        losses = len({v.split()[2] for v in violations if v.startswith("loss")})  # keys
 
         counters = Counter()
         for e in self.envoys:
@@ -715,7 +718,7 @@ def main() -> int:
                         help=f"the faults to inject, in turn (comma-separated; default all: {','.join(FAULT_KINDS)}; "
                              "'none' for none)")
     parser.add_argument("--report", help="also write the figures as JSON to this file")
-    parser.add_argument("--inject-violation", choices=["double", "loss", "code"],
+    parser.add_argument("--inject-violation", choices=["double", "forward", "loss", "code"],
                         help="self-test: plant one violation of this kind; the soak must then fail")
     args = parser.parse_args()
     args.duration = max(10.0, min(args.duration, 3600.0))
