@@ -20,7 +20,11 @@ cargo build --quiet --release -p firebreak-demo-api -p firebreak-cli -p firebrea
 for filter in request_signature replay_guard rate_limit env_guard; do
   target/release/firebreak-wasm-trim "target/wasm32-wasip1/release/$filter.wasm" >/dev/null
 done
-# The Envoy dynamic module: target/native/libfirebreak.so.
+# The Envoy dynamic module: target/native/libfirebreak.so. First its fault-injection build, for
+# the tests only (target/native-faults/libfirebreak.so: a request can make a hook panic).
+cargo build --quiet --profile native -p firebreak-native --features fault-injection
+mkdir -p target/native-faults
+cp target/native/libfirebreak.so target/native-faults/libfirebreak.so
 cargo build --quiet --profile native -p firebreak-native
 echo "built target/native/libfirebreak.so ($(stat -c %s target/native/libfirebreak.so) bytes)"
 for wasm in target/wasm32-wasip1/release/*.wasm; do

@@ -3,6 +3,7 @@ only callbacks the pinned binary exports and exports every hook it requires; the
 Redis stage by stage across two instances (callouts, resumes, filter state, counters); a wrong
 configuration stops Envoy and names the field. The demo's scenarios run on it in test_demo.py."""
 
+import json
 import subprocess
 import uuid
 
@@ -114,3 +115,28 @@ def test_a_wrong_native_configuration_stops_envoy_and_names_the_field(demo_api):
                                                        "requests": 1, "per_seconds": 1, "burst": 1}]}}]
     e = harness.Envoy([harness.native_chain_filter(sections)], demo_api.port, expect_failure=True)
     assert "config_error field=filters[0].rate_limit.rules[0].key" in e.logs(), e.logs()[-2000:]
+
+
+def test_a_panic_in_a_hook_fails_that_stream_closed_and_envoy_goes_on(envoy_factory, demo_api):
+    """The fault-injection build (target/native-faults/, scripts/build.sh; never shipped): a request
+    carrying `x-firebreak-test-panic` makes the request-headers hook panic. The panic is caught at
+    the FFI boundary: that request gets 500 `filter_failed` and never reaches the upstream, the
+    line is logged, and Envoy and the filter serve the next request."""
+    faults = harness.ROOT / "target" / "native-faults"
+    assert (faults / "libfirebreak.so").exists(), "run scripts/build.sh"
+    sections = [{"env_guard": {"environment": "uat", "production": False, "routes": [{"path_prefix": "/v1/"}],
+                               "patterns": [{"label": "stripe-live", "prefix": "sk_live_"}]}}]
+    e = envoy_factory([harness.native_chain_filter(sections)], env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(faults)})
+    ref = test_chain.new_ref()
+    body = test_chain.payout(ref)
+    headers = test_chain.JSON + [("x-firebreak-test-panic", "1")]
+    answer = e.request("POST", "/v1/payouts", headers, body, host=test_chain.HOST)
+    assert answer.status == 500, answer.body
+    assert json.loads(answer.body)["error"] == "filter_failed"
+    assert demo_api.executed(ref) == 0
+    assert "panic caught in a hook" in e.logs()
+    ref = test_chain.new_ref()
+    body = test_chain.payout(ref)
+    answer = e.request("POST", "/v1/payouts", test_chain.JSON, body, host=test_chain.HOST)
+    assert answer.status == 201, answer.body
+    assert demo_api.executed(ref) == 1

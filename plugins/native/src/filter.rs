@@ -101,6 +101,20 @@ fn log_level(level: Level) -> u32 {
     }
 }
 
+/// The fault-injection build only (feature `fault-injection`, see Cargo.toml): the
+/// request-headers hook of a request carrying `x-firebreak-test-panic` panics.
+#[cfg(feature = "fault-injection")]
+#[allow(clippy::panic)]
+fn inject_fault(stream: &Stream<'_>, hook: &Hook) {
+    if matches!(hook, Hook::RequestHeaders { .. })
+        && stream
+            .headers(HeaderMap::RequestHeaders)
+            .is_some_and(|headers| headers.iter().any(|(name, _)| name == "x-firebreak-test-panic"))
+    {
+        panic!("fault injection: x-firebreak-test-panic");
+    }
+}
+
 /// A hook of one stream.
 pub enum Hook {
     RequestHeaders { end_of_stream: bool },
@@ -155,6 +169,8 @@ impl NativeFilter {
     }
 
     pub fn on_hook(&self, stream: &Stream<'_>, hook: Hook) -> HookResult {
+        #[cfg(feature = "fault-injection")]
+        inject_fault(stream, &hook);
         // A hook re-entered while another runs (Envoy may call back synchronously): nothing to do.
         let Ok(mut state) = self.state.try_borrow_mut() else { return HookResult::Status(0) };
         let mut host =
