@@ -384,8 +384,8 @@ impl Worker {
         let data = StreamData {
             request_headers: to_map(&request.headers),
             request_trailers: to_map(&request.trailers),
-            properties: request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect(),
-            overrides: request.properties.iter().filter(|(k, _)| is_builtin_property(k)).cloned().collect(),
+            properties: request.properties.iter().filter(|(k, _)| is_segment_path(k)).cloned().collect(),
+            overrides: request.properties.iter().filter(|(k, _)| !is_segment_path(k)).cloned().collect(),
             source_address: request.source_address.clone(),
             connection_id,
             ..StreamData::default()
@@ -602,7 +602,7 @@ impl Worker {
             let waiting_on_filter = !self.request_complete(run) || run.response_paused;
             if waiting_on_filter {
                 // Only a callout answer can resume it.
-                if !self.answer_next_callout(run.id, spec) {
+                if !self.answer_next_callout(run.id, spec, &run.request.callouts) {
                     run.stalled = true;
                     return false;
                 }
@@ -689,14 +689,16 @@ impl Worker {
         }
     }
 
-    /// Answers the oldest pending callout of this stream by the script. False if none can be.
-    pub(crate) fn answer_next_callout(&mut self, id: u32, spec: &PluginSpec) -> bool {
+    /// Answers the oldest pending callout of this stream by the script (the request's own
+    /// answers, `overrides`, first). False if none can be.
+    pub(crate) fn answer_next_callout(&mut self, id: u32, spec: &PluginSpec, overrides: &BTreeMap<String, CalloutReply>) -> bool {
+        let http_reply = |cluster: &str| overrides.get(cluster).or_else(|| spec.callouts.get(cluster));
         let next = self.store.data().pending.iter().find_map(|(token, call)| {
             if call.context != id {
                 return None;
             }
             let hold = match &call.callout.grpc_method {
-                None => matches!(spec.callouts.get(&call.callout.cluster), Some(CalloutReply::Hold) | None),
+                None => matches!(http_reply(&call.callout.cluster), Some(CalloutReply::Hold) | None),
                 Some(_) => matches!(spec.grpc.get(&call.callout.cluster), Some(GrpcReply::Hold) | None),
             };
             (!hold).then_some(*token)
@@ -705,7 +707,7 @@ impl Worker {
         let call = self.store.data().pending[&token].clone();
         match &call.callout.grpc_method {
             None => {
-                let reply = spec.callouts[&call.callout.cluster].clone();
+                let Some(reply) = http_reply(&call.callout.cluster).cloned() else { return false };
                 self.answer_http(token, reply);
             }
             Some(_) => {
@@ -932,12 +934,13 @@ pub(crate) fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
     headers
 }
 
-/// Built-in properties a request may override ("source.address"); anything else a request
-/// carries is filter state set by an earlier filter, under that exact (one-segment) name.
-pub(crate) fn is_builtin_property(path: &str) -> bool {
-    ["request.", "response.", "source.", "destination.", "connection.", "upstream."]
-        .iter()
-        .any(|p| path.starts_with(p))
+/// Whether a property a request carries names its path's segments exactly (NUL-separated, as
+/// the ABI sends a path): filter state set by an earlier filter under that path. Any other is
+/// a dotted path, found by every path whose segments joined with dots spell it (so
+/// `firebreak.principal` is found as `["firebreak.principal"]` and `["firebreak", "principal"]`),
+/// and overrides a built-in property of that name ("source.address").
+pub(crate) fn is_segment_path(path: &str) -> bool {
+    path.contains('\0')
 }
 
 pub(crate) fn to_map(h: &[(String, String)]) -> HeaderMap {

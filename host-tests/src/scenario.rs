@@ -182,6 +182,11 @@ pub enum CalloutSpec {
 }
 
 impl CalloutSpec {
+    /// Status 200, no headers, an empty body.
+    pub fn default_answer() -> CalloutSpec {
+        CalloutSpec::Respond { status: 200, headers: BTreeMap::new(), body: String::new(), body_base64: None }
+    }
+
     pub fn reply(&self) -> Result<CalloutReply> {
         Ok(match self {
             CalloutSpec::Word(w) => match w.as_str() {
@@ -264,9 +269,60 @@ pub struct RequestSpec {
     /// `source.address` (host only: Envoy reports the real peer, 127.0.0.1:<port>).
     #[serde(default)]
     pub source: Option<String>,
-    /// Properties set by earlier filters (host only).
+    /// Properties set by earlier filters, or built-in ones overridden (host only).
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub properties: Properties,
+}
+
+/// A request's properties: a mapping of dotted paths to values, or a list of `{ path, value }`
+/// whose path is dotted or a list of segments.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum Properties {
+    #[default]
+    None,
+    Map(BTreeMap<String, String>),
+    List(Vec<PropertyEntry>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyEntry {
+    pub path: PropertyPath,
+    pub value: String,
+}
+
+/// A property path: dotted (`firebreak.principal`: found by a module reading it as one segment
+/// or split at the dots) or its segments (`[a.b, c]`: found only by exactly that path).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyPath {
+    Dotted(String),
+    Segments(Vec<String>),
+}
+
+impl Properties {
+    /// (path, value): a dotted path as written, segments joined by NUL (as the ABI sends them).
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        match self {
+            Properties::None => Vec::new(),
+            Properties::Map(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Properties::List(l) => l
+                .iter()
+                .map(|e| {
+                    let path = match &e.path {
+                        PropertyPath::Dotted(d) => d.clone(),
+                        PropertyPath::Segments(s) => s.join("\0"),
+                    };
+                    (path, e.value.clone())
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs().is_empty()
+    }
 }
 
 fn get() -> String {
@@ -435,6 +491,10 @@ pub struct Case {
     /// How the upstream answers this request (instead of the file's `upstream`).
     #[serde(default)]
     pub upstream: Option<UpstreamSpec>,
+    /// How the callouts this case causes are answered, by cluster (instead of the file's
+    /// `callouts`; a cluster named only in cases answers other cases with status 200).
+    #[serde(default)]
+    pub callouts: BTreeMap<String, CalloutSpec>,
     #[serde(default)]
     pub expect: Expect,
     /// Requests on several workers with a chosen interleaving of shared-data operations.
@@ -505,8 +565,8 @@ impl ScenarioFile {
 
     pub fn plugin_spec_for(&self, plugin: &PluginSection) -> Result<PluginSpec> {
         let mut callouts = BTreeMap::new();
-        for (k, v) in &self.callouts {
-            callouts.insert(k.clone(), v.reply()?);
+        for (k, v) in self.callout_clusters() {
+            callouts.insert(k, v.reply()?);
         }
         Ok(PluginSpec {
             configuration: value_bytes(&plugin.configuration)?,
@@ -525,6 +585,25 @@ impl ScenarioFile {
             },
             ..PluginSpec::default()
         })
+    }
+
+    /// Every callout cluster the file or its cases name, with the file's answer (a cluster named
+    /// only in cases answers status 200 with an empty body, the default answer).
+    pub fn callout_clusters(&self) -> BTreeMap<String, CalloutSpec> {
+        let mut clusters = self.callouts.clone();
+        for case in &self.cases {
+            for name in case.callouts.keys() {
+                clusters.entry(name.clone()).or_insert_with(CalloutSpec::default_answer);
+            }
+        }
+        clusters
+    }
+
+    /// How a case's callouts are answered: the case's answers over the file's, every cluster.
+    pub fn case_callouts(&self, case: &Case) -> BTreeMap<String, CalloutSpec> {
+        let mut clusters = self.callout_clusters();
+        clusters.extend(case.callouts.iter().map(|(k, v)| (k.clone(), v.clone())));
+        clusters
     }
 
     pub fn upstream_reply(&self) -> Result<Upstream> {
@@ -558,7 +637,7 @@ impl ScenarioFile {
                 return Some("source/properties/chunks are host-only".into());
             }
         }
-        if self.callouts.values().any(|c| !c.envoy_can()) {
+        if self.case_callouts(case).values().any(|c| !c.envoy_can()) {
             return Some("a callout answer Envoy cannot produce (fail/hold)".into());
         }
         None
@@ -580,6 +659,14 @@ pub fn answered_by(request: Request, upstream: Option<&UpstreamSpec>) -> Result<
         Some(u) => request.answered_by(u.to_upstream()?),
         None => request,
     })
+}
+
+/// The request with the case's own callout answers (cluster → answer), if it has any.
+pub fn with_callouts(mut request: Request, callouts: &BTreeMap<String, CalloutSpec>) -> Result<Request> {
+    for (cluster, spec) in callouts {
+        request = request.callout(cluster, spec.reply()?);
+    }
+    Ok(request)
 }
 
 /// Builds the request a case sends; `now_secs` is the clock signatures are created against.
@@ -606,8 +693,8 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     if let Some(s) = &spec.source {
         r = r.from(s);
     }
-    for (k, v) in &spec.properties {
-        r = r.property(k, v);
+    for (k, v) in spec.properties.pairs() {
+        r = r.property(&k, v);
     }
     if let Some(sign) = sign {
         for (k, v) in sign_headers(spec, sign, &r, now_secs)? {
@@ -1060,7 +1147,9 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             out.push(row(&case.name, outcome(observed.check_effects(&case.expect)), None));
             continue;
         };
-        let request = match build_request(spec, case.sign.as_ref(), now_secs).and_then(|q| answered_by(q, case.upstream.as_ref()))
+        let request = match build_request(spec, case.sign.as_ref(), now_secs)
+            .and_then(|q| answered_by(q, case.upstream.as_ref()))
+            .and_then(|q| with_callouts(q, &case.callouts))
         {
             Ok(r) => r,
             Err(e) => {

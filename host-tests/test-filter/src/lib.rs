@@ -22,6 +22,8 @@
 //! - `x-test-body: buffer`      → buffer the whole body; "deny" in it → 400 `body_denied`,
 //!                                 otherwise it is upper-cased before it is forwarded;
 //! - `x-test-props`             → copy properties into `x-prop-*` request headers;
+//! - `x-test-prop: a/b,c`       → `x-prop` = the properties at paths `["a", "b"]` and `["c"]`
+//!   (`<none>` if absent), joined by commas;
 //! - `x-test-enqueue: message`  → enqueue on `test_queue`; the root copies it to shared `queue_last`;
 //! - `x-test-time`              → `x-now-ms` = the host's current time;
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
@@ -239,6 +241,10 @@ impl HttpContext for Stream {
             self.set_property(vec!["firebreak_test"], Some(b"stored"));
             let back = self.prop(vec!["firebreak_test"]);
             self.set_http_request_header("x-prop-roundtrip", Some(&back));
+        }
+        if let Some(paths) = self.get_http_request_header("x-test-prop") {
+            let values: Vec<String> = paths.split(',').map(|path| self.prop(path.split('/').collect())).collect();
+            self.set_http_request_header("x-prop", Some(&values.join(",")));
         }
         if self.get_http_request_header("x-test-time").is_some() {
             let ms = self
