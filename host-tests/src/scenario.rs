@@ -915,9 +915,14 @@ impl Observed {
         out
     }
 
-    /// Where two runtimes disagree on what the expectation selects (status, error, forwarded,
-    /// the named headers and the upstream body).
-    pub fn disagreements(&self, other: &Observed, e: &Expect) -> Vec<String> {
+    /// Where the host (`self`) and Envoy (`other`) disagree on anything both observe: status,
+    /// the `error` field, whether the request was forwarded, every upstream header, trailer and
+    /// the upstream body, every response header and the response body, whatever the case
+    /// expects. The headers in [`UPSTREAM_HEADERS_NOT_COMPARED`] and
+    /// [`RESPONSE_HEADERS_NOT_COMPARED`] are left out, and for a `signed` request those in
+    /// [`SIGNED_HEADERS_NOT_COMPARED`]; a reset stream (status 0 in both) has no
+    /// response to compare.
+    pub fn disagreements(&self, other: &Observed, signed: bool) -> Vec<String> {
         let mut out = Vec::new();
         if self.status != other.status {
             out.push(format!("status host={} envoy={}", self.status, other.status));
@@ -928,36 +933,76 @@ impl Observed {
         if self.forwarded != other.forwarded {
             out.push(format!("forwarded host={} envoy={}", self.forwarded, other.forwarded));
         }
-        for k in e.upstream_headers.keys() {
-            let (a, b) = (Observed::values(&self.upstream_headers, k), Observed::values(&other.upstream_headers, k));
-            if a != b {
-                out.push(format!("upstream header {k} host={a:?} envoy={b:?}"));
+        if self.forwarded && other.forwarded {
+            let mut skip = names(UPSTREAM_HEADERS_NOT_COMPARED);
+            if signed {
+                skip.extend(names(SIGNED_HEADERS_NOT_COMPARED));
+            }
+            out.extend(header_disagreements("upstream header", &self.upstream_headers, &other.upstream_headers, &skip));
+            out.extend(header_disagreements("upstream trailer", &self.upstream_trailers, &other.upstream_trailers, &[]));
+            if self.upstream_body != other.upstream_body {
+                out.push(format!("upstream body host={:?} envoy={:?}", lossy(&self.upstream_body), lossy(&other.upstream_body)));
             }
         }
-        for k in e.upstream_trailers.keys() {
-            let (a, b) = (Observed::values(&self.upstream_trailers, k), Observed::values(&other.upstream_trailers, k));
-            if a != b {
-                out.push(format!("upstream trailer {k} host={a:?} envoy={b:?}"));
+        if self.status != 0 || other.status != 0 {
+            let skip = names(RESPONSE_HEADERS_NOT_COMPARED);
+            out.extend(header_disagreements("response header", &self.response_headers, &other.response_headers, &skip));
+            if self.response_body != other.response_body {
+                out.push(format!(
+                    "response body host={:?} envoy={:?}",
+                    String::from_utf8_lossy(&self.response_body),
+                    String::from_utf8_lossy(&other.response_body)
+                ));
             }
-        }
-        for k in e.response_headers.keys() {
-            let (a, b) = (Observed::values(&self.response_headers, k), Observed::values(&other.response_headers, k));
-            if a != b {
-                out.push(format!("response header {k} host={a:?} envoy={b:?}"));
-            }
-        }
-        if (e.upstream_body.is_some() || e.upstream_body_base64.is_some()) && self.upstream_body != other.upstream_body {
-            out.push("upstream body differs".into());
-        }
-        if (e.response_body.is_some() || e.response_body_contains.is_some()) && self.response_body != other.response_body {
-            out.push(format!(
-                "response body host={:?} envoy={:?}",
-                String::from_utf8_lossy(&self.response_body),
-                String::from_utf8_lossy(&other.response_body)
-            ));
         }
         out
     }
+}
+
+/// Request headers the upstream gets from Envoy that `--mode both` does not compare, and why.
+pub const UPSTREAM_HEADERS_NOT_COMPARED: &[(&str, &str)] = &[
+    ("x-request-id", "Envoy makes a random UUID per request; the host a fixed one per connection"),
+    ("x-envoy-expected-rq-timeout-ms", "added by Envoy's router after the filters, which never see it"),
+    (":scheme", "not on the HTTP/1.1 wire the upstream server reads (the filters see it in both)"),
+    ("transfer-encoding", "`chunked`: how Envoy frames a body with trailers on the HTTP/1.1 wire, after the filters"),
+];
+
+/// Upstream headers not compared for a request the runner signs (`sign:`), and why.
+pub const SIGNED_HEADERS_NOT_COMPARED: &[(&str, &str)] = &[
+    ("signature", "signed at each runtime's own clock (the host's fake one, Envoy's real one)"),
+    ("signature-input", "its `created` is each runtime's own clock"),
+];
+
+/// Response headers the client gets from Envoy that `--mode both` does not compare, and why.
+pub const RESPONSE_HEADERS_NOT_COMPARED: &[(&str, &str)] = &[
+    ("date", "added by Envoy's codec with the real time, after the filters"),
+    ("server", "added by Envoy's connection manager (`envoy`) after the filters"),
+    ("x-envoy-upstream-service-time", "added by Envoy's router with the real upstream time"),
+    ("connection", "`close`, Envoy's answer to the runner's `connection: close` (HTTP/1.1 hop-by-hop)"),
+];
+
+fn names(list: &[(&'static str, &str)]) -> Vec<&'static str> {
+    list.iter().map(|(name, _)| *name).collect()
+}
+
+fn lossy(body: &Option<Vec<u8>>) -> Option<String> {
+    body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// Every header name either side has (but those in `skip`), where their values differ (all
+/// values of the name, in order).
+fn header_disagreements(what: &str, host: &[(String, String)], envoy: &[(String, String)], skip: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = host.iter().chain(envoy).map(|(k, _)| k.to_ascii_lowercase()).collect();
+    all.sort();
+    all.dedup();
+    let mut out = Vec::new();
+    for name in all.iter().filter(|n| !skip.contains(&n.as_str())) {
+        let (a, b) = (Observed::values(host, name), Observed::values(envoy, name));
+        if a != b {
+            out.push(format!("{what} {name} host={a:?} envoy={b:?}"));
+        }
+    }
+    out
 }
 
 /// One row of the report.
