@@ -128,8 +128,8 @@ impl Host {
     fn redrive(&mut self) {
         let spec = self.spec.clone();
         for run in self.open.iter_mut() {
-            if !run.done {
-                run.stalled = false;
+            if !run.is_done() {
+                // `drive` moves a stalled stream on again.
                 self.workers[run.worker].drive(run, &spec);
             }
         }
@@ -139,30 +139,11 @@ impl Host {
     /// Finishes a stream opened with [`Host::open`] and returns its verdict.
     pub fn finish(&mut self, handle: usize) -> Verdict {
         let spec = self.spec.clone();
-        let placeholder = StreamRun {
-            worker: 0,
-            id: 0,
-            request: Request::get("/"),
-            headers_released: false,
-            request_eos_seen: false,
-            withheld: Vec::new(),
-            withheld_eos: false,
-            trailers_pending: false,
-            upstream_response_body: Vec::new(),
-            response_cut: false,
-            response_body_withheld: false,
-            upstream: None,
-            response_started: false,
-            response_done: false,
-            response_paused: false,
-            response_headers_sent: false,
-            done: true,
-            stalled: false,
-            trap: None,
-        };
+        let mut placeholder = StreamRun::new(0, 0, Request::get("/"));
+        placeholder.end();
         let mut run = std::mem::replace(&mut self.open[handle], placeholder);
         let w = &mut self.workers[run.worker];
-        if !run.done {
+        if !run.is_done() {
             w.drive(&mut run, &spec);
         }
         let v = w.finish(run, &spec);

@@ -13,25 +13,104 @@ pub(crate) struct StreamRun {
     pub(crate) worker: usize,
     pub(crate) id: u32,
     pub(crate) request: Request,
-    pub(crate) headers_released: bool,
-    pub(crate) request_eos_seen: bool,
-    /// Body the client sent while the filter had paused its headers (Envoy buffers it).
-    pub(crate) withheld: Vec<u8>,
-    pub(crate) withheld_eos: bool,
-    pub(crate) trailers_pending: bool,
+    pub(crate) request_phase: RequestPhase,
+    /// The client's end of stream reached the filter (headers, last body chunk or trailers).
+    pub(crate) request_end_seen: bool,
     pub(crate) upstream_response_body: Vec<u8>,
     /// The upstream's body is cut short: the stream is reset after what was sent.
     pub(crate) response_cut: bool,
-    pub(crate) response_body_withheld: bool,
     pub(crate) upstream: Option<UpstreamRequest>,
-    pub(crate) response_started: bool,
-    pub(crate) response_done: bool,
-    pub(crate) response_paused: bool,
-    /// The response headers have passed the filter (on their way to the client).
-    pub(crate) response_headers_sent: bool,
-    pub(crate) done: bool,
-    pub(crate) stalled: bool,
+    pub(crate) response_phase: ResponsePhase,
+    pub(crate) progress: Progress,
     pub(crate) trap: Option<String>,
+}
+
+/// The request's side of the filter's flow.
+#[derive(Debug, PartialEq)]
+pub(crate) enum RequestPhase {
+    /// The filter has not let the headers go (Pause from `on_request_headers` is
+    /// StopAllIterationAndWatermark): Envoy withholds what the client sends next from it.
+    Held(Withheld),
+    /// The headers went upstream; the body and trailers pass through the filter.
+    Released,
+}
+
+/// What the client sent while the filter held the headers, handed over when it continues.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Withheld {
+    pub(crate) body: Vec<u8>,
+    /// The withheld body ends the stream.
+    pub(crate) body_end: bool,
+    /// The trailers came too.
+    pub(crate) trailers: bool,
+}
+
+/// The response's side of the filter's flow.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ResponsePhase {
+    /// No response yet.
+    NotStarted,
+    /// The response headers are at the filter (`on_response_headers`).
+    HeadersAtFilter,
+    /// The filter paused the headers: they (and the body, if `body_withheld`) wait for it.
+    HeadersPaused { body_withheld: bool },
+    /// The headers passed the filter (on their way to the client); the body is at the filter.
+    BodyAtFilter,
+    /// The headers passed; the filter paused the body (StopIterationAndBuffer).
+    BodyPaused,
+    /// The whole response passed the filter.
+    Complete,
+}
+
+impl ResponsePhase {
+    pub(crate) fn paused(self) -> bool {
+        matches!(self, ResponsePhase::HeadersPaused { .. } | ResponsePhase::BodyPaused)
+    }
+
+    /// The response headers have passed the filter, on their way to the client.
+    pub(crate) fn headers_sent(self) -> bool {
+        matches!(self, ResponsePhase::BodyAtFilter | ResponsePhase::BodyPaused | ResponsePhase::Complete)
+    }
+}
+
+/// Whether the stream can move on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Progress {
+    Running,
+    /// Paused with nothing pending that the script answers (a held callout, or none).
+    Stalled,
+    /// Ended: answered, reset or trapped.
+    Done,
+}
+
+impl StreamRun {
+    pub(crate) fn new(worker: usize, id: u32, request: Request) -> StreamRun {
+        StreamRun {
+            worker,
+            id,
+            request,
+            request_phase: RequestPhase::Held(Withheld::default()),
+            request_end_seen: false,
+            upstream_response_body: Vec::new(),
+            response_cut: false,
+            upstream: None,
+            response_phase: ResponsePhase::NotStarted,
+            progress: Progress::Running,
+            trap: None,
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.progress == Progress::Done
+    }
+
+    pub(crate) fn end(&mut self) {
+        self.progress = Progress::Done;
+    }
+
+    fn released(&self) -> bool {
+        self.request_phase == RequestPhase::Released
+    }
 }
 
 impl Worker {
@@ -40,37 +119,17 @@ impl Worker {
         let request = hcm_normalize(request, connection_id);
         let id = self.add_stream(&request, connection_id);
         let root = self.store.data().root_context;
-        let mut run = StreamRun {
-            worker: self.index,
-            id,
-            request,
-            headers_released: false,
-            request_eos_seen: false,
-            withheld: Vec::new(),
-            withheld_eos: false,
-            trailers_pending: false,
-            upstream_response_body: Vec::new(),
-            response_cut: false,
-            response_body_withheld: false,
-            upstream: None,
-            response_started: false,
-            response_done: false,
-            response_paused: false,
-            response_headers_sent: false,
-            done: false,
-            stalled: false,
-            trap: None,
-        };
+        let mut run = StreamRun::new(self.index, id, request);
         if let Some(reason) = self.failed.clone() {
             // A failed VM answers every new stream with 503 (fail closed).
             self.stream(id).local_reply = Some(wasm_fail_reply());
             run.trap = Some(reason);
-            run.done = true;
+            run.end();
             return run;
         }
         if let Err(t) = self.ctx_call::<(i32, i32), ()>(root, "proxy_on_context_create", (id as i32, root as i32)) {
             run.trap = Some(t);
-            run.done = true;
+            run.end();
             return run;
         }
         self.deliver_request(&mut run);
@@ -80,9 +139,9 @@ impl Worker {
     pub(crate) fn ended(&mut self, run: &mut StreamRun) -> bool {
         let s = self.stream(run.id);
         if s.local_reply.is_some() || s.reset {
-            run.done = true;
+            run.end();
         }
-        run.done
+        run.is_done()
     }
 
     pub(crate) fn step(&mut self, run: &mut StreamRun, name: &str, params: (i32, i32, i32)) -> Option<Action> {
@@ -90,15 +149,18 @@ impl Worker {
             Ok(r) => Some(r.map(Action::from_raw).unwrap_or(Action::Continue)),
             Err(t) => {
                 run.trap = Some(t);
-                run.done = true;
+                run.end();
                 None
             }
         }
     }
 
-    pub(crate) fn release_request(&mut self, run: &mut StreamRun) {
-        if !run.headers_released {
-            run.headers_released = true;
+    /// Lets the request go on upstream: the headers (the first time) and the body buffered so
+    /// far. Returns what Envoy withheld from the filter while it held the headers.
+    pub(crate) fn release_request(&mut self, run: &mut StreamRun) -> Withheld {
+        let mut withheld = Withheld::default();
+        if let RequestPhase::Held(w) = std::mem::replace(&mut run.request_phase, RequestPhase::Released) {
+            withheld = w;
             let s = self.stream(run.id);
             run.upstream =
                 Some(UpstreamRequest { headers: from_map(&s.request_headers), body: Vec::new(), trailers: Vec::new() });
@@ -108,6 +170,7 @@ impl Worker {
         if let Some(u) = run.upstream.as_mut() {
             u.body.extend_from_slice(&pending);
         }
+        withheld
     }
 
     /// Delivers what the client sent. Envoy (proxy-wasm-cpp-host) turns Pause from a headers
@@ -124,28 +187,29 @@ impl Worker {
             return;
         }
         if eos {
-            run.request_eos_seen = true;
+            run.request_end_seen = true;
         }
         if action == Action::Continue || self.take_continue(run.id) {
-            self.release_request(run);
+            // Nothing withheld yet: the body comes next.
+            let _ = self.release_request(run);
         }
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len() && !has_trailers;
-            if !run.headers_released {
-                run.withheld.extend_from_slice(chunk);
-                run.withheld_eos |= last;
+            if let RequestPhase::Held(w) = &mut run.request_phase {
+                w.body.extend_from_slice(chunk);
+                w.body_end |= last;
                 continue;
             }
             self.body_callback(run, chunk, last);
-            if run.done {
+            if run.is_done() {
                 return;
             }
         }
         if has_trailers {
-            if run.headers_released {
+            if run.released() {
                 self.trailers_callback(run);
-            } else {
-                run.trailers_pending = true;
+            } else if let RequestPhase::Held(w) = &mut run.request_phase {
+                w.trailers = true;
             }
         }
     }
@@ -157,7 +221,7 @@ impl Worker {
             b.len() as i32
         };
         if eos {
-            run.request_eos_seen = true;
+            run.request_end_seen = true;
         }
         let Some(action) = self.step(run, "proxy_on_request_body", (run.id as i32, size, eos as i32)) else {
             return;
@@ -167,19 +231,18 @@ impl Worker {
         }
         // Continue flushes what was buffered; Pause (StopIterationAndBuffer) keeps buffering.
         if action == Action::Continue || self.take_continue(run.id) {
-            self.release_request(run);
+            let _ = self.release_request(run);
         }
     }
 
     pub(crate) fn trailers_callback(&mut self, run: &mut StreamRun) {
-        run.trailers_pending = false;
-        run.request_eos_seen = true;
+        run.request_end_seen = true;
         let t = run.request.trailers.len() as i32;
         let action = match self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t)) {
             Ok(r) => r.map(Action::from_raw).unwrap_or(Action::Continue),
             Err(t) => {
                 run.trap = Some(t);
-                run.done = true;
+                run.end();
                 return;
             }
         };
@@ -187,7 +250,7 @@ impl Worker {
             return;
         }
         if action == Action::Continue || self.take_continue(run.id) {
-            self.release_request(run);
+            let _ = self.release_request(run);
         }
     }
 
@@ -198,70 +261,64 @@ impl Worker {
     /// The request is fully forwarded: nothing of it is held by the filter or withheld from it.
     pub(crate) fn request_complete(&mut self, run: &mut StreamRun) -> bool {
         let held = self.stream(run.id).request_body.as_ref().is_some_and(|b| !b.is_empty());
-        run.headers_released
-            && run.request_eos_seen
-            && !held
-            && run.withheld.is_empty()
-            && !run.withheld_eos
-            && !run.trailers_pending
+        run.released() && run.request_end_seen && !held
     }
 
     /// Moves the stream on as far as the scripts allow. Returns true when it is done.
     pub(crate) fn drive(&mut self, run: &mut StreamRun, spec: &PluginSpec) -> bool {
-        run.stalled = false;
+        if run.progress == Progress::Stalled {
+            run.progress = Progress::Running;
+        }
         loop {
-            if run.done || self.ended(run) {
+            if run.is_done() || self.ended(run) {
                 return true;
             }
             if self.take_continue(run.id) {
-                self.release_request(run);
+                let withheld = self.release_request(run);
                 // Envoy now hands the filter the body it withheld, in one piece.
-                if !run.withheld.is_empty() || run.withheld_eos {
-                    let data = std::mem::take(&mut run.withheld);
-                    let eos = std::mem::take(&mut run.withheld_eos);
-                    self.body_callback(run, &data, eos);
+                if !withheld.body.is_empty() || withheld.body_end {
+                    self.body_callback(run, &withheld.body, withheld.body_end);
                 }
-                if run.trailers_pending && !run.done {
+                if withheld.trailers && !run.is_done() {
                     self.trailers_callback(run);
                 }
                 continue;
             }
-            if run.response_paused && std::mem::take(&mut self.stream(run.id).continue_response) {
-                run.response_paused = false;
-                run.response_headers_sent = true;
-                if std::mem::take(&mut run.response_body_withheld) {
+            if run.response_phase.paused() && std::mem::take(&mut self.stream(run.id).continue_response) {
+                if run.response_phase == (ResponsePhase::HeadersPaused { body_withheld: true }) {
+                    run.response_phase = ResponsePhase::BodyAtFilter;
                     self.response_body_callback(run);
                 } else {
-                    run.response_done = true;
+                    run.response_phase = ResponsePhase::Complete;
                 }
                 continue;
             }
-            if run.response_done {
-                run.done = true;
+            if run.response_phase == ResponsePhase::Complete {
+                run.end();
                 return true;
             }
-            let waiting_on_filter = !self.request_complete(run) || run.response_paused;
+            let waiting_on_filter = !self.request_complete(run) || run.response_phase.paused();
             if waiting_on_filter {
                 // Only a callout answer can resume it.
                 if !self.answer_next_callout(run.id, spec, &run.request.callouts) {
-                    run.stalled = true;
+                    run.progress = Progress::Stalled;
                     return false;
                 }
                 continue;
             }
-            if !run.response_started && run.request.disconnect {
+            if run.response_phase == ResponsePhase::NotStarted && run.request.disconnect {
                 // The client reset the stream while the upstream was working on it.
                 self.stream(run.id).reset = true;
-                run.done = true;
+                run.end();
                 return true;
             }
-            if !run.response_started {
-                run.response_started = true;
+            if run.response_phase == ResponsePhase::NotStarted {
+                run.response_phase = ResponsePhase::HeadersAtFilter;
                 let upstream = run.request.upstream.clone().unwrap_or_else(|| spec.upstream.clone());
                 self.deliver_response(run, &upstream, spec.route_timeout_ms);
                 continue;
             }
-            run.response_done = true;
+            run.response_phase = ResponsePhase::Complete;
         }
     }
 
@@ -287,18 +344,17 @@ impl Worker {
             if run.response_cut {
                 // The upstream closes while Envoy holds the response: the stream is reset.
                 self.stream(run.id).reset = true;
-                run.done = true;
+                run.end();
                 return;
             }
-            run.response_paused = true;
-            run.response_body_withheld = has_body;
+            run.response_phase = ResponsePhase::HeadersPaused { body_withheld: has_body };
             return;
         }
-        run.response_headers_sent = true;
         if has_body {
+            run.response_phase = ResponsePhase::BodyAtFilter;
             self.response_body_callback(run);
         } else {
-            run.response_done = true;
+            run.response_phase = ResponsePhase::Complete;
         }
     }
 
@@ -319,15 +375,12 @@ impl Worker {
             // Envoy's router: the upstream reset after the response started; the downstream
             // stream is reset (the filters next see on_log).
             self.stream(run.id).reset = true;
-            run.done = true;
+            run.end();
             return;
         }
         let continued = std::mem::take(&mut self.stream(run.id).continue_response);
-        if action == Action::Pause && !continued {
-            run.response_paused = true;
-        } else {
-            run.response_done = true;
-        }
+        run.response_phase =
+            if action == Action::Pause && !continued { ResponsePhase::BodyPaused } else { ResponsePhase::Complete };
     }
 
     /// Ends the stream (`on_log`, `on_done`, `on_delete`) and says what it got.
@@ -337,11 +390,11 @@ impl Worker {
         // the filter's own encoder callbacks, as Envoy's does; sent on the response path (or on a
         // trap), it goes straight to the client.
         let local = self.stream(id).local_reply.clone();
-        if local.is_some() && run.response_headers_sent {
+        if local.is_some() && run.response_phase.headers_sent() {
             // Envoy: the response headers already went to the client; all it can do is reset.
             self.stream(id).reset = true;
         } else if let Some(reply) = &local {
-            let run_encoder = run.trap.is_none() && self.failed.is_none() && !run.response_started;
+            let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
             let headers = local_reply_headers(reply);
             let n = headers.len() as i32;
             {
@@ -351,7 +404,6 @@ impl Worker {
                 s.response_body = Some(reply.body.clone());
             }
             if run_encoder {
-                run.response_started = true;
                 let _ = self.ctx_call::<(i32, i32, i32), i32>(
                     id,
                     "proxy_on_response_headers",
@@ -381,7 +433,8 @@ impl Worker {
         let _ = spec;
         let s = self.store.data_mut().streams.remove(&id).unwrap_or_default();
         let response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
-        let status = if s.reset || run.stalled {
+        let stalled = run.progress == Progress::Stalled;
+        let status = if s.reset || stalled {
             0
         } else {
             response_headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
@@ -389,9 +442,9 @@ impl Worker {
         Verdict {
             status,
             response_headers,
-            response_body: if s.reset || run.stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
+            response_body: if s.reset || stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
             local_reply: s.local_reply,
-            code_details: if s.reset || run.stalled { None } else { s.code_details },
+            code_details: if s.reset || stalled { None } else { s.code_details },
             upstream: if complete {
                 run.upstream.map(|mut u| {
                     // The trailers as the filter left them.
@@ -405,7 +458,7 @@ impl Worker {
             },
             upstream_headers_sent: headers_sent,
             reset: s.reset,
-            stalled: run.stalled,
+            stalled,
             trap: run.trap,
             callouts: s.callouts,
             host_calls: s.host_calls,
