@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::abi::HeaderMap;
 use crate::host::{
-    from_map, hcm_normalize, is_builtin_property, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker,
+    from_map, hcm_normalize, is_segment_path, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker,
 };
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
@@ -211,7 +211,7 @@ impl<'a> Flow<'a> {
     fn new(workers: Vec<&'a mut Worker>, specs: &'a [PluginSpec], request: Request, connection: u64) -> Flow<'a> {
         let request = hcm_normalize(request, connection);
         let n = workers.len();
-        let filter_state = request.properties.iter().filter(|(k, _)| !is_builtin_property(k)).cloned().collect();
+        let filter_state = request.properties.iter().filter(|(k, _)| is_segment_path(k)).cloned().collect();
         Flow {
             workers,
             specs,
@@ -668,7 +668,8 @@ impl<'a> Flow<'a> {
                 let spec = self.specs[k].clone();
                 let state = self.filter_state.clone();
                 self.worker(k).stream(id).properties = state;
-                if self.worker(k).answer_next_callout(id, &spec) {
+                let overrides = self.request.callouts.clone();
+                if self.worker(k).answer_next_callout(id, &spec, &overrides) {
                     answered = true;
                     let side = if self.stages[k].resp_seen { Side::Response } else { Side::Request };
                     self.filter_state = self.worker(k).stream(id).properties.clone();

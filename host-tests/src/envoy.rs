@@ -681,18 +681,8 @@ pub fn run_envoy(
         let upstream = TestServer::start(Answer::Respond(default_upstream.clone()))?;
         let mut servers = Vec::new();
         let mut clusters = BTreeMap::new();
-        for (name, spec) in &scenario.callouts {
-            let answer = match spec {
-                CalloutSpec::Respond { status, headers, .. } => Answer::Respond(Upstream {
-                    status: *status,
-                    headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    body: spec.body()?,
-                    ..Upstream::default()
-                }),
-                CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
-                CalloutSpec::Word(_) => Answer::Reset,
-            };
-            let server = TestServer::start(answer)?;
+        for (name, spec) in &scenario.callout_clusters() {
+            let server = TestServer::start(callout_answer(spec)?)?;
             clusters.insert(name.clone(), server.port);
             servers.push((name.clone(), server));
         }
@@ -729,6 +719,13 @@ pub fn run_envoy(
                 out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, None));
                 continue;
             };
+            // Each cluster answers this case's callouts as the case says, or as the file does.
+            let answers = scenario.case_callouts(case);
+            for (name, server) in &servers {
+                if let Some(spec) = answers.get(name) {
+                    server.set_answer(callout_answer(spec)?);
+                }
+            }
             let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref()))
@@ -787,6 +784,20 @@ pub fn run_envoy(
         Ok(rows) => rows,
         Err(e) => vec![row("(envoy)", Outcome::Fail(vec![format!("{e:#}")]), None)],
     }
+}
+
+/// How a callout cluster's test server answers `spec`.
+fn callout_answer(spec: &CalloutSpec) -> Result<Answer> {
+    Ok(match spec {
+        CalloutSpec::Respond { status, headers, .. } => Answer::Respond(Upstream {
+            status: *status,
+            headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            body: spec.body()?,
+            ..Upstream::default()
+        }),
+        CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
+        CalloutSpec::Word(_) => Answer::Reset,
+    })
 }
 
 /// A request a test server received, its headers as the filters name them (`:method`, `:path`,

@@ -12,15 +12,20 @@ pub struct Request {
     pub trailers: Vec<(String, String)>,
     /// `source.address` as Envoy reports it: "ip:port".
     pub source_address: String,
-    /// Properties already set by earlier filters (Envoy filter state, read back only by that
-    /// exact one-segment name, e.g. "firebreak.principal"), or overrides of built-in properties
-    /// by their dotted path ("source.address", "request.time", "connection.mtls").
+    /// Properties already set by earlier filters (Envoy filter state), or overrides of built-in
+    /// properties ("source.address", "request.time", "connection.mtls"). A path is dotted
+    /// ("firebreak.principal": found by a module reading `["firebreak.principal"]` or
+    /// `["firebreak", "principal"]`) or its exact segments separated by NUL
+    /// ([`Request::property_segments`]: found only by that path).
     pub properties: Vec<(String, Vec<u8>)>,
     /// How the upstream answers this request (`None`: as the host's [`Upstream`] says).
     pub upstream: Option<Upstream>,
     /// The client goes away once the whole request has reached the upstream, before the
     /// answer: Envoy resets the stream (the filters see no response, then `on_log`).
     pub disconnect: bool,
+    /// How the callouts this request causes are answered, by cluster, instead of the host's
+    /// script ([`crate::PluginSpec::callouts`]). The cluster must exist there.
+    pub callouts: BTreeMap<String, CalloutReply>,
 }
 
 impl Request {
@@ -38,6 +43,7 @@ impl Request {
             properties: Vec::new(),
             upstream: None,
             disconnect: false,
+            callouts: BTreeMap::new(),
         }
     }
 
@@ -88,9 +94,22 @@ impl Request {
         self
     }
 
+    /// A property under exactly these path segments (as a module names them in
+    /// `proxy_get_property`; a dotted segment stays one segment).
+    pub fn property_segments(self, segments: &[&str], value: impl AsRef<[u8]>) -> Request {
+        let path = segments.join("\0");
+        self.property(&path, value)
+    }
+
     /// This request gets this answer from the upstream (instead of the host's default).
     pub fn answered_by(mut self, upstream: Upstream) -> Request {
         self.upstream = Some(upstream);
+        self
+    }
+
+    /// The callouts this request causes to `cluster` get this answer (instead of the host's).
+    pub fn callout(mut self, cluster: &str, reply: CalloutReply) -> Request {
+        self.callouts.insert(cluster.to_string(), reply);
         self
     }
 

@@ -348,35 +348,46 @@ fn lower(k: &str) -> String {
     k.to_ascii_lowercase()
 }
 
-macro_rules! hostcall {
-    ($linker:expr, $name:literal, |$caller:ident $(, $arg:ident : $ty:ty)*| $body:block) => {
-        $linker.func_wrap("env", $name, move |mut $caller: Caller<'_, VmState> $(, $arg: $ty)*| -> i32 {
-            $caller.data_mut().note($name);
-            // The closure gives `?` a scope; every host function returns a Status.
-            #[allow(clippy::redundant_closure_call)]
-            let r: Result<(), Status> = (|| $body)();
-            finish(&mut $caller, $name, r)
-        })?;
+/// The host functions: one table, from which [`add_to_linker`] registers each (counted, and in
+/// strict mode checked, under its name; its body returns a `Status`) and [`HOST_FUNCTIONS`] lists
+/// them.
+macro_rules! host_functions {
+    ($($name:literal => |$caller:ident $(, $arg:ident : $ty:ty)*| $body:block;)*) => {
+        /// Names of every import this host provides in module `env`.
+        pub const HOST_FUNCTIONS: &[&str] = &[$($name),*];
+
+        /// Adds every host function the proxy-wasm Rust SDK 0.2 (ABI 0.2.1) imports.
+        pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
+            $(
+                linker.func_wrap("env", $name, move |mut $caller: Caller<'_, VmState> $(, $arg: $ty)*| -> i32 {
+                    $caller.data_mut().note($name);
+                    // The closure gives `?` a scope; every host function returns a Status.
+                    #[allow(clippy::redundant_closure_call)]
+                    let r: Result<(), Status> = (|| $body)();
+                    finish(&mut $caller, $name, r)
+                })?;
+            )*
+            Ok(())
+        }
     };
 }
 
-/// Adds every host function the proxy-wasm Rust SDK 0.2 (ABI 0.2.1) imports.
-pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
-    hostcall!(linker, "proxy_log", |c, level: i32, ptr: i32, len: i32| {
+host_functions! {
+    "proxy_log" => |c, level: i32, ptr: i32, len: i32| {
         let msg = text(read(&mut c, ptr, len)?);
         let names = ["trace", "debug", "info", "warn", "error", "critical"];
         let level = names.get(level as usize).copied().unwrap_or("?");
         c.data_mut().log(format!("[{level}] {msg}"));
         Ok(())
-    });
+    };
     // Info, as Envoy's wasm log level is in this project's configurations (`wasm:info`): modules
     // that log their happy path only at debug behave (and count host calls) as they do in Envoy.
-    hostcall!(linker, "proxy_get_log_level", |c, ptr: i32| { write_u32(&mut c, ptr, 2) });
-    hostcall!(linker, "proxy_get_current_time_nanoseconds", |c, ptr: i32| {
+    "proxy_get_log_level" => |c, ptr: i32| { write_u32(&mut c, ptr, 2) };
+    "proxy_get_current_time_nanoseconds" => |c, ptr: i32| {
         let now = c.data().world.now_nanos();
         write(&mut c, ptr, &now.to_le_bytes())
-    });
-    hostcall!(linker, "proxy_set_tick_period_milliseconds", |c, ms: i32| {
+    };
+    "proxy_set_tick_period_milliseconds" => |c, ms: i32| {
         // Envoy's Wasm::setTimerPeriod: disable the running timer; a period above 0 arms a new
         // one at now + period.
         let now = c.data().world.now_nanos();
@@ -384,10 +395,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         st.tick_period_ms = ms as u32;
         st.tick_due = (ms as u32 > 0).then(|| now + ms as u32 as u64 * 1_000_000);
         Ok(())
-    });
+    };
 
     // Buffers.
-    hostcall!(linker, "proxy_get_buffer_bytes", |c, kind: i32, start: i32, max: i32, pp: i32, sp: i32| {
+    "proxy_get_buffer_bytes" => |c, kind: i32, start: i32, max: i32, pp: i32, sp: i32| {
         let (start, max) = (start as u32 as usize, max as u32 as usize);
         let data = match c.data_mut().buffer(kind) {
             None => return Err(Status::NotFound),
@@ -400,8 +411,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             }
         };
         give(&mut c, &data, pp, sp)
-    });
-    hostcall!(linker, "proxy_set_buffer_bytes", |c, kind: i32, start: i32, size: i32, ptr: i32, len: i32| {
+    };
+    "proxy_set_buffer_bytes" => |c, kind: i32, start: i32, size: i32, ptr: i32, len: i32| {
         let data = read(&mut c, ptr, len)?;
         let (start, size) = (start as u32 as usize, size as u32 as usize);
         if !(kind == buffer::HTTP_REQUEST_BODY || kind == buffer::HTTP_RESPONSE_BODY) {
@@ -421,24 +432,24 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         } else {
             Err(Status::BadArgument)
         }
-    });
+    };
 
     // Header and trailer maps.
-    hostcall!(linker, "proxy_get_header_map_pairs", |c, kind: i32, pp: i32, sp: i32| {
+    "proxy_get_header_map_pairs" => |c, kind: i32, pp: i32, sp: i32| {
         let bytes = match c.data_mut().header_map(kind) {
             Some(m) => abi::serialize_map(m),
             None => abi::serialize_map(&[]),
         };
         give(&mut c, &bytes, pp, sp)
-    });
-    hostcall!(linker, "proxy_set_header_map_pairs", |c, kind: i32, ptr: i32, len: i32| {
+    };
+    "proxy_set_header_map_pairs" => |c, kind: i32, ptr: i32, len: i32| {
         let pairs = abi::deserialize_map(&read(&mut c, ptr, len)?).ok_or(Status::BadArgument)?;
         let m = c.data_mut().header_map(kind).ok_or(Status::BadArgument)?;
         m.clear();
         m.extend(pairs.into_iter().map(|(k, v)| (lower(&k), v)));
         Ok(())
-    });
-    hostcall!(linker, "proxy_get_header_map_value", |c, kind: i32, kp: i32, kl: i32, pp: i32, sp: i32| {
+    };
+    "proxy_get_header_map_value" => |c, kind: i32, kp: i32, kl: i32, pp: i32, sp: i32| {
         let key = lower(&text(read(&mut c, kp, kl)?));
         // Envoy returns the first of duplicated headers.
         let value = c
@@ -447,14 +458,14 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
             .ok_or(Status::NotFound)?;
         give(&mut c, &value, pp, sp)
-    });
-    hostcall!(linker, "proxy_add_header_map_value", |c, kind: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+    };
+    "proxy_add_header_map_value" => |c, kind: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
         let key = lower(&text(read(&mut c, kp, kl)?));
         let value = read(&mut c, vp, vl)?;
         c.data_mut().header_map(kind).ok_or(Status::BadArgument)?.push((key, value));
         Ok(())
-    });
-    hostcall!(linker, "proxy_replace_header_map_value", |c, kind: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+    };
+    "proxy_replace_header_map_value" => |c, kind: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
         let key = lower(&text(read(&mut c, kp, kl)?));
         let value = read(&mut c, vp, vl)?;
         let m = c.data_mut().header_map(kind).ok_or(Status::BadArgument)?;
@@ -463,29 +474,29 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         m.retain(|(k, _)| *k != key);
         m.push((key, value));
         Ok(())
-    });
-    hostcall!(linker, "proxy_remove_header_map_value", |c, kind: i32, kp: i32, kl: i32| {
+    };
+    "proxy_remove_header_map_value" => |c, kind: i32, kp: i32, kl: i32| {
         let key = lower(&text(read(&mut c, kp, kl)?));
         c.data_mut().header_map(kind).ok_or(Status::BadArgument)?.retain(|(k, _)| *k != key);
         Ok(())
-    });
+    };
 
     // Properties.
-    hostcall!(linker, "proxy_get_property", |c, p: i32, l: i32, pp: i32, sp: i32| {
+    "proxy_get_property" => |c, p: i32, l: i32, pp: i32, sp: i32| {
         let path = abi::split_path(&read(&mut c, p, l)?);
         let value = c.data_mut().property(&path).ok_or(Status::NotFound)?;
         give(&mut c, &value, pp, sp)
-    });
-    hostcall!(linker, "proxy_set_property", |c, p: i32, l: i32, vp: i32, vl: i32| {
+    };
+    "proxy_set_property" => |c, p: i32, l: i32, vp: i32, vl: i32| {
         let path = abi::split_path(&read(&mut c, p, l)?).join("\0");
         let value = read(&mut c, vp, vl)?;
         let s = c.data_mut().stream().ok_or(Status::NotFound)?;
         s.properties.insert(path, value);
         Ok(())
-    });
+    };
 
     // Shared data: Envoy's semantics, one store per host shared by all its VMs (workers).
-    hostcall!(linker, "proxy_get_shared_data", |c, kp: i32, kl: i32, pp: i32, sp: i32, cp: i32| {
+    "proxy_get_shared_data" => |c, kp: i32, kl: i32, pp: i32, sp: i32, cp: i32| {
         let key = text(read(&mut c, kp, kl)?);
         let (world, worker, vm) = (c.data().world.clone(), c.data().worker, c.data().vm_id.clone());
         let found = world.with_turn(worker, || {
@@ -499,8 +510,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         let (value, cas) = found.ok_or(Status::NotFound)?;
         give(&mut c, &value, pp, sp)?;
         write_u32(&mut c, cp, cas)
-    });
-    hostcall!(linker, "proxy_set_shared_data", |c, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| {
+    };
+    "proxy_set_shared_data" => |c, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| {
         let key = text(read(&mut c, kp, kl)?);
         let value = read(&mut c, vp, vl)?;
         let (world, worker, vm) = (c.data().world.clone(), c.data().worker, c.data().vm_id.clone());
@@ -512,17 +523,17 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             Status::Ok => Ok(()),
             other => Err(other),
         }
-    });
+    };
 
     // Shared queues.
-    hostcall!(linker, "proxy_register_shared_queue", |c, np: i32, nl: i32, rp: i32| {
+    "proxy_register_shared_queue" => |c, np: i32, nl: i32, rp: i32| {
         let name = text(read(&mut c, np, nl)?);
         let (world, worker, vm, ctx) = (c.data().world.clone(), c.data().worker, c.data().vm_id.clone(), c.data().effective);
         let token =
             world.with_turn(worker, || (lock(&world.queues).register(&vm, &name, worker, ctx), format!("register queue {name}")));
         write_u32(&mut c, rp, token)
-    });
-    hostcall!(linker, "proxy_resolve_shared_queue", |c, vp: i32, vl: i32, np: i32, nl: i32, rp: i32| {
+    };
+    "proxy_resolve_shared_queue" => |c, vp: i32, vl: i32, np: i32, nl: i32, rp: i32| {
         let mut vm = text(read(&mut c, vp, vl)?);
         let name = text(read(&mut c, np, nl)?);
         if vm.is_empty() {
@@ -531,8 +542,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         let world = c.data().world.clone();
         let token = lock(&world.queues).resolve(&vm, &name).ok_or(Status::NotFound)?;
         write_u32(&mut c, rp, token)
-    });
-    hostcall!(linker, "proxy_enqueue_shared_queue", |c, token: i32, vp: i32, vl: i32| {
+    };
+    "proxy_enqueue_shared_queue" => |c, token: i32, vp: i32, vl: i32| {
         let value = read(&mut c, vp, vl)?;
         let (world, worker) = (c.data().world.clone(), c.data().worker);
         world.with_turn(worker, || {
@@ -548,8 +559,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             };
             (r, format!("enqueue {token}"))
         })
-    });
-    hostcall!(linker, "proxy_dequeue_shared_queue", |c, token: i32, pp: i32, sp: i32| {
+    };
+    "proxy_dequeue_shared_queue" => |c, token: i32, pp: i32, sp: i32| {
         let (world, worker) = (c.data().world.clone(), c.data().worker);
         let item = world.with_turn(worker, || {
             let mut qs = lock(&world.queues);
@@ -560,10 +571,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             (r, format!("dequeue {token}"))
         })?;
         give(&mut c, &item, pp, sp)
-    });
+    };
 
     // Stream control.
-    hostcall!(linker, "proxy_continue_stream", |c, kind: i32| {
+    "proxy_continue_stream" => |c, kind: i32| {
         let s = c.data_mut().stream().ok_or(Status::NotFound)?;
         match kind {
             abi::stream::HTTP_REQUEST => s.continue_request = true,
@@ -571,16 +582,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             _ => return Err(Status::BadArgument),
         }
         Ok(())
-    });
-    hostcall!(linker, "proxy_close_stream", |c, kind: i32| {
+    };
+    "proxy_close_stream" => |c, kind: i32| {
         let s = c.data_mut().stream().ok_or(Status::NotFound)?;
         match kind {
             abi::stream::HTTP_REQUEST | abi::stream::HTTP_RESPONSE => s.reset = true,
             _ => return Err(Status::BadArgument),
         }
         Ok(())
-    });
-    hostcall!(linker, "proxy_send_local_response", |c,
+    };
+    "proxy_send_local_response" => |c,
                                                     code: i32,
                                                     dp: i32,
                                                     dl: i32,
@@ -603,8 +614,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             });
         }
         Ok(())
-    });
-    hostcall!(linker, "proxy_set_effective_context", |c, id: i32| {
+    };
+    "proxy_set_effective_context" => |c, id: i32| {
         let id = id as u32;
         let st = c.data_mut();
         if id == st.root_context || st.streams.contains_key(&id) {
@@ -613,14 +624,14 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         } else {
             Err(Status::BadArgument)
         }
-    });
-    hostcall!(linker, "proxy_done", |c| {
+    };
+    "proxy_done" => |c| {
         c.data_mut().done_called = true;
         Ok(())
-    });
+    };
 
     // HTTP callouts.
-    hostcall!(linker, "proxy_http_call", |c,
+    "proxy_http_call" => |c,
                                           up: i32,
                                           ul: i32,
                                           hp: i32,
@@ -662,10 +673,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         }
         st.pending.insert(token, PendingCall { context, callout });
         write_u32(&mut c, rp, token)
-    });
+    };
 
     // gRPC callouts (unary calls and streams).
-    hostcall!(linker, "proxy_grpc_call", |c,
+    "proxy_grpc_call" => |c,
                                           up: i32,
                                           ul: i32,
                                           sp: i32,
@@ -704,8 +715,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         }
         st.pending.insert(token, PendingCall { context, callout });
         write_u32(&mut c, rp, token)
-    });
-    hostcall!(linker, "proxy_grpc_stream", |c,
+    };
+    "proxy_grpc_stream" => |c,
                                             up: i32,
                                             ul: i32,
                                             sp: i32,
@@ -736,31 +747,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         let context = st.effective;
         st.pending.insert(token, PendingCall { context, callout });
         write_u32(&mut c, rp, token)
-    });
-    hostcall!(linker, "proxy_grpc_send", |c, token: i32, mp: i32, ml: i32, _end: i32| {
+    };
+    "proxy_grpc_send" => |c, token: i32, mp: i32, ml: i32, _end: i32| {
         let message = read(&mut c, mp, ml)?;
         let call = c.data_mut().pending.get_mut(&(token as u32)).ok_or(Status::NotFound)?;
         call.callout.body.extend_from_slice(&message);
         Ok(())
-    });
-    hostcall!(linker, "proxy_grpc_cancel", |c, token: i32| {
+    };
+    "proxy_grpc_cancel" => |c, token: i32| {
         c.data_mut().pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound)
-    });
-    hostcall!(linker, "proxy_grpc_close", |c, token: i32| {
+    };
+    "proxy_grpc_close" => |c, token: i32| {
         c.data_mut().pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound)
-    });
-    hostcall!(linker, "proxy_get_status", |c, cp: i32, pp: i32, sp: i32| {
+    };
+    "proxy_get_status" => |c, cp: i32, pp: i32, sp: i32| {
         let (code, message) = c.data().call_response.as_ref().and_then(|r| r.grpc_status.clone()).unwrap_or((0, String::new()));
         write_u32(&mut c, cp, code)?;
         give(&mut c, message.as_bytes(), pp, sp)
-    });
-    hostcall!(linker, "proxy_call_foreign_function", |c, _np: i32, _nl: i32, _ap: i32, _al: i32, _rp: i32, _rs: i32| {
+    };
+    "proxy_call_foreign_function" => |c, _np: i32, _nl: i32, _ap: i32, _al: i32, _rp: i32, _rs: i32| {
         let _ = &mut c;
         Err(Status::NotFound)
-    });
+    };
 
     // Metrics.
-    hostcall!(linker, "proxy_define_metric", |c, kind: i32, np: i32, nl: i32, rp: i32| {
+    "proxy_define_metric" => |c, kind: i32, np: i32, nl: i32, rp: i32| {
         let name = text(read(&mut c, np, nl)?);
         let kind = match kind {
             0 => MetricKind::Counter,
@@ -771,8 +782,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
         let world = c.data().world.clone();
         let id = lock(&world.metrics).define(kind, &name);
         write_u32(&mut c, rp, id)
-    });
-    hostcall!(linker, "proxy_increment_metric", |c, id: i32, offset: i64| {
+    };
+    "proxy_increment_metric" => |c, id: i32, offset: i64| {
         let world = c.data().world.clone();
         let mut m = lock(&world.metrics);
         let def = m.defs.get_mut((id as u32 as usize).wrapping_sub(1)).ok_or(Status::NotFound)?;
@@ -784,15 +795,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
                 Ok(())
             }
         }
-    });
-    hostcall!(linker, "proxy_record_metric", |c, id: i32, value: i64| {
+    };
+    "proxy_record_metric" => |c, id: i32, value: i64| {
         let world = c.data().world.clone();
         let mut m = lock(&world.metrics);
         let def = m.defs.get_mut((id as u32 as usize).wrapping_sub(1)).ok_or(Status::NotFound)?;
         def.2 = value;
         Ok(())
-    });
-    hostcall!(linker, "proxy_get_metric", |c, id: i32, rp: i32| {
+    };
+    "proxy_get_metric" => |c, id: i32, rp: i32| {
         let world = c.data().world.clone();
         let value = {
             let m = lock(&world.metrics);
@@ -803,50 +814,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VmState>) -> Result<()> {
             def.2
         };
         write(&mut c, rp, &value.to_le_bytes())
-    });
-    Ok(())
+    };
 }
-
-/// Names of every import this host provides in module `env`.
-pub const HOST_FUNCTIONS: &[&str] = &[
-    "proxy_log",
-    "proxy_get_log_level",
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_buffer_bytes",
-    "proxy_set_buffer_bytes",
-    "proxy_get_header_map_pairs",
-    "proxy_set_header_map_pairs",
-    "proxy_get_header_map_value",
-    "proxy_add_header_map_value",
-    "proxy_replace_header_map_value",
-    "proxy_remove_header_map_value",
-    "proxy_get_property",
-    "proxy_set_property",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_register_shared_queue",
-    "proxy_resolve_shared_queue",
-    "proxy_enqueue_shared_queue",
-    "proxy_dequeue_shared_queue",
-    "proxy_continue_stream",
-    "proxy_close_stream",
-    "proxy_send_local_response",
-    "proxy_set_effective_context",
-    "proxy_done",
-    "proxy_http_call",
-    "proxy_grpc_call",
-    "proxy_grpc_stream",
-    "proxy_grpc_send",
-    "proxy_grpc_cancel",
-    "proxy_grpc_close",
-    "proxy_get_status",
-    "proxy_call_foreign_function",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-    "proxy_record_metric",
-    "proxy_get_metric",
-];
 
 pub(crate) fn anyhow_trap(e: wasmtime::Error) -> anyhow::Error {
     anyhow!("{e:?}")

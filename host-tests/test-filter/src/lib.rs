@@ -21,7 +21,10 @@
 //! - `x-test-grpc: cluster`     → gRPC callout; status 0 → continue, else 503 `grpc_failed`;
 //! - `x-test-body: buffer`      → buffer the whole body; "deny" in it → 400 `body_denied`,
 //!                                 otherwise it is upper-cased before it is forwarded;
-//! - `x-test-props`             → copy properties into `x-prop-*` request headers;
+//! - `x-test-props`             → copy properties into `x-prop-*` request headers (`portable`:
+//!   all but `source.address`);
+//! - `x-test-prop: a/b,c`       → `x-prop` = the properties at paths `["a", "b"]` and `["c"]`
+//!   (`<none>` if absent), joined by commas;
 //! - `x-test-enqueue: message`  → enqueue on `test_queue`; the root copies it to shared `queue_last`;
 //! - `x-test-time`              → `x-now-ms` = the host's current time;
 //! - `x-test-env: NAME`         → `x-env` = the VM's environment variable NAME;
@@ -224,7 +227,7 @@ impl HttpContext for Stream {
         if let Some(name) = self.get_http_request_header("x-test-remove") {
             self.set_http_request_header(&name, None);
         }
-        if self.get_http_request_header("x-test-props").is_some() {
+        if let Some(which) = self.get_http_request_header("x-test-props") {
             let pairs = [
                 ("x-prop-source-address", vec!["source", "address"]),
                 ("x-prop-path", vec!["request", "path"]),
@@ -233,12 +236,20 @@ impl HttpContext for Stream {
                 ("x-prop-upstream", vec!["firebreak_upstream"]),
             ];
             for (header, path) in pairs {
+                // `portable`: not the peer's address, which differs from run to run in Envoy.
+                if which == "portable" && header == "x-prop-source-address" {
+                    continue;
+                }
                 let value = self.prop(path);
                 self.set_http_request_header(header, Some(&value));
             }
             self.set_property(vec!["firebreak_test"], Some(b"stored"));
             let back = self.prop(vec!["firebreak_test"]);
             self.set_http_request_header("x-prop-roundtrip", Some(&back));
+        }
+        if let Some(paths) = self.get_http_request_header("x-test-prop") {
+            let values: Vec<String> = paths.split(',').map(|path| self.prop(path.split('/').collect())).collect();
+            self.set_http_request_header("x-prop", Some(&values.join(",")));
         }
         if self.get_http_request_header("x-test-time").is_some() {
             let ms = self
