@@ -13,6 +13,7 @@ pub mod envguard;
 pub mod filters;
 pub mod flow;
 pub mod headers;
+pub mod mode;
 pub mod quota;
 pub mod ratelimit;
 pub mod reject;
@@ -22,4 +23,5 @@ pub mod route;
 pub mod signature;
 pub mod store;
 
-pub use reject::{rejection_counter_names, Code, ConfigError, Rejection};
+pub use mode::Mode;
+pub use reject::{rejection_counter_names, would_reject_counter_names, Code, ConfigError, Rejection};

@@ -139,6 +139,12 @@ pub fn rejection_counter_names() -> impl Iterator<Item = String> {
     codes.chain(DETAILS.iter().map(|(code, detail)| format!("rejected.{}.{detail}", code.as_str())))
 }
 
+/// Every would-be refusal counter of a report-only filter or rule: `would_reject.<code>` for every
+/// code ([`crate::Mode::ReportOnly`]; the detail goes to the log line only).
+pub fn would_reject_counter_names() -> impl Iterator<Item = String> {
+    Code::ALL.iter().map(|code| format!("would_reject.{}", code.as_str()))
+}
+
 /// A request the gateway refuses to forward. Built only from a [`Code`] ([`Rejection::new`]):
 /// `status` and `code` always come from the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +217,22 @@ impl Rejection {
             names.push(format!("rejected.{}.{detail}", self.code));
         }
         names
+    }
+
+    /// The counter (after the plugin's prefix) a report-only filter or rule increments instead:
+    /// `would_reject.<code>`.
+    pub fn would_reject_counter_name(&self) -> String {
+        format!("would_reject.{}", self.code)
+    }
+
+    /// The line a report-only filter or rule writes instead of [`Rejection::log_line`]:
+    /// `firebreak <plugin> would_reject status=.. code=.. [reason=..] <context> msg=".."`.
+    pub fn would_reject_log_line(&self, plugin: &str, context: &str) -> String {
+        let reason = self.detail.map(|d| format!(" reason={d}")).unwrap_or_default();
+        format!(
+            "firebreak {plugin} would_reject status={} code={}{reason} {context} msg={:?}",
+            self.status, self.code, self.message
+        )
     }
 
     /// One greppable, table-like log line:

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use crate::remote::RedisConfig;
 use crate::store::SharedStore;
-use crate::Rejection;
+use crate::{Mode, Rejection};
 
 /// What the host tells a flow about its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +272,21 @@ pub fn reject(host: &mut dyn Host, meter: &Meter, level: Level, rejection: Rejec
         host.count(meter, &name);
     }
     Step::Reply(rejection)
+}
+
+/// Refuses the request in [`Mode::Enforce`] ([`reject`]: `Some(Step::Reply)`). In
+/// [`Mode::ReportOnly`] writes one `would_reject` line at `level` and counts
+/// `would_reject.<code>`, and returns `None`: the caller lets the request go on unchanged, as if
+/// it had passed this check.
+pub fn refuse(host: &mut dyn Host, meter: &Meter, mode: Mode, level: Level, rejection: Rejection, context: &str) -> Option<Step> {
+    match mode {
+        Mode::Enforce => Some(reject(host, meter, level, rejection, context)),
+        Mode::ReportOnly => {
+            host.log(level, &rejection.would_reject_log_line(meter.plugin, context));
+            host.count(meter, &rejection.would_reject_counter_name());
+            None
+        }
+    }
 }
 
 /// A filter's flow for one stream: one value per stream, fed every event in order.
