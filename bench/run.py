@@ -11,6 +11,10 @@ One run, one machine, ratios against bare Envoy measured in the same run:
     against bare Envoy after the same 100,000 requests.
   * Micro-benchmarks from bench/tool (native decision core vs the wasm module in the test host,
     host calls per accepted request, per filter and for the whole chain in both forms).
+  * Where each filter's cost goes (bench/cost.py): the host-call cost table, request-signature's
+    ladder, and each filter's CPU split into fixed cost, host calls, decision code in the VM and
+    Envoy running slower, in rounds of their own at one body size. `--only ladder,hostcalls` runs
+    only those and keeps the rest of the previous results.json.
 Writes .run/bench/results.json; bench/report.py turns it into docs/benchmarks.md and the chart.
 """
 
@@ -48,6 +52,8 @@ def have(module: str) -> bool:
         return TRIVIAL_WASM.exists()
     if module == "@native":
         return NATIVE_SO.exists()
+    if module.startswith("@file:"):
+        return Path(module[len("@file:"):]).exists()
     return (harness.WASM_DIR / f"{module}.wasm").exists()
 
 
@@ -111,6 +117,8 @@ CONFIGS: dict[str, tuple[list[str], object]] = {
 import filters as _filters  # noqa: E402  (bench/filters.py: the other filters and the chain)
 
 _filters.register(CONFIGS, harness, signature)
+
+import cost as _cost  # noqa: E402  (bench/cost.py: the cost breakdown's configurations)
 
 LABELS = {
     "bare": "bare Envoy (router only)",
@@ -306,6 +314,44 @@ def machine_facts() -> dict:
     }
 
 
+def cost_phase(configs: list[str], rounds: int, args, duration: float, reqs: "Requests", cpu_n: int, lat_n: int,
+               warm_n: int, upstream: "Upstream") -> dict:
+    """The cost breakdown's rounds (bench/cost.py): every configuration at one body size, Envoys
+    started afresh each round, order rotated, as the headline's rounds."""
+    size = args.cost_size
+    out = {"facts": machine_facts(), "params": {
+        "size": size, "rounds": rounds, "duration_s": duration, "connections": args.connections,
+        "probe_calls": args.probe_calls, "shadow_repeat": args.shadow_repeat}, "configs": configs, "runs": [],
+        "probes": _cost.PROBES, "calls": None}
+    calls = subprocess.run([str(TOOL), "calls", "--wasm-dir", str(harness.WASM_DIR), "--size", str(size)],
+                           capture_output=True, text=True)
+    out["calls"] = json.loads(calls.stdout) if calls.returncode == 0 else {"error": calls.stderr[-2000:]}
+    for r in range(rounds):
+        log(f"cost round {r + 1}/{rounds}: {len(configs)} configurations at {size} B")
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        # Envoys in groups (a round holds many): each group starts, warms up, is measured, stops.
+        for first in range(0, len(order), 12):
+            group = order[first:first + 12]
+            envoys = {}
+            try:
+                for c in group:
+                    envoys[c] = start_envoy(c, "cpu", upstream)
+                for c in group:
+                    wrk(envoys[c].port, reqs.args(size, cpu_n + lat_n, warm_n, "wrap"), args.connections, 1)
+                for c in group:
+                    stats0 = envoys[c].stats("bench.shadow.refused")
+                    res = measured_run(envoys[c], reqs.args(size, 0, cpu_n, "wrap"), args.connections, duration)
+                    refused = sum(envoys[c].stats("bench.shadow.refused").values()) - sum(stats0.values())
+                    res.update(round=r, size=size, config=c, shadow_refused=refused)
+                    out["runs"].append(res)
+                    log(f"  cost {c:36s} {res['cpu_us_per_req']:7.2f} us/req  {res['rps']:8.0f} rps  "
+                        f"non-2xx {res['non_2xx']}" + (f"  shadow refused {refused}" if refused else ""))
+            finally:
+                for e in envoys.values():
+                    e.stop()
+    return out
+
+
 def _terminate(signum, frame):
     raise SystemExit(f"bench: stopped by signal {signum}")
 
@@ -321,6 +367,14 @@ def main():
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--configs", help="comma-separated subset of configurations (development)")
+    ap.add_argument("--only", default="main,ladder,hostcalls",
+                    help="comma-separated parts to run: main (the headline, latency, memory, micro-benchmarks), "
+                         "ladder (request-signature's ladder and the four-part split), hostcalls (the host-call "
+                         "cost table). Without main, the previous results.json keeps its other parts.")
+    ap.add_argument("--cost-size", type=int, default=0, help="body size of the cost breakdown (default 0)")
+    ap.add_argument("--cost-rounds", type=int, help="rounds of the cost breakdown (default: --rounds)")
+    ap.add_argument("--probe-calls", type=int, default=32, help="host calls per request of each probe")
+    ap.add_argument("--shadow-repeat", type=int, default=4, help="extra in-VM runs of a flow per request")
     ap.add_argument("--build-failed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 4)
@@ -328,6 +382,11 @@ def main():
     lat_duration = 1 if args.quick else 2
     sizes = [int(s) for s in args.sizes.split(",")]
     mem_keys = 100_000
+    parts = set(args.only.split(","))
+    unknown = parts - {"main", "ladder", "hostcalls"}
+    if unknown:
+        ap.error(f"--only: unknown part(s) {sorted(unknown)} (main, ladder, hostcalls)")
+    run_main = "main" in parts
 
     missing = [f"{m}.wasm" for m in MODULES if not have(m)] + ([] if have("@native") else [NATIVE_SO.name])
     configs = [c for c, (mods, _) in CONFIGS.items() if all(have(m) for m in mods)]
@@ -335,7 +394,16 @@ def main():
         wanted = args.configs.split(",")
         configs = [c for c in configs if c in wanted or c == "bare"]
     skipped = [c for c, (mods, _) in CONFIGS.items() if c not in configs]
+    # The cost breakdown's configurations (bench/cost.py), after the main ones are chosen.
+    cost_groups = _cost.register(CONFIGS, LABELS, harness, args.probe_calls, args.shadow_repeat)
+    available = [c for c, (mods, _) in CONFIGS.items() if all(have(m) for m in mods)]
+    cost_configs = _cost.phase_configs(cost_groups, parts, available) if parts & {"ladder", "hostcalls"} else []
+    cost_missing = [c for g in sorted(parts & set(cost_groups)) for c in cost_groups[g] if c not in available]
+    if not run_main:
+        configs, skipped, sizes = [], [], []
     log(f"modules missing: {missing or 'none'}; configurations: {configs}; skipped: {skipped}")
+    if cost_configs:
+        log(f"cost breakdown at {args.cost_size} B: {len(cost_configs)} configurations; missing: {cost_missing or 'none'}")
 
     OUT.mkdir(parents=True, exist_ok=True)
     # Pool per size: [0, cpu_n) CPU runs, then latency, then warm-up slices. Envoy restarts every
@@ -345,13 +413,14 @@ def main():
     warm_n = 6000
     pool = max(cpu_n + lat_n + warm_n, mem_keys)
     created = int(time.time())
-    log(f"pre-signing {pool} requests per body size {sizes}")
+    signed_sizes = sorted(set(sizes) | ({args.cost_size} if cost_configs else set()))
+    log(f"pre-signing {pool} requests per body size {signed_sizes}")
     meta = json.loads(subprocess.run(
         [str(TOOL), "requests", "--out", str(OUT / "requests"), "--count", str(pool), "--created", str(created),
-         "--sizes", ",".join(map(str, sizes))], check=True, capture_output=True, text=True).stdout)
+         "--sizes", ",".join(map(str, signed_sizes))], check=True, capture_output=True, text=True).stdout)
     reqs = Requests(meta)
-    lat_size = 1024 if 1024 in sizes else sizes[0]
-    mem_size = min(sizes)  # the keys are what is measured; small bodies make the 100,000 requests quick
+    lat_size = 1024 if 1024 in sizes else (sizes[0] if sizes else args.cost_size)
+    mem_size = min(sizes) if sizes else args.cost_size  # the keys are what is measured; small bodies make the 100,000 requests quick
 
     results = {"facts": machine_facts(), "params": {
         "rounds": rounds, "duration_s": duration, "latency_duration_s": lat_duration, "connections": args.connections,
@@ -361,7 +430,7 @@ def main():
 
     upstream = Upstream()
     try:
-        for r in range(rounds):
+        for r in range(rounds if run_main else 0):
             log(f"round {r + 1}/{rounds}: starting {len(configs)} Envoys")
             envoys = {}
             try:
@@ -388,7 +457,12 @@ def main():
                 for e in envoys.values():
                     e.stop()
 
-        if not args.skip_memory:
+        if cost_configs:
+            cost_rounds = args.cost_rounds if args.cost_rounds is not None else rounds
+            results["cost"] = cost_phase(cost_configs, cost_rounds, args, duration, reqs, cpu_n, lat_n, warm_n, upstream)
+            results["cost"]["groups"] = sorted(parts & {"ladder", "hostcalls"})
+            results["cost"]["missing"] = cost_missing
+        if run_main and not args.skip_memory:
             log(f"memory: {mem_keys} distinct keys per configuration")
             for c in [c for c in configs if c != "buffer"]:
                 e = start_envoy(c, "memory", upstream)
@@ -406,7 +480,7 @@ def main():
     finally:
         upstream.stop()
 
-    if not args.skip_micro:
+    if run_main and not args.skip_micro:
         log("micro-benchmarks (bench/tool micro)")
         micro = subprocess.run([str(TOOL), "micro", "--wasm-dir", str(harness.WASM_DIR), "--core-wasm", str(CORE_WASM),
                                 "--iterations", "1000" if args.quick else "4000", "--reps", "3" if args.quick else "5"],
@@ -418,6 +492,14 @@ def main():
         if micro.stderr:
             log(micro.stderr.strip()[-2000:])
 
+    if not run_main:
+        # Only the cost breakdown: keep the rest of the previous run (its own date and commit).
+        previous = OUT / "results.json"
+        if previous.exists():
+            kept = json.loads(previous.read_text())
+            kept["cost"] = results.get("cost")
+            kept["labels"] = {**kept.get("labels", {}), **LABELS}
+            results = kept
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     log(f"wrote {OUT / 'results.json'}")
 

@@ -9,6 +9,10 @@
 //!     Each decision core natively and the same code in its wasm module in the test host
 //!     (host-tests), on the same inputs; host calls per accepted request, per filter and for the
 //!     whole chain (separate modules and the one-module chain). Prints JSON.
+//!
+//! `firebreak-bench calls --wasm-dir DIR [--size S]`
+//!     Host calls per accepted request of each module and of the one-module chain at body size S
+//!     (the test host's count), for the cost breakdown. Prints JSON.
 
 mod coreloop;
 mod flows;
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
     let result = Args::parse(rest).and_then(|args| match command.as_str() {
         "requests" => requests::run(&args),
         "micro" => micro::run(&args),
+        "calls" => micro::calls(&args),
         "flows" => flows::run(&args),
         other => Err(format!("unknown command {other}")),
     });

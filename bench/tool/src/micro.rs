@@ -482,3 +482,49 @@ pub fn run(args: &Args) -> Result<(), String> {
     println!("{}", serde_json::to_string_pretty(&Value::Object(result)).map_err(|e| e.to_string())?);
     Ok(())
 }
+
+/// `firebreak-bench calls --wasm-dir DIR --size S`: the host calls each module makes per accepted
+/// request at body size S, as the test host counts them (the last of 20 requests on one host):
+/// each filter's module with the micro-benchmark's configuration, and the one-module chain with
+/// those as its sections. The cost breakdown of docs/benchmarks.md prices them with the host-call
+/// table measured in Envoy. Prints JSON.
+pub fn calls(args: &Args) -> Result<(), String> {
+    const REQUESTS: usize = 20;
+    let wasm_dir = PathBuf::from(args.req("wasm-dir")?);
+    let size: usize = args.num("size", 0)?;
+    let secret = base64_decode(SECRET_B64)?;
+    let inputs = inputs(size, REQUESTS, DEFAULT_START_NANOS / 1_000_000_000, &secret)?;
+    let requests: Vec<Request> = inputs.iter().map(|i| i.to_host(PATH)).collect();
+    let chain_config = {
+        let sections = chain_sections()
+            .iter()
+            .map(|(name, config)| serde_json::from_str::<Value>(config).map(|c| json!({ *name: c })).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, String>>()?;
+        json!({ "filters": sections }).to_string()
+    };
+    let modules = [
+        ("request_signature", signature_config()),
+        ("rate_limit", rate_limit_config()),
+        ("env_guard", env_guard_config()),
+        ("replay_guard", replay_guard_config(false)),
+        ("firebreak_chain", chain_config),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, config) in modules {
+        let path = wasm_dir.join(format!("{name}.wasm"));
+        let counted = (|| -> Result<Value, String> {
+            if !path.exists() {
+                return Err(format!("missing {}", path.display()));
+            }
+            let module = Module::load(&path).map_err(|e| format!("{e:#}"))?;
+            let root = if name == "firebreak_chain" { "firebreak" } else { name };
+            let mut host = Host::builder(&module).config(&config).root_id(root).start().map_err(|e| e.to_string())?;
+            let (_, last) = time_requests(&requests, &mut |r| host.send(r), &|v| v.status == 200 && v.forwarded())?;
+            Ok(json!({"total": last.host_call_total(), "by_call": last.host_calls}))
+        })();
+        out.insert(name.to_string(), counted.unwrap_or_else(|e| json!({"error": e})));
+    }
+    let result = json!({"size": size, "requests": REQUESTS, "modules": out});
+    println!("{}", serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?);
+    Ok(())
+}
