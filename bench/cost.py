@@ -280,7 +280,7 @@ def render(d: dict, labels: dict) -> list[str]:
     p, f = c.p, cost["facts"]
     main_date = (d.get("facts") or {}).get("date_utc")
     w(f"Measured by `bench/cost.py` ({'in a run of its own, ' if main_date != f['date_utc'] else ''}{f['date_utc']}, "
-      f"commit `{f['commit']}`, load average at start {' '.join(f['loadavg_at_start'])}): {p['rounds']} rounds of "
+      f"commit `{f['commit']}`, load average at start {' '.join(f['loadavg_at_start'])}): {p['rounds']} round{'s' if p['rounds'] != 1 else ''} of "
       f"{p['duration_s']} s per configuration, {p['size']} B signed POSTs, {p['connections']} connections, the headline's method "
       "(Envoy CPU per request from the kernel's accounting, Envoy pinned to its core, configurations interleaved and "
       "rotated, each difference taken within a round, the median over rounds). Rerun alone on an idle machine with "
@@ -330,8 +330,9 @@ def render(d: dict, labels: dict) -> list[str]:
           "bucket's price).")
         w(f"- **Decision code in the VM:** the filter's flow run {n} more times per request inside the same VM, on an "
           "in-VM host that answers from memory (`bench/ladder` `shadow`: the request read once, shared data in an "
-          "in-VM store per run), against the same module running it no extra time: the slope is the flow's own code "
-          "per request, with warm caches and no host call.")
+          "in-VM store per run, the headers copied from memory where the module reads them from Envoy), against the "
+          "same module running it no extra time: the slope is the flow's own code per request, with warm caches and "
+          "no host call.")
         w("- **Envoy running slower:** the rest: the filter's added CPU minus the buffer filter and the three parts "
           "above. It is what the module's code and memory do to Envoy's own code (caches, TLB) and what the parts "
           "above miss (the VM's cold first run of the flow; host calls the probe prices low). It also carries this "

@@ -230,7 +230,7 @@ def render(res: Results) -> str:
         w("")
     w("## How it is measured")
     w("")
-    w(f"""- **Command:** `bash scripts/bench.sh` (about 20 minutes; `--quick` about 10). It installs `wrk` (Debian) and
+    w(f"""- **Command:** `bash scripts/bench.sh` (about 35 minutes; `--quick` about 15). It installs `wrk` (Debian) and
   matplotlib (`bench/requirements.txt`, into `.venv`), builds the modules and the bench tool, runs
   `bench/run.py`, then `bench/report.py` writes this file and `docs/benchmarks.png`.
 - **Topology:** Envoy under test, one worker (`--concurrency 1`) pinned to core 1 (`taskset`); the

@@ -1,5 +1,6 @@
-//! request-signature, returning early: the accepted path of `core::signature::flow` up to step
-//! [`STEP`], through core's public functions, with the host calls the module makes up to there.
+//! request-signature, returning early: the accepted path of `core::signature::flow` up to a step
+//! (1 to 5, fixed by the build: `crate::STEP`), through core's public functions, with the host
+//! calls the module makes up to there.
 //! Every step continues the request; nothing is refused, counted or logged (a benchmark request
 //! that would be refused simply goes on: the benchmark checks the full module's row for that).
 //!
@@ -26,16 +27,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 
-#[cfg(feature = "step1")]
-const STEP: u8 = 1;
-#[cfg(feature = "step2")]
-const STEP: u8 = 2;
-#[cfg(feature = "step3")]
-const STEP: u8 = 3;
-#[cfg(feature = "step4")]
-const STEP: u8 = 4;
-#[cfg(feature = "step5")]
-const STEP: u8 = 5;
+use crate::STEP;
 
 pub fn root() -> Box<dyn RootContext> {
     Box::new(Root { policy: None })
@@ -90,7 +82,8 @@ impl HttpContext for Stream {
     }
 }
 
-/// The steps up to [`STEP`]; returns at the first that does not pass.
+/// The steps up to [`STEP`] (a constant of the build: the code after it is not in the module);
+/// returns at the first that does not pass.
 fn steps(policy: &SignaturePolicy) {
     // 1. The header map, as the engine's hosts read it (UTF-8, shared behind an Rc).
     let Ok(raw) = hostcalls::get_map_bytes(MapType::HttpRequestHeaders) else { return };

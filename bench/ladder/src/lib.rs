@@ -1,30 +1,32 @@
-//! The cost ladder's modules (benchmark only; see Cargo.toml): one cargo feature per variant.
-//! `ladder`: request-signature returning early after step 1 to 5; `shadow`: a filter (or the
-//! chain) as its module runs it, plus N more runs of its flow per request on an in-VM host.
+//! The cost ladder's modules (benchmark only; see Cargo.toml). One build per variant: a feature
+//! `step1` .. `step5` makes request-signature returning early after that step ([`ladder`]); no
+//! feature makes the shadow module ([`shadow`]): a filter (or the chain) as its module runs it,
+//! plus N more runs of its flow per request on an in-VM host. Both are always compiled (the
+//! workspace's lints check both); the feature picks the root context.
 
-#[cfg(not(any(
-    feature = "step1",
-    feature = "step2",
-    feature = "step3",
-    feature = "step4",
-    feature = "step5",
-    feature = "shadow"
-)))]
-compile_error!("bench-ladder: build with exactly one of the features step1 .. step5, shadow");
-
-#[cfg(not(feature = "shadow"))]
 mod ladder;
-#[cfg(feature = "shadow")]
 mod shadow;
 
-#[cfg(not(feature = "shadow"))]
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| ladder::root());
-}}
+/// The ladder's step this build stops after; 0: the shadow module.
+const STEP: u8 = if cfg!(feature = "step5") {
+    5
+} else if cfg!(feature = "step4") {
+    4
+} else if cfg!(feature = "step3") {
+    3
+} else if cfg!(feature = "step2") {
+    2
+} else if cfg!(feature = "step1") {
+    1
+} else {
+    0
+};
 
-#[cfg(feature = "shadow")]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| shadow::root());
+    if STEP == 0 {
+        proxy_wasm::set_root_context(|_| shadow::root());
+    } else {
+        proxy_wasm::set_root_context(|_| ladder::root());
+    }
 }}

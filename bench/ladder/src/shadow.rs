@@ -48,9 +48,10 @@ struct Root {
 impl Root {
     fn configure(json: &[u8]) -> Result<(Arc<dyn FlowFactory>, bool, usize), String> {
         let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-        let filter = value["filter"].as_str().ok_or("filter: required")?.to_string();
-        let repeat = usize::try_from(value["bench_repeat"].as_u64().unwrap_or(0)).map_err(|e| e.to_string())?;
-        let config = serde_json::to_vec(&value["config"]).map_err(|e| e.to_string())?;
+        let filter = value.get("filter").and_then(|v| v.as_str()).ok_or("filter: required")?.to_string();
+        let repeat = value.get("bench_repeat").and_then(|v| v.as_u64()).unwrap_or(0);
+        let repeat = usize::try_from(repeat).map_err(|e| e.to_string())?;
+        let config = serde_json::to_vec(value.get("config").ok_or("config: required")?).map_err(|e| e.to_string())?;
         let entropy = glue::random_32().ok_or("no random bytes")?;
         let setup = Setup { env: &glue::env_var, store: &HostStore, entropy };
         let chain = filter == CHAIN || filter == "firebreak_chain";

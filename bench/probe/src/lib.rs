@@ -164,8 +164,8 @@ impl RootContext for Root {
             (Call::None, 0)
         } else {
             let Ok(json) = serde_json::from_slice::<serde_json::Value>(&config) else { return false };
-            let Some(call) = Call::parse(json["call"].as_str().unwrap_or("none")) else { return false };
-            (call, u32::try_from(json["n"].as_u64().unwrap_or(0)).unwrap_or(0))
+            let Some(call) = Call::parse(json.get("call").and_then(|v| v.as_str()).unwrap_or("none")) else { return false };
+            (call, u32::try_from(json.get("n").and_then(|v| v.as_u64()).unwrap_or(0)).unwrap_or(0))
         };
         self.probe.call.set(call);
         self.probe.n.set(n);
