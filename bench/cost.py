@@ -181,6 +181,9 @@ def phase_configs(groups: dict[str, list[str]], wanted: set[str], available: lis
 # ---------------------------------------------------------------------------------------------
 # The document's section (bench/report.py calls render()).
 
+# Issue 16's CPU targets at 0 B (ratio to bare Envoy): which of the four parts is left where one
+# is missed.
+TARGETS_0B = {"request_signature": 1.35, "rate_limit": 1.25, "env_guard": 1.25, "chain_one_module": 1.8}
 # The configurations behind Envoy's buffer filter (bench/filters.py: filters that read the body).
 BUFFERED = {"request_signature", "replay_guard", "env_guard", "chain_one_module"}
 # The host calls each ladder step adds (what bench/ladder/src/ladder.rs calls; step 6: the real
@@ -229,7 +232,10 @@ class Cost:
         return ((self.c.get("calls") or {}).get("modules") or {}).get(module) or {}
 
     def host_calls(self, by_call: dict) -> tuple[float | None, list[str]]:
-        """The priced sum of `by_call` (ABI name -> count) and the names no probe prices."""
+        """The priced sum of `by_call` (ABI name -> count) and the names no probe prices (None
+        without the host-call table)."""
+        if not self.has("cost_probe:none"):
+            return None, []
         total, unpriced = 0.0, []
         for name, count in by_call.items():
             price = self.price(PRICE_OF[name]) if name in PRICE_OF else None
@@ -342,13 +348,22 @@ def render(d: dict, labels: dict) -> list[str]:
             s = c.split(t)
             if s["unpriced"]:
                 w(f"- {labels.get(t, t)}: host calls without a price in this run: " + ", ".join(f"`{u}`" for u in s["unpriced"]) + ".")
-        parts = {"fixed cost": "fixed", "host calls": "calls", "decision code": "decision", "Envoy running slower": "slower"}
+        parts = {"fixed cost": "fixed", "host calls": "calls", "decision code in the VM": "decision",
+                 "Envoy running slower": "slower"}
         for t in targets:
             s = c.split(t)
             known = {k: s[v] for k, v in parts.items() if s[v] is not None}
-            if known and s["total"]:
-                top = max(known, key=known.get)
-                w(f"- {labels.get(t, t)}: the largest part is {top} ({known[top]:.1f} us of {s['total']:.1f} us).")
+            if not known or not s["total"] or not s["bare"]:
+                continue
+            ranked = sorted(known, key=known.get, reverse=True)
+            line = f"- {labels.get(t, t)} adds {s['total']:.1f} us; by size: " + ", ".join(f"{k} {known[k]:.1f} us" for k in ranked)
+            target = TARGETS_0B.get(t) if p["size"] == 0 else None
+            if target:
+                ratio = s["total"] / s["bare"] + 1
+                over = (ratio - target) * s["bare"]
+                line += (f". Target {target}x: **met** ({ratio:.2f}x)" if over <= 0 else
+                         f". Target {target}x: **missed** ({ratio:.2f}x, {over:.1f} us over; the largest part left: {ranked[0]})")
+            w(line + ".")
         w("")
 
     # The ladder.
