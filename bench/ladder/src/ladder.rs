@@ -132,3 +132,74 @@ fn steps(policy: &SignaturePolicy) {
     // 5. + the nonce claimed in shared data.
     let _ = black_box(claim_nonce(policy, &HostStore, &verified, now));
 }
+
+#[cfg(test)]
+mod tests {
+    //! The ladder's cut between steps 3 and 4 relies on the order of `verify_headers`: the time
+    //! check comes before the signature base and the MAC. If the engine ever checks the MAC first,
+    //! step 3 would measure the MAC too: these tests fail first.
+
+    use firebreak_core::signature::{sign, verify_headers, RequestView, SigError, SignRequest, SignaturePolicy};
+
+    const SECRET: &[u8] = b"demo-client-secret-do-not-use-in-production!";
+    const CREATED: u64 = 1_790_000_000;
+
+    fn policy() -> SignaturePolicy {
+        let json = br#"{"routes": [{"methods": ["POST"], "path_prefix": "/v1/"}],
+            "keys": [{"id": "demo-client", "secret_base64": "ZGVtby1jbGllbnQtc2VjcmV0LWRvLW5vdC11c2UtaW4tcHJvZHVjdGlvbiE="}],
+            "max_age_seconds": 300, "future_skew_seconds": 5, "max_body_bytes": 65536}"#;
+        SignaturePolicy::from_json(json, &|_| None).unwrap()
+    }
+
+    /// The headers of a signed `POST /v1/transfers` (signed with `secret`).
+    fn signed(secret: &[u8]) -> Vec<(String, String)> {
+        let headers = vec![("content-type".to_string(), "application/json".to_string())];
+        let request = SignRequest {
+            method: "POST",
+            scheme: "http",
+            authority: "bench.firebreak",
+            path_and_query: "/v1/transfers",
+            headers: &headers,
+            body: b"",
+            key_id: "demo-client",
+            secret,
+            created: CREATED,
+            expires: None,
+            nonce: Some("n-1"),
+            label: "sig1",
+            components: None,
+            extra_covered_headers: &[],
+        };
+        let mut all = headers.clone();
+        all.extend(sign(&request).unwrap().pairs());
+        all
+    }
+
+    fn verify(headers: &[(String, String)], now_ms: u64) -> Result<(), SigError> {
+        let view = RequestView {
+            method: "POST",
+            scheme: "http",
+            authority: "bench.firebreak",
+            path_and_query: "/v1/transfers",
+            headers,
+        };
+        verify_headers(&policy(), &view, now_ms).map(|_| ())
+    }
+
+    #[test]
+    fn a_clock_at_zero_stops_verification_before_the_mac() {
+        let good = signed(SECRET);
+        assert_eq!(verify(&good, CREATED * 1000), Ok(()));
+        assert_eq!(verify(&good, 0), Err(SigError::FromFuture));
+        // A wrong MAC is found only with the real clock: at 0 the time check refused it first.
+        let mut forged = good.clone();
+        let other = signed(b"another-secret-of-the-same-length-as-the-one");
+        for (name, value) in &mut forged {
+            if name == "signature" {
+                *value = other.iter().find(|(n, _)| n == "signature").unwrap().1.clone();
+            }
+        }
+        assert_eq!(verify(&forged, CREATED * 1000), Err(SigError::InvalidSignature));
+        assert_eq!(verify(&forged, 0), Err(SigError::FromFuture));
+    }
+}
