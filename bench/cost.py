@@ -9,7 +9,8 @@ against bare Envoy of the same round), at one body size (`--cost-size`, 0 B by d
 * `hostcalls`: the host-call cost table. bench/probe making N calls of one kind per request
   against the same module making none: (CPU(N calls) - CPU(none)) / N is one call's price.
 * `ladder`: request-signature returning early after each step (bench/ladder, one build per
-  step: step 0 is the do-nothing module, step 6 the real module), and, for each filter and the
+  step: step 0 is the do-nothing module, step 6 the real module); the one-module chain with its
+  first 1, 2, 3 stages (what each stage adds inside one module); and, for each filter and the
   one-module chain, the pieces of the four-part split:
     - fixed cost: the do-nothing module with the filter's own exports (bench/probe, no call,
       trimmed by tools/wasm-trim), against Envoy with the same filters in front (buffer or none);
@@ -147,6 +148,20 @@ def register(configs: dict, labels: dict, harness, probe_calls: int, shadow_repe
                 return _with_module(filters, shadow, wrapped)
             add("ladder", f"cost_shadow{n}:{target}", needs + [f"@file:{shadow}"], build,
                 f"{labels.get(target, target)} + {n} in-VM runs of its flow")
+    if "chain_one_module" in configs:
+        # The one-module chain with its first k sections (k = 1 .. all but the last): each stage's
+        # share of the chain, measured inside one module.
+        needs, base = configs["chain_one_module"]
+        sections = json.loads(_module_entry(base("cpu"))[1]["typed_config"]["config"]["configuration"]["value"])["filters"]
+        for k in range(1, len(sections)):
+            def build_prefix(p, base=base, k=k):
+                filters = base(p)
+                _, entry, _ = _module_entry(filters)
+                own = json.loads(entry["typed_config"]["config"]["configuration"]["value"])
+                return _with_module(filters, Path(entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]),
+                                    json.dumps({"filters": own["filters"][:k]}))
+            names = " + ".join(next(iter(section)) for section in sections[:k])
+            add("ladder", f"cost_chain:{k}", needs, build_prefix, f"one-module chain, first {k} stage(s): {names}")
     if "request_signature" in configs:
         needs, base = configs["request_signature"]
         for step in range(1, 6):
@@ -388,6 +403,28 @@ def render(d: dict, labels: dict) -> list[str]:
             names = ", ".join(f"{cnt} x {k}" for k, cnt in STEP_CALLS.get(step, {}).items()) or "none"
             w(f"| {i} | {what} | {_us(added)} | {_us(inc)} | {_us(calls) if priced else 'n/a'} ({names}) | {_us(rest)} |")
             prev = step
+        w("")
+
+    # The chain, stage by stage.
+    chain = sorted((r for r in c.by if r.startswith("cost_chain:")), key=lambda r: int(r.split(":")[1]))
+    if chain and c.has("buffer", "chain_one_module"):
+        w(f"### The one-module chain stage by stage ({p['size']} B)")
+        w("")
+        w("`firebreak_chain.wasm` configured with its first stages only (the same sections, in order): what each stage "
+          "adds inside one module. Row 0 is the do-nothing module with the chain's callbacks.")
+        w("")
+        w("| Stages | Added to Envoy with the buffer filter | Added by the last stage |")
+        w("|---|---|---|")
+        rows = [("cost_noop:chain_one_module", "0: do-nothing module")] + \
+            [(r, f"{r.split(':')[1]}: {labels.get(r, r).split(': ', 1)[-1]}") for r in chain] + \
+            [("chain_one_module", f"{len(chain) + 1}: the whole chain")]
+        prev = None
+        for name, label in rows:
+            if not c.has(name):
+                continue
+            added = c.diff(name, "buffer")
+            w(f"| {label} | {_us(added)} | {_us(c.diff(name, prev) if prev else added)} |")
+            prev = name
         w("")
 
     # The host-call table.

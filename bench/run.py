@@ -398,6 +398,8 @@ def main():
     cost_groups = _cost.register(CONFIGS, LABELS, harness, args.probe_calls, args.shadow_repeat)
     available = [c for c, (mods, _) in CONFIGS.items() if all(have(m) for m in mods)]
     cost_configs = _cost.phase_configs(cost_groups, parts, available) if parts & {"ladder", "hostcalls"} else []
+    if args.configs:
+        cost_configs = [c for c in cost_configs if c in args.configs.split(",") or c in ("bare", "buffer")]
     cost_missing = [c for g in sorted(parts & set(cost_groups)) for c in cost_groups[g] if c not in available]
     if not run_main:
         configs, skipped, sizes = [], [], []
