@@ -7,8 +7,9 @@ they say how much, this says where. Needs `perf` (Debian's linux-perf) and a qui
 
     .venv/bin/python bench/profile.py native_chain [--size 0] [--seconds 8]
 
-Configurations are bench/run.py's (`python3 bench/run.py --help`); run scripts/bench.sh once first
-(it builds bench/tool)."""
+Configurations are bench/run.py's (`python3 bench/run.py --help`) and the cost breakdown's
+(bench/cost.py: `cost_step3`, `cost_shadow4:request_signature`, `cost_probe:header_map`, ...); run
+scripts/bench.sh once first (it builds bench/tool and the cost breakdown's modules)."""
 import argparse
 import collections
 import json
@@ -29,6 +30,7 @@ def main():
     ap.add_argument("--size", type=int, default=0)
     ap.add_argument("--seconds", type=int, default=8)
     args = ap.parse_args()
+    run._cost.register(run.CONFIGS, run.LABELS, run.harness, 32, 4)
     os.chdir(run.ROOT)
     run.OUT.mkdir(parents=True, exist_ok=True)
     pool = 25000 * args.seconds + 10000

@@ -597,7 +597,7 @@ def main():
     previous = DOC.read_text() if DOC.exists() else ""
     redis = previous[previous.index(marker):] if marker in previous else ""
     DOC.write_text(render(res).rstrip("\n") + "\n" + redis)
-    print(f"wrote {DOC} and {CHART}")
+    print(f"wrote {DOC}" + (f" and {CHART}" if res.configs else ""))
 
 
 if __name__ == "__main__":
