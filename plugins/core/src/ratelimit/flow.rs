@@ -379,9 +379,20 @@ impl FlowFactory for RateLimitFactory {
         counters(&self.policy)
     }
 
-    /// Nothing besides the `configured` line every filter logs.
+    /// Besides the `configured` line every filter logs: which rules only report, if any.
     fn configured(&self) -> Vec<(Level, String)> {
-        Vec::new()
+        let reporting: Vec<&str> =
+            self.policy.rules.iter().filter(|rule| rule.report_only()).map(|rule| rule.name.as_str()).collect();
+        if self.policy.mode == Mode::Enforce && reporting.is_empty() {
+            return Vec::new();
+        }
+        let line = format!(
+            "firebreak {PLUGIN} instance={} mode={} report_only_rules={}",
+            self.policy.name,
+            self.policy.mode.as_str(),
+            if reporting.is_empty() { "-".to_string() } else { reporting.join(",") }
+        );
+        vec![(Level::Warn, line)]
     }
 }
 
