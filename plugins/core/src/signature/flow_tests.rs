@@ -796,7 +796,7 @@ fn report_only_counts_logs_and_forwards_without_a_principal_what_enforce_refuses
         assert_eq!(code, want, "{what}");
         assert_eq!(counters(&reported), [format!("would_reject.{code}")], "{what}");
         assert_eq!(reported.logs.len(), 1, "{what}");
-        assert!(reported.logs[0].1.starts_with(&format!("firebreak request_signature would_reject status=")), "{what}");
+        assert!(reported.logs[0].1.starts_with("firebreak request_signature would_reject status="), "{what}");
         assert!(reported.logs[0].1.contains(&format!(" code={code}")), "{what}");
         assert_eq!(reported.forwarded_body, request.chunks.concat(), "{what}");
         // No client copy of the principal reaches the upstream; the rest goes on unchanged.
