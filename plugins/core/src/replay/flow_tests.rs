@@ -842,3 +842,17 @@ fn report_only_declares_its_counters_and_leaves_the_operator_endpoint_enforced()
     let error = configure_in(&MemoryEnv::default(), &format!("{{{ROUTES},\"mode\":\"shadow\"}}")).err().unwrap();
     assert_eq!(error.field, "mode");
 }
+
+#[test]
+fn report_only_a_claim_the_store_refuses_is_counted_and_forwarded_unrecorded() {
+    let tiny = r#","key_store":{"buckets":1,"slots_per_bucket":2,"quota_per_principal":1}"#;
+    let mut g = local(&format!("{tiny}{REPORT_ONLY}"));
+    assert_eq!(counters(&g.send(&post("/v1/payouts", Some("\"q-1\""), "{}"), &created())), counted(&["forwarded", "completed"]));
+    let over = g.send(&post("/v1/payouts", Some("\"q-2\""), "{}"), &created());
+    assert!(over.passed());
+    assert_eq!(counters(&over), counted(&["would_reject.tenant_quota_exceeded"]));
+    // Nothing was recorded for it: enforce mode refuses the same request for the same reason.
+    let enforce = switch(&g, &format!("{{{ROUTES}{tiny}}}"));
+    let refused = exchange(&mut *enforce.new_flow(), &mut g.env, &post("/v1/payouts", Some("\"q-2\""), "{}"), &created());
+    assert_eq!(code(&refused), Some("tenant_quota_exceeded"));
+}

@@ -861,3 +861,15 @@ fn report_only_still_refuses_what_would_leave_a_clients_principal_or_half_of_our
     assert!(!make(&env, "").counters().iter().any(|c| c.starts_with("would_reject.")));
     assert_eq!(factory.configured()[0].1, "firebreak request_signature mode=report_only nothing_refused");
 }
+
+#[test]
+fn the_mode_is_read_at_configure_time_and_a_bad_one_names_its_field() {
+    let env = MemoryEnv::default();
+    let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
+    for bad in [r#","mode":"Report_Only""#, r#","mode":"audit""#] {
+        let Err(error) = configure("request_signature", config(bad).as_bytes(), &setup) else { panic!("{bad}") };
+        assert_eq!(error.field, "mode", "{bad}");
+    }
+    assert!(configure("request_signature", config(r#","mode":true"#).as_bytes(), &setup).is_err());
+    assert!(make(&env, r#","mode":"enforce""#).configured().is_empty());
+}
