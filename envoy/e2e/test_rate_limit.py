@@ -247,11 +247,13 @@ def test_demo_chain_throttles_a_looping_client_while_another_user_continues(demo
 
 
 def test_report_only_counts_and_logs_without_blocking(envoy_factory):
-    envoy = envoy_factory([rate_limit("trial", [rule("per-ip", burst=2, report_only=True)])])
+    envoy = envoy_factory([rate_limit("trial", [rule("per-ip", burst=2, mode="report_only")])])
     assert [envoy.request("GET", BALANCE).status for _ in range(5)] == [200] * 5
     assert envoy.counter("firebreak.rate_limit.trial.rule.per-ip.would_limit") == 3
+    assert envoy.counter("firebreak.rate_limit.trial.would_reject.rate_limited") == 3
     assert envoy.counter("firebreak.rate_limit.trial.rule.per-ip.allowed") == 2
-    assert envoy.logs().count("would_reject instance=trial rule=per-ip") == 3
+    assert envoy.logs().count("would_reject status=429 code=rate_limited instance=trial") == 3
+    assert envoy.logs().count("rule=per-ip ip=127.0.0.1/32 retry_after_ms=") == 3
 
 
 def test_headers_on_allowed_responses_when_configured(envoy_factory):

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::config::Choice;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
-use crate::ConfigError;
+use crate::{ConfigError, Mode};
 
 use super::detect::{Detector, Fingerprint, HostRule, Pattern, PatternMatcher};
 
@@ -37,6 +37,9 @@ pub struct RawConfig {
     max_decoded_bytes: u64,
     #[serde(default)]
     over_limit: Choice<OverLimit>,
+    /// `enforce` (default) or `report_only` ([`crate::Mode`]).
+    #[serde(default)]
+    mode: Choice<Mode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +101,9 @@ pub struct GuardPolicy {
     pub max_decoded_bytes: NonZeroUsize,
     pub over_limit: OverLimit,
     pub detector: Detector,
+    /// Enforce: a finding is refused. Report-only: it is counted (`would_reject.<code>`, and
+    /// `detected.<label>.<place>` as always) and logged, and the request goes on unmodified.
+    pub mode: Mode,
 }
 
 /// Labels become part of stats names (`detected.<label>.<where>`): keep them tame.
@@ -242,7 +248,9 @@ impl GuardPolicy {
         let max_body_bytes = limit(raw.max_body_bytes, "max_body_bytes")?;
         let max_decoded_bytes = limit(raw.max_decoded_bytes, "max_decoded_bytes")?;
         let over_limit = raw.over_limit.get("over_limit")?;
+        let mode = raw.mode.get("mode")?;
         Ok(GuardPolicy {
+            mode,
             environment,
             production,
             routes,

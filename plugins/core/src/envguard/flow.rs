@@ -15,8 +15,9 @@
 
 use std::sync::Arc;
 
-use crate::flow::{header, reject, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
+use crate::flow::{header, refuse, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
 use crate::route::{not_canonical_rejection, split_path, Scope};
+use crate::{Mode, Rejection};
 
 use super::request::{check_body, check_headers, check_trailers, over_limit, BodyOutcome, BodyPlan, GuardError, Place};
 use super::GuardPolicy;
@@ -29,7 +30,11 @@ pub const COUNTERS: &[&str] = &["passed", "passed_unguarded", "passed_production
 
 /// The log lines of a configuration that was accepted.
 pub fn configured(policy: &GuardPolicy) -> Vec<(Level, String)> {
-    let mode = if policy.production { "pass-through" } else { "blocking" };
+    let mode = match (policy.production, policy.mode) {
+        (true, _) => "pass-through",
+        (false, Mode::Enforce) => "blocking",
+        (false, Mode::ReportOnly) => "report_only",
+    };
     let mut lines = vec![(
         Level::Info,
         format!("firebreak {PLUGIN} environment={} production={} mode={mode}", policy.environment, policy.production),
@@ -99,7 +104,7 @@ impl GuardFlow {
         }
         if scope == Scope::NotCanonical {
             let context = format!("environment={} method={method}", self.policy.environment);
-            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context);
+            return self.refuse(host, Level::Warn, not_canonical_rejection(), &context);
         }
         let plan = match check_headers(&self.policy, &headers) {
             Ok(plan) => plan,
@@ -203,7 +208,15 @@ impl GuardFlow {
             GuardError::Credential { .. } | GuardError::ProductionHost { .. } => Level::Error,
             _ => Level::Warn,
         };
-        reject(host, &self.meter, level, rejection, context.trim_end())
+        self.refuse(host, level, rejection, context.trim_end())
+    }
+
+    /// Refuses in enforce mode. In report-only mode the finding is counted
+    /// (`would_reject.<code>`) and logged and the request goes on unmodified; nothing more of it
+    /// is inspected (enforce mode would have stopped here too).
+    fn refuse(&mut self, host: &mut dyn Host, level: Level, rejection: Rejection, context: &str) -> Step {
+        self.pending = None;
+        refuse(host, &self.meter, self.policy.mode, level, rejection, context).unwrap_or(Step::Continue)
     }
 }
 
@@ -228,6 +241,9 @@ impl FlowFactory for GuardFactory {
             names.extend(Place::ALL.iter().map(|place| format!("detected.{label}.{}", place.name())));
         }
         names.push("detected.production_host.host".to_string());
+        if self.policy.mode == Mode::ReportOnly {
+            names.extend(crate::would_reject_counter_names());
+        }
         names
     }
 

@@ -309,3 +309,65 @@ fn configuration_log_lines() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1].0, Level::Warn);
 }
+
+/// The same requests: refused in enforce mode; in report-only mode counted
+/// (`would_reject.<code>`, and the detection as always), logged once, and forwarded unmodified;
+/// refused again once the configuration says `enforce`.
+#[test]
+fn report_only_counts_logs_and_forwards_what_enforce_refuses() {
+    let key_json = format!(r#"{{"key":"{PROD}"}}"#);
+    let requests = || {
+        vec![
+            ("body", MemoryRequest::new(headers("POST", "/v1/push", &[]), key_json.as_bytes()), "detected.apns-prod.body"),
+            ("header", MemoryRequest::new(headers("POST", "/v1/push", &[("x-key", PROD)]), b"{}"), "detected.apns-prod.header"),
+            (
+                "chunked body",
+                chunked(headers("POST", "/v1/push", &[]), &["{\"key\":\"", PROD, "\"}"], None),
+                "detected.apns-prod.body",
+            ),
+        ]
+    };
+    let code = "production_credential_in_non_production";
+    for (what, request, detected) in requests() {
+        let refused = run(&policy(false, r#","mode":"enforce""#), request.clone());
+        assert_eq!(refused.reply.as_ref().map(|r| r.code), Some(code), "{what}");
+
+        let reported = run(&policy(false, r#","mode":"report_only""#), request.clone());
+        assert!(reported.passed(), "{what}");
+        assert_eq!(reported.upstream_headers, request.headers, "{what}: the headers go on unmodified");
+        assert_eq!(reported.forwarded_body, request.chunks.concat(), "{what}: the body goes on unmodified");
+        let counters: Vec<&str> = reported.counters.keys().filter_map(|k| k.strip_prefix("firebreak.env_guard.")).collect();
+        assert_eq!(counters, [detected, &format!("would_reject.{code}")], "{what}");
+        assert_eq!(reported.logs.len(), 1, "{what}");
+        let (level, line) = &reported.logs[0];
+        assert_eq!(*level, Level::Error, "{what}");
+        assert!(line.starts_with(&format!("firebreak env_guard would_reject status=403 code={code} environment=uat")), "{line}");
+        assert!(!line.contains(PROD), "{line}");
+
+        // Switching back is a configuration change: the same request is refused.
+        let refused = run(&policy(false, ""), request);
+        assert_eq!(refused.reply.as_ref().map(|r| r.code), Some(code), "{what}");
+    }
+    // Every refusal of the table, not only credentials: a path that is not canonical.
+    let odd = run(&policy(false, r#","mode":"report_only""#), MemoryRequest::new(headers("GET", "/v1/../v1/x", &[]), b""));
+    assert!(odd.passed());
+    assert_eq!(odd.counter("firebreak.env_guard.would_reject.path_not_canonical"), 1);
+}
+
+#[test]
+fn report_only_mode_is_configured_declared_and_logged() {
+    let policy = policy(false, r#","mode":"report_only""#);
+    assert_eq!(policy.mode, crate::Mode::ReportOnly);
+    assert_eq!(configured(&policy)[0].1, "firebreak env_guard environment=uat production=false mode=report_only");
+    let factory = super::flow::GuardFactory { policy: policy.clone() };
+    assert!(crate::flow::FlowFactory::counters(&factory)
+        .contains(&"would_reject.production_credential_in_non_production".to_string()));
+    let enforce = super::flow::GuardFactory { policy: self::policy(false, "") };
+    assert!(!crate::flow::FlowFactory::counters(&enforce).iter().any(|c| c.starts_with("would_reject.")));
+    let json = format!(
+        r#"{{"environment":"uat","production":false,"mode":"audit","protected_credentials":[{{"label":"a","sha256":"{}"}}]}}"#,
+        fingerprint(PROD.as_bytes())
+    );
+    let error = GuardPolicy::from_json(json.as_bytes()).unwrap_err();
+    assert_eq!(error.field, "mode");
+}

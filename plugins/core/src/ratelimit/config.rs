@@ -9,7 +9,7 @@ use crate::config::Choice;
 use crate::remote::Backend;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::store::{BucketTable, SharedStore};
-use crate::ConfigError;
+use crate::{ConfigError, Mode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +38,10 @@ struct RawConfig {
     /// Redis only: keep a local lease of each key's budget instead of one round trip per request.
     #[serde(default)]
     reconcile: Option<RawReconcile>,
+    /// `enforce` (default) or `report_only`: the mode of the instance's own refusals and of
+    /// every rule that does not set its own.
+    #[serde(default)]
+    mode: Choice<Mode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,8 +60,9 @@ struct RawRule {
     requests: Option<u32>,
     per_seconds: Option<u32>,
     burst: Option<u32>,
+    /// `enforce` or `report_only`; absent: the instance's `mode`.
     #[serde(default)]
-    report_only: bool,
+    mode: Option<Choice<Mode>>,
     #[serde(default)]
     missing_user: Option<Choice<MissingUser>>,
     #[serde(default)]
@@ -136,12 +141,18 @@ pub struct Rule {
     pub routes: Vec<RouteMatch>,
     pub key: KeyBy,
     pub quota: Quota,
-    pub report_only: bool,
+    /// The rule's `mode`, else the instance's.
+    pub mode: Mode,
     pub missing_user: MissingUser,
     pub fail_open: bool,
 }
 
 impl Rule {
+    /// A report-only rule never blocks: what it would refuse is counted and logged.
+    pub fn report_only(&self) -> bool {
+        self.mode == Mode::ReportOnly
+    }
+
     /// On the canonical scope (crate::route): a non-canonical path never applies here (the
     /// policy refuses it first, see [`RateLimitPolicy::scope`]).
     pub fn applies_to(&self, method: &str, path: &str) -> bool {
@@ -190,6 +201,9 @@ pub struct RateLimitPolicy {
     pub reconcile: Option<Reconcile>,
     /// The leases of `reconcile` (same geometry as `table`).
     pub lease_table: BucketTable,
+    /// The mode of the instance's own refusals (a path that is not canonical, unreadable
+    /// headers, no clock) and of the rules that do not set one.
+    pub mode: Mode,
 }
 
 /// Names of instances and rules: they appear in stats, table keys and quoted header strings.
@@ -225,9 +239,10 @@ impl RateLimitPolicy {
         if raw.rules.is_empty() {
             return Err(ConfigError::new("rules", "at least one rule is required"));
         }
+        let mode = raw.mode.get("mode")?;
         let mut rules: Vec<Rule> = Vec::new();
         for (i, raw_rule) in raw.rules.iter().enumerate() {
-            let rule = parse_rule(raw_rule, &format!("rules[{i}]"))?;
+            let rule = parse_rule(raw_rule, &format!("rules[{i}]"), mode)?;
             if rules.iter().any(|r| r.name == rule.name) {
                 return Err(ConfigError::new(format!("rules[{i}].name"), format!("duplicate rule name `{}`", rule.name)));
             }
@@ -277,6 +292,7 @@ impl RateLimitPolicy {
             }
         };
         Ok(RateLimitPolicy {
+            mode,
             table: BucketTable::new(format!("firebreak.rl.{name}"), buckets, slots, 16),
             lease_table: BucketTable::new(format!("firebreak.rll.{name}"), buckets, slots, 24),
             state,
@@ -297,7 +313,7 @@ impl RateLimitPolicy {
     }
 }
 
-fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
+fn parse_rule(raw: &RawRule, field: &str, instance_mode: Mode) -> Result<Rule, ConfigError> {
     if !valid_name(&raw.name) {
         return Err(ConfigError::new(format!("{field}.name"), NAME_RULE));
     }
@@ -323,6 +339,10 @@ fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
         .map(|m| m.get(format!("{field}.missing_user")))
         .transpose()?
         .unwrap_or_default();
+    let mode = match &raw.mode {
+        Some(mode) => mode.get(format!("{field}.mode"))?,
+        None => instance_mode,
+    };
     if (missing_user, key) == (MissingUser::ByIp, KeyBy::Ip) {
         return Err(ConfigError::new(format!("{field}.missing_user"), "only meaningful for rules keyed by user"));
     }
@@ -331,7 +351,7 @@ fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
         routes,
         key,
         quota: Quota { requests, period_ms, burst },
-        report_only: raw.report_only,
+        mode,
         missing_user,
         fail_open: raw.fail_open,
     })
@@ -357,7 +377,7 @@ mod tests {
         assert_eq!(p.table.capacity(), 4096 * 16);
         let r = &p.rules[0];
         assert_eq!(r.missing_user, MissingUser::Reject);
-        assert!(!r.report_only && !r.fail_open);
+        assert!(r.mode == Mode::Enforce && !r.fail_open);
         assert_eq!(r.policy_item(), "\"r\";q=5;w=30");
         assert_eq!(p.scope("GET", "/v1/x"), Scope::In(0));
         assert_eq!(p.scope("GET", "/v2/x"), Scope::Out);
@@ -393,6 +413,8 @@ mod tests {
             (format!(r#"{{"name":"e","trusted_user_header":"x_user","rules":[{RULE}]}}"#), "trusted_user_header"),
             (format!(r#"{{"name":"e","table":{{"buckets":0}},"rules":[{RULE}]}}"#), "table.buckets"),
             (format!(r#"{{"name":"e","table":{{"slots_per_bucket":0}},"rules":[{RULE}]}}"#), "table.slots_per_bucket"),
+            (format!(r#"{{"name":"e","mode":"report","rules":[{RULE}]}}"#), "mode"),
+            (with(format!("{RULE},{}", rule("\"mode\":\"Report_Only\"").replace("\"r\"", "\"s\""))), "rules[1].mode"),
         ];
         for (json, field) in cases {
             let error = parse(&json).expect_err(&json);
@@ -404,8 +426,26 @@ mod tests {
         let e = parse(&with(RULE.replace("\"burst\":5", "\"burst\":5,\"brust\":1"))).unwrap_err();
         assert!(e.message.contains("brust"), "{e}");
         assert!(parse(&with(RULE.replace("\"burst\":5", "\"burst\":-5"))).is_err());
+        // `report_only` is gone: `"mode": "report_only"` says it.
+        let e = parse(&with(rule("\"report_only\":true"))).unwrap_err();
+        assert!(e.message.contains("report_only"), "{e}");
         assert!(parse("not json").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn a_rule_takes_its_own_mode_or_the_instances() {
+        let rule = |name: &str, mode: &str| RULE.replace("\"r\"", &format!("\"{name}\"")).replacen('{', mode, 1);
+        let rules =
+            [rule("own", "{\"mode\":\"enforce\","), rule("inherits", "{"), rule("trial", "{\"mode\":\"report_only\",")].join(",");
+        let modes = |instance: &str| {
+            let p = parse(&format!(r#"{{"name":"e",{instance}"rules":[{rules}]}}"#)).unwrap();
+            (p.mode, p.rules.iter().map(|r| r.mode).collect::<Vec<_>>())
+        };
+        use Mode::{Enforce, ReportOnly};
+        assert_eq!(modes(""), (Enforce, vec![Enforce, Enforce, ReportOnly]));
+        assert_eq!(modes(r#""mode":"enforce","#), (Enforce, vec![Enforce, Enforce, ReportOnly]));
+        assert_eq!(modes(r#""mode":"report_only","#), (ReportOnly, vec![Enforce, ReportOnly, ReportOnly]));
     }
 
     #[test]

@@ -24,10 +24,10 @@ use std::fmt::Display;
 use std::sync::Arc;
 
 use crate::flow::calls::{Calls, Delivered};
-use crate::flow::{header, reject, Event as FlowEvent, Flow, FlowFactory, Host, Level, Meter, Step};
+use crate::flow::{header, refuse, Event as FlowEvent, Flow, FlowFactory, Host, Level, Meter, Step};
 use crate::remote::{self, Backend, RedisConfig, RemoteError};
 use crate::route::{not_canonical_rejection, split_path, Scope};
-use crate::{Code, Rejection};
+use crate::{Code, Mode, Rejection};
 
 use super::lease::{self, LeaseStep};
 use super::redis as remote_rl;
@@ -59,6 +59,9 @@ pub fn counters(policy: &RateLimitPolicy) -> Vec<String> {
         if policy.reconcile.is_some() {
             names.push("lease.local_decisions".to_string());
         }
+    }
+    if policy.mode == Mode::ReportOnly || policy.rules.iter().any(|rule| rule.report_only()) {
+        names.extend(crate::would_reject_counter_names());
     }
     for rule in &policy.rules {
         for what in ["allowed", "limited", "would_limit"] {
@@ -163,13 +166,13 @@ impl RateLimitFlow {
         // A value that is not UTF-8 is kept as an empty value. Headers that cannot be read at all
         // leave the route unknown: refused, never let through unchecked.
         let Ok(headers) = host.request_headers_lossy() else {
-            return self.reject(host, host_failure("headers_unreadable"), &format!("instance={instance}"));
+            return self.refuse(host, host_failure("headers_unreadable"), &format!("instance={instance}"));
         };
         // A method or path that is not UTF-8 (kept as empty) would match no route: refused.
         if [":method", ":path"].iter().any(|name| header(&headers, name) == Some("")) {
             let rejection =
                 Rejection::new(Code::RequestHeadersInvalid).with_message("the request's method or path is not valid UTF-8");
-            return self.reject(host, rejection, &format!("instance={instance}"));
+            return self.refuse(host, rejection, &format!("instance={instance}"));
         }
         let method = header(&headers, ":method").unwrap_or_default();
         let path = split_path(header(&headers, ":path").unwrap_or_default()).0;
@@ -180,17 +183,17 @@ impl RateLimitFlow {
         // Formatted only when a line is written.
         let context = RouteContext { instance, method, path };
         if scope == Scope::NotCanonical {
-            return self.reject(host, not_canonical_rejection(), &context);
+            return self.refuse(host, not_canonical_rejection(), &context);
         }
         let Some(now) = host.now_ms() else {
-            return self.reject(host, RuleError::StoreUnavailable.rejection("-"), &context);
+            return self.refuse(host, RuleError::StoreUnavailable.rejection("-"), &context);
         };
         let keys_on_user = policy.rules.iter().any(|r| r.key != KeyBy::Ip);
         let keys_on_ip = policy.rules.iter().any(|r| r.key != KeyBy::User);
         let (principal, trusted) = match &policy.user_source {
             UserSource::Principal if keys_on_user => match host.principal() {
                 Ok(principal) => (principal, Vec::new()),
-                Err(_) => return self.reject(host, host_failure("principal_unreadable"), &context),
+                Err(_) => return self.refuse(host, host_failure("principal_unreadable"), &context),
             },
             UserSource::TrustedHeader(name) if keys_on_user => (None, all_values(&headers, name)),
             _ => (None, Vec::new()),
@@ -299,8 +302,17 @@ impl RateLimitFlow {
         Step::Continue
     }
 
+    /// Refuses the request (a rule's refusal: always enforced, a report-only rule never
+    /// refuses); the instance's own refusals go through [`RateLimitFlow::refuse`].
     fn reject(&mut self, host: &mut dyn Host, rejection: Rejection, context: &dyn Display) -> Step {
-        reject(host, &self.meter, Level::Warn, rejection, &context.to_string())
+        crate::flow::reject(host, &self.meter, Level::Warn, rejection, &context.to_string())
+    }
+
+    /// The instance's own refusal (not a rule's: a path that is not canonical, unreadable
+    /// headers, no clock, no principal), in the instance's `mode`: in report-only mode it is
+    /// counted and logged and the request goes on, not rate-limited.
+    fn refuse(&mut self, host: &mut dyn Host, rejection: Rejection, context: &dyn Display) -> Step {
+        refuse(host, &self.meter, self.policy.mode, Level::Warn, rejection, &context.to_string()).unwrap_or(Step::Continue)
     }
 
     fn record(&self, host: &mut dyn Host, events: &[Event], context: &dyn Display) {
@@ -313,11 +325,14 @@ impl RateLimitFlow {
                 },
                 Event::Limited { rule, .. } => host.count(&self.meter, &format!("rule.{rule}.limited")),
                 Event::WouldLimit { rule, key, retry_after_ms } => {
+                    // A report-only rule: `rule.<name>.would_limit`, and the would-be refusal
+                    // (`would_reject.rate_limited` and its line) as every report-only check.
                     host.count(&self.meter, &format!("rule.{rule}.would_limit"));
-                    host.log(
-                        Level::Warn,
-                        &format!("firebreak {PLUGIN} would_reject instance={instance} rule={rule} {key} retry_after_ms={retry_after_ms} {context}"),
-                    );
+                    let retry_after = retry_after_ms.div_ceil(1000).max(1);
+                    let rejection = Rejection::new(Code::RateLimited)
+                        .with_message(format!("rate limit `{rule}` exceeded; retry in {retry_after} s"));
+                    let line = format!("{context} rule={rule} {key} retry_after_ms={retry_after_ms}");
+                    let _ = refuse(host, &self.meter, Mode::ReportOnly, Level::Warn, rejection, &line);
                 }
                 Event::Error { rule, error, blocked } => {
                     host.count(&self.meter, &format!("rule.{rule}.error.{}", error.code()));
@@ -364,9 +379,20 @@ impl FlowFactory for RateLimitFactory {
         counters(&self.policy)
     }
 
-    /// Nothing besides the `configured` line every filter logs.
+    /// Besides the `configured` line every filter logs: which rules only report, if any.
     fn configured(&self) -> Vec<(Level, String)> {
-        Vec::new()
+        let reporting: Vec<&str> =
+            self.policy.rules.iter().filter(|rule| rule.report_only()).map(|rule| rule.name.as_str()).collect();
+        if self.policy.mode == Mode::Enforce && reporting.is_empty() {
+            return Vec::new();
+        }
+        let line = format!(
+            "firebreak {PLUGIN} instance={} mode={} report_only_rules={}",
+            self.policy.name,
+            self.policy.mode.as_str(),
+            if reporting.is_empty() { "-".to_string() } else { reporting.join(",") }
+        );
+        vec![(Level::Warn, line)]
     }
 }
 

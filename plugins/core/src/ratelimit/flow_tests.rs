@@ -210,7 +210,7 @@ fn table_of_requests_replies_and_counters() {
         },
         Row {
             name: "report-only rule within its budget",
-            config: config(&[rule("trial", "ip", 1, r#","report_only":true"#)], ""),
+            config: config(&[rule("trial", "ip", 1, r#","mode":"report_only""#)], ""),
             request: get("/v1/a"),
             principal: None,
             code: None,
@@ -315,7 +315,7 @@ fn a_spent_burst_is_refused_with_its_headers_and_admitted_responses_carry_them()
 #[test]
 fn several_rules_refusal_costs_nothing_in_the_others_and_report_only_logs() {
     let mut env = MemoryEnv::default();
-    let rules = [rule("tight", "ip", 1, ""), rule("loose", "ip", 5, ""), rule("trial", "ip", 1, r#","report_only":true"#)];
+    let rules = [rule("tight", "ip", 1, ""), rule("loose", "ip", 5, ""), rule("trial", "ip", 1, r#","mode":"report_only""#)];
     let factory = instance(&config(&rules, ""), &env);
     let first = send(&factory, &mut env, &get("/v1/a"));
     assert!(first.passed());
@@ -325,18 +325,84 @@ fn several_rules_refusal_costs_nothing_in_the_others_and_report_only_logs() {
     assert_eq!(counters(&second), ["rejected.rate_limited", "rule.tight.limited"]);
     // Only the report-only rule refuses: it is logged and counted, the request passes.
     let mut env = MemoryEnv::default();
-    let factory = instance(&config(&[rule("loose", "ip", 5, ""), rule("trial", "ip", 1, r#","report_only":true"#)], ""), &env);
+    let factory = instance(&config(&[rule("loose", "ip", 5, ""), rule("trial", "ip", 1, r#","mode":"report_only""#)], ""), &env);
     assert!(send(&factory, &mut env, &get("/v1/a")).passed());
     let second = send(&factory, &mut env, &get("/v1/a"));
     assert!(second.passed());
-    assert_eq!(counters(&second), ["allowed", "rule.loose.allowed", "rule.trial.would_limit"]);
+    assert_eq!(counters(&second), ["allowed", "rule.loose.allowed", "rule.trial.would_limit", "would_reject.rate_limited"]);
     assert_eq!(
         second.logs,
         vec![(
             Level::Warn,
-            "firebreak rate_limit would_reject instance=rl rule=trial ip=127.0.0.1/32 retry_after_ms=3600000 instance=rl method=GET path=\"/v1/a\"".to_string()
+            "firebreak rate_limit would_reject status=429 code=rate_limited instance=rl method=GET path=\"/v1/a\" rule=trial ip=127.0.0.1/32 retry_after_ms=3600000 msg=\"rate limit `trial` exceeded; retry in 3600 s\"".to_string()
         )]
     );
+}
+
+/// The same second request: refused in enforce mode; in report-only mode (the instance's, or
+/// the rule's own) counted, logged and passed untouched; refused again once switched back.
+#[test]
+fn report_only_instance_or_rule_passes_what_enforce_refuses_and_switching_back_refuses_it() {
+    let enforce = config(&[rule("per-ip", "ip", 1, "")], "");
+    let by_instance = config(&[rule("per-ip", "ip", 1, "")], r#","mode":"report_only""#);
+    let by_rule = config(&[rule("per-ip", "ip", 1, r#","mode":"report_only""#)], "");
+    let second_of = |json: &str| {
+        let mut env = MemoryEnv::default();
+        let factory = instance(json, &env);
+        assert!(send(&factory, &mut env, &get("/v1/a")).passed());
+        send(&factory, &mut env, &get("/v1/a"))
+    };
+    let refused = second_of(&enforce);
+    assert_eq!(code(&refused), Some("rate_limited"));
+    assert_eq!(counters(&refused), ["rejected.rate_limited", "rule.per-ip.limited"]);
+    for json in [&by_instance, &by_rule] {
+        let passed = second_of(json);
+        assert!(passed.passed(), "{json}");
+        assert!(passed.forwarded && passed.client_headers.is_empty(), "{json}");
+        assert_eq!(counters(&passed), ["allowed", "rule.per-ip.would_limit", "would_reject.rate_limited"], "{json}");
+        assert_eq!(passed.logs.len(), 1);
+        assert!(passed.logs[0].1.starts_with("firebreak rate_limit would_reject status=429 code=rate_limited "));
+    }
+    // A rule's own mode wins over the instance's.
+    let rule_enforces = config(&[rule("per-ip", "ip", 1, r#","mode":"enforce""#)], r#","mode":"report_only""#);
+    assert_eq!(code(&second_of(&rule_enforces)), Some("rate_limited"));
+    // Switching is a configuration change: the same table (same shared data), reconfigured.
+    let mut env = MemoryEnv::default();
+    let trial = instance(&by_instance, &env);
+    assert!(send(&trial, &mut env, &get("/v1/a")).passed());
+    assert!(send(&trial, &mut env, &get("/v1/a")).passed());
+    let enforced = instance(&enforce, &env);
+    assert_eq!(code(&send(&enforced, &mut env, &get("/v1/a"))), Some("rate_limited"));
+}
+
+#[test]
+fn report_only_instance_refusals_of_its_own_are_counted_and_pass() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[rule("per-ip", "ip", 1, "")], r#","mode":"report_only""#), &env);
+    let outcome = send(&factory, &mut env, &get("/v1/../v1/a"));
+    assert!(outcome.passed());
+    assert_eq!(counters(&outcome), ["would_reject.path_not_canonical"]);
+    assert!(outcome.logs[0]
+        .1
+        .starts_with("firebreak rate_limit would_reject status=400 code=path_not_canonical"));
+    let factory = instance(&config(&[rule("per-ip", "ip", 1, "")], ""), &env);
+    assert_eq!(code(&send(&factory, &mut env, &get("/v1/../v1/a"))), Some("path_not_canonical"));
+}
+
+#[test]
+fn the_would_reject_counters_are_declared_only_when_something_reports() {
+    let env = MemoryEnv::default();
+    let declared = |json: &str| instance(json, &env).counters();
+    assert!(!declared(&config(&[rule("per-ip", "ip", 1, "")], "")).iter().any(|c| c.starts_with("would_reject.")));
+    for json in [
+        config(&[rule("per-ip", "ip", 1, "")], r#","mode":"report_only""#),
+        config(&[rule("per-ip", "ip", 1, r#","mode":"report_only""#)], ""),
+    ] {
+        let names = declared(&json);
+        for code in ["rate_limited", "path_not_canonical", "rate_limit_unauthenticated", "state_unavailable"] {
+            assert!(names.contains(&format!("would_reject.{code}")), "{json}: {code}");
+        }
+    }
 }
 
 /// What a flow asked its host for, besides the stream itself.

@@ -340,10 +340,10 @@ pub fn plan(policy: &RateLimitPolicy, facts: &RequestFacts<'_>) -> Planned {
         match rule_key(policy, rule, facts) {
             Ok(key) => {
                 let hash = key_hash(policy, rule, &key);
-                rules.push(PlannedRule { index, key, hash, report_only: rule.report_only });
+                rules.push(PlannedRule { index, key, hash, report_only: rule.report_only() });
             }
             Err(error) => {
-                let blocked = !rule.report_only && !rule.fail_open;
+                let blocked = !rule.report_only() && !rule.fail_open;
                 events.push(Event::Error { rule: rule.name.clone(), error, blocked });
                 if blocked {
                     return Planned::Decided(Decision {
@@ -381,7 +381,7 @@ pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Pl
 
     // Several enforced rules: read them all first so that a refusal costs nothing elsewhere.
     let mut skipped: Vec<String> = Vec::new();
-    let enforced: Vec<&Keyed<'_>> = keyed.iter().filter(|k| !k.rule.report_only).collect();
+    let enforced: Vec<&Keyed<'_>> = keyed.iter().filter(|k| !k.rule.report_only()).collect();
     if enforced.len() > 1 {
         let mut peeked: Vec<(&Rule, Outcome)> = Vec::new();
         let mut refusal: Option<(&Keyed<'_>, Outcome)> = None;
@@ -413,7 +413,7 @@ pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Pl
 
     let mut committed: Vec<(&Rule, Outcome)> = Vec::new();
     for k in &keyed {
-        let report_only = k.rule.report_only;
+        let report_only = k.rule.report_only();
         match commit(policy, store, k, now_ms) {
             Ok(outcome) if outcome.allowed => {
                 events.push(Event::Allowed { rule: k.rule.name.clone() });

@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn one_command_carries_every_key_enforced_first() {
         let p =
-            policy(&[rule("shadow", 1, 60, 5, r#","report_only":true"#), rule("a", 1, 60, 5, ""), rule("b", 2, 1, 3, "")], "");
+            policy(&[rule("shadow", 1, 60, 5, r#","mode":"report_only""#), rule("a", 1, 60, 5, ""), rule("b", 2, 1, 3, "")], "");
         let plan = plan_for(&p, "alice");
         assert_eq!(plan.rules.iter().map(|r| r.report_only).collect::<Vec<_>>(), [false, false, true]);
         let cmd = String::from_utf8(command(&p, &plan, &redis(&p), 1)).unwrap();
@@ -394,7 +394,7 @@ mod tests {
         // Same rules, same request sequence: the local backend and the script agree on every
         // admission, refusal and header (the clock is whole seconds, so rounding cannot differ).
         let rules =
-            [rule("narrow", 1, 10, 2, ""), rule("wide", 1, 10, 5, ""), rule("shadow", 1, 10, 3, r#","report_only":true"#)];
+            [rule("narrow", 1, 10, 2, ""), rule("wide", 1, 10, 5, ""), rule("shadow", 1, 10, 3, r#","mode":"report_only""#)];
         let remote_p = policy(&rules, r#","response_headers":true"#);
         let local_p = RateLimitPolicy::from_json(
             format!(r#"{{"name":"p","response_headers":true,"rules":[{}]}}"#, rules.join(",")).as_bytes(),
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_fails_closed_unless_configured_open() {
-        let p = policy(&[rule("money", 1, 60, 5, ""), rule("shadow", 1, 60, 5, r#","report_only":true"#)], "");
+        let p = policy(&[rule("money", 1, 60, 5, ""), rule("shadow", 1, 60, 5, r#","mode":"report_only""#)], "");
         let down = || Err(RemoteError::Unreachable("no answer".into()));
         let d = decide(&p, plan_for(&p, "alice"), down(), FailureMode::Closed);
         let r = d.rejection.expect("fails closed");

@@ -176,7 +176,7 @@ fn the_most_restrictive_rule_decides_and_a_refusal_costs_nothing_elsewhere() {
 
 #[test]
 fn report_only_rules_count_but_never_block() {
-    let p = instance("edge", &[rule("trial", "ip", 1, 60, 1, r#","report_only":true"#)], "");
+    let p = instance("edge", &[rule("trial", "ip", 1, 60, 1, r#","mode":"report_only""#)], "");
     let store = MemoryStore::default();
     let f = facts("10.0.0.1:1", None);
     let decisions: Vec<_> = (0..3).map(|_| check(&p, &store, &f, T0)).collect();
@@ -188,11 +188,11 @@ fn report_only_rules_count_but_never_block() {
 #[test]
 fn report_only_rules_are_not_charged_for_requests_an_enforced_rule_refuses() {
     let p =
-        instance("edge", &[rule("trial", "ip", 1, 60, 5, r#","report_only":true"#), rule("enforced", "ip", 1, 60, 1, "")], "");
+        instance("edge", &[rule("trial", "ip", 1, 60, 5, r#","mode":"report_only""#), rule("enforced", "ip", 1, 60, 1, "")], "");
     let store = MemoryStore::default();
     let f = facts("10.0.0.1:1", None);
     assert_eq!(count_admitted(&p, &store, &f, T0, 10), 1);
-    let other = instance("edge", &[rule("trial", "ip", 1, 60, 5, r#","report_only":true"#)], "");
+    let other = instance("edge", &[rule("trial", "ip", 1, 60, 5, r#","mode":"report_only""#)], "");
     // Same instance name, same rule and quota: the same record. One admission was charged.
     let would: usize = (0..10)
         .filter(|_| check(&other, &store, &f, T0).events.iter().any(|e| matches!(e, Event::WouldLimit { .. })))

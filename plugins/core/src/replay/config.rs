@@ -9,7 +9,7 @@ use crate::quota::{self, TenantQuota};
 use crate::remote::{Backend, FailureMode};
 use crate::route::{RouteConfig, RouteMatch};
 use crate::store::{BucketTable, SharedStore};
-use crate::ConfigError;
+use crate::{ConfigError, Mode};
 
 use super::record::RECORD_LEN;
 
@@ -42,6 +42,9 @@ struct RawConfig {
     /// Where records live: `{"backend": "local"}` (default) or `{"backend": "redis", ...}`.
     #[serde(default)]
     state: Option<serde_json::Value>,
+    /// `enforce` (default) or `report_only` ([`crate::Mode`]).
+    #[serde(default)]
+    mode: Choice<Mode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +198,10 @@ pub struct ReplayPolicy {
     pub operator_clear: Option<OperatorClear>,
     /// Where records live. A Redis backend always fails closed (see [`ReplayPolicy::from_json`]).
     pub state: Backend,
+    /// Enforce: a duplicate is refused or replayed. Report-only: it is counted and logged
+    /// (`would_reject.<code>`, `would_replay`) and forwarded; only a request that owns its key
+    /// records its outcome.
+    pub mode: Mode,
 }
 
 /// Shared-data key prefixes (distinct per table, see the brief).
@@ -326,7 +333,9 @@ impl ReplayPolicy {
                 ));
             }
         }
+        let mode = raw.mode.get("mode")?;
         Ok(ReplayPolicy {
+            mode,
             routes,
             ttl_ms,
             in_flight_timeout_ms,

@@ -25,10 +25,10 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::flow::calls::Calls;
-use crate::flow::{header, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Response, Step};
+use crate::flow::{header, refuse, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Response, Step};
 use crate::remote::{Backend, RedisConfig, RemoteError};
 use crate::store::KeyHash;
-use crate::{Code, Rejection};
+use crate::{Code, Mode, Rejection};
 
 use super::redis::{self as remote_state, ClearStep, FinishPlan, PendingClaim, RemoteCommand};
 use super::{
@@ -79,6 +79,9 @@ pub fn meter() -> Meter {
 /// The log lines of a configuration that was accepted.
 pub fn configured(policy: &ReplayPolicy) -> Vec<(Level, String)> {
     let mut lines = Vec::new();
+    if policy.mode == Mode::ReportOnly {
+        lines.push((Level::Warn, format!("firebreak {PLUGIN} mode=report_only nothing_refused_or_replayed")));
+    }
     if let Backend::Redis(redis) = &policy.state {
         lines.push((
             Level::Info,
@@ -357,10 +360,10 @@ impl ReplayFlow {
         };
         if let Some((allowed, context)) = operator_request(&self.policy, &facts) {
             if let Err(error) = allowed {
-                return self.reject(host, &error, &context);
+                return self.reject_operator(host, &error, &context);
             }
             if end_of_stream {
-                return self.reject(host, &ReplayError::ClearRequestInvalid("a JSON body is required"), &context);
+                return self.reject_operator(host, &ReplayError::ClearRequestInvalid("a JSON body is required"), &context);
             }
             self.operator_context = context;
             self.stage = Stage::Operator;
@@ -555,9 +558,10 @@ impl ReplayFlow {
                     line.push_str(&format!(" store_error={:?}", why(&command)));
                 }
                 host.log(if outcome.is_err() { Level::Error } else { Level::Warn }, &line);
-                // Refused whatever the unwind did: the claim never answered.
+                // Refused whatever the unwind did: the claim never answered (in report-only mode
+                // counted, and the request resumes unguarded).
                 match self.on_claim_answer(host, Err(StateError::Remote), Some(&claim_error)) {
-                    Step::Continue => Step::Hold,
+                    Step::Continue if self.policy.mode == Mode::Enforce => Step::Hold,
                     step => step,
                 }
             }
@@ -597,7 +601,7 @@ impl ReplayFlow {
                 };
                 match answer {
                     Ok(Some(answer)) => self.respond_clear(host, Ok(answer), &context),
-                    Ok(None) => self.reject(host, &ReplayError::ClearRefused("changing (retry the clear)"), &context),
+                    Ok(None) => self.reject_operator(host, &ReplayError::ClearRefused("changing (retry the clear)"), &context),
                     Err(error) => {
                         let context = format!("{context} store_error={:?}", why(&command));
                         self.respond_clear(host, Err(error), &context)
@@ -622,9 +626,33 @@ impl ReplayFlow {
         self.reject_with(host, error.rejection(), context)
     }
 
+    /// Refuses the request in enforce mode. In report-only mode the refusal is counted
+    /// (`would_reject.<code>`) and logged, and the request goes on unguarded: it owns no key, so
+    /// its answer is neither captured nor recorded (the record of the key's first request stays
+    /// as it is), and nothing more is checked.
     fn reject_with(&mut self, host: &mut dyn Host, rejection: Rejection, context: &str) -> Step {
+        match refuse(host, &self.meter, self.policy.mode, Level::Warn, rejection, context) {
+            Some(step) => {
+                self.stage = Stage::Answered;
+                step
+            }
+            None => self.go_on_unguarded(),
+        }
+    }
+
+    /// Report-only: the request goes on as one this filter does not guard.
+    fn go_on_unguarded(&mut self) -> Step {
+        self.stage = Stage::Forwarded;
+        self.peek = None;
+        self.holding_response = false;
+        Step::Continue
+    }
+
+    /// Answers an operator's clear request with a refusal, in either mode: the operator endpoint
+    /// is this filter's own, never forwarded.
+    fn reject_operator(&mut self, host: &mut dyn Host, error: &ReplayError, context: &str) -> Step {
         self.stage = Stage::Answered;
-        reject(host, &self.meter, Level::Warn, rejection, context)
+        reject(host, &self.meter, Level::Warn, error.rejection(), context)
     }
 
     /// The whole body is known (its SHA-256): fingerprint, claim, decide.
@@ -704,6 +732,15 @@ impl ReplayFlow {
             Decision::Reject(error) => {
                 let context = context(exchange, &self.policy);
                 self.reject(host, &error, &context)
+            }
+            Decision::Replay(response) if self.policy.mode == Mode::ReportOnly => {
+                // Counted and logged; the request goes to the upstream instead, and the stored
+                // answer stays the key's.
+                host.count(&self.meter, "would_replay");
+                let line =
+                    format!("firebreak {PLUGIN} would_replay status={} {}", response.status, context(exchange, &self.policy));
+                host.log(Level::Warn, &line);
+                self.go_on_unguarded()
             }
             Decision::Replay(response) => {
                 self.stage = Stage::Answered;
@@ -825,19 +862,19 @@ impl ReplayFlow {
     fn operator_clear(&mut self, host: &mut dyn Host, body_size: usize) -> Step {
         let context = self.operator_context.clone();
         if body_size > MAX_CLEAR_BODY {
-            return self.reject(host, &ReplayError::ClearRequestInvalid("body too large"), &context);
+            return self.reject_operator(host, &ReplayError::ClearRequestInvalid("body too large"), &context);
         }
         let body = match host.request_body(MAX_CLEAR_BODY) {
             Ok(body) => body,
-            Err(_) => return self.reject(host, &ReplayError::StateUnavailable, &context),
+            Err(_) => return self.reject_operator(host, &ReplayError::StateUnavailable, &context),
         };
         let (key, target) = match parse_clear(&self.policy, &body) {
             Ok(parsed) => parsed,
-            Err(error) => return self.reject(host, &error, &context),
+            Err(error) => return self.reject_operator(host, &error, &context),
         };
         let context = format!("{context} {target}");
         let Some(now) = host.now_ms() else {
-            return self.reject(host, &ReplayError::StateUnavailable, &context);
+            return self.reject_operator(host, &ReplayError::StateUnavailable, &context);
         };
         let policy = self.policy.clone();
         let (answer, error) = match &policy.state {
@@ -881,10 +918,10 @@ impl ReplayFlow {
                     body: body.into_bytes(),
                 })
             }
-            Ok(ClearAnswer::NotFound) => self.reject(host, &ReplayError::ClearNotFound, context),
-            Ok(ClearAnswer::InFlight) => self.reject(host, &ReplayError::ClearRefused("still in flight"), context),
-            Ok(ClearAnswer::Completed) => self.reject(host, &ReplayError::ClearRefused("completed"), context),
-            Err(error) => self.reject(host, &ReplayError::from(error), context),
+            Ok(ClearAnswer::NotFound) => self.reject_operator(host, &ReplayError::ClearNotFound, context),
+            Ok(ClearAnswer::InFlight) => self.reject_operator(host, &ReplayError::ClearRefused("still in flight"), context),
+            Ok(ClearAnswer::Completed) => self.reject_operator(host, &ReplayError::ClearRefused("completed"), context),
+            Err(error) => self.reject_operator(host, &ReplayError::from(error), context),
         }
     }
 
@@ -935,7 +972,12 @@ impl FlowFactory for ReplayFactory {
     }
 
     fn counters(&self) -> Vec<String> {
-        COUNTERS.iter().map(|name| name.to_string()).collect()
+        let mut names: Vec<String> = COUNTERS.iter().map(|name| name.to_string()).collect();
+        if self.policy.mode == Mode::ReportOnly {
+            names.push("would_replay".to_string());
+            names.extend(crate::would_reject_counter_names());
+        }
+        names
     }
 
     fn configured(&self) -> Vec<(Level, String)> {

@@ -677,3 +677,182 @@ fn claim_ids_are_distinct_and_seeded_per_configuration() {
     assert_eq!(same_seed.next(1_000), a, "deterministic for one seed");
     assert_ne!(ClaimIds::new([2; 32]).next(1_000), a);
 }
+
+const REPORT_ONLY: &str = r#","mode":"report_only""#;
+
+/// The guard reconfigured on the same shared data (or the same fake Redis): a mode switch.
+fn switch(g: &Guard, json: &str) -> std::sync::Arc<dyn FlowFactory> {
+    configure_in(&g.env, json).unwrap()
+}
+
+fn op(id: &str) -> MemoryUpstream {
+    upstream(201, &format!(r#"{{"id":"{id}"}}"#))
+}
+
+/// Report-only: a retry is forwarded (not replayed), a changed body or a duplicate is forwarded
+/// (not refused), each counted and logged; the key keeps its first request's record, so the
+/// same retry is replayed once the guard enforces.
+#[test]
+fn report_only_forwards_duplicates_and_keeps_the_first_record_local_and_redis() {
+    for redis in [false, true] {
+        let mut g = if redis { remote(REPORT_ONLY) } else { local(REPORT_ONLY) };
+        let what = if redis { "redis" } else { "local" };
+        let request = post("/v1/payouts", Some("\"k-1\""), r#"{"amount":1}"#);
+        let first = g.send(&request, &op("op-1"));
+        assert!(first.passed(), "{what}");
+        let mut want = vec!["forwarded", "completed"];
+        if redis {
+            want.push("finish_paused_response");
+        }
+        assert_eq!(counters(&first), counted(&want), "{what}");
+
+        // The retry reaches the upstream; what would have been replayed is counted and logged.
+        let retry = g.send(&request, &op("op-2"));
+        assert!(retry.passed(), "{what}: {:?}", retry.logs);
+        assert_eq!(retry.client_body, br#"{"id":"op-2"}"#, "{what}");
+        assert_eq!(counters(&retry), counted(&["would_replay"]), "{what}");
+        assert!(has_log(&retry, Level::Warn, "firebreak replay_guard would_replay status=201 route=payouts"), "{what}");
+        assert!(!retry.client_headers.iter().any(|(n, _)| n == "x-idempotent-replay"), "{what}");
+
+        // Another body with the same key: forwarded, counted.
+        let other = g.send(&post("/v1/payouts", Some("\"k-1\""), r#"{"amount":2}"#), &op("op-3"));
+        assert!(other.passed(), "{what}");
+        assert_eq!(counters(&other), counted(&["would_reject.idempotency_key_mismatch"]), "{what}");
+        assert!(has_log(&other, Level::Warn, "would_reject status=422 code=idempotency_key_mismatch route=payouts"), "{what}");
+
+        // No key, collapse window: the identical request is forwarded, counted.
+        assert!(g.send(&post("/v1/transfers", None, "{}"), &created()).passed(), "{what}");
+        let dup = g.send(&post("/v1/transfers", None, "{}"), &created());
+        assert!(dup.passed(), "{what}");
+        assert_eq!(counters(&dup), counted(&["would_reject.duplicate_request"]), "{what}");
+
+        // A header-time refusal: forwarded unguarded.
+        let missing = g.send(&post("/v1/payouts", None, "{}"), &created());
+        assert!(missing.passed(), "{what}");
+        assert_eq!(counters(&missing), counted(&["would_reject.idempotency_key_missing"]), "{what}");
+
+        // Switched to enforce: the first request's answer is still the key's.
+        let json = if redis { format!("{{{ROUTES},{REDIS}}}") } else { format!("{{{ROUTES}}}") };
+        let enforce = switch(&g, &json);
+        let replayed = exchange(&mut *enforce.new_flow(), &mut g.env, &request, &op("op-4"));
+        let response = replayed.responded.expect(what);
+        assert_eq!(response.body, br#"{"id":"op-1"}"#, "{what}");
+        let other = exchange(&mut *enforce.new_flow(), &mut g.env, &post("/v1/payouts", Some("\"k-1\""), "{}"), &created());
+        assert_eq!(code(&other), Some("idempotency_key_mismatch"), "{what}");
+        let missing = exchange(&mut *enforce.new_flow(), &mut g.env, &post("/v1/payouts", None, "{}"), &created());
+        assert_eq!(code(&missing), Some("idempotency_key_missing"), "{what}");
+    }
+}
+
+/// Report-only, a key in flight and a key whose outcome is unknown: the retries are forwarded
+/// and counted, their answers are not recorded, and the first request's outcome is.
+#[test]
+fn report_only_in_flight_and_outcome_unknown_retries_go_on_and_record_nothing() {
+    for redis in [false, true] {
+        let mut g = if redis { remote(REPORT_ONLY) } else { local(REPORT_ONLY) };
+        let what = if redis { "redis" } else { "local" };
+        let request = post("/v1/payouts", Some("\"f-1\""), "{}");
+        // The first request is claimed and forwarded; its answer has not come.
+        let mut first = g.factory.new_flow();
+        step(&mut *first, Event::RequestHeaders { end_of_stream: false }, &mut g.env, &request, &created());
+        let (claimed, o) =
+            step(&mut *first, Event::RequestBody { buffered: 2, end_of_stream: true }, &mut g.env, &request, &created());
+        if redis {
+            assert_eq!(claimed, Step::Hold, "{what}");
+            g.redis.answer(&o.calls[0]);
+        } else {
+            assert_eq!(claimed, Step::Continue, "{what}");
+        }
+        let retry = g.send(&request, &op("op-retry"));
+        assert!(retry.passed(), "{what}: {:?}", retry.logs);
+        assert!(!retry.stalled, "{what}");
+        let mut want = vec!["would_reject.request_in_flight"];
+        if !redis {
+            want.push("decided_at_headers");
+        }
+        assert_eq!(counters(&retry), counted(&want), "{what}");
+        assert!(has_log(&retry, Level::Warn, "would_reject status=409 code=request_in_flight route=payouts"), "{what}");
+
+        // A key whose first answer proved nothing (503): outcome unknown.
+        let unknown = post("/v1/payouts", Some("\"u-1\""), "{}");
+        let first = g.send(&unknown, &upstream(503, "{}"));
+        assert_eq!(first.counter("firebreak.replay_guard.outcome_unknown_recorded"), 1, "{what}");
+        let later = g.send(&unknown, &op("op-later"));
+        assert!(later.passed(), "{what}");
+        assert_eq!(counters(&later), counted(&["would_reject.outcome_unknown"]), "{what}");
+        // Its 201 did not complete the key: enforce still reads it outcome_unknown, and the
+        // retry of the key in flight is still refused.
+        let json = if redis { format!("{{{ROUTES},{REDIS}}}") } else { format!("{{{ROUTES}}}") };
+        let enforce = switch(&g, &json);
+        let refused = exchange(&mut *enforce.new_flow(), &mut g.env, &unknown, &created());
+        assert_eq!(code(&refused), Some("outcome_unknown"), "{what}");
+        let refused = exchange(&mut *enforce.new_flow(), &mut g.env, &request, &created());
+        assert_eq!(code(&refused), Some("request_in_flight"), "{what}");
+    }
+}
+
+#[test]
+fn report_only_a_store_that_cannot_answer_forwards_the_request_unrecorded() {
+    // No bridge at all.
+    let mut g = remote(REPORT_ONLY);
+    g.env.redis = None;
+    let o = g.send(&post("/v1/payouts", Some("\"k-1\""), "{}"), &created());
+    assert!(o.passed());
+    assert_eq!(counters(&o), counted(&["remote_error", "would_reject.state_unavailable"]));
+    // A claim Redis applied whose answer was lost: unwound, then forwarded (not stalled).
+    let mut g = remote(REPORT_ONLY);
+    g.redis_answers(|call, command, fake| {
+        let answer = fake.answer(command);
+        if call == 1 {
+            CallAnswer { status: None, body: Vec::new() }
+        } else {
+            answer
+        }
+    });
+    let request = post("/v1/payouts", Some("\"k-2\""), "{}");
+    let o = g.send(&request, &created());
+    assert!(o.passed(), "{:?}", o.logs);
+    assert!(!o.stalled);
+    assert_eq!(counters(&o), counted(&["remote_error", "claim_unwound", "would_reject.state_unavailable"]));
+    assert_eq!(g.redis_records(), 0, "nothing recorded for a request that owns no key");
+    // Enforce: the same failure refuses.
+    let mut g = remote("");
+    g.env.redis = None;
+    assert_eq!(code(&g.send(&post("/v1/payouts", Some("\"k-1\""), "{}"), &created())), Some("state_unavailable"));
+}
+
+#[test]
+fn report_only_declares_its_counters_and_leaves_the_operator_endpoint_enforced() {
+    let g = local(REPORT_ONLY);
+    let names = g.factory.counters();
+    for name in ["would_replay", "would_reject.request_in_flight", "would_reject.idempotency_key_mismatch"] {
+        assert!(names.contains(&name.to_string()), "{name}");
+    }
+    assert!(!local("").factory.counters().iter().any(|n| n.starts_with("would_")));
+    assert!(g
+        .factory
+        .configured()
+        .iter()
+        .any(|(_, line)| line == "firebreak replay_guard mode=report_only nothing_refused_or_replayed"));
+    // An operator's clear request is answered by the filter in either mode, never forwarded.
+    let mut g = local(REPORT_ONLY);
+    let o = g.send(&post("/ops/replay/clear", None, &clear_body("nope")), &created());
+    assert_eq!(code(&o), Some("operator_forbidden"));
+    assert!(!o.forwarded);
+    let error = configure_in(&MemoryEnv::default(), &format!("{{{ROUTES},\"mode\":\"shadow\"}}")).err().unwrap();
+    assert_eq!(error.field, "mode");
+}
+
+#[test]
+fn report_only_a_claim_the_store_refuses_is_counted_and_forwarded_unrecorded() {
+    let tiny = r#","key_store":{"buckets":1,"slots_per_bucket":2,"quota_per_principal":1}"#;
+    let mut g = local(&format!("{tiny}{REPORT_ONLY}"));
+    assert_eq!(counters(&g.send(&post("/v1/payouts", Some("\"q-1\""), "{}"), &created())), counted(&["forwarded", "completed"]));
+    let over = g.send(&post("/v1/payouts", Some("\"q-2\""), "{}"), &created());
+    assert!(over.passed());
+    assert_eq!(counters(&over), counted(&["would_reject.tenant_quota_exceeded"]));
+    // Nothing was recorded for it: enforce mode refuses the same request for the same reason.
+    let enforce = switch(&g, &format!("{{{ROUTES}{tiny}}}"));
+    let refused = exchange(&mut *enforce.new_flow(), &mut g.env, &post("/v1/payouts", Some("\"q-2\""), "{}"), &created());
+    assert_eq!(code(&refused), Some("tenant_quota_exceeded"));
+}

@@ -5,10 +5,11 @@ use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 use base64::Engine;
 use serde::Deserialize;
 
+use crate::config::Choice;
 use crate::quota::{self, TenantQuota};
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
 use crate::store::{BucketTable, SharedStore};
-use crate::ConfigError;
+use crate::{ConfigError, Mode};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +47,9 @@ struct RawConfig {
     /// Where nonces live: `{"backend": "local"}` (default) or `{"backend": "redis", ...}`.
     #[serde(default)]
     state: Option<serde_json::Value>,
+    /// `enforce` (default) or `report_only` ([`crate::Mode`]).
+    #[serde(default)]
+    mode: Choice<Mode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +196,9 @@ pub struct SignaturePolicy {
     /// The key a MAC is computed with when the key id is unknown, so that an unknown key id costs
     /// the same work as a wrong MAC (never accepted: the request is refused either way).
     pub(crate) decoy_key: Key,
+    /// Enforce: a failure is refused. Report-only: it is counted (`would_reject.<code>`) and
+    /// logged, and the request goes on without a principal.
+    pub mode: Mode,
 }
 
 impl SignaturePolicy {
@@ -300,7 +307,9 @@ impl SignaturePolicy {
             NonZeroU64::new(max_age_seconds.get().saturating_add(raw.future_skew_seconds).saturating_add(1).saturating_mul(1000))
                 .unwrap_or(NonZeroU64::MIN);
         let nonce_quota = TenantQuota::for_table(&nonce_table, quota_limit, window_ms);
+        let mode = raw.mode.get("mode")?;
         Ok(SignaturePolicy {
+            mode,
             routes,
             unsafe_methods_require_signature: raw.unsafe_methods_require_signature,
             exemptions,

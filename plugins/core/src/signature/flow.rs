@@ -20,10 +20,13 @@ use std::fmt::Display;
 use std::sync::Arc;
 
 use crate::flow::calls::Calls;
-use crate::flow::{header, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
+use crate::flow::{
+    header, refuse, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step,
+};
 use crate::remote::{Backend, RedisConfig};
 use crate::replay::body_sha256_from_content_digest;
 use crate::route::{not_canonical_rejection, split_path, Scope};
+use crate::Mode;
 
 use super::{
     claim_nonce, client_principal_copies, nonce_claim_answer, nonce_claim_command, nonce_ttl_ms, valid_key_id, verify_body,
@@ -80,7 +83,10 @@ impl SignatureFlow {
     fn headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Step {
         let headers = match host.request_headers() {
             Ok(headers) => headers,
-            Err(_) => return self.fail(host, SigError::Malformed("request headers (not UTF-8)"), &""),
+            Err(_) => {
+                let step = self.fail(host, SigError::Malformed("request headers (not UTF-8)"), &"");
+                return self.unverified(host, step);
+            }
         };
         let method = header(&headers, ":method").unwrap_or("");
         let path_and_query = header(&headers, ":path").unwrap_or("");
@@ -93,16 +99,22 @@ impl SignatureFlow {
         // duplicate is refused.
         let scope = self.policy.scope(method, path_and_query);
         if scope == Scope::NotCanonical {
-            return reject(host, &self.meter, Level::Warn, not_canonical_rejection(), &context.to_string());
+            let refused =
+                refuse(host, &self.meter, self.policy.mode, Level::Warn, not_canonical_rejection(), &context.to_string());
+            return self.unverified(host, refused.unwrap_or(Step::Continue));
         }
         let protected = scope.applies();
         let client_principal = match client_principal_copies(&self.policy, &headers, protected) {
             Ok(names) => names,
-            Err((error, name)) => return self.fail(host, error, &format!("{context} header={name:?}")),
+            Err((error, name)) => {
+                let step = self.fail(host, error, &format!("{context} header={name:?}"));
+                return self.unverified(host, step);
+            }
         };
         for name in client_principal {
             if host.set_request_header(name, None).is_err() {
-                return self.fail(host, SigError::StateUnavailable, &context);
+                // Never forwarded with a client's principal, in either mode.
+                return self.fail_closed(host, SigError::StateUnavailable, &context);
             }
         }
         if !protected {
@@ -191,11 +203,43 @@ impl SignatureFlow {
     }
 
     /// Refuses the request (one log line, the `rejected.<code>` counters) and forgets it: a claim
-    /// still in flight is answered to nobody.
+    /// still in flight is answered to nobody. In report-only mode the refusal is counted
+    /// (`would_reject.<code>`) and logged instead, and the request goes on as one this filter did
+    /// not verify: no principal is handed on, nothing more is checked.
     fn fail(&mut self, host: &mut dyn Host, error: SigError, context: &dyn Display) -> Step {
         self.pending = None;
         self.claims = Calls::default();
+        refuse(host, &self.meter, self.policy.mode, Level::Warn, error.rejection(), &context.to_string())
+            .unwrap_or(Step::Continue)
+    }
+
+    /// Refuses the request in either mode: a host failure that would let a client's principal
+    /// through, or leave ours half handed on.
+    fn fail_closed(&mut self, host: &mut dyn Host, error: SigError, context: &dyn Display) -> Step {
+        self.pending = None;
+        self.claims = Calls::default();
         reject(host, &self.meter, Level::Warn, error.rejection(), &context.to_string())
+    }
+
+    /// After a header-time refusal that came before the client's principal copies were removed:
+    /// in report-only mode (`step` is `Continue`) the request goes on, but never with one of them
+    /// (removed here, in any spelling; a removal that fails refuses the request).
+    fn unverified(&mut self, host: &mut dyn Host, step: Step) -> Step {
+        if step != Step::Continue {
+            return step;
+        }
+        let Ok(headers) = host.request_headers_lossy() else {
+            return self.fail_closed(host, SigError::StateUnavailable, &"principal_unremovable");
+        };
+        let names: Vec<String> = client_principal_copies(&self.policy, &headers, false)
+            .map(|names| names.into_iter().map(str::to_string).collect())
+            .unwrap_or_default();
+        for name in names {
+            if host.set_request_header(&name, None).is_err() {
+                return self.fail_closed(host, SigError::StateUnavailable, &"principal_unremovable");
+            }
+        }
+        Step::Continue
     }
 
     /// Refuses a request whose headers verified, with their context (read again: a refusal is
@@ -209,7 +253,9 @@ impl SignatureFlow {
     fn publish_principal(&mut self, host: &mut dyn Host, pending: &Pending) -> Result<(), Step> {
         let key_id = pending.verified.key_id.as_str();
         if host.set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || host.set_principal(key_id).is_err() {
-            return Err(self.fail_verified(host, SigError::StateUnavailable, pending));
+            // Refused in either mode: the principal may be half handed on.
+            let context = verified_context(host, pending);
+            return Err(self.fail_closed(host, SigError::StateUnavailable, &context));
         }
         Ok(())
     }
@@ -320,12 +366,19 @@ impl FlowFactory for SignatureFactory {
     }
 
     fn counters(&self) -> Vec<String> {
-        COUNTERS.iter().map(|name| name.to_string()).collect()
+        let mut names: Vec<String> = COUNTERS.iter().map(|name| name.to_string()).collect();
+        if self.policy.mode == Mode::ReportOnly {
+            names.extend(crate::would_reject_counter_names());
+        }
+        names
     }
 
     fn configured(&self) -> Vec<(Level, String)> {
         // `firebreak request_signature configured` is the host's line (`glue::load_config`).
-        Vec::new()
+        match self.policy.mode {
+            Mode::Enforce => Vec::new(),
+            Mode::ReportOnly => vec![(Level::Warn, format!("firebreak {PLUGIN} mode=report_only nothing_refused"))],
+        }
     }
 }
 

@@ -746,3 +746,130 @@ fn noscript_is_answered_by_sending_the_script_once() {
     assert_eq!(second.calls.len(), 1);
     assert!(second.calls[0].starts_with(b"EVALSHA/"));
 }
+
+const REPORT_ONLY: &str = r#","mode":"report_only""#;
+
+/// The same requests: refused in enforce mode; in report-only mode counted
+/// (`would_reject.<code>`), logged once, and forwarded as requests this filter did not verify (no
+/// principal handed on, the client's principal copies removed, nothing else changed); refused
+/// again once the configuration says `enforce`.
+#[test]
+fn report_only_counts_logs_and_forwards_without_a_principal_what_enforce_refuses() {
+    let body: &[u8] = br#"{"amount":3}"#;
+    let cases: Vec<(&str, MemoryRequest, &str)> = vec![
+        (
+            "unsigned",
+            MemoryRequest::new(headers("POST", "/v1/transfers", &[("content-type", "application/json")]), body),
+            "signature_missing",
+        ),
+        ("stale", signed_with("POST", "/v1/transfers", &[], body, "n-old", -3600, body), "signature_stale"),
+        (
+            "body changed",
+            signed_with("POST", "/v1/transfers", &[], b"{\"amount\":9}", "n-body", 0, body),
+            "content_digest_mismatch",
+        ),
+        (
+            "spoofed principal",
+            signed(
+                "POST",
+                "/v1/transfers",
+                &[("x_firebreak_principal", "victim"), ("x-firebreak-principal", "victim")],
+                body,
+                "n-spoof",
+            ),
+            "principal_header_spoofed",
+        ),
+        (
+            "not canonical",
+            MemoryRequest::new(headers("POST", "/v1/../v1/transfers", &[("x-firebreak-principal", "victim")]), body),
+            "path_not_canonical",
+        ),
+    ];
+    for (what, request, want) in cases {
+        let mut env = MemoryEnv::default();
+        let enforce = run(&make(&env, ""), &mut env, &request);
+        let Some(code) = code(&enforce) else { panic!("{what}: passed in enforce mode") };
+
+        let mut env = MemoryEnv::default();
+        let reported = run(&make(&env, REPORT_ONLY), &mut env, &request);
+        assert!(reported.passed(), "{what}: {:?}", reported.logs);
+        assert_eq!(code, want, "{what}");
+        assert_eq!(counters(&reported), [format!("would_reject.{code}")], "{what}");
+        assert_eq!(reported.logs.len(), 1, "{what}");
+        assert!(reported.logs[0].1.starts_with("firebreak request_signature would_reject status="), "{what}");
+        assert!(reported.logs[0].1.contains(&format!(" code={code}")), "{what}");
+        assert_eq!(reported.forwarded_body, request.chunks.concat(), "{what}");
+        // No client copy of the principal reaches the upstream; the rest goes on unchanged.
+        let client_copies = |h: &(String, String)| h.0.to_ascii_lowercase().replace('_', "-") == "x-firebreak-principal";
+        let sent: Vec<_> = request.headers.iter().filter(|h| !client_copies(h)).cloned().collect();
+        if what == "body changed" {
+            // The headers verified (MAC, time, nonce) and the principal went on with them
+            // before the body could be checked (README: report-only and the body).
+            assert_eq!(reported.principal.as_deref(), Some("client-a"), "{what}");
+        } else {
+            assert_eq!(reported.principal, None, "{what}");
+            assert_eq!(reported.upstream_headers, sent, "{what}");
+        }
+
+        // Switching is a configuration change: the same request is refused.
+        let mut env = MemoryEnv::default();
+        assert_eq!(self::code(&run(&make(&env, r#","mode":"enforce""#), &mut env, &request)), Some(code), "{what}");
+    }
+}
+
+#[test]
+fn report_only_a_replayed_nonce_is_counted_and_forwarded_without_a_principal() {
+    let body: &[u8] = br#"{"amount":3}"#;
+    let request = signed("POST", "/v1/transfers", &[], body, "n-twice");
+    // Local nonces.
+    let mut env = MemoryEnv::default();
+    let factory = make(&env, REPORT_ONLY);
+    let first = run(&factory, &mut env, &request);
+    assert!(first.passed());
+    assert_eq!(first.principal.as_deref(), Some("client-a"));
+    assert_eq!(counters(&first), ["accepted"]);
+    let again = run(&factory, &mut env, &request);
+    assert!(again.passed());
+    assert_eq!(again.principal, None);
+    assert_eq!(counters(&again), ["would_reject.nonce_replayed"]);
+    assert_eq!(self::code(&run(&make(&env, ""), &mut env, &request)), Some("nonce_replayed"));
+    // Nonces on Redis: the claim's refusal resumes the held request.
+    let (redis, _) = fake_redis(10);
+    let mut env = MemoryEnv { redis: Some(redis), ..MemoryEnv::default() };
+    let factory = make(&env, &format!("{REDIS}{REPORT_ONLY}"));
+    assert!(run(&factory, &mut env, &request).passed());
+    let again = run(&factory, &mut env, &request);
+    assert!(again.passed(), "{:?}", again.logs);
+    assert!(!again.stalled);
+    assert_eq!(again.principal, None);
+    assert_eq!(counters(&again), ["would_reject.nonce_replayed"]);
+    assert_eq!(again.forwarded_body, body);
+    let enforce = make(&env, REDIS);
+    assert_eq!(self::code(&run(&enforce, &mut env, &request)), Some("nonce_replayed"));
+}
+
+#[test]
+fn report_only_still_refuses_what_would_leave_a_clients_principal_or_half_of_ours() {
+    // A failed header write: a client's principal copy cannot be removed.
+    let mut env = MemoryEnv { faults: Faults { writes: true, ..Faults::default() }, ..MemoryEnv::default() };
+    let factory = make(&env, REPORT_ONLY);
+    let request = signed("POST", "/v1/transfers", &[("x-firebreak-principal", "victim")], b"{}", "n-w");
+    let outcome = run(&factory, &mut env, &request);
+    assert_eq!(code(&outcome), Some("state_unavailable"), "{:?}", outcome.logs);
+    let declared = factory.counters();
+    assert!(declared.contains(&"would_reject.signature_invalid".to_string()));
+    assert!(!make(&env, "").counters().iter().any(|c| c.starts_with("would_reject.")));
+    assert_eq!(factory.configured()[0].1, "firebreak request_signature mode=report_only nothing_refused");
+}
+
+#[test]
+fn the_mode_is_read_at_configure_time_and_a_bad_one_names_its_field() {
+    let env = MemoryEnv::default();
+    let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
+    for bad in [r#","mode":"Report_Only""#, r#","mode":"audit""#] {
+        let Err(error) = configure("request_signature", config(bad).as_bytes(), &setup) else { panic!("{bad}") };
+        assert_eq!(error.field, "mode", "{bad}");
+    }
+    assert!(configure("request_signature", config(r#","mode":true"#).as_bytes(), &setup).is_err());
+    assert!(make(&env, r#","mode":"enforce""#).configured().is_empty());
+}
