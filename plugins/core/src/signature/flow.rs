@@ -327,6 +327,18 @@ impl FlowFactory for SignatureFactory {
         // `firebreak request_signature configured` is the host's line (`glue::load_config`).
         Vec::new()
     }
+
+    /// The nonce table and its per-tenant quota records (local state only).
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        use crate::flow::fill::StoreTable;
+        if self.policy.state != crate::remote::Backend::Local {
+            return Vec::new();
+        }
+        vec![
+            StoreTable::new(meter(), "nonces", &self.policy.nonce_table),
+            StoreTable::new(meter(), "nonce_quotas", &self.policy.nonce_quota.table),
+        ]
+    }
 }
 
 /// Configures request-signature ([`crate::filters::Configure`]): parses the configuration (keys
