@@ -33,13 +33,13 @@ def gateway_config(native: bool = False) -> dict:
     for section in chain["filters"]:
         (name, stage), = section.items()
         if name == "request_signature":
-            stage["nonce_store"] = {"buckets": 64, "slots_per_bucket": 8, "quota_per_key_id": 256}
+            stage["nonce_store"] = {"buckets": 128, "slots_per_bucket": 8, "quota_per_key_id": 512}
         if name == "rate_limit" and stage["name"] == "per-user":
             # A looping user still trips it; the second client's payouts and retries do not.
-            stage["rules"][0].update(requests=30, per_seconds=60, burst=10)
+            stage["rules"][0].update(requests=120, per_seconds=60, burst=10)
         if name == "replay_guard":
-            stage["key_store"] = {"buckets": 16, "slots_per_bucket": 8}
-            stage["collapse_store"] = {"buckets": 16, "slots_per_bucket": 4}
+            stage["key_store"] = {"buckets": 16, "slots_per_bucket": 8, "quota_per_principal": 64}
+            stage["collapse_store"] = {"buckets": 16, "slots_per_bucket": 4, "quota_per_principal": 32}
     chain["filters"].append({"rate_limit": {
         "name": "shared",
         "rules": [{"name": "shared-reads", "routes": [{"methods": ["GET"], "path_prefix": "/v1/shared/"}],
@@ -82,8 +82,8 @@ def ref() -> str:
 
 
 def signed(envoy: harness.Envoy, path: str, body: bytes, key_id=harness.DEMO_KEY_ID,
-           secret=harness.DEMO_SECRET_B64, idempotency_key: str | None = None) -> harness.Response:
-    extra, headers = None, list(JSON)
+           secret=harness.DEMO_SECRET_B64, idempotency_key: str | None = None, more=()) -> harness.Response:
+    extra, headers = None, list(JSON) + list(more)
     if idempotency_key:
         extra = ["-H", f'idempotency-key: "{idempotency_key}"', "--cover", "idempotency-key"]
         headers.append(("idempotency-key", f'"{idempotency_key}"'))
@@ -116,6 +116,16 @@ def payout_with_retries(envoy, retries=3) -> list[int]:
     """Incident 2: an idempotent payout retried: executed once, the retries replayed."""
     key, body = ref(), json.dumps({"account": "acc-carol", "amount": 5, "reference": ref()}).encode()
     return [signed(envoy, "/v1/payouts", body, harness.SECOND_KEY_ID, harness.SECOND_SECRET_B64, key).status
+            for _ in range(1 + retries)]
+
+
+def uncertain_payout(envoy, retries=2) -> list[int]:
+    """A payout the upstream executes and then fails (`x-demo-fault: fail-after-commit`, 503): its
+    outcome is unknown, so replay-guard locks the key and refuses the retries (409
+    outcome_unknown) until an operator decides."""
+    key, body = ref(), json.dumps({"account": "acc-carol", "amount": 7, "reference": ref()}).encode()
+    fault = [("x-demo-fault", "fail-after-commit")]
+    return [signed(envoy, "/v1/payouts", body, harness.SECOND_KEY_ID, harness.SECOND_SECRET_B64, key, fault).status
             for _ in range(1 + retries)]
 
 
@@ -154,6 +164,7 @@ def one_round(envoy) -> dict[str, list[int]]:
         "unsigned": unsigned_flood(envoy),
         "payout": payout_with_retries(envoy),
         "duplicates": concurrent_duplicates(envoy),
+        "uncertain": uncertain_payout(envoy),
         "leak": [credential_leak(envoy)],
         "redis": [redis_down(envoy)],
         "trial": report_only_trial(envoy),

@@ -38,6 +38,7 @@ def test_every_metric_the_dashboard_and_the_rules_name_is_exported(gateway):
     assert 429 in rounds["looping"], rounds
     assert rounds["payout"][0] == 201 and rounds["payout"][1:] == [201] * 3, rounds
     assert 403 in rounds["leak"] and 503 in rounds["redis"], rounds
+    assert rounds["uncertain"] == [503, 409, 409], rounds
     families = traffic.scrape(envoy)
     problems = []
     for expr in traffic.expressions(host):
@@ -71,6 +72,9 @@ def test_every_metric_the_dashboard_and_the_rules_name_is_exported(gateway):
     assert value("rejected", firebreak_filter="request_signature", firebreak_code="signature_missing") >= 10
     assert value("rejected", firebreak_filter="rate_limit.per-user", firebreak_code="rate_limited") >= 1
     assert value("replayed", firebreak_filter="replay_guard") >= 3
+    assert value("outcome_unknown_recorded", firebreak_filter="replay_guard") >= 1
+    assert value("rejected", firebreak_filter="replay_guard", firebreak_code="outcome_unknown") >= 2
+    assert value("rejected", firebreak_filter="replay_guard", firebreak_code="duplicate_request") >= 1
     assert value("rejected", firebreak_filter="rate_limit.shared", firebreak_code="state_unavailable") >= 1
     assert value("detected", firebreak_label="stripe-live", firebreak_place="body") >= 1
     assert value("store_capacity", firebreak_filter="replay_guard", firebreak_store="keys") == 16 * 8
