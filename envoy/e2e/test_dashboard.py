@@ -1,6 +1,7 @@
 """The operators' view against a live scrape (docs/dashboard/): the demo chain in real Envoy, on
 the proxy-wasm chain module and on the native module, gets one round of traffic touching every
-panel (refusals, replays, a credential leak, Redis down), then every metric the Grafana
+panel (refusals, replays, a credential leak, Redis down; the same sections as separate wasm
+modules too), then every metric the Grafana
 dashboard and the Prometheus alert rules name must be in `/stats/prometheus`, with the labels
 they select and group by; the fill-level gauges must show the records the traffic left; and the
 alert rules must be well-formed."""
@@ -13,12 +14,18 @@ import yaml
 
 import dashboard_traffic as traffic
 import harness
+import test_demo
 
 
-@pytest.fixture(params=["wasm", "native"])
+@pytest.fixture(params=["wasm", "separate modules", "native"])
 def gateway(request, demo_api):
-    envoy = harness.Envoy([], demo_api.port, bootstrap_config=traffic.gateway_config(request.param == "native"))
-    yield request.param, envoy
+    """The chain module, the same sections as separate wasm modules (each root sweeps its own
+    tables on its own tick), and the native module."""
+    config = traffic.gateway_config(request.param == "native")
+    if request.param == "separate modules":
+        config = test_demo.separate_modules(config)
+    envoy = harness.Envoy([], demo_api.port, bootstrap_config=config)
+    yield ("native" if request.param == "native" else "wasm"), envoy
     envoy.stop()
 
 
