@@ -138,3 +138,25 @@ def test_the_alert_rules_are_well_formed():
     by_name = {rule["alert"]: rule["expr"] for group in doc["groups"] for rule in group["rules"]}
     assert "> 900" in by_name["FirebreakStoreNearlyFull"]
     assert "> 0" in by_name["FirebreakProductionCredentialSeen"]
+
+
+def test_the_picture_script_evaluates_every_panel_query():
+    """scripts/dashboard.py draws docs/dashboard/panels.png by evaluating the panels' queries
+    itself: each query must have a shape it evaluates, and a made-up pair of scrapes gives the
+    rate it should."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dashboard_script", harness.ROOT / "scripts" / "dashboard.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for panel in traffic.dashboard()["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("${ns}", "firebreak").replace("$__rate_interval", "10s")
+            assert script.QUERY.match(expr), expr
+    labels = {"firebreak_filter": "request_signature", "firebreak_code": "signature_missing"}
+    samples = [{"t": float(t), "host": "wasm", "families": {"firebreak_rejected": [(labels, 5.0 * t)]}}
+               for t in range(0, 21, 2)]
+    expr = 'sum by (firebreak_filter, firebreak_code) (rate(${ns}_rejected{firebreak_detail=""}[$__rate_interval]))'
+    series = script.evaluate(expr, samples, "firebreak")
+    assert list(series) == [("request_signature", "signature_missing")]
+    assert {round(v, 6) for _, v in series[("request_signature", "signature_missing")]} == {5.0}
