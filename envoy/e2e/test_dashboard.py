@@ -160,3 +160,9 @@ def test_the_picture_script_evaluates_every_panel_query():
     series = script.evaluate(expr, samples, "firebreak")
     assert list(series) == [("request_signature", "signature_missing")]
     assert {round(v, 6) for _, v in series[("request_signature", "signature_missing")]} == {5.0}
+
+
+def test_the_demo_carries_the_dashboards_stats_tags():
+    tags = yaml.safe_load((traffic.DASHBOARD_DIR / "envoy-stats-tags.yaml").read_text())
+    demo = yaml.safe_load((harness.ROOT / "envoy" / "demo.yaml").read_text())
+    assert demo["stats_config"] == tags["stats_config"]
