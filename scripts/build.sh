@@ -24,7 +24,8 @@ done
 # the tests only (target/native-faults/libfirebreak.so: a request can make a hook panic).
 cargo build --quiet --profile native -p firebreak-native --features fault-injection
 mkdir -p target/native-faults
-cp target/native/libfirebreak.so target/native-faults/libfirebreak.so
+# --remove-destination: never write through a hard link (a target/ shared with `cp -al`).
+cp --remove-destination target/native/libfirebreak.so target/native-faults/libfirebreak.so
 cargo build --quiet --profile native -p firebreak-native
 echo "built target/native/libfirebreak.so ($(stat -c %s target/native/libfirebreak.so) bytes)"
 for wasm in target/wasm32-wasip1/release/*.wasm; do

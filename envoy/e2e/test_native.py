@@ -57,6 +57,11 @@ def test_the_library_binds_only_callbacks_the_pinned_envoy_exports():
     exported = dynamic_symbols(envoy_binary(), "--defined-only")
     needed = {s for s in dynamic_symbols(LIBRARY, "--undefined-only") if s.startswith("envoy_dynamic_module_")}
     assert len(needed) >= 15, needed
+    # The fill-level gauges (core::flow::fill) are bound, so this check covers them too.
+    gauges = {"envoy_dynamic_module_callback_http_filter_config_define_gauge",
+              "envoy_dynamic_module_callback_http_filter_config_set_gauge",
+              "envoy_dynamic_module_callback_http_filter_set_gauge"}
+    assert gauges <= needed, sorted(gauges - needed)
     # Envoy loads the library with RTLD_NOW: a callback it does not export fails the load.
     assert needed <= exported, sorted(needed - exported)
     hooks = {s for s in dynamic_symbols(LIBRARY, "--defined-only") if s.startswith("envoy_dynamic_module_on_")}

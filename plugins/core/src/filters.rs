@@ -197,6 +197,10 @@ impl FlowFactory for ChainFactory {
     fn definitions(&self) -> Vec<(Meter, Vec<String>)> {
         self.stages.iter().flat_map(|(_, stage)| stage.definitions()).collect()
     }
+
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        self.stages.iter().flat_map(|(_, stage)| stage.stores()).collect()
+    }
 }
 
 #[cfg(test)]

@@ -490,6 +490,19 @@ impl BucketTable {
         Err(TableError::Contended)
     }
 
+    /// Live records at `now_ms` in the buckets `from..from + count` (cut at the last bucket):
+    /// one shared-data get per bucket, for a fill level swept a few buckets at a time
+    /// ([`crate::flow::fill`]). An absent bucket holds none.
+    pub fn live_in_buckets(&self, store: &dyn SharedStore, from: u32, count: u32, now_ms: u64) -> Result<u64, TableError> {
+        let mut live = 0;
+        for bucket in from..from.saturating_add(count).min(self.buckets) {
+            if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
+                live += self.decode(&bytes)?.iter().flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64;
+            }
+        }
+        Ok(live)
+    }
+
     /// Number of live records (for tests and memory reports); reads every bucket.
     pub fn live_records(&self, store: &dyn SharedStore, now_ms: u64) -> Result<u64, TableError> {
         let mut count = 0;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use firebreak_core::filters::{self, Configure, Setup, CHAIN};
-use firebreak_core::flow::FlowFactory;
+use firebreak_core::flow::fill::{self, FillLevels};
+use firebreak_core::flow::{FlowFactory, Meter};
 use firebreak_core::ConfigError;
 use firebreak_glue::host::{log_at, FlowContext, Module};
 use firebreak_glue::{self as glue, HostStore};
@@ -15,8 +16,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
 /// How often the chain module writes the counts of passed requests to Envoy's counters
-/// (refusals and failures are counted at once).
-const COUNT_FLUSH_PERIOD: Duration = Duration::from_secs(1);
+/// (refusals and failures are counted at once), and every module with local tables sweeps a few
+/// of their buckets for the fill-level gauges (`core::flow::fill`).
+const TICK_PERIOD: Duration = Duration::from_millis(fill::TICK_MS);
 
 /// What a module runs.
 #[derive(Clone, Copy)]
@@ -31,12 +33,12 @@ enum Runs {
 
 /// A fresh root context of `filter`'s module; `on_configure` reads its configuration.
 pub fn filter_root(filter: &'static str, configure: Configure) -> Box<dyn RootContext> {
-    Box::new(FlowRoot { runs: Runs::Filter(filter, configure), factory: None, module: None })
+    Box::new(FlowRoot { runs: Runs::Filter(filter, configure), factory: None, module: None, fill: FillLevels::default() })
 }
 
 /// A fresh root context of the chain module.
 pub fn chain_root() -> Box<dyn RootContext> {
-    Box::new(FlowRoot { runs: Runs::Chain(configure_chain), factory: None, module: None })
+    Box::new(FlowRoot { runs: Runs::Chain(configure_chain), factory: None, module: None, fill: FillLevels::default() })
 }
 
 struct FlowRoot {
@@ -44,6 +46,8 @@ struct FlowRoot {
     factory: Option<Arc<dyn FlowFactory>>,
     /// Made at configure time (it reads Envoy's log level).
     module: Option<Rc<Module>>,
+    /// The sweeps of the local tables' fill levels, one step per tick.
+    fill: FillLevels,
 }
 
 impl FlowRoot {
@@ -74,6 +78,7 @@ impl RootContext for FlowRoot {
         let chain = matches!(self.runs, Runs::Chain(_));
         self.factory = None;
         self.module = None;
+        self.fill = FillLevels::default();
         let Some(json) = glue::plugin_configuration(plugin) else { return false };
         let factory = match self.configure(&json) {
             Ok(factory) => factory,
@@ -82,7 +87,8 @@ impl RootContext for FlowRoot {
                 return false;
             }
         };
-        if chain && glue::set_tick_period(COUNT_FLUSH_PERIOD).is_err() {
+        let fill = FillLevels::new(factory.stores());
+        if (chain || !fill.is_empty()) && glue::set_tick_period(TICK_PERIOD).is_err() {
             glue::log(LogLevel::Critical, &format!("firebreak {plugin} config_error cannot set the tick period"));
             return false;
         }
@@ -90,6 +96,10 @@ impl RootContext for FlowRoot {
         for (meter, names) in factory.definitions() {
             module.meters.define(&meter, &names);
         }
+        for (meter, names) in fill.definitions() {
+            module.meters.define_gauges(&meter, &names);
+        }
+        fill.set_capacities(&mut |meter: &Meter, name: &str, value: u64| module.meters.gauge(meter, name, value));
         if let Runs::Filter(filter, _) = self.runs {
             glue::log(LogLevel::Info, &format!("firebreak {filter} configured"));
         }
@@ -98,12 +108,18 @@ impl RootContext for FlowRoot {
         }
         self.factory = Some(factory);
         self.module = Some(module);
+        self.fill = fill;
         true
     }
 
     fn on_tick(&mut self) {
-        if let Some(module) = &self.module {
-            module.meters.flush();
+        let Some(module) = &self.module else { return };
+        module.meters.flush();
+        if let Some(now_ms) = glue::now_ms() {
+            let budget = self.fill.budget();
+            let meters = &module.meters;
+            self.fill
+                .tick(&HostStore, now_ms, budget, &mut |meter: &Meter, name: &str, value: u64| meters.gauge(meter, name, value));
         }
     }
 

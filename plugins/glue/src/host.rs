@@ -33,6 +33,8 @@ pub struct Meters {
     /// The family counted last (most counts of one event come from one flow): found by pointer,
     /// without hashing its prefix.
     last: RefCell<Option<(std::sync::Arc<str>, Rc<Counters>)>>,
+    /// Gauge ids by full name (`<prefix>.<name>`), defined at configure time.
+    gauges: RefCell<HashMap<String, u32>>,
 }
 
 impl Meters {
@@ -56,6 +58,25 @@ impl Meters {
     pub fn define(&self, meter: &Meter, names: &[String]) {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         self.counters(meter).define_all(&names);
+    }
+
+    /// Defines the gauges `names` under `meter` (configure time).
+    pub fn define_gauges(&self, meter: &Meter, names: &[String]) {
+        let mut gauges = self.gauges.borrow_mut();
+        for name in names {
+            let full = format!("{}.{name}", meter.prefix);
+            if let Some(id) = crate::define_gauge(&full) {
+                gauges.insert(full, id);
+            }
+        }
+    }
+
+    /// Sets the gauge `<meter.prefix>.<name>` (one defined at configure time; another is ignored).
+    pub fn gauge(&self, meter: &Meter, name: &str, value: u64) {
+        let id = self.gauges.borrow().get(&format!("{}.{name}", meter.prefix)).copied();
+        if let Some(id) = id {
+            crate::set_gauge(id, value);
+        }
     }
 
     /// Writes the batched counts (one host call per counter that moved).
@@ -244,6 +265,10 @@ impl Host for EnvoyHost<'_> {
         if let Some(id) = meters.counters(meter).id(name) {
             *meters.pending.borrow_mut().entry(id).or_insert(0) += 1;
         }
+    }
+
+    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
+        self.module.meters.gauge(meter, name, value);
     }
 
     fn logs_debug(&self) -> bool {

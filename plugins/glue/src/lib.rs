@@ -119,6 +119,16 @@ impl Counters {
     }
 }
 
+/// Defines the gauge `name` (configure time); its id, or `None` if Envoy refused.
+pub fn define_gauge(name: &str) -> Option<u32> {
+    hostcalls::define_metric(MetricType::Gauge, name).ok()
+}
+
+/// Sets the gauge `id` to `value`.
+pub fn set_gauge(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
+}
+
 /// Adds `count` to the counter `id`.
 pub fn add(id: u32, count: u64) {
     let _ = hostcalls::increment_metric(id, i64::try_from(count).unwrap_or(i64::MAX));

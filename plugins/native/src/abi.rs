@@ -203,6 +203,30 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+
+    // Gauges (the fill levels of the local tables): the same shapes as the counters' in 1.40's
+    // abi.h (`envoy_dynamic_module_type_metrics_result` return; the id 1-based, per config).
+    fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        config: ConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        gauge_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_http_filter_set_gauge(
+        filter: FilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
 }
 
 /// Copies `length` bytes Envoy owns.
@@ -272,6 +296,31 @@ impl ConfigEnvoy<'_> {
             )
         };
         (result == METRICS_SUCCESS && id != 0).then_some(id)
+    }
+
+    /// Defines a gauge (no labels); its id, or `None` if Envoy refused.
+    pub fn define_gauge(&self, name: &str) -> Option<usize> {
+        let mut id: usize = 0;
+        // SAFETY: as for define_counter: inside config_new, the name borrowed for the call and
+        // copied by Envoy, `id` a live local Envoy writes once.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                self.ptr,
+                lend(name.as_bytes()),
+                std::ptr::null_mut(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS && id != 0).then_some(id)
+    }
+
+    /// Sets a gauge this configuration defined (its first value, during config_new).
+    pub fn set_gauge(&self, id: usize, value: u64) {
+        // SAFETY: `ptr` is the config Envoy is creating (we are inside config_new, on the main
+        // thread); `id` came from define_gauge of this config; no labels (null, 0).
+        let _ =
+            unsafe { envoy_dynamic_module_callback_http_filter_config_set_gauge(self.ptr, id, std::ptr::null_mut(), 0, value) };
     }
 }
 
@@ -467,6 +516,12 @@ impl Stream<'_> {
         let found =
             unsafe { envoy_dynamic_module_callback_http_get_filter_state_bytes(self.ptr, lend(key.as_bytes()), &mut result) };
         found.then(|| copy(result.ptr, result.length))
+    }
+
+    pub fn set_gauge(&self, id: usize, value: u64) {
+        // SAFETY: this hook's filter on its worker; `id` came from define_gauge of its config; no
+        // labels (null, 0). Envoy's gauges are atomic: workers may set one concurrently.
+        let _ = unsafe { envoy_dynamic_module_callback_http_filter_set_gauge(self.ptr, id, std::ptr::null_mut(), 0, value) };
     }
 
     pub fn increment_counter(&self, id: usize, value: u64) {

@@ -6,10 +6,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use firebreak_core::filters::{self, Setup, CHAIN};
+use firebreak_core::flow::fill::{self, FillLevels};
 use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
     CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
@@ -41,6 +43,15 @@ pub struct Config {
     counters: HashMap<String, HashMap<String, usize>>,
     /// The counter a name that was not defined at configure time goes to.
     uncounted: Option<usize>,
+    /// Gauge ids by full name (`<prefix>.<name>`), defined at configure time.
+    gauges: HashMap<String, usize>,
+    /// The sweeps of the local tables' fill levels ([`fill`]). The dynamic-module ABI has no
+    /// timer for an HTTP filter's configuration (its scheduler only posts to the main thread), so
+    /// the end of a stream runs one sweep step when [`fill::TICK_MS`] have passed since the last
+    /// (a relaxed load on every stream; the step itself runs on one worker at a time).
+    fill: Mutex<FillLevels>,
+    /// When the next sweep step is due (milliseconds since the epoch).
+    fill_due_ms: AtomicU64,
     debug_log: bool,
     /// `FIREBREAK_NATIVE_TRACE` set in Envoy's environment: one line per hook (event, step,
     /// status; never a header or body value), for diagnosing the ABI in a new Envoy.
@@ -82,6 +93,21 @@ pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<A
         }
     }
     let uncounted = envoy.define_counter("firebreak.native.uncounted");
+    let fill = FillLevels::new(factory.stores());
+    let mut gauges = HashMap::new();
+    for (meter, names) in fill.definitions() {
+        for name in names {
+            let full = format!("{}.{name}", meter.prefix);
+            if let Some(id) = envoy.define_gauge(&full) {
+                gauges.insert(full, id);
+            }
+        }
+    }
+    fill.set_capacities(&mut |meter: &Meter, name: &str, value: u64| {
+        if let Some(id) = gauges.get(&format!("{}.{name}", meter.prefix)) {
+            envoy.set_gauge(*id, value);
+        }
+    });
     if plugin != CHAIN {
         abi::log(abi::LOG_INFO, &format!("firebreak {plugin} configured"));
     }
@@ -89,7 +115,39 @@ pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<A
         abi::log(log_level(level), &line);
     }
     let trace = std::env::var_os("FIREBREAK_NATIVE_TRACE").is_some();
-    Some(Arc::new(Config { factory, counters, uncounted, debug_log: abi::log_enabled(abi::LOG_DEBUG), trace }))
+    Some(Arc::new(Config {
+        factory,
+        counters,
+        uncounted,
+        gauges,
+        fill: Mutex::new(fill),
+        fill_due_ms: AtomicU64::new(0),
+        debug_log: abi::log_enabled(abi::LOG_DEBUG),
+        trace,
+    }))
+}
+
+impl Config {
+    /// One step of the fill-level sweep, at most once per [`fill::TICK_MS`] for the whole
+    /// configuration (the worker that takes the due time runs it; the others skip it).
+    fn sweep(&self, host: &mut NativeHost<'_, '_>) {
+        if self.gauges.is_empty() {
+            return;
+        }
+        let due = self.fill_due_ms.load(Ordering::Relaxed);
+        let Some(now_ms) = host.now_ms() else { return };
+        if now_ms < due
+            || self
+                .fill_due_ms
+                .compare_exchange(due, now_ms.saturating_add(fill::TICK_MS), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let Ok(mut fill) = self.fill.try_lock() else { return };
+        let budget = fill.budget();
+        fill.tick(process_store(), now_ms, budget, &mut |meter: &Meter, name: &str, value: u64| host.gauge(meter, name, value));
+    }
 }
 
 fn log_level(level: Level) -> u32 {
@@ -224,6 +282,9 @@ impl NativeFilter {
             Hook::StreamComplete => (Event::StreamEnd, |_| 0),
         };
         let mut step = state.flow.on_event(event, &mut host);
+        if event == Event::StreamEnd {
+            self.config.sweep(&mut host);
+        }
         let status = status_of(&step);
         if self.config.trace {
             abi::log(abi::LOG_INFO, &format!("firebreak native trace {event:?} -> {step:?} status={status}"));
@@ -465,6 +526,12 @@ impl Host for NativeHost<'_, '_> {
 
     fn count_passed(&mut self, meter: &Meter, name: &str) {
         self.count(meter, name);
+    }
+
+    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
+        if let Some(id) = self.config.gauges.get(&format!("{}.{name}", meter.prefix)) {
+            self.stream.set_gauge(*id, value);
+        }
     }
 
     fn logs_debug(&self) -> bool {

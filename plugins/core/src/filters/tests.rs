@@ -190,3 +190,40 @@ fn a_filter_ignores_every_event_it_does_not_declare() {
     assert_eq!(events_used(CHAIN), Some(&EventKind::ALL[..]));
     assert_eq!(events_used("nope"), None);
 }
+
+#[test]
+fn a_chain_exports_the_fill_level_of_every_local_table_of_its_stages() {
+    use crate::store::MemoryStore;
+    let store = MemoryStore::default();
+    let setup = Setup { env: &|_: &str| None, store: &store, entropy: [3; 32] };
+    let json = format!(
+        r#"{{"filters": [{{"env_guard": {}}}, {{"request_signature": {}}}, {{"rate_limit": {}}}, {{"replay_guard": {}}}]}}"#,
+        sample_config("env_guard"),
+        sample_config("request_signature"),
+        sample_config("rate_limit"),
+        sample_config("replay_guard"),
+    );
+    let chain = configure_chain(json.as_bytes(), &setup).unwrap();
+    let stores: Vec<(String, &str, u64)> =
+        chain.stores().iter().map(|s| (s.meter.prefix.to_string(), s.name, s.table.capacity())).collect();
+    assert_eq!(
+        stores,
+        [
+            ("firebreak.request_signature".to_string(), "nonces", 8192 * 16),
+            ("firebreak.request_signature".to_string(), "nonce_quotas", 8192 * 16),
+            ("firebreak.rate_limit.t".to_string(), "budgets", 4096 * 16),
+            ("firebreak.replay_guard".to_string(), "keys", 1024 * 8),
+            ("firebreak.replay_guard".to_string(), "key_quotas", 1024 * 8),
+            ("firebreak.replay_guard".to_string(), "collapse", 256 * 8),
+            ("firebreak.replay_guard".to_string(), "collapse_quotas", 256 * 8),
+        ]
+    );
+    // A Redis backend has no local table to fill.
+    let redis = r#"{"name": "r", "rules": [{"name": "per-ip", "routes": [{"path_prefix": "/v1/"}], "key": "ip",
+        "requests": 10, "per_seconds": 1, "burst": 10}],
+        "state": {"backend": "redis", "cluster": "c", "authority": "a", "failure_mode": "closed"}}"#;
+    match configure("rate_limit", redis.as_bytes(), &setup) {
+        Ok(factory) => assert!(factory.stores().is_empty()),
+        Err(error) => panic!("{error:?}"),
+    }
+}

@@ -200,6 +200,10 @@ impl Host for StageHost<'_> {
         self.inner.count_passed(meter, name)
     }
 
+    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
+        self.inner.gauge(meter, name, value)
+    }
+
     fn logs_debug(&self) -> bool {
         self.inner.logs_debug()
     }

@@ -135,6 +135,8 @@ pub struct Outcome {
     pub reset: bool,
     /// Every counter incremented, by full name (`<prefix>.<name>`).
     pub counters: BTreeMap<String, u64>,
+    /// Every gauge set, by full name, with its last value.
+    pub gauges: BTreeMap<String, u64>,
     /// Every log line, in order.
     pub logs: Vec<(Level, String)>,
     /// Every call made (the command sent), in order.
@@ -317,6 +319,10 @@ impl Host for Memory<'_> {
 
     fn count_passed(&mut self, meter: &Meter, name: &str) {
         self.count(meter, name);
+    }
+
+    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
+        self.outcome.gauges.insert(format!("{}.{name}", meter.prefix), value);
     }
 
     fn logs_debug(&self) -> bool {

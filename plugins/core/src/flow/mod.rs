@@ -20,6 +20,7 @@
 
 pub mod calls;
 pub mod chain;
+pub mod fill;
 pub mod header_cache;
 pub mod memory;
 
@@ -201,6 +202,9 @@ pub trait Host {
     fn count(&mut self, meter: &Meter, name: &str);
     /// Counts a request that passed (the hot path: a host may batch these).
     fn count_passed(&mut self, meter: &Meter, name: &str);
+    /// Sets the gauge `<meter.prefix>.<name>` (a fill level, [`fill`]). A host that exports no
+    /// gauge ignores it.
+    fn gauge(&mut self, _meter: &Meter, _name: &str, _value: u64) {}
     /// Whether debug lines are written (so a flow formats them only then).
     fn logs_debug(&self) -> bool;
     fn log(&mut self, level: Level, line: &str);
@@ -307,5 +311,9 @@ pub trait FlowFactory: Send + Sync {
     /// per stage).
     fn definitions(&self) -> Vec<(Meter, Vec<String>)> {
         vec![(self.meter(), self.counters())]
+    }
+    /// The bounded local tables whose fill levels the host exports as gauges ([`fill`]).
+    fn stores(&self) -> Vec<fill::StoreTable> {
+        Vec::new()
     }
 }

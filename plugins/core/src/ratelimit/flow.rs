@@ -394,6 +394,19 @@ impl FlowFactory for RateLimitFactory {
         );
         vec![(Level::Warn, line)]
     }
+
+    /// The budget table (local state) and the lease table (Redis with `reconcile`).
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        use crate::flow::fill::StoreTable;
+        let mut stores = Vec::new();
+        if self.policy.state == Backend::Local {
+            stores.push(StoreTable::new(self.meter.clone(), "budgets", &self.policy.table));
+        }
+        if self.policy.reconcile.is_some() {
+            stores.push(StoreTable::new(self.meter.clone(), "leases", &self.policy.lease_table));
+        }
+        stores
+    }
 }
 
 /// Configures rate-limit ([`crate::filters::Configure`]): parses the configuration and binds its

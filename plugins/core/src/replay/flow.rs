@@ -983,6 +983,21 @@ impl FlowFactory for ReplayFactory {
     fn configured(&self) -> Vec<(Level, String)> {
         configured(&self.policy)
     }
+
+    /// The idempotency-key and collapse tables and their per-tenant quota records (local state
+    /// only; a stored response lives beside its key's record, so the key table bounds them).
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        use crate::flow::fill::StoreTable;
+        if self.policy.state != Backend::Local {
+            return Vec::new();
+        }
+        vec![
+            StoreTable::new(meter(), "keys", &self.policy.key_table),
+            StoreTable::new(meter(), "key_quotas", &self.policy.key_quota.table),
+            StoreTable::new(meter(), "collapse", &self.policy.collapse_table),
+            StoreTable::new(meter(), "collapse_quotas", &self.policy.collapse_quota.table),
+        ]
+    }
 }
 
 /// Configures replay-guard ([`crate::filters::Configure`]): parses the configuration and binds

@@ -380,6 +380,18 @@ impl FlowFactory for SignatureFactory {
             Mode::ReportOnly => vec![(Level::Warn, format!("firebreak {PLUGIN} mode=report_only nothing_refused"))],
         }
     }
+
+    /// The nonce table and its per-tenant quota records (local state only).
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        use crate::flow::fill::StoreTable;
+        if self.policy.state != crate::remote::Backend::Local {
+            return Vec::new();
+        }
+        vec![
+            StoreTable::new(meter(), "nonces", &self.policy.nonce_table),
+            StoreTable::new(meter(), "nonce_quotas", &self.policy.nonce_quota.table),
+        ]
+    }
 }
 
 /// Configures request-signature ([`crate::filters::Configure`]): parses the configuration (keys
