@@ -81,7 +81,11 @@ fn run(path: &Path) -> Result<String, String> {
     let (trimmed, removed) = trim(&bytes, &unused).map_err(|e| format!("{}: {e}", path.display()))?;
     // The result must still be a valid module.
     wasmparser::validate(&trimmed).map_err(|e| format!("{}: trimmed module invalid: {e}", path.display()))?;
-    std::fs::write(path, &trimmed).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A new file renamed over the old one: never written through a hard link (cargo links the
+    // module to its copy under deps/, and a `cp -al` of target/ shares every file).
+    let fresh = path.with_extension("wasm.trimmed");
+    std::fs::write(&fresh, &trimmed).map_err(|e| format!("{}: {e}", fresh.display()))?;
+    std::fs::rename(&fresh, path).map_err(|e| format!("{}: {e}", path.display()))?;
     let what = match (unused.is_empty(), removed.is_empty()) {
         (true, _) => "nothing (its filter acts on every event)".to_string(),
         (false, true) => "nothing (already trimmed)".to_string(),
