@@ -46,12 +46,11 @@ def gateway_config(native: bool = False) -> dict:
                    "key": "ip", "requests": 100, "per_seconds": 1, "burst": 100}],
         "state": harness.redis_state(DEAD_REDIS, timeout_ms=100),
     }})
-    if report_only_supported():
-        chain["filters"].append({"rate_limit": {
-            "name": "trial", "mode": "report_only",
-            "rules": [{"name": "trial-reads", "routes": [{"methods": ["GET"], "path_prefix": "/v1/trial/"}],
-                       "key": "ip", "requests": 1, "per_seconds": 60, "burst": 1}],
-        }})
+    chain["filters"].append({"rate_limit": {
+        "name": "trial", "mode": "report_only",
+        "rules": [{"name": "trial-reads", "routes": [{"methods": ["GET"], "path_prefix": "/v1/trial/"}],
+                   "key": "ip", "requests": 1, "per_seconds": 60, "burst": 1}],
+    }})
     value["value"] = json.dumps(chain)
     port = harness.free_port()  # nothing listens there
     config["static_resources"]["clusters"].append({
@@ -62,18 +61,8 @@ def gateway_config(native: bool = False) -> dict:
     return harness.native_bootstrap(config) if native else config
 
 
-def report_only_supported() -> bool:
-    """Whether this build's filters take `"mode": "report_only"` (issue 19, item 2; rate-limit's
-    instance `mode`). Until they do, no filter exports `would_reject.<code>`: the gateway has no
-    report-only stage and the test does not require those series."""
-    source = (harness.ROOT / "plugins" / "core" / "src" / "ratelimit" / "config.rs").read_text()
-    return re.search(r"^\s*mode: Choice<Mode>,", source, re.M) is not None
-
-
 def report_only_trial(envoy, n=3) -> list[int]:
     """Reads on a route a report-only rate-limit would refuse after the first: all pass."""
-    if not report_only_supported():
-        return []
     return [envoy.request("GET", "/v1/trial/balance").status for _ in range(n)]
 
 
