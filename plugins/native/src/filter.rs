@@ -12,8 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use firebreak_core::filters::{self, Setup, CHAIN};
 use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
-    Response, Step,
+    BodyChunks, CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders,
+    ReadError, Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::{ShardedStore, SharedStore};
@@ -364,10 +364,12 @@ impl Host for NativeHost<'_, '_> {
         self.headers.lossy(|| stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed))
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        let mut body = self.stream.body(false, self.body_hook == Some(Direction::Request));
-        body.truncate(size);
-        Ok(body)
+    /// Envoy's own slices, lent to the flow (no copy).
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        let in_body_hook = self.body_hook == Some(Direction::Request);
+        self.stream
+            .with_body(false, in_body_hook, size, |chunks| visit(BodyChunks::new(chunks)))
+            .ok_or(HostFailed)
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -390,9 +392,7 @@ impl Host for NativeHost<'_, '_> {
     }
 
     fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        let mut body = self.stream.body(true, self.body_hook == Some(Direction::Response));
-        body.truncate(size);
-        Ok(body)
+        Ok(self.stream.body(true, self.body_hook == Some(Direction::Response), size))
     }
 
     fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
