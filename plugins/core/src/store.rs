@@ -703,6 +703,20 @@ impl Entry {
         self.0.get(ENTRY_HEAD..self.value_at()).unwrap_or_default()
     }
 
+    /// Writes a value of the same size as the current one, and its token, in place (a bucket
+    /// rewritten with a record changed keeps its size: no allocation).
+    fn overwrite(&mut self, value: &[u8], cas: u32) -> bool {
+        let at = self.value_at();
+        match self.0.get_mut(at..) {
+            Some(old) if old.len() == value.len() => old.copy_from_slice(value),
+            _ => return false,
+        }
+        if let Some(head) = self.0.first_chunk_mut::<4>() {
+            *head = cas.to_ne_bytes();
+        }
+        true
+    }
+
     fn value(&self) -> &[u8] {
         self.0.get(self.value_at()..).unwrap_or_default()
     }
@@ -784,15 +798,28 @@ impl SharedStore for ShardedStore {
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
         let mut shard = self.shard(key)?;
-        if let Some(entry) = shard.get(key.as_bytes()) {
-            if cas != 0 && cas != entry.cas() {
-                return Err(StoreError::CasMismatch);
+        let Some(mut entry) = shard.take(key.as_bytes()) else {
+            // Envoy inserts an absent key whatever the token.
+            shard.insert(Entry::new(key, value, self.token()).ok_or(StoreError::Unavailable)?);
+            return Ok(());
+        };
+        if cas != 0 && cas != entry.cas() {
+            shard.insert(entry);
+            return Err(StoreError::CasMismatch);
+        }
+        // A value of the same size is written in place; else the entry is replaced by one of the
+        // new value's exact size.
+        let token = self.token();
+        if !entry.overwrite(value, token) {
+            match Entry::new(key, value, token) {
+                Some(new) => entry = new,
+                None => {
+                    shard.insert(entry);
+                    return Err(StoreError::Unavailable);
+                }
             }
         }
-        // Envoy inserts an absent key whatever the token. A present key's entry is replaced by
-        // one of the new value's exact size.
-        let entry = Entry::new(key, value, self.token()).ok_or(StoreError::Unavailable)?;
-        shard.replace(entry);
+        shard.insert(entry);
         Ok(())
     }
 }
@@ -1090,6 +1117,12 @@ mod tests {
         store.set("a", b"longer value", cas).unwrap();
         let (value, cas2) = store.get("a").unwrap().unwrap();
         assert_eq!((value.as_slice(), cas2 != cas), (b"longer value".as_slice(), true));
+        // The same size again: written in place, with a new token; the old token no longer works.
+        store.set("a", b"LONGER VALUE", cas2).unwrap();
+        let (value, cas3) = store.get("a").unwrap().unwrap();
+        assert_eq!((value.as_slice(), cas3 != cas2), (b"LONGER VALUE".as_slice(), true));
+        assert_eq!(store.set("a", b"longer value", cas2), Err(StoreError::CasMismatch));
+        assert_eq!(store.get("a").unwrap().unwrap().0, b"LONGER VALUE", "a refused write changes nothing");
         // Token 0: no check. Empty keys and values are kept apart from their neighbours.
         store.set("a", b"", 0).unwrap();
         store.set("", b"x", 0).unwrap();
