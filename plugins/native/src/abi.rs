@@ -231,12 +231,17 @@ fn borrow<'hook>(ptr: *const c_char, length: usize) -> &'hook [u8] {
 fn copy_headers(headers: &[EnvoyHttpHeader]) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
-        .map(|h| {
-            let name = String::from_utf8_lossy(borrow(h.key_ptr, h.key_length));
-            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) { name.to_ascii_lowercase() } else { name.into_owned() };
-            (name, copy(h.value_ptr, h.value_length))
-        })
+        .map(|h| (header_name(borrow(h.key_ptr, h.key_length)), copy(h.value_ptr, h.value_length)))
         .collect()
+}
+
+/// A header name as a lower-case `String` (a byte that is not UTF-8 becomes U+FFFD, as before).
+fn header_name(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(name) if !name.bytes().any(|b| b.is_ascii_uppercase()) => name.to_owned(),
+        Ok(name) => name.to_ascii_lowercase(),
+        Err(_) => String::from_utf8_lossy(bytes).to_ascii_lowercase(),
+    }
 }
 
 /// A line in Envoy's log (`dynamic_modules` logger), from any thread.
