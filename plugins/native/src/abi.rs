@@ -364,6 +364,7 @@ impl Stream<'_> {
         // changes (see `with_body`).
         unsafe { envoy_dynamic_module_callback_http_get_body_chunks(self.ptr, body as u32, room.as_mut_ptr()) }
     }
+
     fn kinds(response: bool) -> (Body, Body) {
         if response {
             (Body::BufferedResponse, Body::ReceivedResponse)
