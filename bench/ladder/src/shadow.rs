@@ -19,7 +19,8 @@ use std::time::Duration;
 use firebreak_core::filters::{self, Setup, CHAIN};
 use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    CallAnswer, CallId, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Step,
+    BodyChunks, CallAnswer, CallId, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
+    Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::{MemoryStore, SharedStore};
@@ -239,8 +240,9 @@ impl Host for ShadowHost<'_> {
         self.headers.lossy(|| Ok(raw.clone()))
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        Ok(self.seen.request_body.iter().take(size).copied().collect())
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        firebreak_core::flow::body::lend([self.seen.request_body.as_slice()], size, visit);
+        Ok(())
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {

@@ -626,6 +626,41 @@ impl SharedStore for MemoryStore {
     }
 }
 
+/// What a store holds (for memory reports and tests): its entries (a table's buckets and
+/// companion keys), their keys' and values' bytes, the heap bytes allocated for them, and the
+/// entries its maps have room for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    pub entries: usize,
+    pub key_bytes: usize,
+    pub value_bytes: usize,
+    pub allocated_bytes: usize,
+    /// Entries the maps have room for (their tables' capacity).
+    pub map_capacity: usize,
+}
+
+impl Footprint {
+    fn add<'a>(&mut self, map_capacity: usize, entries: impl Iterator<Item = (&'a String, &'a (Vec<u8>, u32))>) {
+        self.map_capacity += map_capacity;
+        for (key, (value, _)) in entries {
+            self.entries += 1;
+            self.key_bytes += key.len();
+            self.value_bytes += value.len();
+            self.allocated_bytes += key.capacity() + value.capacity();
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn footprint(&self) -> Footprint {
+        let mut footprint = Footprint::default();
+        if let Ok(inner) = self.inner.lock() {
+            footprint.add(inner.map.capacity(), inner.map.iter());
+        }
+        footprint
+    }
+}
+
 /// A [`SharedStore`] for a native host (the Envoy dynamic module): Envoy's shared-data semantics
 /// under real concurrency, for every worker of the process. The keys are spread over
 /// [`SHARDS`] locks by a per-process random hash (a client cannot aim every key at one lock), and
@@ -640,8 +675,86 @@ pub struct ShardedStore {
     next_cas: std::sync::atomic::AtomicU32,
 }
 
-/// One lock's keys: value and CAS token by key.
-type Shard = std::collections::HashMap<String, (Vec<u8>, u32), foldhash::fast::RandomState>;
+/// One lock's keys: each key's entry, found by the key's bytes.
+type Shard = std::collections::HashSet<Entry, foldhash::fast::RandomState>;
+
+/// One key with its CAS token and value, in one allocation of exactly their size:
+/// `cas (4, native order) | key length (4, native order) | key | value`. A map slot is then one
+/// boxed slice (16 bytes), where a `(String, (Vec<u8>, u32))` took 56 bytes and two allocations,
+/// the value's with room to grow (memory per key: docs/benchmarks.md, bench/analysis.md).
+struct Entry(Box<[u8]>);
+
+const ENTRY_HEAD: usize = 8;
+
+impl Entry {
+    /// `None` for a key longer than 4 GiB.
+    fn new(key: &str, value: &[u8], cas: u32) -> Option<Entry> {
+        let key_len = u32::try_from(key.len()).ok()?;
+        let mut bytes = Vec::with_capacity(ENTRY_HEAD + key.len() + value.len());
+        bytes.extend_from_slice(&cas.to_ne_bytes());
+        bytes.extend_from_slice(&key_len.to_ne_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(value);
+        Some(Entry(bytes.into_boxed_slice()))
+    }
+
+    fn cas(&self) -> u32 {
+        self.0.first_chunk::<4>().map_or(0, |cas| u32::from_ne_bytes(*cas))
+    }
+
+    /// Where the value starts (after the head and the key).
+    fn value_at(&self) -> usize {
+        let key_len = self
+            .0
+            .get(4..ENTRY_HEAD)
+            .and_then(|len| <[u8; 4]>::try_from(len).ok())
+            .map_or(0, u32::from_ne_bytes);
+        ENTRY_HEAD.saturating_add(usize::try_from(key_len).unwrap_or(usize::MAX))
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0.get(ENTRY_HEAD..self.value_at()).unwrap_or_default()
+    }
+
+    /// Writes a value of the same size as the current one, and its token, in place (a bucket
+    /// rewritten with a record changed keeps its size: no allocation).
+    fn overwrite(&mut self, value: &[u8], cas: u32) -> bool {
+        let at = self.value_at();
+        match self.0.get_mut(at..) {
+            Some(old) if old.len() == value.len() => old.copy_from_slice(value),
+            _ => return false,
+        }
+        if let Some(head) = self.0.first_chunk_mut::<4>() {
+            *head = cas.to_ne_bytes();
+        }
+        true
+    }
+
+    fn value(&self) -> &[u8] {
+        self.0.get(self.value_at()..).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Entry {}
+
+/// As the key's bytes hash (a lookup by `&[u8]` finds the entry).
+impl std::hash::Hash for Entry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Entry {
+    fn borrow(&self) -> &[u8] {
+        self.key()
+    }
+}
 
 /// How many locks a [`ShardedStore`] spreads its keys over.
 pub const SHARDS: usize = 64;
@@ -664,6 +777,22 @@ impl ShardedStore {
         self.shards.get(index).ok_or(StoreError::Unavailable)?.lock().map_err(|_| StoreError::Unavailable)
     }
 
+    pub fn footprint(&self) -> Footprint {
+        let mut footprint = Footprint::default();
+        for shard in &self.shards {
+            if let Ok(shard) = shard.lock() {
+                footprint.map_capacity += shard.capacity();
+                for entry in shard.iter() {
+                    footprint.entries += 1;
+                    footprint.key_bytes += entry.key().len();
+                    footprint.value_bytes += entry.value().len();
+                    footprint.allocated_bytes += entry.0.len();
+                }
+            }
+        }
+        footprint
+    }
+
     /// The next CAS token: never 0 (0 means "no check").
     fn token(&self) -> u32 {
         loop {
@@ -677,27 +806,33 @@ impl ShardedStore {
 
 impl SharedStore for ShardedStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        Ok(self.shard(key)?.get(key).cloned())
+        Ok(self.shard(key)?.get(key.as_bytes()).map(|entry| (entry.value().to_vec(), entry.cas())))
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
         let mut shard = self.shard(key)?;
-        match shard.get_mut(key) {
-            Some(entry) => {
-                if cas != 0 && cas != entry.1 {
-                    return Err(StoreError::CasMismatch);
-                }
-                // The value's allocation is reused (a bucket keeps its size).
-                entry.0.clear();
-                entry.0.extend_from_slice(value);
-                entry.1 = self.token();
-            }
+        let Some(mut entry) = shard.take(key.as_bytes()) else {
             // Envoy inserts an absent key whatever the token.
-            None => {
-                let token = self.token();
-                shard.insert(key.to_string(), (value.to_vec(), token));
+            shard.insert(Entry::new(key, value, self.token()).ok_or(StoreError::Unavailable)?);
+            return Ok(());
+        };
+        if cas != 0 && cas != entry.cas() {
+            shard.insert(entry);
+            return Err(StoreError::CasMismatch);
+        }
+        // A value of the same size is written in place; else the entry is replaced by one of the
+        // new value's exact size.
+        let token = self.token();
+        if !entry.overwrite(value, token) {
+            match Entry::new(key, value, token) {
+                Some(new) => entry = new,
+                None => {
+                    shard.insert(entry);
+                    return Err(StoreError::Unavailable);
+                }
             }
         }
+        shard.insert(entry);
         Ok(())
     }
 }
@@ -979,6 +1114,39 @@ mod tests {
         let racy = Racy { store: &store, absent_reads: std::cell::Cell::new(1) };
         let loser = bound("r", 8, 2, &racy, 2);
         assert_eq!(loser, winner);
+    }
+
+    /// The sharded store keeps Envoy's semantics with one exact-size allocation per key.
+    #[test]
+    fn the_sharded_store_has_envoys_semantics_in_one_exact_allocation_per_key() {
+        let store = ShardedStore::default();
+        assert_eq!(store.get("a").unwrap(), None);
+        // An absent key is inserted whatever the token.
+        store.set("a", b"one", 12345).unwrap();
+        let (value, cas) = store.get("a").unwrap().unwrap();
+        assert_eq!(value, b"one");
+        assert_ne!(cas, 0);
+        assert_eq!(store.set("a", b"two", cas.wrapping_add(1)), Err(StoreError::CasMismatch));
+        store.set("a", b"longer value", cas).unwrap();
+        let (value, cas2) = store.get("a").unwrap().unwrap();
+        assert_eq!((value.as_slice(), cas2 != cas), (b"longer value".as_slice(), true));
+        // The same size again: written in place, with a new token; the old token no longer works.
+        store.set("a", b"LONGER VALUE", cas2).unwrap();
+        let (value, cas3) = store.get("a").unwrap().unwrap();
+        assert_eq!((value.as_slice(), cas3 != cas2), (b"LONGER VALUE".as_slice(), true));
+        assert_eq!(store.set("a", b"longer value", cas2), Err(StoreError::CasMismatch));
+        assert_eq!(store.get("a").unwrap().unwrap().0, b"LONGER VALUE", "a refused write changes nothing");
+        // Token 0: no check. Empty keys and values are kept apart from their neighbours.
+        store.set("a", b"", 0).unwrap();
+        store.set("", b"x", 0).unwrap();
+        store.set("ab", b"", 0).unwrap();
+        assert_eq!(store.get("a").unwrap().unwrap().0, b"");
+        assert_eq!(store.get("").unwrap().unwrap().0, b"x");
+        assert_eq!(store.get("ab").unwrap().unwrap().0, b"");
+        assert_eq!(store.get("b").unwrap(), None);
+        let footprint = store.footprint();
+        assert_eq!((footprint.entries, footprint.key_bytes, footprint.value_bytes), (3, 3, 1));
+        assert_eq!(footprint.allocated_bytes, 3 * 8 + 3 + 1, "head, key and value, nothing more");
     }
 
     /// Many threads claim keys of one table at once: every key is claimed exactly once, and CAS

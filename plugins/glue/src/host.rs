@@ -13,7 +13,8 @@ use std::rc::Rc;
 
 use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
+    BodyChunks, CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
+    Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::SharedStore;
@@ -152,17 +153,20 @@ impl Host for EnvoyHost<'_> {
         self.headers.lossy(read_request_headers)
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        if let Some((asked, body)) = &self.body {
-            if *asked == size {
-                return Ok(body.clone());
-            }
+    /// proxy-wasm copies the body into the VM (one chunk); the copy is kept for the callback
+    /// (every stage of a chain reading the same size shares it) and lent, not copied again.
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        let cached = matches!(&self.body, Some((asked, _)) if *asked == size);
+        if !cached {
+            let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+                .map_err(|_| HostFailed)?
+                .unwrap_or_default();
+            self.body = Some((size, body));
         }
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
-            .map_err(|_| HostFailed)?
-            .unwrap_or_default();
-        self.body = Some((size, body.clone()));
-        Ok(body)
+        if let Some((_, body)) = &self.body {
+            visit(BodyChunks::from(body));
+        }
+        Ok(())
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {

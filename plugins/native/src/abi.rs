@@ -11,7 +11,8 @@
 //!
 //! Ownership and lifetime (from the ABI's rules): what Envoy hands us (hook arguments, header and
 //! body slices, attribute values) is valid only until the hook returns or until a callback changes
-//! that object, so everything is copied at once; what we hand Envoy is copied by Envoy before the
+//! that object, so everything is copied at once, except a body's slices, which are lent to one
+//! reader for one call ([`Stream::with_body`]); what we hand Envoy is copied by Envoy before the
 //! callback returns. A filter's pointer is used only on its worker, inside one of its hooks: the
 //! safe [`Stream`] type borrows the hook's lifetime.
 //!
@@ -254,12 +255,17 @@ fn borrow<'hook>(ptr: *const c_char, length: usize) -> &'hook [u8] {
 fn copy_headers(headers: &[EnvoyHttpHeader]) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
-        .map(|h| {
-            let name = String::from_utf8_lossy(borrow(h.key_ptr, h.key_length));
-            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) { name.to_ascii_lowercase() } else { name.into_owned() };
-            (name, copy(h.value_ptr, h.value_length))
-        })
+        .map(|h| (header_name(borrow(h.key_ptr, h.key_length)), copy(h.value_ptr, h.value_length)))
         .collect()
+}
+
+/// A header name as a lower-case `String` (a byte that is not UTF-8 becomes U+FFFD, as before).
+fn header_name(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(name) if !name.bytes().any(|b| b.is_ascii_uppercase()) => name.to_owned(),
+        Ok(name) => name.to_ascii_lowercase(),
+        Err(_) => String::from_utf8_lossy(bytes).to_ascii_lowercase(),
+    }
 }
 
 /// A line in Envoy's log (`dynamic_modules` logger), from any thread.
@@ -392,23 +398,20 @@ impl Stream<'_> {
         }
     }
 
-    fn chunks(&self, body: Body) -> Vec<u8> {
+    /// Envoy's slices of one body, appended to `into` (`false`: Envoy did not give them).
+    fn slices(&self, body: Body, into: &mut Vec<EnvoyBuffer>) -> bool {
         // SAFETY: this hook's filter on its worker.
         let count = unsafe { envoy_dynamic_module_callback_http_get_body_chunks_size(self.ptr, body as u32) };
         if count == 0 {
-            return Vec::new();
+            return true;
         }
-        let mut slices = vec![EnvoyBuffer { ptr: std::ptr::null(), length: 0 }; count];
-        // SAFETY: `slices` has exactly the `count` entries Envoy just reported for this body in
-        // this hook; the slices it writes stay valid until the hook returns (copied below).
-        if !unsafe { envoy_dynamic_module_callback_http_get_body_chunks(self.ptr, body as u32, slices.as_mut_ptr()) } {
-            return Vec::new();
-        }
-        let mut bytes = Vec::new();
-        for slice in slices {
-            bytes.extend_from_slice(&copy(slice.ptr, slice.length));
-        }
-        bytes
+        let start = into.len();
+        into.resize(start.saturating_add(count), EnvoyBuffer { ptr: std::ptr::null(), length: 0 });
+        let Some(room) = into.get_mut(start..) else { return false };
+        // SAFETY: `room` has exactly the `count` entries Envoy just reported for this body in
+        // this hook; Envoy writes that many slices, valid until the hook returns or the body
+        // changes (see `with_body`).
+        unsafe { envoy_dynamic_module_callback_http_get_body_chunks(self.ptr, body as u32, room.as_mut_ptr()) }
     }
 
     fn kinds(response: bool) -> (Body, Body) {
@@ -435,15 +438,41 @@ impl Stream<'_> {
         !same
     }
 
-    /// The request (or response) body so far: what was buffered, plus the chunk of this body hook
-    /// unless Envoy already counts it in the buffer.
-    pub fn body(&self, response: bool, in_body_hook: bool) -> Vec<u8> {
+    /// Lends the request (or response) body so far, at most `size` bytes, to `visit` as Envoy's
+    /// own slices, not copied: what was buffered, then the chunk of this body hook unless Envoy
+    /// already counts it in the buffer. `None`: Envoy did not give the slices.
+    ///
+    /// Invariant: Envoy keeps the slices valid until the hook returns or until the body buffer
+    /// changes. `visit` gets them for its call only (the slice lifetimes end with it), and it
+    /// must not call into Envoy for this stream meanwhile (no continue, local reply or body
+    /// write): the one caller, `NativeHost::with_request_body`, hands them to core code that holds
+    /// the host mutably borrowed, so it cannot reach the stream while it reads them.
+    pub fn with_body<T>(&self, response: bool, in_body_hook: bool, size: usize, visit: impl FnOnce(&[&[u8]]) -> T) -> Option<T> {
         let (buffered, received) = Self::kinds(response);
-        let mut bytes = self.chunks(buffered);
-        if self.received_apart(response, in_body_hook) {
-            bytes.extend_from_slice(&self.chunks(received));
+        let mut slices = Vec::new();
+        if !self.slices(buffered, &mut slices) {
+            return None;
         }
-        bytes
+        if self.received_apart(response, in_body_hook) && !self.slices(received, &mut slices) {
+            return None;
+        }
+        let mut left = size;
+        let mut chunks: Vec<&[u8]> = Vec::with_capacity(slices.len());
+        for slice in &slices {
+            if left == 0 {
+                break;
+            }
+            let chunk = borrow(slice.ptr, slice.length.min(left));
+            left = left.saturating_sub(chunk.len());
+            chunks.push(chunk);
+        }
+        Some(visit(&chunks))
+    }
+
+    /// The request (or response) body so far (see [`Stream::with_body`]), copied; empty when
+    /// Envoy does not give it.
+    pub fn body(&self, response: bool, in_body_hook: bool, size: usize) -> Vec<u8> {
+        self.with_body(response, in_body_hook, size, |chunks| chunks.concat()).unwrap_or_default()
     }
 
     /// The size of [`Stream::body`], without copying it.
@@ -693,9 +722,11 @@ extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
     let mut body = Vec::new();
     if !body_chunks.is_null() {
         // SAFETY: Envoy passes `body_chunks_size` slices at `body_chunks`, valid during this hook;
-        // they are copied at once.
-        for chunk in unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) } {
-            body.extend_from_slice(&copy(chunk.ptr, chunk.length));
+        // they are copied at once, each straight into the one answer buffer.
+        let chunks = unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) };
+        body.reserve_exact(chunks.iter().map(|chunk| chunk.length).fold(0, usize::saturating_add));
+        for chunk in chunks {
+            body.extend_from_slice(borrow(chunk.ptr, chunk.length));
         }
     }
     let answer = CalloutAnswer { id: callout_id, succeeded: result == CALLOUT_SUCCESS, headers, body };

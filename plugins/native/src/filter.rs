@@ -14,8 +14,8 @@ use firebreak_core::filters::{self, Setup, CHAIN};
 use firebreak_core::flow::fill::{self, FillLevels};
 use firebreak_core::flow::header_cache::RequestHeaderCache;
 use firebreak_core::flow::{
-    CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError,
-    Response, Step,
+    BodyChunks, CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders,
+    ReadError, Response, Step,
 };
 use firebreak_core::remote::RedisConfig;
 use firebreak_core::store::{ShardedStore, SharedStore};
@@ -39,8 +39,9 @@ const BODY_SHA256_KEY: &str = "firebreak.body_sha256";
 pub struct Config {
     factory: Arc<dyn FlowFactory>,
     /// Counter ids by meter prefix, then by name (the Envoy stat is `<prefix>.<name>`), defined
-    /// at configure time: an increment looks up two borrowed strings and allocates nothing.
-    counters: HashMap<String, HashMap<String, usize>>,
+    /// at configure time: an increment looks up two borrowed strings and allocates nothing. The
+    /// names are ours (configured), never a client's: a fast hash (foldhash) rather than SipHash.
+    counters: Counters<Counters<usize>>,
     /// The counter a name that was not defined at configure time goes to.
     uncounted: Option<usize>,
     /// Gauge ids by full name (`<prefix>.<name>`), defined at configure time.
@@ -57,6 +58,9 @@ pub struct Config {
     /// status; never a header or body value), for diagnosing the ABI in a new Envoy.
     trace: bool,
 }
+
+/// A map by configured name.
+type Counters<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// Configures the filter named `name` (`chain` for a chain) from `json`. A refused configuration
 /// logs one line naming the field, and Envoy refuses the listener.
@@ -82,7 +86,7 @@ pub fn new_config(envoy: &ConfigEnvoy<'_>, name: &[u8], json: &[u8]) -> Option<A
             return None;
         }
     };
-    let mut counters: HashMap<String, HashMap<String, usize>> = HashMap::new();
+    let mut counters: Counters<Counters<usize>> = Counters::default();
     for (meter, names) in factory.definitions() {
         let rejections = firebreak_core::rejection_counter_names();
         let ids = counters.entry(meter.prefix.to_string()).or_default();
@@ -425,10 +429,12 @@ impl Host for NativeHost<'_, '_> {
         self.headers.lossy(|| stream.headers(HeaderMap::RequestHeaders).ok_or(HostFailed))
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        let mut body = self.stream.body(false, self.body_hook == Some(Direction::Request));
-        body.truncate(size);
-        Ok(body)
+    /// Envoy's own slices, lent to the flow (no copy).
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        let in_body_hook = self.body_hook == Some(Direction::Request);
+        self.stream
+            .with_body(false, in_body_hook, size, |chunks| visit(BodyChunks::new(chunks)))
+            .ok_or(HostFailed)
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -451,9 +457,7 @@ impl Host for NativeHost<'_, '_> {
     }
 
     fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        let mut body = self.stream.body(true, self.body_hook == Some(Direction::Response));
-        body.truncate(size);
-        Ok(body)
+        Ok(self.stream.body(true, self.body_hook == Some(Direction::Response), size))
     }
 
     fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {

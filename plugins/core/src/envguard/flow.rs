@@ -15,7 +15,9 @@
 
 use std::sync::Arc;
 
-use crate::flow::{header, refuse, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
+use crate::flow::{
+    header, read_request_body, refuse, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step,
+};
 use crate::route::{not_canonical_rejection, split_path, Scope};
 use crate::{Mode, Rejection};
 
@@ -166,11 +168,10 @@ impl GuardFlow {
     }
 
     fn finish_body(&mut self, host: &mut dyn Host, pending: Pending, size: usize) -> Step {
-        match host.request_body(size) {
-            Ok(body) => match check_body(&self.policy, &pending.plan, &body) {
-                Ok(outcome) => self.outcome(outcome, host),
-                Err(error) => self.reject(&error, &request_context(host), host),
-            },
+        let policy = &self.policy;
+        match read_request_body(host, size, |body| check_body(policy, &pending.plan, body)) {
+            Ok(Ok(outcome)) => self.outcome(outcome, host),
+            Ok(Err(error)) => self.reject(&error, &request_context(host), host),
             Err(_) => self.reject(&GuardError::Unreadable("request body"), &request_context(host), host),
         }
     }

@@ -371,3 +371,59 @@ fn report_only_mode_is_configured_declared_and_logged() {
     let error = GuardPolicy::from_json(json.as_bytes()).unwrap_err();
     assert_eq!(error.field, "mode");
 }
+
+/// The host lends the body in the chunks Envoy holds it in: a credential (a fingerprinted key,
+/// a prefix pattern, a regex pattern, a base64-encoded key) split at any point, into two or
+/// three chunks, is still found, and a clean body split the same way still passes.
+#[test]
+fn a_credential_split_across_chunks_at_any_point_is_found() {
+    use base64::Engine;
+    let json = format!(
+        r#"{{"environment":"uat","production":false,
+            "protected_credentials":[{{"label":"apns-prod","sha256":"{}","length":{}}}],
+            "patterns":[{{"label":"stripe-live","prefix":"sk_live_"}},{{"label":"aws-prod-key","regex":"AKIA[0-9A-Z]{{16}}"}}],
+            "routes":[{{"path_prefix":"/v1/"}}],"max_body_bytes":4096}}"#,
+        fingerprint(PROD.as_bytes()),
+        PROD.len()
+    );
+    let policy = std::sync::Arc::new(GuardPolicy::from_json(json.as_bytes()).unwrap());
+    let encoded = base64::engine::general_purpose::STANDARD.encode(PROD);
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        // (label, content-type, secret, body template: `@` is where the secret goes)
+        ("apns-prod", "text/plain", PROD.to_string(), "note: the key is @ (keep it)"),
+        ("apns-prod", "application/json", PROD.to_string(), r#"{"a":[1,{"key":"@"}],"b":"c"}"#),
+        ("apns-prod", "application/x-www-form-urlencoded", PROD.to_string(), "a=1&key=@&b=2"),
+        ("apns-prod", "application/json", encoded, r#"{"blob":"@"}"#),
+        ("stripe-live", "text/plain", "sk_live_0123456789abcdefXYZ".to_string(), "charge with @ now"),
+        ("aws-prod-key", "application/json", "AKIAABCDEFGHIJKLMNOP".to_string(), r#"{"id":"@"}"#),
+    ];
+    for (label, content_type, secret, template) in &cases {
+        let (before, after) = template.split_once('@').unwrap();
+        let body = format!("{before}{secret}{after}");
+        let clean = format!("{before}{}{after}", "z".repeat(secret.len()));
+        let (start, end) = (before.len(), before.len() + secret.len());
+        let mut splits: Vec<Vec<usize>> = (start..=end).map(|at| vec![at]).collect();
+        splits.extend((start + 1..end).map(|at| vec![start + 1, at]));
+        splits.push((0..body.len()).collect()); // one byte per chunk
+        let detected = format!("detected.{label}.body");
+        for offsets in &splits {
+            let request = |body: &str| {
+                MemoryRequest::new(headers("POST", "/v1/push", &[("content-type", content_type)]), body.as_bytes())
+                    .split_at(offsets)
+            };
+            let split = request(&body);
+            let cuts: std::collections::BTreeSet<_> = offsets.iter().filter(|at| **at > 0 && **at < body.len()).collect();
+            assert_eq!(split.chunks.len(), cuts.len() + 1);
+            let outcome = run(&policy, split);
+            let code = outcome.reply.as_ref().map(|r| r.code);
+            assert_eq!(code, Some("production_credential_in_non_production"), "{label} {content_type} split at {offsets:?}");
+            assert_eq!(outcome.counter(&format!("firebreak.env_guard.{detected}")), 1, "{label} split at {offsets:?}");
+            assert!(outcome.forwarded_body.is_empty());
+            assert_eq!(outcome.reads.body, 1, "the body is read once, at its end");
+
+            let outcome = run(&policy, request(&clean));
+            assert!(outcome.passed(), "{label} {content_type} clean, split at {offsets:?}: {:?}", outcome.reply);
+            assert_eq!(outcome.forwarded_body, clean.as_bytes(), "every chunk reaches the upstream, in order");
+        }
+    }
+}

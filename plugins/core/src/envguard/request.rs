@@ -1,5 +1,6 @@
 //! The request-level decisions: where in a request to look, and the rejection for each finding.
 
+use crate::flow::BodyChunks;
 use crate::route::split_path;
 use crate::{Code, Rejection};
 
@@ -579,18 +580,25 @@ pub fn over_limit(policy: &GuardPolicy) -> Result<BodyOutcome, GuardError> {
 
 /// Inspects the complete body: decodes its Content-Encoding (bounded), then looks at JSON string
 /// values at any depth, form fields, multipart parts, or raw text.
-pub fn check_body(policy: &GuardPolicy, plan: &BodyPlan, body: &[u8]) -> Result<BodyOutcome, GuardError> {
+///
+/// The detector checks whole values (fingerprints of whole candidates, patterns, JSON documents,
+/// base64 and percent decodings), so it reads the body as one slice: borrowed when the host holds
+/// it in one chunk, else joined once (after the size checks), so that a credential split across
+/// chunks is seen whole.
+pub fn check_body<'b>(policy: &GuardPolicy, plan: &BodyPlan, body: impl Into<BodyChunks<'b>>) -> Result<BodyOutcome, GuardError> {
+    let body = body.into();
     if body.is_empty() {
         return Ok(BodyOutcome::Clean);
     }
     if body.len() > policy.max_body_bytes.get() {
         return over_limit(policy);
     }
+    let body = body.contiguous();
     let decoded;
     let data = if plan.codings.is_empty() {
-        body
+        body.as_ref()
     } else {
-        match decode(body, &plan.codings, policy.max_decoded_bytes.get()) {
+        match decode(&body, &plan.codings, policy.max_decoded_bytes.get()) {
             Ok(d) => {
                 decoded = d;
                 decoded.as_slice()

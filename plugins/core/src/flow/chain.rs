@@ -14,7 +14,9 @@
 
 use std::rc::Rc;
 
-use super::{CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Step};
+use super::{
+    BodyChunks, CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Step,
+};
 use crate::remote::RedisConfig;
 use crate::store::SharedStore;
 
@@ -125,8 +127,8 @@ impl Host for StageHost<'_> {
         self.inner.request_headers_lossy()
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        self.inner.request_body(size)
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        self.inner.with_request_body(size, visit)
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
+use super::body::{self, BodyChunks};
 use super::{
     CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
 };
@@ -51,6 +52,25 @@ impl MemoryRequest {
             principal: None,
             disconnect: false,
         }
+    }
+}
+
+impl MemoryRequest {
+    /// The same request with its body cut into chunks at `offsets` (in bytes from the body's
+    /// start; out-of-range or repeated offsets are ignored), as Envoy may hold a body.
+    pub fn split_at(mut self, offsets: &[usize]) -> Self {
+        let body = self.chunks.concat();
+        let mut cuts: Vec<usize> = offsets.iter().copied().filter(|at| *at > 0 && *at < body.len()).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for at in cuts.into_iter().chain(std::iter::once(body.len())) {
+            chunks.push(body.get(start..at).unwrap_or_default().to_vec());
+            start = at;
+        }
+        self.chunks = if body.is_empty() { Vec::new() } else { chunks };
+        self
     }
 }
 
@@ -183,7 +203,9 @@ struct Memory<'a> {
     upstream: &'a MemoryUpstream,
     outcome: Outcome,
     request_headers: Headers,
-    request_buffer: Vec<u8>,
+    /// The request body held, as the chunks it arrived in (a flow reads them as chunks, as it
+    /// does Envoy's buffer).
+    request_buffer: Vec<Vec<u8>>,
     response_buffer: Vec<u8>,
     next_call: u32,
     queued: VecDeque<(CallId, Vec<u8>)>,
@@ -215,12 +237,13 @@ impl Host for Memory<'_> {
         self.request_headers().map_err(|_| HostFailed)
     }
 
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
         self.outcome.reads.body += 1;
         if self.env.faults.request_body {
             return Err(HostFailed);
         }
-        Ok(self.request_buffer.get(..size.min(self.request_buffer.len())).unwrap_or_default().to_vec())
+        body::lend(self.request_buffer.iter().map(Vec::as_slice), size, visit);
+        Ok(())
     }
 
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
@@ -400,7 +423,7 @@ impl<'a> Memory<'a> {
                     self.stopped = None;
                 }
                 match resumed {
-                    Some(Direction::Request) => self.outcome.forwarded_body.append(&mut self.request_buffer),
+                    Some(Direction::Request) => self.forward_request_buffer(),
                     Some(Direction::Response) => self.outcome.client_body.append(&mut self.response_buffer),
                     None => {}
                 }
@@ -418,6 +441,13 @@ impl<'a> Memory<'a> {
                 self.outcome.responded = Some(response);
                 self.answered = true;
             }
+        }
+    }
+
+    /// The held request chunks go on to the upstream.
+    fn forward_request_buffer(&mut self) {
+        for chunk in self.request_buffer.drain(..) {
+            self.outcome.forwarded_body.extend_from_slice(&chunk);
         }
     }
 
@@ -440,9 +470,10 @@ impl<'a> Memory<'a> {
             return false;
         }
         for (index, chunk) in request.chunks.iter().enumerate() {
-            self.request_buffer.extend_from_slice(chunk);
+            self.request_buffer.push(chunk.clone());
             let end_of_stream = index + 1 == request.chunks.len() && request.trailers.is_none();
-            let event = Event::RequestBody { buffered: self.request_buffer.len(), end_of_stream };
+            let buffered = self.request_buffer.iter().map(Vec::len).sum();
+            let event = Event::RequestBody { buffered, end_of_stream };
             if !self.send(flow, event) {
                 return false;
             }
@@ -454,7 +485,7 @@ impl<'a> Memory<'a> {
             return false;
         }
         // The end of the request: what is still buffered goes on.
-        self.outcome.forwarded_body.append(&mut self.request_buffer);
+        self.forward_request_buffer();
         self.outcome.forwarded = true;
         self.outcome.upstream_headers = self.request_headers.clone();
         true
@@ -519,7 +550,7 @@ pub fn step(
     upstream: &MemoryUpstream,
 ) -> (Step, Outcome) {
     let mut host = Memory::new(env, request, upstream);
-    host.request_buffer = request.chunks.concat();
+    host.request_buffer = request.chunks.clone();
     host.response_buffer = upstream.chunks.concat();
     host.outcome.client_headers = upstream.headers.clone();
     let step = flow.on_event(event, &mut host);

@@ -18,6 +18,7 @@
 //! body's SHA-256) through the same [`Host`] methods a separate module uses to hand them to the
 //! next module; the chain keeps them in memory.
 
+pub mod body;
 pub mod calls;
 pub mod chain;
 pub mod fill;
@@ -26,6 +27,8 @@ pub mod memory;
 
 use std::rc::Rc;
 use std::sync::Arc;
+
+pub use body::BodyChunks;
 
 use crate::remote::RedisConfig;
 use crate::store::SharedStore;
@@ -160,8 +163,15 @@ pub trait Host {
     fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError>;
     /// Every request header, a value that is not UTF-8 kept as an empty value ([`lossy_headers`]).
     fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed>;
-    /// The buffered request body, at most `size` bytes.
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed>;
+    /// Lends the buffered request body, at most `size` bytes, to `visit` as the host holds it
+    /// (its chunks, in order, not copied; valid only during the call): `visit` is called once,
+    /// unless the host fails. See [`read_request_body`] to get a value out.
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed>;
+    /// The buffered request body, at most `size` bytes, copied into one buffer (for a reader
+    /// that keeps it; a reader that only looks uses [`read_request_body`]).
+    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
+        read_request_body(self, size, |body| body.to_vec())
+    }
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed>;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed>;
@@ -216,6 +226,24 @@ pub trait Host {
     fn response_headers(&mut self) -> Result<Headers, ReadError> {
         utf8_headers(self.response_headers_raw()?)
     }
+}
+
+/// Reads the buffered request body (at most `size` bytes) in place: `read` gets its chunks, lent
+/// by the host for the call, and its answer is returned. A host that fails, or that never lends
+/// the body, is an error (the caller fails closed).
+pub fn read_request_body<H: Host + ?Sized, T>(
+    host: &mut H,
+    size: usize,
+    read: impl FnOnce(BodyChunks<'_>) -> T,
+) -> Result<T, HostFailed> {
+    let mut read = Some(read);
+    let mut answer = None;
+    host.with_request_body(size, &mut |body| {
+        if let Some(read) = read.take() {
+            answer = Some(read(body));
+        }
+    })?;
+    answer.ok_or(HostFailed)
 }
 
 /// A response a flow sends as is instead of the upstream's (a stored answer replayed, an

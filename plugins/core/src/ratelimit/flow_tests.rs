@@ -443,8 +443,8 @@ impl Host for Counting<'_> {
         self.ask(|a| a.headers += 1);
         self.inner.request_headers_lossy()
     }
-    fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        self.inner.request_body(size)
+    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(crate::flow::BodyChunks<'_>)) -> Result<(), HostFailed> {
+        self.inner.with_request_body(size, visit)
     }
     fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
         self.inner.request_trailers_raw()

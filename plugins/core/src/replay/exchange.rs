@@ -156,9 +156,13 @@ pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, v
     Classification::Completed
 }
 
-/// SHA-256 of the exact body bytes, as the fingerprint uses it.
-pub fn body_sha256(body: &[u8]) -> [u8; 32] {
-    Sha256::digest(body).into()
+/// SHA-256 of the exact body bytes, as the fingerprint uses it (fed chunk by chunk).
+pub fn body_sha256<'b>(body: impl Into<crate::flow::BodyChunks<'b>>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for chunk in body.into().iter() {
+        hasher.update(chunk);
+    }
+    hasher.finalize().into()
 }
 
 /// The `sha-256` member of a Content-Digest header (RFC 9530), if it has exactly one of 32 bytes.

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::flow::calls::Calls;
-use crate::flow::{header, refuse, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Response, Step};
+use crate::flow::{
+    header, read_request_body, refuse, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, Response, Step,
+};
 use crate::remote::{Backend, RedisConfig, RemoteError};
 use crate::store::KeyHash;
 use crate::{Code, Mode, Rejection};
@@ -864,11 +866,13 @@ impl ReplayFlow {
         if body_size > MAX_CLEAR_BODY {
             return self.reject_operator(host, &ReplayError::ClearRequestInvalid("body too large"), &context);
         }
-        let body = match host.request_body(MAX_CLEAR_BODY) {
-            Ok(body) => body,
+        // A JSON document: parsed from one slice (joined only if the host holds it in chunks).
+        let policy = &self.policy;
+        let parsed = match read_request_body(host, MAX_CLEAR_BODY, |body| parse_clear(policy, &body.contiguous())) {
+            Ok(parsed) => parsed,
             Err(_) => return self.reject_operator(host, &ReplayError::StateUnavailable, &context),
         };
-        let (key, target) = match parse_clear(&self.policy, &body) {
+        let (key, target) = match parsed {
             Ok(parsed) => parsed,
             Err(error) => return self.reject_operator(host, &error, &context),
         };
@@ -941,9 +945,11 @@ impl ReplayFlow {
                 return self.claim(host, &digest);
             }
         }
-        match host.request_body(size) {
-            Ok(body) if too_large(body.len()) => self.refuse(host, &ReplayError::BodyTooLarge),
-            Ok(body) => self.claim(host, &body_sha256(&body)),
+        // Hashed in place, chunk by chunk.
+        let read = read_request_body(host, size, |body| (!too_large(body.len())).then(|| body_sha256(body)));
+        match read {
+            Ok(Some(digest)) => self.claim(host, &digest),
+            Ok(None) => self.refuse(host, &ReplayError::BodyTooLarge),
             Err(_) => self.refuse(host, &ReplayError::StateUnavailable),
         }
     }

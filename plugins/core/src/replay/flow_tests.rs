@@ -446,6 +446,31 @@ fn a_verified_body_sha256_is_the_fingerprint_and_the_body_is_not_read() {
     assert!(g.send(&post("/v1/payouts", Some("\"s-1\""), body), &created()).passed());
 }
 
+/// The host lends the body in the chunks Envoy holds it in: the fingerprint hashes them in
+/// order, so one body cut anywhere is the same request, and an operator's clear request (JSON)
+/// is parsed whole.
+#[test]
+fn the_fingerprint_and_a_clear_request_do_not_depend_on_the_chunks() {
+    let mut g = local("");
+    let body = r#"{"amount":12345}"#;
+    assert!(g.send(&post("/v1/payouts", Some("\"s-1\""), body), &created()).passed());
+    for at in 1..body.len() {
+        let retry = g.send(&post("/v1/payouts", Some("\"s-1\""), body).split_at(&[at, at + 1]), &created());
+        assert!(retry.responded.is_some(), "split at {at}: {:?}", retry.reply);
+        assert_eq!(retry.reads.body, 1);
+    }
+    let changed = r#"{"amount":12346}"#;
+    let other = g.send(&post("/v1/payouts", Some("\"s-1\""), changed).split_at(&[3, 14]), &created());
+    assert_eq!(code(&other), Some("idempotency_key_mismatch"));
+
+    g.send(&post("/v1/payouts", Some("\"o-9\""), "{}"), &upstream(503, "{}"));
+    let clear = clear_body("o-9");
+    let split = post("/ops/replay/clear", None, &clear).split_at(&[1, 10, clear.len() - 3]);
+    assert_eq!(split.chunks.len(), 4);
+    let cleared = g.send_signed("ops-admin", None, &split, &created());
+    assert_eq!(counters(&cleared), counted(&["operator_cleared"]), "{:?}", cleared.reply);
+}
+
 fn clear_body(key: &str) -> String {
     format!(r#"{{"route":"payouts","idempotency_key":"{key}"}}"#)
 }

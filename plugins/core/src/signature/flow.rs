@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use crate::flow::calls::Calls;
 use crate::flow::{
-    header, refuse, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step,
+    header, read_request_body, refuse, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter,
+    RequestContext, Step,
 };
 use crate::remote::{Backend, RedisConfig};
 use crate::replay::body_sha256_from_content_digest;
@@ -260,18 +261,20 @@ impl SignatureFlow {
         Ok(())
     }
 
-    /// The whole body is known (possibly empty): check it against the signed Content-Digest.
-    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, body: &[u8]) -> Step {
-        if let Err(error) = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), body) {
-            return self.fail_verified(host, error, pending);
-        }
+    /// The whole body is known (possibly empty) and was checked against the signed
+    /// Content-Digest (`checked`: its size, or why it does not match).
+    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, checked: Result<usize, SigError>) -> Step {
+        let body_len = match checked {
+            Ok(body_len) => body_len,
+            Err(error) => return self.fail_verified(host, error, pending),
+        };
         // The Content-Digest verified against the whole body: its sha-256 is the body's, and
         // replay-guard (later in this stream) fingerprints with it instead of hashing the body
         // again (between separate modules only for large bodies: BODY_SHA256_MIN_BYTES). A failed
         // publish only makes replay-guard hash the body itself.
         if pending.verified.covers_content_digest {
             if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
-                host.set_body_sha256(&digest, body.len());
+                host.set_body_sha256(&digest, body_len);
             }
         }
         host.count_passed(&self.meter, "accepted");
@@ -285,11 +288,14 @@ impl SignatureFlow {
     }
 
     fn finish_body(&mut self, host: &mut dyn Host, pending: Pending, size: usize) -> Step {
-        match host.request_body(size) {
-            Ok(body) if body.len() as u64 > self.policy.max_body_bytes => {
-                self.fail_verified(host, SigError::BodyTooLarge, &pending)
-            }
-            Ok(body) => self.finish(host, &pending, &body),
+        // The body's chunks as the host holds them, hashed in place.
+        let policy = &self.policy;
+        let checked = read_request_body(host, size, |body| {
+            let body_len = body.len();
+            verify_body(policy, &pending.verified, pending.content_digest.as_deref(), body).map(|()| body_len)
+        });
+        match checked {
+            Ok(checked) => self.finish(host, &pending, checked),
             Err(_) => self.fail_verified(host, SigError::StateUnavailable, &pending),
         }
     }
@@ -300,7 +306,8 @@ impl SignatureFlow {
             return step;
         }
         if pending.headers_only {
-            return self.finish(host, &pending, &[]);
+            let checked = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), b"").map(|()| 0);
+            return self.finish(host, &pending, checked);
         }
         // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
         // would never reach this filter: the headers continue, and the body is held (below) until

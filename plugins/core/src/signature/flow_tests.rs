@@ -331,6 +331,16 @@ fn the_body_is_held_until_its_end_then_checked_whole() {
     assert_eq!(outcome.forwarded_body, body);
     assert_eq!(outcome.reads, Reads { headers: 1, body: 1, trailers: 0 });
 
+    // The Content-Digest is checked over the chunks as the host holds them, cut anywhere.
+    for at in 1..body.len() {
+        let request = signed("POST", "/v1/transfers", &[], body, &format!("n-split-{at}")).split_at(&[at]);
+        assert_eq!(request.chunks.len(), 2);
+        assert!(run(&factory, &mut env, &request).passed(), "split at {at}");
+        let fresh = signed("POST", "/v1/transfers", &[], body, &format!("n-tampered-{at}"));
+        let tampered = chunked(fresh, &[&body[..at], b"X", &body[at + 1..]], None);
+        assert_eq!(code(&run(&factory, &mut env, &tampered)), Some("content_digest_mismatch"), "split at {at}");
+    }
+
     // Trailers end the body: what was buffered is checked (the trailers are not read).
     let request =
         chunked(signed("POST", "/v1/transfers", &[], body, "n-trailers"), &[&body[..4], &body[4..]], Some(&[("x-trailer", "1")]));
@@ -543,7 +553,7 @@ impl crate::flow::Host for AnswerHost {
     fn request_headers_lossy(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, HostFailed> {
         Err(HostFailed)
     }
-    fn request_body(&mut self, _size: usize) -> Result<Vec<u8>, HostFailed> {
+    fn with_request_body(&mut self, _: usize, _: &mut dyn FnMut(crate::flow::BodyChunks<'_>)) -> Result<(), HostFailed> {
         Err(HostFailed)
     }
     fn request_trailers_raw(&mut self) -> Result<crate::flow::RawHeaders, HostFailed> {

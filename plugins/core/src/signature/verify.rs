@@ -346,12 +346,13 @@ pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_m
 }
 
 /// Checks the body the proxy will forward: its size, and that `Content-Digest` vouches for it.
-pub fn verify_body(
+pub fn verify_body<'b>(
     policy: &SignaturePolicy,
     verified: &VerifiedHeaders,
     content_digest: Option<&str>,
-    body: &[u8],
+    body: impl Into<crate::flow::BodyChunks<'b>>,
 ) -> Result<(), SigError> {
+    let body = body.into();
     if body.len() as u64 > policy.max_body_bytes {
         return Err(SigError::BodyTooLarge);
     }
