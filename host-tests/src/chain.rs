@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use crate::abi::HeaderMap;
 use crate::host::{
-    from_map, hcm_normalize, is_segment_path, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker,
+    from_map, hcm_normalize, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, to_map, Host, Module,
+    PluginSpec, StartError, Worker,
 };
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
@@ -394,7 +395,9 @@ impl<'a> Flow<'a> {
         self.local_sent = true;
         self.request_ended = true;
         self.local_reply = Some(reply.clone());
-        let headers = to_map(&local_reply_headers(&reply));
+        let grpc = crate::http::is_grpc_request(&self.request.headers);
+        let headers = to_map(&local_reply_headers(&reply, grpc));
+        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc), ..reply };
         if side == Side::Request || self.response_headers.is_none() {
             self.code_details = Some(reply.details.clone());
         }
@@ -425,7 +428,9 @@ impl<'a> Flow<'a> {
             return;
         }
         if k == self.n() {
-            self.upstream = Some(UpstreamRequest { headers: from_map(&headers), body: Vec::new(), trailers: Vec::new() });
+            let mut headers = from_map(&headers);
+            http1_codec_headers(&mut headers, eos);
+            self.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
             self.upstream_eos = eos;
             return;
         }
@@ -640,7 +645,13 @@ impl<'a> Flow<'a> {
             }
             if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started {
                 response_started = true;
-                let answer = self.request.upstream.as_ref().unwrap_or(upstream).router_answer(self.route_timeout_ms());
+                let answer = self
+                    .request
+                    .upstream
+                    .as_ref()
+                    .unwrap_or(upstream)
+                    .router_answer(self.route_timeout_ms())
+                    .for_request(crate::http::is_grpc_request(&self.request.headers));
                 if let Some(w) = self.workers.first() {
                     // The upstream (or the router's timer) took this long.
                     w.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
@@ -707,7 +718,8 @@ impl<'a> Flow<'a> {
             v.violations.extend(s.violations);
             v.callouts.extend(s.callouts);
         }
-        let headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let mut headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
+        http1_codec_headers(&mut headers, self.response_body.is_empty());
         v.status = if self.reset || stalled {
             0
         } else {

@@ -369,6 +369,7 @@ pub fn bootstrap(
     mut http_filters: Vec<serde_json::Value>,
     upstream_port: u16,
     clusters: &BTreeMap<String, u16>,
+    grpc_clusters: &BTreeMap<String, u16>,
     admin_path: &Path,
 ) -> Result<serde_json::Value> {
     let cluster = |name: &str, port: u16| {
@@ -391,6 +392,17 @@ pub fn bootstrap(
     let mut all = vec![upstream_cluster];
     for (name, port) in clusters {
         all.push(cluster(name, *port));
+    }
+    // gRPC clusters speak HTTP/2 (cleartext) to the gRPC server.
+    for (name, port) in grpc_clusters {
+        let mut c = cluster(name, *port);
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+        all.push(c);
     }
     let ms = scenario.route_timeout_ms();
     let route_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
@@ -681,14 +693,20 @@ pub fn run_envoy(
         let upstream = TestServer::start(Answer::Respond(default_upstream.clone()))?;
         let mut servers = Vec::new();
         let mut clusters = BTreeMap::new();
+        let grpc_names = scenario.grpc_clusters();
+        let mut grpc = if grpc_names.is_empty() { None } else { Some(GrpcUpstream::start(&grpc_names)?) };
+        let grpc_ports = grpc.as_ref().map(|g| g.ports.clone()).unwrap_or_default();
         for (name, spec) in &scenario.callout_clusters() {
+            if grpc_names.contains(name) {
+                continue;
+            }
             let server = TestServer::start(callout_answer(spec)?)?;
             clusters.insert(name.clone(), server.port);
             servers.push((name.clone(), server));
         }
         let admin_path = work_dir.join("admin.address");
         let filters = scenario_filters(scenario, &modules, runtime)?;
-        let config = bootstrap(scenario, filters, upstream.port, &clusters, &admin_path)?;
+        let config = bootstrap(scenario, filters, upstream.port, &clusters, &grpc_ports, &admin_path)?;
         let envoy = match start_envoy(&launch, &config, work_dir)? {
             Started::Refused(log) => {
                 let refused = refused_configuration(&log, runtime);
@@ -725,6 +743,9 @@ pub fn run_envoy(
                 if let Some(spec) = answers.get(name) {
                     server.set_answer(callout_answer(spec)?);
                 }
+            }
+            if let Some(g) = &mut grpc {
+                g.set_answers(&answers, &grpc_names)?;
             }
             let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -772,6 +793,9 @@ pub fn run_envoy(
                     callouts.push((name.clone(), pseudo_headers(&r)));
                 }
             }
+            if let Some(g) = &mut grpc {
+                callouts.extend(g.take()?);
+            }
             observed.callouts = Some(callouts);
             let problems = observed.check(&case.expect);
             out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
@@ -796,6 +820,7 @@ fn callout_answer(spec: &CalloutSpec) -> Result<Answer> {
             ..Upstream::default()
         }),
         CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
+        CalloutSpec::Grpc { .. } => bail!("a gRPC answer for an HTTP cluster"),
         CalloutSpec::Word(_) => Answer::Reset,
     })
 }
@@ -850,4 +875,112 @@ fn wasm_log_line(line: &str) -> Option<(String, String)> {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+/// The gRPC callout clusters: `host-tests/grpc_upstream.py` (grpcio, in the project's .venv, or
+/// `FIREBREAK_PYTHON`), one server per cluster, driven over its stdin and stdout.
+struct GrpcUpstream {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+    ports: BTreeMap<String, u16>,
+}
+
+impl GrpcUpstream {
+    fn start(clusters: &std::collections::BTreeSet<String>) -> Result<GrpcUpstream> {
+        let root = crate::workspace_root();
+        let python = std::env::var_os("FIREBREAK_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".venv/bin/python"));
+        let mut child = Command::new(&python)
+            .arg(root.join("host-tests/grpc_upstream.py"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!("starting the gRPC test server with {} (bash scripts/setup.sh installs grpcio)", python.display())
+            })?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("gRPC test server: no stdin"))?;
+        let stdout = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("gRPC test server: no stdout"))?);
+        let mut g = GrpcUpstream { child, stdin, stdout, ports: BTreeMap::new() };
+        let reply = g.command(&json!({ "clusters": clusters }))?;
+        let ports = reply
+            .get("ports")
+            .and_then(|p| p.as_object())
+            .ok_or_else(|| anyhow!("gRPC test server: no ports"))?;
+        for (name, port) in ports {
+            let port = port
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| anyhow!("gRPC test server: bad port"))?;
+            g.ports.insert(name.clone(), port);
+        }
+        Ok(g)
+    }
+
+    fn command(&mut self, command: &serde_json::Value) -> Result<serde_json::Value> {
+        // One line out, one line back: the server answers every command.
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the gRPC test server exited (is grpcio installed? bash scripts/setup.sh)");
+        }
+        serde_json::from_str(&line).context("the gRPC test server's answer")
+    }
+
+    /// Sets each gRPC cluster's answer for the next case.
+    fn set_answers(&mut self, answers: &BTreeMap<String, CalloutSpec>, grpc: &std::collections::BTreeSet<String>) -> Result<()> {
+        let mut out = serde_json::Map::new();
+        for name in grpc {
+            let Some(CalloutSpec::Grpc { grpc: spec }) = answers.get(name) else {
+                bail!("gRPC cluster {name:?}: a case answers it with an HTTP answer");
+            };
+            let a = spec.answer()?;
+            out.insert(
+                name.clone(),
+                json!({
+                    "status": a.status,
+                    "message": a.message,
+                    "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &a.body),
+                    "initial_metadata": a.initial_metadata,
+                    "trailers": a.trailers,
+                }),
+            );
+        }
+        self.command(&json!({ "answers": out }))?;
+        Ok(())
+    }
+
+    /// The calls the servers received since the last `take`: (cluster, headers as the filters
+    /// name them: `:method`, `:path`, `:authority` (the cluster, as Envoy's gRPC client sets
+    /// it), then the metadata).
+    fn take(&mut self) -> Result<Vec<crate::scenario::ObservedCallout>> {
+        let reply = self.command(&json!({ "take": true }))?;
+        let mut out = Vec::new();
+        for call in reply.get("calls").and_then(|c| c.as_array()).cloned().unwrap_or_default() {
+            let cluster = call.get("cluster").and_then(|c| c.as_str()).unwrap_or_default().to_string();
+            let mut headers = vec![
+                (":method".to_string(), "POST".to_string()),
+                (":path".to_string(), call.get("path").and_then(|c| c.as_str()).unwrap_or_default().to_string()),
+                (":authority".to_string(), cluster.clone()),
+            ];
+            for pair in call.get("metadata").and_then(|m| m.as_array()).cloned().unwrap_or_default() {
+                if let (Some(k), Some(v)) = (pair.get(0).and_then(|k| k.as_str()), pair.get(1).and_then(|v| v.as_str())) {
+                    headers.push((k.to_string(), v.to_string()));
+                }
+            }
+            out.push((cluster, headers));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        // Its own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

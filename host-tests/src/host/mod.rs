@@ -16,7 +16,9 @@ mod worker;
 
 pub use module::{HostBuilder, Module, PluginSpec, StartError, DEFAULT_ROUTE_TIMEOUT_MS};
 pub use stream::hcm_normalize;
-pub(crate) use stream::{from_map, is_segment_path, local_reply_headers, to_map, wasm_fail_reply, StreamRun};
+pub(crate) use stream::{
+    from_map, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, to_map, wasm_fail_reply, StreamRun,
+};
 pub(crate) use worker::{next_tick, Worker};
 
 /// A running plugin: one VM per worker over one module, one shared world (shared data, queues,

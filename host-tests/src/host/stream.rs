@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::abi::{Action, HeaderMap};
-use crate::http::{LocalReply, Request, Upstream, UpstreamRequest, Verdict};
+use crate::http::{is_grpc_request, LocalReply, Request, Upstream, UpstreamRequest, Verdict};
 
 use super::module::PluginSpec;
 use super::worker::Worker;
@@ -162,8 +162,9 @@ impl Worker {
         if let RequestPhase::Held(w) = std::mem::replace(&mut run.request_phase, RequestPhase::Released) {
             withheld = w;
             let s = self.stream(run.id);
-            run.upstream =
-                Some(UpstreamRequest { headers: from_map(&s.request_headers), body: Vec::new(), trailers: Vec::new() });
+            let mut headers = from_map(&s.request_headers);
+            http1_codec_headers(&mut headers, run.request.body_chunks.is_empty() && run.request.trailers.is_empty());
+            run.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
         }
         let s = self.stream(run.id);
         let pending = s.request_body.as_mut().map(std::mem::take).unwrap_or_default();
@@ -324,7 +325,7 @@ impl Worker {
 
     pub(crate) fn deliver_response(&mut self, run: &mut StreamRun, upstream: &Upstream, route_timeout_ms: u64) {
         let id = run.id as i32;
-        let answer = upstream.router_answer(route_timeout_ms);
+        let answer = upstream.router_answer(route_timeout_ms).for_request(is_grpc_request(&run.request.headers));
         // The upstream (or the router's timer) took this long.
         self.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
         let headers = answer.headers;
@@ -395,26 +396,25 @@ impl Worker {
             self.stream(id).reset = true;
         } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
-            let headers = local_reply_headers(reply);
+            let grpc = is_grpc_request(&run.request.headers);
+            let headers = local_reply_headers(reply, grpc);
+            let body = local_reply_body(reply, grpc);
             let n = headers.len() as i32;
             {
                 let s = self.stream(id);
                 s.code_details = Some(reply.details.clone());
                 s.response_headers = Some(to_map(&headers));
-                s.response_body = Some(reply.body.clone());
+                s.response_body = Some(body.clone());
             }
             if run_encoder {
                 let _ = self.ctx_call::<(i32, i32, i32), i32>(
                     id,
                     "proxy_on_response_headers",
-                    (id as i32, n, reply.body.is_empty() as i32),
+                    (id as i32, n, body.is_empty() as i32),
                 );
-                if !reply.body.is_empty() {
-                    let _ = self.ctx_call::<(i32, i32, i32), i32>(
-                        id,
-                        "proxy_on_response_body",
-                        (id as i32, reply.body.len() as i32, 1),
-                    );
+                if !body.is_empty() {
+                    let _ =
+                        self.ctx_call::<(i32, i32, i32), i32>(id, "proxy_on_response_body", (id as i32, body.len() as i32, 1));
                 }
             }
         }
@@ -432,7 +432,9 @@ impl Worker {
         self.store.data_mut().pending.retain(|_, c| c.context != id);
         let _ = spec;
         let s = self.store.data_mut().streams.remove(&id).unwrap_or_default();
-        let response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let mut response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let body_empty = s.response_body.as_ref().is_none_or(|b| b.is_empty());
+        http1_codec_headers(&mut response_headers, body_empty);
         let stalled = run.progress == Progress::Stalled;
         let status = if s.reset || stalled {
             0
@@ -491,18 +493,52 @@ pub(crate) fn wasm_fail_reply() -> LocalReply {
     LocalReply { status: 503, details: "wasm_fail_stream".into(), body: Vec::new(), headers: Vec::new(), grpc_status: 14 }
 }
 
-/// The response headers of a local reply: Envoy's own, then the filter's (which replace).
-pub(crate) fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
-    let mut headers = vec![(":status".to_string(), reply.status.to_string())];
-    headers.push(("content-length".into(), reply.body.len().to_string()));
-    if !reply.body.is_empty() {
-        headers.push(("content-type".into(), "text/plain".into()));
-    }
+/// The response headers of a local reply: Envoy's own, then the filter's (which replace). To a
+/// gRPC request (`grpc`): Envoy's gRPC reply (status 200, `grpc-status`, `grpc-message`), then
+/// the filter's headers.
+pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool) -> Vec<(String, String)> {
+    let mut headers = if grpc {
+        crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), &reply.body)
+    } else {
+        let mut h = vec![(":status".to_string(), reply.status.to_string())];
+        h.push(("content-length".into(), reply.body.len().to_string()));
+        if !reply.body.is_empty() {
+            h.push(("content-type".into(), "text/plain".into()));
+        }
+        h
+    };
     for (k, v) in &reply.headers {
         headers.retain(|(hk, _)| hk != k);
         headers.push((k.clone(), v.clone()));
     }
     headers
+}
+
+/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`).
+pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool) -> Vec<u8> {
+    if grpc {
+        Vec::new()
+    } else {
+        reply.body.clone()
+    }
+}
+
+/// Envoy's HTTP/1 codec on a headers-only message without `content-length` (after the
+/// filters): it adds `content-length: 0`, except on GET and HEAD requests and on 1xx, 204 and
+/// 304 responses.
+pub(crate) fn http1_codec_headers(headers: &mut Vec<(String, String)>, end_stream: bool) {
+    if !end_stream || headers.iter().any(|(k, _)| k == "content-length" || k == "transfer-encoding") {
+        return;
+    }
+    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let exempt = match (get(":status"), get(":method")) {
+        (Some(status), _) => status.starts_with('1') || status == "204" || status == "304",
+        (None, Some(method)) => method == "GET" || method == "HEAD",
+        (None, None) => true,
+    };
+    if !exempt {
+        headers.push(("content-length".into(), "0".into()));
+    }
 }
 
 /// Whether a property a request carries names its path's segments exactly (NUL-separated, as

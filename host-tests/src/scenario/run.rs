@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context as _, Result};
 use base64::Engine as _;
 
 use super::report::{host_log_lines, outcome, CaseResult, Observed, Outcome};
-use super::schema::{CalloutSpec, RequestSpec, ScenarioFile, SignSpec, UpstreamSpec};
+use super::schema::{CalloutSpec, HeaderValue, RequestSpec, ScenarioFile, SignSpec, UpstreamSpec};
 use crate::chain::Chain;
 use crate::host::{Host, Module, StartError};
 use crate::http::{Request, Verdict};
@@ -289,7 +289,10 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
             problems.push(format!("strict: {v}"));
         }
         if let Some(t) = &verdict.trap {
-            if case.expect.status != Some(503) && case.expect.trap.is_none() {
+            // Envoy's answer to a stream on a failed VM: 503, or to a gRPC request grpc-status 14.
+            let fail_stream = case.expect.status == Some(503)
+                || matches!(case.expect.response_headers.get("grpc-status"), Some(Some(HeaderValue::One(v))) if v == "14");
+            if !fail_stream && case.expect.trap.is_none() {
                 problems.push(format!("trap: {t}"));
             }
         }

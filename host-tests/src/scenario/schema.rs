@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::host::PluginSpec;
-use crate::http::{CalloutReply, Upstream};
+use crate::http::{CalloutReply, GrpcAnswer, Upstream};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +137,8 @@ fn ok_status() -> u16 {
 pub enum CalloutSpec {
     /// fail | timeout | reset | hold
     Word(String),
+    /// A gRPC answer: the cluster is a gRPC (HTTP/2) cluster.
+    Grpc { grpc: GrpcSpec },
     Respond {
         #[serde(default = "ok_status")]
         status: u16,
@@ -148,6 +150,51 @@ pub enum CalloutSpec {
         #[serde(default)]
         body_base64: Option<String>,
     },
+}
+
+/// A gRPC cluster's answer to a call or a stream (`grpc:` under a callout cluster).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSpec {
+    /// The gRPC status (0: OK).
+    #[serde(default)]
+    pub status: u32,
+    /// `grpc-message`.
+    #[serde(default)]
+    pub message: String,
+    /// The response message (none if empty).
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    /// Initial metadata (the response headers), seen by streams.
+    #[serde(default)]
+    pub initial_metadata: BTreeMap<String, String>,
+    /// Trailing metadata, seen by streams.
+    #[serde(default)]
+    pub trailers: BTreeMap<String, String>,
+}
+
+impl GrpcSpec {
+    pub fn answer(&self) -> Result<GrpcAnswer> {
+        if self.status > 16 {
+            return Err(anyhow!("grpc status {} is not a gRPC status (0..=16)", self.status));
+        }
+        let body = match &self.body_base64 {
+            Some(b) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .context("grpc body_base64 is not base64")?,
+            None => self.body.clone().into_bytes(),
+        };
+        let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+        Ok(GrpcAnswer {
+            status: self.status,
+            message: self.message.clone(),
+            body,
+            initial_metadata: pairs(&self.initial_metadata),
+            trailers: pairs(&self.trailers),
+        })
+    }
 }
 
 impl CalloutSpec {
@@ -165,6 +212,7 @@ impl CalloutSpec {
                 "hold" => CalloutReply::Hold,
                 other => return Err(anyhow!("unknown callout answer {other:?}")),
             },
+            CalloutSpec::Grpc { grpc } => CalloutReply::Grpc(grpc.answer()?),
             CalloutSpec::Respond { status, headers, .. } => CalloutReply::Respond {
                 status: *status,
                 headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -180,7 +228,7 @@ impl CalloutSpec {
                 .decode(b.trim())
                 .context("callout body_base64 is not base64"),
             CalloutSpec::Respond { body, .. } => Ok(body.clone().into_bytes()),
-            CalloutSpec::Word(_) => Ok(Vec::new()),
+            CalloutSpec::Word(_) | CalloutSpec::Grpc { .. } => Ok(Vec::new()),
         }
     }
 
@@ -432,7 +480,8 @@ pub struct Expect {
     #[serde(default)]
     pub callouts: Option<Vec<CalloutExpect>>,
     /// Whether the module traps in this case (host: the trap; Envoy: its `Function: ... failed`
-    /// log line). Without it a trap fails the case unless it expects status 503.
+    /// log line). Without it a trap fails the case unless it expects status 503 (or, on a gRPC
+    /// request, `grpc-status: "14"`).
     #[serde(default)]
     pub trap: Option<bool>,
 }
@@ -561,11 +610,30 @@ impl ScenarioFile {
     pub fn callout_clusters(&self) -> BTreeMap<String, CalloutSpec> {
         let mut clusters = self.callouts.clone();
         for case in &self.cases {
-            for name in case.callouts.keys() {
-                clusters.entry(name.clone()).or_insert_with(CalloutSpec::default_answer);
+            for (name, spec) in &case.callouts {
+                // A gRPC cluster's default answer is status 0 with no message.
+                clusters.entry(name.clone()).or_insert_with(|| match spec {
+                    CalloutSpec::Grpc { .. } => CalloutSpec::Grpc { grpc: GrpcSpec::default() },
+                    _ => CalloutSpec::default_answer(),
+                });
             }
         }
         clusters
+    }
+
+    /// The callout clusters answered with `grpc:` (HTTP/2 clusters served by a gRPC server in
+    /// Envoy mode).
+    pub fn grpc_clusters(&self) -> std::collections::BTreeSet<String> {
+        let mut out: std::collections::BTreeSet<String> = self
+            .callouts
+            .iter()
+            .filter(|(_, s)| matches!(s, CalloutSpec::Grpc { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for case in &self.cases {
+            out.extend(case.callouts.iter().filter(|(_, s)| matches!(s, CalloutSpec::Grpc { .. })).map(|(k, _)| k.clone()));
+        }
+        out
     }
 
     /// How a case's callouts are answered: the case's answers over the file's, every cluster.
