@@ -382,6 +382,7 @@ pub fn bootstrap(
         })
     };
     let mut upstream_cluster = cluster("upstream", upstream_port);
+    upstream_cluster["per_connection_buffer_limit_bytes"] = json!(scenario.buffer_limit_bytes());
     // HTTP/1 drops trailers unless told to keep them (both sides of Envoy).
     upstream_cluster["typed_extension_protocol_options"] = json!({
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -414,6 +415,7 @@ pub fn bootstrap(
             "listeners": [{
                 "name": "main",
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "per_connection_buffer_limit_bytes": scenario.buffer_limit_bytes(),
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {

@@ -23,7 +23,9 @@ mod world;
 
 pub use abi::{Action, Status};
 pub use chain::Chain;
-pub use host::{hcm_normalize, Host, HostBuilder, Module, PluginSpec, StartError, DEFAULT_ROUTE_TIMEOUT_MS};
+pub use host::{
+    hcm_normalize, Host, HostBuilder, Module, PluginSpec, StartError, DEFAULT_BUFFER_LIMIT_BYTES, DEFAULT_ROUTE_TIMEOUT_MS,
+};
 pub use http::{
     Callout, CalloutReply, GrpcAnswer, GrpcReply, LocalReply, Request, RouterAnswer, Upstream, UpstreamRequest, Verdict,
     VIA_UPSTREAM,

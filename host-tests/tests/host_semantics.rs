@@ -649,3 +649,21 @@ fn each_filter_module_exports_only_the_callbacks_its_filter_acts_on() {
         }
     }
 }
+
+#[test]
+fn a_body_held_past_the_buffer_limit_gets_413_and_a_response_body_a_reset() {
+    // Envoy 1.40 (scenarios/test-grpc-buffer-limit*.yaml): one byte past the limit is too much.
+    let host = |limit: u64| Host::builder(&test_filter()).config("{}").buffer_limit_bytes(limit).start().unwrap();
+    let req = |n: usize| Request::post("/").header("x-test-body", "buffer").body(vec![b'x'; n]);
+    let v = host(10).send(req(11));
+    assert_eq!((v.status, v.response_body.as_slice(), v.forwarded()), (413, &b"Payload Too Large"[..], false));
+    assert_eq!(v.code_details.as_deref(), Some("request_payload_too_large"));
+    let v = host(10).send(req(10));
+    assert_eq!((v.status, v.forwarded()), (200, true));
+    let v = host(10).send(
+        Request::get("/")
+            .header("x-test-response-body", "1")
+            .answered_by(Upstream { body: vec![b'x'; 11], ..Upstream::default() }),
+    );
+    assert_eq!((v.status, v.reset), (0, true));
+}

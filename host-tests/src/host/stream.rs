@@ -23,6 +23,23 @@ pub(crate) struct StreamRun {
     pub(crate) response_phase: ResponsePhase,
     pub(crate) progress: Progress,
     pub(crate) trap: Option<String>,
+    /// Envoy's per-stream buffer limit (`PluginSpec::buffer_limit_bytes`).
+    pub(crate) buffer_limit: u64,
+    /// The response body already flushed to the client, piece by piece, before the last.
+    pub(crate) response_sent: Vec<u8>,
+}
+
+/// How a body reaches the filter. Envoy's HTTP/1 codec hands over the body as it reads it,
+/// without end of stream, and then an empty end of stream, so a filter that buffers a body
+/// until its end holds all of it first: past the buffer limit, Envoy stops it. The host hands
+/// over a body within the limit in one piece with end of stream (as before: the callbacks a
+/// filter sees do not change), and a larger one whole without end of stream, then empty with it.
+fn pieces(body: &[u8], limit: u64) -> Vec<&[u8]> {
+    if body.len() as u64 > limit {
+        vec![body, &[]]
+    } else {
+        vec![body]
+    }
 }
 
 /// The request's side of the filter's flow.
@@ -97,6 +114,8 @@ impl StreamRun {
             response_phase: ResponsePhase::NotStarted,
             progress: Progress::Running,
             trap: None,
+            buffer_limit: super::module::DEFAULT_BUFFER_LIMIT_BYTES,
+            response_sent: Vec::new(),
         }
     }
 
@@ -115,11 +134,12 @@ impl StreamRun {
 
 impl Worker {
     /// Creates the stream context and delivers what the client sent, as Envoy does.
-    pub(crate) fn open(&mut self, request: Request, connection_id: u64) -> StreamRun {
+    pub(crate) fn open(&mut self, request: Request, connection_id: u64, buffer_limit: u64) -> StreamRun {
         let request = hcm_normalize(request, connection_id);
         let id = self.add_stream(&request, connection_id);
         let root = self.store.data().root_context;
         let mut run = StreamRun::new(self.index, id, request);
+        run.buffer_limit = buffer_limit;
         if let Some(reason) = self.failed.clone() {
             // A failed VM answers every new stream with 503 (fail closed).
             self.stream(id).local_reply = Some(wasm_fail_reply());
@@ -195,15 +215,19 @@ impl Worker {
             let _ = self.release_request(run);
         }
         for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len() && !has_trailers;
-            if let RequestPhase::Held(w) = &mut run.request_phase {
-                w.body.extend_from_slice(chunk);
-                w.body_end |= last;
-                continue;
-            }
-            self.body_callback(run, chunk, last);
-            if run.is_done() {
-                return;
+            let last_chunk = i + 1 == chunks.len() && !has_trailers;
+            let parts = pieces(chunk, run.buffer_limit);
+            for (j, part) in parts.iter().enumerate() {
+                let last = last_chunk && j + 1 == parts.len();
+                if let RequestPhase::Held(w) = &mut run.request_phase {
+                    w.body.extend_from_slice(part);
+                    w.body_end |= last;
+                    continue;
+                }
+                self.body_callback(run, part, last);
+                if run.is_done() {
+                    return;
+                }
             }
         }
         if has_trailers {
@@ -233,6 +257,14 @@ impl Worker {
         // Continue flushes what was buffered; Pause (StopIterationAndBuffer) keeps buffering.
         if action == Action::Continue || self.take_continue(run.id) {
             let _ = self.release_request(run);
+        } else if self.stream(run.id).request_body.as_ref().is_some_and(|b| b.len() as u64 > run.buffer_limit) {
+            // Envoy's requestDataTooLarge: 413 while the response has not started, else a reset.
+            if run.response_phase.headers_sent() {
+                self.stream(run.id).reset = true;
+            } else {
+                self.stream(run.id).local_reply = Some(too_large(413, "Payload Too Large", "request_payload_too_large"));
+            }
+            run.end();
         }
     }
 
@@ -361,16 +393,41 @@ impl Worker {
 
     pub(crate) fn response_body_callback(&mut self, run: &mut StreamRun) {
         let body = std::mem::take(&mut run.upstream_response_body);
-        let size = body.len() as i32;
         let cut = run.response_cut;
-        self.stream(run.id).response_body = Some(body);
+        let parts = pieces(&body, run.buffer_limit);
         let mut action = Action::Continue;
-        if !(cut && size == 0) {
-            let Some(a) = self.step(run, "proxy_on_response_body", (run.id as i32, size, !cut as i32)) else { return };
-            action = a;
-        }
-        if self.ended(run) {
-            return;
+        for (j, part) in parts.iter().enumerate() {
+            let last = j + 1 == parts.len();
+            // After Continue the filter's buffer went to the client; after Pause (buffering) the
+            // next piece is added to it.
+            let size = {
+                let b = self.stream(run.id).response_body.get_or_insert_with(Vec::new);
+                if action == Action::Continue {
+                    run.response_sent.append(b);
+                }
+                b.extend_from_slice(part);
+                b.len()
+            };
+            let eos = last && !cut;
+            if !(cut && last && part.is_empty()) {
+                let Some(a) = self.step(run, "proxy_on_response_body", (run.id as i32, size as i32, eos as i32)) else {
+                    return;
+                };
+                action = a;
+            }
+            if self.ended(run) {
+                return;
+            }
+            if std::mem::take(&mut self.stream(run.id).continue_response) {
+                action = Action::Continue;
+            }
+            if action == Action::Pause && size as u64 > run.buffer_limit {
+                // Envoy's responseDataTooLarge: the headers went to the client, so its 500
+                // local reply can only reset the stream.
+                self.stream(run.id).reset = true;
+                run.end();
+                return;
+            }
         }
         if cut {
             // Envoy's router: the upstream reset after the response started; the downstream
@@ -379,9 +436,7 @@ impl Worker {
             run.end();
             return;
         }
-        let continued = std::mem::take(&mut self.stream(run.id).continue_response);
-        run.response_phase =
-            if action == Action::Pause && !continued { ResponsePhase::BodyPaused } else { ResponsePhase::Complete };
+        run.response_phase = if action == Action::Pause { ResponsePhase::BodyPaused } else { ResponsePhase::Complete };
     }
 
     /// Ends the stream (`on_log`, `on_done`, `on_delete`) and says what it got.
@@ -444,7 +499,16 @@ impl Worker {
         Verdict {
             status,
             response_headers,
-            response_body: if s.reset || stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
+            response_body: if s.reset || stalled {
+                Vec::new()
+            } else if local.is_some() {
+                s.response_body.unwrap_or_default()
+            } else {
+                // What went to the client piece by piece, then the rest.
+                let mut body = std::mem::take(&mut run.response_sent);
+                body.extend(s.response_body.unwrap_or_default());
+                body
+            },
             local_reply: s.local_reply,
             code_details: if s.reset || stalled { None } else { s.code_details },
             upstream: if complete {
@@ -556,4 +620,9 @@ pub(crate) fn to_map(h: &[(String, String)]) -> HeaderMap {
 
 pub(crate) fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect()
+}
+
+/// Envoy's local reply when a filter buffers more than the buffer limit.
+fn too_large(status: u16, body: &str, details: &str) -> LocalReply {
+    LocalReply { status, details: details.into(), body: body.as_bytes().to_vec(), headers: Vec::new(), grpc_status: -1 }
 }

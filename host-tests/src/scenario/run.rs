@@ -38,6 +38,8 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     }
     if !spec.chunks.is_empty() {
         r = r.chunks(spec.chunks.iter());
+    } else if let Some(n) = spec.body_bytes {
+        r = r.body(vec![b'x'; n]);
     } else if let Some(b) = &spec.body_base64 {
         r = r.body(
             base64::engine::general_purpose::STANDARD

@@ -46,6 +46,10 @@ pub struct ScenarioFile {
     /// The route's timeout (Envoy's `route.timeout`), in both modes. Default 5000.
     #[serde(default)]
     pub route_timeout_ms: Option<u64>,
+    /// The per-stream buffer limit (Envoy's `per_connection_buffer_limit_bytes` on the listener
+    /// and the upstream cluster), in both modes. Default Envoy's, 1 MiB.
+    #[serde(default)]
+    pub buffer_limit_bytes: Option<u64>,
     /// Several filters in one chain, in Envoy's order (instead of `module` and `plugin`).
     #[serde(default)]
     pub chain: Vec<ChainFilter>,
@@ -96,6 +100,9 @@ pub struct UpstreamSpec {
     /// The body as base64 (binary answers); replaces `body`.
     #[serde(default)]
     pub body_base64: Option<String>,
+    /// A body of this many bytes (`x`); replaces `body` (large bodies).
+    #[serde(default)]
+    pub body_bytes: Option<usize>,
     /// Answer after this long; at or beyond `route_timeout_ms` Envoy's router answers
     /// `504 upstream request timeout` instead (the host moves its fake clock by the wait).
     #[serde(default)]
@@ -111,11 +118,12 @@ pub struct UpstreamSpec {
 
 impl UpstreamSpec {
     pub fn to_upstream(&self) -> Result<Upstream> {
-        let body = match &self.body_base64 {
-            Some(b) => base64::engine::general_purpose::STANDARD
+        let body = match (&self.body_base64, self.body_bytes) {
+            (_, Some(n)) => vec![b'x'; n],
+            (Some(b), None) => base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
                 .context("upstream.body_base64 is not base64")?,
-            None => self.body.clone().into_bytes(),
+            (None, None) => self.body.clone().into_bytes(),
         };
         Ok(Upstream {
             status: self.status,
@@ -273,6 +281,9 @@ pub struct RequestSpec {
     /// The body as base64, for binary bodies (gzip, deflate); replaces `body`.
     #[serde(default)]
     pub body_base64: Option<String>,
+    /// A body of this many bytes (`x`); replaces `body` (large bodies).
+    #[serde(default)]
+    pub body_bytes: Option<usize>,
     /// The client disconnects once the upstream has the whole request, before the answer (give
     /// the case an upstream `delay_ms` so that it has not answered by then).
     #[serde(default)]
@@ -596,6 +607,7 @@ impl ScenarioFile {
             callouts,
             upstream: self.upstream_reply()?,
             route_timeout_ms: self.route_timeout_ms(),
+            buffer_limit_bytes: self.buffer_limit_bytes(),
             strict: if self.strict || self.allow_host_calls.is_some() {
                 Some(crate::vm::Strict { allowed: self.allow_host_calls.as_ref().map(|l| l.iter().cloned().collect()) })
             } else {
@@ -651,6 +663,11 @@ impl ScenarioFile {
     }
 
     /// The route timeout both modes use (Envoy's bootstrap and the host's router).
+    /// The per-stream buffer limit, Envoy's default (1 MiB) unless the file sets one.
+    pub fn buffer_limit_bytes(&self) -> u64 {
+        self.buffer_limit_bytes.unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES)
+    }
+
     pub fn route_timeout_ms(&self) -> u64 {
         self.route_timeout_ms.unwrap_or(5000)
     }
