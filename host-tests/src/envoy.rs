@@ -227,65 +227,13 @@ fn serve(
 /// Start line, headers, body, trailers.
 type Message = (String, Vec<(String, String)>, Vec<u8>, Vec<(String, String)>);
 
-/// Reads one HTTP/1.1 message (start line, headers, body by content-length or chunked; for a
-/// response without either, to the end of the connection).
+/// Reads one HTTP/1.1 message with the shared reader (`tools/http1`: start line, headers, body
+/// by content-length or chunked with trailers; for a response without either, to the end of
+/// the connection).
 fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Message>> {
-    let mut start = String::new();
-    if reader.read_line(&mut start)? == 0 {
-        return Ok(None);
-    }
-    let start = start.trim_end().to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            bail!("connection closed in headers");
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    let mut trailers = Vec::new();
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size)?;
-            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
-            if size == 0 {
-                // The trailer section, up to an empty line.
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line)? == 0 {
-                        break;
-                    }
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = line.split_once(':') {
-                        trailers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk)?;
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = header("content-length") {
-        let mut b = vec![0; len.parse()?];
-        reader.read_exact(&mut b)?;
-        body = b;
-    } else if !is_request {
-        reader.read_to_end(&mut body)?;
-    }
-    Ok(Some((start, headers, body, trailers)))
+    let kind = if is_request { firebreak_http1::Kind::Request } else { firebreak_http1::Kind::Response };
+    let limits = firebreak_http1::Limits { max_head: 1 << 20, max_body: usize::MAX, max_headers: 256 };
+    Ok(firebreak_http1::read_message(reader, kind, &limits)?.map(|m| (m.start, m.headers, m.body, m.trailers)))
 }
 
 fn string_value(bytes: Vec<u8>) -> serde_json::Value {
