@@ -680,6 +680,10 @@ pub fn run_envoy(
                 out.push(row(&case.name, Outcome::Skipped(reason), None));
                 continue;
             }
+            if case.real_time {
+                // The fake clock's advance, in real time.
+                std::thread::sleep(Duration::from_millis(case.advance_ms));
+            }
             let Some(spec) = &case.request else {
                 let (lines, _) = log_since(&envoy.log, &mut log_offset);
                 let observed = Observed { logs: Some(lines), ..Observed::default() };

@@ -510,9 +510,14 @@ pub struct Case {
     pub host_only: Option<String>,
     #[serde(default)]
     pub worker: usize,
-    /// Advance the fake clock (and fire ticks) before the request. Host only.
+    /// Advance the fake clock (and fire ticks) before the request. Host only, unless
+    /// `real_time`.
     #[serde(default)]
     pub advance_ms: u64,
+    /// Envoy mode: wait `advance_ms` of real time instead of skipping the case (for checks that
+    /// hold whatever the exact times: ticks that must have fired by then).
+    #[serde(default)]
+    pub real_time: bool,
     #[serde(default)]
     pub request: Option<RequestSpec>,
     #[serde(default)]
@@ -683,7 +688,7 @@ impl ScenarioFile {
         if case.race.is_some() {
             return Some("interleaved workers".into());
         }
-        if case.advance_ms > 0 {
+        if case.advance_ms > 0 && !case.real_time {
             return Some("fake clock".into());
         }
         if let Some(r) = &case.request {
