@@ -290,6 +290,19 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         for v in &verdict.violations {
             problems.push(format!("strict: {v}"));
         }
+        if verdict.stalled {
+            // Say why: a gRPC callout whose cluster has no `grpc:` answer is never answered.
+            let answers = scenario.case_callouts(case);
+            for c in verdict.callouts.iter().filter(|c| c.grpc_method.is_some()) {
+                if !matches!(answers.get(&c.cluster), Some(CalloutSpec::Grpc { .. })) {
+                    problems.push(format!(
+                        "stalled: the gRPC callout to {:?} ({}) has no `grpc:` answer, so nothing answers it",
+                        c.cluster,
+                        c.grpc_method.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+        }
         if let Some(t) = &verdict.trap {
             // Envoy's answer to a stream on a failed VM: 503, or to a gRPC request grpc-status 14.
             let fail_stream = case.expect.status == Some(503)
