@@ -10,13 +10,14 @@ one JSON line per command on stdin and reads one JSON line back on stdout:
   take:    {"take": true}                     -> {"calls": [{cluster, path, metadata, body_b64}]}
 
 An answer: {"status": 0, "message": "", "body_b64": "", "initial_metadata": [[k, v]],
-"trailers": [[k, v]]}.
+"trailers": [[k, v]], "delay_ms": 0}.
 """
 
 import base64
 import json
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -41,6 +42,8 @@ class Handler(grpc.GenericRpcHandler):
                     {"cluster": cluster, "path": details.method, "metadata": metadata, "body_b64": base64.b64encode(body).decode()}
                 )
                 answer = answers.get(cluster, {})
+            if answer.get("delay_ms"):
+                time.sleep(answer["delay_ms"] / 1000)
             if answer.get("initial_metadata"):
                 context.send_initial_metadata([tuple(p) for p in answer["initial_metadata"]])
             message = base64.b64decode(answer.get("body_b64", ""))

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use crate::abi::HeaderMap;
 use crate::host::{
-    from_map, hcm_normalize, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, to_map, Host, Module,
-    PluginSpec, StartError, Worker,
+    from_map, hcm_normalize, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, pieces, to_map,
+    too_large, Host, Module, PluginSpec, StartError, Worker,
 };
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
@@ -276,9 +276,39 @@ impl<'a> Flow<'a> {
                         Side::Request => s.continue_request = true,
                         Side::Response => s.continue_response = true,
                     }
+                } else if name.ends_with("_body") {
+                    self.check_buffer_limit(k, side);
                 }
                 self.settle(k, side);
             }
+        }
+    }
+
+    /// Filter k buffers a body (Pause from a body callback): past the buffer limit, Envoy's
+    /// 413 (request) or 500 (response) while the client has no response headers, else a reset.
+    fn check_buffer_limit(&mut self, k: usize, side: Side) {
+        let id = self.stages[k].id;
+        let limit = self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
+        let client_has_headers = self.response_headers.is_some();
+        let s = self.worker(k).stream(id);
+        let held = match side {
+            Side::Request => s.request_body.as_ref(),
+            Side::Response => s.response_body.as_ref(),
+        };
+        if held.is_none_or(|b| b.len() as u64 <= limit) || s.local_reply.is_some() {
+            return;
+        }
+        if client_has_headers {
+            match side {
+                // The request had reached the upstream whole: only the client's stream is reset.
+                Side::Response => self.reset = true,
+                Side::Request => s.reset = true,
+            }
+        } else {
+            s.local_reply = Some(match side {
+                Side::Request => too_large(413, "Payload Too Large", "request_payload_too_large"),
+                Side::Response => too_large(500, "Internal Server Error", "response_payload_too_large"),
+            });
         }
     }
 
@@ -625,8 +655,13 @@ impl<'a> Flow<'a> {
         let trailers = to_map(&self.request.trailers);
         let has_trailers = !trailers.is_empty();
         self.req_headers(0, headers, chunks.is_empty() && !has_trailers);
+        let limit = self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
         for (i, chunk) in chunks.iter().enumerate() {
-            self.req_data(0, chunk.clone(), i + 1 == chunks.len() && !has_trailers);
+            let last_chunk = i + 1 == chunks.len() && !has_trailers;
+            let parts = pieces(chunk, limit);
+            for (j, part) in parts.iter().enumerate() {
+                self.req_data(0, part.to_vec(), last_chunk && j + 1 == parts.len());
+            }
         }
         if has_trailers {
             self.req_trailers(0, trailers);
@@ -661,7 +696,12 @@ impl<'a> Flow<'a> {
                 let eos = answer.body.is_empty() && !answer.cut;
                 self.resp_headers(last, to_map(&answer.headers), eos);
                 if !answer.body.is_empty() {
-                    self.resp_data(last, answer.body, !answer.cut);
+                    let limit =
+                        self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
+                    let parts = pieces(&answer.body, limit);
+                    for (j, part) in parts.iter().enumerate() {
+                        self.resp_data(last, part.to_vec(), j + 1 == parts.len() && !answer.cut);
+                    }
                 }
                 if answer.cut {
                     // The upstream closed mid-body after the response started: Envoy resets.

@@ -900,6 +900,7 @@ impl GrpcUpstream {
                     "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &a.body),
                     "initial_metadata": a.initial_metadata,
                     "trailers": a.trailers,
+                    "delay_ms": a.delay_ms,
                 }),
             );
         }

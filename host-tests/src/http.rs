@@ -344,6 +344,9 @@ pub struct GrpcAnswer {
     pub body: Vec<u8>,
     pub initial_metadata: Vec<(String, String)>,
     pub trailers: Vec<(String, String)>,
+    /// The server answers after this long (the host moves its clock; at or past the call's
+    /// timeout, Envoy's gRPC client ends it instead).
+    pub delay_ms: u64,
 }
 
 /// An HTTP or gRPC callout the filter made.

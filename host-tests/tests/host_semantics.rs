@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::test_filter;
 use firebreak_host_tests::{
-    CalloutReply, Chain, GrpcReply, Host, PluginSpec, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
+    CalloutReply, Chain, GrpcAnswer, GrpcReply, Host, PluginSpec, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
 };
 
 fn host() -> Host {
@@ -666,4 +666,20 @@ fn a_body_held_past_the_buffer_limit_gets_413_and_a_response_body_a_reset() {
             .answered_by(Upstream { body: vec![b'x'; 11], ..Upstream::default() }),
     );
     assert_eq!((v.status, v.reset), (0, true));
+}
+
+#[test]
+fn a_grpc_call_answered_past_its_timeout_is_ended_by_envoy() {
+    // Envoy 1.40's own timer: 14, "upstream request timeout{response_timeout}" (a server that
+    // enforces grpc-timeout may answer 4 first in real Envoy: a race).
+    let late = GrpcAnswer { body: b"late".to_vec(), delay_ms: 600, ..GrpcAnswer::default() };
+    let mut h = Host::builder(&test_filter())
+        .config("{}")
+        .callout("checker", CalloutReply::Grpc(late))
+        .start()
+        .unwrap();
+    let t0 = h.now_nanos();
+    let v = h.send(Request::get("/").header("x-test-grpc", "checker"));
+    assert_eq!((v.status, v.error_code().as_deref()), (503, Some("grpc_failed")));
+    assert_eq!(h.now_nanos() - t0, 500_000_000, "the clock moved by the call's timeout");
 }

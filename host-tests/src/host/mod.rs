@@ -17,7 +17,8 @@ mod worker;
 pub use module::{HostBuilder, Module, PluginSpec, StartError, DEFAULT_BUFFER_LIMIT_BYTES, DEFAULT_ROUTE_TIMEOUT_MS};
 pub use stream::hcm_normalize;
 pub(crate) use stream::{
-    from_map, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, to_map, wasm_fail_reply, StreamRun,
+    from_map, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, pieces, to_map, too_large,
+    wasm_fail_reply, StreamRun,
 };
 pub(crate) use worker::{next_tick, Worker};
 

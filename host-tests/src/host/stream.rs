@@ -34,7 +34,7 @@ pub(crate) struct StreamRun {
 /// until its end holds all of it first: past the buffer limit, Envoy stops it. The host hands
 /// over a body within the limit in one piece with end of stream (as before: the callbacks a
 /// filter sees do not change), and a larger one whole without end of stream, then empty with it.
-fn pieces(body: &[u8], limit: u64) -> Vec<&[u8]> {
+pub(crate) fn pieces(body: &[u8], limit: u64) -> Vec<&[u8]> {
     if body.len() as u64 > limit {
         vec![body, &[]]
     } else {
@@ -623,6 +623,6 @@ pub(crate) fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
 }
 
 /// Envoy's local reply when a filter buffers more than the buffer limit.
-fn too_large(status: u16, body: &str, details: &str) -> LocalReply {
+pub(crate) fn too_large(status: u16, body: &str, details: &str) -> LocalReply {
     LocalReply { status, details: details.into(), body: body.as_bytes().to_vec(), headers: Vec::new(), grpc_status: -1 }
 }

@@ -8,7 +8,7 @@ use anyhow::Result;
 use wasmtime::{Store, WasmParams, WasmResults};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
-use crate::http::{CalloutReply, GrpcReply, Request};
+use crate::http::{CalloutReply, GrpcAnswer, GrpcReply, Request};
 use crate::vm::{CallResponse, StreamData, VmState};
 use crate::world::World;
 
@@ -252,16 +252,28 @@ impl Worker {
     /// `grpc-message`, the answer's trailers), then `proxy_on_grpc_close`.
     pub(crate) fn answer_grpc(&mut self, token: u32, reply: GrpcReply) -> bool {
         let Some(call) = self.store.data_mut().pending.remove(&token) else { return false };
-        let Some(answer) = reply.answer() else {
+        let Some(mut answer) = reply.answer() else {
             self.store.data_mut().pending.insert(token, call);
             return false;
         };
+        // A late answer: the clock moves by the wait. A call's timeout passing first ends it as
+        // Envoy's own timer does: 14 UNAVAILABLE, `upstream request timeout{response_timeout}`.
+        // (Envoy also sends the timeout as `grpc-timeout`; a server that enforces it, as grpcio
+        // does, may answer 4 DEADLINE_EXCEEDED first: a race, so not in a scenario file.)
+        let timeout = call.callout.timeout_ms as u64;
+        let mut details = "via_upstream";
+        if !call.grpc_stream && timeout > 0 && answer.delay_ms >= timeout {
+            self.store.data().world.advance(Duration::from_millis(timeout));
+            answer = GrpcAnswer { status: 14, message: "upstream request timeout".into(), ..GrpcAnswer::default() };
+            details = "response_timeout";
+        } else if answer.delay_ms > 0 {
+            self.store.data().world.advance(Duration::from_millis(answer.delay_ms));
+        }
         let ctx = call.context;
         let (c, t) = (ctx as i32, token as i32);
         // Envoy's gRPC client gives the module the server's message with the response's
         // details appended (`message{via_upstream}`, or `via_upstream` alone).
-        let message =
-            if answer.message.is_empty() { "via_upstream".to_string() } else { format!("{}{{via_upstream}}", answer.message) };
+        let message = if answer.message.is_empty() { details.to_string() } else { format!("{}{{{details}}}", answer.message) };
         let status = Some((answer.status, message));
         let mut ok = true;
         if call.grpc_stream {

@@ -181,6 +181,9 @@ pub struct GrpcSpec {
     /// Trailing metadata, seen by streams.
     #[serde(default)]
     pub trailers: BTreeMap<String, String>,
+    /// Answer after this long (at or past the call's timeout, Envoy's gRPC client gives up).
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 impl GrpcSpec {
@@ -201,6 +204,7 @@ impl GrpcSpec {
             body,
             initial_metadata: pairs(&self.initial_metadata),
             trailers: pairs(&self.trailers),
+            delay_ms: self.delay_ms,
         })
     }
 }
