@@ -766,6 +766,7 @@ pub fn run_envoy(
 
 /// How a callout cluster's test server answers `spec`.
 fn callout_answer(spec: &CalloutSpec) -> Result<Answer> {
+    spec.check()?;
     Ok(match spec {
         CalloutSpec::Respond { status, headers, .. } => Answer::Respond(Upstream {
             status: *status,

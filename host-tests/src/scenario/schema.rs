@@ -157,6 +157,10 @@ pub enum CalloutSpec {
         /// The body as base64 (binary answers); replaces `body`.
         #[serde(default)]
         body_base64: Option<String>,
+        /// A `grpc:` answer that did not read as one (an unknown field, a wrong type): kept
+        /// here so that the error is reported instead of an HTTP answer silently taken.
+        #[serde(default)]
+        grpc: Option<serde_yaml::Value>,
     },
 }
 
@@ -212,10 +216,20 @@ impl GrpcSpec {
 impl CalloutSpec {
     /// Status 200, no headers, an empty body.
     pub fn default_answer() -> CalloutSpec {
-        CalloutSpec::Respond { status: 200, headers: BTreeMap::new(), body: String::new(), body_base64: None }
+        CalloutSpec::Respond { status: 200, headers: BTreeMap::new(), body: String::new(), body_base64: None, grpc: None }
+    }
+
+    /// An error if a `grpc:` answer did not read as one.
+    pub fn check(&self) -> Result<()> {
+        if let CalloutSpec::Respond { grpc: Some(v), .. } = self {
+            serde_yaml::from_value::<GrpcSpec>(v.clone()).context("a callout's grpc: answer")?;
+            return Err(anyhow!("a callout's grpc: answer has fields besides grpc:"));
+        }
+        Ok(())
     }
 
     pub fn reply(&self) -> Result<CalloutReply> {
+        self.check()?;
         Ok(match self {
             CalloutSpec::Word(w) => match w.as_str() {
                 "fail" => CalloutReply::Fail,
