@@ -426,7 +426,8 @@ impl<'a> Flow<'a> {
         self.request_ended = true;
         self.local_reply = Some(reply.clone());
         let grpc = crate::http::is_grpc_request(&self.request.headers);
-        let headers = to_map(&local_reply_headers(&reply, grpc));
+        let head = self.request.header_value(":method") == Some("HEAD");
+        let headers = to_map(&local_reply_headers(&reply, grpc, head));
         let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc), ..reply };
         if side == Side::Request || self.response_headers.is_none() {
             self.code_details = Some(reply.details.clone());
@@ -459,7 +460,7 @@ impl<'a> Flow<'a> {
         }
         if k == self.n() {
             let mut headers = from_map(&headers);
-            http1_codec_headers(&mut headers, eos);
+            http1_codec_headers(&mut headers, eos, false);
             self.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
             self.upstream_eos = eos;
             return;
@@ -759,7 +760,7 @@ impl<'a> Flow<'a> {
             v.callouts.extend(s.callouts);
         }
         let mut headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
-        http1_codec_headers(&mut headers, self.response_body.is_empty());
+        http1_codec_headers(&mut headers, self.response_body.is_empty(), self.request.header_value(":method") == Some("HEAD"));
         v.status = if self.reset || stalled {
             0
         } else {

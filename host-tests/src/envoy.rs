@@ -231,7 +231,15 @@ type Message = (String, Vec<(String, String)>, Vec<u8>, Vec<(String, String)>);
 /// by content-length or chunked with trailers; for a response without either, to the end of
 /// the connection).
 fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Message>> {
-    let kind = if is_request { firebreak_http1::Kind::Request } else { firebreak_http1::Kind::Response };
+    read_kind(reader, if is_request { firebreak_http1::Kind::Request } else { firebreak_http1::Kind::Response })
+}
+
+/// A response (to a HEAD request: no body).
+fn read_response(reader: &mut impl BufRead, to_head: bool) -> Result<Option<Message>> {
+    read_kind(reader, if to_head { firebreak_http1::Kind::ResponseToHead } else { firebreak_http1::Kind::Response })
+}
+
+fn read_kind(reader: &mut impl BufRead, kind: firebreak_http1::Kind) -> Result<Option<Message>> {
     let limits = firebreak_http1::Limits { max_head: 1 << 20, max_body: usize::MAX, max_headers: 256 };
     Ok(firebreak_http1::read_message(reader, kind, &limits)?.map(|m| (m.start, m.headers, m.body, m.trailers)))
 }
@@ -522,7 +530,8 @@ fn send(port: u16, request: &Request) -> Result<Response> {
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     s.write_all(&request_bytes(request))?;
     let mut reader = BufReader::new(s);
-    match read_message(&mut reader, false) {
+    let head = request.header_value(":method") == Some("HEAD");
+    match read_response(&mut reader, head) {
         Ok(Some((start, headers, body, _))) => {
             let status: u16 = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
             let mut h = vec![(":status".to_string(), status.to_string())];

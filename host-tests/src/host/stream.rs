@@ -183,7 +183,7 @@ impl Worker {
             withheld = w;
             let s = self.stream(run.id);
             let mut headers = from_map(&s.request_headers);
-            http1_codec_headers(&mut headers, run.request.body_chunks.is_empty() && run.request.trailers.is_empty());
+            http1_codec_headers(&mut headers, run.request.body_chunks.is_empty() && run.request.trailers.is_empty(), false);
             run.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
         }
         let s = self.stream(run.id);
@@ -452,7 +452,7 @@ impl Worker {
         } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
             let grpc = is_grpc_request(&run.request.headers);
-            let headers = local_reply_headers(reply, grpc);
+            let headers = local_reply_headers(reply, grpc, run.request.header_value(":method") == Some("HEAD"));
             let body = local_reply_body(reply, grpc);
             let n = headers.len() as i32;
             {
@@ -489,7 +489,7 @@ impl Worker {
         let s = self.store.data_mut().streams.remove(&id).unwrap_or_default();
         let mut response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
         let body_empty = s.response_body.as_ref().is_none_or(|b| b.is_empty());
-        http1_codec_headers(&mut response_headers, body_empty);
+        http1_codec_headers(&mut response_headers, body_empty, run.request.header_value(":method") == Some("HEAD"));
         let stalled = run.progress == Progress::Stalled;
         let status = if s.reset || stalled {
             0
@@ -560,9 +560,11 @@ pub(crate) fn wasm_fail_reply() -> LocalReply {
 /// The response headers of a local reply: Envoy's own, then the filter's (which replace). To a
 /// gRPC request (`grpc`): Envoy's gRPC reply (status 200, `grpc-status`, `grpc-message`), then
 /// the filter's headers.
-pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool) -> Vec<(String, String)> {
+pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) -> Vec<(String, String)> {
     let mut headers = if grpc {
-        crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), &reply.body)
+        // To a HEAD request, no `grpc-message`.
+        let text: &[u8] = if head { &[] } else { &reply.body };
+        crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), text)
     } else {
         let mut h = vec![(":status".to_string(), reply.status.to_string())];
         h.push(("content-length".into(), reply.body.len().to_string()));
@@ -589,9 +591,13 @@ pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool) -> Vec<u8> {
 
 /// Envoy's HTTP/1 codec on a headers-only message without `content-length` (after the
 /// filters): it adds `content-length: 0`, except on GET and HEAD requests and on 1xx, 204 and
-/// 304 responses.
-pub(crate) fn http1_codec_headers(headers: &mut Vec<(String, String)>, end_stream: bool) {
+/// 304 responses; a response to a HEAD request (`to_head`) gets `transfer-encoding: chunked`.
+pub(crate) fn http1_codec_headers(headers: &mut Vec<(String, String)>, end_stream: bool, to_head: bool) {
     if !end_stream || headers.iter().any(|(k, _)| k == "content-length" || k == "transfer-encoding") {
+        return;
+    }
+    if to_head {
+        headers.push(("transfer-encoding".into(), "chunked".into()));
         return;
     }
     let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());

@@ -6,11 +6,13 @@
 
 use std::io::{BufRead, Read};
 
-/// What is being read: requests have no body without a length; responses read to the end.
+/// What is being read: requests have no body without a length; responses read to the end;
+/// a response to a HEAD request has no body whatever its headers say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Request,
     Response,
+    ResponseToHead,
 }
 
 /// Bounds on what one message may hold.
@@ -102,13 +104,16 @@ pub fn read_message(reader: &mut impl BufRead, kind: Kind, limits: &Limits) -> R
             complete(r.parse(&head))?;
             (r.method.unwrap_or("").to_string(), r.path.unwrap_or("").to_string(), 0, pairs(r.headers))
         }
-        Kind::Response => {
+        Kind::Response | Kind::ResponseToHead => {
             let mut r = httparse::Response::new(&mut storage);
             complete(r.parse(&head))?;
             (String::new(), String::new(), r.code.unwrap_or(0), pairs(r.headers))
         }
     };
     let mut message = Message { start, method, path, status, headers: parsed, body: Vec::new(), trailers: Vec::new() };
+    if kind == Kind::ResponseToHead {
+        return Ok(Some(message));
+    }
     if message.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         let (body, trailers) = read_chunked(reader, limits)?;
         message.body = body;
@@ -219,6 +224,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((m.status, m.body.as_slice()), (503, &b"down"[..]));
+    }
+
+    #[test]
+    fn a_response_to_head_has_no_body() {
+        let m = read(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Kind::ResponseToHead).unwrap().unwrap();
+        assert_eq!((m.status, m.body.len()), (200, 0));
     }
 
     #[test]
