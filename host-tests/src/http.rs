@@ -158,6 +158,78 @@ pub struct RouterAnswer {
     pub cut: bool,
 }
 
+impl RouterAnswer {
+    /// The answer to a gRPC request (see [`is_grpc_request`]): the router's own replies (504,
+    /// 503) become Envoy's gRPC local replies; an upstream's answer is left as it is.
+    pub fn for_request(self, grpc: bool) -> RouterAnswer {
+        if !grpc || self.details == VIA_UPSTREAM {
+            return self;
+        }
+        let status = self.headers.first().and_then(|(_, v)| v.parse().ok()).unwrap_or(503);
+        let headers = grpc_local_reply_headers(status, None, &self.body);
+        RouterAnswer { headers, body: Vec::new(), ..self }
+    }
+}
+
+/// Whether Envoy treats a request as gRPC (`Grpc::Common::isGrpcRequestHeaders`): its
+/// `content-type` is `application/grpc`, or starts with `application/grpc+` or
+/// `application/grpc;`, as the client sent it (before the filters).
+pub fn is_grpc_request(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .is_some_and(|(_, v)| v == "application/grpc" || v.starts_with("application/grpc+") || v.starts_with("application/grpc;"))
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`: the gRPC status of a local reply that names none.
+pub fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// The headers of Envoy's local reply to a gRPC request (`prepareLocalReply`, trailers only):
+/// `:status 200`, `content-type: application/grpc`, `grpc-status` (`grpc_status` if it is a
+/// gRPC status, 0..=16, else mapped from the HTTP status), `grpc-message` (the body,
+/// percent-encoded, if any). The body is not sent.
+pub fn grpc_local_reply_headers(status: u16, grpc_status: Option<i32>, body: &[u8]) -> Vec<(String, String)> {
+    let code = match grpc_status {
+        Some(g) if (0..=16).contains(&g) => g as u32,
+        _ => http_to_grpc_status(status),
+    };
+    let mut headers = vec![
+        (":status".to_string(), "200".to_string()),
+        ("content-type".to_string(), "application/grpc".to_string()),
+        ("grpc-status".to_string(), code.to_string()),
+    ];
+    let mut text = body;
+    if text.last() == Some(&b'\n') {
+        text = &text[..text.len() - 1];
+    }
+    if !text.is_empty() {
+        headers.push(("grpc-message".to_string(), percent_encode(text)));
+    }
+    headers
+}
+
+/// Envoy's `PercentEncoding::encode` for `grpc-message`: `%` and bytes outside printable ASCII.
+fn percent_encode(text: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in text {
+        if b == b'%' || !(b' '..=b'~').contains(&b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
 impl Upstream {
     /// The answer the filters see, given the route timeout (0: none), as Envoy's router makes it.
     pub fn router_answer(&self, route_timeout_ms: u64) -> RouterAnswer {
@@ -221,6 +293,8 @@ pub enum CalloutReply {
     Reset,
     /// The callout stays pending until the test answers it by hand.
     Hold,
+    /// A gRPC answer (for `proxy_grpc_call` and `proxy_grpc_stream` on this cluster).
+    Grpc(GrpcAnswer),
 }
 
 impl CalloutReply {
@@ -236,9 +310,43 @@ impl CalloutReply {
 /// How a gRPC callout is answered.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GrpcReply {
+    /// Status 0 with this message.
     Ok(Vec<u8>),
+    /// This status and message, no message body.
     Status(u32, String),
+    /// The whole answer.
+    Respond(GrpcAnswer),
     Hold,
+}
+
+impl GrpcReply {
+    /// The answer this reply gives (`None`: held).
+    pub fn answer(&self) -> Option<GrpcAnswer> {
+        match self {
+            GrpcReply::Ok(body) => Some(GrpcAnswer { body: body.clone(), ..GrpcAnswer::default() }),
+            GrpcReply::Status(status, message) => {
+                Some(GrpcAnswer { status: *status, message: message.clone(), ..GrpcAnswer::default() })
+            }
+            GrpcReply::Respond(a) => Some(a.clone()),
+            GrpcReply::Hold => None,
+        }
+    }
+}
+
+/// A gRPC server's answer to a call or a stream: initial metadata, one message (none if
+/// empty), trailing metadata and the status with its message.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GrpcAnswer {
+    /// The gRPC status (0 OK, 14 UNAVAILABLE, ...).
+    pub status: u32,
+    /// `grpc-message`.
+    pub message: String,
+    pub body: Vec<u8>,
+    pub initial_metadata: Vec<(String, String)>,
+    pub trailers: Vec<(String, String)>,
+    /// The server answers after this long (the host moves its clock; at or past the call's
+    /// timeout, Envoy's gRPC client ends it instead).
+    pub delay_ms: u64,
 }
 
 /// An HTTP or gRPC callout the filter made.

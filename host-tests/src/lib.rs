@@ -23,9 +23,12 @@ mod world;
 
 pub use abi::{Action, Status};
 pub use chain::Chain;
-pub use host::{hcm_normalize, Host, HostBuilder, Module, PluginSpec, StartError, DEFAULT_ROUTE_TIMEOUT_MS};
+pub use host::{
+    hcm_normalize, Host, HostBuilder, Module, PluginSpec, StartError, DEFAULT_BUFFER_LIMIT_BYTES, DEFAULT_ROUTE_TIMEOUT_MS,
+};
 pub use http::{
-    Callout, CalloutReply, GrpcReply, LocalReply, Request, RouterAnswer, Upstream, UpstreamRequest, Verdict, VIA_UPSTREAM,
+    Callout, CalloutReply, GrpcAnswer, GrpcReply, LocalReply, Request, RouterAnswer, Upstream, UpstreamRequest, Verdict,
+    VIA_UPSTREAM,
 };
 pub use vm::{Strict, HOST_FUNCTIONS};
 pub use world::{MetricKind, DEFAULT_START_NANOS};

@@ -17,6 +17,11 @@ use crate::world::{lock, MetricKind, World};
 pub(crate) struct PendingCall {
     pub context: u32,
     pub callout: Callout,
+    /// A gRPC stream (`proxy_grpc_stream`), answered once the module half-closes it.
+    pub grpc_stream: bool,
+    /// The module ended its side of the stream (`proxy_grpc_send` with end of stream, or
+    /// `proxy_grpc_close`).
+    pub half_closed: bool,
 }
 
 /// The response being delivered to `proxy_on_http_call_response` / gRPC callbacks.
@@ -671,7 +676,7 @@ host_functions! {
         if let Some(s) = st.streams.get_mut(&context) {
             s.callouts.push(callout.clone());
         }
-        st.pending.insert(token, PendingCall { context, callout });
+        st.pending.insert(token, PendingCall { context, callout, grpc_stream: false, half_closed: false });
         write_u32(&mut c, rp, token)
     };
 
@@ -703,8 +708,8 @@ host_functions! {
         st.next_token += 1;
         let callout = Callout {
             token,
+            headers: grpc_headers(&cluster, &service, &method, metadata),
             cluster,
-            headers: metadata.into_iter().map(|(k, v)| (k, text(v))).collect(),
             body,
             timeout_ms: timeout as u32,
             grpc_method: Some(format!("{service}/{method}")),
@@ -713,7 +718,7 @@ host_functions! {
         if let Some(s) = st.streams.get_mut(&context) {
             s.callouts.push(callout.clone());
         }
-        st.pending.insert(token, PendingCall { context, callout });
+        st.pending.insert(token, PendingCall { context, callout, grpc_stream: false, half_closed: false });
         write_u32(&mut c, rp, token)
     };
     "proxy_grpc_stream" => |c,
@@ -729,8 +734,9 @@ host_functions! {
         let cluster = text(read(&mut c, up, ul)?);
         let service = text(read(&mut c, sp, sl)?);
         let method = text(read(&mut c, mp, ml)?);
-        let _ = read(&mut c, hp, hl)?;
+        let metadata = abi::deserialize_map(&read(&mut c, hp, hl)?).ok_or(Status::ParseFailure)?;
         if !c.data().clusters.contains(&cluster) {
+            c.data_mut().misuse(format!("proxy_grpc_stream to unknown cluster {cluster:?}"));
             return Err(Status::ParseFailure);
         }
         let st = c.data_mut();
@@ -738,27 +744,52 @@ host_functions! {
         st.next_token += 1;
         let callout = Callout {
             token,
+            headers: grpc_headers(&cluster, &service, &method, metadata),
             cluster,
-            headers: Vec::new(),
             body: Vec::new(),
             timeout_ms: 0,
             grpc_method: Some(format!("{service}/{method}")),
         };
         let context = st.effective;
-        st.pending.insert(token, PendingCall { context, callout });
+        if let Some(s) = st.streams.get_mut(&context) {
+            s.callouts.push(callout.clone());
+        }
+        st.pending.insert(token, PendingCall { context, callout, grpc_stream: true, half_closed: false });
         write_u32(&mut c, rp, token)
     };
-    "proxy_grpc_send" => |c, token: i32, mp: i32, ml: i32, _end: i32| {
+    "proxy_grpc_send" => |c, token: i32, mp: i32, ml: i32, end: i32| {
         let message = read(&mut c, mp, ml)?;
-        let call = c.data_mut().pending.get_mut(&(token as u32)).ok_or(Status::NotFound)?;
+        let st = c.data_mut();
+        let call = st.pending.get_mut(&(token as u32)).filter(|p| p.grpc_stream).ok_or(Status::NotFound)?;
+        if call.half_closed {
+            return Err(Status::BadArgument);
+        }
         call.callout.body.extend_from_slice(&message);
+        call.half_closed = end != 0;
+        let (context, body) = (call.context, call.callout.body.clone());
+        // What the stream sent so far, in the stream's record of its callouts.
+        if let Some(recorded) =
+            st.streams.get_mut(&context).and_then(|s| s.callouts.iter_mut().find(|c| c.token == token as u32))
+        {
+            recorded.body = body;
+        }
         Ok(())
     };
+    // Envoy: cancel resets a call or a stream; no callback follows.
     "proxy_grpc_cancel" => |c, token: i32| {
         c.data_mut().pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound)
     };
+    // Envoy: close cancels a call; on a stream it half-closes (the answer still comes).
     "proxy_grpc_close" => |c, token: i32| {
-        c.data_mut().pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound)
+        let pending = &mut c.data_mut().pending;
+        match pending.get_mut(&(token as u32)) {
+            Some(call) if call.grpc_stream => {
+                call.half_closed = true;
+                Ok(())
+            }
+            Some(_) => pending.remove(&(token as u32)).map(|_| ()).ok_or(Status::NotFound),
+            None => Err(Status::NotFound),
+        }
     };
     "proxy_get_status" => |c, cp: i32, pp: i32, sp: i32| {
         let (code, message) = c.data().call_response.as_ref().and_then(|r| r.grpc_status.clone()).unwrap_or((0, String::new()));
@@ -819,4 +850,18 @@ host_functions! {
 
 pub(crate) fn anyhow_trap(e: wasmtime::Error) -> anyhow::Error {
     anyhow!("{e:?}")
+}
+
+/// A gRPC callout's request headers as the cluster gets them from Envoy's gRPC client:
+/// `:method POST`, `:path /service/method`, `:authority` the cluster, `content-type`, then the
+/// module's initial metadata.
+fn grpc_headers(cluster: &str, service: &str, method: &str, metadata: HeaderMap) -> Vec<(String, String)> {
+    let mut headers = vec![
+        (":method".to_string(), "POST".to_string()),
+        (":path".to_string(), format!("/{service}/{method}")),
+        (":authority".to_string(), cluster.to_string()),
+        ("content-type".to_string(), "application/grpc".to_string()),
+    ];
+    headers.extend(metadata.into_iter().map(|(k, v)| (lower(&k), text(v))));
+    headers
 }

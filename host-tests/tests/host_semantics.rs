@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::test_filter;
 use firebreak_host_tests::{
-    CalloutReply, Chain, GrpcReply, Host, PluginSpec, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
+    CalloutReply, Chain, GrpcAnswer, GrpcReply, Host, PluginSpec, Request, StartError, Status, Upstream, DEFAULT_START_NANOS,
 };
 
 fn host() -> Host {
@@ -648,4 +648,38 @@ fn each_filter_module_exports_only_the_callbacks_its_filter_acts_on() {
             assert!(exported.iter().any(|e| e == name), "{module} lacks {name}");
         }
     }
+}
+
+#[test]
+fn a_body_held_past_the_buffer_limit_gets_413_and_a_response_body_a_reset() {
+    // Envoy 1.40 (scenarios/test-grpc-buffer-limit*.yaml): one byte past the limit is too much.
+    let host = |limit: u64| Host::builder(&test_filter()).config("{}").buffer_limit_bytes(limit).start().unwrap();
+    let req = |n: usize| Request::post("/").header("x-test-body", "buffer").body(vec![b'x'; n]);
+    let v = host(10).send(req(11));
+    assert_eq!((v.status, v.response_body.as_slice(), v.forwarded()), (413, &b"Payload Too Large"[..], false));
+    assert_eq!(v.code_details.as_deref(), Some("request_payload_too_large"));
+    let v = host(10).send(req(10));
+    assert_eq!((v.status, v.forwarded()), (200, true));
+    let v = host(10).send(
+        Request::get("/")
+            .header("x-test-response-body", "1")
+            .answered_by(Upstream { body: vec![b'x'; 11], ..Upstream::default() }),
+    );
+    assert_eq!((v.status, v.reset), (0, true));
+}
+
+#[test]
+fn a_grpc_call_answered_past_its_timeout_is_ended_by_envoy() {
+    // Envoy 1.40's own timer: 14, "upstream request timeout{response_timeout}" (a server that
+    // enforces grpc-timeout may answer 4 first in real Envoy: a race).
+    let late = GrpcAnswer { body: b"late".to_vec(), delay_ms: 600, ..GrpcAnswer::default() };
+    let mut h = Host::builder(&test_filter())
+        .config("{}")
+        .callout("checker", CalloutReply::Grpc(late))
+        .start()
+        .unwrap();
+    let t0 = h.now_nanos();
+    let v = h.send(Request::get("/").header("x-test-grpc", "checker"));
+    assert_eq!((v.status, v.error_code().as_deref()), (503, Some("grpc_failed")));
+    assert_eq!(h.now_nanos() - t0, 500_000_000, "the clock moved by the call's timeout");
 }

@@ -20,6 +20,7 @@ fn scenarios_dir() -> PathBuf {
 fn require_modules() {
     common::test_filter_path();
     common::test_service_path();
+    common::test_grpc_path();
     let wasm = workspace_root().join("target/wasm32-wasip1/release/request_signature.wasm");
     assert!(wasm.exists(), "{} is missing: run `bash scripts/build.sh` first", wasm.display());
 }

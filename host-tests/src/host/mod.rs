@@ -14,9 +14,12 @@ mod module;
 mod stream;
 mod worker;
 
-pub use module::{HostBuilder, Module, PluginSpec, StartError, DEFAULT_ROUTE_TIMEOUT_MS};
+pub use module::{HostBuilder, Module, PluginSpec, StartError, DEFAULT_BUFFER_LIMIT_BYTES, DEFAULT_ROUTE_TIMEOUT_MS};
 pub use stream::hcm_normalize;
-pub(crate) use stream::{from_map, is_segment_path, local_reply_headers, to_map, wasm_fail_reply, StreamRun};
+pub(crate) use stream::{
+    from_map, http1_codec_headers, is_segment_path, local_reply_body, local_reply_headers, pieces, to_map, too_large,
+    wasm_fail_reply, StreamRun,
+};
 pub(crate) use worker::{next_tick, Worker};
 
 /// A running plugin: one VM per worker over one module, one shared world (shared data, queues,
@@ -83,7 +86,7 @@ impl Host {
         let connection = self.connection();
         let spec = self.spec.clone();
         let w = self.workers.get_mut(worker).ok_or_else(|| anyhow!("no worker {worker}"))?;
-        let mut run = w.open(request, connection);
+        let mut run = w.open(request, connection, spec.buffer_limit_bytes);
         w.drive(&mut run, &spec);
         let verdict = w.finish(run, &spec);
         self.pump_queues();
@@ -96,7 +99,7 @@ impl Host {
         let connection = self.connection();
         let spec = self.spec.clone();
         let w = &mut self.workers[worker];
-        let mut run = w.open(request, connection);
+        let mut run = w.open(request, connection, spec.buffer_limit_bytes);
         w.drive(&mut run, &spec);
         self.open.push(run);
         self.pump_queues();
@@ -173,7 +176,7 @@ impl Host {
                 handles.push(scope.spawn(move || {
                     let mut out = Vec::new();
                     for (i, req, conn) in jobs {
-                        let mut run = w.open(req, conn);
+                        let mut run = w.open(req, conn, spec.buffer_limit_bytes);
                         w.drive(&mut run, spec);
                         out.push((i, w.finish(run, spec)));
                     }

@@ -94,6 +94,10 @@ pub struct PluginSpec {
     /// The route's timeout (Envoy's `route.timeout`; 0 = none): an upstream slower than this
     /// gets the router's 504 instead of its answer.
     pub route_timeout_ms: u64,
+    /// Envoy's per-stream buffer limit (`per_connection_buffer_limit_bytes`, 1 MiB by default):
+    /// a filter that buffers more of a body gets 413 (request) or 500 (response) if the
+    /// response has not started, else the stream is reset.
+    pub buffer_limit_bytes: u64,
     /// HTTP callout clusters and how each answers. A cluster not listed does not exist.
     pub callouts: BTreeMap<String, CalloutReply>,
     pub grpc: BTreeMap<String, GrpcReply>,
@@ -113,6 +117,7 @@ impl Default for PluginSpec {
             random_seed: 0x5eed_f12e_b2ea_c0de,
             upstream: Upstream::default(),
             route_timeout_ms: DEFAULT_ROUTE_TIMEOUT_MS,
+            buffer_limit_bytes: DEFAULT_BUFFER_LIMIT_BYTES,
             callouts: BTreeMap::new(),
             grpc: BTreeMap::new(),
         }
@@ -121,6 +126,9 @@ impl Default for PluginSpec {
 
 /// Envoy's default route timeout (15 s).
 pub const DEFAULT_ROUTE_TIMEOUT_MS: u64 = 15_000;
+
+/// Envoy's default `per_connection_buffer_limit_bytes`: 1 MiB.
+pub const DEFAULT_BUFFER_LIMIT_BYTES: u64 = 1024 * 1024;
 
 /// Why a plugin did not start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +202,11 @@ impl HostBuilder {
         self.spec.upstream = upstream;
         self
     }
+    pub fn buffer_limit_bytes(mut self, bytes: u64) -> Self {
+        self.spec.buffer_limit_bytes = bytes;
+        self
+    }
+
     pub fn route_timeout_ms(mut self, ms: u64) -> Self {
         self.spec.route_timeout_ms = ms;
         self

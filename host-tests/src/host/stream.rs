@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::abi::{Action, HeaderMap};
-use crate::http::{LocalReply, Request, Upstream, UpstreamRequest, Verdict};
+use crate::http::{is_grpc_request, LocalReply, Request, Upstream, UpstreamRequest, Verdict};
 
 use super::module::PluginSpec;
 use super::worker::Worker;
@@ -23,6 +23,23 @@ pub(crate) struct StreamRun {
     pub(crate) response_phase: ResponsePhase,
     pub(crate) progress: Progress,
     pub(crate) trap: Option<String>,
+    /// Envoy's per-stream buffer limit (`PluginSpec::buffer_limit_bytes`).
+    pub(crate) buffer_limit: u64,
+    /// The response body already flushed to the client, piece by piece, before the last.
+    pub(crate) response_sent: Vec<u8>,
+}
+
+/// How a body reaches the filter. Envoy's HTTP/1 codec hands over the body as it reads it,
+/// without end of stream, and then an empty end of stream, so a filter that buffers a body
+/// until its end holds all of it first: past the buffer limit, Envoy stops it. The host hands
+/// over a body within the limit in one piece with end of stream (as before: the callbacks a
+/// filter sees do not change), and a larger one whole without end of stream, then empty with it.
+pub(crate) fn pieces(body: &[u8], limit: u64) -> Vec<&[u8]> {
+    if body.len() as u64 > limit {
+        vec![body, &[]]
+    } else {
+        vec![body]
+    }
 }
 
 /// The request's side of the filter's flow.
@@ -97,6 +114,8 @@ impl StreamRun {
             response_phase: ResponsePhase::NotStarted,
             progress: Progress::Running,
             trap: None,
+            buffer_limit: super::module::DEFAULT_BUFFER_LIMIT_BYTES,
+            response_sent: Vec::new(),
         }
     }
 
@@ -115,11 +134,12 @@ impl StreamRun {
 
 impl Worker {
     /// Creates the stream context and delivers what the client sent, as Envoy does.
-    pub(crate) fn open(&mut self, request: Request, connection_id: u64) -> StreamRun {
+    pub(crate) fn open(&mut self, request: Request, connection_id: u64, buffer_limit: u64) -> StreamRun {
         let request = hcm_normalize(request, connection_id);
         let id = self.add_stream(&request, connection_id);
         let root = self.store.data().root_context;
         let mut run = StreamRun::new(self.index, id, request);
+        run.buffer_limit = buffer_limit;
         if let Some(reason) = self.failed.clone() {
             // A failed VM answers every new stream with 503 (fail closed).
             self.stream(id).local_reply = Some(wasm_fail_reply());
@@ -162,8 +182,9 @@ impl Worker {
         if let RequestPhase::Held(w) = std::mem::replace(&mut run.request_phase, RequestPhase::Released) {
             withheld = w;
             let s = self.stream(run.id);
-            run.upstream =
-                Some(UpstreamRequest { headers: from_map(&s.request_headers), body: Vec::new(), trailers: Vec::new() });
+            let mut headers = from_map(&s.request_headers);
+            http1_codec_headers(&mut headers, run.request.body_chunks.is_empty() && run.request.trailers.is_empty(), false);
+            run.upstream = Some(UpstreamRequest { headers, body: Vec::new(), trailers: Vec::new() });
         }
         let s = self.stream(run.id);
         let pending = s.request_body.as_mut().map(std::mem::take).unwrap_or_default();
@@ -194,15 +215,19 @@ impl Worker {
             let _ = self.release_request(run);
         }
         for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len() && !has_trailers;
-            if let RequestPhase::Held(w) = &mut run.request_phase {
-                w.body.extend_from_slice(chunk);
-                w.body_end |= last;
-                continue;
-            }
-            self.body_callback(run, chunk, last);
-            if run.is_done() {
-                return;
+            let last_chunk = i + 1 == chunks.len() && !has_trailers;
+            let parts = pieces(chunk, run.buffer_limit);
+            for (j, part) in parts.iter().enumerate() {
+                let last = last_chunk && j + 1 == parts.len();
+                if let RequestPhase::Held(w) = &mut run.request_phase {
+                    w.body.extend_from_slice(part);
+                    w.body_end |= last;
+                    continue;
+                }
+                self.body_callback(run, part, last);
+                if run.is_done() {
+                    return;
+                }
             }
         }
         if has_trailers {
@@ -232,6 +257,14 @@ impl Worker {
         // Continue flushes what was buffered; Pause (StopIterationAndBuffer) keeps buffering.
         if action == Action::Continue || self.take_continue(run.id) {
             let _ = self.release_request(run);
+        } else if self.stream(run.id).request_body.as_ref().is_some_and(|b| b.len() as u64 > run.buffer_limit) {
+            // Envoy's requestDataTooLarge: 413 while the response has not started, else a reset.
+            if run.response_phase.headers_sent() {
+                self.stream(run.id).reset = true;
+            } else {
+                self.stream(run.id).local_reply = Some(too_large(413, "Payload Too Large", "request_payload_too_large"));
+            }
+            run.end();
         }
     }
 
@@ -324,7 +357,7 @@ impl Worker {
 
     pub(crate) fn deliver_response(&mut self, run: &mut StreamRun, upstream: &Upstream, route_timeout_ms: u64) {
         let id = run.id as i32;
-        let answer = upstream.router_answer(route_timeout_ms);
+        let answer = upstream.router_answer(route_timeout_ms).for_request(is_grpc_request(&run.request.headers));
         // The upstream (or the router's timer) took this long.
         self.store.data().world.advance(Duration::from_millis(answer.elapsed_ms));
         let headers = answer.headers;
@@ -360,16 +393,41 @@ impl Worker {
 
     pub(crate) fn response_body_callback(&mut self, run: &mut StreamRun) {
         let body = std::mem::take(&mut run.upstream_response_body);
-        let size = body.len() as i32;
         let cut = run.response_cut;
-        self.stream(run.id).response_body = Some(body);
+        let parts = pieces(&body, run.buffer_limit);
         let mut action = Action::Continue;
-        if !(cut && size == 0) {
-            let Some(a) = self.step(run, "proxy_on_response_body", (run.id as i32, size, !cut as i32)) else { return };
-            action = a;
-        }
-        if self.ended(run) {
-            return;
+        for (j, part) in parts.iter().enumerate() {
+            let last = j + 1 == parts.len();
+            // After Continue the filter's buffer went to the client; after Pause (buffering) the
+            // next piece is added to it.
+            let size = {
+                let b = self.stream(run.id).response_body.get_or_insert_with(Vec::new);
+                if action == Action::Continue {
+                    run.response_sent.append(b);
+                }
+                b.extend_from_slice(part);
+                b.len()
+            };
+            let eos = last && !cut;
+            if !(cut && last && part.is_empty()) {
+                let Some(a) = self.step(run, "proxy_on_response_body", (run.id as i32, size as i32, eos as i32)) else {
+                    return;
+                };
+                action = a;
+            }
+            if self.ended(run) {
+                return;
+            }
+            if std::mem::take(&mut self.stream(run.id).continue_response) {
+                action = Action::Continue;
+            }
+            if action == Action::Pause && size as u64 > run.buffer_limit {
+                // Envoy's responseDataTooLarge: the headers went to the client, so its 500
+                // local reply can only reset the stream.
+                self.stream(run.id).reset = true;
+                run.end();
+                return;
+            }
         }
         if cut {
             // Envoy's router: the upstream reset after the response started; the downstream
@@ -378,9 +436,7 @@ impl Worker {
             run.end();
             return;
         }
-        let continued = std::mem::take(&mut self.stream(run.id).continue_response);
-        run.response_phase =
-            if action == Action::Pause && !continued { ResponsePhase::BodyPaused } else { ResponsePhase::Complete };
+        run.response_phase = if action == Action::Pause { ResponsePhase::BodyPaused } else { ResponsePhase::Complete };
     }
 
     /// Ends the stream (`on_log`, `on_done`, `on_delete`) and says what it got.
@@ -395,26 +451,25 @@ impl Worker {
             self.stream(id).reset = true;
         } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
-            let headers = local_reply_headers(reply);
+            let grpc = is_grpc_request(&run.request.headers);
+            let headers = local_reply_headers(reply, grpc, run.request.header_value(":method") == Some("HEAD"));
+            let body = local_reply_body(reply, grpc);
             let n = headers.len() as i32;
             {
                 let s = self.stream(id);
                 s.code_details = Some(reply.details.clone());
                 s.response_headers = Some(to_map(&headers));
-                s.response_body = Some(reply.body.clone());
+                s.response_body = Some(body.clone());
             }
             if run_encoder {
                 let _ = self.ctx_call::<(i32, i32, i32), i32>(
                     id,
                     "proxy_on_response_headers",
-                    (id as i32, n, reply.body.is_empty() as i32),
+                    (id as i32, n, body.is_empty() as i32),
                 );
-                if !reply.body.is_empty() {
-                    let _ = self.ctx_call::<(i32, i32, i32), i32>(
-                        id,
-                        "proxy_on_response_body",
-                        (id as i32, reply.body.len() as i32, 1),
-                    );
+                if !body.is_empty() {
+                    let _ =
+                        self.ctx_call::<(i32, i32, i32), i32>(id, "proxy_on_response_body", (id as i32, body.len() as i32, 1));
                 }
             }
         }
@@ -432,7 +487,9 @@ impl Worker {
         self.store.data_mut().pending.retain(|_, c| c.context != id);
         let _ = spec;
         let s = self.store.data_mut().streams.remove(&id).unwrap_or_default();
-        let response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let mut response_headers = s.response_headers.as_ref().map(from_map).unwrap_or_default();
+        let body_empty = s.response_body.as_ref().is_none_or(|b| b.is_empty());
+        http1_codec_headers(&mut response_headers, body_empty, run.request.header_value(":method") == Some("HEAD"));
         let stalled = run.progress == Progress::Stalled;
         let status = if s.reset || stalled {
             0
@@ -442,7 +499,16 @@ impl Worker {
         Verdict {
             status,
             response_headers,
-            response_body: if s.reset || stalled { Vec::new() } else { s.response_body.unwrap_or_default() },
+            response_body: if s.reset || stalled {
+                Vec::new()
+            } else if local.is_some() {
+                s.response_body.unwrap_or_default()
+            } else {
+                // What went to the client piece by piece, then the rest.
+                let mut body = std::mem::take(&mut run.response_sent);
+                body.extend(s.response_body.unwrap_or_default());
+                body
+            },
             local_reply: s.local_reply,
             code_details: if s.reset || stalled { None } else { s.code_details },
             upstream: if complete {
@@ -491,18 +557,58 @@ pub(crate) fn wasm_fail_reply() -> LocalReply {
     LocalReply { status: 503, details: "wasm_fail_stream".into(), body: Vec::new(), headers: Vec::new(), grpc_status: 14 }
 }
 
-/// The response headers of a local reply: Envoy's own, then the filter's (which replace).
-pub(crate) fn local_reply_headers(reply: &LocalReply) -> Vec<(String, String)> {
-    let mut headers = vec![(":status".to_string(), reply.status.to_string())];
-    headers.push(("content-length".into(), reply.body.len().to_string()));
-    if !reply.body.is_empty() {
-        headers.push(("content-type".into(), "text/plain".into()));
-    }
+/// The response headers of a local reply: Envoy's own, then the filter's (which replace). To a
+/// gRPC request (`grpc`): Envoy's gRPC reply (status 200, `grpc-status`, `grpc-message`), then
+/// the filter's headers.
+pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) -> Vec<(String, String)> {
+    let mut headers = if grpc {
+        // To a HEAD request, no `grpc-message`.
+        let text: &[u8] = if head { &[] } else { &reply.body };
+        crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), text)
+    } else {
+        let mut h = vec![(":status".to_string(), reply.status.to_string())];
+        h.push(("content-length".into(), reply.body.len().to_string()));
+        if !reply.body.is_empty() {
+            h.push(("content-type".into(), "text/plain".into()));
+        }
+        h
+    };
     for (k, v) in &reply.headers {
         headers.retain(|(hk, _)| hk != k);
         headers.push((k.clone(), v.clone()));
     }
     headers
+}
+
+/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`).
+pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool) -> Vec<u8> {
+    if grpc {
+        Vec::new()
+    } else {
+        reply.body.clone()
+    }
+}
+
+/// Envoy's HTTP/1 codec on a headers-only message without `content-length` (after the
+/// filters): it adds `content-length: 0`, except on GET and HEAD requests and on 1xx, 204 and
+/// 304 responses; a response to a HEAD request (`to_head`) gets `transfer-encoding: chunked`.
+pub(crate) fn http1_codec_headers(headers: &mut Vec<(String, String)>, end_stream: bool, to_head: bool) {
+    if !end_stream || headers.iter().any(|(k, _)| k == "content-length" || k == "transfer-encoding") {
+        return;
+    }
+    if to_head {
+        headers.push(("transfer-encoding".into(), "chunked".into()));
+        return;
+    }
+    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let exempt = match (get(":status"), get(":method")) {
+        (Some(status), _) => status.starts_with('1') || status == "204" || status == "304",
+        (None, Some(method)) => method == "GET" || method == "HEAD",
+        (None, None) => true,
+    };
+    if !exempt {
+        headers.push(("content-length".into(), "0".into()));
+    }
 }
 
 /// Whether a property a request carries names its path's segments exactly (NUL-separated, as
@@ -520,4 +626,9 @@ pub(crate) fn to_map(h: &[(String, String)]) -> HeaderMap {
 
 pub(crate) fn from_map(h: &HeaderMap) -> Vec<(String, String)> {
     h.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect()
+}
+
+/// Envoy's local reply when a filter buffers more than the buffer limit.
+pub(crate) fn too_large(status: u16, body: &str, details: &str) -> LocalReply {
+    LocalReply { status, details: details.into(), body: body.as_bytes().to_vec(), headers: Vec::new(), grpc_status: -1 }
 }

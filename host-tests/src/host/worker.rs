@@ -8,7 +8,7 @@ use anyhow::Result;
 use wasmtime::{Store, WasmParams, WasmResults};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
-use crate::http::{CalloutReply, GrpcReply, Request};
+use crate::http::{CalloutReply, GrpcAnswer, GrpcReply, Request};
 use crate::vm::{CallResponse, StreamData, VmState};
 use crate::world::World;
 
@@ -171,13 +171,25 @@ impl Worker {
     /// answers, `overrides`, first). False if none can be.
     pub(crate) fn answer_next_callout(&mut self, id: u32, spec: &PluginSpec, overrides: &BTreeMap<String, CalloutReply>) -> bool {
         let http_reply = |cluster: &str| overrides.get(cluster).or_else(|| spec.callouts.get(cluster));
+        // A gRPC callout: the cluster's `Grpc` answer (or the Rust API's `grpc`); other answers
+        // end it as Envoy's gRPC client would see them.
+        let grpc_reply = |cluster: &str| -> GrpcReply {
+            match http_reply(cluster) {
+                Some(CalloutReply::Grpc(a)) => GrpcReply::Respond(a.clone()),
+                Some(CalloutReply::Hold) => GrpcReply::Hold,
+                Some(CalloutReply::Timeout) => GrpcReply::Status(4, "upstream request timeout".into()),
+                Some(CalloutReply::Reset | CalloutReply::Fail) => GrpcReply::Status(14, String::new()),
+                Some(CalloutReply::Respond { .. }) | None => spec.grpc.get(cluster).cloned().unwrap_or(GrpcReply::Hold),
+            }
+        };
         let next = self.store.data().pending.iter().find_map(|(token, call)| {
             if call.context != id {
                 return None;
             }
             let hold = match &call.callout.grpc_method {
                 None => matches!(http_reply(&call.callout.cluster), Some(CalloutReply::Hold) | None),
-                Some(_) => matches!(spec.grpc.get(&call.callout.cluster), Some(GrpcReply::Hold) | None),
+                // A stream is answered once the module has ended its side.
+                Some(_) => grpc_reply(&call.callout.cluster) == GrpcReply::Hold || (call.grpc_stream && !call.half_closed),
             };
             (!hold).then_some(*token)
         });
@@ -189,7 +201,7 @@ impl Worker {
                 self.answer_http(token, reply);
             }
             Some(_) => {
-                let reply = spec.grpc[&call.callout.cluster].clone();
+                let reply = grpc_reply(&call.callout.cluster);
                 self.answer_grpc(token, reply);
             }
         }
@@ -211,7 +223,8 @@ impl Worker {
                 503,
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             )),
-            CalloutReply::Fail => None,
+            // An HTTP callout to a gRPC cluster: not modelled, it fails.
+            CalloutReply::Fail | CalloutReply::Grpc(_) => None,
             CalloutReply::Hold => {
                 self.store.data_mut().pending.insert(token, call);
                 return false;
@@ -231,28 +244,93 @@ impl Worker {
         r.is_ok()
     }
 
+    /// Delivers a gRPC answer as Envoy's gRPC client does. A call (`proxy_grpc_call`): status 0
+    /// is `proxy_on_grpc_receive` with the message, any other `proxy_on_grpc_close` (the
+    /// message through `proxy_get_status`); metadata is not delivered. A stream: the initial
+    /// metadata (the response headers; none for a trailers-only answer: no message and no
+    /// initial metadata), the message if any, the trailing metadata (`grpc-status`,
+    /// `grpc-message`, the answer's trailers), then `proxy_on_grpc_close`.
     pub(crate) fn answer_grpc(&mut self, token: u32, reply: GrpcReply) -> bool {
         let Some(call) = self.store.data_mut().pending.remove(&token) else { return false };
-        let ctx = call.context;
-        let r = match reply {
-            GrpcReply::Ok(message) => {
-                let size = message.len() as i32;
-                self.store.data_mut().call_response =
-                    Some(CallResponse { body: message, grpc_status: Some((0, String::new())), ..Default::default() });
-                self.ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_receive", (call.context as i32, token as i32, size))
-            }
-            GrpcReply::Status(code, message) => {
-                self.store.data_mut().call_response =
-                    Some(CallResponse { grpc_status: Some((code, message)), ..Default::default() });
-                self.ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_close", (call.context as i32, token as i32, code as i32))
-            }
-            GrpcReply::Hold => {
-                self.store.data_mut().pending.insert(token, call);
-                return false;
-            }
+        let Some(mut answer) = reply.answer() else {
+            self.store.data_mut().pending.insert(token, call);
+            return false;
         };
+        // A late answer: the clock moves by the wait. A call's timeout passing first ends it as
+        // Envoy's own timer does: 14 UNAVAILABLE, `upstream request timeout{response_timeout}`.
+        // (Envoy also sends the timeout as `grpc-timeout`; a server that enforces it, as grpcio
+        // does, may answer 4 DEADLINE_EXCEEDED first: a race, so not in a scenario file.)
+        let timeout = call.callout.timeout_ms as u64;
+        let mut details = "via_upstream";
+        if !call.grpc_stream && timeout > 0 && answer.delay_ms >= timeout {
+            self.store.data().world.advance(Duration::from_millis(timeout));
+            answer = GrpcAnswer { status: 14, message: "upstream request timeout".into(), ..GrpcAnswer::default() };
+            details = "response_timeout";
+        } else if answer.delay_ms > 0 {
+            self.store.data().world.advance(Duration::from_millis(answer.delay_ms));
+        }
+        let ctx = call.context;
+        let (c, t) = (ctx as i32, token as i32);
+        // Envoy's gRPC client gives the module the server's message with the response's
+        // details appended (`message{via_upstream}`, or `via_upstream` alone).
+        let message = if answer.message.is_empty() { details.to_string() } else { format!("{}{{{details}}}", answer.message) };
+        let status = Some((answer.status, message));
+        let mut ok = true;
+        if call.grpc_stream {
+            let trailers_only = answer.body.is_empty() && answer.initial_metadata.is_empty();
+            // The response headers (Envoy's router adds its `x-envoy-upstream-service-time`); in
+            // a trailers-only answer they are the trailing metadata.
+            let mut headers =
+                vec![(":status".to_string(), "200".to_string()), ("content-type".to_string(), "application/grpc".to_string())];
+            headers.extend(answer.initial_metadata.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+            headers.push(("x-envoy-upstream-service-time".to_string(), "0".to_string()));
+            let mut trailing = vec![("grpc-status".to_string(), answer.status.to_string())];
+            if !answer.message.is_empty() {
+                trailing.push(("grpc-message".to_string(), answer.message.clone()));
+            }
+            trailing.extend(answer.trailers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+            let initial = if trailers_only {
+                trailing = headers.into_iter().chain(trailing).collect();
+                Vec::new()
+            } else {
+                headers
+            };
+            let n = initial.len() as i32;
+            self.store.data_mut().call_response = Some(CallResponse { headers: to_map(&initial), ..Default::default() });
+            ok &= self
+                .ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_receive_initial_metadata", (c, t, n))
+                .is_ok();
+            if ok && !answer.body.is_empty() {
+                let size = answer.body.len() as i32;
+                self.store.data_mut().call_response = Some(CallResponse { body: answer.body.clone(), ..Default::default() });
+                ok &= self.ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_receive", (c, t, size)).is_ok();
+            }
+            if ok {
+                let n = trailing.len() as i32;
+                self.store.data_mut().call_response = Some(CallResponse { trailers: to_map(&trailing), ..Default::default() });
+                ok &= self
+                    .ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_receive_trailing_metadata", (c, t, n))
+                    .is_ok();
+            }
+            if ok {
+                self.store.data_mut().call_response = Some(CallResponse { grpc_status: status, ..Default::default() });
+                ok &= self
+                    .ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_close", (c, t, answer.status as i32))
+                    .is_ok();
+            }
+        } else if answer.status == 0 {
+            let size = answer.body.len() as i32;
+            self.store.data_mut().call_response =
+                Some(CallResponse { body: answer.body, grpc_status: status, ..Default::default() });
+            ok = self.ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_receive", (c, t, size)).is_ok();
+        } else {
+            self.store.data_mut().call_response = Some(CallResponse { grpc_status: status, ..Default::default() });
+            ok = self
+                .ctx_call::<(i32, i32, i32), ()>(ctx, "proxy_on_grpc_close", (c, t, answer.status as i32))
+                .is_ok();
+        }
         self.store.data_mut().call_response = None;
-        r.is_ok()
+        ok
     }
 
     /// When this worker's root context ticks next, if its timer is armed and the VM alive.

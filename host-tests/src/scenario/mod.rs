@@ -11,6 +11,8 @@
 //! workers: 2
 //! upstream: { status: 200, headers: { content-type: application/json }, body: '{"ok":true}' }
 //! callouts: { authz: { status: 200, body: granted } }   # or fail | timeout | reset | hold
+//!   # grpc_check: { grpc: { status: 0, message: "", body: ok, initial_metadata: {}, trailers: {} } }
+//! buffer_limit_bytes: 1048576           # Envoy's per-stream buffer limit (the default)
 //! expect_start: ok                      # or fail: on_configure refuses the configuration
 //! cases:
 //!   - name: signed request is forwarded
@@ -23,8 +25,8 @@
 //!     expect: { status: 503, response_body: oops, upstream_trailers: { x-t: "1" } }
 //!   - name: host-only steps
 //!     host_only: needs the fake clock
-//!     advance_ms: 60000
-//!     request: { path: / }
+//!     advance_ms: 60000                 # real_time: true waits that long in Envoy instead
+//!     request: { path: / }              # body_bytes: N for a large body
 //!     expect: { status: 401, error: signature_expired }
 //! ```
 

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context as _, Result};
 use base64::Engine as _;
 
 use super::report::{host_log_lines, outcome, CaseResult, Observed, Outcome};
-use super::schema::{CalloutSpec, RequestSpec, ScenarioFile, SignSpec, UpstreamSpec};
+use super::schema::{CalloutSpec, HeaderValue, RequestSpec, ScenarioFile, SignSpec, UpstreamSpec};
 use crate::chain::Chain;
 use crate::host::{Host, Module, StartError};
 use crate::http::{Request, Verdict};
@@ -38,6 +38,8 @@ pub fn build_request(spec: &RequestSpec, sign: Option<&SignSpec>, now_secs: u64)
     }
     if !spec.chunks.is_empty() {
         r = r.chunks(spec.chunks.iter());
+    } else if let Some(n) = spec.body_bytes {
+        r = r.body(vec![b'x'; n]);
     } else if let Some(b) = &spec.body_base64 {
         r = r.body(
             base64::engine::general_purpose::STANDARD
@@ -288,8 +290,24 @@ pub fn run_host(file: &Path, scenario: &ScenarioFile, modules: Vec<Arc<Module>>)
         for v in &verdict.violations {
             problems.push(format!("strict: {v}"));
         }
+        if verdict.stalled {
+            // Say why: a gRPC callout whose cluster has no `grpc:` answer is never answered.
+            let answers = scenario.case_callouts(case);
+            for c in verdict.callouts.iter().filter(|c| c.grpc_method.is_some()) {
+                if !matches!(answers.get(&c.cluster), Some(CalloutSpec::Grpc { .. })) {
+                    problems.push(format!(
+                        "stalled: the gRPC callout to {:?} ({}) has no `grpc:` answer, so nothing answers it",
+                        c.cluster,
+                        c.grpc_method.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+        }
         if let Some(t) = &verdict.trap {
-            if case.expect.status != Some(503) && case.expect.trap.is_none() {
+            // Envoy's answer to a stream on a failed VM: 503, or to a gRPC request grpc-status 14.
+            let fail_stream = case.expect.status == Some(503)
+                || matches!(case.expect.response_headers.get("grpc-status"), Some(Some(HeaderValue::One(v))) if v == "14");
+            if !fail_stream && case.expect.trap.is_none() {
                 problems.push(format!("trap: {t}"));
             }
         }

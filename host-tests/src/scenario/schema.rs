@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::host::PluginSpec;
-use crate::http::{CalloutReply, Upstream};
+use crate::http::{CalloutReply, GrpcAnswer, Upstream};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +46,10 @@ pub struct ScenarioFile {
     /// The route's timeout (Envoy's `route.timeout`), in both modes. Default 5000.
     #[serde(default)]
     pub route_timeout_ms: Option<u64>,
+    /// The per-stream buffer limit (Envoy's `per_connection_buffer_limit_bytes` on the listener
+    /// and the upstream cluster), in both modes. Default Envoy's, 1 MiB.
+    #[serde(default)]
+    pub buffer_limit_bytes: Option<u64>,
     /// Several filters in one chain, in Envoy's order (instead of `module` and `plugin`).
     #[serde(default)]
     pub chain: Vec<ChainFilter>,
@@ -96,6 +100,9 @@ pub struct UpstreamSpec {
     /// The body as base64 (binary answers); replaces `body`.
     #[serde(default)]
     pub body_base64: Option<String>,
+    /// A body of this many bytes (`x`); replaces `body` (large bodies).
+    #[serde(default)]
+    pub body_bytes: Option<usize>,
     /// Answer after this long; at or beyond `route_timeout_ms` Envoy's router answers
     /// `504 upstream request timeout` instead (the host moves its fake clock by the wait).
     #[serde(default)]
@@ -111,11 +118,12 @@ pub struct UpstreamSpec {
 
 impl UpstreamSpec {
     pub fn to_upstream(&self) -> Result<Upstream> {
-        let body = match &self.body_base64 {
-            Some(b) => base64::engine::general_purpose::STANDARD
+        let body = match (&self.body_base64, self.body_bytes) {
+            (_, Some(n)) => vec![b'x'; n],
+            (Some(b), None) => base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
                 .context("upstream.body_base64 is not base64")?,
-            None => self.body.clone().into_bytes(),
+            (None, None) => self.body.clone().into_bytes(),
         };
         Ok(Upstream {
             status: self.status,
@@ -137,6 +145,8 @@ fn ok_status() -> u16 {
 pub enum CalloutSpec {
     /// fail | timeout | reset | hold
     Word(String),
+    /// A gRPC answer: the cluster is a gRPC (HTTP/2) cluster.
+    Grpc { grpc: GrpcSpec },
     Respond {
         #[serde(default = "ok_status")]
         status: u16,
@@ -147,16 +157,79 @@ pub enum CalloutSpec {
         /// The body as base64 (binary answers); replaces `body`.
         #[serde(default)]
         body_base64: Option<String>,
+        /// A `grpc:` answer that did not read as one (an unknown field, a wrong type): kept
+        /// here so that the error is reported instead of an HTTP answer silently taken.
+        #[serde(default)]
+        grpc: Option<serde_yaml::Value>,
     },
+}
+
+/// A gRPC cluster's answer to a call or a stream (`grpc:` under a callout cluster).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSpec {
+    /// The gRPC status (0: OK).
+    #[serde(default)]
+    pub status: u32,
+    /// `grpc-message`.
+    #[serde(default)]
+    pub message: String,
+    /// The response message (none if empty).
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    /// Initial metadata (the response headers), seen by streams.
+    #[serde(default)]
+    pub initial_metadata: BTreeMap<String, String>,
+    /// Trailing metadata, seen by streams.
+    #[serde(default)]
+    pub trailers: BTreeMap<String, String>,
+    /// Answer after this long (at or past the call's timeout, Envoy's gRPC client gives up).
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+impl GrpcSpec {
+    pub fn answer(&self) -> Result<GrpcAnswer> {
+        if self.status > 16 {
+            return Err(anyhow!("grpc status {} is not a gRPC status (0..=16)", self.status));
+        }
+        let body = match &self.body_base64 {
+            Some(b) => base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .context("grpc body_base64 is not base64")?,
+            None => self.body.clone().into_bytes(),
+        };
+        let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+        Ok(GrpcAnswer {
+            status: self.status,
+            message: self.message.clone(),
+            body,
+            initial_metadata: pairs(&self.initial_metadata),
+            trailers: pairs(&self.trailers),
+            delay_ms: self.delay_ms,
+        })
+    }
 }
 
 impl CalloutSpec {
     /// Status 200, no headers, an empty body.
     pub fn default_answer() -> CalloutSpec {
-        CalloutSpec::Respond { status: 200, headers: BTreeMap::new(), body: String::new(), body_base64: None }
+        CalloutSpec::Respond { status: 200, headers: BTreeMap::new(), body: String::new(), body_base64: None, grpc: None }
+    }
+
+    /// An error if a `grpc:` answer did not read as one.
+    pub fn check(&self) -> Result<()> {
+        if let CalloutSpec::Respond { grpc: Some(v), .. } = self {
+            serde_yaml::from_value::<GrpcSpec>(v.clone()).context("a callout's grpc: answer")?;
+            return Err(anyhow!("a callout's grpc: answer has fields besides grpc:"));
+        }
+        Ok(())
     }
 
     pub fn reply(&self) -> Result<CalloutReply> {
+        self.check()?;
         Ok(match self {
             CalloutSpec::Word(w) => match w.as_str() {
                 "fail" => CalloutReply::Fail,
@@ -165,6 +238,7 @@ impl CalloutSpec {
                 "hold" => CalloutReply::Hold,
                 other => return Err(anyhow!("unknown callout answer {other:?}")),
             },
+            CalloutSpec::Grpc { grpc } => CalloutReply::Grpc(grpc.answer()?),
             CalloutSpec::Respond { status, headers, .. } => CalloutReply::Respond {
                 status: *status,
                 headers: headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -180,7 +254,7 @@ impl CalloutSpec {
                 .decode(b.trim())
                 .context("callout body_base64 is not base64"),
             CalloutSpec::Respond { body, .. } => Ok(body.clone().into_bytes()),
-            CalloutSpec::Word(_) => Ok(Vec::new()),
+            CalloutSpec::Word(_) | CalloutSpec::Grpc { .. } => Ok(Vec::new()),
         }
     }
 
@@ -225,6 +299,9 @@ pub struct RequestSpec {
     /// The body as base64, for binary bodies (gzip, deflate); replaces `body`.
     #[serde(default)]
     pub body_base64: Option<String>,
+    /// A body of this many bytes (`x`); replaces `body` (large bodies).
+    #[serde(default)]
+    pub body_bytes: Option<usize>,
     /// The client disconnects once the upstream has the whole request, before the answer (give
     /// the case an upstream `delay_ms` so that it has not answered by then).
     #[serde(default)]
@@ -432,7 +509,8 @@ pub struct Expect {
     #[serde(default)]
     pub callouts: Option<Vec<CalloutExpect>>,
     /// Whether the module traps in this case (host: the trap; Envoy: its `Function: ... failed`
-    /// log line). Without it a trap fails the case unless it expects status 503.
+    /// log line). Without it a trap fails the case unless it expects status 503 (or, on a gRPC
+    /// request, `grpc-status: "14"`).
     #[serde(default)]
     pub trap: Option<bool>,
 }
@@ -450,9 +528,14 @@ pub struct Case {
     pub host_only: Option<String>,
     #[serde(default)]
     pub worker: usize,
-    /// Advance the fake clock (and fire ticks) before the request. Host only.
+    /// Advance the fake clock (and fire ticks) before the request. Host only, unless
+    /// `real_time`.
     #[serde(default)]
     pub advance_ms: u64,
+    /// Envoy mode: wait `advance_ms` of real time instead of skipping the case (for checks that
+    /// hold whatever the exact times: ticks that must have fired by then).
+    #[serde(default)]
+    pub real_time: bool,
     #[serde(default)]
     pub request: Option<RequestSpec>,
     #[serde(default)]
@@ -547,6 +630,7 @@ impl ScenarioFile {
             callouts,
             upstream: self.upstream_reply()?,
             route_timeout_ms: self.route_timeout_ms(),
+            buffer_limit_bytes: self.buffer_limit_bytes(),
             strict: if self.strict || self.allow_host_calls.is_some() {
                 Some(crate::vm::Strict { allowed: self.allow_host_calls.as_ref().map(|l| l.iter().cloned().collect()) })
             } else {
@@ -561,11 +645,30 @@ impl ScenarioFile {
     pub fn callout_clusters(&self) -> BTreeMap<String, CalloutSpec> {
         let mut clusters = self.callouts.clone();
         for case in &self.cases {
-            for name in case.callouts.keys() {
-                clusters.entry(name.clone()).or_insert_with(CalloutSpec::default_answer);
+            for (name, spec) in &case.callouts {
+                // A gRPC cluster's default answer is status 0 with no message.
+                clusters.entry(name.clone()).or_insert_with(|| match spec {
+                    CalloutSpec::Grpc { .. } => CalloutSpec::Grpc { grpc: GrpcSpec::default() },
+                    _ => CalloutSpec::default_answer(),
+                });
             }
         }
         clusters
+    }
+
+    /// The callout clusters answered with `grpc:` (HTTP/2 clusters served by a gRPC server in
+    /// Envoy mode).
+    pub fn grpc_clusters(&self) -> std::collections::BTreeSet<String> {
+        let mut out: std::collections::BTreeSet<String> = self
+            .callouts
+            .iter()
+            .filter(|(_, s)| matches!(s, CalloutSpec::Grpc { .. }))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for case in &self.cases {
+            out.extend(case.callouts.iter().filter(|(_, s)| matches!(s, CalloutSpec::Grpc { .. })).map(|(k, _)| k.clone()));
+        }
+        out
     }
 
     /// How a case's callouts are answered: the case's answers over the file's, every cluster.
@@ -583,6 +686,11 @@ impl ScenarioFile {
     }
 
     /// The route timeout both modes use (Envoy's bootstrap and the host's router).
+    /// The per-stream buffer limit, Envoy's default (1 MiB) unless the file sets one.
+    pub fn buffer_limit_bytes(&self) -> u64 {
+        self.buffer_limit_bytes.unwrap_or(crate::host::DEFAULT_BUFFER_LIMIT_BYTES)
+    }
+
     pub fn route_timeout_ms(&self) -> u64 {
         self.route_timeout_ms.unwrap_or(5000)
     }
@@ -598,7 +706,7 @@ impl ScenarioFile {
         if case.race.is_some() {
             return Some("interleaved workers".into());
         }
-        if case.advance_ms > 0 {
+        if case.advance_ms > 0 && !case.real_time {
             return Some("fake clock".into());
         }
         if let Some(r) = &case.request {

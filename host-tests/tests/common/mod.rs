@@ -29,6 +29,12 @@ pub fn test_service_path() -> PathBuf {
     PATH.get_or_init(|| build_test_module("test-service", "firebreak_test_service.wasm")).clone()
 }
 
+/// The gRPC, buffer-limit and log test module (`host-tests/test-grpc`).
+pub fn test_grpc_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| build_test_module("test-grpc", "firebreak_test_grpc.wasm")).clone()
+}
+
 /// Builds one of host-tests' own modules (each its own workspace) into target/test-filter.
 fn build_test_module(dir: &str, wasm: &str) -> PathBuf {
     let root = workspace_root();
