@@ -35,6 +35,8 @@ struct RawRule {
     amount_format: Choice<AmountFormat>,
     #[serde(default)]
     currency_pointer: Option<String>,
+    #[serde(default)]
+    currency_when_absent: Option<String>,
     key: Vec<String>,
     budgets: BTreeMap<String, RawBudget>,
     #[serde(default)]
@@ -95,8 +97,9 @@ pub enum KeyPart {
 /// Where the currency comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CurrencySource {
-    /// A string in the body, one of the budgets' currency codes.
-    Field(Pointer),
+    /// A string in the body, one of the budgets' currency codes; when the field is absent, the
+    /// currency the upstream assumes then (`currency_when_absent`), if configured.
+    Field(Pointer, Option<String>),
     /// The rule's only currency (no `currency_pointer`).
     Fixed(String),
 }
@@ -248,7 +251,22 @@ fn parse_rule(raw: &RawRule, field: &str) -> Result<Rule, ConfigError> {
         budgets.insert(code.clone(), CurrencyBudget { exponent, budget: Budget { amount, window_s } });
     }
     let currency = match &raw.currency_pointer {
-        Some(text) => CurrencySource::Field(pointer(text, &format!("{field}.currency_pointer"))?),
+        Some(text) => {
+            let when_absent = match &raw.currency_when_absent {
+                Some(code) if budgets.contains_key(code) => Some(code.clone()),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        format!("{field}.currency_when_absent"),
+                        "must be one of the rule's budgets' currencies",
+                    ))
+                }
+                None => None,
+            };
+            CurrencySource::Field(pointer(text, &format!("{field}.currency_pointer"))?, when_absent)
+        }
+        None if raw.currency_when_absent.is_some() => {
+            return Err(ConfigError::new(format!("{field}.currency_when_absent"), "only meaningful with currency_pointer"))
+        }
         None => match budgets.keys().next() {
             Some(code) if budgets.len() == 1 => CurrencySource::Fixed(code.clone()),
             _ => {
@@ -330,6 +348,11 @@ mod tests {
             (with(RULE.replace(r#""/currency""#, r#""currency""#)), "rules[0].currency_pointer"),
             (with(two.replace(r#""currency_pointer":"/currency","#, "")), "rules[0].currency_pointer"),
             (with(RULE.replace(r#"["/account"]"#, "[]")), "rules[0].key"),
+            (with(RULE.replace(r#""key""#, r#""currency_when_absent":"EUR","key""#)), "rules[0].currency_when_absent"),
+            (
+                with(RULE.replace(r#""currency_pointer":"/currency","#, r#""currency_when_absent":"USD","#)),
+                "rules[0].currency_when_absent",
+            ),
             (with(RULE.replace(r#"["/account"]"#, r#"["account"]"#)), "rules[0].key[0]"),
             (with(RULE.replace(r#"["/account"]"#, r#"["principal","principal"]"#)), "rules[0].key[1]"),
             (with(RULE.replace("\"USD\"", "\"usd\"")), "rules[0].budgets.usd"),

@@ -222,22 +222,7 @@ pub enum Found<'a> {
 impl<'a> Document<'a> {
     /// The value at `pointer`, or `None` when a member or index on its path is absent (or `null`).
     pub fn get(&self, pointer: &Pointer) -> Option<Found<'a>> {
-        let mut current: &'a RawValue = self.root;
-        for token in &pointer.tokens {
-            let text = current.get();
-            current = match text.trim_start().as_bytes().first() {
-                Some(b'{') => {
-                    // Keys are unique (checked by `parse_document`): a plain map keeps them all.
-                    let members: Vec<(String, &'a RawValue)> = object_members(text)?;
-                    members.into_iter().find(|(key, _)| key == token)?.1
-                }
-                Some(b'[') => {
-                    let items: Vec<&'a RawValue> = serde_json::from_str(text).ok()?;
-                    items.into_iter().nth(array_index(token)?)?
-                }
-                _ => return None,
-            };
-        }
+        let current = self.raw(pointer)?;
         let text = current.get().trim();
         match text.as_bytes().first() {
             Some(b'"') => serde_json::from_str::<String>(text).ok().map(Found::String),
@@ -245,6 +230,28 @@ impl<'a> Document<'a> {
             _ if text == "null" => None,
             _ => Some(Found::Other),
         }
+    }
+
+    /// Whether nothing is at `pointer` (`null` is something: it is not absent).
+    pub fn is_absent(&self, pointer: &Pointer) -> bool {
+        self.raw(pointer).is_none()
+    }
+
+    /// The raw value at `pointer` (an object or array on the way; `None` when absent).
+    fn raw(&self, pointer: &Pointer) -> Option<&'a RawValue> {
+        let mut current: &'a RawValue = self.root;
+        for token in &pointer.tokens {
+            let text = current.get();
+            current = match text.trim_start().as_bytes().first() {
+                Some(b'{') => object_members(text)?.into_iter().find(|(key, _)| key == token)?.1,
+                Some(b'[') => {
+                    let items: Vec<&'a RawValue> = serde_json::from_str(text).ok()?;
+                    items.into_iter().nth(array_index(token)?)?
+                }
+                _ => return None,
+            };
+        }
+        Some(current)
     }
 
     /// A string field (currency, key part).
@@ -458,5 +465,7 @@ mod tests {
         assert_eq!(doc.string(&ptr("/u")), Ok("é".into()));
         assert_eq!(doc.string(&ptr("/n")), Err(FieldError::WrongType));
         assert_eq!(doc.string(&ptr("/none")), Err(FieldError::Missing));
+        let doc = parse_document(br#"{"c":null}"#).unwrap();
+        assert!(doc.is_absent(&ptr("/d")) && !doc.is_absent(&ptr("/c")));
     }
 }

@@ -174,6 +174,18 @@ fn every_malformed_body_is_refused_with_its_code_and_never_forwarded() {
 }
 
 #[test]
+fn the_currency_the_upstream_assumes_when_the_field_is_absent() {
+    let rule = WITHDRAWALS.replace(r#""key""#, r#""currency_when_absent":"JPY","key""#);
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[&rule], ""), &env);
+    assert!(send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1000}"#)).passed());
+    let over = send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1}"#));
+    assert_eq!(header(&over, "ratelimit-policy"), Some("\"withdrawals.JPY\";q=1000;w=86400"));
+    let null = send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1,"currency":null}"#));
+    assert_eq!(null.reply.map(|r| (r.code, r.detail)), Some(("amount_currency_invalid", Some("missing"))), "null is not absent");
+}
+
+#[test]
 fn decimal_formats_read_the_currency_exponent() {
     let rule = WITHDRAWALS.replace("minor_units", "decimal_string");
     let mut env = MemoryEnv::default();

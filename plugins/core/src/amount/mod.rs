@@ -100,15 +100,19 @@ pub fn charge(policy: &AmountPolicy, index: usize, body: &Body<'_>, principal: O
     let name = &rule.name;
     let currency = match &rule.currency {
         CurrencySource::Fixed(code) => code.clone(),
-        CurrencySource::Field(pointer) => doc.string(pointer).map_err(|e| {
-            let (detail, what) = match e {
-                FieldError::Missing => ("missing", "is missing"),
-                FieldError::WrongType => ("wrong_type", "is not a string"),
-            };
-            Rejection::new(Code::AmountCurrencyInvalid)
-                .with_message(format!("rule `{name}`: the currency at `{}` {what}", pointer.as_str()))
-                .with_detail(detail)
-        })?,
+        CurrencySource::Field(pointer, when_absent) => match (doc.string(pointer), when_absent) {
+            (Ok(code), _) => code,
+            (Err(FieldError::Missing), Some(code)) if doc.is_absent(pointer) => code.clone(),
+            (Err(e), _) => {
+                let (detail, what) = match e {
+                    FieldError::Missing => ("missing", "is missing"),
+                    FieldError::WrongType => ("wrong_type", "is not a string"),
+                };
+                return Err(Rejection::new(Code::AmountCurrencyInvalid)
+                    .with_message(format!("rule `{name}`: the currency at `{}` {what}", pointer.as_str()))
+                    .with_detail(detail));
+            }
+        },
     };
     let Some(budget) = rule.budgets.get(&currency).copied() else {
         let known: Vec<&str> = rule.budgets.keys().map(String::as_str).collect();
