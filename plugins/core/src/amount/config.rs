@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::budget::{Budget, MAX_HORIZON};
 use super::extract::{AmountFormat, Pointer};
 use crate::config::Choice;
+use crate::quota::{self, TenantQuota};
 use crate::ratelimit::config::valid_name;
 use crate::remote::Backend;
 use crate::route::{self, parse_routes, RouteConfig, RouteMatch, Scope};
@@ -58,11 +59,15 @@ struct RawTable {
     buckets: u32,
     #[serde(default = "default_slots")]
     slots_per_bucket: u16,
+    /// New debt records one tenant (verified principal, else client address) may open per
+    /// window (see [`crate::quota`]); default capacity / 8.
+    #[serde(default)]
+    quota_per_tenant: Option<u64>,
 }
 
 impl Default for RawTable {
     fn default() -> Self {
-        RawTable { buckets: default_buckets(), slots_per_bucket: default_slots() }
+        RawTable { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_tenant: None }
     }
 }
 
@@ -141,6 +146,9 @@ pub struct AmountPolicy {
     pub max_body_bytes: NonZeroUsize,
     /// The debts of the local backend (shared data: every worker of one Envoy).
     pub table: BucketTable,
+    /// How many new debt records one tenant may open per window of the longest budget: no
+    /// tenant can fill the table that every other tenant needs.
+    pub quota: TenantQuota,
     pub state: Backend,
 }
 
@@ -173,13 +181,22 @@ impl AmountPolicy {
             .filter(|s| s.get() <= 256)
             .ok_or_else(|| ConfigError::new("table.slots_per_bucket", "must be between 1 and 256"))?;
         let state = Backend::from_value(raw.state.as_ref(), "state")?;
-        Ok(AmountPolicy { rules, max_body_bytes, table: BucketTable::new(TABLE_PREFIX, buckets, slots, 16), state })
+        let table = BucketTable::new(TABLE_PREFIX, buckets, slots, 16);
+        let capacity = table.capacity();
+        let limit = raw.table.quota_per_tenant.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
+        let limit = quota::validate_limit(limit, capacity, "table.quota_per_tenant")?;
+        // A record lives until its debt has drained: at most the longest window (and a second).
+        let longest = rules.iter().flat_map(|r| r.budgets.values()).map(|b| b.budget.window_s.get()).max().unwrap_or(1);
+        let window_ms = NonZeroU64::new(longest.saturating_add(1).saturating_mul(1000)).unwrap_or(NonZeroU64::MIN);
+        let quota = TenantQuota::for_table(&table, limit, window_ms);
+        Ok(AmountPolicy { rules, max_body_bytes, table, quota, state })
     }
 
     /// Binds the local table to this Envoy's shared data (see [`BucketTable::bind`]).
     pub fn bind_tables(&mut self, store: &dyn SharedStore, entropy: [u8; 32]) -> Result<(), ConfigError> {
         if self.state == Backend::Local {
             self.table.bind(store, entropy).map_err(|e| e.config_error("table"))?;
+            self.quota.bind(store, entropy).map_err(|e| e.config_error("table"))?;
         }
         Ok(())
     }
@@ -368,6 +385,11 @@ mod tests {
             (format!(r#"{{"max_body_bytes":0,"rules":[{RULE}]}}"#), "max_body_bytes"),
             (format!(r#"{{"max_body_bytes":1048577,"rules":[{RULE}]}}"#), "max_body_bytes"),
             (format!(r#"{{"table":{{"buckets":0}},"rules":[{RULE}]}}"#), "table.buckets"),
+            (
+                format!(r#"{{"table":{{"buckets":1,"slots_per_bucket":4,"quota_per_tenant":3}},"rules":[{RULE}]}}"#),
+                "table.quota_per_tenant",
+            ),
+            (format!(r#"{{"table":{{"quota_per_tenant":0}},"rules":[{RULE}]}}"#), "table.quota_per_tenant"),
             (format!(r#"{{"state":{{"backend":"redis"}},"rules":[{RULE}]}}"#), "state.cluster"),
         ];
         for (json, field) in cases {

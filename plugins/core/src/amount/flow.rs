@@ -25,9 +25,10 @@ use std::sync::Arc;
 
 use crate::flow::calls::{Calls, Delivered};
 use crate::flow::{header, refuse, reject, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
+use crate::quota::{self, QuotaError};
 use crate::remote::{self, Backend, FailureMode, RedisConfig, RemoteError};
 use crate::route::{not_canonical_rejection, split_path, Scope};
-use crate::store::{SharedStore, TableError, Update};
+use crate::store::{KeyHash, SharedStore, TableError, Update};
 use crate::{Code, Mode, Rejection};
 
 use super::budget::{self, Outcome};
@@ -249,13 +250,20 @@ impl AmountFlow {
             return self.refuse_or_continue(host, charges_mode(&charges), rejection, &context);
         };
         match &policy.state {
-            Backend::Local => self.decide_local(host, charges, now_ms, &context),
+            Backend::Local => {
+                let principal = match principal {
+                    Some(p) => p,
+                    None => host.principal().ok().flatten(),
+                };
+                let tenant = tenant_of(principal.as_deref(), host);
+                self.decide_local(host, charges, tenant, now_ms, &context)
+            }
             Backend::Redis(redis) => self.ask_redis(host, redis, charges, context),
         }
     }
 
     /// The local backend: the budgets in this Envoy's shared data.
-    fn decide_local(&mut self, host: &mut dyn Host, charges: Vec<Charge>, now_ms: u64, context: &str) -> Step {
+    fn decide_local(&mut self, host: &mut dyn Host, charges: Vec<Charge>, tenant: KeyHash, now_ms: u64, context: &str) -> Step {
         let policy = self.policy.clone();
         let now_s = now_ms / 1000;
         let enforced = charges.iter().filter(|c| c.mode == Mode::Enforce).count();
@@ -274,6 +282,14 @@ impl AmountFlow {
         }
         let mut results = Vec::with_capacity(charges.len());
         for charge in charges {
+            // A new debt record is charged to its tenant's quota first.
+            if let Err(rejection) = open_record(&policy, host.store(), &charge, tenant, now_s, now_ms) {
+                let line = format!("{context} {}", charge.context(&policy));
+                match refuse(host, &self.meter, charge.mode, Level::Warn, rejection, &line) {
+                    Some(step) => return step,
+                    None => continue,
+                }
+            }
             match commit(&policy, host.store(), &charge, now_s, now_ms) {
                 Ok(outcome) => {
                     let refused = charge.mode == Mode::Enforce && !outcome.allowed;
@@ -426,6 +442,47 @@ fn charges_mode(charges: &[Charge]) -> Mode {
     } else {
         Mode::ReportOnly
     }
+}
+
+/// The tenant a new debt record is charged to: the verified principal, else the client address
+/// (without its port), else one tenant for every request that has neither.
+fn tenant_of(principal: Option<&str>, host: &mut dyn Host) -> KeyHash {
+    match principal.filter(|p| !p.is_empty()) {
+        Some(principal) => quota::tenant("principal", principal),
+        None => {
+            let address = host.source_address().unwrap_or_default();
+            let ip = crate::ratelimit::client::parse_source_address(&address)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            quota::tenant("client", &ip)
+        }
+    }
+}
+
+/// When the charge would open a new debt record (its key has none and the amount fits), charges
+/// the tenant's quota; a tenant over its quota is refused (`429 tenant_quota_exceeded`).
+fn open_record(
+    policy: &AmountPolicy,
+    store: &dyn SharedStore,
+    charge: &Charge,
+    tenant: KeyHash,
+    now_s: u64,
+    now_ms: u64,
+) -> Result<(), Rejection> {
+    let table_error = |error: TableError| match error {
+        TableError::Full => Rejection::new(Code::AmountLimitStoreFull),
+        _ => Rejection::new(Code::AmountLimitUnavailable).with_detail("store"),
+    };
+    if policy.table.get(store, charge.hash, now_ms).map_err(table_error)?.is_some()
+        || !charge.budget.budget.decide(None, now_s, charge.amount).allowed
+    {
+        return Ok(());
+    }
+    policy.quota.charge(store, tenant, now_ms).map_err(|error| match error {
+        QuotaError::Exceeded => Rejection::new(Code::TenantQuotaExceeded)
+            .with_message("this tenant has opened its quota of new amount budgets for the current window; retry later"),
+        QuotaError::Table(error) => table_error(error),
+    })
 }
 
 /// Reads a charge's outcome without writing.

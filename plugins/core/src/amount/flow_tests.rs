@@ -296,9 +296,37 @@ fn host_and_store_failures_fail_closed() {
     // A table of one slot: a second key in debt finds it full.
     let mut env = MemoryEnv::default();
     let factory = instance(&config(&[WITHDRAWALS], r#","table":{"buckets":1,"slots_per_bucket":1}"#), &env);
-    assert!(send(&factory, &mut env, &withdraw("a", "5", "USD")).passed());
-    let full = send(&factory, &mut env, &withdraw("b", "5", "USD"));
+    // (Two tenants: each has a quota of one new record in a table of one.)
+    let mut first = withdraw("a", "5", "USD");
+    first.principal = Some("p1".into());
+    assert!(send(&factory, &mut env, &first).passed());
+    let mut second = withdraw("b", "5", "USD");
+    second.principal = Some("p2".into());
+    let full = send(&factory, &mut env, &second);
     assert_eq!(full.reply.map(|r| (r.status, r.code)), Some((503, "amount_limit_store_full")));
+}
+
+#[test]
+fn no_tenant_can_fill_the_table_others_need() {
+    let mut env = MemoryEnv::default();
+    let table = r#","table":{"buckets":4,"slots_per_bucket":4,"quota_per_tenant":2}"#;
+    let factory = instance(&config(&[WITHDRAWALS], table), &env);
+    let by = |principal: &str, account: &str| {
+        let mut r = withdraw(account, "5", "USD");
+        r.principal = Some(principal.into());
+        r
+    };
+    assert!(send(&factory, &mut env, &by("mallory", "a1")).passed());
+    assert!(send(&factory, &mut env, &by("mallory", "a2")).passed());
+    let third = send(&factory, &mut env, &by("mallory", "a3"));
+    assert_eq!(third.reply.as_ref().map(|r| (r.status, r.code)), Some((429, "tenant_quota_exceeded")));
+    assert!(!third.forwarded);
+    assert!(send(&factory, &mut env, &by("mallory", "a1")).passed(), "a record it holds is not a new one");
+    assert!(send(&factory, &mut env, &by("alice", "a3")).passed(), "another tenant");
+    // Without a principal, the client address is the tenant.
+    assert!(send(&factory, &mut env, &withdraw("b1", "5", "USD")).passed());
+    assert!(send(&factory, &mut env, &withdraw("b2", "5", "USD")).passed());
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("b3", "5", "USD"))), Some("tenant_quota_exceeded"));
 }
 
 /// [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust behind a fake webdis, on a clock the test moves.

@@ -48,6 +48,7 @@ pub const CODES: &[Code] = {
         AmountLimitUnauthenticated,
         AmountLimitStoreFull,
         AmountLimitUnavailable,
+        TenantQuotaExceeded,
         StateUnavailable,
     ]
 };
