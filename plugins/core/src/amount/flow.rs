@@ -97,7 +97,7 @@ impl Flow for AmountFlow {
                 }
                 let Some(pending) = self.pending.take() else { return Step::Continue };
                 if buffered > self.policy.max_body_bytes.get() {
-                    return self.too_large(host, &pending.context);
+                    return self.too_large(host, rules_mode(&self.policy, &pending.rules), &pending.context);
                 }
                 if !end_of_stream {
                     self.pending = Some(pending);
@@ -159,10 +159,7 @@ impl AmountFlow {
         let rules_mode = rules_mode(&policy, &rules);
         if let Some(length) = header(&headers, "content-length") {
             match length.trim().parse::<u64>() {
-                Ok(n) if n > policy.max_body_bytes.get() as u64 => {
-                    let pending = Pending { rules, context };
-                    return self.too_large(host, &pending.context);
-                }
+                Ok(n) if n > policy.max_body_bytes.get() as u64 => return self.too_large(host, rules_mode, &context),
                 Ok(_) => {}
                 Err(_) => {
                     let rejection = Rejection::new(Code::AmountBodyInvalid)
@@ -182,11 +179,11 @@ impl AmountFlow {
         Step::Continue
     }
 
-    fn too_large(&mut self, host: &mut dyn Host, context: &str) -> Step {
+    fn too_large(&mut self, host: &mut dyn Host, mode: Mode, context: &str) -> Step {
         self.pending = None;
         let rejection = Rejection::new(Code::BodyTooLarge)
             .with_message(format!("the body exceeds amount-limit's max_body_bytes ({})", self.policy.max_body_bytes));
-        self.refuse_or_continue(host, self.policy.mode(), rejection, context)
+        self.refuse_or_continue(host, mode, rejection, context)
     }
 
     /// The whole body is here: each rule reads its charge, then the charges are decided.
@@ -205,7 +202,7 @@ impl AmountFlow {
             }
         };
         if body.len() > policy.max_body_bytes.get() {
-            return self.too_large(host, &context);
+            return self.too_large(host, rules_mode(&policy, &rules), &context);
         }
         let document = parse_document(&body);
         let mut principal: Option<Option<String>> = None;
