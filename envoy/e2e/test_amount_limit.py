@@ -206,6 +206,14 @@ def test_two_instances_share_one_budget_on_redis_and_fail_closed_without_it(envo
     assert {r.status for r in results} == {404, 429}
     for gw in (a, b):
         assert gw.counter("firebreak.amount_limit.redis.calls") >= 1
+    # Exact at the edge on Redis too (the script's arithmetic), across the pair: 999 + 1 yen of a
+    # 1000 budget pass, one more does not.
+    yen = f"acc-{uuid.uuid4().hex[:6]}"
+    assert a.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=999, currency="JPY")[0], headers=JSON).status == 404
+    assert b.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=1, currency="JPY")[0], headers=JSON).status == 404
+    over = a.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=1, currency="JPY")[0], headers=JSON)
+    assert (over.status, over.error) == (429, "amount_limited")
+    assert over.headers["ratelimit-policy"] == '"per-account.JPY";q=1000;w=86400'
     redis_bridge.stop_redis()
     try:
         body, r = withdrawal(account=account, amount=0)
