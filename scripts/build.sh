@@ -17,7 +17,7 @@ cargo build --quiet --release --target wasm32-wasip1 "${plugins[@]}"
 cargo build --quiet --release -p firebreak-demo-api -p firebreak-cli -p firebreak-wasm-trim
 # Each filter's module without the callbacks its filter does not act on (tools/wasm-trim): Envoy
 # never enters its VM for them. In place and idempotent.
-for filter in request_signature replay_guard rate_limit env_guard; do
+for filter in request_signature replay_guard rate_limit env_guard amount_limit; do
   target/release/firebreak-wasm-trim "target/wasm32-wasip1/release/$filter.wasm" >/dev/null
 done
 # The Envoy dynamic module: target/native/libfirebreak.so. First its fault-injection build, for

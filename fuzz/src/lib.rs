@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use firebreak_core::{Code, Rejection};
 
 /// The demo's chain (envoy/demo.yaml): rate-limit per IP, env-guard, request-signature (every
-/// unsafe method signed), rate-limit per user, replay-guard.
+/// unsafe method signed), rate-limit per user, replay-guard, amount-limit.
 pub const DEMO_CHAIN: &str = include_str!("demo_chain.json");
 
 /// The demo keys' secrets (demo values, README).
@@ -140,6 +140,7 @@ pub fn codes_of(filter: &str) -> HashSet<&'static str> {
         "replay_guard" => firebreak_core::replay::CODES,
         "rate_limit" => firebreak_core::ratelimit::CODES,
         "env_guard" => firebreak_core::envguard::CODES,
+        "amount_limit" => firebreak_core::amount::CODES,
         _ => Code::ALL,
     };
     codes.iter().map(|c| c.as_str()).collect()

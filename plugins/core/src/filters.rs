@@ -14,7 +14,7 @@ use crate::store::SharedStore;
 use crate::ConfigError;
 
 /// The filters, by the name of their configuration section (and their module's root id).
-pub const FILTERS: &[&str] = &["request_signature", "replay_guard", "rate_limit", "env_guard"];
+pub const FILTERS: &[&str] = &["request_signature", "replay_guard", "rate_limit", "env_guard", "amount_limit"];
 
 /// A kind of stream event ([`crate::flow::Event`] without its values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub fn events_used(filter: &str) -> Option<&'static [EventKind]> {
     const REQUEST: [EventKind; 3] = [RequestHeaders, RequestBody, RequestTrailers];
     match filter {
         "env_guard" => Some(&REQUEST),
+        // The amount is in the body; Redis answers the decision.
+        "amount_limit" => Some(&[RequestHeaders, RequestBody, RequestTrailers, CallAnswer]),
         "request_signature" => Some(&[RequestHeaders, RequestBody, RequestTrailers, CallAnswer]),
         // The RateLimit headers go on the response.
         "rate_limit" => Some(&[RequestHeaders, RequestBody, RequestTrailers, ResponseHeaders, CallAnswer]),
@@ -79,6 +81,7 @@ pub type Configure = fn(&[u8], &Setup<'_>) -> Result<Arc<dyn FlowFactory>, Confi
 pub fn configure(filter: &str, json: &[u8], setup: &Setup<'_>) -> Result<Arc<dyn FlowFactory>, ConfigError> {
     match filter {
         "env_guard" => crate::envguard::flow::configure(json, setup),
+        "amount_limit" => crate::amount::flow::configure(json, setup),
         "rate_limit" => crate::ratelimit::flow::configure(json, setup),
         "request_signature" => crate::signature::flow::configure(json, setup),
         "replay_guard" => crate::replay::flow::configure(json, setup),

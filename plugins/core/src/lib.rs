@@ -8,6 +8,7 @@
 // library itself is still held to every lint by the non-test build.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::string_slice, clippy::unreachable))]
 
+pub mod amount;
 pub mod config;
 pub mod envguard;
 pub mod filters;

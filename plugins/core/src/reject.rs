@@ -107,6 +107,20 @@ codes! {
     /// principal (then with a detail: `headers_unreadable`, `principal_unreadable`).
     RateLimitUnavailable = (503, "rate_limit_unavailable", "rate-limit state is unavailable; refusing rather than forwarding unchecked"),
 
+    // amount-limit
+    AmountLimited = (429, "amount_limited", "the amount exceeds what remains of this budget for the current window"),
+    /// The amount is missing or malformed (the detail says how: missing, wrong_type, negative,
+    /// fractional, exponent, overflow, malformed).
+    AmountInvalid = (400, "amount_invalid", "the amount is missing or malformed"),
+    AmountCurrencyInvalid = (400, "amount_currency_invalid", "the currency is missing, not a string, or has no budget"),
+    AmountKeyInvalid = (400, "amount_key_invalid", "a field the budget is kept per is missing, not a string, empty or too long"),
+    /// Not one JSON document, a duplicated key anywhere, or no body.
+    AmountBodyInvalid = (400, "amount_body_invalid", "the body must be one JSON document without duplicated keys"),
+    AmountLimitUnauthenticated = (401, "amount_limit_unauthenticated", "the amount limit is per verified principal and the request has none"),
+    AmountLimitStoreFull = (503, "amount_limit_store_full", "amount-limit table is full; refusing rather than forgetting"),
+    /// The local store failed, or the host could not give the headers, the body, the clock or the principal.
+    AmountLimitUnavailable = (503, "amount_limit_unavailable", "amount-limit state is unavailable; refusing rather than forwarding unchecked"),
+
     // env-guard
     ProductionCredential = (403, "production_credential_in_non_production", "a production credential was found; this environment is not production"),
     ProductionHost = (403, "production_host_in_non_production", "destination matches a production-only host; this environment is not production"),
@@ -124,11 +138,33 @@ impl std::fmt::Display for Code {
 }
 
 /// Every internal reason ([`Rejection::with_detail`]) a rejection may carry, with its code.
-pub const DETAILS: [(Code, &str); 4] = [
+pub const DETAILS: [(Code, &str); 26] = [
     (Code::SignatureInvalid, "unknown_key"),
     (Code::SignatureInvalid, "mac_mismatch"),
     (Code::RateLimitUnavailable, "headers_unreadable"),
     (Code::RateLimitUnavailable, "principal_unreadable"),
+    (Code::AmountInvalid, "missing"),
+    (Code::AmountInvalid, "wrong_type"),
+    (Code::AmountInvalid, "negative"),
+    (Code::AmountInvalid, "fractional"),
+    (Code::AmountInvalid, "exponent"),
+    (Code::AmountInvalid, "overflow"),
+    (Code::AmountInvalid, "malformed"),
+    (Code::AmountCurrencyInvalid, "missing"),
+    (Code::AmountCurrencyInvalid, "wrong_type"),
+    (Code::AmountCurrencyInvalid, "unknown"),
+    (Code::AmountKeyInvalid, "missing"),
+    (Code::AmountKeyInvalid, "wrong_type"),
+    (Code::AmountKeyInvalid, "empty"),
+    (Code::AmountKeyInvalid, "too_long"),
+    (Code::AmountBodyInvalid, "empty"),
+    (Code::AmountBodyInvalid, "not_json"),
+    (Code::AmountBodyInvalid, "duplicate_key"),
+    (Code::AmountLimitUnavailable, "headers_unreadable"),
+    (Code::AmountLimitUnavailable, "principal_unreadable"),
+    (Code::AmountLimitUnavailable, "body_unreadable"),
+    (Code::AmountLimitUnavailable, "clock"),
+    (Code::AmountLimitUnavailable, "store"),
 ];
 
 /// Every rejection counter a filter may count: `rejected.<code>` for every code and
@@ -330,8 +366,9 @@ mod tests {
 
     /// The codes each filter can send, and the README that documents them (the native module's
     /// own: a hook that failed).
-    fn filters() -> [(&'static str, &'static [Code]); 5] {
+    fn filters() -> [(&'static str, &'static [Code]); 6] {
         [
+            ("amount-limit", crate::amount::CODES),
             ("native", &[Code::FilterFailed]),
             ("request-signature", crate::signature::CODES),
             ("replay-guard", crate::replay::CODES),

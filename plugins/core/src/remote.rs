@@ -260,12 +260,13 @@ pub fn parse_get(reply: &Reply) -> Result<Option<(String, Vec<u8>)>, RemoteError
 /// when Redis answers `NOSCRIPT` (first use, a restarted or flushed Redis), and the callout runtime
 /// ([`crate::flow::calls`]) then sends the same call once as `EVAL` ([`eval_fallback`]), which
 /// loads it. Checked against the texts by a test.
-pub const SCRIPTS: [(&str, &str); 5] = [
+pub const SCRIPTS: [(&str, &str); 6] = [
     (COMPARE_AND_SET_SCRIPT, "b9bd6f945013c281f5fca7ee11bc02132d6540bd"),
     (COMPARE_AND_DELETE_SCRIPT, "d98200e5372164fe1f360fc5f9b4635c0edda3df"),
     (CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, "2e44eb1fdcd593c0886ebea7f09b5a5ea6390f1a"),
     (SET_NX_WITHIN_QUOTA_SCRIPT, "6768f79a1859f136ac4a1957749f4d95415a2c39"),
     (crate::ratelimit::redis::MULTI_GCRA_SCRIPT, "404cbd490400f225358fc704188292560e5dbf5d"),
+    (crate::amount::redis::AMOUNT_GCRA_SCRIPT, "f74128018f47ccaf3b2ce648492c1def935509fd"),
 ];
 
 /// `EVALSHA <sha1 of script> <keys.len()> keys... args...` in webdis's path form (`EVAL` with the

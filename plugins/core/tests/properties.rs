@@ -5,8 +5,9 @@
 //!   of the workers' events (flows driven event by event through the in-memory host, sharing one
 //!   shared-data store), and under real threads on the native host's `ShardedStore`.
 //!
-//! "Amounts never exceed their budgets": Firebreak has no amount budgets (no filter reads an
-//! amount); the budgets it keeps are GCRA's and the tenant quotas', both covered here.
+//! - amount-limit: the amounts admitted for one key within any interval of whole seconds never
+//!   exceed `amount + rate × time` (the weighted GCRA alone), and the amounts forwarded never
+//!   exceed the budget whatever the interleaving of the workers' events (the flow, one store).
 
 // Test code: indexing and unwrapping are allowed (README, "Lint policy").
 #![allow(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::cast_possible_truncation)]
@@ -14,6 +15,7 @@
 use std::num::{NonZeroU16, NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 
+use firebreak_core::amount::budget::Budget;
 use firebreak_core::filters::{configure, Setup};
 use firebreak_core::flow::memory::{step, MemoryEnv, MemoryRequest, MemoryUpstream};
 use firebreak_core::flow::{Event, Flow, FlowFactory, Step};
@@ -62,6 +64,51 @@ proptest! {
                 prop_assert!(count <= bound, "{} admitted in [{}, {}], bound {}", count, t0, t, bound);
             }
         }
+    }
+
+    #[test]
+    fn amount_budget_never_exceeds_burst_plus_rate(
+        amount in 1u64..10_000, window_s in 1u64..100_000, start in 0u64..(1 << 40),
+        steps in prop::collection::vec((0u64..5_000, 0u64..12_000), 1..200),
+    ) {
+        let budget = Budget { amount: NonZeroU64::new(amount).unwrap(), window_s: NonZeroU64::new(window_s).unwrap() };
+        let (mut record, mut now) = (None, start);
+        let mut admitted: Vec<(u64, u64)> = Vec::new();
+        for (advance, a) in steps {
+            now += advance;
+            let outcome = budget.decide(record, now, a);
+            if outcome.allowed {
+                record = Some(outcome.record);
+                admitted.push((now, a));
+            }
+            prop_assert!(outcome.remaining <= amount);
+        }
+        for i in 0..admitted.len() {
+            let mut sum = 0u128;
+            for (t, a) in &admitted[i..] {
+                sum += u128::from(*a);
+                let t0 = admitted[i].0;
+                let bound = u128::from(amount) + u128::from(t - t0) * u128::from(amount) / u128::from(window_s);
+                prop_assert!(sum <= bound, "{} admitted in [{}, {}], bound {}", sum, t0, t, bound);
+            }
+        }
+    }
+
+    #[test]
+    fn amounts_forwarded_never_exceed_the_budget_under_interleaved_workers(
+        amounts in prop::collection::vec(0u64..12, 2..6), order in prop::collection::vec(0usize..6, 0..60),
+    ) {
+        let mut env = MemoryEnv::default();
+        let factory = amount_limit(&env);
+        let requests: Vec<MemoryRequest> = amounts.iter().map(|a| MemoryRequest::new(vec![
+            (":method".into(), "POST".into()), (":path".into(), "/v1/withdrawals".into()),
+            (":authority".into(), "api".into()),
+        ], format!(r#"{{"account":"acc-1","amount":{a}}}"#).as_bytes())).collect();
+        let forwarded = interleave(&*factory, &mut env, &requests, &order);
+        let total: u64 = amounts.iter().zip(&forwarded).filter(|(_, f)| **f).map(|(a, _)| *a).sum();
+        prop_assert!(total <= 20, "forwarded {} against a budget of 20", total);
+        // The first request that ran alone to its end fits (each amount is at most 11 <= 20).
+        prop_assert!(forwarded.iter().any(|f| *f));
     }
 
     #[test]
@@ -159,6 +206,12 @@ const SECRET: &[u8] = b"0123456789012345678901234567890!";
 fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn amount_limit(env: &MemoryEnv) -> Arc<dyn FlowFactory> {
+    let setup = Setup { env: &|_| None, store: &env.store, entropy: [9; 32] };
+    let json = r#"{"rules":[{"name":"w","routes":[{"methods":["POST"],"path_exact":"/v1/withdrawals"}],"amount_pointer":"/amount","amount_format":"minor_units","key":["/account"],"budgets":{"CNY":{"exponent":2,"amount_minor":20,"window_s":86400}}}]}"#;
+    configure("amount_limit", json.as_bytes(), &setup).unwrap()
 }
 
 fn replay_guard(env: &MemoryEnv) -> Arc<dyn FlowFactory> {

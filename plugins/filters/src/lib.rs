@@ -3,6 +3,7 @@
 //! (`plugins/chain`, [`chain`]). Decisions live in `firebreak_core`; these files move data
 //! between Envoy and the core.
 
+pub mod amount_limit;
 pub mod chain;
 pub mod env_guard;
 pub mod flow_root;

@@ -132,6 +132,10 @@ fn sample_config(filter: &str) -> &'static str {
             r#"{"name": "t", "rules": [{"name": "per-ip", "routes": [{"path_prefix": "/v1/"}], "key": "ip",
                             "requests": 10, "per_seconds": 1, "burst": 10}], "response_headers": true}"#
         }
+        "amount_limit" => {
+            r#"{"rules": [{"name": "w", "routes": [{"methods": ["POST"], "path_prefix": "/v1/"}], "amount_pointer": "/amount",
+                           "amount_format": "minor_units", "key": ["/account"], "budgets": {"USD": {"exponent": 2, "amount_minor": 100, "window_s": 60}}}]}"#
+        }
         _ => r#"{"routes": [{"name": "transfers", "match": {"path_prefix": "/v1/"}, "idempotency_key": "required"}]}"#,
     }
 }

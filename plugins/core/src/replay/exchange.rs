@@ -291,6 +291,9 @@ struct Capture {
     body: Vec<u8>,
     /// The body passed `max_stored_body_bytes`: the outcome is recorded without it.
     overflow: bool,
+    /// A Firebreak refusal by a filter after this one (a local reply carrying
+    /// `x-firebreak-error`, e.g. amount-limit's 429): the request was never forwarded.
+    refused_here: bool,
 }
 
 /// One exchange on a protected route.
@@ -482,6 +485,10 @@ impl Exchange {
         }
         self.capture.status = Some(status);
         self.capture.via_upstream = via_upstream;
+        // Every Firebreak refusal is a local reply with `x-firebreak-error`, sent before the
+        // request is forwarded; Envoy's own local replies after forwarding (timeout, reset) never
+        // carry it, and an upstream's answer is `via_upstream`.
+        self.capture.refused_here = !via_upstream && headers.iter().any(|(name, _)| name == "x-firebreak-error");
         self.capture.headers = headers
             .iter()
             .filter(|(name, _)| policy.stored_headers.iter().any(|s| s == name))
@@ -521,6 +528,8 @@ impl Exchange {
         let on_uncertain = policy.routes.get(self.route).map_or(OnUncertain::Lock, |r| r.on_uncertain);
         let capture = std::mem::take(&mut self.capture);
         let outcome = match capture.status {
+            // A later Firebreak filter refused the request: it was not forwarded, nothing happened.
+            Some(_) if capture.refused_here => Outcome::Release,
             // No answer at all (reset, timeout before headers, worker going away).
             None => match on_uncertain {
                 OnUncertain::Lock => Outcome::Unknown { status: 0 },

@@ -406,6 +406,34 @@ fn answers_that_prove_nothing_executed_free_the_key_and_others_are_replayed() {
     assert_eq!(c.answer(&mut ex.unwrap(), 403, "{}", false, 1), Some(FinishAnswer::OutcomeUnknown));
 }
 
+/// A later Firebreak filter's refusal (amount-limit's 429, a local reply with
+/// `x-firebreak-error`) was never forwarded: the key is released, a retry may go through. The same
+/// header from the upstream, or Envoy's own local reply without it, proves nothing of the kind.
+#[test]
+fn a_later_firebreak_refusal_releases_the_key() {
+    let p = policy();
+    let store = MemoryStore::default();
+    let state = LocalState { policy: &p, store: &store };
+    let c = Client::new(&p, &state);
+    let refusal = [
+        ("content-type".to_string(), "application/json".to_string()),
+        ("x-firebreak-error".to_string(), "amount_limited".to_string()),
+    ];
+    let (_, ex) = c.send("/v1/payouts", Some("\"limited\""), None, BODY, 0);
+    let mut ex = ex.unwrap();
+    ex.on_response_headers(&p, 429, false, &refusal);
+    assert_eq!(c.finish(&mut ex, true, 1), Some(FinishAnswer::Released));
+    assert!(matches!(c.send("/v1/payouts", Some("\"limited\""), None, BODY, 2).0, Ok(Decision::Forward)));
+    let (_, ex) = c.send("/v1/payouts", Some("\"upstream\""), None, BODY, 0);
+    let mut ex = ex.unwrap();
+    ex.on_response_headers(&p, 503, true, &refusal);
+    assert_eq!(c.finish(&mut ex, true, 1), Some(FinishAnswer::OutcomeUnknown));
+    let (_, ex) = c.send("/v1/payouts", Some("\"timeout\""), None, BODY, 0);
+    let mut ex = ex.unwrap();
+    ex.on_response_headers(&p, 504, false, &refusal[..1]);
+    assert_eq!(c.finish(&mut ex, true, 1), Some(FinishAnswer::OutcomeUnknown));
+}
+
 #[test]
 fn a_response_too_large_to_store_completes_the_key_without_a_body() {
     let p = policy();

@@ -1,0 +1,282 @@
+"""amount-limit through real Envoy: the README's snippet as written; incident 1's pattern (twenty
+concurrent signed withdrawals of 5 against a per-account budget of 20: the ledger never exceeds
+the budget) in the one-module chain and in the native module; exact arithmetic at the budget's
+edge and per-currency budgets; every malformed amount refused with its code before the money API;
+report-only then enforce; two Envoy instances sharing one budget on Redis, failing closed when
+Redis is down; and the demo chain (envoy/demo.yaml) stopping the pattern."""
+
+import json
+import re
+import threading
+import uuid
+
+import pytest
+import yaml
+
+import harness
+
+JSON = [("content-type", "application/json")]
+
+
+def ref() -> str:
+    return f"amt-{uuid.uuid4().hex[:12]}"
+
+
+def withdrawal(account="acc-alice", amount=5, currency="CNY", reference=None, raw_amount=None) -> tuple[bytes, str]:
+    reference = reference or ref()
+    amount_text = raw_amount if raw_amount is not None else json.dumps(amount)
+    body = f'{{"account": "{account}", "amount": {amount_text}, "currency": "{currency}", "reference": "{reference}"}}'
+    return body.encode(), reference
+
+
+def rule(**overrides) -> dict:
+    r = {"name": "per-account", "routes": [{"methods": ["POST"], "path_exact": "/v1/withdrawals"}],
+         "amount_pointer": "/amount", "amount_format": "minor_units", "currency_pointer": "/currency",
+         "key": ["principal", "/account"],
+         "budgets": {"CNY": {"exponent": 2, "amount_minor": 20, "window_s": 86400},
+                     "JPY": {"exponent": 0, "amount_minor": 1000, "window_s": 86400}}}
+    r.update(overrides)
+    return r
+
+
+def sections(amount_config: dict) -> list[dict]:
+    """request-signature, then amount-limit last (it charges only what the chain forwards)."""
+    return [{"request_signature": harness.signature_config()}, {"amount_limit": amount_config}]
+
+
+def chain(runtime: str, amount_config: dict) -> list[dict]:
+    if runtime == "native":
+        return [harness.buffer_filter(), harness.native_chain_filter(sections(amount_config))]
+    return [harness.buffer_filter(), harness.chain_filter(sections(amount_config))]
+
+
+def concurrently(n: int, fire):
+    gate = threading.Barrier(n)
+    results = [None] * n
+
+    def run(i):
+        gate.wait()
+        results[i] = fire(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return results
+
+
+def ledger_total(demo_api, references) -> int:
+    refs = set(references)
+    return sum(op["amount"] for op in demo_api.ledger() if op.get("reference") in refs)
+
+
+def yaml_blocks(readme: str) -> list[str]:
+    return [block.split("```")[0] for block in readme.split("```yaml\n")[1:]]
+
+
+def test_the_readme_snippet_works_as_written(envoy_factory, demo_api):
+    readme = (harness.ROOT / "plugins" / "amount-limit" / "README.md").read_text()
+    blocks = yaml_blocks(readme)
+    parsed = yaml.safe_load(next(b for b in blocks if "envoy.filters.http.wasm" in b and "buffer" in b))
+    http_filters = [f for f in parsed["http_filters"] if f["name"] != "envoy.filters.http.router"]
+    for f in http_filters:
+        if f["name"] == "envoy.filters.http.wasm":
+            code = f["typed_config"]["config"]["vm_config"]["code"]["local"]
+            code["filename"] = str(harness.ROOT / code["filename"])
+    hcm_options = yaml.safe_load(next(b for b in blocks if "normalize_path: true" in b))
+    assert hcm_options == harness.HARDENED_HCM
+    gw = envoy_factory(http_filters, hcm_options=hcm_options)
+    refs = []
+    for _ in range(4):
+        body, r = withdrawal(amount=5)
+        refs.append(r)
+        assert gw.request("POST", "/v1/withdrawals", JSON, body).status == 201
+    body, r = withdrawal(amount=1)
+    over = gw.request("POST", "/v1/withdrawals", JSON, body)
+    assert (over.status, over.error) == (429, "amount_limited"), over.body
+    assert over.headers["ratelimit-policy"] == '"per-account.CNY";q=20;w=86400'
+    assert demo_api.executed(r) == 0
+    assert ledger_total(demo_api, refs) == 20
+    body, r = withdrawal(account="acc-bob", raw_amount="-5")
+    bad = gw.request("POST", "/v1/withdrawals", JSON, body)
+    assert (bad.status, bad.error) == (400, "amount_invalid") and demo_api.executed(r) == 0
+    assert gw.counter("firebreak.amount_limit.rejected.amount_limited") == 1
+    assert gw.counter("firebreak.amount_limit.rejected.amount_invalid.negative") == 1
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_twenty_concurrent_withdrawals_of_five_never_exceed_a_budget_of_twenty(envoy_factory, demo_api, runtime):
+    gw = envoy_factory(chain(runtime, {"rules": [rule()]}))
+    bodies = [withdrawal(amount=5) for _ in range(20)]
+    results = concurrently(20, lambda i: gw.signed("POST", "/v1/withdrawals", bodies[i][0], headers=JSON))
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201] * 4 + [429] * 16, [r.body for r in results]
+    assert all(r.error == "amount_limited" for r in results if r.status == 429)
+    # The ledger: exactly the budget, never more.
+    assert ledger_total(demo_api, [r for _, r in bodies]) == 20
+    assert gw.counter("firebreak.amount_limit.rule.per-account.limited") == 16
+    # The same account under another principal is another key; the same principal's other
+    # account too.
+    body, r = withdrawal(account="acc-bob", amount=20)
+    assert gw.signed("POST", "/v1/withdrawals", body, headers=JSON).status == 201
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_exact_edges_and_per_currency_budgets(envoy_factory, demo_api, runtime):
+    gw = envoy_factory(chain(runtime, {"rules": [rule()]}))
+
+    def send(**kw):
+        body, r = withdrawal(**kw)
+        return gw.signed("POST", "/v1/withdrawals", body, headers=JSON), r
+
+    assert send(amount=19)[0].status == 201
+    assert send(amount=1)[0].status == 201, "exactly at the budget"
+    over, r = send(amount=1)
+    assert (over.status, over.error) == (429, "amount_limited") and demo_api.executed(r) == 0
+    # One unit comes back after 86400 / 20 = 4320 s (minus the seconds this test has taken).
+    assert re.fullmatch(r'"per-account.CNY";r=0;t=86[34]\d\d', over.headers["ratelimit"]), over.headers["ratelimit"]
+    assert 4300 <= int(over.headers["retry-after"]) <= 4320
+    assert send(amount=1000, currency="JPY")[0].status == 201, "the yen has its own budget"
+    assert send(amount=1, currency="JPY")[0].status == 429
+    never, _ = send(account="acc-carol", amount=21)
+    assert (never.status, never.error, never.headers["retry-after"]) == (429, "amount_limited", "86400")
+    assert send(account="acc-carol", amount=20)[0].status == 201, "the refusal cost nothing"
+
+
+MALFORMED = [
+    ('"account": "acc-carol", "amount": -5, "currency": "CNY"', "amount_invalid", "negative"),
+    ('"account": "acc-carol", "amount": 2.5, "currency": "CNY"', "amount_invalid", "fractional"),
+    ('"account": "acc-carol", "amount": 5e0, "currency": "CNY"', "amount_invalid", "exponent"),
+    ('"account": "acc-carol", "amount": 18446744073709551616, "currency": "CNY"', "amount_invalid", "overflow"),
+    ('"account": "acc-carol", "amount": "5", "currency": "CNY"', "amount_invalid", "wrong_type"),
+    ('"account": "acc-carol", "currency": "CNY"', "amount_invalid", "missing"),
+    ('"account": "acc-carol", "amount": 1, "amount": 5000, "currency": "CNY"', "amount_body_invalid", "duplicate_key"),
+    ('"account": "acc-carol", "amount": 5, "currency": "EUR"', "amount_currency_invalid", "unknown"),
+    ('"amount": 5, "currency": "CNY"', "amount_key_invalid", "missing"),
+    ('"account": 17, "amount": 5, "currency": "CNY"', "amount_key_invalid", "wrong_type"),
+]
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_every_malformed_amount_is_refused_with_its_code_and_never_reaches_the_api(envoy_factory, demo_api, runtime):
+    gw = envoy_factory(chain(runtime, {"rules": [rule()]}))
+    for fields, code, reason in MALFORMED:
+        r = ref()
+        body = f'{{{fields}, "reference": "{r}"}}'.encode()
+        answer = gw.signed("POST", "/v1/withdrawals", body, headers=JSON)
+        assert (answer.status, answer.error) == (400, code), (fields, answer.body)
+        assert answer.headers["x-firebreak-error"] == code
+        assert demo_api.executed(r) == 0, fields
+        assert gw.counter(f"firebreak.amount_limit.rejected.{code}.{reason}") >= 1, (fields, reason)
+    not_json = gw.signed("POST", "/v1/withdrawals", b"account=acc-carol&amount=5", headers=[("content-type", "text/plain")])
+    assert (not_json.status, not_json.error) == (400, "amount_body_invalid")
+    # Nothing of that consumed acc-carol's budget.
+    body, r = withdrawal(account="acc-carol", amount=20)
+    assert gw.signed("POST", "/v1/withdrawals", body, headers=JSON).status == 201
+    assert f"code=amount_invalid reason=negative" in gw.logs()
+
+
+def test_report_only_then_enforce(envoy_factory, demo_api):
+    report = envoy_factory(chain("wasm", {"rules": [rule(mode="report_only")]}))
+    bodies = [withdrawal(amount=5) for _ in range(5)]
+    assert [report.signed("POST", "/v1/withdrawals", b, headers=JSON).status for b, _ in bodies] == [201] * 5
+    assert ledger_total(demo_api, [r for _, r in bodies]) == 25
+    assert report.counter("firebreak.amount_limit.would_reject.amount_limited") == 1
+    assert "would_reject status=429 code=amount_limited" in report.logs()
+    enforce = envoy_factory(chain("wasm", {"rules": [rule()]}))
+    bodies = [withdrawal(amount=5) for _ in range(5)]
+    assert [enforce.signed("POST", "/v1/withdrawals", b, headers=JSON).status for b, _ in bodies] == [201] * 4 + [429]
+
+
+@pytest.fixture(scope="module")
+def redis_bridge():
+    bridge = harness.RedisBridge()
+    yield bridge
+    bridge.stop()
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_two_instances_share_one_budget_on_redis_and_fail_closed_without_it(envoy_factory, demo_api, redis_bridge, runtime):
+    config = {"rules": [rule(key=["/account"])], "state": harness.redis_state()}
+    account = f"acc-{uuid.uuid4().hex[:6]}"  # a fresh key in the shared Redis
+    a, b = (envoy_factory(chain(runtime, config), extra_clusters=[redis_bridge.cluster()]) for _ in range(2))
+    # The account does not exist at the API (404 after the charge): only the charges count here.
+    bodies = [withdrawal(account=account, amount=5) for _ in range(20)]
+    results = concurrently(20, lambda i: (a, b)[i % 2].signed("POST", "/v1/withdrawals", bodies[i][0], headers=JSON))
+    assert sorted(r.status for r in results).count(429) == 16, [r.body for r in results]
+    assert {r.status for r in results} == {404, 429}
+    for gw in (a, b):
+        assert gw.counter("firebreak.amount_limit.redis.calls") >= 1
+    # Exact at the edge on Redis too (the script's arithmetic), across the pair: 999 + 1 yen of a
+    # 1000 budget pass, one more does not.
+    yen = f"acc-{uuid.uuid4().hex[:6]}"
+    assert a.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=999, currency="JPY")[0], headers=JSON).status == 404
+    assert b.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=1, currency="JPY")[0], headers=JSON).status == 404
+    over = a.signed("POST", "/v1/withdrawals", withdrawal(account=yen, amount=1, currency="JPY")[0], headers=JSON)
+    assert (over.status, over.error) == (429, "amount_limited")
+    assert over.headers["ratelimit-policy"] == '"per-account.JPY";q=1000;w=86400'
+    redis_bridge.stop_redis()
+    try:
+        body, r = withdrawal(account=account, amount=0)
+        down = a.signed("POST", "/v1/withdrawals", body, headers=JSON)
+        assert (down.status, down.error) == (503, "state_unavailable") and demo_api.executed(r) == 0
+        assert a.counter("firebreak.amount_limit.redis.failed") >= 1
+    finally:
+        redis_bridge.start_redis()
+
+
+@pytest.mark.parametrize("runtime", ["one module", "native module"])
+def test_the_demo_stops_the_incident_1_pattern(demo_api, runtime):
+    config = yaml.safe_load((harness.ROOT / "envoy" / "demo.yaml").read_text())
+    if runtime == "native module":
+        config = harness.native_bootstrap(config)
+    demo = harness.Envoy([], demo_api.port, bootstrap_config=config)
+    try:
+        # Two clients (the per-user rate limit lets five of each through), twenty concurrent
+        # withdrawals of 5.00 CNY from one account whose budget is 20.00 CNY per day.
+        keys = [(harness.DEMO_KEY_ID, harness.DEMO_SECRET_B64), (harness.SECOND_KEY_ID, harness.SECOND_SECRET_B64)]
+        bodies = [withdrawal(account="acc-alice", amount=500) for _ in range(20)]
+        signed = [harness.sign("POST", demo.url("/v1/withdrawals"), body, key_id=keys[i % 2][0], secret_b64=keys[i % 2][1])
+                  for i, (body, _) in enumerate(bodies)]
+        results = concurrently(20, lambda i: demo.request("POST", "/v1/withdrawals", JSON + signed[i], bodies[i][0]))
+        total = ledger_total(demo_api, [r for _, r in bodies])
+        assert total == 2000, [(r.status, r.error) for r in results]
+        errors = sorted(r.error for r in results if r.status != 201)
+        assert errors.count("amount_limited") >= 1 and set(errors) <= {"amount_limited", "rate_limited"}, errors
+        assert "firebreak amount_limit configured" in demo.logs()
+    finally:
+        demo.stop()
+
+
+@pytest.mark.parametrize("runtime", ["one module", "native module"])
+def test_a_refusal_after_replay_guard_releases_the_idempotency_key(demo_api, runtime):
+    """In the demo chain amount-limit runs after replay-guard: its 429 is a local reply carrying
+    x-firebreak-error, which replay-guard reads as "not forwarded" and releases the key it had
+    claimed (instead of locking it as outcome unknown): the client may retry with the same key.
+    The native module never sees its own local reply, so there the key stays locked."""
+    config = yaml.safe_load((harness.ROOT / "envoy" / "demo.yaml").read_text())
+    if runtime == "native module":
+        config = harness.native_bootstrap(config)
+    demo = harness.Envoy([], demo_api.port, bootstrap_config=config)
+    try:
+        key = uuid.uuid4().hex
+
+        def send(amount):
+            body, r = withdrawal(account="acc-carol", amount=amount)
+            headers = JSON + [("idempotency-key", f'"{key}"')]
+            sig = harness.sign("POST", demo.url("/v1/withdrawals"), body,
+                               extra=["-H", f'idempotency-key: "{key}"', "--cover", "idempotency-key"])
+            return demo.request("POST", "/v1/withdrawals", headers + sig, body), r
+
+        refused, r1 = send(2001)
+        assert (refused.status, refused.error) == (429, "amount_limited"), refused.body
+        again, r2 = send(100)
+        if runtime == "one module":
+            assert again.status == 201, again.body
+            assert (demo_api.executed(r1), demo_api.executed(r2)) == (0, 1)
+        else:
+            # Envoy 1.40 does not give a dynamic module its own local reply (notes/abi-1.40.md):
+            # replay-guard sees the stream end without an answer and locks the key (the safe side).
+            assert (again.status, again.error) == (422, "idempotency_key_mismatch"), again.body
+            assert (demo_api.executed(r1), demo_api.executed(r2)) == (0, 0)
+    finally:
+        demo.stop()

@@ -1,0 +1,465 @@
+//! amount-limit's flow driven through the in-memory host: the incident-1 pattern, exact
+//! arithmetic at the budget's edge, every malformed body, per-currency and per-key budgets,
+//! report-only rules, the verified principal as a key, and budgets on a fake Redis bridge
+//! (the arithmetic of [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust) shared by two instances.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::filters::{configure, Setup};
+use crate::flow::memory::{exchange, MemoryEnv, MemoryRequest, MemoryUpstream, Outcome};
+use crate::flow::{CallAnswer, FlowFactory};
+
+const T0: u64 = 1_700_000_000_000;
+
+const WITHDRAWALS: &str = r#"{"name":"withdrawals","routes":[{"methods":["POST"],"path_exact":"/v1/withdrawals"}],"amount_pointer":"/amount","amount_format":"minor_units","currency_pointer":"/currency","key":["/account"],"budgets":{"USD":{"exponent":2,"amount_minor":20,"window_s":86400},"JPY":{"exponent":0,"amount_minor":1000,"window_s":86400}}}"#;
+
+fn config(rules: &[&str], extra: &str) -> String {
+    format!(r#"{{"rules":[{}]{extra}}}"#, rules.join(","))
+}
+
+fn instance(json: &str, env: &MemoryEnv) -> Arc<dyn FlowFactory> {
+    let setup = Setup { env: &|_| None, store: &env.store, entropy: [5; 32] };
+    match configure("amount_limit", json.as_bytes(), &setup) {
+        Ok(factory) => factory,
+        Err(error) => panic!("{json}: {error:?}"),
+    }
+}
+
+fn post(path: &str, body: &str) -> MemoryRequest {
+    let headers = vec![
+        (":method".to_string(), "POST".to_string()),
+        (":path".to_string(), path.to_string()),
+        (":authority".to_string(), "api.example.com".to_string()),
+        ("content-type".to_string(), "application/json".to_string()),
+    ];
+    MemoryRequest::new(headers, body.as_bytes())
+}
+
+fn withdraw(account: &str, amount: &str, currency: &str) -> MemoryRequest {
+    post("/v1/withdrawals", &format!(r#"{{"account":"{account}","amount":{amount},"currency":"{currency}"}}"#))
+}
+
+fn send(factory: &Arc<dyn FlowFactory>, env: &mut MemoryEnv, request: &MemoryRequest) -> Outcome {
+    exchange(&mut *factory.new_flow(), env, request, &MemoryUpstream::default())
+}
+
+fn code(outcome: &Outcome) -> Option<&'static str> {
+    outcome.reply.as_ref().map(|r| r.code)
+}
+
+fn header<'a>(outcome: &'a Outcome, name: &str) -> Option<&'a str> {
+    outcome.reply.as_ref()?.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn twenty_withdrawals_of_five_from_a_budget_of_twenty_forward_twenty() {
+    let mut env = MemoryEnv { now_ms: Some(T0), ..MemoryEnv::default() };
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    let mut forwarded = 0;
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        let outcome = send(&factory, &mut env, &withdraw("acc-1", "5", "USD"));
+        if outcome.passed() {
+            forwarded += 5;
+        } else {
+            assert!(!outcome.forwarded);
+            refused.push(outcome);
+        }
+    }
+    assert_eq!(forwarded, 20, "the ledger never exceeds the budget");
+    assert_eq!(refused.len(), 16);
+    let first = &refused[0];
+    assert_eq!((first.reply.as_ref().unwrap().status, code(first)), (429, Some("amount_limited")));
+    assert_eq!(header(first, "ratelimit-policy"), Some("\"withdrawals.USD\";q=20;w=86400"));
+    assert_eq!(header(first, "ratelimit"), Some("\"withdrawals.USD\";r=0;t=86400"));
+    // Five units come back after 5 * 86400 / 20 s.
+    assert_eq!(header(first, "retry-after"), Some("21600"));
+    assert_eq!(first.counter("firebreak.amount_limit.rule.withdrawals.limited"), 1);
+    assert_eq!(first.counter("firebreak.amount_limit.rejected.amount_limited"), 1);
+    assert!(first
+        .logs
+        .iter()
+        .any(|(_, l)| l.contains("code=amount_limited") && l.contains("rule=withdrawals currency=USD amount_minor=5 key=")));
+    assert!(!first.logs.iter().any(|(_, l)| l.contains("acc-1")), "account numbers are not logged");
+    // Another account has its own budget.
+    assert!(send(&factory, &mut env, &withdraw("acc-2", "20", "USD")).passed());
+    // Twelve hours later half the budget is back, exactly.
+    env.now_ms = Some(T0 + 43_200_000);
+    assert!(send(&factory, &mut env, &withdraw("acc-1", "10", "USD")).passed());
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("acc-1", "1", "USD"))), Some("amount_limited"));
+}
+
+#[test]
+fn at_the_budget_passes_and_one_minor_unit_over_does_not() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    assert!(send(&factory, &mut env, &withdraw("a", "19", "USD")).passed());
+    assert!(send(&factory, &mut env, &withdraw("a", "1", "USD")).passed(), "exactly at the budget");
+    let over = send(&factory, &mut env, &withdraw("a", "1", "USD"));
+    assert_eq!(code(&over), Some("amount_limited"));
+    // A single amount of the whole budget passes on a fresh key; one unit more never does.
+    assert!(send(&factory, &mut env, &withdraw("b", "20", "USD")).passed());
+    let never = send(&factory, &mut env, &withdraw("c", "21", "USD"));
+    assert_eq!(code(&never), Some("amount_limited"));
+    assert!(never.reply.unwrap().message.contains("exceeds the whole budget"));
+    assert!(send(&factory, &mut env, &withdraw("c", "20", "USD")).passed(), "the refusal cost nothing");
+}
+
+#[test]
+fn each_currency_has_its_own_budget() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    assert!(send(&factory, &mut env, &withdraw("a", "20", "USD")).passed());
+    assert!(send(&factory, &mut env, &withdraw("a", "1000", "JPY")).passed(), "JPY has its own 1000");
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("a", "1", "JPY"))), Some("amount_limited"));
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("a", "1", "USD"))), Some("amount_limited"));
+}
+
+#[test]
+fn every_malformed_body_is_refused_with_its_code_and_never_forwarded() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], r#","max_body_bytes":512"#), &env);
+    let cases: Vec<(String, u16, &str, &str)> = vec![
+        (r#"{"account":"a","currency":"USD"}"#.into(), 400, "amount_invalid", "missing"),
+        (r#"{"account":"a","amount":null,"currency":"USD"}"#.into(), 400, "amount_invalid", "missing"),
+        (r#"{"account":"a","amount":-5,"currency":"USD"}"#.into(), 400, "amount_invalid", "negative"),
+        (r#"{"account":"a","amount":5.5,"currency":"USD"}"#.into(), 400, "amount_invalid", "fractional"),
+        (r#"{"account":"a","amount":5.0,"currency":"USD"}"#.into(), 400, "amount_invalid", "fractional"),
+        (r#"{"account":"a","amount":5e0,"currency":"USD"}"#.into(), 400, "amount_invalid", "exponent"),
+        (r#"{"account":"a","amount":18446744073709551616,"currency":"USD"}"#.into(), 400, "amount_invalid", "overflow"),
+        (r#"{"account":"a","amount":"5","currency":"USD"}"#.into(), 400, "amount_invalid", "wrong_type"),
+        (r#"{"account":"a","amount":1,"amount":5,"currency":"USD"}"#.into(), 400, "amount_body_invalid", "duplicate_key"),
+        (r#"{"account":"a","amount":5,"currency":"USD","currency":"JPY"}"#.into(), 400, "amount_body_invalid", "duplicate_key"),
+        (r#"{"account":"a","amount":5,"currency":"USD","x":{"y":1,"y":2}}"#.into(), 400, "amount_body_invalid", "duplicate_key"),
+        (r#"{"account":"a","amount":5,"currency":"EUR"}"#.into(), 400, "amount_currency_invalid", "unknown"),
+        (r#"{"account":"a","amount":5,"currency":"usd"}"#.into(), 400, "amount_currency_invalid", "unknown"),
+        (r#"{"account":"a","amount":5}"#.into(), 400, "amount_currency_invalid", "missing"),
+        (r#"{"account":"a","amount":5,"currency":840}"#.into(), 400, "amount_currency_invalid", "wrong_type"),
+        (r#"{"amount":5,"currency":"USD"}"#.into(), 400, "amount_key_invalid", "missing"),
+        (r#"{"account":17,"amount":5,"currency":"USD"}"#.into(), 400, "amount_key_invalid", "wrong_type"),
+        (r#"{"account":"","amount":5,"currency":"USD"}"#.into(), 400, "amount_key_invalid", "empty"),
+        (format!(r#"{{"account":"{}","amount":5,"currency":"USD"}}"#, "a".repeat(257)), 400, "amount_key_invalid", "too_long"),
+        ("amount=5&currency=USD".into(), 400, "amount_body_invalid", "not_json"),
+        (r#"{"account":"a","amount":5,"currency":"USD"} {}"#.into(), 400, "amount_body_invalid", "not_json"),
+        (format!(r#"{{"account":"a","amount":5,"currency":"USD","pad":"{}"}}"#, "x".repeat(512)), 413, "body_too_large", ""),
+    ];
+    for (body, status, expected, detail) in cases {
+        let outcome = send(&factory, &mut env, &post("/v1/withdrawals", &body));
+        let reply = outcome.reply.as_ref().unwrap_or_else(|| panic!("{body}: passed"));
+        assert_eq!((reply.status, reply.code), (status, expected), "{body}");
+        assert!(!outcome.forwarded, "{body}");
+        if !detail.is_empty() {
+            assert_eq!(reply.detail, Some(detail), "{body}");
+            assert_eq!(outcome.counter(&format!("firebreak.amount_limit.rejected.{expected}.{detail}")), 1, "{body}");
+        }
+        assert!(
+            crate::reject::DETAILS.iter().all(|(c, _)| c.as_str() != expected)
+                || detail.is_empty()
+                || crate::reject::DETAILS.contains(&(reply.kind(), detail)),
+            "{body}: detail not declared"
+        );
+    }
+    // No body at all.
+    let empty = send(&factory, &mut env, &post("/v1/withdrawals", ""));
+    assert_eq!((code(&empty), empty.reply.as_ref().unwrap().detail), (Some("amount_body_invalid"), Some("empty")));
+    // A content-length over the bound is refused before the body comes.
+    let mut big = post("/v1/withdrawals", "{}");
+    big.headers.push(("content-length".into(), "100000".into()));
+    assert_eq!(code(&send(&factory, &mut env, &big)), Some("body_too_large"));
+    // Nothing of all that consumed the budget.
+    assert!(send(&factory, &mut env, &withdraw("a", "20", "USD")).passed());
+}
+
+#[test]
+fn the_currency_the_upstream_assumes_when_the_field_is_absent() {
+    let rule = WITHDRAWALS.replace(r#""key""#, r#""currency_when_absent":"JPY","key""#);
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[&rule], ""), &env);
+    assert!(send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1000}"#)).passed());
+    let over = send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1}"#));
+    assert_eq!(header(&over, "ratelimit-policy"), Some("\"withdrawals.JPY\";q=1000;w=86400"));
+    let null = send(&factory, &mut env, &post("/v1/withdrawals", r#"{"account":"a","amount":1,"currency":null}"#));
+    assert_eq!(null.reply.map(|r| (r.code, r.detail)), Some(("amount_currency_invalid", Some("missing"))), "null is not absent");
+}
+
+#[test]
+fn decimal_formats_read_the_currency_exponent() {
+    let rule = WITHDRAWALS.replace("minor_units", "decimal_string");
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[&rule], ""), &env);
+    assert!(send(&factory, &mut env, &withdraw("a", "\"0.19\"", "USD")).passed());
+    let over = send(&factory, &mut env, &withdraw("a", "\"0.02\"", "USD"));
+    assert_eq!(code(&over), Some("amount_limited"), "19 + 2 minor units > 20");
+    assert!(send(&factory, &mut env, &withdraw("a", "\"0.01\"", "USD")).passed());
+    let fractional = send(&factory, &mut env, &withdraw("b", "\"0.001\"", "USD"));
+    assert_eq!(fractional.reply.as_ref().map(|r| (r.code, r.detail)), Some(("amount_invalid", Some("fractional"))));
+    let jpy = send(&factory, &mut env, &withdraw("b", "\"1.5\"", "JPY"));
+    assert_eq!(jpy.reply.as_ref().map(|r| r.detail), Some(Some("fractional")), "JPY has no minor unit");
+    assert!(send(&factory, &mut env, &withdraw("b", "\"1000\"", "JPY")).passed());
+    let number = send(&factory, &mut env, &withdraw("c", "0.01", "USD"));
+    assert_eq!(number.reply.as_ref().map(|r| r.detail), Some(Some("wrong_type")), "a number where a string is expected");
+}
+
+#[test]
+fn other_routes_pass_untouched_and_spellings_of_the_route_are_refused() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    let other = send(&factory, &mut env, &post("/v1/transfers", "not json"));
+    assert!(other.passed());
+    assert!(other.counters.is_empty() && other.logs.is_empty());
+    let spelled = send(&factory, &mut env, &post("/v1/%77ithdrawals", r#"{"account":"a","amount":500,"currency":"USD"}"#));
+    assert_eq!(code(&spelled), Some("path_not_canonical"));
+}
+
+#[test]
+fn a_body_in_chunks_and_trailers_is_read_whole() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    let mut request = withdraw("a", "15", "USD");
+    let body = request.chunks.concat();
+    request.chunks = body.chunks(7).map(<[u8]>::to_vec).collect();
+    let outcome = send(&factory, &mut env, &request);
+    assert!(outcome.passed());
+    assert_eq!(outcome.forwarded_body, body);
+    request.trailers = Some(vec![("x-checksum".into(), "1".into())]);
+    let outcome = send(&factory, &mut env, &request);
+    assert_eq!(code(&outcome), Some("amount_limited"), "15 + 15 > 20, read at the trailers");
+}
+
+#[test]
+fn report_only_counts_and_logs_then_the_switch_to_enforce_refuses_the_same_request() {
+    let report = WITHDRAWALS.replace(r#""key""#, r#""mode":"report_only","key""#);
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[&report], ""), &env);
+    for _ in 0..4 {
+        assert!(send(&factory, &mut env, &withdraw("a", "5", "USD")).passed());
+    }
+    let would = send(&factory, &mut env, &withdraw("a", "5", "USD"));
+    assert!(would.passed(), "report-only never refuses");
+    assert_eq!(would.counter("firebreak.amount_limit.would_reject.amount_limited"), 1);
+    assert_eq!(would.counter("firebreak.amount_limit.rule.withdrawals.would_limit"), 1);
+    assert!(would.logs.iter().any(|(_, l)| l.contains("would_reject") && l.contains("code=amount_limited")));
+    let malformed = send(&factory, &mut env, &withdraw("a", "-5", "USD"));
+    assert!(malformed.passed());
+    assert_eq!(malformed.counter("firebreak.amount_limit.would_reject.amount_invalid"), 1);
+    // The same requests under the enforced rule.
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    for _ in 0..4 {
+        assert!(send(&factory, &mut env, &withdraw("a", "5", "USD")).passed());
+    }
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("a", "5", "USD"))), Some("amount_limited"));
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("a", "-5", "USD"))), Some("amount_invalid"));
+}
+
+#[test]
+fn a_request_refused_by_one_rule_costs_nothing_in_another() {
+    let per_beneficiary = r#"{"name":"beneficiary","routes":[{"methods":["POST"],"path_exact":"/v1/withdrawals"}],"amount_pointer":"/amount","amount_format":"minor_units","key":["principal","/to/iban"],"budgets":{"USD":{"exponent":2,"amount_minor":30,"window_s":3600}}}"#;
+    let per_account = WITHDRAWALS
+        .replace(r#""currency_pointer":"/currency","#, "")
+        .replace(r#","JPY":{"exponent":0,"amount_minor":1000,"window_s":86400}"#, "");
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[&per_account, per_beneficiary], ""), &env);
+    let body = |account: &str, amount: u32| format!(r#"{{"account":"{account}","amount":{amount},"to":{{"iban":"DE89"}}}}"#);
+    let signed = |account: &str, amount: u32| {
+        let mut r = post("/v1/withdrawals", &body(account, amount));
+        r.principal = Some("alice".into());
+        r
+    };
+    let unsigned = send(&factory, &mut env, &post("/v1/withdrawals", &body("a", 1)));
+    assert_eq!(code(&unsigned), Some("amount_limit_unauthenticated"));
+    assert!(send(&factory, &mut env, &signed("a", 20)).passed());
+    // Account a is spent: refused, and the beneficiary's budget is not charged.
+    assert_eq!(code(&send(&factory, &mut env, &signed("a", 10))), Some("amount_limited"));
+    assert!(send(&factory, &mut env, &signed("b", 10)).passed(), "beneficiary: 20 + 10 = 30");
+    let over = send(&factory, &mut env, &signed("c", 1));
+    assert_eq!(header(&over, "ratelimit-policy"), Some("\"beneficiary.USD\";q=30;w=3600"));
+    // Another principal paying the same IBAN has its own budget.
+    let mut bob = signed("c", 1);
+    bob.principal = Some("bob".into());
+    assert!(send(&factory, &mut env, &bob).passed());
+}
+
+#[test]
+fn host_and_store_failures_fail_closed() {
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], ""), &env);
+    env.now_ms = None;
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("a", "5", "USD"))), Some("amount_limit_unavailable"));
+    env.now_ms = Some(T0);
+    env.faults.request_body = true;
+    let unreadable = send(&factory, &mut env, &withdraw("a", "5", "USD"));
+    assert_eq!(unreadable.reply.map(|r| (r.code, r.detail)), Some(("amount_limit_unavailable", Some("body_unreadable"))));
+    // A table of one slot: a second key in debt finds it full.
+    let mut env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], r#","table":{"buckets":1,"slots_per_bucket":1}"#), &env);
+    // (Two tenants: each has a quota of one new record in a table of one.)
+    let mut first = withdraw("a", "5", "USD");
+    first.principal = Some("p1".into());
+    assert!(send(&factory, &mut env, &first).passed());
+    let mut second = withdraw("b", "5", "USD");
+    second.principal = Some("p2".into());
+    let full = send(&factory, &mut env, &second);
+    assert_eq!(full.reply.map(|r| (r.status, r.code)), Some((503, "amount_limit_store_full")));
+}
+
+#[test]
+fn no_tenant_can_fill_the_table_others_need() {
+    let mut env = MemoryEnv::default();
+    let table = r#","table":{"buckets":4,"slots_per_bucket":4,"quota_per_tenant":2}"#;
+    let factory = instance(&config(&[WITHDRAWALS], table), &env);
+    let by = |principal: &str, account: &str| {
+        let mut r = withdraw(account, "5", "USD");
+        r.principal = Some(principal.into());
+        r
+    };
+    assert!(send(&factory, &mut env, &by("mallory", "a1")).passed());
+    assert!(send(&factory, &mut env, &by("mallory", "a2")).passed());
+    let third = send(&factory, &mut env, &by("mallory", "a3"));
+    assert_eq!(third.reply.as_ref().map(|r| (r.status, r.code)), Some((429, "tenant_quota_exceeded")));
+    assert!(!third.forwarded);
+    assert!(send(&factory, &mut env, &by("mallory", "a1")).passed(), "a record it holds is not a new one");
+    assert!(send(&factory, &mut env, &by("alice", "a3")).passed(), "another tenant");
+    // Without a principal, the client address is the tenant.
+    assert!(send(&factory, &mut env, &withdraw("b1", "5", "USD")).passed());
+    assert!(send(&factory, &mut env, &withdraw("b2", "5", "USD")).passed());
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("b3", "5", "USD"))), Some("tenant_quota_exceeded"));
+}
+
+/// [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust behind a fake webdis, on a clock the test moves.
+struct FakeBridge {
+    records: HashMap<String, (u64, u64)>,
+    now_ms: Rc<Cell<u64>>,
+}
+
+impl FakeBridge {
+    fn answer(&mut self, command: &[u8]) -> CallAnswer {
+        assert!(command.starts_with(b"EVALSHA/f74128018f47ccaf3b2ce648492c1def935509fd/"));
+        let command = crate::remote::eval_fallback(command).unwrap();
+        let parts: Vec<String> = std::str::from_utf8(&command)
+            .unwrap()
+            .split('/')
+            .map(|p| percent_encoding::percent_decode_str(p).decode_utf8().unwrap().into_owned())
+            .collect();
+        assert_eq!(parts[1], super::redis::AMOUNT_GCRA_SCRIPT);
+        let n: usize = parts[2].parse().unwrap();
+        let keys = &parts[3..3 + n];
+        let enforced: usize = parts[3 + n].parse().unwrap();
+        let args: Vec<u64> = parts[4 + n..].iter().map(|a| a.parse().unwrap()).collect();
+        let now = self.now_ms.get() / 1000;
+        let mut state = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let (b, w, c) = (args[3 * i], args[3 * i + 1], args[3 * i + 2]);
+            let (mut d, mut s) = (0, now);
+            if let Some((t0, debt)) = self.records.get(key) {
+                s = s.max(*t0);
+                let el = now.saturating_sub(*t0);
+                if el < w {
+                    d = debt.saturating_sub(el * b);
+                }
+            }
+            state.push((b, w, c, d, s));
+        }
+        let refused = state.iter().take(enforced).any(|(b, w, c, d, _)| d + c > b * w);
+        let mut out = Vec::new();
+        for (i, (b, w, c, mut d, s)) in state.into_iter().enumerate() {
+            let h = b * w;
+            let fits = d + c <= h;
+            let retry = if fits { 0 } else { (d + c - h).div_ceil(b) };
+            let taken = fits && !refused;
+            if taken {
+                d += c;
+                self.records.insert(keys[i].clone(), (s, d));
+            }
+            out.extend([u64::from(fits), u64::from(taken), (h - d) / w, d.div_ceil(b), retry]);
+        }
+        let values: Vec<String> = out.iter().map(u64::to_string).collect();
+        CallAnswer { status: Some(200), body: format!(r#"{{"EVAL":[{}]}}"#, values.join(",")).into_bytes() }
+    }
+}
+
+const REDIS: &str = r#","state":{"backend":"redis","cluster":"bridge","key_prefix":"t","failure_mode":"closed"}"#;
+
+#[test]
+fn redis_budgets_are_shared_by_two_instances() {
+    let clock = Rc::new(Cell::new(T0));
+    let bridge = Rc::new(std::cell::RefCell::new(FakeBridge { records: HashMap::new(), now_ms: clock.clone() }));
+    let env_with = |bridge: &Rc<std::cell::RefCell<FakeBridge>>| {
+        let bridge = bridge.clone();
+        MemoryEnv { redis: Some(Box::new(move |c| bridge.borrow_mut().answer(c))), ..MemoryEnv::default() }
+    };
+    let (mut one, mut two) = (env_with(&bridge), env_with(&bridge));
+    let a = instance(&config(&[WITHDRAWALS], REDIS), &one);
+    let b = instance(&config(&[WITHDRAWALS], REDIS), &two);
+    let mut forwarded = 0;
+    for i in 0..20 {
+        let (factory, env) = if i % 2 == 0 { (&a, &mut one) } else { (&b, &mut two) };
+        let outcome = send(factory, env, &withdraw("acc-1", "5", "USD"));
+        assert_eq!(outcome.calls.len(), 1);
+        if outcome.passed() {
+            forwarded += 5;
+        } else {
+            assert_eq!(code(&outcome), Some("amount_limited"));
+            assert_eq!(header(&outcome, "ratelimit"), Some("\"withdrawals.USD\";r=0;t=86400"));
+        }
+    }
+    assert_eq!(forwarded, 20);
+    let over = send(&a, &mut one, &withdraw("acc-2", "21", "USD"));
+    assert_eq!(header(&over, "retry-after"), Some("86400"));
+    // Malformed bodies never reach Redis.
+    let malformed = send(&a, &mut one, &withdraw("acc-2", "-1", "USD"));
+    assert!(malformed.calls.is_empty());
+}
+
+#[test]
+fn redis_failures_follow_the_failure_mode() {
+    for (mode, expect_pass) in [("closed", false), ("open", true)] {
+        let json = config(&[WITHDRAWALS], &REDIS.replace("closed", mode));
+        for answer in [
+            None,
+            Some((Some(503), "")),
+            Some((Some(200), r#"{"EVAL":[false,"ERR firebreak: foreign amount-limit record"]}"#)),
+            Some((Some(200), r#"{"EVAL":[1,1]}"#)),
+        ] {
+            let mut env = match answer {
+                None => MemoryEnv::default(),
+                Some((status, body)) => {
+                    let body = body.as_bytes().to_vec();
+                    MemoryEnv {
+                        redis: Some(Box::new(move |_| CallAnswer { status, body: body.clone() })),
+                        ..MemoryEnv::default()
+                    }
+                }
+            };
+            let factory = instance(&json, &env);
+            let outcome = send(&factory, &mut env, &withdraw("a", "5", "USD"));
+            assert_eq!(outcome.passed(), expect_pass, "{mode} {answer:?}");
+            assert_eq!(outcome.counter("firebreak.amount_limit.redis.failed"), 1, "{mode} {answer:?}");
+            if expect_pass {
+                assert_eq!(outcome.counter("firebreak.amount_limit.state_unavailable_failed_open"), 1);
+            } else {
+                assert_eq!(code(&outcome), Some("state_unavailable"));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_counter_is_declared_at_configure_time() {
+    let env = MemoryEnv::default();
+    let factory = instance(&config(&[WITHDRAWALS], REDIS), &env);
+    let declared = factory.counters();
+    for name in [
+        "allowed",
+        "redis.calls",
+        "redis.failed",
+        "rule.withdrawals.limited",
+        "rule.withdrawals.allowed",
+        "rule.withdrawals.would_limit",
+    ] {
+        assert!(declared.iter().any(|d| d == name), "{name}");
+    }
+}
