@@ -24,6 +24,7 @@ use std::hash::Hasher;
 
 use sha2::{Digest, Sha256};
 use siphasher::sip::SipHasher13;
+use siphasher::sip128::Hasher128;
 
 /// Failure of a shared-data operation, as the host reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +63,8 @@ const MAX_CAS_ATTEMPTS: usize = 32;
 pub struct KeyHash([u8; 16]);
 
 impl KeyHash {
-    /// Hashes the parts of a key; parts are length-prefixed so ("ab","c") != ("a","bc").
+    /// SHA-256 (its first 16 bytes) of the parts of a key; parts are length-prefixed so
+    /// ("ab","c") != ("a","bc"). The same in every process: [`KeyHasher::Sha256`].
     pub fn of(parts: &[&[u8]]) -> Self {
         let mut hasher = Sha256::new();
         for part in parts {
@@ -91,8 +93,55 @@ impl KeyHash {
     }
 }
 
-/// Version of the `<prefix>:meta` value layout.
-const META_VERSION: u8 = 1;
+/// How a filter turns the parts of a record's key into a [`KeyHash`].
+///
+/// In-process tables (Envoy's shared data) take their fingerprints from a keyed fast hash,
+/// SipHash-1-3 with a 128-bit output, under a 16-byte secret that every VM of this Envoy shares
+/// (half of a table's placement secret, [`BucketTable::key_hasher`]): no client can compute a
+/// fingerprint, so none can aim two keys at one record. Keys named on Redis are shared by every
+/// Envoy of the deployment, which share no secret: their names keep SHA-256 ([`KeyHash::of`]),
+/// unchanged from earlier versions.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeyHasher {
+    /// SipHash-1-3-128 under this secret (in-process tables).
+    Keyed([u8; 16]),
+    /// SHA-256, unkeyed (names of records on Redis, the same on every replica).
+    Sha256,
+}
+
+impl std::fmt::Debug for KeyHasher {
+    // The secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyHasher::Keyed(_) => "KeyHasher::Keyed(..)",
+            KeyHasher::Sha256 => "KeyHasher::Sha256",
+        })
+    }
+}
+
+impl KeyHasher {
+    /// The fingerprint of a key's parts (length-prefixed, as in [`KeyHash::of`]).
+    pub fn of(&self, parts: &[&[u8]]) -> KeyHash {
+        match self {
+            KeyHasher::Sha256 => KeyHash::of(parts),
+            KeyHasher::Keyed(secret) => {
+                let mut hasher = siphasher::sip128::SipHasher13::new_with_key(secret);
+                for part in parts {
+                    hasher.write(&(part.len() as u64).to_be_bytes());
+                    hasher.write(part);
+                }
+                KeyHash(hasher.finish128().as_bytes())
+            }
+        }
+    }
+}
+
+/// Version of the `<prefix>:meta` value layout. Version 2: record fingerprints are keyed
+/// SipHash-1-3-128 ([`KeyHasher::Keyed`]); a version-1 table (SHA-256 fingerprints) is refused
+/// ([`BindError::Legacy`]), since its live records would not be found again.
+const META_VERSION: u8 = 2;
+/// The layout whose fingerprints were SHA-256.
+const META_VERSION_SHA256: u8 = 1;
 /// `<prefix>:meta`: version (1) | buckets (4, BE) | slots per bucket (2, BE) | max payload (2, BE)
 /// | placement secret (32).
 const META_LEN: usize = 1 + 4 + 2 + 2 + 32;
@@ -103,7 +152,8 @@ pub enum BindError {
     /// The table already exists in this Envoy's shared data with another geometry. `what` is
     /// `buckets`, `slots_per_bucket` or `max_payload`.
     GeometryChanged { what: &'static str, stored: u32, configured: u32 },
-    /// Buckets exist but no metadata: written by a Firebreak version without secret placement.
+    /// Written by an earlier Firebreak version: buckets without metadata (no secret placement),
+    /// or metadata of version 1 (SHA-256 record fingerprints, before [`KeyHasher::Keyed`]).
     Legacy,
     /// The metadata holds bytes this code did not write.
     Corrupt,
@@ -127,7 +177,7 @@ impl BindError {
             }
             BindError::Legacy => crate::ConfigError::new(
                 field,
-                format!("this Envoy's shared data holds this table as written by an earlier Firebreak version (without secret placement); its live records would become claimable again; {HOW}"),
+                format!("this Envoy's shared data holds this table as written by an earlier Firebreak version (without secret placement, or with SHA-256 record fingerprints); its live records would become claimable again; {HOW}"),
             ),
             BindError::Corrupt => crate::ConfigError::new(field, "the table's metadata in shared data is corrupt; refusing"),
             BindError::Unavailable => crate::ConfigError::new(field, "the table's metadata in shared data could not be read or written"),
@@ -274,6 +324,9 @@ impl BucketTable {
 
     /// Adopts the stored metadata, if its geometry is ours.
     fn adopt_meta(&mut self, bytes: &[u8]) -> Result<(), BindError> {
+        if bytes.len() == META_LEN && bytes.first() == Some(&META_VERSION_SHA256) {
+            return Err(BindError::Legacy);
+        }
         if bytes.len() != META_LEN || bytes.first() != Some(&META_VERSION) {
             return Err(BindError::Corrupt);
         }
@@ -336,6 +389,14 @@ impl BucketTable {
             }
         }
         Err(BindError::Unavailable)
+    }
+
+    /// The hasher of this table's record keys: SipHash-1-3-128 under the second half of the
+    /// placement secret (the first half places records in buckets), so every VM of this Envoy
+    /// computes the same fingerprints and no client can.
+    pub fn key_hasher(&self) -> KeyHasher {
+        let (_, second) = self.placement.split_at(16);
+        KeyHasher::Keyed(second.try_into().unwrap_or([0; 16]))
     }
 
     /// The bucket `key` lives in (secret placement).
@@ -922,6 +983,24 @@ mod tests {
 
     /// Every VM of an Envoy adopts the first one's secret; a changed geometry is refused; a
     /// table written without metadata (an earlier version) is refused rather than forgotten.
+    /// Record fingerprints of a bound table: keyed by its secret (every VM that adopts the secret
+    /// gets the same ones; another secret, others), length-prefixed, and not SHA-256.
+    #[test]
+    fn fingerprints_are_keyed_by_the_table_secret() {
+        let store = MemoryStore::default();
+        let first = bound("t", 16, 2, &store, 1).key_hasher();
+        let second = bound("t", 16, 2, &store, 2).key_hasher();
+        assert_eq!(first, second, "the adopted secret gives the same hasher");
+        let other = bound("t", 16, 2, &MemoryStore::default(), 2).key_hasher();
+        let parts: &[&[u8]] = &[b"nonce", b"demo-client", b"n-1"];
+        assert_eq!(first.of(parts), second.of(parts));
+        assert_ne!(first.of(parts), other.of(parts), "another secret, another fingerprint");
+        assert_ne!(first.of(parts), KeyHash::of(parts), "not SHA-256");
+        assert_eq!(KeyHasher::Sha256.of(parts), KeyHash::of(parts));
+        assert_ne!(first.of(&[b"ab", b"c"]), first.of(&[b"a", b"bc"]), "parts are length-prefixed");
+        assert_eq!(format!("{first:?}"), "KeyHasher::Keyed(..)", "the secret is never printed");
+    }
+
     #[test]
     fn binding_adopts_the_stored_secret_and_refuses_another_geometry() {
         let store = MemoryStore::default();
@@ -944,6 +1023,13 @@ mod tests {
         assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Legacy));
         legacy.set("t:meta", &[9, 9], 0).unwrap();
         assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Corrupt));
+        // Metadata of version 1: its records carry SHA-256 fingerprints, which the keyed hasher
+        // would not find again (live nonces would become claimable): refused the same way.
+        let v1 = MemoryStore::default();
+        let mut meta = table(4, 2).encode_meta(&[5; 32]);
+        meta[0] = META_VERSION_SHA256;
+        v1.set("t:meta", &meta, 0).unwrap();
+        assert_eq!(table(4, 2).bind(&v1, [1; 32]), Err(BindError::Legacy));
         // Racing creators: the loser's insert fails its CAS and it adopts the winner's secret.
         struct Racy<'a> {
             store: &'a MemoryStore,

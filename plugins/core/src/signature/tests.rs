@@ -547,8 +547,12 @@ fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
     };
     let v = verify_headers(&p, &view, NOW_MS).unwrap();
     let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
-    let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());
-    let quota = redis.key("sig:quota", crate::quota::tenant("key_id", "demo-client"));
+    let nonce = redis.key("sig:nonce", nonce_key(&p, &v).unwrap());
+    let quota = redis.key("sig:quota", crate::quota::tenant(&p.key_hasher(), "key_id", "demo-client"));
+    // Redis key names are SHA-256 as in earlier versions (the same on every replica, and across
+    // an upgrade): not the keyed hash of the local tables.
+    assert_eq!(p.key_hasher(), crate::store::KeyHasher::Sha256);
+    assert_eq!(nonce_key(&p, &v), Some(crate::store::KeyHash::of(&[b"nonce", b"demo-client", b"n-r"])));
     assert!(command.starts_with("EVALSHA/6768f79a1859f136ac4a1957749f4d95415a2c39/"), "{command}");
     assert!(command.ends_with(&format!("/2/{nonce}/{quota}/301000/7/306000")), "{command}");
     assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":1}"#), Ok(Ok(())));

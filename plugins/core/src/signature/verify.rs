@@ -391,10 +391,10 @@ pub fn verify_body(
     })
 }
 
-/// The key a nonce is recorded under (local table or Redis).
-pub fn nonce_key(verified: &VerifiedHeaders) -> Option<KeyHash> {
+/// The key a nonce is recorded under (local table or Redis: [`SignaturePolicy::key_hasher`]).
+pub fn nonce_key(policy: &SignaturePolicy, verified: &VerifiedHeaders) -> Option<KeyHash> {
     let nonce = verified.nonce.as_ref()?;
-    Some(KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
+    Some(policy.key_hasher().of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
 }
 
 /// Milliseconds a nonce must stay recorded on Redis (shared by replicas) from the moment it is
@@ -426,7 +426,7 @@ pub fn claim_nonce(
     verified: &VerifiedHeaders,
     now_ms: u64,
 ) -> Result<(), SigError> {
-    let Some(key) = nonce_key(verified) else { return Ok(()) };
+    let Some(key) = nonce_key(policy, verified) else { return Ok(()) };
     let expires_at_ms = verified.nonce_expires_at_ms;
     let table_error = |e: TableError| match e {
         TableError::Full => SigError::NonceStoreFull,
@@ -438,7 +438,7 @@ pub fn claim_nonce(
     }
     policy
         .nonce_quota
-        .charge(store, crate::quota::tenant("key_id", &verified.key_id), now_ms)
+        .charge(store, crate::quota::tenant(&policy.key_hasher(), "key_id", &verified.key_id), now_ms)
         .map_err(|e| match e {
             QuotaError::Exceeded => SigError::TenantQuotaExceeded,
             QuotaError::Table(e) => table_error(e),
@@ -473,8 +473,8 @@ pub fn nonce_claim_command(
     verified: &VerifiedHeaders,
     ttl_ms: u64,
 ) -> Option<Vec<u8>> {
-    let key = nonce_key(verified)?;
-    let tenant = crate::quota::tenant("key_id", &verified.key_id);
+    let key = nonce_key(policy, verified)?;
+    let tenant = crate::quota::tenant(&policy.key_hasher(), "key_id", &verified.key_id);
     let ttl_ms = ttl_ms.max(1);
     let window = policy.nonce_quota.window_ms.get().max(ttl_ms);
     Some(crate::remote::eval_command_keys(
