@@ -227,7 +227,8 @@ pub struct SlotAddress {
 /// ([`INSERT_IF_ABSENT_CAS`] when the bucket was absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketSnapshot {
-    prefix: String,
+    /// The table it was read from ([`BucketTable`]'s `id`).
+    table: u64,
     bucket: u32,
     slots: Vec<Option<Slot>>,
     cas: u32,
@@ -262,6 +263,9 @@ pub struct BucketTable {
     slots_per_bucket: u16,
     max_payload: u16,
     placement: [u8; 32],
+    /// A fingerprint of `prefix`, telling a snapshot of this table from one of another without
+    /// a copy of the prefix per read.
+    id: u64,
 }
 
 impl std::fmt::Debug for BucketTable {
@@ -284,12 +288,16 @@ impl BucketTable {
         slots_per_bucket: std::num::NonZeroU16,
         max_payload: u16,
     ) -> Self {
+        let prefix: String = prefix.into();
+        let mut id = SipHasher13::new_with_key(&[0; 16]);
+        id.write(prefix.as_bytes());
         BucketTable {
-            prefix: prefix.into(),
+            prefix,
             buckets: buckets.get(),
             slots_per_bucket: slots_per_bucket.get(),
             max_payload,
             placement: [0; 32],
+            id: id.finish(),
         }
     }
 
@@ -414,8 +422,42 @@ impl BucketTable {
         self.capacity() * (SLOT_OVERHEAD as u64 + u64::from(self.max_payload))
     }
 
+    /// Calls `f` with `<prefix>:<bucket>`, written on the stack when it fits (every shared-data
+    /// call names a bucket: no allocation for it).
+    fn with_bucket_key<R>(&self, bucket: u32, f: impl FnOnce(&str) -> R) -> R {
+        let mut digits = [0u8; 10];
+        let mut at = digits.len();
+        let mut rest = bucket;
+        loop {
+            at -= 1;
+            if let Some(digit) = digits.get_mut(at) {
+                *digit = b'0' + (rest % 10) as u8;
+            }
+            rest /= 10;
+            if rest == 0 || at == 0 {
+                break;
+            }
+        }
+        let digits = digits.get(at..).unwrap_or(&[]);
+        let prefix = self.prefix.as_bytes();
+        let mut buffer = [0u8; 96];
+        let len = prefix.len() + 1 + digits.len();
+        if let Some(out) = buffer.get_mut(..len) {
+            let (head, tail) = out.split_at_mut(prefix.len());
+            head.copy_from_slice(prefix);
+            if let Some((colon, number)) = tail.split_first_mut() {
+                *colon = b':';
+                number.copy_from_slice(digits);
+            }
+            if let Ok(key) = std::str::from_utf8(out) {
+                return f(key);
+            }
+        }
+        f(&self.bucket_key(bucket))
+    }
+
     fn bucket_key(&self, bucket: u32) -> String {
-        // `<prefix>:<bucket>` without the formatting machinery (every shared-data call makes one).
+        // `<prefix>:<bucket>` without the formatting machinery.
         let mut digits = [0u8; 10];
         let mut at = digits.len();
         let mut rest = bucket;
@@ -453,19 +495,19 @@ impl BucketTable {
     }
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
-        let (mut slots, cas) = match store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
+        let (mut slots, cas) = match self.with_bucket_key(bucket, |key| store.get(key)).map_err(|_| TableError::Unavailable)? {
             Some((bytes, cas)) => (self.decode(&bytes)?, cas),
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
         slots.resize(usize::from(self.slots_per_bucket), None);
-        Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
+        Ok(BucketSnapshot { table: self.id, bucket, slots, cas })
     }
 
     /// A bucket's bytes as this table wrote them. More slots than the table has, or a payload
     /// larger than it allows, are bytes it did not write: `Corrupt` (cutting the slots down would
     /// forget live records).
     fn decode(&self, bytes: &[u8]) -> Result<Vec<Option<Slot>>, TableError> {
-        let slots = decode_bucket(bytes).ok_or(TableError::Corrupt)?;
+        let slots = decode_bucket(bytes, usize::from(self.slots_per_bucket)).ok_or(TableError::Corrupt)?;
         if slots.len() > usize::from(self.slots_per_bucket)
             || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
         {
@@ -502,8 +544,8 @@ impl BucketTable {
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
         let bucket = self.bucket_of(key);
-        let mut earlier = snapshot
-            .filter(|s| s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket));
+        let mut earlier =
+            snapshot.filter(|s| s.bucket == bucket && s.table == self.id && s.slots.len() == usize::from(self.slots_per_bucket));
         for _ in 0..MAX_CAS_ATTEMPTS {
             let from_earlier = earlier.is_some();
             let BucketSnapshot { mut slots, cas, .. } = match earlier.take() {
@@ -540,7 +582,8 @@ impl BucketTable {
                     if let Some(slot) = slots.get_mut(usize::from(index)) {
                         *slot = Some(Slot { key, expires_at_ms, payload });
                     }
-                    match store.set(&self.bucket_key(bucket), &encode_bucket(&slots)?, cas) {
+                    let bytes = encode_bucket(&slots)?;
+                    match self.with_bucket_key(bucket, |key| store.set(key, &bytes, cas)) {
                         Ok(()) => return Ok((result, SlotAddress { bucket, slot: index })),
                         Err(StoreError::CasMismatch) => continue,
                         Err(StoreError::Unavailable) => return Err(TableError::Unavailable),
@@ -584,8 +627,8 @@ fn encode_bucket(slots: &[Option<Slot>]) -> Result<Vec<u8>, TableError> {
     Ok(out)
 }
 
-fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
-    let mut slots = Vec::new();
+fn decode_bucket(mut bytes: &[u8], capacity: usize) -> Option<Vec<Option<Slot>>> {
+    let mut slots = Vec::with_capacity(capacity);
     while let Some((&tag, rest)) = bytes.split_first() {
         bytes = rest;
         match tag {
@@ -614,7 +657,7 @@ fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
 /// bucket must re-encode to the same bytes.
 #[doc(hidden)]
 pub fn reencode_bucket(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
-    let slots = decode_bucket(bytes)?;
+    let slots = decode_bucket(bytes, 0)?;
     Some((slots.len(), encode_bucket(&slots).ok()?))
 }
 
@@ -785,7 +828,11 @@ mod tests {
         let t = table(1, 1);
         for (bucket, key) in [(0, "t:0"), (7, "t:7"), (10, "t:10"), (65_536, "t:65536"), (u32::MAX, "t:4294967295")] {
             assert_eq!(t.bucket_key(bucket), key);
+            assert_eq!(t.with_bucket_key(bucket, str::to_string), key);
         }
+        // A prefix too long for the stack buffer: the same key, from the heap.
+        let long = BucketTable::new("p".repeat(120), NonZeroU32::new(1).unwrap(), NonZeroU16::new(1).unwrap(), 8);
+        assert_eq!(long.with_bucket_key(42, str::to_string), format!("{}:42", "p".repeat(120)));
     }
 
     fn claim(table: &BucketTable, store: &dyn SharedStore, key: &str, now: u64) -> Result<bool, TableError> {

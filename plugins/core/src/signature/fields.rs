@@ -428,6 +428,12 @@ impl<'a> Cursor<'a> {
         self.advance();
         let start = self.i;
         loop {
+            // Plain characters in one tight scan; the byte it stops at decides.
+            let rest = self.s.as_bytes().get(self.i..).unwrap_or(&[]);
+            self.i += rest
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x7f).contains(&c))
+                .unwrap_or(rest.len());
             match self.peek() {
                 None | Some(0x00..=0x1f | 0x7f..=0xff) => return Err(FieldError::Syntax),
                 Some(b'"') => {
@@ -581,6 +587,9 @@ impl<'a> Cursor<'a> {
     /// [`MAX_PARAMS`] keys; beyond them, canonical is `false`.
     fn params(&mut self, track: Track) -> Result<(Params<'a>, bool, Tracked), FieldError> {
         let start = self.i;
+        if self.peek() != Some(b';') {
+            return Ok((Params(""), true, Tracked::default()));
+        }
         let mut canonical = true;
         let mut tracked = Tracked::default();
         let mut keys: [&str; MAX_PARAMS] = [""; MAX_PARAMS];

@@ -168,14 +168,38 @@ pub fn client_principal_copies<'a>(
 
 /// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
 pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_ms: u64) -> Result<VerifiedHeaders, SigError> {
-    for name in SINGLE_VALUED_HEADERS.iter().copied().chain([policy.principal_header.as_str()]) {
-        if request.header_count(name) > 1 {
+    // One pass over the headers: the single-valued ones counted, the two fields found.
+    let (mut input, mut signature) = (None, None);
+    let (mut inputs, mut signatures, mut digests, mut principals) = (0usize, 0usize, 0usize, 0usize);
+    for (name, value) in request.headers {
+        match name.as_str() {
+            "signature" => {
+                signatures += 1;
+                signature = signature.or(Some(value.as_str()));
+            }
+            "signature-input" => {
+                inputs += 1;
+                input = input.or(Some(value.as_str()));
+            }
+            "content-digest" => digests += 1,
+            _ => {}
+        }
+        if *name == policy.principal_header {
+            principals += 1;
+        }
+    }
+    // In the order of SINGLE_VALUED_HEADERS, then the principal header.
+    for (name, count) in SINGLE_VALUED_HEADERS
+        .iter()
+        .copied()
+        .zip([signatures, inputs, digests])
+        .chain([(policy.principal_header.as_str(), principals)])
+    {
+        if count > 1 {
             return Err(SigError::DuplicateHeader(name.to_string()));
         }
     }
-    let (Some(input), Some(signature)) =
-        (request.header_values("signature-input").next(), request.header_values("signature").next())
-    else {
+    let (Some(input), Some(signature)) = (input, signature) else {
         return Err(SigError::Missing);
     };
     if input.len() > MAX_SIGNATURE_HEADER_LEN || signature.len() > MAX_SIGNATURE_HEADER_LEN {
