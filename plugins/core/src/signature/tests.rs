@@ -183,6 +183,49 @@ fn a_signed_request_passes_once() {
     assert_eq!(check(&p, &store, &other, NOW_MS), "ok");
 }
 
+/// The `@signature-params` line is the serialization of the inner list: the received bytes when
+/// canonical, else the canonical form written from what was parsed (what a signer that
+/// serializes signed). A repeated parameter or label, which two verifiers could read two ways, is
+/// refused.
+#[test]
+fn signature_params_are_the_inner_list_serialized_and_repeats_are_refused() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let set = |req: &mut Req, name: &str, f: &dyn Fn(&str) -> String| {
+        for (n, v) in req.headers.iter_mut() {
+            if n == name {
+                *v = f(v);
+            }
+        }
+    };
+    let canonical = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    assert_eq!(check(&p, &fresh(), &canonical, NOW_MS), "ok");
+    // Not canonical, same inner list: verifies over the canonical form.
+    for rewrite in [
+        &(|v: &str| v.replacen("sig1=(", "sig1=(  ", 1)) as &dyn Fn(&str) -> String,
+        &|v: &str| v.replacen("\" \"", "\"   \"", 1),
+        &|v: &str| v.replace(';', "; "),
+        &|v: &str| v.replacen(";created=", ";created=000", 1),
+        &|v: &str| format!("  {v}  "),
+    ] {
+        let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+        set(&mut r, "signature-input", rewrite);
+        let value = r.headers.iter().find(|(n, _)| n == "signature-input").unwrap().1.clone();
+        assert_eq!(check(&p, &fresh(), &r, NOW_MS), "ok", "{value}");
+    }
+    // A different inner list is a different line: the MAC fails.
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature-input", &|v| format!("{v};tag=\"x\""));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+    // Repeats: refused before anything else is read.
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature-input", &|v| format!("{v};nonce=\"n-other\""));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_malformed");
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature", &|v| format!("{v}, {v}"));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_malformed");
+}
+
 #[test]
 fn tampering_is_rejected() {
     let p = policy();
