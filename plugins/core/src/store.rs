@@ -126,10 +126,28 @@ impl KeyHasher {
             KeyHasher::Sha256 => KeyHash::of(parts),
             KeyHasher::Keyed(secret) => {
                 let mut hasher = siphasher::sip128::SipHasher13::new_with_key(secret);
+                // One write of the whole length-prefixed input when it fits on the stack (the
+                // same stream as a write per piece, without the per-write tail handling).
+                let mut buffer = [0u8; 160];
+                let mut len = 0usize;
                 for part in parts {
-                    hasher.write(&(part.len() as u64).to_be_bytes());
-                    hasher.write(part);
+                    let end = len + 8 + part.len();
+                    match buffer.get_mut(len..end) {
+                        Some(out) => {
+                            let (prefix, bytes) = out.split_at_mut(8);
+                            prefix.copy_from_slice(&(part.len() as u64).to_be_bytes());
+                            bytes.copy_from_slice(part);
+                            len = end;
+                        }
+                        None => {
+                            hasher.write(buffer.get(..len).unwrap_or(&[]));
+                            len = 0;
+                            hasher.write(&(part.len() as u64).to_be_bytes());
+                            hasher.write(part);
+                        }
+                    }
                 }
+                hasher.write(buffer.get(..len).unwrap_or(&[]));
                 KeyHash(hasher.finish128().as_bytes())
             }
         }
@@ -1045,6 +1063,20 @@ mod tests {
         assert_ne!(first.of(parts), KeyHash::of(parts), "not SHA-256");
         assert_eq!(KeyHasher::Sha256.of(parts), KeyHash::of(parts));
         assert_ne!(first.of(&[b"ab", b"c"]), first.of(&[b"a", b"bc"]), "parts are length-prefixed");
+        // Parts too long for the stack buffer hash as the same stream as short ones would.
+        let long = vec![7u8; 300];
+        let mut stream = siphasher::sip128::SipHasher13::new_with_key(&[9; 16]);
+        for part in [&b"x"[..], &long, b"y"] {
+            stream.write(&(part.len() as u64).to_be_bytes());
+            stream.write(part);
+        }
+        assert_eq!(KeyHasher::Keyed([9; 16]).of(&[b"x", &long, b"y"]), KeyHash(stream.finish128().as_bytes()));
+        let mut stream = siphasher::sip128::SipHasher13::new_with_key(&[9; 16]);
+        for part in [&b"nonce"[..], b"k", b"n"] {
+            stream.write(&(part.len() as u64).to_be_bytes());
+            stream.write(part);
+        }
+        assert_eq!(KeyHasher::Keyed([9; 16]).of(&[b"nonce", b"k", b"n"]), KeyHash(stream.finish128().as_bytes()));
         assert_eq!(format!("{first:?}"), "KeyHasher::Keyed(..)", "the secret is never printed");
     }
 
