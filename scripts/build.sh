@@ -24,9 +24,6 @@ done
 # the tests only (target/native-faults/libfirebreak.so: a request can make a hook panic).
 cargo build --quiet --profile native -p firebreak-native --features fault-injection
 mkdir -p target/native-faults
-# A new file, not a write into the old one: a target/ hard-linked from another checkout
-# (`cp -al`) shares the old file's inode, and `cp` onto it would change that checkout's copy too.
-rm -f target/native-faults/libfirebreak.so
 cp target/native/libfirebreak.so target/native-faults/libfirebreak.so
 cargo build --quiet --profile native -p firebreak-native
 echo "built target/native/libfirebreak.so ($(stat -c %s target/native/libfirebreak.so) bytes)"
