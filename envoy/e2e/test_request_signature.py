@@ -290,6 +290,50 @@ def test_a_request_signed_by_an_independent_rfc9421_library_passes(demo_api, gat
     assert demo_api.executed(ref) == 1
 
 
+def _independently_signed(gateway, ref):
+    """A request signed by the independent RFC 9421 library, and its verifier."""
+    from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, MappingKeyResolver, algorithms
+
+    secret = base64.b64decode(harness.DEMO_SECRET_B64)
+    keys = MappingKeyResolver(public_keys={"demo-client": secret}, private_keys={"demo-client": secret})
+    signer = HTTPMessageSigner(signature_algorithm=algorithms.HMAC_SHA256, key_resolver=keys)
+    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.HMAC_SHA256, key_resolver=keys)
+    body = transfer_body(ref)
+    request = requests.Request("POST", gateway.url("/v1/transfers?channel=a"), data=body,
+                               headers={"Content-Type": "application/json"}).prepare()
+    signer.sign(request, key_id="demo-client", nonce=uuid.uuid4().hex, label="sig1", body=body)
+    return request, verifier, body
+
+
+def test_a_signature_input_not_in_canonical_form_verifies_as_the_independent_library_reads_it(demo_api, gateway):
+    # The @signature-params line is the serialization of the inner list (RFC 9421 2.3): the
+    # received bytes when canonical, else the canonical form. Spaces inside the parentheses and
+    # after `;` change the bytes, not the inner list: the independent library's verifier (which
+    # re-serializes) accepts the rewritten field, and so does the filter.
+    ref = new_ref()
+    request, verifier, body = _independently_signed(gateway, ref)
+    canonical = request.headers["Signature-Input"]
+    assert canonical.startswith('sig1=("')
+    spaced = canonical.replace('sig1=("', 'sig1=(  "', 1).replace('")', '" )', 1).replace(";", "; ")
+    assert spaced != canonical
+    request.headers["Signature-Input"] = spaced
+    assert verifier.verify(request, body=body), "the independent library accepts the rewritten field"
+    response = requests.Session().send(request, timeout=10)
+    assert response.status_code == 201, response.text
+    assert demo_api.executed(ref) == 1
+
+
+def test_a_repeated_signature_parameter_is_refused(demo_api, gateway):
+    # RFC 9651 would let the last `nonce` win; a verifier that took the first would act on
+    # another value under the same MAC: refused instead.
+    ref = new_ref()
+    request, _, _ = _independently_signed(gateway, ref)
+    request.headers["Signature-Input"] += ';nonce="another"'
+    response = requests.Session().send(request, timeout=10)
+    assert (response.status_code, response.headers.get("x-firebreak-error")) == (400, "signature_malformed"), response.text
+    assert demo_api.executed(ref) == 0
+
+
 def test_invalid_configuration_refuses_to_start_and_names_the_field(demo_api):
     for overrides, field in [({"max_age_seconds": 0}, "max_age_seconds"),
                              ({"keys": [{"id": "k", "secret_env": "FIREBREAK_NOT_SET"}]}, "keys[0].secret_env"),

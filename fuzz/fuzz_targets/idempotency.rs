@@ -12,6 +12,7 @@
 
 use arbitrary::Arbitrary;
 use firebreak_core::replay::{body_sha256, key_hash, parse_idempotency_key, Exchange, ReplayPolicy, RequestFacts};
+use firebreak_core::store::KeyHasher;
 use firebreak_fuzz::{check_rejection, codes_of};
 use libfuzzer_sys::fuzz_target;
 
@@ -52,7 +53,10 @@ fuzz_target!(|input: Input| {
     let a = (&input.route.0, input.principal.0.as_deref(), &input.key.0);
     let b = (&input.route.1, input.principal.1.as_deref(), &input.key.1);
     if a != b {
-        assert_ne!(key_hash(a.0, a.1, a.2), key_hash(b.0, b.1, b.2), "two keys share a record: {a:?} {b:?}");
+        // Both hashers: the keyed one of local tables and SHA-256 of Redis names.
+        for hasher in [KeyHasher::Keyed([7; 16]), KeyHasher::Sha256] {
+            assert_ne!(key_hash(&hasher, a.0, a.1, a.2), key_hash(&hasher, b.0, b.1, b.2), "two keys share a record: {a:?} {b:?}");
+        }
     }
 
     let policy = policy();

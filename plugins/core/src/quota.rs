@@ -14,7 +14,7 @@
 
 use std::num::{NonZeroU32, NonZeroU64};
 
-use crate::store::{BindError, BucketTable, KeyHash, SharedStore, TableError, Update};
+use crate::store::{BindError, BucketTable, KeyHash, KeyHasher, SharedStore, TableError, Update};
 use crate::ConfigError;
 
 /// Bytes of a quota record: window start (8, BE) | count (4, BE).
@@ -108,9 +108,10 @@ impl TenantQuota {
     }
 }
 
-/// The tenant key of a quota record: `kind` (`key_id`, `principal`, `route`) and the name.
-pub fn tenant(kind: &str, name: &str) -> KeyHash {
-    KeyHash::of(&[b"tenant", kind.as_bytes(), name.as_bytes()])
+/// The tenant key of a quota record: `kind` (`key_id`, `principal`, `route`) and the name,
+/// under the filter's hasher.
+pub fn tenant(hasher: &KeyHasher, kind: &str, name: &str) -> KeyHash {
+    hasher.of(&[b"tenant", kind.as_bytes(), name.as_bytes()])
 }
 
 fn encode(start: u64, count: u32) -> Vec<u8> {
@@ -141,7 +142,7 @@ mod tests {
     fn a_tenant_gets_its_limit_per_window_and_others_are_unaffected() {
         let store = MemoryStore::default();
         let q = quota(2, 1000);
-        let (a, b) = (tenant("key_id", "a"), tenant("key_id", "b"));
+        let (a, b) = (tenant(&KeyHasher::Keyed([3; 16]), "key_id", "a"), tenant(&KeyHasher::Keyed([3; 16]), "key_id", "b"));
         assert_eq!(q.charge(&store, a, 0), Ok(()));
         assert_eq!(q.charge(&store, a, 10), Ok(()));
         assert_eq!(q.charge(&store, a, 20), Err(QuotaError::Exceeded));

@@ -24,6 +24,7 @@ use std::hash::Hasher;
 
 use sha2::{Digest, Sha256};
 use siphasher::sip::SipHasher13;
+use siphasher::sip128::Hasher128;
 
 /// Failure of a shared-data operation, as the host reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +63,8 @@ const MAX_CAS_ATTEMPTS: usize = 32;
 pub struct KeyHash([u8; 16]);
 
 impl KeyHash {
-    /// Hashes the parts of a key; parts are length-prefixed so ("ab","c") != ("a","bc").
+    /// SHA-256 (its first 16 bytes) of the parts of a key; parts are length-prefixed so
+    /// ("ab","c") != ("a","bc"). The same in every process: [`KeyHasher::Sha256`].
     pub fn of(parts: &[&[u8]]) -> Self {
         let mut hasher = Sha256::new();
         for part in parts {
@@ -91,8 +93,73 @@ impl KeyHash {
     }
 }
 
-/// Version of the `<prefix>:meta` value layout.
-const META_VERSION: u8 = 1;
+/// How a filter turns the parts of a record's key into a [`KeyHash`].
+///
+/// In-process tables (Envoy's shared data) take their fingerprints from a keyed fast hash,
+/// SipHash-1-3 with a 128-bit output, under a 16-byte secret that every VM of this Envoy shares
+/// (half of a table's placement secret, [`BucketTable::key_hasher`]): no client can compute a
+/// fingerprint, so none can aim two keys at one record. Keys named on Redis are shared by every
+/// Envoy of the deployment, which share no secret: their names keep SHA-256 ([`KeyHash::of`]),
+/// unchanged from earlier versions.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeyHasher {
+    /// SipHash-1-3-128 under this secret (in-process tables).
+    Keyed([u8; 16]),
+    /// SHA-256, unkeyed (names of records on Redis, the same on every replica).
+    Sha256,
+}
+
+impl std::fmt::Debug for KeyHasher {
+    // The secret is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyHasher::Keyed(_) => "KeyHasher::Keyed(..)",
+            KeyHasher::Sha256 => "KeyHasher::Sha256",
+        })
+    }
+}
+
+impl KeyHasher {
+    /// The fingerprint of a key's parts (length-prefixed, as in [`KeyHash::of`]).
+    pub fn of(&self, parts: &[&[u8]]) -> KeyHash {
+        match self {
+            KeyHasher::Sha256 => KeyHash::of(parts),
+            KeyHasher::Keyed(secret) => {
+                let mut hasher = siphasher::sip128::SipHasher13::new_with_key(secret);
+                // One write of the whole length-prefixed input when it fits on the stack (the
+                // same stream as a write per piece, without the per-write tail handling).
+                let mut buffer = [0u8; 160];
+                let mut len = 0usize;
+                for part in parts {
+                    let end = len + 8 + part.len();
+                    match buffer.get_mut(len..end) {
+                        Some(out) => {
+                            let (prefix, bytes) = out.split_at_mut(8);
+                            prefix.copy_from_slice(&(part.len() as u64).to_be_bytes());
+                            bytes.copy_from_slice(part);
+                            len = end;
+                        }
+                        None => {
+                            hasher.write(buffer.get(..len).unwrap_or(&[]));
+                            len = 0;
+                            hasher.write(&(part.len() as u64).to_be_bytes());
+                            hasher.write(part);
+                        }
+                    }
+                }
+                hasher.write(buffer.get(..len).unwrap_or(&[]));
+                KeyHash(hasher.finish128().as_bytes())
+            }
+        }
+    }
+}
+
+/// Version of the `<prefix>:meta` value layout. Version 2: record fingerprints are keyed
+/// SipHash-1-3-128 ([`KeyHasher::Keyed`]); a version-1 table (SHA-256 fingerprints) is refused
+/// ([`BindError::Legacy`]), since its live records would not be found again.
+const META_VERSION: u8 = 2;
+/// The layout whose fingerprints were SHA-256.
+const META_VERSION_SHA256: u8 = 1;
 /// `<prefix>:meta`: version (1) | buckets (4, BE) | slots per bucket (2, BE) | max payload (2, BE)
 /// | placement secret (32).
 const META_LEN: usize = 1 + 4 + 2 + 2 + 32;
@@ -103,7 +170,8 @@ pub enum BindError {
     /// The table already exists in this Envoy's shared data with another geometry. `what` is
     /// `buckets`, `slots_per_bucket` or `max_payload`.
     GeometryChanged { what: &'static str, stored: u32, configured: u32 },
-    /// Buckets exist but no metadata: written by a Firebreak version without secret placement.
+    /// Written by an earlier Firebreak version: buckets without metadata (no secret placement),
+    /// or metadata of version 1 (SHA-256 record fingerprints, before [`KeyHasher::Keyed`]).
     Legacy,
     /// The metadata holds bytes this code did not write.
     Corrupt,
@@ -127,7 +195,7 @@ impl BindError {
             }
             BindError::Legacy => crate::ConfigError::new(
                 field,
-                format!("this Envoy's shared data holds this table as written by an earlier Firebreak version (without secret placement); its live records would become claimable again; {HOW}"),
+                format!("this Envoy's shared data holds this table as written by an earlier Firebreak version (without secret placement, or with SHA-256 record fingerprints); its live records would become claimable again; {HOW}"),
             ),
             BindError::Corrupt => crate::ConfigError::new(field, "the table's metadata in shared data is corrupt; refusing"),
             BindError::Unavailable => crate::ConfigError::new(field, "the table's metadata in shared data could not be read or written"),
@@ -177,7 +245,8 @@ pub struct SlotAddress {
 /// ([`INSERT_IF_ABSENT_CAS`] when the bucket was absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketSnapshot {
-    prefix: String,
+    /// The table it was read from ([`BucketTable`]'s `id`).
+    table: u64,
     bucket: u32,
     slots: Vec<Option<Slot>>,
     cas: u32,
@@ -212,6 +281,9 @@ pub struct BucketTable {
     slots_per_bucket: u16,
     max_payload: u16,
     placement: [u8; 32],
+    /// A fingerprint of `prefix`, telling a snapshot of this table from one of another without
+    /// a copy of the prefix per read.
+    id: u64,
 }
 
 impl std::fmt::Debug for BucketTable {
@@ -234,12 +306,16 @@ impl BucketTable {
         slots_per_bucket: std::num::NonZeroU16,
         max_payload: u16,
     ) -> Self {
+        let prefix: String = prefix.into();
+        let mut id = SipHasher13::new_with_key(&[0; 16]);
+        id.write(prefix.as_bytes());
         BucketTable {
-            prefix: prefix.into(),
+            prefix,
             buckets: buckets.get(),
             slots_per_bucket: slots_per_bucket.get(),
             max_payload,
             placement: [0; 32],
+            id: id.finish(),
         }
     }
 
@@ -274,6 +350,9 @@ impl BucketTable {
 
     /// Adopts the stored metadata, if its geometry is ours.
     fn adopt_meta(&mut self, bytes: &[u8]) -> Result<(), BindError> {
+        if bytes.len() == META_LEN && bytes.first() == Some(&META_VERSION_SHA256) {
+            return Err(BindError::Legacy);
+        }
         if bytes.len() != META_LEN || bytes.first() != Some(&META_VERSION) {
             return Err(BindError::Corrupt);
         }
@@ -338,6 +417,14 @@ impl BucketTable {
         Err(BindError::Unavailable)
     }
 
+    /// The hasher of this table's record keys: SipHash-1-3-128 under the second half of the
+    /// placement secret (the first half places records in buckets), so every VM of this Envoy
+    /// computes the same fingerprints and no client can.
+    pub fn key_hasher(&self) -> KeyHasher {
+        let (_, second) = self.placement.split_at(16);
+        KeyHasher::Keyed(second.try_into().unwrap_or([0; 16]))
+    }
+
     /// The bucket `key` lives in (secret placement).
     pub fn bucket_of(&self, key: KeyHash) -> u32 {
         key.bucket_index(&self.placement, self.buckets)
@@ -353,8 +440,42 @@ impl BucketTable {
         self.capacity() * (SLOT_OVERHEAD as u64 + u64::from(self.max_payload))
     }
 
+    /// Calls `f` with `<prefix>:<bucket>`, written on the stack when it fits (every shared-data
+    /// call names a bucket: no allocation for it).
+    fn with_bucket_key<R>(&self, bucket: u32, f: impl FnOnce(&str) -> R) -> R {
+        let mut digits = [0u8; 10];
+        let mut at = digits.len();
+        let mut rest = bucket;
+        loop {
+            at -= 1;
+            if let Some(digit) = digits.get_mut(at) {
+                *digit = b'0' + (rest % 10) as u8;
+            }
+            rest /= 10;
+            if rest == 0 || at == 0 {
+                break;
+            }
+        }
+        let digits = digits.get(at..).unwrap_or(&[]);
+        let prefix = self.prefix.as_bytes();
+        let mut buffer = [0u8; 96];
+        let len = prefix.len() + 1 + digits.len();
+        if let Some(out) = buffer.get_mut(..len) {
+            let (head, tail) = out.split_at_mut(prefix.len());
+            head.copy_from_slice(prefix);
+            if let Some((colon, number)) = tail.split_first_mut() {
+                *colon = b':';
+                number.copy_from_slice(digits);
+            }
+            if let Ok(key) = std::str::from_utf8(out) {
+                return f(key);
+            }
+        }
+        f(&self.bucket_key(bucket))
+    }
+
     fn bucket_key(&self, bucket: u32) -> String {
-        // `<prefix>:<bucket>` without the formatting machinery (every shared-data call makes one).
+        // `<prefix>:<bucket>` without the formatting machinery.
         let mut digits = [0u8; 10];
         let mut at = digits.len();
         let mut rest = bucket;
@@ -392,19 +513,19 @@ impl BucketTable {
     }
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
-        let (mut slots, cas) = match store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
+        let (mut slots, cas) = match self.with_bucket_key(bucket, |key| store.get(key)).map_err(|_| TableError::Unavailable)? {
             Some((bytes, cas)) => (self.decode(&bytes)?, cas),
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
         slots.resize(usize::from(self.slots_per_bucket), None);
-        Ok(BucketSnapshot { prefix: self.prefix.clone(), bucket, slots, cas })
+        Ok(BucketSnapshot { table: self.id, bucket, slots, cas })
     }
 
     /// A bucket's bytes as this table wrote them. More slots than the table has, or a payload
     /// larger than it allows, are bytes it did not write: `Corrupt` (cutting the slots down would
     /// forget live records).
     fn decode(&self, bytes: &[u8]) -> Result<Vec<Option<Slot>>, TableError> {
-        let slots = decode_bucket(bytes).ok_or(TableError::Corrupt)?;
+        let slots = decode_bucket(bytes, usize::from(self.slots_per_bucket)).ok_or(TableError::Corrupt)?;
         if slots.len() > usize::from(self.slots_per_bucket)
             || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
         {
@@ -441,8 +562,8 @@ impl BucketTable {
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
         let bucket = self.bucket_of(key);
-        let mut earlier = snapshot
-            .filter(|s| s.bucket == bucket && s.prefix == self.prefix && s.slots.len() == usize::from(self.slots_per_bucket));
+        let mut earlier =
+            snapshot.filter(|s| s.bucket == bucket && s.table == self.id && s.slots.len() == usize::from(self.slots_per_bucket));
         for _ in 0..MAX_CAS_ATTEMPTS {
             let from_earlier = earlier.is_some();
             let BucketSnapshot { mut slots, cas, .. } = match earlier.take() {
@@ -479,7 +600,8 @@ impl BucketTable {
                     if let Some(slot) = slots.get_mut(usize::from(index)) {
                         *slot = Some(Slot { key, expires_at_ms, payload });
                     }
-                    match store.set(&self.bucket_key(bucket), &encode_bucket(&slots)?, cas) {
+                    let bytes = encode_bucket(&slots)?;
+                    match self.with_bucket_key(bucket, |key| store.set(key, &bytes, cas)) {
                         Ok(()) => return Ok((result, SlotAddress { bucket, slot: index })),
                         Err(StoreError::CasMismatch) => continue,
                         Err(StoreError::Unavailable) => return Err(TableError::Unavailable),
@@ -536,8 +658,8 @@ fn encode_bucket(slots: &[Option<Slot>]) -> Result<Vec<u8>, TableError> {
     Ok(out)
 }
 
-fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
-    let mut slots = Vec::new();
+fn decode_bucket(mut bytes: &[u8], capacity: usize) -> Option<Vec<Option<Slot>>> {
+    let mut slots = Vec::with_capacity(capacity);
     while let Some((&tag, rest)) = bytes.split_first() {
         bytes = rest;
         match tag {
@@ -566,7 +688,7 @@ fn decode_bucket(mut bytes: &[u8]) -> Option<Vec<Option<Slot>>> {
 /// bucket must re-encode to the same bytes.
 #[doc(hidden)]
 pub fn reencode_bucket(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
-    let slots = decode_bucket(bytes)?;
+    let slots = decode_bucket(bytes, 0)?;
     Some((slots.len(), encode_bucket(&slots).ok()?))
 }
 
@@ -872,7 +994,11 @@ mod tests {
         let t = table(1, 1);
         for (bucket, key) in [(0, "t:0"), (7, "t:7"), (10, "t:10"), (65_536, "t:65536"), (u32::MAX, "t:4294967295")] {
             assert_eq!(t.bucket_key(bucket), key);
+            assert_eq!(t.with_bucket_key(bucket, str::to_string), key);
         }
+        // A prefix too long for the stack buffer: the same key, from the heap.
+        let long = BucketTable::new("p".repeat(120), NonZeroU32::new(1).unwrap(), NonZeroU16::new(1).unwrap(), 8);
+        assert_eq!(long.with_bucket_key(42, str::to_string), format!("{}:42", "p".repeat(120)));
     }
 
     fn claim(table: &BucketTable, store: &dyn SharedStore, key: &str, now: u64) -> Result<bool, TableError> {
@@ -1070,6 +1196,38 @@ mod tests {
 
     /// Every VM of an Envoy adopts the first one's secret; a changed geometry is refused; a
     /// table written without metadata (an earlier version) is refused rather than forgotten.
+    /// Record fingerprints of a bound table: keyed by its secret (every VM that adopts the secret
+    /// gets the same ones; another secret, others), length-prefixed, and not SHA-256.
+    #[test]
+    fn fingerprints_are_keyed_by_the_table_secret() {
+        let store = MemoryStore::default();
+        let first = bound("t", 16, 2, &store, 1).key_hasher();
+        let second = bound("t", 16, 2, &store, 2).key_hasher();
+        assert_eq!(first, second, "the adopted secret gives the same hasher");
+        let other = bound("t", 16, 2, &MemoryStore::default(), 2).key_hasher();
+        let parts: &[&[u8]] = &[b"nonce", b"demo-client", b"n-1"];
+        assert_eq!(first.of(parts), second.of(parts));
+        assert_ne!(first.of(parts), other.of(parts), "another secret, another fingerprint");
+        assert_ne!(first.of(parts), KeyHash::of(parts), "not SHA-256");
+        assert_eq!(KeyHasher::Sha256.of(parts), KeyHash::of(parts));
+        assert_ne!(first.of(&[b"ab", b"c"]), first.of(&[b"a", b"bc"]), "parts are length-prefixed");
+        // Parts too long for the stack buffer hash as the same stream as short ones would.
+        let long = vec![7u8; 300];
+        let mut stream = siphasher::sip128::SipHasher13::new_with_key(&[9; 16]);
+        for part in [&b"x"[..], &long, b"y"] {
+            stream.write(&(part.len() as u64).to_be_bytes());
+            stream.write(part);
+        }
+        assert_eq!(KeyHasher::Keyed([9; 16]).of(&[b"x", &long, b"y"]), KeyHash(stream.finish128().as_bytes()));
+        let mut stream = siphasher::sip128::SipHasher13::new_with_key(&[9; 16]);
+        for part in [&b"nonce"[..], b"k", b"n"] {
+            stream.write(&(part.len() as u64).to_be_bytes());
+            stream.write(part);
+        }
+        assert_eq!(KeyHasher::Keyed([9; 16]).of(&[b"nonce", b"k", b"n"]), KeyHash(stream.finish128().as_bytes()));
+        assert_eq!(format!("{first:?}"), "KeyHasher::Keyed(..)", "the secret is never printed");
+    }
+
     #[test]
     fn binding_adopts_the_stored_secret_and_refuses_another_geometry() {
         let store = MemoryStore::default();
@@ -1092,6 +1250,13 @@ mod tests {
         assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Legacy));
         legacy.set("t:meta", &[9, 9], 0).unwrap();
         assert_eq!(t.bind(&legacy, [1; 32]), Err(BindError::Corrupt));
+        // Metadata of version 1: its records carry SHA-256 fingerprints, which the keyed hasher
+        // would not find again (live nonces would become claimable): refused the same way.
+        let v1 = MemoryStore::default();
+        let mut meta = table(4, 2).encode_meta(&[5; 32]);
+        meta[0] = META_VERSION_SHA256;
+        v1.set("t:meta", &meta, 0).unwrap();
+        assert_eq!(table(4, 2).bind(&v1, [1; 32]), Err(BindError::Legacy));
         // Racing creators: the loser's insert fails its CAS and it adopts the winner's secret.
         struct Racy<'a> {
             store: &'a MemoryStore,

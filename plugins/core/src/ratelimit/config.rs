@@ -214,6 +214,16 @@ pub fn valid_name(name: &str) -> bool {
 const NAME_RULE: &str = "1 to 64 characters of A-Z a-z 0-9 - _";
 
 impl RateLimitPolicy {
+    /// The hasher of this instance's record keys: keyed, from the budget table's secret, with the
+    /// local backend; SHA-256 with Redis (key names the same on every replica; the lease table
+    /// of `reconcile` then uses them too). See [`crate::store::KeyHasher`].
+    pub fn key_hasher(&self) -> crate::store::KeyHasher {
+        match &self.state {
+            Backend::Local => self.table.key_hasher(),
+            Backend::Redis(_) => crate::store::KeyHasher::Sha256,
+        }
+    }
+
     /// Binds the local tables to this Envoy's shared data (configure time; see
     /// [`BucketTable::bind`]): secret placement, and a refusal if the geometry changed (a reload
     /// that moved budgets to other buckets would reset them). The budget table is local only

@@ -233,7 +233,7 @@ fn key_hash(policy: &RateLimitPolicy, rule: &Rule, key: &str) -> KeyHash {
     // reading ticks of another scale.
     let q = rule.quota;
     let quota = [q.requests.get().to_be_bytes(), q.period_ms.get().to_be_bytes(), q.burst.get().to_be_bytes()].concat();
-    KeyHash::of(&[policy.name.as_bytes(), rule.name.as_bytes(), &quota, key.as_bytes()])
+    policy.key_hasher().of(&[policy.name.as_bytes(), rule.name.as_bytes(), &quota, key.as_bytes()])
 }
 
 /// Reads a key's outcome without writing.

@@ -355,6 +355,16 @@ impl ReplayPolicy {
         })
     }
 
+    /// The hasher of this filter's record keys (idempotency keys, duplicate fingerprints,
+    /// tenants): keyed, from the key table's secret, with the local backend; SHA-256 with Redis
+    /// (key names the same on every replica). See [`crate::store::KeyHasher`].
+    pub fn key_hasher(&self) -> crate::store::KeyHasher {
+        match &self.state {
+            Backend::Local => self.key_table.key_hasher(),
+            _ => crate::store::KeyHasher::Sha256,
+        }
+    }
+
     /// Binds the local tables to this Envoy's shared data (configure time; see
     /// [`BucketTable::bind`]): secret placement, and a refusal if a table's geometry changed.
     /// A Redis backend has no local tables.

@@ -9,7 +9,7 @@
 use sfv::{BareItem, Item, Parser};
 use sha2::{Digest, Sha256};
 
-use crate::store::KeyHash;
+use crate::store::{KeyHash, KeyHasher};
 use crate::{Code, Rejection};
 
 use super::config::{KeyMode, OnUncertain, ReplayPolicy};
@@ -200,18 +200,19 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
 }
 
 /// Where a key lives: scoped to (principal or anonymous, route name, key).
-pub fn key_hash(route: &str, principal: Option<&str>, key: &str) -> KeyHash {
+/// Under the policy's hasher ([`ReplayPolicy::key_hasher`]).
+pub fn key_hash(hasher: &KeyHasher, route: &str, principal: Option<&str>, key: &str) -> KeyHash {
     let scope: &[u8] = if principal.is_some() { b"p" } else { b"-" };
-    KeyHash::of(&[b"key", scope, principal.unwrap_or("").as_bytes(), route.as_bytes(), key.as_bytes()])
+    hasher.of(&[b"key", scope, principal.unwrap_or("").as_bytes(), route.as_bytes(), key.as_bytes()])
 }
 
 /// Whose quota a claim counts on: the verified principal; without one, every anonymous request
 /// of the route (anonymous callers cannot be told apart; routes that need per-caller isolation
 /// set `require_principal`).
-pub fn tenant_of(route: &str, principal: Option<&str>) -> KeyHash {
+pub fn tenant_of(hasher: &KeyHasher, route: &str, principal: Option<&str>) -> KeyHash {
     match principal.filter(|p| !p.is_empty()) {
-        Some(principal) => crate::quota::tenant("principal", principal),
-        None => crate::quota::tenant("route", route),
+        Some(principal) => crate::quota::tenant(hasher, "principal", principal),
+        None => crate::quota::tenant(hasher, "route", route),
     }
 }
 
@@ -264,7 +265,7 @@ pub fn parse_clear(policy: &ReplayPolicy, body: &[u8]) -> Result<(KeyHash, Strin
         principal.as_deref().unwrap_or("-"),
         hex8(&Sha256::digest(key.as_bytes()))
     );
-    Ok((key_hash(&route.name, principal.as_deref(), &key), context))
+    Ok((key_hash(&policy.key_hasher(), &route.name, principal.as_deref(), &key), context))
 }
 
 /// `route=.. method=.. path=".." principal=..` and, with a key, its short hash (the key itself is
@@ -355,7 +356,7 @@ impl Exchange {
                 }
             }
         }
-        let key_hash = key.as_deref().map(|key| key_hash(&route.name, principal, key));
+        let key_hash = key.as_deref().map(|key| key_hash(&policy.key_hasher(), &route.name, principal, key));
         Ok(Some(Exchange {
             route: index,
             key,
@@ -441,11 +442,12 @@ impl Exchange {
     ) -> Option<ClaimRequest> {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
-        let tenant = tenant_of(&route.name, self.principal.as_deref());
+        let hasher = policy.key_hasher();
+        let tenant = tenant_of(&hasher, &route.name, self.principal.as_deref());
         match self.key_hash {
             Some(key) => Some(ClaimRequest::Key { key, fingerprint, claim_id, tenant }),
             None => route.collapse_window_ms.map(|window_ms| ClaimRequest::Collapse {
-                key: KeyHash::of(&[b"dup", route.name.as_bytes(), &fingerprint]),
+                key: hasher.of(&[b"dup", route.name.as_bytes(), &fingerprint]),
                 window_ms,
                 tenant,
             }),

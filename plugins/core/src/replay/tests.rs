@@ -1010,7 +1010,9 @@ fn a_tenant_at_its_quota_is_refused_alone_and_consumes_nothing() {
     assert_eq!(c.send("/v1/payouts", Some("\"fresh\""), Some("alice"), BODY, 3).0, Ok(Decision::Forward));
     assert_eq!(c.send("/v1/payouts", Some("\"x\""), None, BODY, 3).0, Ok(Decision::Forward), "anonymous");
     // The refused key was not recorded: once the window (ttl 60 s) rolls, it is claimed once.
-    let Answer::Now(record) = state.peek(key_hash("payouts", Some("mallory"), "fresh"), 60_000) else { panic!() };
+    let Answer::Now(record) = state.peek(key_hash(&p.key_hasher(), "payouts", Some("mallory"), "fresh"), 60_000) else {
+        panic!()
+    };
     assert_eq!(record, Ok(None));
     assert_eq!(c.send("/v1/payouts", Some("\"fresh\""), Some("mallory"), BODY, 60_000).0, Ok(Decision::Forward));
 

@@ -64,8 +64,8 @@ impl<'a> RequestView<'a> {
 
 /// A component identifier this verifier supports. Parameters on components (`sf`, `key`, `bs`,
 /// `req`, `tr`, `name`) are refused rather than half-implemented.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Component {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component<'a> {
     Method,
     Authority,
     Path,
@@ -74,12 +74,12 @@ pub enum Component {
     Scheme,
     RequestTarget,
     /// A header field, lower-case name.
-    Field(String),
+    Field(&'a str),
 }
 
-impl Component {
+impl<'a> Component<'a> {
     /// Parses a bare component name as it appears in `Signature-Input`.
-    pub fn parse(name: &str) -> Option<Component> {
+    pub fn parse(name: &'a str) -> Option<Component<'a>> {
         Some(match name {
             "@method" => Component::Method,
             "@authority" => Component::Authority,
@@ -93,13 +93,13 @@ impl Component {
                 && name.len() <= 64
                 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') =>
             {
-                Component::Field(name.to_string())
+                Component::Field(name)
             }
             _ => return None,
         })
     }
 
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &'a str {
         match self {
             Component::Method => "@method",
             Component::Authority => "@authority",
@@ -114,23 +114,63 @@ impl Component {
 
     /// The component's value, or `None` when the request does not have it (RFC 9421: an error).
     pub fn value(&self, request: &RequestView<'_>) -> Option<String> {
-        Some(match self {
-            Component::Method => request.method.to_string(),
-            Component::Authority => request.normalized_authority(),
-            Component::Path => request.path().to_string(),
-            Component::Query => format!("?{}", request.query().unwrap_or("")),
-            Component::TargetUri => request.target_uri(),
-            Component::Scheme => request.scheme.to_ascii_lowercase(),
-            Component::RequestTarget => request.path_and_query.to_string(),
-            Component::Field(name) => {
-                let values: Vec<&str> = request.header_values(name).map(str::trim).collect();
-                if values.is_empty() {
-                    return None;
-                }
-                values.join(", ")
-            }
-        })
+        let mut out = String::new();
+        self.write_value(request, &mut out).then_some(out)
     }
+
+    /// Appends the component's value to `out`; `false` (and `out` as it may be) when the request
+    /// does not have it.
+    pub fn write_value(&self, request: &RequestView<'_>, out: &mut String) -> bool {
+        match self {
+            Component::Method => out.push_str(request.method),
+            Component::Authority => push_normalized_authority(request, out),
+            Component::Path => out.push_str(request.path()),
+            Component::Query => {
+                out.push('?');
+                out.push_str(request.query().unwrap_or(""));
+            }
+            Component::TargetUri => {
+                out.push_str(request.scheme);
+                out.push_str("://");
+                push_normalized_authority(request, out);
+                out.push_str(request.path_and_query);
+            }
+            Component::Scheme => push_lowercase(out, request.scheme),
+            Component::RequestTarget => out.push_str(request.path_and_query),
+            Component::Field(name) => {
+                let mut values = request.header_values(name);
+                let Some(first) = values.next() else { return false };
+                out.push_str(first.trim());
+                for value in values {
+                    out.push_str(", ");
+                    out.push_str(value.trim());
+                }
+            }
+        }
+        true
+    }
+}
+
+fn push_lowercase(out: &mut String, s: &str) {
+    out.extend(s.chars().map(|c| c.to_ascii_lowercase()));
+}
+
+/// [`RequestView::normalized_authority`], appended to `out` without a copy of its own.
+fn push_normalized_authority(request: &RequestView<'_>, out: &mut String) {
+    let default_port = match request.scheme {
+        "https" => ":443",
+        _ => ":80",
+    };
+    let authority = request.authority;
+    let host = match authority
+        .len()
+        .checked_sub(default_port.len())
+        .and_then(|at| authority.get(at..).map(|tail| (at, tail)))
+    {
+        Some((at, tail)) if tail.eq_ignore_ascii_case(default_port) => authority.get(..at).unwrap_or(authority),
+        _ => authority,
+    };
+    push_lowercase(out, host);
 }
 
 /// Serializes `Signature-Input`'s inner list the way RFC 8941 does (the `@signature-params` value).
@@ -144,18 +184,22 @@ pub fn serialize_signature_params(list: &InnerList) -> Option<String> {
     ser.finish()
 }
 
-/// Builds the signature base (RFC 9421 2.5). Fails with the name of a component the request lacks.
-pub fn signature_base(components: &[Component], params_value: &str, request: &RequestView<'_>) -> Result<String, String> {
-    let mut base = String::new();
+/// Builds the signature base (RFC 9421 2.5). `params_value` is the `@signature-params` value:
+/// the serialization of the signature's inner list. Fails with the name of a component the
+/// request lacks (or whose value holds a line break).
+pub fn signature_base(components: &[Component<'_>], params_value: &str, request: &RequestView<'_>) -> Result<String, String> {
+    let mut base = String::with_capacity(256 + params_value.len());
     for component in components {
-        let value = component.value(request).ok_or_else(|| component.name().to_string())?;
-        if value.contains('\n') || value.contains('\r') {
-            return Err(component.name().to_string());
-        }
         base.push('"');
         base.push_str(component.name());
         base.push_str("\": ");
-        base.push_str(&value);
+        let start = base.len();
+        if !component.write_value(request, &mut base) {
+            return Err(component.name().to_string());
+        }
+        if base.get(start..).is_some_and(|value| value.contains(['\n', '\r'])) {
+            return Err(component.name().to_string());
+        }
         base.push('\n');
     }
     base.push_str("\"@signature-params\": ");
@@ -164,7 +208,7 @@ pub fn signature_base(components: &[Component], params_value: &str, request: &Re
 }
 
 /// An inner list of plain string items from component names (client side).
-pub fn inner_list(components: &[Component], params: sfv::Parameters) -> InnerList {
+pub fn inner_list(components: &[Component<'_>], params: sfv::Parameters) -> InnerList {
     InnerList::with_params(
         components
             .iter()

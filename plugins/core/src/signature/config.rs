@@ -330,6 +330,16 @@ impl SignaturePolicy {
         })
     }
 
+    /// The hasher of this filter's record keys (nonces, key ids' quotas): keyed, from the nonce
+    /// table's secret, for the local tables; SHA-256 for Redis key names (the same on every
+    /// replica). See [`crate::store::KeyHasher`].
+    pub fn key_hasher(&self) -> crate::store::KeyHasher {
+        match &self.state {
+            crate::remote::Backend::Local => self.nonce_table.key_hasher(),
+            crate::remote::Backend::Redis(_) => crate::store::KeyHasher::Sha256,
+        }
+    }
+
     /// Binds the local nonce tables to this Envoy's shared data (configure time; see
     /// [`BucketTable::bind`]): secret placement, and a refusal if their geometry changed. A
     /// Redis backend has no local tables.

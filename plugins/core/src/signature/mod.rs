@@ -4,6 +4,7 @@
 pub mod base;
 pub mod config;
 pub mod digest;
+pub mod fields;
 pub mod flow;
 pub mod sign;
 pub mod verify;

@@ -82,7 +82,7 @@ pub fn sign(request: &SignRequest<'_>) -> Result<SignedHeaders, String> {
     };
     let components = names
         .iter()
-        .map(|n| Component::parse(n).ok_or_else(|| format!("unsupported component `{n}`")))
+        .map(|n| Component::parse(n.as_str()).ok_or_else(|| format!("unsupported component `{n}`")))
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut params = Parameters::new();

@@ -183,6 +183,49 @@ fn a_signed_request_passes_once() {
     assert_eq!(check(&p, &store, &other, NOW_MS), "ok");
 }
 
+/// The `@signature-params` line is the serialization of the inner list: the received bytes when
+/// canonical, else the canonical form written from what was parsed (what a signer that
+/// serializes signed). A repeated parameter or label, which two verifiers could read two ways, is
+/// refused.
+#[test]
+fn signature_params_are_the_inner_list_serialized_and_repeats_are_refused() {
+    let p = policy();
+    let fresh = || MemoryStore::default();
+    let set = |req: &mut Req, name: &str, f: &dyn Fn(&str) -> String| {
+        for (n, v) in req.headers.iter_mut() {
+            if n == name {
+                *v = f(v);
+            }
+        }
+    };
+    let canonical = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    assert_eq!(check(&p, &fresh(), &canonical, NOW_MS), "ok");
+    // Not canonical, same inner list: verifies over the canonical form.
+    for rewrite in [
+        &(|v: &str| v.replacen("sig1=(", "sig1=(  ", 1)) as &dyn Fn(&str) -> String,
+        &|v: &str| v.replacen("\" \"", "\"   \"", 1),
+        &|v: &str| v.replace(';', "; "),
+        &|v: &str| v.replacen(";created=", ";created=000", 1),
+        &|v: &str| format!("  {v}  "),
+    ] {
+        let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+        set(&mut r, "signature-input", rewrite);
+        let value = r.headers.iter().find(|(n, _)| n == "signature-input").unwrap().1.clone();
+        assert_eq!(check(&p, &fresh(), &r, NOW_MS), "ok", "{value}");
+    }
+    // A different inner list is a different line: the MAC fails.
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature-input", &|v| format!("{v};tag=\"x\""));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_invalid");
+    // Repeats: refused before anything else is read.
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature-input", &|v| format!("{v};nonce=\"n-other\""));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_malformed");
+    let mut r = signed(NOW_S, "n-c", br#"{"amount":10}"#, |_| {});
+    set(&mut r, "signature", &|v| format!("{v}, {v}"));
+    assert_eq!(check(&p, &fresh(), &r, NOW_MS), "signature_malformed");
+}
+
 #[test]
 fn tampering_is_rejected() {
     let p = policy();
@@ -547,8 +590,12 @@ fn the_redis_nonce_claim_counts_the_key_ids_quota_in_the_same_script() {
     };
     let v = verify_headers(&p, &view, NOW_MS).unwrap();
     let command = String::from_utf8(nonce_claim_command(&p, redis, &v, 301_000).unwrap()).unwrap();
-    let nonce = redis.key("sig:nonce", nonce_key(&v).unwrap());
-    let quota = redis.key("sig:quota", crate::quota::tenant("key_id", "demo-client"));
+    let nonce = redis.key("sig:nonce", nonce_key(&p, &v).unwrap());
+    let quota = redis.key("sig:quota", crate::quota::tenant(&p.key_hasher(), "key_id", "demo-client"));
+    // Redis key names are SHA-256 as in earlier versions (the same on every replica, and across
+    // an upgrade): not the keyed hash of the local tables.
+    assert_eq!(p.key_hasher(), crate::store::KeyHasher::Sha256);
+    assert_eq!(nonce_key(&p, &v), Some(crate::store::KeyHash::of(&[b"nonce", b"demo-client", b"n-r"])));
     assert!(command.starts_with("EVALSHA/6768f79a1859f136ac4a1957749f4d95415a2c39/"), "{command}");
     assert!(command.ends_with(&format!("/2/{nonce}/{quota}/301000/7/306000")), "{command}");
     assert_eq!(nonce_claim_answer(Some(200), br#"{"EVAL":1}"#), Ok(Ok(())));

@@ -5,13 +5,15 @@
 //! 2. [`verify_body`] checks `Content-Digest` against the exact body bytes and coverage of a body;
 //! 3. [`claim_nonce`] records the nonce, only once everything else verified.
 
+use std::borrow::Cow;
+
 use hmac::Mac;
-use sfv::{BareItem, Dictionary, ListEntry, Parser};
 use subtle::ConstantTimeEq;
 
-use super::base::{serialize_signature_params, signature_base, Component, RequestView};
+use super::base::{signature_base, Component, RequestView};
 use super::config::{valid_key_id, SignaturePolicy};
 use super::digest::{verify_content_digest, DigestError};
+use super::fields::{self, Bare, FieldError, Member, Want};
 use crate::quota::QuotaError;
 use crate::store::{KeyHash, SharedStore, TableError, Update};
 use crate::{Code, Rejection};
@@ -166,61 +168,90 @@ pub fn client_principal_copies<'a>(
 
 /// Checks the headers: presence and uniqueness, structure, policy coverage, time, key, MAC.
 pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_ms: u64) -> Result<VerifiedHeaders, SigError> {
-    for name in SINGLE_VALUED_HEADERS.iter().copied().chain([policy.principal_header.as_str()]) {
-        if request.header_count(name) > 1 {
+    // One pass over the headers: the single-valued ones counted, the two fields found.
+    let (mut input, mut signature) = (None, None);
+    let (mut inputs, mut signatures, mut digests, mut principals) = (0usize, 0usize, 0usize, 0usize);
+    for (name, value) in request.headers {
+        match name.as_str() {
+            "signature" => {
+                signatures += 1;
+                signature = signature.or(Some(value.as_str()));
+            }
+            "signature-input" => {
+                inputs += 1;
+                input = input.or(Some(value.as_str()));
+            }
+            "content-digest" => digests += 1,
+            _ => {}
+        }
+        if *name == policy.principal_header {
+            principals += 1;
+        }
+    }
+    // In the order of SINGLE_VALUED_HEADERS, then the principal header.
+    for (name, count) in SINGLE_VALUED_HEADERS
+        .iter()
+        .copied()
+        .zip([signatures, inputs, digests])
+        .chain([(policy.principal_header.as_str(), principals)])
+    {
+        if count > 1 {
             return Err(SigError::DuplicateHeader(name.to_string()));
         }
     }
-    let (Some(input), Some(signature)) =
-        (request.header_values("signature-input").next(), request.header_values("signature").next())
-    else {
+    let (Some(input), Some(signature)) = (input, signature) else {
         return Err(SigError::Missing);
     };
     if input.len() > MAX_SIGNATURE_HEADER_LEN || signature.len() > MAX_SIGNATURE_HEADER_LEN {
         return Err(SigError::Malformed("signature header (too long)"));
     }
-    let inputs: Dictionary = Parser::new(input).parse().map_err(|_| SigError::Malformed("Signature-Input"))?;
-    let signatures: Dictionary = Parser::new(signature).parse().map_err(|_| SigError::Malformed("Signature"))?;
-
-    let label = match &policy.label {
-        Some(label) => label.clone(),
-        None => {
-            if inputs.len() != 1 || signatures.len() != 1 {
-                return Err(SigError::MultipleSignatures);
-            }
-            inputs.keys().next().map(|k| k.as_str().to_string()).ok_or(SigError::Missing)?
-        }
+    // Both fields in one pass each, keeping only the member under the label (no maps, no copies).
+    let malformed_input = |e: FieldError| match e {
+        FieldError::DuplicateParameter => SigError::Malformed("Signature-Input (a parameter is repeated)"),
+        FieldError::DuplicateLabel => SigError::Malformed("Signature-Input (the label is repeated)"),
+        FieldError::TooManyParameters => SigError::Malformed("Signature-Input (too many parameters)"),
+        FieldError::Syntax => SigError::Malformed("Signature-Input"),
     };
-    let Some(ListEntry::InnerList(covered)) = inputs.get(label.as_str()) else {
-        return Err(if inputs.contains_key(label.as_str()) {
-            SigError::Malformed("Signature-Input")
-        } else {
-            SigError::LabelNotFound
-        });
+    let want = match &policy.label {
+        Some(label) => Want::Label(label),
+        None => Want::First,
     };
-    let provided_mac = match signatures.get(label.as_str()) {
-        Some(ListEntry::Item(item)) => match &item.bare_item {
-            BareItem::ByteSequence(bytes) => bytes.clone(),
-            _ => return Err(SigError::Malformed("Signature")),
-        },
-        Some(ListEntry::InnerList(_)) => return Err(SigError::Malformed("Signature")),
+    let inputs = fields::dictionary(input, want).map_err(malformed_input)?;
+    let want = match (&policy.label, inputs.member) {
+        (Some(label), _) => Want::Label(label),
+        (None, Some((label, _))) => Want::Label(label),
+        (None, None) => Want::First,
+    };
+    let signatures = fields::dictionary(signature, want).map_err(|_| SigError::Malformed("Signature"))?;
+    if policy.label.is_none() && (inputs.members != 1 || signatures.members != 1) {
+        return Err(SigError::MultipleSignatures);
+    }
+    let covered = match inputs.member {
+        Some((_, Member::InnerList(list))) => list,
+        Some((_, Member::Item(..))) => return Err(SigError::Malformed("Signature-Input")),
+        None => return Err(SigError::LabelNotFound),
+    };
+    let provided_mac = match signatures.member {
+        Some((_, Member::Item(Bare::ByteSequence(raw), _))) => raw,
+        Some(_) => return Err(SigError::Malformed("Signature")),
         None => return Err(SigError::LabelNotFound),
     };
 
     // Parameters.
     let mut created = None;
     let mut expires = None;
-    let mut nonce = None;
-    let mut key_id = None;
-    let mut alg = None;
-    for (name, value) in &covered.params {
-        match (name.as_str(), value) {
-            ("created", BareItem::Integer(v)) => created = Some(i64::from(*v)),
-            ("expires", BareItem::Integer(v)) => expires = Some(i64::from(*v)),
-            ("nonce", BareItem::String(v)) => nonce = Some(v.as_str().to_string()),
-            ("keyid", BareItem::String(v)) => key_id = Some(v.as_str().to_string()),
-            ("alg", BareItem::String(v)) => alg = Some(v.as_str().to_string()),
-            ("tag", BareItem::String(_)) => {}
+    let mut nonce: Option<Cow<'_, str>> = None;
+    let mut key_id: Option<Cow<'_, str>> = None;
+    let mut alg: Option<Cow<'_, str>> = None;
+    for param in covered.params.iter() {
+        let (name, value) = param.map_err(malformed_input)?;
+        match (name, value) {
+            ("created", Bare::Integer(v)) => created = Some(v),
+            ("expires", Bare::Integer(v)) => expires = Some(v),
+            ("nonce", Bare::String(v)) => nonce = Some(v.value()),
+            ("keyid", Bare::String(v)) => key_id = Some(v.value()),
+            ("alg", Bare::String(v)) => alg = Some(v.value()),
+            ("tag", Bare::String(_)) => {}
             ("created", _) => return Err(SigError::ParamInvalid("created")),
             ("expires", _) => return Err(SigError::ParamInvalid("expires")),
             ("nonce", _) => return Err(SigError::ParamInvalid("nonce")),
@@ -248,17 +279,18 @@ pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_m
         return Err(SigError::ParamInvalid("created"));
     }
 
-    // Components: parsed strictly, each at most once.
-    let mut components = Vec::with_capacity(covered.items.len());
-    for item in &covered.items {
-        let BareItem::String(name) = &item.bare_item else {
+    // Components: parsed strictly, each at most once. Names are borrowed from the field (a name
+    // with an escape is no supported component).
+    let mut components: Vec<Component<'_>> = Vec::with_capacity(8);
+    for item in covered.items() {
+        let (bare, params) = item.map_err(malformed_input)?;
+        let Bare::String(name) = bare else {
             return Err(SigError::Malformed("Signature-Input (component is not a string)"));
         };
-        if !item.params.is_empty() {
-            return Err(SigError::UnsupportedComponent(format!("{};{}", name.as_str(), "params")));
+        if !params.is_empty() {
+            return Err(SigError::UnsupportedComponent(format!("{};{}", name.value(), "params")));
         }
-        let component =
-            Component::parse(name.as_str()).ok_or_else(|| SigError::UnsupportedComponent(name.as_str().to_string()))?;
+        let component = Component::parse(name.raw()).ok_or_else(|| SigError::UnsupportedComponent(name.value().into_owned()))?;
         if components.contains(&component) {
             return Err(SigError::DuplicateComponent(component.name().to_string()));
         }
@@ -283,11 +315,11 @@ pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_m
         }
     }
     for header in &policy.covered_headers_when_present {
-        if request.header_count(header) > 0 && !covers(&Component::Field(header.clone())) {
+        if request.header_count(header) > 0 && !covers(&Component::Field(header)) {
             return Err(SigError::CoverageInsufficient(header.clone()));
         }
     }
-    let covers_content_digest = covers(&Component::Field("content-digest".into()));
+    let covers_content_digest = covers(&Component::Field("content-digest"));
 
     // Time.
     let now_s = now_ms / 1000;
@@ -318,13 +350,28 @@ pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_m
         None => None,
     };
     let key = policy.key(&key_id);
-    let params_value = serialize_signature_params(covered).ok_or(SigError::Malformed("Signature-Input"))?;
-    let base = signature_base(&components, &params_value, request).map_err(SigError::ComponentMissing)?;
+    // `@signature-params` is the serialization of the inner list (RFC 9421 2.3): the received
+    // bytes when they are in canonical form (what every signer that serializes sends), else the
+    // canonical form written from what was parsed (what a verifier that re-serializes, as this
+    // one did, uses). Either way the value is the serialization of exactly what this verifier
+    // acts on; a repeated parameter, which could be read two ways, was refused above.
+    let canonical: String;
+    let params_value = if covered.canonical {
+        covered.value
+    } else {
+        let mut out = String::with_capacity(covered.value.len());
+        fields::write_canonical(&covered, &mut out).ok_or(SigError::Malformed("Signature-Input"))?;
+        canonical = out;
+        &canonical
+    };
+    let base = signature_base(&components, params_value, request).map_err(SigError::ComponentMissing)?;
     // MAC over the signature base, compared in constant time.
     let mut mac = key.unwrap_or(&policy.decoy_key).mac.clone();
     mac.update(base.as_bytes());
     let expected = mac.finalize().into_bytes();
-    let mac_ok = provided_mac.len() == expected.len() && bool::from(expected.as_slice().ct_eq(&provided_mac));
+    let mut mac_buffer = [0u8; 64];
+    let mac_ok = fields::decode_byte_sequence(provided_mac, &mut mac_buffer)
+        .is_some_and(|provided| provided.len() == expected.len() && bool::from(expected.as_slice().ct_eq(provided)));
     let Some(key) = key else { return Err(SigError::UnknownKey) };
     if !mac_ok {
         return Err(SigError::InvalidSignature);
@@ -337,8 +384,8 @@ pub fn verify_headers(policy: &SignaturePolicy, request: &RequestView<'_>, now_m
     }
 
     Ok(VerifiedHeaders {
-        key_id,
-        nonce,
+        key_id: key_id.into_owned(),
+        nonce: nonce.map(Cow::into_owned),
         created,
         covers_content_digest,
         nonce_expires_at_ms: accept_until.saturating_add(1).saturating_mul(1000),
@@ -369,10 +416,10 @@ pub fn verify_body<'b>(
     })
 }
 
-/// The key a nonce is recorded under (local table or Redis).
-pub fn nonce_key(verified: &VerifiedHeaders) -> Option<KeyHash> {
+/// The key a nonce is recorded under (local table or Redis: [`SignaturePolicy::key_hasher`]).
+pub fn nonce_key(policy: &SignaturePolicy, verified: &VerifiedHeaders) -> Option<KeyHash> {
     let nonce = verified.nonce.as_ref()?;
-    Some(KeyHash::of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
+    Some(policy.key_hasher().of(&[b"nonce", verified.key_id.as_bytes(), nonce.as_bytes()]))
 }
 
 /// Milliseconds a nonce must stay recorded on Redis (shared by replicas) from the moment it is
@@ -404,7 +451,7 @@ pub fn claim_nonce(
     verified: &VerifiedHeaders,
     now_ms: u64,
 ) -> Result<(), SigError> {
-    let Some(key) = nonce_key(verified) else { return Ok(()) };
+    let Some(key) = nonce_key(policy, verified) else { return Ok(()) };
     let expires_at_ms = verified.nonce_expires_at_ms;
     let table_error = |e: TableError| match e {
         TableError::Full => SigError::NonceStoreFull,
@@ -416,7 +463,7 @@ pub fn claim_nonce(
     }
     policy
         .nonce_quota
-        .charge(store, crate::quota::tenant("key_id", &verified.key_id), now_ms)
+        .charge(store, crate::quota::tenant(&policy.key_hasher(), "key_id", &verified.key_id), now_ms)
         .map_err(|e| match e {
             QuotaError::Exceeded => SigError::TenantQuotaExceeded,
             QuotaError::Table(e) => table_error(e),
@@ -451,8 +498,8 @@ pub fn nonce_claim_command(
     verified: &VerifiedHeaders,
     ttl_ms: u64,
 ) -> Option<Vec<u8>> {
-    let key = nonce_key(verified)?;
-    let tenant = crate::quota::tenant("key_id", &verified.key_id);
+    let key = nonce_key(policy, verified)?;
+    let tenant = crate::quota::tenant(&policy.key_hasher(), "key_id", &verified.key_id);
     let ttl_ms = ttl_ms.max(1);
     let window = policy.nonce_quota.window_ms.get().max(ttl_ms);
     Some(crate::remote::eval_command_keys(
