@@ -208,6 +208,16 @@ impl AmountPolicy {
 
     /// Report-only when every rule is: a refusal that concerns the request as a whole (a path
     /// that is not canonical) is then reported, not sent.
+    /// The hasher of this instance's record keys: keyed, from the budget table's secret, with the
+    /// local backend; SHA-256 with Redis (key names the same on every replica). See
+    /// [`crate::store::KeyHasher`].
+    pub fn key_hasher(&self) -> crate::store::KeyHasher {
+        match &self.state {
+            Backend::Local => self.table.key_hasher(),
+            Backend::Redis(_) => crate::store::KeyHasher::Sha256,
+        }
+    }
+
     pub fn mode(&self) -> Mode {
         if self.rules.iter().all(|r| r.mode == Mode::ReportOnly) {
             Mode::ReportOnly

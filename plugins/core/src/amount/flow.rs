@@ -252,7 +252,7 @@ impl AmountFlow {
                     Some(p) => p,
                     None => host.principal().ok().flatten(),
                 };
-                let tenant = tenant_of(principal.as_deref(), host);
+                let tenant = tenant_of(&policy.key_hasher(), principal.as_deref(), host);
                 self.decide_local(host, charges, tenant, now_ms, &context)
             }
             Backend::Redis(redis) => self.ask_redis(host, redis, charges, context),
@@ -443,15 +443,15 @@ fn charges_mode(charges: &[Charge]) -> Mode {
 
 /// The tenant a new debt record is charged to: the verified principal, else the client address
 /// (without its port), else one tenant for every request that has neither.
-fn tenant_of(principal: Option<&str>, host: &mut dyn Host) -> KeyHash {
+fn tenant_of(hasher: &crate::store::KeyHasher, principal: Option<&str>, host: &mut dyn Host) -> KeyHash {
     match principal.filter(|p| !p.is_empty()) {
-        Some(principal) => quota::tenant("principal", principal),
+        Some(principal) => quota::tenant(hasher, "principal", principal),
         None => {
             let address = host.source_address().unwrap_or_default();
             let ip = crate::ratelimit::client::parse_source_address(&address)
                 .map(|ip| ip.to_string())
                 .unwrap_or_default();
-            quota::tenant("client", &ip)
+            quota::tenant(hasher, "client", &ip)
         }
     }
 }

@@ -159,7 +159,7 @@ pub fn charge(policy: &AmountPolicy, index: usize, body: &Body<'_>, principal: O
         parts.push(value);
     }
     let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-    Ok(Charge { rule: index, mode: rule.mode, currency, budget, amount, hash: KeyHash::of(&parts) })
+    Ok(Charge { rule: index, mode: rule.mode, currency, budget, amount, hash: policy.key_hasher().of(&parts) })
 }
 
 fn amount_rejection(rule: &Rule, budget: CurrencyBudget, error: AmountError) -> Rejection {
