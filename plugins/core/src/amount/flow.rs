@@ -540,6 +540,17 @@ impl FlowFactory for AmountFactory {
         counters(&self.policy)
     }
 
+    fn stores(&self) -> Vec<crate::flow::fill::StoreTable> {
+        use crate::flow::fill::StoreTable;
+        if self.policy.state != Backend::Local {
+            return Vec::new();
+        }
+        vec![
+            StoreTable::new(meter(), "budgets", &self.policy.table),
+            StoreTable::new(meter(), "budget_quotas", &self.policy.quota.table),
+        ]
+    }
+
     fn configured(&self) -> Vec<(Level, String)> {
         let rules: Vec<String> = self
             .policy

@@ -463,3 +463,16 @@ fn every_counter_is_declared_at_configure_time() {
         assert!(declared.iter().any(|d| d == name), "{name}");
     }
 }
+
+/// The local budget table and its tenant quota table are exported as fill gauges
+/// (`store.budgets.*`, `store.budget_quotas.*`); budgets on Redis have none.
+#[test]
+fn local_budget_tables_are_listed_for_the_fill_gauges_and_redis_ones_are_not() {
+    let env = MemoryEnv::default();
+    let local = instance(&config(&[WITHDRAWALS], ""), &env);
+    let names: Vec<&str> = local.stores().iter().map(|s| s.name).collect();
+    assert_eq!(names, ["budgets", "budget_quotas"]);
+    assert!(local.stores().iter().all(|s| s.meter.prefix.as_ref() == "firebreak.amount_limit"));
+    let remote = instance(&config(&[WITHDRAWALS], REDIS), &env);
+    assert!(remote.stores().is_empty());
+}
