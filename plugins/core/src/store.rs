@@ -443,20 +443,8 @@ impl BucketTable {
     /// Calls `f` with `<prefix>:<bucket>`, written on the stack when it fits (every shared-data
     /// call names a bucket: no allocation for it).
     fn with_bucket_key<R>(&self, bucket: u32, f: impl FnOnce(&str) -> R) -> R {
-        let mut digits = [0u8; 10];
-        let mut at = digits.len();
-        let mut rest = bucket;
-        loop {
-            at -= 1;
-            if let Some(digit) = digits.get_mut(at) {
-                *digit = b'0' + (rest % 10) as u8;
-            }
-            rest /= 10;
-            if rest == 0 || at == 0 {
-                break;
-            }
-        }
-        let digits = digits.get(at..).unwrap_or(&[]);
+        let mut number = itoa::Buffer::new();
+        let digits = number.format(bucket).as_bytes();
         let prefix = self.prefix.as_bytes();
         let mut buffer = [0u8; 96];
         let len = prefix.len() + 1 + digits.len();
@@ -476,23 +464,12 @@ impl BucketTable {
 
     fn bucket_key(&self, bucket: u32) -> String {
         // `<prefix>:<bucket>` without the formatting machinery.
-        let mut digits = [0u8; 10];
-        let mut at = digits.len();
-        let mut rest = bucket;
-        loop {
-            at -= 1;
-            if let Some(digit) = digits.get_mut(at) {
-                *digit = b'0' + (rest % 10) as u8;
-            }
-            rest /= 10;
-            if rest == 0 || at == 0 {
-                break;
-            }
-        }
-        let mut key = String::with_capacity(self.prefix.len() + 1 + digits.len() - at);
+        let mut number = itoa::Buffer::new();
+        let digits = number.format(bucket);
+        let mut key = String::with_capacity(self.prefix.len() + 1 + digits.len());
         key.push_str(&self.prefix);
         key.push(':');
-        key.extend(digits.iter().skip(at).map(|d| char::from(*d)));
+        key.push_str(digits);
         key
     }
 
