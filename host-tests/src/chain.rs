@@ -428,7 +428,7 @@ impl<'a> Flow<'a> {
         let grpc = crate::http::is_grpc_request(&self.request.headers);
         let head = self.request.header_value(":method") == Some("HEAD");
         let headers = to_map(&local_reply_headers(&reply, grpc, head));
-        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc), ..reply };
+        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc, head), ..reply };
         if side == Side::Request || self.response_headers.is_none() {
             self.code_details = Some(reply.details.clone());
         }

@@ -452,8 +452,9 @@ impl Worker {
         } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
             let grpc = is_grpc_request(&run.request.headers);
-            let headers = local_reply_headers(reply, grpc, run.request.header_value(":method") == Some("HEAD"));
-            let body = local_reply_body(reply, grpc);
+            let head = run.request.header_value(":method") == Some("HEAD");
+            let headers = local_reply_headers(reply, grpc, head);
+            let body = local_reply_body(reply, grpc, head);
             let n = headers.len() as i32;
             {
                 let s = self.stream(id);
@@ -566,9 +567,13 @@ pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) ->
         let text: &[u8] = if head { &[] } else { &reply.body };
         crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), text)
     } else {
+        // Envoy's `sendLocalReply`: `content-length` and `text/plain` only with a body (the
+        // HTTP/1 codec adds `content-length: 0`, or to a HEAD request `transfer-encoding:
+        // chunked`, to a headers-only reply); to a HEAD request the body's length is kept and
+        // the body left out.
         let mut h = vec![(":status".to_string(), reply.status.to_string())];
-        h.push(("content-length".into(), reply.body.len().to_string()));
         if !reply.body.is_empty() {
+            h.push(("content-length".into(), reply.body.len().to_string()));
             h.push(("content-type".into(), "text/plain".into()));
         }
         h
@@ -580,9 +585,10 @@ pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) ->
     headers
 }
 
-/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`).
-pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool) -> Vec<u8> {
-    if grpc {
+/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`), none
+/// to a HEAD request (Envoy encodes the reply headers-only).
+pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool, head: bool) -> Vec<u8> {
+    if grpc || head {
         Vec::new()
     } else {
         reply.body.clone()
