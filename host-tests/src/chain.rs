@@ -261,6 +261,7 @@ impl<'a> Flow<'a> {
         }
         w.stream(id).properties = state;
         let r = w.ctx_call::<(i32, i32, i32), i32>(id, name, params);
+        w.note_callback(id, name, &r);
         let w = self.worker(k);
         self.filter_state = w.stream(id).properties.clone();
         match r {
@@ -323,6 +324,7 @@ impl<'a> Flow<'a> {
         w.stream(id).properties = state;
         let n = w.stream(id).request_trailers.len() as i32;
         let r = w.ctx_call::<(i32, i32), i32>(id, "proxy_on_request_trailers", (id as i32, n));
+        w.note_callback(id, "proxy_on_request_trailers", &r);
         let w = self.worker(k);
         self.filter_state = w.stream(id).properties.clone();
         match r {
@@ -746,7 +748,7 @@ impl<'a> Flow<'a> {
             let id = self.stages[k].id;
             let w = self.worker(k);
             if w.failed.is_none() {
-                let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+                w.call_on_log(id);
                 let _ = w.ctx_call::<(i32,), i32>(id, "proxy_on_done", (id as i32,));
                 let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_delete", (id as i32,));
             }

@@ -165,7 +165,9 @@ impl Worker {
     }
 
     pub(crate) fn step(&mut self, run: &mut StreamRun, name: &str, params: (i32, i32, i32)) -> Option<Action> {
-        match self.ctx_call::<(i32, i32, i32), i32>(run.id, name, params) {
+        let result = self.ctx_call::<(i32, i32, i32), i32>(run.id, name, params);
+        self.note_callback(run.id, name, &result);
+        match result {
             Ok(r) => Some(r.map(Action::from_raw).unwrap_or(Action::Continue)),
             Err(t) => {
                 run.trap = Some(t);
@@ -271,7 +273,9 @@ impl Worker {
     pub(crate) fn trailers_callback(&mut self, run: &mut StreamRun) {
         run.request_end_seen = true;
         let t = run.request.trailers.len() as i32;
-        let action = match self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t)) {
+        let result = self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t));
+        self.note_callback(run.id, "proxy_on_request_trailers", &result);
+        let action = match result {
             Ok(r) => r.map(Action::from_raw).unwrap_or(Action::Continue),
             Err(t) => {
                 run.trap = Some(t);
@@ -478,7 +482,7 @@ impl Worker {
             run.trap.get_or_insert_with(|| t.clone());
         }
         if self.failed.is_none() {
-            let _ = self.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+            self.call_on_log(id);
             let _ = self.ctx_call::<(i32,), i32>(id, "proxy_on_done", (id as i32,));
             let _ = self.ctx_call::<(i32,), ()>(id, "proxy_on_delete", (id as i32,));
         }
