@@ -261,6 +261,7 @@ impl<'a> Flow<'a> {
         }
         w.stream(id).properties = state;
         let r = w.ctx_call::<(i32, i32, i32), i32>(id, name, params);
+        w.note_callback(id, name, &r);
         let w = self.worker(k);
         self.filter_state = w.stream(id).properties.clone();
         match r {
@@ -323,6 +324,7 @@ impl<'a> Flow<'a> {
         w.stream(id).properties = state;
         let n = w.stream(id).request_trailers.len() as i32;
         let r = w.ctx_call::<(i32, i32), i32>(id, "proxy_on_request_trailers", (id as i32, n));
+        w.note_callback(id, "proxy_on_request_trailers", &r);
         let w = self.worker(k);
         self.filter_state = w.stream(id).properties.clone();
         match r {
@@ -428,7 +430,7 @@ impl<'a> Flow<'a> {
         let grpc = crate::http::is_grpc_request(&self.request.headers);
         let head = self.request.header_value(":method") == Some("HEAD");
         let headers = to_map(&local_reply_headers(&reply, grpc, head));
-        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc), ..reply };
+        let reply = crate::http::LocalReply { body: local_reply_body(&reply, grpc, head), ..reply };
         if side == Side::Request || self.response_headers.is_none() {
             self.code_details = Some(reply.details.clone());
         }
@@ -746,7 +748,7 @@ impl<'a> Flow<'a> {
             let id = self.stages[k].id;
             let w = self.worker(k);
             if w.failed.is_none() {
-                let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+                w.call_on_log(id);
                 let _ = w.ctx_call::<(i32,), i32>(id, "proxy_on_done", (id as i32,));
                 let _ = w.ctx_call::<(i32,), ()>(id, "proxy_on_delete", (id as i32,));
             }

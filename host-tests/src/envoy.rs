@@ -434,10 +434,18 @@ fn start_envoy(launch: &Launch<'_>, config: &serde_json::Value, dir: &Path) -> R
         .arg(&cfg_path)
         .arg("--concurrency")
         .arg(launch.concurrency.to_string())
-        // The wasm log at info, as the host reports it to modules (`proxy_get_log_level`), so
-        // scenarios can check the modules' lines. Envoy's log goes to stderr, which flushes each
-        // line (`--log-path` flushes every 10 s), into envoy.log: read per case, kept on failure.
-        .args(["--use-dynamic-base-id", "-l", "warning", "--component-log-level", "wasm:info", "--admin-address-path"])
+        // The wasm log and the native module's (`dynamic_modules`) at info, as the host reports
+        // it to modules (`proxy_get_log_level`), so scenarios can check the modules' lines on
+        // either runtime. Envoy's log goes to stderr, which flushes each line (`--log-path`
+        // flushes every 10 s), into envoy.log: read per case, kept on failure.
+        .args([
+            "--use-dynamic-base-id",
+            "-l",
+            "warning",
+            "--component-log-level",
+            "wasm:info,dynamic_modules:info",
+            "--admin-address-path",
+        ])
         .arg(&admin_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -822,9 +830,24 @@ fn log_since(log: &Path, offset: &mut usize) -> (Vec<(String, String)>, bool) {
         if line.contains("Function: ") && line.contains(" failed") {
             trap = true;
         }
-        lines.extend(wasm_log_line(line));
+        lines.extend(wasm_log_line(line).or_else(|| native_log_line(line)));
     }
     (lines, trap)
+}
+
+/// The native module's lines (`envoy_dynamic_module_callback_log`, Envoy's `dynamic_modules`
+/// logger): `[time][thread][level][dynamic_modules] [source:line] message`, where Envoy 1.40
+/// gives the module's lines an empty source (`[:]`). The message is the module's line as it
+/// wrote it, the same `firebreak <plugin> ...` text the wasm module hands `proxy_log`.
+fn native_log_line(line: &str) -> Option<(String, String)> {
+    let at = line.find("][dynamic_modules] ")?;
+    let level = &line[line[..at].rfind('[')? + 1..at];
+    let rest = &line[at + "][dynamic_modules] ".len()..];
+    let message = match rest.strip_prefix('[') {
+        Some(source) => source.split_once("] ")?.1,
+        None => rest,
+    };
+    Some((level.to_string(), message.to_string()))
 }
 
 /// `[time][thread][level][wasm] [source:line] wasm log <plugin> <root_id> <vm_id>: message`.

@@ -53,6 +53,11 @@ pub(crate) struct StreamData {
     pub code_details: Option<String>,
     pub continue_request: bool,
     pub continue_response: bool,
+    /// The header and trailer maps (`map::*`) Envoy no longer hands the module: its callback
+    /// for them returned Continue (Envoy's wasm context drops its pointer to the map then).
+    /// Readable again in `on_log` (Envoy's access-log phase).
+    pub released: Vec<i32>,
+    pub in_log: bool,
     pub reset: bool,
     pub host_calls: BTreeMap<String, u64>,
     pub logs: Vec<String>,
@@ -182,6 +187,9 @@ impl VmState {
             return self.call_response.as_mut().map(|r| &mut r.trailers);
         }
         let s = self.stream()?;
+        if s.released.contains(&kind) && !s.in_log {
+            return None;
+        }
         match kind {
             map::HTTP_REQUEST_HEADERS => Some(&mut s.request_headers),
             map::HTTP_REQUEST_TRAILERS => Some(&mut s.request_trailers),
@@ -456,11 +464,15 @@ host_functions! {
     };
     "proxy_get_header_map_value" => |c, kind: i32, kp: i32, kl: i32, pp: i32, sp: i32| {
         let key = lower(&text(read(&mut c, kp, kl)?));
-        // Envoy returns the first of duplicated headers.
+        // Envoy returns the first of duplicated headers; a map it does not hand out (none yet,
+        // or let go) is a BadArgument.
         let value = c
             .data_mut()
             .header_map(kind)
-            .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
+            .ok_or(Status::BadArgument)?
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
             .ok_or(Status::NotFound)?;
         give(&mut c, &value, pp, sp)
     };

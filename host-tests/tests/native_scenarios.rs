@@ -16,7 +16,7 @@ use std::sync::Arc;
 use firebreak_core::filters::{self, Setup};
 use firebreak_core::flow::chain::Chain;
 use firebreak_core::flow::memory::{exchange, MemoryEnv, MemoryRequest, MemoryUpstream, Outcome};
-use firebreak_core::flow::{Flow, FlowFactory};
+use firebreak_core::flow::{Flow, FlowFactory, Level};
 use firebreak_core::ConfigError;
 use firebreak_host_tests::scenario::{answered_by, build_request, value_bytes, Expect, Observed, ScenarioFile};
 use firebreak_host_tests::{hcm_normalize, workspace_root, Request, Upstream, DEFAULT_START_NANOS, VIA_UPSTREAM};
@@ -148,7 +148,20 @@ fn observed(outcome: &Outcome, request: &MemoryRequest, upstream: &MemoryUpstrea
         upstream_trailers: if outcome.forwarded { request.trailers.clone().unwrap_or_default() } else { Vec::new() },
         response_headers,
         response_body,
+        // The flow's own lines for this exchange (the filter's start is not one: a `logs:`
+        // check on a first case's start lines holds in the test host and in Envoy only).
+        logs: Some(outcome.logs.iter().map(|(level, line)| (level_name(*level).to_string(), line.clone())).collect()),
         ..Observed::default()
+    }
+}
+
+/// A level as the scenario files and the hosts name it.
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Debug => "debug",
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
     }
 }
 

@@ -165,7 +165,9 @@ impl Worker {
     }
 
     pub(crate) fn step(&mut self, run: &mut StreamRun, name: &str, params: (i32, i32, i32)) -> Option<Action> {
-        match self.ctx_call::<(i32, i32, i32), i32>(run.id, name, params) {
+        let result = self.ctx_call::<(i32, i32, i32), i32>(run.id, name, params);
+        self.note_callback(run.id, name, &result);
+        match result {
             Ok(r) => Some(r.map(Action::from_raw).unwrap_or(Action::Continue)),
             Err(t) => {
                 run.trap = Some(t);
@@ -271,7 +273,9 @@ impl Worker {
     pub(crate) fn trailers_callback(&mut self, run: &mut StreamRun) {
         run.request_end_seen = true;
         let t = run.request.trailers.len() as i32;
-        let action = match self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t)) {
+        let result = self.ctx_call::<(i32, i32), i32>(run.id, "proxy_on_request_trailers", (run.id as i32, t));
+        self.note_callback(run.id, "proxy_on_request_trailers", &result);
+        let action = match result {
             Ok(r) => r.map(Action::from_raw).unwrap_or(Action::Continue),
             Err(t) => {
                 run.trap = Some(t);
@@ -452,8 +456,9 @@ impl Worker {
         } else if let Some(reply) = &local {
             let run_encoder = run.trap.is_none() && self.failed.is_none() && run.response_phase == ResponsePhase::NotStarted;
             let grpc = is_grpc_request(&run.request.headers);
-            let headers = local_reply_headers(reply, grpc, run.request.header_value(":method") == Some("HEAD"));
-            let body = local_reply_body(reply, grpc);
+            let head = run.request.header_value(":method") == Some("HEAD");
+            let headers = local_reply_headers(reply, grpc, head);
+            let body = local_reply_body(reply, grpc, head);
             let n = headers.len() as i32;
             {
                 let s = self.stream(id);
@@ -477,7 +482,7 @@ impl Worker {
             run.trap.get_or_insert_with(|| t.clone());
         }
         if self.failed.is_none() {
-            let _ = self.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+            self.call_on_log(id);
             let _ = self.ctx_call::<(i32,), i32>(id, "proxy_on_done", (id as i32,));
             let _ = self.ctx_call::<(i32,), ()>(id, "proxy_on_delete", (id as i32,));
         }
@@ -566,9 +571,13 @@ pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) ->
         let text: &[u8] = if head { &[] } else { &reply.body };
         crate::http::grpc_local_reply_headers(reply.status, Some(reply.grpc_status), text)
     } else {
+        // Envoy's `sendLocalReply`: `content-length` and `text/plain` only with a body (the
+        // HTTP/1 codec adds `content-length: 0`, or to a HEAD request `transfer-encoding:
+        // chunked`, to a headers-only reply); to a HEAD request the body's length is kept and
+        // the body left out.
         let mut h = vec![(":status".to_string(), reply.status.to_string())];
-        h.push(("content-length".into(), reply.body.len().to_string()));
         if !reply.body.is_empty() {
+            h.push(("content-length".into(), reply.body.len().to_string()));
             h.push(("content-type".into(), "text/plain".into()));
         }
         h
@@ -580,9 +589,10 @@ pub(crate) fn local_reply_headers(reply: &LocalReply, grpc: bool, head: bool) ->
     headers
 }
 
-/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`).
-pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool) -> Vec<u8> {
-    if grpc {
+/// The body a local reply sends: none to a gRPC request (its text is the `grpc-message`), none
+/// to a HEAD request (Envoy encodes the reply headers-only).
+pub(crate) fn local_reply_body(reply: &LocalReply, grpc: bool, head: bool) -> Vec<u8> {
+    if grpc || head {
         Vec::new()
     } else {
         reply.body.clone()

@@ -138,11 +138,59 @@ impl Worker {
         name: &str,
         params: P,
     ) -> Result<Option<R>, String> {
+        self.release_before(context, name);
         self.store.data_mut().effective = context;
         let r = self.call(name, params);
         let root = self.store.data().root_context;
         self.store.data_mut().effective = root;
         r
+    }
+
+    /// Envoy's wasm context lets go of a stream's header or trailer map when the callback for it
+    /// returns Continue (a pause keeps it): the module cannot read or change it at later
+    /// events, until `on_log`.
+    pub(crate) fn note_callback(&mut self, id: u32, name: &str, result: &Result<Option<i32>, String>) {
+        let kind = match name {
+            "proxy_on_request_headers" => crate::abi::map::HTTP_REQUEST_HEADERS,
+            "proxy_on_request_trailers" => crate::abi::map::HTTP_REQUEST_TRAILERS,
+            "proxy_on_response_headers" => crate::abi::map::HTTP_RESPONSE_HEADERS,
+            "proxy_on_response_trailers" => crate::abi::map::HTTP_RESPONSE_TRAILERS,
+            _ => return,
+        };
+        if matches!(result, Ok(None | Some(0))) {
+            let s = self.stream(id);
+            if !s.released.contains(&kind) {
+                s.released.push(kind);
+            }
+        }
+    }
+
+    /// At an event past a map's own, the map is let go whether its callback continued or the
+    /// module resumed the stream later (Envoy 1.40 hands none of the request headers to
+    /// `on_request_body` after a paused and resumed `on_request_headers` either).
+    fn release_before(&mut self, id: u32, name: &str) {
+        use crate::abi::map;
+        let kinds: &[i32] = match name {
+            "proxy_on_request_body" | "proxy_on_request_trailers" => &[map::HTTP_REQUEST_HEADERS],
+            "proxy_on_response_headers" => &[map::HTTP_REQUEST_HEADERS, map::HTTP_REQUEST_TRAILERS],
+            "proxy_on_response_body" | "proxy_on_response_trailers" => {
+                &[map::HTTP_REQUEST_HEADERS, map::HTTP_REQUEST_TRAILERS, map::HTTP_RESPONSE_HEADERS]
+            }
+            _ => return,
+        };
+        let Some(s) = self.store.data_mut().streams.get_mut(&id) else { return };
+        for kind in kinds {
+            if !s.released.contains(kind) {
+                s.released.push(*kind);
+            }
+        }
+    }
+
+    /// `proxy_on_log`: Envoy's access-log phase hands the module every map again.
+    pub(crate) fn call_on_log(&mut self, id: u32) {
+        self.stream(id).in_log = true;
+        let _ = self.ctx_call::<(i32,), ()>(id, "proxy_on_log", (id as i32,));
+        self.stream(id).in_log = false;
     }
 
     pub(crate) fn stream(&mut self, id: u32) -> &mut StreamData {

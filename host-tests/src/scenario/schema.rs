@@ -502,7 +502,8 @@ pub struct Expect {
     #[serde(default)]
     pub max_host_calls: Option<u64>,
     /// Log lines written during the case (since the previous case; the first case includes the
-    /// plugin's start). Host: every context's `proxy_log`; Envoy: its `wasm` log.
+    /// plugin's start). Host: every context's `proxy_log`; Envoy: its `wasm` log, or on the
+    /// native module its `dynamic_modules` log; core: the flow's lines.
     #[serde(default)]
     pub logs: Vec<LogExpect>,
     /// The HTTP callouts made during the case, in any order, and no others.

@@ -20,6 +20,8 @@
 //!                                 other status → 403 `callout_denied`, failure → 503 `callout_failed`;
 //! - `x-test-grpc: cluster`     → gRPC callout; status 0 → continue, else 503 `grpc_failed`;
 //! - `x-test-body: buffer`      → buffer the whole body; "deny" in it → 400 `body_denied`,
+//!                                 a body `headers?` → 200 `x-request-headers-seen: <n>` (the
+//!                                 request headers still readable at the body's event),
 //!                                 otherwise it is upper-cased before it is forwarded;
 //! - `x-test-props`             → copy properties into `x-prop-*` request headers (`portable`:
 //!   all but `source.address`);
@@ -337,6 +339,14 @@ impl HttpContext for Stream {
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         if body.windows(4).any(|w| w == b"deny") {
             return self.reject(400, "body_denied");
+        }
+        if body == b"headers?" {
+            // How many request headers the host still hands over after on_request_headers
+            // continued (Envoy: none). Pairs only: a value read of a map let go is a BadArgument,
+            // which the SDK turns into a panic.
+            let seen = self.get_http_request_headers().len().to_string();
+            self.send_http_response(200, vec![("x-request-headers-seen", seen.as_str())], None);
+            return Action::Pause;
         }
         let upper = body.to_ascii_uppercase();
         self.set_http_request_body(0, body_size, &upper);

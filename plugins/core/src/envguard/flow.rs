@@ -15,9 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::flow::{
-    header, read_request_body, refuse, request_context, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step,
-};
+use crate::flow::{header, read_request_body, refuse, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step};
 use crate::route::{not_canonical_rejection, split_path, Scope};
 use crate::{Mode, Rejection};
 
@@ -68,6 +66,9 @@ pub struct GuardFlow {
 
 struct Pending {
     plan: BodyPlan,
+    /// `method=.. path=".."`, read with the headers: the headers continued, and a wasm host
+    /// (Envoy) no longer hands them out at the body's events.
+    context: String,
 }
 
 impl GuardFlow {
@@ -136,14 +137,14 @@ impl GuardFlow {
         }
         // A paused header callback would stop the body from ever reaching this filter (Envoy
         // turns it into StopAllIteration): continue here and hold the body until it is complete.
-        self.pending = Some(Pending { plan });
+        self.pending = Some(Pending { plan, context: context() });
         Step::Continue
     }
 
     fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
         let Some(pending) = self.pending.take() else { return Step::Continue };
         if buffered > self.policy.max_body_bytes.get() {
-            return self.over_limit(&request_context(host), host);
+            return self.over_limit(&pending.context, host);
         }
         if !end_of_stream {
             self.pending = Some(pending);
@@ -158,10 +159,10 @@ impl GuardFlow {
         match host.request_trailers() {
             Ok(trailers) => {
                 if let Err(error) = check_trailers(&self.policy, &trailers) {
-                    return self.reject(&error, &request_context(host), host);
+                    return self.reject(&error, &pending.context, host);
                 }
             }
-            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &request_context(host), host),
+            Err(_) => return self.reject(&GuardError::Unreadable("request trailers"), &pending.context, host),
         }
         let size = self.policy.max_body_bytes.get().saturating_add(1);
         self.finish_body(host, pending, size)
@@ -171,8 +172,8 @@ impl GuardFlow {
         let policy = &self.policy;
         match read_request_body(host, size, |body| check_body(policy, &pending.plan, body)) {
             Ok(Ok(outcome)) => self.outcome(outcome, host),
-            Ok(Err(error)) => self.reject(&error, &request_context(host), host),
-            Err(_) => self.reject(&GuardError::Unreadable("request body"), &request_context(host), host),
+            Ok(Err(error)) => self.reject(&error, &pending.context, host),
+            Err(_) => self.reject(&GuardError::Unreadable("request body"), &pending.context, host),
         }
     }
 

@@ -271,7 +271,9 @@ pub enum Step {
 }
 
 /// `method=.. path=".."`: the context of a log line about a request, formatted only when a line
-/// is written (the accepted path formats nothing).
+/// is written (the accepted path formats nothing). A flow that may write a line at a later event
+/// keeps it from the headers' event: once the headers continue, Envoy's wasm host no longer hands
+/// them to the module (the test host does the same).
 pub struct RequestContext<'a> {
     pub method: &'a str,
     pub path: &'a str,
@@ -280,19 +282,6 @@ pub struct RequestContext<'a> {
 impl std::fmt::Display for RequestContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "method={} path={:?}", self.method, self.path)
-    }
-}
-
-/// [`RequestContext`] read again from the request headers, for a line written at a later event
-/// (a refusal of the body). Empty when the headers cannot be read.
-pub fn request_context(host: &mut dyn Host) -> String {
-    match host.request_headers_lossy() {
-        Ok(headers) => {
-            let method = header(&headers, ":method").unwrap_or("");
-            let path = crate::route::split_path(header(&headers, ":path").unwrap_or("")).0;
-            RequestContext { method, path }.to_string()
-        }
-        Err(_) => String::new(),
     }
 }
 

@@ -21,8 +21,7 @@ use std::sync::Arc;
 
 use crate::flow::calls::Calls;
 use crate::flow::{
-    header, read_request_body, refuse, reject, request_context, CallId, Event, Flow, FlowFactory, Host, Level, Meter,
-    RequestContext, Step,
+    header, read_request_body, refuse, reject, CallId, Event, Flow, FlowFactory, Host, Level, Meter, RequestContext, Step,
 };
 use crate::remote::{Backend, RedisConfig};
 use crate::replay::body_sha256_from_content_digest;
@@ -60,6 +59,9 @@ struct Pending {
     content_digest: Option<String>,
     /// The request had no body (headers ended the stream).
     headers_only: bool,
+    /// `method=.. path=".."`, read with the headers: once they continue, a wasm host (Envoy)
+    /// no longer hands them to the body's events or a callout's answer.
+    request: String,
 }
 
 impl SignatureFlow {
@@ -148,6 +150,7 @@ impl SignatureFlow {
             content_digest: header(&headers, "content-digest").map(str::to_string),
             verified,
             headers_only: end_of_stream,
+            request: context.to_string(),
         };
         // The nonce is claimed after the MAC verified and before anything goes upstream, so of N
         // concurrent copies of one signed request N-1 are refused before Envoy forwards a byte.
@@ -246,7 +249,7 @@ impl SignatureFlow {
     /// Refuses a request whose headers verified, with their context (read again: a refusal is
     /// the only time it is written).
     fn fail_verified(&mut self, host: &mut dyn Host, error: SigError, pending: &Pending) -> Step {
-        let context = verified_context(host, pending);
+        let context = verified_context(pending);
         self.fail(host, error, &context)
     }
 
@@ -255,7 +258,7 @@ impl SignatureFlow {
         let key_id = pending.verified.key_id.as_str();
         if host.set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || host.set_principal(key_id).is_err() {
             // Refused in either mode: the principal may be half handed on.
-            let context = verified_context(host, pending);
+            let context = verified_context(pending);
             return Err(self.fail_closed(host, SigError::StateUnavailable, &context));
         }
         Ok(())
@@ -281,7 +284,7 @@ impl SignatureFlow {
         // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
         // host call, and the counter already records every acceptance.
         if host.logs_debug() {
-            let line = format!("firebreak {PLUGIN} accept {}", verified_context(host, pending));
+            let line = format!("firebreak {PLUGIN} accept {}", verified_context(pending));
             host.log(Level::Debug, &line);
         }
         Step::Continue
@@ -336,14 +339,14 @@ impl SignatureFlow {
     /// Redis or its bridge did not answer usably: fail closed, always (`failure_mode: open` is
     /// refused at configuration: an unrecorded nonce is a replay that cannot be refused).
     fn state_unavailable(&mut self, host: &mut dyn Host, pending: Pending, why: &str) -> Step {
-        let context = format!("{} store_error={why:?}", verified_context(host, &pending));
+        let context = format!("{} store_error={why:?}", verified_context(&pending));
         self.fail(host, SigError::StateUnavailable, &context)
     }
 }
 
 /// `method=.. path=".." keyid=..` of a request whose headers verified.
-fn verified_context(host: &mut dyn Host, pending: &Pending) -> String {
-    format!("{} keyid={}", request_context(host), pending.verified.key_id)
+fn verified_context(pending: &Pending) -> String {
+    format!("{} keyid={}", pending.request, pending.verified.key_id)
 }
 
 /// The key id the client claims, for the log line of a rejection (never a MAC or a secret).
