@@ -310,7 +310,11 @@ impl NativeFilter {
         let mut step = match state.reply.take() {
             // A call's answer while the module's own local reply waits for it.
             Some(mut reply) if matches!(event, Event::CallAnswer { .. }) => {
-                if reply.run(state.flow.as_mut(), Some(event), &mut host) == Step::Hold {
+                let step = reply.run(state.flow.as_mut(), Some(event), &mut host);
+                if self.config.trace {
+                    abi::log(abi::LOG_INFO, &format!("firebreak native trace {event:?} (own local reply) -> {step:?}"));
+                }
+                if step == Step::Hold {
                     state.reply = Some(reply);
                 } else {
                     drop(state);
@@ -354,11 +358,12 @@ impl NativeFilter {
                 // Before any response, Envoy passes a filter's own local reply through that
                 // filter's encoder side (what a wasm filter sees); Envoy 1.40 skips a dynamic
                 // module's encoder hooks for it, so the flow gets it here, before it is sent.
-                if !state.response_started && event != Event::StreamEnd {
-                    if reply.run(state.flow.as_mut(), None, &mut host) == Step::Hold {
-                        state.reply = Some(reply);
-                        return HookResult::Status(status);
-                    }
+                if !state.response_started
+                    && event != Event::StreamEnd
+                    && reply.run(state.flow.as_mut(), None, &mut host) == Step::Hold
+                {
+                    state.reply = Some(reply);
+                    return HookResult::Status(status);
                 }
                 drop(state);
                 send_reply(stream, &reply);
