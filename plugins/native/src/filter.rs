@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use firebreak_core::filters::{self, Setup, CHAIN};
 use firebreak_core::flow::fill::{self, FillLevels};
 use firebreak_core::flow::header_cache::RequestHeaderCache;
+use firebreak_core::flow::local_reply::LocalReply;
 use firebreak_core::flow::{
     BodyChunks, CallAnswer, CallId, Direction, Event, Flow, FlowFactory, Headers, Host, HostFailed, Level, Meter, RawHeaders,
     ReadError, Response, Step,
@@ -208,6 +209,12 @@ struct StreamState {
     /// The end of a body (or trailers) that arrived while its half's headers waited for a call.
     /// The flow gets it once the headers go on, as Envoy gives it to a wasm filter after its resume.
     deferred: Option<Deferred>,
+    /// Envoy's response began (its headers reached this filter): a reply now goes straight to
+    /// the client, as Envoy sends it.
+    response_started: bool,
+    /// The module's own local reply, waiting for the flow (a call it made while the reply
+    /// crossed it) before it goes to the client.
+    reply: Option<LocalReply>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +234,10 @@ struct Deferred {
 impl NativeFilter {
     pub fn new(config: &Arc<Config>) -> Self {
         let flow = config.factory.new_flow();
-        NativeFilter { config: config.clone(), state: RefCell::new(StreamState { flow, stopped: None, deferred: None }) }
+        NativeFilter {
+            config: config.clone(),
+            state: RefCell::new(StreamState { flow, stopped: None, deferred: None, response_started: false, reply: None }),
+        }
     }
 
     pub fn on_hook(&self, stream: &Stream<'_>, hook: Hook) -> HookResult {
@@ -237,6 +247,18 @@ impl NativeFilter {
         let Ok(mut state) = self.state.try_borrow_mut() else { return HookResult::Status(0) };
         let mut host =
             NativeHost { stream, config: &self.config, answer: None, body_hook: None, headers: RequestHeaderCache::default() };
+        if state.reply.is_some() {
+            // The module's own local reply waits for a call: the request is over for the flow.
+            match hook {
+                Hook::RequestHeaders { .. } => return HookResult::Status(abi::HEADERS_STOP_ITERATION),
+                Hook::RequestBody { .. } => return HookResult::Status(abi::BODY_STOP_AND_BUFFER),
+                Hook::RequestTrailers => return HookResult::Status(abi::TRAILERS_STOP),
+                _ => {}
+            }
+        }
+        if matches!(hook, Hook::ResponseHeaders { .. }) {
+            state.response_started = true;
+        }
         let (event, status_of): (Event, fn(&Step) -> u32) = match hook {
             Hook::RequestHeaders { end_of_stream } => (Event::RequestHeaders { end_of_stream }, headers_status),
             Hook::RequestBody { end_of_stream } => {
@@ -285,7 +307,23 @@ impl NativeFilter {
             }
             Hook::StreamComplete => (Event::StreamEnd, |_| 0),
         };
-        let mut step = state.flow.on_event(event, &mut host);
+        let mut step = match state.reply.take() {
+            // A call's answer while the module's own local reply waits for it.
+            Some(mut reply) if matches!(event, Event::CallAnswer { .. }) => {
+                let step = reply.run(state.flow.as_mut(), Some(event), &mut host);
+                if self.config.trace {
+                    abi::log(abi::LOG_INFO, &format!("firebreak native trace {event:?} (own local reply) -> {step:?}"));
+                }
+                if step == Step::Hold {
+                    state.reply = Some(reply);
+                } else {
+                    drop(state);
+                    send_reply(stream, &reply);
+                }
+                return HookResult::Status(0);
+            }
+            _ => state.flow.on_event(event, &mut host),
+        };
         if event == Event::StreamEnd {
             self.config.sweep(&mut host);
         }
@@ -315,13 +353,20 @@ impl NativeFilter {
                 state.stopped = Some(Stopped { direction, at_headers });
             }
             (Step::Hold, None) => {}
-            (Step::Reply(rejection), _) => {
+            (step @ (Step::Reply(_) | Step::Respond(_)), _) => {
+                let Some(mut reply) = LocalReply::of(&step) else { return HookResult::Status(status) };
+                // Before any response, Envoy passes a filter's own local reply through that
+                // filter's encoder side (what a wasm filter sees); Envoy 1.40 skips a dynamic
+                // module's encoder hooks for it, so the flow gets it here, before it is sent.
+                if !state.response_started
+                    && event != Event::StreamEnd
+                    && reply.run(state.flow.as_mut(), None, &mut host) == Step::Hold
+                {
+                    state.reply = Some(reply);
+                    return HookResult::Status(status);
+                }
                 drop(state);
-                send_rejection(stream, &rejection);
-            }
-            (Step::Respond(Response { status, headers, body }), _) => {
-                drop(state);
-                stream.send_response(status, &headers, &body, "firebreak_response");
+                send_reply(stream, &reply);
             }
         }
         HookResult::Status(status)
@@ -384,6 +429,11 @@ fn trailers_status(step: &Step) -> u32 {
         Step::Continue => abi::TRAILERS_CONTINUE,
         _ => abi::TRAILERS_STOP,
     }
+}
+
+fn send_reply(stream: &Stream<'_>, reply: &LocalReply) {
+    let Response { status, headers, body } = &reply.response;
+    stream.send_response(*status, headers, body, &reply.details);
 }
 
 fn send_rejection(stream: &Stream<'_>, rejection: &Rejection) {

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use super::body::{self, BodyChunks};
+use super::local_reply::LocalReply;
 use super::{
     CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
 };
@@ -214,6 +215,11 @@ struct Memory<'a> {
     stopped: Option<Direction>,
     /// The client got a reply or a response: nothing more goes anywhere.
     answered: bool,
+    /// The upstream's response began: a reply now goes straight to the client.
+    response_started: bool,
+    /// The flow's own local reply, crossing the flow on its way to the client (as Envoy passes
+    /// a filter's reply through its encoder side), waiting for a call's answer.
+    reply: Option<LocalReply>,
 }
 
 fn raw(headers: &Headers) -> RawHeaders {
@@ -376,6 +382,8 @@ impl<'a> Memory<'a> {
             answer: None,
             stopped: None,
             answered: false,
+            response_started: false,
+            reply: None,
         }
     }
 
@@ -383,13 +391,29 @@ impl<'a> Memory<'a> {
     /// the stream stalled.
     fn send(&mut self, flow: &mut dyn Flow, event: Event) -> bool {
         let step = flow.on_event(event, self);
-        if let Some(direction) = event.direction() {
-            self.apply(step, Some(direction));
-        } else {
-            self.apply(step, None);
-        }
+        self.apply_step(flow, step, event.direction());
         self.answer_calls(flow);
         !self.answered
+    }
+
+    /// Applies a step; a reply sent before the response began first crosses the flow
+    /// ([`LocalReply`]), as Envoy passes it through the filter's encoder side.
+    fn apply_step(&mut self, flow: &mut dyn Flow, step: Step, direction: Option<Direction>) {
+        let reply = if self.response_started || self.answered { None } else { LocalReply::of(&step) };
+        self.apply(step, direction);
+        if let Some(reply) = reply {
+            self.reply = Some(reply);
+            self.run_reply(flow, None);
+        }
+    }
+
+    /// The pending local reply's events (after `answer`, a call's answer) to the flow.
+    fn run_reply(&mut self, flow: &mut dyn Flow, answer: Option<Event>) {
+        if let Some(mut reply) = self.reply.take() {
+            if reply.run(flow, answer, self) == Step::Hold {
+                self.reply = Some(reply);
+            }
+        }
     }
 
     fn answer_calls(&mut self, flow: &mut dyn Flow) {
@@ -398,15 +422,23 @@ impl<'a> Memory<'a> {
                 Some(redis) => redis(&command),
                 None => CallAnswer::default(),
             };
+            let body_size = answer.body.len();
+            let event = Event::CallAnswer { call, body_size };
+            if self.reply.is_some() {
+                // The flow's own reply waits for this answer.
+                self.answer = Some(answer);
+                self.run_reply(flow, Some(event));
+                self.answer = None;
+                continue;
+            }
             if self.answered {
                 // The stream is over: the command ran, its answer goes nowhere.
                 continue;
             }
-            let body_size = answer.body.len();
             self.answer = Some(answer);
-            let step = flow.on_event(Event::CallAnswer { call, body_size }, self);
+            let step = flow.on_event(event, self);
             self.answer = None;
-            self.apply(step, None);
+            self.apply_step(flow, step, None);
         }
     }
 
@@ -493,6 +525,7 @@ impl<'a> Memory<'a> {
 
     fn response_phase(&mut self, flow: &mut dyn Flow) {
         let upstream = self.upstream;
+        self.response_started = true;
         self.outcome.client_headers = upstream.headers.clone();
         let no_body = upstream.chunks.is_empty() && upstream.trailers.is_none() && !upstream.cut;
         if !self.send(flow, Event::ResponseHeaders { end_of_stream: no_body }) {
@@ -529,6 +562,7 @@ pub fn exchange(flow: &mut dyn Flow, env: &mut MemoryEnv, request: &MemoryReques
         host.response_phase(flow);
     }
     host.answered = true;
+    host.reply = None;
     let _ = flow.on_event(Event::StreamEnd, &mut host);
     host.answer_calls(flow);
     host.outcome

@@ -23,6 +23,7 @@ pub mod calls;
 pub mod chain;
 pub mod fill;
 pub mod header_cache;
+pub mod local_reply;
 pub mod memory;
 
 use std::rc::Rc;
