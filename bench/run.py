@@ -260,7 +260,16 @@ def wrk_until(envoy: harness.Envoy, req_args: list[str], connections: int, count
 
 def start_envoy(name: str, purpose: str, upstream: Upstream) -> harness.Envoy:
     _, build = CONFIGS[name]
-    return harness.Envoy(build(purpose), upstream.port, concurrency=1, cpu_core=int(ENVOY_CORE))
+    # A port picked free can be taken before Envoy binds it (wrk's own connections use the same
+    # ephemeral range during a run): try again on new ports, a few times.
+    for attempt in range(4):
+        try:
+            return harness.Envoy(build(purpose), upstream.port, concurrency=1, cpu_core=int(ENVOY_CORE))
+        except RuntimeError as error:
+            if "Address already in use" not in str(error) or attempt == 3:
+                raise
+            log(f"{name}: a port was taken before Envoy bound it; starting again on new ports")
+    raise RuntimeError("unreachable")
 
 
 def measured_run(envoy: harness.Envoy, req_args: list[str], connections: int, duration: float) -> dict:
