@@ -233,12 +233,17 @@ def render(res: Results) -> str:
     w(f"""- **Command:** `bash scripts/bench.sh` (about 35 minutes; `--quick` about 15). It installs `wrk` (Debian) and
   matplotlib (`bench/requirements.txt`, into `.venv`), builds the modules and the bench tool, runs
   `bench/run.py`, then `bench/report.py` writes this file and `docs/benchmarks.png`.
+- **Bootstrap:** every Envoy under test, bare included, has `memory_allocator_manager` (return up
+  to 1 GiB of freed heap every 0.5 s), as `plugins/chain/README.md` advises: tcmalloc otherwise keeps
+  what V8 freed after compiling a module. Bare Envoy's figures do not change with it.
 - **Topology:** Envoy under test, one worker (`--concurrency 1`) pinned to core 1 (`taskset`); the
   load generator `wrk` (one thread, keep-alive) and the upstream, a second Envoy that answers every
   request itself (`direct_response`, the same for every configuration), pinned to core 0.
 - **Requests:** signed `POST /v1/transfers` with JSON bodies of {", ".join(f"{s} B" for s in p["sizes"])}: every
   request has its own nonce and `Idempotency-Key` (covered by the signature), pre-signed by
-  `bench/tool` and replayed by `bench/replay.lua`; every Envoy sees each one once. The same bytes go
+  `bench/tool` and replayed by `bench/replay.lua`; every Envoy sees each one once (the pool is sized
+  for the fastest configuration: a run that wrapped round it would repeat nonces and keys, refused
+  or replayed). The same bytes go
   to every configuration, bare Envoy included. Non-2xx responses are counted (tables below): the
   benchmark measures accepted requests. The upstream reads each whole request before answering,
   so every connection stays open (keep-alive on both sides; the table counts the upstream
