@@ -239,12 +239,12 @@ impl TenantQuota {
             .table
             .update(store, tenant, now_ms, |current| match current.map(decode) {
                 None => {
-                    let units = want.clamp(1, limit);
+                    let units = want.min(limit).max(1);
                     let expires_at_ms = now_ms.saturating_add(window);
                     Update::Write { payload: encode(now_ms, units), expires_at_ms, result: Ok((units, expires_at_ms)) }
                 }
                 Some(Some((start, count))) if count < limit => {
-                    let units = want.clamp(1, limit - count);
+                    let units = want.min(limit.saturating_sub(count)).max(1);
                     let expires_at_ms = start.saturating_add(window);
                     Update::Write {
                         payload: encode(start, count.saturating_add(units)),
@@ -267,7 +267,7 @@ impl TenantQuota {
 
     /// Tenants with a lease in this policy's cache (valid or not yet purged).
     pub fn leases_held(&self) -> usize {
-        self.leases.lock().map_or(0, |leases| leases.len())
+        self.leases.try_lock().map_or(0, |leases| leases.len())
     }
 }
 
