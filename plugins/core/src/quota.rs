@@ -25,7 +25,9 @@
 //! a tenant's claims within one window never exceed `limit`. Any record of the guarded table
 //! live at time `t` was claimed in `(t - window_ms, t]`, which meets at most two consecutive
 //! windows, so a tenant holds at most `2 * limit` live records of the guarded table, whatever it
-//! sends and however many workers serve it.
+//! sends and however many workers serve it. (As everywhere in the tables, this takes the clock
+//! not to go back: a claim at an earlier time than its window's start is counted in that
+//! window, with or without a lease.)
 //!
 //! **What leases cost.** Units leased and not spent before the window ends are lost for that
 //! window (never counted twice, so never unsafe): each worker holds at most one lease per tenant,
