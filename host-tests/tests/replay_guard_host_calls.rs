@@ -75,6 +75,16 @@ fn an_accepted_request_makes_seventeen_host_calls() {
     assert_eq!(again.status, 201);
     assert!(!again.forwarded());
     assert_eq!(again.response_body, br#"{"id":"op-1"}"#);
+    // A second new key of the same tenant spends a unit of the lease the first claim took from
+    // its quota record (default quota 1,024, leases of 4: core::quota): fifteen host calls, no
+    // quota read or write.
+    let second = h.send(Request::post("/v1/payouts").header("idempotency-key", "\"k-2\"").body(r#"{"amount":2}"#));
+    assert_eq!(second.status, 201);
+    assert!(second.forwarded());
+    let mut leased = expected.clone();
+    leased.insert("proxy_get_shared_data".into(), 2);
+    leased.insert("proxy_set_shared_data".into(), 3);
+    assert_eq!(second.host_calls, leased, "host calls of an accepted request on a leased quota");
 }
 
 /// A body of 1 KiB or more whose SHA-256 request-signature verified is not read nor hashed

@@ -59,7 +59,7 @@ pub const SLOT_OVERHEAD: usize = 26;
 const MAX_CAS_ATTEMPTS: usize = 32;
 
 /// A 128-bit fingerprint of a record's key; the table never stores the key itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyHash([u8; 16]);
 
 impl KeyHash {

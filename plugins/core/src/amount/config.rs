@@ -63,11 +63,15 @@ struct RawTable {
     /// window (see [`crate::quota`]); default capacity / 8.
     #[serde(default)]
     quota_per_tenant: Option<u64>,
+    /// Units of a tenant's quota one worker takes at once (see [`crate::quota`]); default
+    /// `quota_per_tenant / 256`, between 1 and 16.
+    #[serde(default)]
+    quota_lease: Option<u64>,
 }
 
 impl Default for RawTable {
     fn default() -> Self {
-        RawTable { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_tenant: None }
+        RawTable { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_tenant: None, quota_lease: None }
     }
 }
 
@@ -188,7 +192,8 @@ impl AmountPolicy {
         // A record lives until its debt has drained: at most the longest window (and a second).
         let longest = rules.iter().flat_map(|r| r.budgets.values()).map(|b| b.budget.window_s.get()).max().unwrap_or(1);
         let window_ms = NonZeroU64::new(longest.saturating_add(1).saturating_mul(1000)).unwrap_or(NonZeroU64::MIN);
-        let quota = TenantQuota::for_table(&table, limit, window_ms);
+        let lease = quota::lease(raw.table.quota_lease, limit, "table.quota_lease")?;
+        let quota = TenantQuota::for_table(&table, limit, window_ms).with_lease(lease);
         Ok(AmountPolicy { rules, max_body_bytes, table, quota, state })
     }
 
@@ -400,6 +405,7 @@ mod tests {
                 "table.quota_per_tenant",
             ),
             (format!(r#"{{"table":{{"quota_per_tenant":0}},"rules":[{RULE}]}}"#), "table.quota_per_tenant"),
+            (format!(r#"{{"table":{{"quota_per_tenant":64,"quota_lease":5}},"rules":[{RULE}]}}"#), "table.quota_lease"),
             (format!(r#"{{"state":{{"backend":"redis"}},"rules":[{RULE}]}}"#), "state.cluster"),
         ];
         for (json, field) in cases {

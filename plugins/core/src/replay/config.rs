@@ -79,6 +79,10 @@ struct RawTable {
     /// window (see [`crate::quota`]); default capacity / 8.
     #[serde(default)]
     quota_per_principal: Option<u64>,
+    /// Units of a tenant's quota one worker takes at once (see [`crate::quota`]); default
+    /// `quota_per_principal / 256`, between 1 and 16.
+    #[serde(default)]
+    quota_lease: Option<u64>,
 }
 
 fn default_ttl() -> u64 {
@@ -110,10 +114,10 @@ fn default_marker() -> String {
     "idempotent-replayed".into()
 }
 fn default_key_store() -> RawTable {
-    RawTable { buckets: 1024, slots_per_bucket: 8, quota_per_principal: None }
+    RawTable { buckets: 1024, slots_per_bucket: 8, quota_per_principal: None, quota_lease: None }
 }
 fn default_collapse_store() -> RawTable {
-    RawTable { buckets: 256, slots_per_bucket: 8, quota_per_principal: None }
+    RawTable { buckets: 256, slots_per_bucket: 8, quota_per_principal: None, quota_lease: None }
 }
 
 /// Limits that are not configurable (they bound memory whatever the configuration says).
@@ -444,5 +448,6 @@ fn parse_quota(raw: &RawTable, field: &str, table: &BucketTable, window_ms: NonZ
     let capacity = table.capacity();
     let limit = raw.quota_per_principal.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
     let limit = quota::validate_limit(limit, capacity, &format!("{field}.quota_per_principal"))?;
-    Ok(TenantQuota::for_table(table, limit, window_ms))
+    let lease = quota::lease(raw.quota_lease, limit, &format!("{field}.quota_lease"))?;
+    Ok(TenantQuota::for_table(table, limit, window_ms).with_lease(lease))
 }

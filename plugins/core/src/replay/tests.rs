@@ -1041,6 +1041,10 @@ fn quota_fields_are_validated_against_capacity() {
     assert_eq!(policy().collapse_quota.limit.get(), 256, "256 x 8 / 8");
     assert_eq!(policy().collapse_quota.window_ms.get(), 2000, "the longest collapse window");
     assert_eq!(policy().key_quota.window_ms.get(), 60_000, "ttl");
+    assert_eq!(policy().key_quota.lease.get(), 1, "a quota of 8: no lease");
+    assert_eq!(policy().collapse_quota.lease.get(), 1, "256 / 256");
+    let lease = CONFIG.replace(r#""quota_per_principal": 8"#, r#""quota_per_principal": 8, "quota_lease": 2"#);
+    assert_eq!(ReplayPolicy::from_json(lease.as_bytes()).unwrap_err().field, "key_store.quota_lease", "at most 8 / 16");
 }
 
 /// A reload that changes a table's geometry is refused while this Envoy holds the table; the

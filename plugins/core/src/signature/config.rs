@@ -81,11 +81,15 @@ struct RawNonceStore {
     /// Nonces one key id may record per window (see [`crate::quota`]); default capacity / 8.
     #[serde(default)]
     quota_per_key_id: Option<u64>,
+    /// Units of a key id's quota one worker takes at once (see [`crate::quota`]); default
+    /// `quota_per_key_id / 256`, between 1 and 16.
+    #[serde(default)]
+    quota_lease: Option<u64>,
 }
 
 impl Default for RawNonceStore {
     fn default() -> Self {
-        RawNonceStore { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_key_id: None }
+        RawNonceStore { buckets: default_buckets(), slots_per_bucket: default_slots(), quota_per_key_id: None, quota_lease: None }
     }
 }
 
@@ -306,7 +310,8 @@ impl SignaturePolicy {
         let window_ms =
             NonZeroU64::new(max_age_seconds.get().saturating_add(raw.future_skew_seconds).saturating_add(1).saturating_mul(1000))
                 .unwrap_or(NonZeroU64::MIN);
-        let nonce_quota = TenantQuota::for_table(&nonce_table, quota_limit, window_ms);
+        let lease = quota::lease(raw.nonce_store.quota_lease, quota_limit, "nonce_store.quota_lease")?;
+        let nonce_quota = TenantQuota::for_table(&nonce_table, quota_limit, window_ms).with_lease(lease);
         let mode = raw.mode.get("mode")?;
         Ok(SignaturePolicy {
             mode,

@@ -544,6 +544,15 @@ fn a_key_id_at_its_nonce_quota_is_refused_alone_and_consumes_no_nonce() {
     let bad = json.replace(r#""quota_per_key_id":3"#, r#""quota_per_key_id":33"#);
     assert_eq!(SignaturePolicy::from_json(bad.as_bytes(), &|_| None).unwrap_err().field, "nonce_store.quota_per_key_id");
     assert_eq!(policy().nonce_quota.limit.get(), 8192 * 16 / 8, "default: capacity / 8");
+    // Leases: 1 for a small quota, 16 at most by default, at most a sixteenth of the quota.
+    assert_eq!(SignaturePolicy::from_json(json.as_bytes(), &|_| None).unwrap().nonce_quota.lease.get(), 1);
+    assert_eq!(policy().nonce_quota.lease.get(), 16, "16384 / 256, capped at 16");
+    let too_large = json.replace(r#""quota_per_key_id":3"#, r#""quota_per_key_id":3,"quota_lease":2"#);
+    assert_eq!(SignaturePolicy::from_json(too_large.as_bytes(), &|_| None).unwrap_err().field, "nonce_store.quota_lease");
+    let zero = json.replace(r#""quota_per_key_id":3"#, r#""quota_per_key_id":3,"quota_lease":0"#);
+    assert_eq!(SignaturePolicy::from_json(zero.as_bytes(), &|_| None).unwrap_err().field, "nonce_store.quota_lease");
+    let one = json.replace(r#""quota_per_key_id":3"#, r#""quota_per_key_id":3,"quota_lease":1"#);
+    assert_eq!(SignaturePolicy::from_json(one.as_bytes(), &|_| None).unwrap().nonce_quota.lease.get(), 1);
 }
 
 /// A reload whose nonce table geometry differs is refused, naming the field; the same geometry
