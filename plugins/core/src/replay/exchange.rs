@@ -183,13 +183,24 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
     if value.len() > max_len.saturating_mul(2).saturating_add(2) + 64 {
         return Err(ReplayError::KeyInvalid("is too long"));
     }
+    // The common form, a plain sf-string (no escapes, no parameters; RFC 8941 §4.2: leading and
+    // trailing spaces discarded), read in place; anything else goes to the full parser.
+    let trimmed = value.trim_matches(' ');
+    if let Some(key) = trimmed.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) {
+        if trimmed.len() >= 2 && key.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+            return checked_key(key, max_len);
+        }
+    }
     let item: Item = Parser::new(value).parse().map_err(|_| {
         ReplayError::KeyInvalid("must be a structured-field string, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\"")
     })?;
     let BareItem::String(key) = item.bare_item else {
         return Err(ReplayError::KeyInvalid("must be a structured-field string (in double quotes)"));
     };
-    let key = key.as_str();
+    checked_key(key.as_str(), max_len)
+}
+
+fn checked_key(key: &str, max_len: usize) -> Result<String, ReplayError> {
     if key.is_empty() {
         return Err(ReplayError::KeyInvalid("must not be empty"));
     }
@@ -552,5 +563,54 @@ impl Exchange {
             },
         };
         Some(FinishRequest { owner, outcome })
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// The full parser's answer, as before the in-place form.
+    fn by_sfv(value: &str, max_len: usize) -> Result<String, ReplayError> {
+        let item: Item = Parser::new(value).parse().map_err(|_| ReplayError::KeyInvalid("syntax"))?;
+        let BareItem::String(key) = item.bare_item else { return Err(ReplayError::KeyInvalid("type")) };
+        checked_key(key.as_str(), max_len)
+    }
+
+    #[test]
+    fn the_plain_string_form_reads_as_the_full_parser_does() {
+        let mut values: Vec<String> = [
+            r#""a""#,
+            r#""""#,
+            r#"  "a b"  "#,
+            "\"a\"\t",
+            "\t\"a\"",
+            r#""a\"b""#,
+            r#""a\\b""#,
+            r#""a"x"#,
+            r#"""a""#,
+            "\"é\"",
+            r#""a";p=1"#,
+            r#""a" ;p"#,
+            r#""#,
+            r#"""#,
+            r#"a"#,
+            "\"\u{7f}\"",
+            "\"\u{1f}\"",
+            r#""~ !#$%&'()*+,-./09:;<=>?@AZ[]^_`az{|}""#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for b in 0u8..=127 {
+            values.push(format!("\"k{}\"", b as char));
+        }
+        for value in &values {
+            for max_len in [1, 2, 255] {
+                let ours = parse_idempotency_key(value, max_len).map_err(|e| matches!(e, ReplayError::KeyInvalid(_)));
+                let oracle = by_sfv(value, max_len).map_err(|e| matches!(e, ReplayError::KeyInvalid(_)));
+                assert_eq!(ours, oracle, "{value:?} max_len {max_len}");
+            }
+        }
     }
 }
