@@ -264,6 +264,39 @@ impl BucketSnapshot {
         numbered(SlotIter { bytes: &self.bytes }.chain(std::iter::repeat(None))).take(usize::from(self.slots))
     }
 
+    /// The bucket's bytes with slot `index` holding `record`, every other slot as read and the
+    /// bucket filled up to its `slots` (what encoding each slot in turn gives), spliced from the
+    /// bytes as read in one allocation of the result's size.
+    fn with_slot(&self, index: u16, record: Slot<'_>) -> Result<Vec<u8>, TableError> {
+        let bytes = self.bytes.as_slice();
+        // Where slot `index` starts and ends in the bytes, and how many slots they hold.
+        let (mut start, mut end, mut held) = (bytes.len(), bytes.len(), 0u16);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (_, after) = decode_slot(rest).ok_or(TableError::Corrupt)?;
+            if held == index {
+                start = bytes.len() - rest.len();
+                end = bytes.len() - after.len();
+            }
+            held = held.saturating_add(1);
+            rest = after;
+        }
+        let (head, tail) = match (bytes.get(..start), bytes.get(end..)) {
+            (Some(head), Some(tail)) => (head, tail),
+            _ => return Err(TableError::Corrupt),
+        };
+        let before = index.saturating_sub(held);
+        let after = self.slots.saturating_sub(held.max(index.saturating_add(1)));
+        let size = head.len() + usize::from(before) + 1 + SLOT_OVERHEAD + record.payload.len() + tail.len() + usize::from(after);
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(head);
+        out.resize(out.len() + usize::from(before), 0);
+        encode_slot(&mut out, Some(record))?;
+        out.extend_from_slice(tail);
+        out.resize(out.len() + usize::from(after), 0);
+        Ok(out)
+    }
+
     /// Whether a slot holds a record of `key`, live or expired: when not, the key is absent
     /// whatever the time (no clock needed to say so).
     pub fn mentions(&self, key: KeyHash) -> bool {
@@ -606,14 +639,8 @@ impl BucketTable {
                                 .map(|(i, _)| i)
                         })
                         .ok_or(TableError::Full)?;
-                    // The bucket written again: every slot as read, the key's own replaced, one
-                    // allocation of the bucket's size.
                     let record = Slot { key, expires_at_ms, payload: &payload };
-                    let size = snapshot.bytes.len() + usize::from(self.slots_per_bucket) + 1 + SLOT_OVERHEAD + payload.len();
-                    let mut bytes = Vec::with_capacity(size);
-                    for (i, slot) in snapshot.slots() {
-                        encode_slot(&mut bytes, if i == index { Some(record) } else { slot })?;
-                    }
+                    let bytes = snapshot.with_slot(index, record)?;
                     match self.with_bucket_key(bucket, |key| store.set(key, &bytes, cas)) {
                         Ok(()) => return Ok((result, SlotAddress { bucket, slot: index })),
                         Err(StoreError::CasMismatch) => continue,
@@ -1035,6 +1062,37 @@ mod tests {
                 None => Update::Write { payload: vec![], expires_at_ms: now.saturating_add(1000), result: true },
             })
             .map(|(won, _)| won)
+    }
+
+    #[test]
+    fn a_slot_spliced_into_a_bucket_is_the_bucket_encoded_slot_by_slot() {
+        let slot =
+            |i: u8, len: usize| Slot { key: KeyHash([i; 16]), expires_at_ms: u64::from(i) * 1000, payload: &[7u8; 40][..len] };
+        for spb in 1u16..=5 {
+            // Every bucket of up to `spb` slots, each empty or a record (lengths varying).
+            for held in 0..=spb {
+                for mask in 0u32..(1 << held) {
+                    let slots: Vec<Option<Slot<'_>>> =
+                        (0..held).map(|i| (mask >> i & 1 == 1).then(|| slot(i as u8 + 1, usize::from(i) * 3))).collect();
+                    let mut bytes = Vec::new();
+                    for s in &slots {
+                        encode_slot(&mut bytes, *s).unwrap();
+                    }
+                    let snapshot = BucketSnapshot { table: 0, bucket: 0, bytes, slots: spb, cas: 0 };
+                    for index in 0..spb {
+                        let record = slot(99, 5);
+                        let mut expected = Vec::new();
+                        for i in 0..spb {
+                            let current = slots.get(usize::from(i)).copied().flatten();
+                            encode_slot(&mut expected, if i == index { Some(record) } else { current }).unwrap();
+                        }
+                        let spliced = snapshot.with_slot(index, record).unwrap();
+                        assert_eq!(spliced, expected, "spb {spb} held {held} mask {mask:b} index {index}");
+                        assert_eq!(spliced.capacity(), spliced.len(), "one allocation of the result's size");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
