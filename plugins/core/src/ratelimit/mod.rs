@@ -440,15 +440,18 @@ pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Pl
         rules.retain(|p| keyed_of(p).is_none_or(|(rule, _)| !skipped.contains(&rule.name)));
     }
 
+    // The enforced rules that admitted the request, for the RateLimit headers: of the response
+    // (when configured) or of a refusal by a later rule (none after the last one).
     let mut committed: Vec<(&Rule, Outcome)> = Vec::new();
-    for p in &rules {
+    for (i, p) in rules.iter().enumerate() {
         let Some((rule, hash)) = keyed_of(p) else { continue };
         let k = Keyed { rule, key: &p.key, hash };
         let report_only = k.rule.report_only();
+        let later = i + 1 < rules.len();
         match commit(policy, store, &k, now_ms) {
             Ok(outcome) if outcome.allowed => {
                 events.push(Event::Allowed { rule: k.rule.name.clone() });
-                if !report_only {
+                if !report_only && (policy.response_headers || later) {
                     committed.push((k.rule, outcome));
                 }
             }
