@@ -146,20 +146,22 @@ impl SignatureFlow {
             Ok(verified) => verified,
             Err(error) => return self.fail(host, error, &format!("{context} {}", key_context(&view))),
         };
+        // What outlives this callback (a body to wait for, a Redis claim) is copied; a request
+        // decided now reads the headers in place and formats its line only when one is written.
+        let kept = !(end_of_stream && policy_is_local(&self.policy));
+        let read = InCallback { request: &context, content_digest: header(&headers, "content-digest") };
         let pending = Pending {
-            content_digest: header(&headers, "content-digest").map(str::to_string),
+            content_digest: if kept { header(&headers, "content-digest").map(str::to_string) } else { None },
             verified,
             headers_only: end_of_stream,
-            // Kept only when the request outlives this callback (a body to wait for, a Redis
-            // claim); a request decided now formats its line only when one is written.
-            request: if end_of_stream && policy_is_local(&self.policy) { String::new() } else { context.to_string() },
+            request: if kept { context.to_string() } else { String::new() },
         };
         // The nonce is claimed after the MAC verified and before anything goes upstream, so of N
         // concurrent copies of one signed request N-1 are refused before Envoy forwards a byte.
         let policy = self.policy.clone();
         match &policy.state {
             Backend::Local => match claim_nonce(&policy, host.store(), &pending.verified, now) {
-                Ok(()) => self.after_claim(host, pending, Some(&context)),
+                Ok(()) => self.after_claim(host, pending, Some(read)),
                 Err(error) => self.fail_verified(host, error, &pending, &context),
             },
             Backend::Redis(redis) => self.claim_remotely(host, redis, pending),
@@ -269,13 +271,8 @@ impl SignatureFlow {
 
     /// The whole body is known (possibly empty) and was checked against the signed
     /// Content-Digest (`checked`: its size, or why it does not match).
-    fn finish(
-        &mut self,
-        host: &mut dyn Host,
-        pending: &Pending,
-        checked: Result<usize, SigError>,
-        request: &dyn Display,
-    ) -> Step {
+    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, checked: Result<usize, SigError>, read: InCallback<'_>) -> Step {
+        let InCallback { request, content_digest } = read;
         let body_len = match checked {
             Ok(body_len) => body_len,
             Err(error) => return self.fail_verified(host, error, pending, request),
@@ -285,7 +282,7 @@ impl SignatureFlow {
         // again (between separate modules only for large bodies: BODY_SHA256_MIN_BYTES). A failed
         // publish only makes replay-guard hash the body itself.
         if pending.verified.covers_content_digest {
-            if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
+            if let Some(digest) = content_digest.and_then(body_sha256_from_content_digest) {
                 host.set_body_sha256(&digest, body_len);
             }
         }
@@ -307,24 +304,21 @@ impl SignatureFlow {
             verify_body(policy, &pending.verified, pending.content_digest.as_deref(), body).map(|()| body_len)
         });
         match checked {
-            Ok(checked) => self.finish(host, &pending, checked, &pending.request),
+            Ok(checked) => self.finish(host, &pending, checked, pending.kept()),
             Err(_) => self.fail_verified(host, SigError::StateUnavailable, &pending, &pending.request),
         }
     }
 
     /// After the nonce is recorded: either finish now (no body) or let the body come.
-    /// `request`: the headers' line while they are read (`None`: the pending request's own).
-    fn after_claim(&mut self, host: &mut dyn Host, pending: Pending, request: Option<&dyn Display>) -> Step {
-        let line: &dyn Display = match request {
-            Some(request) => request,
-            None => &pending.request,
-        };
-        if let Err(step) = self.publish_principal(host, &pending, line) {
+    /// `read`: the headers' own while they are read (`None`: what the pending request kept).
+    fn after_claim(&mut self, host: &mut dyn Host, pending: Pending, read: Option<InCallback<'_>>) -> Step {
+        let read = read.unwrap_or_else(|| pending.kept());
+        if let Err(step) = self.publish_principal(host, &pending, read.request) {
             return step;
         }
         if pending.headers_only {
-            let checked = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), b"").map(|()| 0);
-            return self.finish(host, &pending, checked, line);
+            let checked = verify_body(&self.policy, &pending.verified, read.content_digest, b"").map(|()| 0);
+            return self.finish(host, &pending, checked, read);
         }
         // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
         // would never reach this filter: the headers continue, and the body is held (below) until
@@ -361,6 +355,20 @@ impl SignatureFlow {
 /// `method=.. path=".." keyid=..` of a request whose headers verified.
 fn verified_context(request: &dyn Display, pending: &Pending) -> String {
     format!("{request} keyid={}", pending.verified.key_id)
+}
+
+/// A request's line and Content-Digest: read from the headers during their callback, or what a
+/// pending request kept of them.
+#[derive(Clone, Copy)]
+struct InCallback<'a> {
+    request: &'a dyn Display,
+    content_digest: Option<&'a str>,
+}
+
+impl Pending {
+    fn kept(&self) -> InCallback<'_> {
+        InCallback { request: &self.request, content_digest: self.content_digest.as_deref() }
+    }
 }
 
 fn policy_is_local(policy: &SignaturePolicy) -> bool {
