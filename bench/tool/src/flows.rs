@@ -29,6 +29,14 @@ fn factory(name: &str, env: &MemoryEnv) -> Result<std::sync::Arc<dyn FlowFactory
     configure(name, config.as_bytes(), &setup).map_err(|e| e.to_string())
 }
 
+/// (allocations, reallocations) so far on this thread (zeros without the `count-allocs` feature).
+fn alloc_count() -> (u64, u64) {
+    #[cfg(feature = "count-allocs")]
+    return crate::allocs::count();
+    #[cfg(not(feature = "count-allocs"))]
+    (0, 0)
+}
+
 /// `firebreak-bench flows [--filter chain|<filter>|all] [--count N] [--size B] [--reps R]`
 pub fn run(args: &Args) -> Result<(), String> {
     let count: usize = args.num("count", 5000)?;
@@ -54,14 +62,19 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut out = serde_json::Map::new();
     for name in names {
         let mut best = f64::MAX;
+        let mut allocs = (0u64, 0u64);
         for _ in 0..reps {
             // A fresh store per repetition: every request is new to it.
             let mut env = MemoryEnv { now_ms: Some(now_ms), ..MemoryEnv::default() };
             let factory = factory(name, &env)?;
             let start = Instant::now();
+            allocs = (0, 0);
             for (i, request) in requests.iter().enumerate() {
                 let mut flow = factory.new_flow();
+                let before = alloc_count();
                 let outcome = exchange(flow.as_mut(), &mut env, request, &upstream);
+                let after = alloc_count();
+                allocs = (allocs.0 + after.0 - before.0, allocs.1 + after.1 - before.1);
                 if !outcome.passed() {
                     return Err(format!("{name}: request {i} refused: {:?}", outcome.reply));
                 }
@@ -69,7 +82,13 @@ pub fn run(args: &Args) -> Result<(), String> {
             best = best.min(start.elapsed().as_secs_f64() * 1e9 / count as f64);
         }
         eprintln!("flows {name:18} {size:6} B  {best:8.0} ns/req");
-        out.insert(name.to_string(), json!({"ns_per_request": best, "size": size, "count": count}));
+        let mut row = json!({"ns_per_request": best, "size": size, "count": count});
+        if cfg!(feature = "count-allocs") {
+            // Per request, in `exchange` (the flow and core's in-memory test host together).
+            row["allocs_per_request"] = json!(allocs.0 as f64 / count as f64);
+            row["reallocs_per_request"] = json!(allocs.1 as f64 / count as f64);
+        }
+        out.insert(name.to_string(), row);
     }
     println!("{}", serde_json::to_string_pretty(&Value::Object(out)).map_err(|e| e.to_string())?);
     Ok(())

@@ -14,6 +14,8 @@
 //!     Host calls per accepted request of each module and of the one-module chain at body size S
 //!     (the test host's count), for the cost breakdown. Prints JSON.
 
+#[cfg(feature = "count-allocs")]
+pub mod allocs;
 mod coreloop;
 mod flows;
 mod micro;

@@ -203,12 +203,12 @@ impl BindError {
     }
 }
 
-/// A live record in a slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Slot {
+/// A record in a slot, borrowed from its bucket's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot<'a> {
     key: KeyHash,
     expires_at_ms: u64,
-    payload: Vec<u8>,
+    payload: &'a [u8],
 }
 
 /// What an update callback decides for the record of its key.
@@ -243,27 +243,76 @@ pub struct SlotAddress {
 
 /// One read of a bucket: its slots and the CAS token a change to it must be committed with
 /// ([`INSERT_IF_ABSENT_CAS`] when the bucket was absent).
+///
+/// The slots stay in the bytes as read (checked once, at the read: no copy of a payload, no list
+/// of slots); a bucket holds `slots_per_bucket` slots, the ones past the bytes' end are empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketSnapshot {
     /// The table it was read from ([`BucketTable`]'s `id`).
     table: u64,
     bucket: u32,
-    slots: Vec<Option<Slot>>,
+    /// The bucket's bytes (empty when absent), checked against the table's geometry.
+    bytes: Vec<u8>,
+    /// The table's `slots_per_bucket`.
+    slots: u16,
     cas: u32,
 }
 
 impl BucketSnapshot {
+    /// Every slot of the bucket, numbered.
+    fn slots(&self) -> impl Iterator<Item = (u16, Option<Slot<'_>>)> {
+        numbered(SlotIter { bytes: &self.bytes }.chain(std::iter::repeat(None))).take(usize::from(self.slots))
+    }
+
+    /// The bucket's bytes with slot `index` holding `record`, every other slot as read and the
+    /// bucket filled up to its `slots` (what encoding each slot in turn gives), spliced from the
+    /// bytes as read in one allocation of the result's size.
+    fn with_slot(&self, index: u16, record: Slot<'_>) -> Result<Vec<u8>, TableError> {
+        let bytes = self.bytes.as_slice();
+        // Where slot `index` starts and ends in the bytes, and how many slots they hold.
+        let (mut start, mut end, mut held) = (bytes.len(), bytes.len(), 0u16);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (_, after) = decode_slot(rest).ok_or(TableError::Corrupt)?;
+            if held == index {
+                start = bytes.len() - rest.len();
+                end = bytes.len() - after.len();
+            }
+            held = held.saturating_add(1);
+            rest = after;
+        }
+        let (head, tail) = match (bytes.get(..start), bytes.get(end..)) {
+            (Some(head), Some(tail)) => (head, tail),
+            _ => return Err(TableError::Corrupt),
+        };
+        let before = index.saturating_sub(held);
+        let after = self.slots.saturating_sub(held.max(index.saturating_add(1)));
+        let size = head.len() + usize::from(before) + 1 + SLOT_OVERHEAD + record.payload.len() + tail.len() + usize::from(after);
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(head);
+        out.resize(out.len() + usize::from(before), 0);
+        encode_slot(&mut out, Some(record))?;
+        out.extend_from_slice(tail);
+        out.resize(out.len() + usize::from(after), 0);
+        Ok(out)
+    }
+
     /// Whether a slot holds a record of `key`, live or expired: when not, the key is absent
     /// whatever the time (no clock needed to say so).
     pub fn mentions(&self, key: KeyHash) -> bool {
-        self.slots.iter().flatten().any(|slot| slot.key == key)
+        self.slots().any(|(_, slot)| slot.is_some_and(|slot| slot.key == key))
     }
 
     /// The live record of `key` at `now_ms`: payload, expiry, address.
     pub fn live(&self, key: KeyHash, now_ms: u64) -> Option<(Vec<u8>, u64, SlotAddress)> {
-        numbered(&self.slots).find_map(|(index, slot)| match slot {
+        self.live_ref(key, now_ms).map(|(payload, expires, address)| (payload.to_vec(), expires, address))
+    }
+
+    /// [`BucketSnapshot::live`], the payload borrowed from the snapshot.
+    pub fn live_ref(&self, key: KeyHash, now_ms: u64) -> Option<(&[u8], u64, SlotAddress)> {
+        self.slots().find_map(|(index, slot)| match slot {
             Some(slot) if slot.key == key && live_at(slot.expires_at_ms, now_ms) => {
-                Some((slot.payload.clone(), slot.expires_at_ms, SlotAddress { bucket: self.bucket, slot: index }))
+                Some((slot.payload, slot.expires_at_ms, SlotAddress { bucket: self.bucket, slot: index }))
             }
             _ => None,
         })
@@ -490,25 +539,39 @@ impl BucketTable {
     }
 
     fn read_bucket(&self, store: &dyn SharedStore, bucket: u32) -> Result<BucketSnapshot, TableError> {
-        let (mut slots, cas) = match self.with_bucket_key(bucket, |key| store.get(key)).map_err(|_| TableError::Unavailable)? {
-            Some((bytes, cas)) => (self.decode(&bytes)?, cas),
+        let (bytes, cas) = match self.with_bucket_key(bucket, |key| store.get(key)).map_err(|_| TableError::Unavailable)? {
+            Some((bytes, cas)) => {
+                self.check(&bytes)?;
+                (bytes, cas)
+            }
             None => (Vec::new(), INSERT_IF_ABSENT_CAS),
         };
-        slots.resize(usize::from(self.slots_per_bucket), None);
-        Ok(BucketSnapshot { table: self.id, bucket, slots, cas })
+        Ok(BucketSnapshot { table: self.id, bucket, bytes, slots: self.slots_per_bucket, cas })
     }
 
-    /// A bucket's bytes as this table wrote them. More slots than the table has, or a payload
-    /// larger than it allows, are bytes it did not write: `Corrupt` (cutting the slots down would
-    /// forget live records).
-    fn decode(&self, bytes: &[u8]) -> Result<Vec<Option<Slot>>, TableError> {
-        let slots = decode_bucket(bytes, usize::from(self.slots_per_bucket)).ok_or(TableError::Corrupt)?;
-        if slots.len() > usize::from(self.slots_per_bucket)
-            || slots.iter().flatten().any(|slot| slot.payload.len() > usize::from(self.max_payload))
-        {
-            return Err(TableError::Corrupt);
+    /// Checks a bucket's bytes are as this table wrote them; its slots are then read in place
+    /// ([`SlotIter`]). More slots than the table has, or a payload larger than it allows, are
+    /// bytes it did not write: `Corrupt` (cutting the slots down would forget live records).
+    fn check(&self, bytes: &[u8]) -> Result<(), TableError> {
+        let mut slots = 0usize;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (slot, after) = decode_slot(rest).ok_or(TableError::Corrupt)?;
+            slots += 1;
+            if slots > usize::from(self.slots_per_bucket)
+                || slot.is_some_and(|slot| slot.payload.len() > usize::from(self.max_payload))
+            {
+                return Err(TableError::Corrupt);
+            }
+            rest = after;
         }
-        Ok(slots)
+        Ok(())
+    }
+
+    /// The live records at `now_ms` in a bucket's bytes, checked.
+    fn live_in(&self, bytes: &[u8], now_ms: u64) -> Result<u64, TableError> {
+        self.check(bytes)?;
+        Ok(SlotIter { bytes }.flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64)
     }
 
     /// Atomically reads and updates the record of `key`.
@@ -539,19 +602,20 @@ impl BucketTable {
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
         let bucket = self.bucket_of(key);
-        let mut earlier =
-            snapshot.filter(|s| s.bucket == bucket && s.table == self.id && s.slots.len() == usize::from(self.slots_per_bucket));
+        let mut earlier = snapshot.filter(|s| s.bucket == bucket && s.table == self.id && s.slots == self.slots_per_bucket);
         for _ in 0..MAX_CAS_ATTEMPTS {
             let from_earlier = earlier.is_some();
-            let BucketSnapshot { mut slots, cas, .. } = match earlier.take() {
+            let snapshot = match earlier.take() {
                 Some(snapshot) => snapshot,
                 None => self.read_bucket(store, bucket)?,
             };
-            let live = numbered(&slots)
-                .find(|(_, slot)| matches!(slot, Some(s) if s.key == key && live_at(s.expires_at_ms, now_ms)))
-                .map(|(i, _)| i);
-            let current = live.and_then(|i| slots.get(usize::from(i))).and_then(|s| s.as_ref()).map(|s| s.payload.as_slice());
-            match decide(current) {
+            let cas = snapshot.cas;
+            let found = snapshot.slots().find_map(|(i, slot)| match slot {
+                Some(s) if s.key == key && live_at(s.expires_at_ms, now_ms) => Some((i, s.payload)),
+                _ => None,
+            });
+            let live = found.map(|(i, _)| i);
+            match decide(found.map(|(_, payload)| payload)) {
                 // Not from an earlier read: "leave it" must be decided on the current value.
                 Update::Keep(_) if from_earlier => continue,
                 Update::Keep(result) => {
@@ -566,7 +630,8 @@ impl BucketTable {
                     // stale copy of this key).
                     let index = live
                         .or_else(|| {
-                            numbered(&slots)
+                            snapshot
+                                .slots()
                                 .find(|(_, slot)| match slot {
                                     None => true,
                                     Some(s) => !live_at(s.expires_at_ms, now_ms),
@@ -574,10 +639,8 @@ impl BucketTable {
                                 .map(|(i, _)| i)
                         })
                         .ok_or(TableError::Full)?;
-                    if let Some(slot) = slots.get_mut(usize::from(index)) {
-                        *slot = Some(Slot { key, expires_at_ms, payload });
-                    }
-                    let bytes = encode_bucket(&slots)?;
+                    let record = Slot { key, expires_at_ms, payload: &payload };
+                    let bytes = snapshot.with_slot(index, record)?;
                     match self.with_bucket_key(bucket, |key| store.set(key, &bytes, cas)) {
                         Ok(()) => return Ok((result, SlotAddress { bucket, slot: index })),
                         Err(StoreError::CasMismatch) => continue,
@@ -596,7 +659,7 @@ impl BucketTable {
         let mut live = 0;
         for bucket in from..from.saturating_add(count).min(self.buckets) {
             if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-                live += self.decode(&bytes)?.iter().flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64;
+                live += self.live_in(&bytes, now_ms)?;
             }
         }
         Ok(live)
@@ -607,8 +670,7 @@ impl BucketTable {
         let mut count = 0;
         for bucket in 0..self.buckets {
             if let Some((bytes, _)) = store.get(&self.bucket_key(bucket)).map_err(|_| TableError::Unavailable)? {
-                let slots = self.decode(&bytes)?;
-                count += slots.iter().flatten().filter(|s| live_at(s.expires_at_ms, now_ms)).count() as u64;
+                count += self.live_in(&bytes, now_ms)?;
             }
         }
         Ok(count)
@@ -617,47 +679,54 @@ impl BucketTable {
 
 // Bucket encoding: a sequence of slots, each either 0x00 (empty) or
 // 0x01 | key hash (16) | expires_at_ms (8, BE) | payload length (2, BE) | payload.
-fn encode_bucket(slots: &[Option<Slot>]) -> Result<Vec<u8>, TableError> {
-    let mut out = Vec::with_capacity(slots.len() * (SLOT_OVERHEAD + 1));
-    for slot in slots {
-        match slot {
-            None => out.push(0),
-            Some(slot) => {
-                out.push(1);
-                out.extend_from_slice(&slot.key.0);
-                out.extend_from_slice(&slot.expires_at_ms.to_be_bytes());
-                let len = u16::try_from(slot.payload.len()).map_err(|_| TableError::PayloadTooLarge)?;
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(&slot.payload);
-            }
+fn encode_slot(out: &mut Vec<u8>, slot: Option<Slot<'_>>) -> Result<(), TableError> {
+    match slot {
+        None => out.push(0),
+        Some(slot) => {
+            out.push(1);
+            out.extend_from_slice(&slot.key.0);
+            out.extend_from_slice(&slot.expires_at_ms.to_be_bytes());
+            let len = u16::try_from(slot.payload.len()).map_err(|_| TableError::PayloadTooLarge)?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(slot.payload);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-fn decode_bucket(mut bytes: &[u8], capacity: usize) -> Option<Vec<Option<Slot>>> {
-    let mut slots = Vec::with_capacity(capacity);
-    while let Some((&tag, rest)) = bytes.split_first() {
-        bytes = rest;
-        match tag {
-            0 => slots.push(None),
-            1 => {
-                let (key, rest) = split(bytes, 16)?;
-                let (expiry, rest) = split(rest, 8)?;
-                let (len, rest) = split(rest, 2)?;
-                let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
-                let (payload, rest) = split(rest, len)?;
-                slots.push(Some(Slot {
-                    key: KeyHash(key.try_into().ok()?),
-                    expires_at_ms: u64::from_be_bytes(expiry.try_into().ok()?),
-                    payload: payload.to_vec(),
-                }));
-                bytes = rest;
-            }
-            _ => return None,
+/// The first slot of `bytes` and the bytes after it (`None`: not a slot this code wrote).
+fn decode_slot(bytes: &[u8]) -> Option<(Option<Slot<'_>>, &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    match tag {
+        0 => Some((None, rest)),
+        1 => {
+            let (key, rest) = split(rest, 16)?;
+            let (expiry, rest) = split(rest, 8)?;
+            let (len, rest) = split(rest, 2)?;
+            let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+            let (payload, rest) = split(rest, len)?;
+            let slot =
+                Slot { key: KeyHash(key.try_into().ok()?), expires_at_ms: u64::from_be_bytes(expiry.try_into().ok()?), payload };
+            Some((Some(slot), rest))
         }
+        _ => None,
     }
-    Some(slots)
+}
+
+/// The slots of a bucket's bytes, in place; it stops at bytes that are not a slot (a snapshot's
+/// bytes were checked when read: [`BucketTable::check`]).
+struct SlotIter<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Iterator for SlotIter<'a> {
+    type Item = Option<Slot<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (slot, rest) = decode_slot(self.bytes)?;
+        self.bytes = rest;
+        Some(slot)
+    }
 }
 
 /// Decodes a bucket's bytes and encodes the slots again: the number of slots and the bytes
@@ -665,8 +734,16 @@ fn decode_bucket(mut bytes: &[u8], capacity: usize) -> Option<Vec<Option<Slot>>>
 /// bucket must re-encode to the same bytes.
 #[doc(hidden)]
 pub fn reencode_bucket(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
-    let slots = decode_bucket(bytes, 0)?;
-    Some((slots.len(), encode_bucket(&slots).ok()?))
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut count = 0;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (slot, after) = decode_slot(rest)?;
+        encode_slot(&mut out, slot).ok()?;
+        count += 1;
+        rest = after;
+    }
+    Some((count, out))
 }
 
 fn split(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
@@ -683,7 +760,7 @@ fn live_at(expires_at_ms: u64, now_ms: u64) -> bool {
 
 /// A bucket's slots with their slot numbers. A bucket holds `slots_per_bucket` (a u16) slots, so
 /// numbering them with u16 reaches every one, with no cast.
-fn numbered(slots: &[Option<Slot>]) -> impl Iterator<Item = (u16, &Option<Slot>)> {
+fn numbered<T>(slots: impl Iterator<Item = T>) -> impl Iterator<Item = (u16, T)> {
     (0..=u16::MAX).zip(slots)
 }
 
@@ -985,6 +1062,37 @@ mod tests {
                 None => Update::Write { payload: vec![], expires_at_ms: now.saturating_add(1000), result: true },
             })
             .map(|(won, _)| won)
+    }
+
+    #[test]
+    fn a_slot_spliced_into_a_bucket_is_the_bucket_encoded_slot_by_slot() {
+        let slot =
+            |i: u8, len: usize| Slot { key: KeyHash([i; 16]), expires_at_ms: u64::from(i) * 1000, payload: &[7u8; 40][..len] };
+        for spb in 1u16..=5 {
+            // Every bucket of up to `spb` slots, each empty or a record (lengths varying).
+            for held in 0..=spb {
+                for mask in 0u32..(1 << held) {
+                    let slots: Vec<Option<Slot<'_>>> =
+                        (0..held).map(|i| (mask >> i & 1 == 1).then(|| slot(i as u8 + 1, usize::from(i) * 3))).collect();
+                    let mut bytes = Vec::new();
+                    for s in &slots {
+                        encode_slot(&mut bytes, *s).unwrap();
+                    }
+                    let snapshot = BucketSnapshot { table: 0, bucket: 0, bytes, slots: spb, cas: 0 };
+                    for index in 0..spb {
+                        let record = slot(99, 5);
+                        let mut expected = Vec::new();
+                        for i in 0..spb {
+                            let current = slots.get(usize::from(i)).copied().flatten();
+                            encode_slot(&mut expected, if i == index { Some(record) } else { current }).unwrap();
+                        }
+                        let spliced = snapshot.with_slot(index, record).unwrap();
+                        assert_eq!(spliced, expected, "spb {spb} held {held} mask {mask:b} index {index}");
+                        assert_eq!(spliced.capacity(), spliced.len(), "one allocation of the result's size");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -34,8 +34,9 @@ pub struct Meters {
     /// The family counted last (most counts of one event come from one flow): found by pointer,
     /// without hashing its prefix.
     last: RefCell<Option<(std::sync::Arc<str>, Rc<Counters>)>>,
-    /// Gauge ids by full name (`<prefix>.<name>`), defined at configure time.
-    gauges: RefCell<HashMap<String, u32>>,
+    /// Gauge ids by meter prefix, then name (defined as `<prefix>.<name>` at configure time):
+    /// found without formatting the full name.
+    gauges: RefCell<HashMap<std::sync::Arc<str>, HashMap<String, u32>>>,
 }
 
 impl Meters {
@@ -64,17 +65,17 @@ impl Meters {
     /// Defines the gauges `names` under `meter` (configure time).
     pub fn define_gauges(&self, meter: &Meter, names: &[String]) {
         let mut gauges = self.gauges.borrow_mut();
+        let family = gauges.entry(meter.prefix.clone()).or_default();
         for name in names {
-            let full = format!("{}.{name}", meter.prefix);
-            if let Some(id) = crate::define_gauge(&full) {
-                gauges.insert(full, id);
+            if let Some(id) = crate::define_gauge(&format!("{}.{name}", meter.prefix)) {
+                family.insert(name.clone(), id);
             }
         }
     }
 
     /// Sets the gauge `<meter.prefix>.<name>` (one defined at configure time; another is ignored).
     pub fn gauge(&self, meter: &Meter, name: &str, value: u64) {
-        let id = self.gauges.borrow().get(&format!("{}.{name}", meter.prefix)).copied();
+        let id = self.gauges.borrow().get(&meter.prefix).and_then(|family| family.get(name)).copied();
         if let Some(id) = id {
             crate::set_gauge(id, value);
         }

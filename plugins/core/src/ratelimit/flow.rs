@@ -32,8 +32,8 @@ use crate::{Code, Mode, Rejection};
 use super::lease::{self, LeaseStep};
 use super::redis as remote_rl;
 use super::{
-    check_planned, client, host_failure, plan, resolve_user, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy,
-    RequestFacts, RuleError, UserSource,
+    check_planned, client, host_failure, plan, user_of, Decision, Event, KeyBy, Plan, Planned, RateLimitPolicy, RequestFacts,
+    RuleError, UserSource,
 };
 
 /// The log lines' plugin name.
@@ -152,11 +152,6 @@ impl Flow for RateLimitFlow {
     }
 }
 
-/// Every value of one header in any of its spellings (case, `_` for `-`), as (name, value) pairs.
-fn all_values(headers: &[(String, String)], name: &str) -> Vec<(String, String)> {
-    headers.iter().filter(|(n, _)| crate::headers::is_spelling_of(n, name)).cloned().collect()
-}
-
 impl RateLimitFlow {
     fn headers(&mut self, host: &mut dyn Host) -> Step {
         let policy = self.policy.clone();
@@ -190,22 +185,19 @@ impl RateLimitFlow {
         };
         let keys_on_user = policy.rules.iter().any(|r| r.key != KeyBy::Ip);
         let keys_on_ip = policy.rules.iter().any(|r| r.key != KeyBy::User);
-        let (principal, trusted) = match &policy.user_source {
+        // A trusted header is looked up in the whole map (only its spellings count, see
+        // `resolve_user`), without copying it.
+        let (principal, trusted): (Option<String>, &[(String, String)]) = match &policy.user_source {
             UserSource::Principal if keys_on_user => match host.principal() {
-                Ok(principal) => (principal, Vec::new()),
+                Ok(principal) => (principal, &[]),
                 Err(_) => return self.refuse(host, host_failure("principal_unreadable"), &context),
             },
-            UserSource::TrustedHeader(name) if keys_on_user => (None, all_values(&headers, name)),
-            _ => (None, Vec::new()),
+            UserSource::TrustedHeader(_) if keys_on_user => (None, &headers),
+            _ => (None, &[]),
         };
-        let user = resolve_user(&policy.user_source, principal, &trusted);
+        let user = user_of(&policy.user_source, principal.as_deref(), trusted);
         let source = if keys_on_ip { host.source_address() } else { None };
-        let facts = RequestFacts {
-            method,
-            path,
-            client_ip: source.as_deref().and_then(client::parse_source_address),
-            user: user.as_deref(),
-        };
+        let facts = RequestFacts { method, path, client_ip: source.as_deref().and_then(client::parse_source_address), user };
         let plan = match plan(&policy, &facts) {
             Planned::Decided(decision) => return self.apply(host, decision, &context),
             Planned::Evaluate(plan) => plan,

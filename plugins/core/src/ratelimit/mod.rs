@@ -69,6 +69,11 @@ pub struct RequestFacts<'a> {
 /// spelling (`x_edge_user`, which an upstream may read as `x-edge-user` and the trusted hop may
 /// not have stripped); otherwise, or when empty, it yields no user.
 pub fn resolve_user(source: &UserSource, principal: Option<String>, headers: &[(String, String)]) -> Option<String> {
+    user_of(source, principal.as_deref(), headers).map(str::to_string)
+}
+
+/// [`resolve_user`], borrowed from its inputs (no copy of the user).
+pub fn user_of<'a>(source: &UserSource, principal: Option<&'a str>, headers: &'a [(String, String)]) -> Option<&'a str> {
     match source {
         UserSource::Principal => principal.filter(|p| !p.is_empty()),
         UserSource::TrustedHeader(name) => {
@@ -77,7 +82,7 @@ pub fn resolve_user(source: &UserSource, principal: Option<String>, headers: &[(
                 return None;
             }
             let value = headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.trim())?;
-            (!value.is_empty()).then(|| value.to_string())
+            (!value.is_empty()).then_some(value)
         }
     }
 }
@@ -198,9 +203,10 @@ impl Decision {
 }
 
 /// A rule with its resolved key for this request.
+#[derive(Clone, Copy)]
 struct Keyed<'a> {
     rule: &'a Rule,
-    key: String,
+    key: &'a str,
     hash: KeyHash,
 }
 
@@ -212,27 +218,44 @@ fn rule_key(policy: &RateLimitPolicy, rule: &Rule, facts: &RequestFacts<'_>) -> 
             .ok_or(RuleError::NoClientIp)
     };
     // Users from a trusted header can hold anything: quote them so log lines stay one field.
-    let user = facts.user.filter(|u| !u.is_empty()).map(|u| {
-        if u.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@')) {
-            u.to_string()
+    // The key is written once, in place (no string per part).
+    let user = facts.user.filter(|u| !u.is_empty());
+    let plain = |u: &str| u.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
+    let write_user = |key: &mut String, u: &str| {
+        use std::fmt::Write;
+        key.push_str("user=");
+        if plain(u) {
+            key.push_str(u);
         } else {
-            format!("{u:?}")
+            let _ = write!(key, "{u:?}");
         }
-    });
-    match (rule.key, user.as_deref(), rule.missing_user) {
-        (KeyBy::Ip, _, _) => Ok(format!("ip={}", ip()?)),
-        (KeyBy::User, Some(user), _) => Ok(format!("user={user}")),
-        (KeyBy::IpAndUser, Some(user), _) => Ok(format!("ip={} user={user}", ip()?)),
-        (_, None, MissingUser::ByIp) => Ok(format!("ip={}", ip()?)),
-        (_, None, MissingUser::Reject) => Err(RuleError::NoUser),
+    };
+    let write_ip = |key: &mut String| -> Result<(), RuleError> {
+        key.push_str("ip=");
+        key.push_str(&ip()?);
+        Ok(())
+    };
+    let mut key = String::with_capacity(8 + user.map_or(0, str::len) + if rule.key == KeyBy::User { 0 } else { 48 });
+    match (rule.key, user, rule.missing_user) {
+        (KeyBy::Ip, _, _) => write_ip(&mut key)?,
+        (KeyBy::User, Some(user), _) => write_user(&mut key, user),
+        (KeyBy::IpAndUser, Some(user), _) => {
+            write_ip(&mut key)?;
+            key.push(' ');
+            write_user(&mut key, user);
+        }
+        (_, None, MissingUser::ByIp) => write_ip(&mut key)?,
+        (_, None, MissingUser::Reject) => return Err(RuleError::NoUser),
     }
+    Ok(key)
 }
 
 fn key_hash(policy: &RateLimitPolicy, rule: &Rule, key: &str) -> KeyHash {
     // The quota is part of the key: a changed quota starts from fresh records instead of
     // reading ticks of another scale.
     let q = rule.quota;
-    let quota = [q.requests.get().to_be_bytes(), q.period_ms.get().to_be_bytes(), q.burst.get().to_be_bytes()].concat();
+    let (r, p, b) = (q.requests.get().to_be_bytes(), q.period_ms.get().to_be_bytes(), q.burst.get().to_be_bytes());
+    let quota = [r[0], r[1], r[2], r[3], p[0], p[1], p[2], p[3], b[0], b[1], b[2], b[3]];
     policy.key_hasher().of(&[policy.name.as_bytes(), rule.name.as_bytes(), &quota, key.as_bytes()])
 }
 
@@ -373,20 +396,24 @@ pub fn check(policy: &RateLimitPolicy, store: &dyn SharedStore, facts: &RequestF
 
 /// Evaluates a plan against the instance-local store (the `local` backend).
 pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Plan, now_ms: u64) -> Decision {
-    let Plan { rules, mut events } = plan;
-    let mut keyed: Vec<Keyed<'_>> = rules
-        .into_iter()
-        .filter_map(|p| policy.rules.get(p.index).map(|rule| Keyed { rule, key: p.key, hash: p.hash }))
-        .collect();
+    let Plan { mut rules, mut events } = plan;
+    // The plan's rules, borrowed (no second list).
+    let keyed_of = |p: &PlannedRule| policy.rules.get(p.index).map(|rule| (rule, p.hash));
 
     // Several enforced rules: read them all first so that a refusal costs nothing elsewhere.
     let mut skipped: Vec<String> = Vec::new();
-    let enforced: Vec<&Keyed<'_>> = keyed.iter().filter(|k| !k.rule.report_only()).collect();
-    if enforced.len() > 1 {
+    let enforced =
+        |rules: &[PlannedRule]| -> usize { rules.iter().filter_map(keyed_of).filter(|(rule, _)| !rule.report_only()).count() };
+    if enforced(&rules) > 1 {
         let mut peeked: Vec<(&Rule, Outcome)> = Vec::new();
-        let mut refusal: Option<(&Keyed<'_>, Outcome)> = None;
-        for k in &enforced {
-            match peek(policy, store, k, now_ms) {
+        let mut refusal: Option<(Keyed<'_>, Outcome)> = None;
+        for p in &rules {
+            let Some((rule, hash)) = keyed_of(p) else { continue };
+            if rule.report_only() {
+                continue;
+            }
+            let k = Keyed { rule, key: &p.key, hash };
+            match peek(policy, store, &k, now_ms) {
                 Ok(outcome) => {
                     peeked.push((k.rule, outcome));
                     // The most restrictive refusal: the one that lasts longest.
@@ -405,30 +432,37 @@ pub fn check_planned(policy: &RateLimitPolicy, store: &dyn SharedStore, plan: Pl
             }
         }
         if let Some((k, outcome)) = refusal {
-            return limited(k.rule, &k.key, &outcome, &peeked, events);
+            return limited(k.rule, k.key, &outcome, &peeked, events);
         }
     }
     // A fail-open rule whose store already failed on the read is not tried (or counted) twice.
-    keyed.retain(|k| !skipped.contains(&k.rule.name));
+    if !skipped.is_empty() {
+        rules.retain(|p| keyed_of(p).is_none_or(|(rule, _)| !skipped.contains(&rule.name)));
+    }
 
+    // The enforced rules that admitted the request, for the RateLimit headers: of the response
+    // (when configured) or of a refusal by a later rule (none after the last one).
     let mut committed: Vec<(&Rule, Outcome)> = Vec::new();
-    for k in &keyed {
+    for (i, p) in rules.iter().enumerate() {
+        let Some((rule, hash)) = keyed_of(p) else { continue };
+        let k = Keyed { rule, key: &p.key, hash };
         let report_only = k.rule.report_only();
-        match commit(policy, store, k, now_ms) {
+        let later = i + 1 < rules.len();
+        match commit(policy, store, &k, now_ms) {
             Ok(outcome) if outcome.allowed => {
                 events.push(Event::Allowed { rule: k.rule.name.clone() });
-                if !report_only {
+                if !report_only && (policy.response_headers || later) {
                     committed.push((k.rule, outcome));
                 }
             }
             Ok(outcome) if report_only => events.push(Event::WouldLimit {
                 rule: k.rule.name.clone(),
-                key: k.key.clone(),
+                key: k.key.to_string(),
                 retry_after_ms: outcome.retry_after_ms,
             }),
             Ok(outcome) => {
                 committed.push((k.rule, outcome));
-                return limited(k.rule, &k.key, &outcome, &committed, events);
+                return limited(k.rule, k.key, &outcome, &committed, events);
             }
             Err(error) if report_only || k.rule.fail_open => {
                 events.push(Event::Error { rule: k.rule.name.clone(), error, blocked: false })

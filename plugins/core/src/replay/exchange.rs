@@ -157,6 +157,12 @@ pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, v
 }
 
 /// SHA-256 of the exact body bytes, as the fingerprint uses it (fed chunk by chunk).
+/// SHA-256 of the empty body (a request without one), known without hashing.
+pub const EMPTY_BODY_SHA256: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64,
+    0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
+
 pub fn body_sha256<'b>(body: impl Into<crate::flow::BodyChunks<'b>>) -> [u8; 32] {
     let mut hasher = Sha256::new();
     for chunk in body.into().iter() {
@@ -179,9 +185,22 @@ pub fn body_sha256_from_content_digest(content_digest: &str) -> Option<[u8; 32]>
 
 /// Parses an `Idempotency-Key` value: an sf-string of 1 to `max_len` characters.
 pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, ReplayError> {
+    parse_key(value, max_len).map(std::borrow::Cow::into_owned)
+}
+
+/// [`parse_idempotency_key`], borrowed from the value when it is a plain sf-string.
+fn parse_key(value: &str, max_len: usize) -> Result<std::borrow::Cow<'_, str>, ReplayError> {
     // A bound before parsing: an sf-string of max_len characters needs at most 2 * max_len + 2.
     if value.len() > max_len.saturating_mul(2).saturating_add(2) + 64 {
         return Err(ReplayError::KeyInvalid("is too long"));
+    }
+    // The common form, a plain sf-string (no escapes, no parameters; RFC 8941 §4.2: leading and
+    // trailing spaces discarded), read in place; anything else goes to the full parser.
+    let trimmed = value.trim_matches(' ');
+    if let Some(key) = trimmed.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) {
+        if trimmed.len() >= 2 && key.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+            return checked_key(key, max_len).map(std::borrow::Cow::Borrowed);
+        }
     }
     let item: Item = Parser::new(value).parse().map_err(|_| {
         ReplayError::KeyInvalid("must be a structured-field string, e.g. \"8e03978e-40d5-43e8-bc93-6894a57f9324\"")
@@ -189,14 +208,17 @@ pub fn parse_idempotency_key(value: &str, max_len: usize) -> Result<String, Repl
     let BareItem::String(key) = item.bare_item else {
         return Err(ReplayError::KeyInvalid("must be a structured-field string (in double quotes)"));
     };
-    let key = key.as_str();
+    checked_key(key.as_str(), max_len).map(|key| std::borrow::Cow::Owned(key.to_string()))
+}
+
+fn checked_key(key: &str, max_len: usize) -> Result<&str, ReplayError> {
     if key.is_empty() {
         return Err(ReplayError::KeyInvalid("must not be empty"));
     }
     if key.len() > max_len {
         return Err(ReplayError::KeyInvalid("is too long"));
     }
-    Ok(key.to_string())
+    Ok(key)
 }
 
 /// Where a key lives: scoped to (principal or anonymous, route name, key).
@@ -297,16 +319,58 @@ struct Capture {
     refused_here: bool,
 }
 
+/// What an exchange keeps of its request's text (method, path and query, principal, key), in
+/// one string: one allocation instead of one per part.
+#[derive(Debug, Clone)]
+struct RequestText {
+    text: String,
+    method_end: usize,
+    path_end: usize,
+    principal_end: Option<usize>,
+    key_end: Option<usize>,
+}
+
+impl RequestText {
+    fn new(method: &str, path_and_query: &str, principal: Option<&str>, key: Option<&str>) -> Self {
+        let (p, k) = (principal.unwrap_or(""), key.unwrap_or(""));
+        let mut text = String::with_capacity(method.len() + path_and_query.len() + p.len() + k.len());
+        text.push_str(method);
+        let method_end = text.len();
+        text.push_str(path_and_query);
+        let path_end = text.len();
+        text.push_str(p);
+        let principal_end = principal.map(|_| text.len());
+        text.push_str(k);
+        let key_end = key.map(|_| text.len());
+        RequestText { text, method_end, path_end, principal_end, key_end }
+    }
+
+    fn method(&self) -> &str {
+        self.text.get(..self.method_end).unwrap_or("")
+    }
+
+    fn path_and_query(&self) -> &str {
+        self.text.get(self.method_end..self.path_end).unwrap_or("")
+    }
+
+    fn principal(&self) -> Option<&str> {
+        self.principal_end.map(|end| self.text.get(self.path_end..end).unwrap_or(""))
+    }
+
+    fn key(&self) -> Option<&str> {
+        let start = self.principal_end.unwrap_or(self.path_end);
+        self.key_end.map(|end| self.text.get(start..end).unwrap_or(""))
+    }
+}
+
 /// One exchange on a protected route.
 #[derive(Debug, Clone)]
 pub struct Exchange {
     route: usize,
-    key: Option<String>,
     /// The key's address ([`key_hash`]), computed once: the header-time peek and the claim share it.
     key_hash: Option<KeyHash>,
-    principal: Option<String>,
-    method: String,
-    path_and_query: String,
+    /// Method, path and query, principal, key.
+    request: RequestText,
     /// Set once the request was claimed and forwarded with a key; `None` after finishing.
     owner: Option<Owner>,
     capture: Capture,
@@ -338,7 +402,7 @@ impl Exchange {
             let mut values = facts.headers.iter().filter(|(n, _)| n == IDEMPOTENCY_KEY_HEADER).map(|(_, v)| v.as_str());
             match (values.next(), values.next()) {
                 (Some(_), Some(_)) => return fail(ReplayError::KeyDuplicated, None),
-                (Some(value), None) => match parse_idempotency_key(value, policy.max_key_length) {
+                (Some(value), None) => match parse_key(value, policy.max_key_length) {
                     Ok(key) => Some(key),
                     Err(error) => return fail(error, None),
                 },
@@ -359,11 +423,8 @@ impl Exchange {
         let key_hash = key.as_deref().map(|key| key_hash(&policy.key_hasher(), &route.name, principal, key));
         Ok(Some(Exchange {
             route: index,
-            key,
             key_hash,
-            principal: principal.map(str::to_string),
-            method: facts.method.to_string(),
-            path_and_query: facts.path_and_query.to_string(),
+            request: RequestText::new(facts.method, facts.path_and_query, principal, key.as_deref()),
             owner: None,
             capture: Capture::default(),
         }))
@@ -372,13 +433,14 @@ impl Exchange {
     /// For log lines: route, method, path, principal, short key hash. Never the key or a secret.
     /// Formatted on demand (a refusal, a debug line), never on the accepted path.
     pub fn context(&self, policy: &ReplayPolicy) -> String {
-        let (path, _) = crate::route::split_path(&self.path_and_query);
-        log_context(self.route_name(policy), &self.method, path, self.principal.as_deref(), self.key.as_deref())
+        let request = &self.request;
+        let (path, _) = crate::route::split_path(request.path_and_query());
+        log_context(self.route_name(policy), request.method(), path, request.principal(), request.key())
     }
 
     /// The verified principal the request came with, if any.
     pub fn principal(&self) -> Option<&str> {
-        self.principal.as_deref()
+        self.request.principal()
     }
 
     pub fn route_name<'p>(&self, policy: &'p ReplayPolicy) -> &'p str {
@@ -386,7 +448,7 @@ impl Exchange {
     }
 
     pub fn has_key(&self) -> bool {
-        self.key.is_some()
+        self.request.key_end.is_some()
     }
 
     /// Refuses a body larger than `max_body_bytes` (checked on every chunk).
@@ -406,12 +468,12 @@ impl Exchange {
     /// against the signed Content-Digest): the same value as from the body itself.
     pub fn fingerprint_of_body_sha256(&self, body_sha256: &[u8; 32]) -> [u8; 32] {
         let mut hasher = Sha256::new();
-        let principal = self.principal.as_deref().map(str::as_bytes);
+        let principal = self.request.principal().map(str::as_bytes);
         let parts: [&[u8]; 5] = [
             if principal.is_some() { b"p" } else { b"-" },
             principal.unwrap_or(b""),
-            self.method.as_bytes(),
-            self.path_and_query.as_bytes(),
+            self.request.method().as_bytes(),
+            self.request.path_and_query().as_bytes(),
             body_sha256.as_slice(),
         ];
         for part in parts {
@@ -443,7 +505,7 @@ impl Exchange {
         let route = policy.routes.get(self.route)?;
         let fingerprint = self.fingerprint_of_body_sha256(body_sha256);
         let hasher = policy.key_hasher();
-        let tenant = tenant_of(&hasher, &route.name, self.principal.as_deref());
+        let tenant = tenant_of(&hasher, &route.name, self.request.principal());
         match self.key_hash {
             Some(key) => Some(ClaimRequest::Key { key, fingerprint, claim_id, tenant }),
             None => route.collapse_window_ms.map(|window_ms| ClaimRequest::Collapse {
@@ -552,5 +614,60 @@ impl Exchange {
             },
         };
         Some(FinishRequest { owner, outcome })
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// The full parser's answer, as before the in-place form.
+    fn by_sfv(value: &str, max_len: usize) -> Result<String, ReplayError> {
+        let item: Item = Parser::new(value).parse().map_err(|_| ReplayError::KeyInvalid("syntax"))?;
+        let BareItem::String(key) = item.bare_item else { return Err(ReplayError::KeyInvalid("type")) };
+        checked_key(key.as_str(), max_len).map(str::to_string)
+    }
+
+    #[test]
+    fn the_empty_body_digest_is_sha256_of_nothing() {
+        assert_eq!(EMPTY_BODY_SHA256, body_sha256(&[]));
+        assert_eq!(EMPTY_BODY_SHA256.as_slice(), Sha256::digest(b"").as_slice());
+    }
+
+    #[test]
+    fn the_plain_string_form_reads_as_the_full_parser_does() {
+        let mut values: Vec<String> = [
+            r#""a""#,
+            r#""""#,
+            r#"  "a b"  "#,
+            "\"a\"\t",
+            "\t\"a\"",
+            r#""a\"b""#,
+            r#""a\\b""#,
+            r#""a"x"#,
+            r#"""a""#,
+            "\"é\"",
+            r#""a";p=1"#,
+            r#""a" ;p"#,
+            r#""#,
+            r#"""#,
+            r#"a"#,
+            "\"\u{7f}\"",
+            "\"\u{1f}\"",
+            r#""~ !#$%&'()*+,-./09:;<=>?@AZ[]^_`az{|}""#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for b in 0u8..=127 {
+            values.push(format!("\"k{}\"", b as char));
+        }
+        for value in &values {
+            for max_len in [1, 2, 255] {
+                let ours = parse_idempotency_key(value, max_len).map_err(|e| matches!(e, ReplayError::KeyInvalid(_)));
+                let oracle = by_sfv(value, max_len).map_err(|e| matches!(e, ReplayError::KeyInvalid(_)));
+                assert_eq!(ours, oracle, "{value:?} max_len {max_len}");
+            }
+        }
     }
 }

@@ -385,7 +385,7 @@ impl ReplayFlow {
                     return self.on_claim_answer(host, Ok(answer), None);
                 }
                 if end_of_stream {
-                    return self.claim(host, &body_sha256(&[]));
+                    return self.claim(host, &super::exchange::EMPTY_BODY_SHA256);
                 }
                 // Envoy turns a paused header callback into "stop everything" and the body would
                 // never reach this filter: the headers continue (nothing executes without the

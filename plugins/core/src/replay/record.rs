@@ -114,24 +114,32 @@ impl StoredResponse {
     /// The companion value: version, claim id, status, headers, body. `None` when the headers
     /// exceed [`MAX_RESPONSE_HEAD_LEN`].
     pub fn encode(&self, claim_id: u64) -> Option<Vec<u8>> {
-        let mut head = Vec::new();
+        // The head (header count, then each name and value with its u16 length) is measured
+        // first, then written in place: one allocation of the value's size.
         let count = u8::try_from(self.headers.len()).ok()?;
-        head.push(count);
+        let mut head_len = 1usize;
         for (name, value) in &self.headers {
             for part in [name.as_bytes(), value.as_bytes()] {
-                head.extend_from_slice(&u16::try_from(part.len()).ok()?.to_be_bytes());
-                head.extend_from_slice(part);
+                u16::try_from(part.len()).ok()?;
+                head_len += 2 + part.len();
             }
         }
-        if head.len() > MAX_RESPONSE_HEAD_LEN {
+        if head_len > MAX_RESPONSE_HEAD_LEN {
             return None;
         }
-        let mut out = Vec::with_capacity(1 + 8 + 2 + head.len() + 4 + self.body.len());
+        let body_len = u32::try_from(self.body.len()).ok()?;
+        let mut out = Vec::with_capacity(1 + 8 + 2 + head_len + 4 + self.body.len());
         out.push(COMPANION_VERSION);
         out.extend_from_slice(&claim_id.to_be_bytes());
         out.extend_from_slice(&self.status.to_be_bytes());
-        out.extend_from_slice(&head);
-        out.extend_from_slice(&u32::try_from(self.body.len()).ok()?.to_be_bytes());
+        out.push(count);
+        for (name, value) in &self.headers {
+            for part in [name.as_bytes(), value.as_bytes()] {
+                out.extend_from_slice(&u16::try_from(part.len()).ok()?.to_be_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        out.extend_from_slice(&body_len.to_be_bytes());
         out.extend_from_slice(&self.body);
         Some(out)
     }

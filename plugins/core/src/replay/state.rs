@@ -279,7 +279,17 @@ impl LocalState<'_> {
     }
 
     fn companion_key(&self, slot: SlotAddress) -> String {
-        format!("{}:{}:{}", self.policy.response_prefix, slot.bucket, slot.slot)
+        // `<prefix>:<bucket>:<slot>` in one allocation of its size (no formatting machinery).
+        let (mut bucket, mut index) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let (bucket, index) = (bucket.format(slot.bucket), index.format(slot.slot));
+        let prefix = &self.policy.response_prefix;
+        let mut key = String::with_capacity(prefix.len() + bucket.len() + index.len() + 2);
+        key.push_str(prefix);
+        key.push(':');
+        key.push_str(bucket);
+        key.push(':');
+        key.push_str(index);
+        key
     }
 
     /// Reads the bucket of `key` (header time); [`LocalState::claim_after_peek`] reuses it.
@@ -402,10 +412,10 @@ impl LocalState<'_> {
         // below is committed against the same read, so it lands only if the bucket is unchanged.
         let mut digest = None;
         if let (Outcome::Completed { response: Some(response), .. }, Some(slot)) = (&request.outcome, owner.slot) {
-            let ours = match snapshot.live(owner.key, now_ms) {
+            let ours = match snapshot.live_ref(owner.key, now_ms) {
                 Some((payload, _, address)) => {
                     address == slot
-                        && Record::decode(&payload).is_some_and(|r| r.claim_id == owner.claim_id && r.state == KeyState::InFlight)
+                        && Record::decode(payload).is_some_and(|r| r.claim_id == owner.claim_id && r.state == KeyState::InFlight)
                 }
                 None => false,
             };

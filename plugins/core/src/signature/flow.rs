@@ -146,19 +146,23 @@ impl SignatureFlow {
             Ok(verified) => verified,
             Err(error) => return self.fail(host, error, &format!("{context} {}", key_context(&view))),
         };
+        // What outlives this callback (a body to wait for, a Redis claim) is copied; a request
+        // decided now reads the headers in place and formats its line only when one is written.
+        let kept = !(end_of_stream && policy_is_local(&self.policy));
+        let read = InCallback { request: &context, content_digest: header(&headers, "content-digest") };
         let pending = Pending {
-            content_digest: header(&headers, "content-digest").map(str::to_string),
+            content_digest: if kept { header(&headers, "content-digest").map(str::to_string) } else { None },
             verified,
             headers_only: end_of_stream,
-            request: context.to_string(),
+            request: if kept { context.to_string() } else { String::new() },
         };
         // The nonce is claimed after the MAC verified and before anything goes upstream, so of N
         // concurrent copies of one signed request N-1 are refused before Envoy forwards a byte.
         let policy = self.policy.clone();
         match &policy.state {
             Backend::Local => match claim_nonce(&policy, host.store(), &pending.verified, now) {
-                Ok(()) => self.after_claim(host, pending),
-                Err(error) => self.fail_verified(host, error, &pending),
+                Ok(()) => self.after_claim(host, pending, Some(read)),
+                Err(error) => self.fail_verified(host, error, &pending, &context),
             },
             Backend::Redis(redis) => self.claim_remotely(host, redis, pending),
         }
@@ -167,7 +171,7 @@ impl SignatureFlow {
     fn body(&mut self, host: &mut dyn Host, buffered: usize, end_of_stream: bool) -> Step {
         let Some(pending) = self.pending.take() else { return Step::Continue };
         if buffered as u64 > self.policy.max_body_bytes {
-            return self.fail_verified(host, SigError::BodyTooLarge, &pending);
+            return self.fail_verified(host, SigError::BodyTooLarge, &pending, &pending.request);
         }
         if !end_of_stream || self.claims.waiting() {
             self.pending = Some(pending);
@@ -200,8 +204,8 @@ impl SignatureFlow {
         // A Continue resumes the request this flow held; a failed resume leaves it paused and
         // Envoy's stream timeout then ends it.
         match nonce_claim_answer(answer.status, &answer.body) {
-            Ok(Ok(())) => self.after_claim(host, pending),
-            Ok(Err(refusal)) => self.fail_verified(host, refusal, &pending),
+            Ok(Ok(())) => self.after_claim(host, pending, None),
+            Ok(Err(refusal)) => self.fail_verified(host, refusal, &pending, &pending.request),
             Err(error) => self.state_unavailable(host, pending, &error.to_string()),
         }
     }
@@ -248,17 +252,18 @@ impl SignatureFlow {
 
     /// Refuses a request whose headers verified, with their context (read again: a refusal is
     /// the only time it is written).
-    fn fail_verified(&mut self, host: &mut dyn Host, error: SigError, pending: &Pending) -> Step {
-        let context = verified_context(pending);
+    /// `request`: the request's line (`pending.request`, or the headers' own while they are read).
+    fn fail_verified(&mut self, host: &mut dyn Host, error: SigError, pending: &Pending, request: &dyn Display) -> Step {
+        let context = verified_context(request, pending);
         self.fail(host, error, &context)
     }
 
     /// Nonce recorded: hand the verified principal to the upstream and to later filters.
-    fn publish_principal(&mut self, host: &mut dyn Host, pending: &Pending) -> Result<(), Step> {
+    fn publish_principal(&mut self, host: &mut dyn Host, pending: &Pending, request: &dyn Display) -> Result<(), Step> {
         let key_id = pending.verified.key_id.as_str();
         if host.set_request_header(&self.policy.principal_header, Some(key_id)).is_err() || host.set_principal(key_id).is_err() {
             // Refused in either mode: the principal may be half handed on.
-            let context = verified_context(pending);
+            let context = verified_context(request, pending);
             return Err(self.fail_closed(host, SigError::StateUnavailable, &context));
         }
         Ok(())
@@ -266,17 +271,18 @@ impl SignatureFlow {
 
     /// The whole body is known (possibly empty) and was checked against the signed
     /// Content-Digest (`checked`: its size, or why it does not match).
-    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, checked: Result<usize, SigError>) -> Step {
+    fn finish(&mut self, host: &mut dyn Host, pending: &Pending, checked: Result<usize, SigError>, read: InCallback<'_>) -> Step {
+        let InCallback { request, content_digest } = read;
         let body_len = match checked {
             Ok(body_len) => body_len,
-            Err(error) => return self.fail_verified(host, error, pending),
+            Err(error) => return self.fail_verified(host, error, pending, request),
         };
         // The Content-Digest verified against the whole body: its sha-256 is the body's, and
         // replay-guard (later in this stream) fingerprints with it instead of hashing the body
         // again (between separate modules only for large bodies: BODY_SHA256_MIN_BYTES). A failed
         // publish only makes replay-guard hash the body itself.
         if pending.verified.covers_content_digest {
-            if let Some(digest) = pending.content_digest.as_deref().and_then(body_sha256_from_content_digest) {
+            if let Some(digest) = content_digest.and_then(body_sha256_from_content_digest) {
                 host.set_body_sha256(&digest, body_len);
             }
         }
@@ -284,7 +290,7 @@ impl SignatureFlow {
         // Accepted requests are logged only when Envoy's wasm log level is debug: a log call is a
         // host call, and the counter already records every acceptance.
         if host.logs_debug() {
-            let line = format!("firebreak {PLUGIN} accept {}", verified_context(pending));
+            let line = format!("firebreak {PLUGIN} accept {}", verified_context(request, pending));
             host.log(Level::Debug, &line);
         }
         Step::Continue
@@ -298,19 +304,21 @@ impl SignatureFlow {
             verify_body(policy, &pending.verified, pending.content_digest.as_deref(), body).map(|()| body_len)
         });
         match checked {
-            Ok(checked) => self.finish(host, &pending, checked),
-            Err(_) => self.fail_verified(host, SigError::StateUnavailable, &pending),
+            Ok(checked) => self.finish(host, &pending, checked, pending.kept()),
+            Err(_) => self.fail_verified(host, SigError::StateUnavailable, &pending, &pending.request),
         }
     }
 
     /// After the nonce is recorded: either finish now (no body) or let the body come.
-    fn after_claim(&mut self, host: &mut dyn Host, pending: Pending) -> Step {
-        if let Err(step) = self.publish_principal(host, &pending) {
+    /// `read`: the headers' own while they are read (`None`: what the pending request kept).
+    fn after_claim(&mut self, host: &mut dyn Host, pending: Pending, read: Option<InCallback<'_>>) -> Step {
+        let read = read.unwrap_or_else(|| pending.kept());
+        if let Err(step) = self.publish_principal(host, &pending, read.request) {
             return step;
         }
         if pending.headers_only {
-            let checked = verify_body(&self.policy, &pending.verified, pending.content_digest.as_deref(), b"").map(|()| 0);
-            return self.finish(host, &pending, checked);
+            let checked = verify_body(&self.policy, &pending.verified, read.content_digest, b"").map(|()| 0);
+            return self.finish(host, &pending, checked, read);
         }
         // Envoy's proxy-wasm turns a paused header callback into "stop everything", so the body
         // would never reach this filter: the headers continue, and the body is held (below) until
@@ -324,7 +332,7 @@ impl SignatureFlow {
     fn claim_remotely(&mut self, host: &mut dyn Host, redis: &RedisConfig, pending: Pending) -> Step {
         // The nonce and the key id's quota, in one script.
         let Some(command) = nonce_claim_command(&self.policy, redis, &pending.verified, nonce_ttl_ms(&self.policy)) else {
-            return self.after_claim(host, pending);
+            return self.after_claim(host, pending, None);
         };
         match self.claims.start(host, redis, &command, ()) {
             Ok(()) => {
@@ -339,14 +347,32 @@ impl SignatureFlow {
     /// Redis or its bridge did not answer usably: fail closed, always (`failure_mode: open` is
     /// refused at configuration: an unrecorded nonce is a replay that cannot be refused).
     fn state_unavailable(&mut self, host: &mut dyn Host, pending: Pending, why: &str) -> Step {
-        let context = format!("{} store_error={why:?}", verified_context(&pending));
+        let context = format!("{} store_error={why:?}", verified_context(&pending.request, &pending));
         self.fail(host, SigError::StateUnavailable, &context)
     }
 }
 
 /// `method=.. path=".." keyid=..` of a request whose headers verified.
-fn verified_context(pending: &Pending) -> String {
-    format!("{} keyid={}", pending.request, pending.verified.key_id)
+fn verified_context(request: &dyn Display, pending: &Pending) -> String {
+    format!("{request} keyid={}", pending.verified.key_id)
+}
+
+/// A request's line and Content-Digest: read from the headers during their callback, or what a
+/// pending request kept of them.
+#[derive(Clone, Copy)]
+struct InCallback<'a> {
+    request: &'a dyn Display,
+    content_digest: Option<&'a str>,
+}
+
+impl Pending {
+    fn kept(&self) -> InCallback<'_> {
+        InCallback { request: &self.request, content_digest: self.content_digest.as_deref() }
+    }
+}
+
+fn policy_is_local(policy: &SignaturePolicy) -> bool {
+    matches!(policy.state, Backend::Local)
 }
 
 /// The key id the client claims, for the log line of a rejection (never a MAC or a secret).
