@@ -545,6 +545,14 @@ impl Detector {
         &self.hosts
     }
 
+    #[inline(never)]
+    fn fingerprint(&self, candidate: &[u8], how: How) -> Option<Hit> {
+        let digest: [u8; 32] = Sha256::digest(candidate).into();
+        self.fingerprints.get(&digest).map(|label| self.hit(*label, how))
+    }
+
+    #[cold]
+    #[inline(never)]
     fn hit(&self, label: usize, how: How) -> Hit {
         Hit { label: self.labels.get(label).cloned().unwrap_or_else(|| "?".to_string()), how: how.steps() }
     }
@@ -554,13 +562,14 @@ impl Detector {
         self.exact_at(candidate, How::new(how))
     }
 
+    /// Called for every candidate: kept small enough to inline, the hash out of line.
+    #[inline]
     fn exact_at(&self, candidate: &[u8], how: How) -> Option<Hit> {
         let first = *candidate.first()?;
         // The length check first: most candidates are never hashed.
         if self.hashed(candidate.len()) {
-            let digest: [u8; 32] = Sha256::digest(candidate).into();
-            if let Some(label) = self.fingerprints.get(&digest) {
-                return Some(self.hit(*label, how));
+            if let Some(hit) = self.fingerprint(candidate, how) {
+                return Some(hit);
             }
         }
         for pattern in &self.patterns {
