@@ -213,43 +213,47 @@ const SCAN_BUDGET: usize = 64 * 1024 * 1024;
 /// The state of one scan: the decoding budget, and the first place found too deep to follow.
 struct Walk<'a> {
     budget: &'a mut Budget,
-    too_deep: Option<How>,
+    too_deep: Option<Vec<&'static str>>,
 }
 
 impl Walk<'_> {
     fn too_deep(&mut self, how: How) {
         if self.too_deep.is_none() {
-            self.too_deep = Some(how);
+            self.too_deep = Some(how.steps());
         }
     }
 }
 
-/// The decodings applied so far, on the stack (copied, never allocated, per candidate).
+/// The decodings applied so far: the caller's steps, then a chain of links on the stack (each
+/// decoding borrows its parent), turned into a list only for a finding. Two words per call,
+/// nothing allocated or copied per candidate.
 #[derive(Clone, Copy)]
-struct How {
-    steps: [&'static str; MAX_HOW],
-    len: usize,
+struct How<'a> {
+    prefix: &'a [&'static str],
+    last: Option<(&'a How<'a>, &'static str)>,
 }
 
-impl How {
-    fn new(prefix: &[&'static str]) -> How {
-        let mut how = How { steps: [""; MAX_HOW], len: 0 };
-        for step in prefix {
-            how = how.with(step);
-        }
-        how
+impl<'a> How<'a> {
+    fn new(prefix: &'a [&'static str]) -> How<'a> {
+        How { prefix, last: None }
     }
 
-    fn with(mut self, step: &'static str) -> How {
-        if let Some(slot) = self.steps.get_mut(self.len) {
-            *slot = step;
-            self.len += 1;
-        }
-        self
+    fn with(&self, step: &'static str) -> How<'_> {
+        How { prefix: self.prefix, last: Some((self, step)) }
     }
 
-    fn as_slice(&self) -> &[&'static str] {
-        self.steps.get(..self.len).unwrap_or_default()
+    /// The steps, outermost first: the first [`MAX_HOW`] of the caller's steps and the
+    /// decodings (more are dropped from the message, never from the search).
+    fn steps(&self) -> Vec<&'static str> {
+        let mut decodings = Vec::new();
+        let mut link = self.last;
+        while let Some((parent, step)) = link {
+            decodings.push(step);
+            link = parent.last;
+        }
+        let mut steps: Vec<&'static str> = self.prefix.iter().copied().take(MAX_HOW).collect();
+        steps.extend(decodings.iter().rev().take(MAX_HOW.saturating_sub(steps.len())));
+        steps
     }
 }
 
@@ -319,6 +323,10 @@ const STANDARD: u16 = 1 << 5;
 const PERCENT: u16 = 1 << 6;
 const EQUALS: u16 = 1 << 7;
 const COLON: u16 = 1 << 8;
+/// A base64 character (either alphabet, or `=`).
+const B64: u16 = 1 << 9;
+/// A sign of base64 rather than a word: an upper-case letter or one of `+/-_=`.
+const B64_SIGN: u16 = 1 << 10;
 
 // Evaluated at compile time: an out-of-range index or cast here fails the build, never a request.
 #[allow(clippy::indexing_slicing, clippy::cast_possible_truncation, reason = "const evaluation, i < 256")]
@@ -355,11 +363,21 @@ const CLASSES: [u16; 256] = {
         if b == b':' {
             class |= COLON;
         }
+        if is_b64(b) {
+            class |= B64;
+        }
+        if b.is_ascii_uppercase() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'=') {
+            class |= B64_SIGN;
+        }
         table[i] = class;
         i += 1;
     }
     table
 };
+
+fn class(b: u8) -> u16 {
+    CLASSES.get(usize::from(b)).copied().unwrap_or(DELIMITER)
+}
 
 /// The byte classes present in a value (`any`) and shared by all its bytes (`all`).
 #[derive(Clone, Copy)]
@@ -369,14 +387,19 @@ struct Shape {
 }
 
 impl Shape {
+    const EMPTY: Shape = Shape { any: 0, all: u16::MAX };
+
     fn of(data: &[u8]) -> Shape {
-        let (mut any, mut all) = (0u16, u16::MAX);
+        let mut shape = Shape::EMPTY;
         for b in data {
-            let class = CLASSES.get(usize::from(*b)).copied().unwrap_or(DELIMITER);
-            any |= class;
-            all &= class;
+            shape.add(class(*b));
         }
-        Shape { any, all }
+        shape
+    }
+
+    fn add(&mut self, class: u16) {
+        self.any |= class;
+        self.all &= class;
     }
 
     fn any(self, class: u16) -> bool {
@@ -391,13 +414,49 @@ impl Shape {
 /// Shortest base64 text of a secret of [`MIN_TOKEN_LEN`] bytes.
 pub const MIN_B64_LEN: usize = (MIN_TOKEN_LEN * 4).div_ceil(3);
 
-/// Worth decoding as base64: long enough, base64 characters only, and not a plain lower-case
-/// word (base64 of 8+ bytes is all lower-case/digits with probability under 0.2%).
-fn looks_b64(token: &[u8]) -> bool {
-    token.len() >= MIN_B64_LEN
-        && token.iter().all(|b| is_b64(*b))
-        && token.iter().any(|b| b.is_ascii_uppercase() || matches!(b, b'+' | b'/' | b'-' | b'_' | b'='))
+/// Worth decoding as base64 (`shape`: of these `len` bytes): long enough, base64 characters
+/// only, and not a plain lower-case word (base64 of 8+ bytes is all lower-case/digits with
+/// probability under 0.2%).
+fn looks_b64(len: usize, shape: Shape) -> bool {
+    len >= MIN_B64_LEN && shape.all(B64) && shape.any(B64_SIGN)
 }
+
+/// The tokens of a value (see the module docs: maximal runs of bytes that are not delimiters),
+/// each with its [`Shape`], found in one pass.
+struct Tokens<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = (&'a [u8], Shape);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let start = self.rest.iter().position(|b| class(*b) & DELIMITER == 0)?;
+        let rest = self.rest.get(start..).unwrap_or_default();
+        let mut shape = Shape::EMPTY;
+        let mut len = rest.len();
+        for (i, b) in rest.iter().enumerate() {
+            let class = class(*b);
+            if class & DELIMITER != 0 {
+                len = i;
+                break;
+            }
+            shape.add(class);
+        }
+        let (token, after) = rest.split_at_checked(len)?;
+        self.rest = after;
+        Some((token, shape))
+    }
+}
+
+/// The word-like sub-tokens of a token (`[A-Za-z0-9_-]+`).
+fn words(token: &[u8]) -> impl Iterator<Item = &[u8]> {
+    token.split(|b| class(*b) & WORD == 0).filter(|w| !w.is_empty())
+}
+
+/// Decodings of at most this many bytes are made on the stack (the base64 and percent-encoded
+/// tokens of headers and of most values), longer ones on the heap.
+const SCRATCH: usize = 256;
 
 /// gzip (`1f 8b`, deflate method) or zlib (deflate method, header checksum) data: worth
 /// inflating when it turns up inside a decoded value.
@@ -486,26 +545,38 @@ impl Detector {
         &self.hosts
     }
 
-    fn hit(&self, label: usize, how: &[&'static str]) -> Hit {
-        Hit { label: self.labels.get(label).cloned().unwrap_or_else(|| "?".to_string()), how: how.to_vec() }
+    #[inline(never)]
+    fn fingerprint(&self, candidate: &[u8], how: How) -> Option<Hit> {
+        let digest: [u8; 32] = Sha256::digest(candidate).into();
+        self.fingerprints.get(&digest).map(|label| self.hit(*label, how))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hit(&self, label: usize, how: How) -> Hit {
+        Hit { label: self.labels.get(label).cloned().unwrap_or_else(|| "?".to_string()), how: how.steps() }
     }
 
     /// The whole candidate: fingerprint and prefix patterns (no tokenising, no decoding).
     pub fn exact(&self, candidate: &[u8], how: &[&'static str]) -> Option<Hit> {
-        if candidate.is_empty() {
-            return None;
-        }
+        self.exact_at(candidate, How::new(how))
+    }
+
+    /// Called for every candidate: kept small enough to inline, the hash out of line.
+    #[inline]
+    fn exact_at(&self, candidate: &[u8], how: How) -> Option<Hit> {
+        let first = *candidate.first()?;
         // The length check first: most candidates are never hashed.
         if self.hashed(candidate.len()) {
-            let digest: [u8; 32] = Sha256::digest(candidate).into();
-            if let Some(label) = self.fingerprints.get(&digest) {
-                return Some(self.hit(*label, how));
+            if let Some(hit) = self.fingerprint(candidate, how) {
+                return Some(hit);
             }
         }
         for pattern in &self.patterns {
             if let PatternMatcher::Prefix(prefix) = &pattern.matcher {
                 // The prefix alone (e.g. in the guard's own configuration) is not a credential.
-                if candidate.len() > prefix.len() && candidate.starts_with(prefix) {
+                // (Its first byte first: most candidates differ there, without a call to memcmp.)
+                if candidate.len() > prefix.len() && prefix.first() == Some(&first) && candidate.starts_with(prefix) {
                     return Some(self.hit(pattern.label, how));
                 }
             }
@@ -536,7 +607,7 @@ impl Detector {
             return Some(Found::Credential(hit));
         }
         if let Some(how) = walk.too_deep {
-            return Some(Found::TooDeep(how.as_slice().to_vec()));
+            return Some(Found::TooDeep(how));
         }
         walk.budget.exceeded().then_some(Found::OverBudget)
     }
@@ -577,7 +648,7 @@ impl Detector {
                 Err(super::body::DecodeError::Invalid(_)) => {}
             }
         }
-        self.exact(data, how.as_slice())
+        self.exact_at(data, how)
     }
 
     fn scan_at(&self, data: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
@@ -585,19 +656,19 @@ impl Detector {
         if data.len() < self.shortest_match {
             return None;
         }
-        if let Some(hit) = self.exact(data, how.as_slice()) {
+        if let Some(hit) = self.exact_at(data, how) {
             return Some(hit);
         }
         let trimmed = trim(data);
         if trimmed.len() != data.len() {
-            if let Some(hit) = self.exact(trimmed, how.as_slice()) {
+            if let Some(hit) = self.exact_at(trimmed, how) {
                 return Some(hit);
             }
         }
         for pattern in &self.patterns {
             if let PatternMatcher::Regex(regex) = &pattern.matcher {
                 if regex.is_match(data) {
-                    return Some(self.hit(pattern.label, how.as_slice()));
+                    return Some(self.hit(pattern.label, how));
                 }
             }
         }
@@ -631,14 +702,14 @@ impl Detector {
         }
         // Tokens: white space is a delimiter, so the tokens of `data` are those of `trimmed`.
         if !shape.any(DELIMITER) {
-            return if trimmed.is_empty() { None } else { self.token(trimmed, Some(shape), depth, how, walk) };
+            return if trimmed.is_empty() { None } else { self.token(trimmed, shape, true, depth, how, walk) };
         }
-        for token in runs(trimmed, |b| !is_delimiter(b)) {
+        // (`trimmed` holds a delimiter: no token is all of it.)
+        for (token, shape) in (Tokens { rest: trimmed }) {
             if token.len() < self.shortest_match {
                 continue;
             }
-            let whole = (token.len() == trimmed.len()).then_some(shape);
-            if let Some(hit) = self.token(token, whole, depth, how, walk) {
+            if let Some(hit) = self.token(token, shape, false, depth, how, walk) {
                 return Some(hit);
             }
         }
@@ -650,85 +721,83 @@ impl Detector {
         match value {
             serde_json::Value::String(s) => self.scan_at(s.as_bytes(), depth, how, walk),
             serde_json::Value::Array(items) => items.iter().find_map(|item| self.json_strings(item, depth, how, walk)),
-            serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
-                self.exact(key.as_bytes(), how.as_slice()).or_else(|| self.json_strings(item, depth, how, walk))
-            }),
+            serde_json::Value::Object(map) => map
+                .iter()
+                .find_map(|(key, item)| self.exact_at(key.as_bytes(), how).or_else(|| self.json_strings(item, depth, how, walk))),
             _ => None,
         }
     }
 
-    /// One delimiter-free token. `whole`: it is the whole (trimmed) value, of this shape,
+    /// One delimiter-free token, of this `shape`. `whole`: it is the whole (trimmed) value,
     /// already checked and decoded as such.
-    fn token(&self, token: &[u8], whole: Option<Shape>, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
-        if whole.is_none() && token.len() >= MIN_TOKEN_LEN {
-            if let Some(hit) = self.exact(token, how.as_slice()) {
+    fn token(&self, token: &[u8], shape: Shape, whole: bool, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
+        if !whole && token.len() >= MIN_TOKEN_LEN {
+            if let Some(hit) = self.exact_at(token, how) {
                 return Some(hit);
             }
             // "SECRET." at the end of a sentence.
             let stripped = token.strip_suffix(b".").or_else(|| token.strip_suffix(b":")).or_else(|| token.strip_suffix(b"!"));
             if let Some(stripped) = stripped {
-                if let Some(hit) = self.exact(stripped, how.as_slice()) {
+                if let Some(hit) = self.exact_at(stripped, how) {
                     return Some(hit);
                 }
             }
-            if looks_b64(token) {
-                if let Some(hit) = self.decode_b64(token, depth, how, walk) {
+            if looks_b64(token.len(), shape) {
+                if let Some(hit) = self.decode_b64(token, shape, depth, how, walk) {
                     return Some(hit);
                 }
             }
         }
         // key=SECRET, user:SECRET, and the other way round.
         for (sep, class) in [(b'=', EQUALS), (b':', COLON)] {
-            if whole.is_some_and(|shape| !shape.any(class)) {
+            if !shape.any(class) {
                 continue;
             }
             if let Some(at) = token.iter().position(|b| *b == sep) {
                 let (head, tail) = (token.get(..at).unwrap_or_default(), token.get(at + 1..).unwrap_or_default());
                 for part in [tail, head] {
                     if part.len() >= MIN_TOKEN_LEN {
-                        if let Some(hit) = self.exact(part, how.as_slice()) {
+                        if let Some(hit) = self.exact_at(part, how) {
                             return Some(hit);
                         }
                         // A structured-field byte sequence (`sha-256=:BASE64:`, RFC 8941).
-                        let part = if sep == b'=' {
-                            part.strip_prefix(b":").and_then(|p| p.strip_suffix(b":")).unwrap_or(part)
-                        } else {
-                            part
-                        };
-                        if sep == b'=' && looks_b64(part) {
-                            if let Some(hit) = self.decode_b64(part, depth, how, walk) {
-                                return Some(hit);
+                        if sep == b'=' {
+                            let part = part.strip_prefix(b":").and_then(|p| p.strip_suffix(b":")).unwrap_or(part);
+                            if part.len() >= MIN_B64_LEN {
+                                let shape = Shape::of(part);
+                                if looks_b64(part.len(), shape) {
+                                    if let Some(hit) = self.decode_b64(part, shape, depth, how, walk) {
+                                        return Some(hit);
+                                    }
+                                }
                             }
                         }
                     }
                 }
             }
         }
-        // Word-like sub-tokens (a secret inside a URL path, after a dot, ...).
-        if whole.is_some_and(|shape| shape.all(WORD)) {
+        // Word-like sub-tokens (a secret inside a URL path, after a dot, ...): none other than
+        // the token itself when it is all word characters.
+        if shape.all(WORD) {
             return None;
         }
-        let mut words = runs(token, is_word).peekable();
-        let single = words.peek().is_some_and(|w| w.len() == token.len());
-        if !single {
-            for word in words {
-                if word.len() >= MIN_TOKEN_LEN {
-                    if let Some(hit) = self.exact(word, how.as_slice()) {
-                        return Some(hit);
-                    }
+        for word in words(token) {
+            if word.len() >= MIN_TOKEN_LEN {
+                if let Some(hit) = self.exact_at(word, how) {
+                    return Some(hit);
                 }
             }
         }
         None
     }
 
-    /// `text`: base64 characters only (no white space).
-    fn decode_b64(&self, text: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
+    /// `text`: base64 characters only (no white space), of this `shape`.
+    fn decode_b64(&self, text: &[u8], shape: Shape, depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
         // Decoding only shrinks: skip what cannot decode to anything long enough to match.
         if base64_decoded_max(text.len()) < self.shortest_match.max(4) {
             return None;
         }
-        self.decode_b64_shaped(text, Shape::of(text), depth, how, walk)
+        self.decode_b64_shaped(text, shape, depth, how, walk)
     }
 
     /// `shape`: of `text`, or of `text` with line breaks (its alphabet is the same).
@@ -745,11 +814,24 @@ impl Detector {
         if !walk.budget.take(most) {
             return None;
         }
-        let decoded = engine.decode(text).ok()?;
+        // The same decoding as `engine.decode`, into the stack when it fits (`decode_slice`
+        // needs room for the engine's estimate, as `decode` allocates it).
+        let mut stack = [0u8; SCRATCH];
+        let heap: Vec<u8>;
+        let decoded: &[u8] = match stack.get_mut(..base64::decoded_len_estimate(text.len())) {
+            Some(out) => {
+                let len = engine.decode_slice(text, out).ok()?;
+                out.get(..len)?
+            }
+            None => {
+                heap = engine.decode(text).ok()?;
+                &heap
+            }
+        };
         if decoded.len() < 4 {
             return None;
         }
-        self.layer(&decoded, depth + 1, how.with("base64"), walk)
+        self.layer(decoded, depth + 1, how.with("base64"), walk)
     }
 
     fn decode_percent(&self, text: &[u8], depth: u8, how: How, walk: &mut Walk) -> Option<Hit> {
@@ -762,20 +844,48 @@ impl Detector {
         if !walk.budget.take(most) {
             return None;
         }
-        let decoded: Vec<u8> = percent_encoding::percent_decode(text).collect();
+        // Into the stack when it fits (`most` bytes exactly).
+        let mut stack = [0u8; SCRATCH];
+        let heap: Vec<u8>;
+        let decoded: &[u8] = match stack.get_mut(..most) {
+            Some(out) => {
+                let mut len = 0;
+                for (slot, b) in out.iter_mut().zip(percent_encoding::percent_decode(text)) {
+                    *slot = b;
+                    len += 1;
+                }
+                out.get(..len).unwrap_or_default()
+            }
+            None => {
+                heap = percent_encoding::percent_decode(text).collect();
+                &heap
+            }
+        };
         let how = how.with("url-encoded");
         // Percent-decoded bytes are scanned as a value whatever they are (as before).
         if depth + 1 > MAX_DEPTH {
-            self.beyond(&decoded, how, walk)
+            self.beyond(decoded, how, walk)
         } else {
-            self.scan_at(&decoded, depth + 1, how, walk)
+            self.scan_at(decoded, depth + 1, how, walk)
         }
     }
 
     /// The production-only host rule matching this `:authority`/`Host` value, if any.
     pub fn production_host(&self, authority: &str) -> Option<&HostRule> {
-        let host = host_of(authority)?;
-        self.hosts.iter().find(|rule| rule.matches(&host))
+        if self.hosts.is_empty() {
+            return None;
+        }
+        // As `host_of`, without a copy when the name is lower-case already.
+        let host = host_part(authority);
+        if host.is_empty() {
+            return None;
+        }
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            let host = host.to_ascii_lowercase();
+            self.hosts.iter().find(|rule| rule.matches(&host))
+        } else {
+            self.hosts.iter().find(|rule| rule.matches(host))
+        }
     }
 
     /// A production-only host named anywhere in free text (URLs, `host: x`, `x:443`), for lint.
@@ -796,6 +906,12 @@ impl Detector {
 
 /// `Host`/`:authority` without port and trailing dot, lower-case. `None` for an empty value.
 pub fn host_of(authority: &str) -> Option<String> {
+    let host = host_part(authority).to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+/// `Host`/`:authority` without port and trailing dot, as written.
+fn host_part(authority: &str) -> &str {
     let authority = authority.trim();
     let host = if authority.starts_with('[') {
         // IPv6 literal: never a production host name.
@@ -805,6 +921,5 @@ pub fn host_of(authority: &str) -> Option<String> {
             .rsplit_once(':')
             .map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority })
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    host.trim_end_matches('.')
 }

@@ -41,6 +41,10 @@ pub fn fingerprint(secret: &[u8]) -> String {
 }
 
 #[cfg(test)]
+mod detect_diff_tests;
+#[cfg(test)]
+mod detect_reference;
+#[cfg(test)]
 mod flow_tests;
 #[cfg(test)]
 mod tests;

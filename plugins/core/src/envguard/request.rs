@@ -147,15 +147,19 @@ pub enum BodyKind {
     Text,
 }
 
-/// The body kind a `Content-Type` value declares.
+/// The body kind a `Content-Type` value declares (media types compared without case).
 pub fn body_kind(content_type: &str) -> BodyKind {
     let mut params = content_type.split(';');
-    let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
-    if media == "application/json" || media.ends_with("+json") {
+    let media = params.next().unwrap_or("").trim().as_bytes();
+    let ends_with = |suffix: &[u8]| {
+        media.len() >= suffix.len() && media.get(media.len() - suffix.len()..).is_some_and(|end| end.eq_ignore_ascii_case(suffix))
+    };
+    let starts_with = |prefix: &[u8]| media.get(..prefix.len()).is_some_and(|start| start.eq_ignore_ascii_case(prefix));
+    if media.eq_ignore_ascii_case(b"application/json") || ends_with(b"+json") {
         BodyKind::Json
-    } else if media == "application/x-www-form-urlencoded" {
+    } else if media.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
         BodyKind::Form
-    } else if media.starts_with("multipart/") {
+    } else if starts_with(b"multipart/") {
         let boundary = params
             .filter_map(|p| p.split_once('='))
             .find(|(name, _)| name.trim().eq_ignore_ascii_case("boundary"))
@@ -532,6 +536,15 @@ fn decode_base64_part(data: &[u8]) -> Option<Vec<u8>> {
     GeneralPurpose::new(alphabet, LENIENT).decode(&compact).ok()
 }
 
+/// `name` lower-case, borrowed when it is already.
+fn lower_case(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 /// Checks everything known at header time: destination host, every header and pseudo-header
 /// (Authorization schemes decoded, cookies split), path, query parameters, Content-Encoding.
 /// Returns how to treat the body.
@@ -544,7 +557,8 @@ pub fn check_headers(policy: &GuardPolicy, headers: &[(String, String)]) -> Resu
     }
     let mut inspector = Inspector::new(policy);
     for (name, value) in headers {
-        let name = name.to_ascii_lowercase();
+        // (Hosts hand names lower-case already: copied only when they are not.)
+        let name = lower_case(name);
         // Every header and pseudo-header is inspected: none is skipped for cost (the detector
         // hashes only candidates of a protected length). `:authority`/`host` were also checked
         // against the production-only hosts above.
@@ -565,7 +579,7 @@ pub fn check_headers(policy: &GuardPolicy, headers: &[(String, String)]) -> Resu
 pub fn check_trailers(policy: &GuardPolicy, trailers: &[(String, String)]) -> Result<(), GuardError> {
     let mut inspector = Inspector::new(policy);
     for (name, value) in trailers {
-        inspector.header("trailer", &name.to_ascii_lowercase(), value)?;
+        inspector.header("trailer", &lower_case(name), value)?;
     }
     Ok(())
 }
