@@ -601,6 +601,18 @@ impl BucketTable {
         snapshot: Option<BucketSnapshot>,
         mut decide: impl FnMut(Option<&[u8]>) -> Update<T>,
     ) -> Result<(T, SlotAddress), TableError> {
+        self.update_with_expiry(store, key, now_ms, snapshot, |current| decide(current.map(|(payload, _)| payload)))
+    }
+
+    /// [`BucketTable::update_from`] whose `decide` also sees the live record's expiry.
+    pub fn update_with_expiry<T>(
+        &self,
+        store: &dyn SharedStore,
+        key: KeyHash,
+        now_ms: u64,
+        snapshot: Option<BucketSnapshot>,
+        mut decide: impl FnMut(Option<(&[u8], u64)>) -> Update<T>,
+    ) -> Result<(T, SlotAddress), TableError> {
         let bucket = self.bucket_of(key);
         let mut earlier = snapshot.filter(|s| s.bucket == bucket && s.table == self.id && s.slots == self.slots_per_bucket);
         for _ in 0..MAX_CAS_ATTEMPTS {
@@ -611,11 +623,11 @@ impl BucketTable {
             };
             let cas = snapshot.cas;
             let found = snapshot.slots().find_map(|(i, slot)| match slot {
-                Some(s) if s.key == key && live_at(s.expires_at_ms, now_ms) => Some((i, s.payload)),
+                Some(s) if s.key == key && live_at(s.expires_at_ms, now_ms) => Some((i, s.payload, s.expires_at_ms)),
                 _ => None,
             });
-            let live = found.map(|(i, _)| i);
-            match decide(found.map(|(_, payload)| payload)) {
+            let live = found.map(|(i, _, _)| i);
+            match decide(found.map(|(_, payload, expires_at_ms)| (payload, expires_at_ms))) {
                 // Not from an earlier read: "leave it" must be decided on the current value.
                 Update::Keep(_) if from_earlier => continue,
                 Update::Keep(result) => {

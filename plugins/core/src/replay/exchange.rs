@@ -156,13 +156,13 @@ pub fn classify(policy: &ReplayPolicy, on_uncertain: OnUncertain, status: u16, v
     Classification::Completed
 }
 
-/// SHA-256 of the exact body bytes, as the fingerprint uses it (fed chunk by chunk).
 /// SHA-256 of the empty body (a request without one), known without hashing.
 pub const EMPTY_BODY_SHA256: [u8; 32] = [
     0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41, 0xe4, 0x64,
     0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
 ];
 
+/// SHA-256 of the exact body bytes, as the fingerprint uses it (fed chunk by chunk).
 pub fn body_sha256<'b>(body: impl Into<crate::flow::BodyChunks<'b>>) -> [u8; 32] {
     let mut hasher = Sha256::new();
     for chunk in body.into().iter() {

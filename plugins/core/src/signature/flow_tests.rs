@@ -320,6 +320,18 @@ fn the_verified_body_digest_is_handed_on_only_when_the_signature_covers_it() {
     assert_eq!(outcome.reads, Reads { headers: 1, body: 0, trailers: 0 });
 }
 
+/// The body a signed Content-Digest covers, stripped in transit: the request ends with its
+/// headers (decided in the header callback, local nonce table) and is refused, never forwarded.
+#[test]
+fn a_signed_body_stripped_from_the_request_is_refused_at_its_headers() {
+    let mut env = MemoryEnv::default();
+    let factory = make(&env, "");
+    let outcome = run(&factory, &mut env, &signed_with("POST", "/v1/transfers", &[], b"", "n-stripped", 0, br#"{"amount":5}"#));
+    assert_eq!(code(&outcome), Some("content_digest_mismatch"), "{:?}", outcome.logs);
+    assert!(!outcome.passed());
+    assert_eq!(outcome.reads, Reads { headers: 1, body: 0, trailers: 0 });
+}
+
 #[test]
 fn the_body_is_held_until_its_end_then_checked_whole() {
     let mut env = MemoryEnv::default();
