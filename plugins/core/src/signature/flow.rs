@@ -387,6 +387,19 @@ fn key_context(view: &RequestView<'_>) -> String {
     format!("keyid={key_id}")
 }
 
+/// What the nonce quota lets one key id do, for the operator sizing `nonce_store`: its nonces
+/// per window and the sustained rate of signed requests that makes (a busier key id is refused
+/// `tenant_quota_exceeded`).
+fn nonce_quota_line(policy: &SignaturePolicy) -> String {
+    let quota = &policy.nonce_quota;
+    let window_s = (quota.window_ms.get() / 1000).max(1);
+    let per_second = u64::from(quota.limit.get()) / window_s;
+    format!(
+        "firebreak {PLUGIN} nonce_quota per_key_id={} window_s={window_s} sustained_per_key_id_per_s={per_second} lease={}",
+        quota.limit, quota.lease
+    )
+}
+
 /// request-signature, configured (its tables bound).
 pub struct SignatureFactory {
     pub policy: Arc<SignaturePolicy>,
@@ -411,10 +424,11 @@ impl FlowFactory for SignatureFactory {
 
     fn configured(&self) -> Vec<(Level, String)> {
         // `firebreak request_signature configured` is the host's line (`glue::load_config`).
-        match self.policy.mode {
-            Mode::Enforce => Vec::new(),
-            Mode::ReportOnly => vec![(Level::Warn, format!("firebreak {PLUGIN} mode=report_only nothing_refused"))],
+        let mut lines = vec![(Level::Info, nonce_quota_line(&self.policy))];
+        if self.policy.mode == Mode::ReportOnly {
+            lines.push((Level::Warn, format!("firebreak {PLUGIN} mode=report_only nothing_refused")));
         }
+        lines
     }
 
     /// The nonce table and its per-tenant quota records (local state only).

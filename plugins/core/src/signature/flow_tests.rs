@@ -709,7 +709,9 @@ fn the_factory_defines_the_counters_and_the_meter() {
     assert_eq!(&*factory.meter().prefix, "firebreak.request_signature");
     assert_eq!(factory.counters(), COUNTERS.iter().map(|c| c.to_string()).collect::<Vec<_>>());
     assert_eq!(factory.counters(), ["accepted", "passed_unprotected", "rejected.tenant_quota_exceeded"]);
-    assert!(factory.configured().is_empty());
+    let configured = factory.configured();
+    assert_eq!(configured.len(), 1, "{configured:?}");
+    assert!(configured.iter().all(|(level, line)| *level == Level::Info && line.contains(" nonce_quota per_key_id=")));
 
     // Errors name the field; the secret comes from the environment; the tables are bound.
     let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
@@ -881,7 +883,10 @@ fn report_only_still_refuses_what_would_leave_a_clients_principal_or_half_of_our
     let declared = factory.counters();
     assert!(declared.contains(&"would_reject.signature_invalid".to_string()));
     assert!(!make(&env, "").counters().iter().any(|c| c.starts_with("would_reject.")));
-    assert_eq!(factory.configured()[0].1, "firebreak request_signature mode=report_only nothing_refused");
+    assert!(factory
+        .configured()
+        .iter()
+        .any(|(level, line)| *level == Level::Warn && line == "firebreak request_signature mode=report_only nothing_refused"));
 }
 
 #[test]
@@ -893,5 +898,21 @@ fn the_mode_is_read_at_configure_time_and_a_bad_one_names_its_field() {
         assert_eq!(error.field, "mode", "{bad}");
     }
     assert!(configure("request_signature", config(r#","mode":true"#).as_bytes(), &setup).is_err());
-    assert!(make(&env, r#","mode":"enforce""#).configured().is_empty());
+    assert!(!make(&env, r#","mode":"enforce""#).configured().iter().any(|(_, line)| line.contains("report_only")));
+}
+
+/// The operator reads at configure time what one key id may sustain before its nonce quota
+/// refuses it (window: max_age 300 + skew 5 + 1 s).
+#[test]
+fn the_configured_lines_say_what_one_key_id_can_sustain() {
+    let env = MemoryEnv::default();
+    let factory = make(&env, r#","nonce_store":{"quota_per_key_id":30600}"#);
+    let lines: Vec<String> = factory.configured().into_iter().map(|(_, line)| line).collect();
+    assert!(
+        lines.contains(
+            &"firebreak request_signature nonce_quota per_key_id=30600 window_s=306 sustained_per_key_id_per_s=100 lease=16"
+                .to_string()
+        ),
+        "{lines:?}"
+    );
 }
