@@ -711,7 +711,9 @@ fn the_factory_defines_the_counters_and_the_meter() {
     assert_eq!(factory.counters(), ["accepted", "passed_unprotected", "rejected.tenant_quota_exceeded"]);
     let configured = factory.configured();
     assert_eq!(configured.len(), 1, "{configured:?}");
-    assert!(configured.iter().all(|(level, line)| *level == Level::Info && line.contains(" nonce_quota per_key_id=")));
+    assert!(configured
+        .iter()
+        .all(|(level, line)| *level == Level::Info && line.contains(" nonce_quota per_key_id=")));
 
     // Errors name the field; the secret comes from the environment; the tables are bound.
     let setup = Setup { env: &|_| None, store: &env.store, entropy: [7; 32] };
