@@ -12,6 +12,7 @@ pub mod amount;
 pub mod config;
 pub mod envguard;
 pub mod filters;
+#[macro_use]
 pub mod flow;
 pub mod headers;
 pub mod mode;

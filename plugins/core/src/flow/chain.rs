@@ -12,13 +12,8 @@
 //!   memory, for the stages after it. The principal also goes to the host: it is the contract
 //!   with anything after the chain.
 
-use std::rc::Rc;
-
-use super::{
-    BodyChunks, CallAnswer, CallId, Direction, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Step,
-};
+use super::{CallId, Direction, Event, Flow, Host, HostFailed, Step};
 use crate::remote::RedisConfig;
-use crate::store::SharedStore;
 
 /// The flows of one stream's stages, in configuration order.
 pub struct Chain {
@@ -115,49 +110,26 @@ struct StageHost<'a> {
 }
 
 impl Host for StageHost<'_> {
-    fn now_ms(&mut self) -> Option<u64> {
-        self.inner.now_ms()
-    }
-
-    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
-        self.inner.request_headers()
-    }
-
-    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
-        self.inner.request_headers_lossy()
-    }
-
-    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
-        self.inner.with_request_body(size, visit)
-    }
-
-    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.request_trailers_raw()
-    }
-
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        self.inner.set_request_header(name, value)
-    }
-
-    fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.response_headers_raw()
-    }
-
-    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        self.inner.response_body(size)
-    }
-
-    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
-        self.inner.add_response_header(name, value)
-    }
-
-    fn response_from_upstream(&mut self) -> bool {
-        self.inner.response_from_upstream()
-    }
-
-    fn source_address(&mut self) -> Option<String> {
-        self.inner.source_address()
-    }
+    forward_to_inner!(
+        now_ms,
+        request_headers,
+        request_headers_lossy,
+        with_request_body,
+        request_trailers_raw,
+        set_request_header,
+        response_headers_raw,
+        response_body,
+        add_response_header,
+        response_from_upstream,
+        source_address,
+        store,
+        call_answer,
+        count,
+        count_passed,
+        gauge,
+        logs_debug,
+        log
+    );
 
     fn principal(&mut self) -> Result<Option<String>, HostFailed> {
         match &self.facts.principal {
@@ -180,38 +152,10 @@ impl Host for StageHost<'_> {
         self.facts.body_sha256 = Some(*digest);
     }
 
-    fn store(&self) -> &dyn SharedStore {
-        self.inner.store()
-    }
-
     fn call_redis(&mut self, redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed> {
         let call = self.inner.call_redis(redis, command)?;
         self.callers.push((call, self.stage));
         Ok(call)
-    }
-
-    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
-        self.inner.call_answer(body_size, max_bytes)
-    }
-
-    fn count(&mut self, meter: &Meter, name: &str) {
-        self.inner.count(meter, name)
-    }
-
-    fn count_passed(&mut self, meter: &Meter, name: &str) {
-        self.inner.count_passed(meter, name)
-    }
-
-    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
-        self.inner.gauge(meter, name, value)
-    }
-
-    fn logs_debug(&self) -> bool {
-        self.inner.logs_debug()
-    }
-
-    fn log(&mut self, level: Level, line: &str) {
-        self.inner.log(level, line)
     }
 }
 

@@ -15,13 +15,7 @@
 //! answer resumes it ([`LocalReply::run`] with the answer). A reply the flow sends while its own
 //! reply crosses it is ignored (Envoy lets a filter send one local reply per stream).
 
-use std::rc::Rc;
-
-use super::{
-    BodyChunks, CallAnswer, CallId, Event, Flow, Headers, Host, HostFailed, Level, Meter, RawHeaders, ReadError, Response, Step,
-};
-use crate::remote::RedisConfig;
-use crate::store::SharedStore;
+use super::{Event, Flow, Host, HostFailed, RawHeaders, Response, Step};
 
 /// A local reply on its way to the client, delivered to the flow that sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,29 +96,27 @@ struct ReplyHost<'a> {
 }
 
 impl Host for ReplyHost<'_> {
-    fn now_ms(&mut self) -> Option<u64> {
-        self.inner.now_ms()
-    }
-
-    fn request_headers(&mut self) -> Result<Rc<Headers>, ReadError> {
-        self.inner.request_headers()
-    }
-
-    fn request_headers_lossy(&mut self) -> Result<Rc<Headers>, HostFailed> {
-        self.inner.request_headers_lossy()
-    }
-
-    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
-        self.inner.with_request_body(size, visit)
-    }
-
-    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.request_trailers_raw()
-    }
-
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        self.inner.set_request_header(name, value)
-    }
+    forward_to_inner!(
+        now_ms,
+        request_headers,
+        request_headers_lossy,
+        with_request_body,
+        request_trailers_raw,
+        set_request_header,
+        source_address,
+        principal,
+        set_principal,
+        body_sha256,
+        set_body_sha256,
+        store,
+        call_redis,
+        call_answer,
+        count,
+        count_passed,
+        gauge,
+        logs_debug,
+        log
+    );
 
     fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
         let mut headers = vec![(":status".to_string(), self.response.status.to_string().into_bytes())];
@@ -145,64 +137,13 @@ impl Host for ReplyHost<'_> {
     fn response_from_upstream(&mut self) -> bool {
         false
     }
-
-    fn source_address(&mut self) -> Option<String> {
-        self.inner.source_address()
-    }
-
-    fn principal(&mut self) -> Result<Option<String>, HostFailed> {
-        self.inner.principal()
-    }
-
-    fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed> {
-        self.inner.set_principal(principal)
-    }
-
-    fn body_sha256(&mut self, body_len: usize) -> Option<[u8; 32]> {
-        self.inner.body_sha256(body_len)
-    }
-
-    fn set_body_sha256(&mut self, digest: &[u8; 32], body_len: usize) {
-        self.inner.set_body_sha256(digest, body_len)
-    }
-
-    fn store(&self) -> &dyn SharedStore {
-        self.inner.store()
-    }
-
-    fn call_redis(&mut self, redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed> {
-        self.inner.call_redis(redis, command)
-    }
-
-    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
-        self.inner.call_answer(body_size, max_bytes)
-    }
-
-    fn count(&mut self, meter: &Meter, name: &str) {
-        self.inner.count(meter, name)
-    }
-
-    fn count_passed(&mut self, meter: &Meter, name: &str) {
-        self.inner.count_passed(meter, name)
-    }
-
-    fn gauge(&mut self, meter: &Meter, name: &str, value: u64) {
-        self.inner.gauge(meter, name, value)
-    }
-
-    fn logs_debug(&self) -> bool {
-        self.inner.logs_debug()
-    }
-
-    fn log(&mut self, level: Level, line: &str) {
-        self.inner.log(level, line)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::memory::{exchange, MemoryEnv, MemoryRequest, MemoryUpstream};
     use super::*;
+    use crate::flow::CallId;
     use crate::{Code, Rejection};
 
     /// Records what reaches it; refuses the request at its headers, holds on the reply's headers

@@ -18,6 +18,104 @@
 //! body's SHA-256) through the same [`Host`] methods a separate module uses to hand them to the
 //! next module; the chain keeps them in memory.
 
+/// A wrapper's [`Host`] methods that only hand the call to `self.inner` (a `&mut dyn Host`),
+/// by name: `forward_to_inner!(now_ms, store, log);` inside an `impl Host`. The signatures are
+/// written once, here; a wrapper writes out only the methods it changes.
+macro_rules! forward_to_inner {
+    ($($method:ident),* $(,)?) => { $(forward_to_inner!(@one $method);)* };
+    (@one now_ms) => { fn now_ms(&mut self) -> Option<u64> { self.inner.now_ms() } };
+    (@one request_headers) => {
+        fn request_headers(&mut self) -> Result<std::rc::Rc<$crate::flow::Headers>, $crate::flow::ReadError> {
+            self.inner.request_headers()
+        }
+    };
+    (@one request_headers_lossy) => {
+        fn request_headers_lossy(&mut self) -> Result<std::rc::Rc<$crate::flow::Headers>, $crate::flow::HostFailed> {
+            self.inner.request_headers_lossy()
+        }
+    };
+    (@one with_request_body) => {
+        fn with_request_body(
+            &mut self,
+            size: usize,
+            visit: &mut dyn FnMut($crate::flow::BodyChunks<'_>),
+        ) -> Result<(), $crate::flow::HostFailed> {
+            self.inner.with_request_body(size, visit)
+        }
+    };
+    (@one request_trailers_raw) => {
+        fn request_trailers_raw(&mut self) -> Result<$crate::flow::RawHeaders, $crate::flow::HostFailed> {
+            self.inner.request_trailers_raw()
+        }
+    };
+    (@one set_request_header) => {
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), $crate::flow::HostFailed> {
+            self.inner.set_request_header(name, value)
+        }
+    };
+    (@one response_headers_raw) => {
+        fn response_headers_raw(&mut self) -> Result<$crate::flow::RawHeaders, $crate::flow::HostFailed> {
+            self.inner.response_headers_raw()
+        }
+    };
+    (@one response_body) => {
+        fn response_body(&mut self, size: usize) -> Result<Vec<u8>, $crate::flow::HostFailed> {
+            self.inner.response_body(size)
+        }
+    };
+    (@one add_response_header) => {
+        fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), $crate::flow::HostFailed> {
+            self.inner.add_response_header(name, value)
+        }
+    };
+    (@one response_from_upstream) => { fn response_from_upstream(&mut self) -> bool { self.inner.response_from_upstream() } };
+    (@one source_address) => { fn source_address(&mut self) -> Option<String> { self.inner.source_address() } };
+    (@one principal) => {
+        fn principal(&mut self) -> Result<Option<String>, $crate::flow::HostFailed> {
+            self.inner.principal()
+        }
+    };
+    (@one set_principal) => {
+        fn set_principal(&mut self, principal: &str) -> Result<(), $crate::flow::HostFailed> {
+            self.inner.set_principal(principal)
+        }
+    };
+    (@one body_sha256) => { fn body_sha256(&mut self, body_len: usize) -> Option<[u8; 32]> { self.inner.body_sha256(body_len) } };
+    (@one set_body_sha256) => {
+        fn set_body_sha256(&mut self, digest: &[u8; 32], body_len: usize) {
+            self.inner.set_body_sha256(digest, body_len)
+        }
+    };
+    (@one store) => { fn store(&self) -> &dyn $crate::store::SharedStore { self.inner.store() } };
+    (@one call_redis) => {
+        fn call_redis(
+            &mut self,
+            redis: &$crate::remote::RedisConfig,
+            command: &[u8],
+        ) -> Result<$crate::flow::CallId, $crate::flow::HostFailed> {
+            self.inner.call_redis(redis, command)
+        }
+    };
+    (@one call_answer) => {
+        fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<$crate::flow::CallAnswer> {
+            self.inner.call_answer(body_size, max_bytes)
+        }
+    };
+    (@one count) => { fn count(&mut self, meter: &$crate::flow::Meter, name: &str) { self.inner.count(meter, name) } };
+    (@one count_passed) => {
+        fn count_passed(&mut self, meter: &$crate::flow::Meter, name: &str) {
+            self.inner.count_passed(meter, name)
+        }
+    };
+    (@one gauge) => {
+        fn gauge(&mut self, meter: &$crate::flow::Meter, name: &str, value: u64) {
+            self.inner.gauge(meter, name, value)
+        }
+    };
+    (@one logs_debug) => { fn logs_debug(&self) -> bool { self.inner.logs_debug() } };
+    (@one log) => { fn log(&mut self, level: $crate::flow::Level, line: &str) { self.inner.log(level, line) } };
+}
+
 pub mod body;
 pub mod calls;
 pub mod chain;

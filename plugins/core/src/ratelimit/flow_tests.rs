@@ -8,9 +8,8 @@ use std::rc::Rc;
 
 use crate::filters::{configure, Setup};
 use crate::flow::memory::{exchange, step, Faults, MemoryEnv, MemoryRequest, MemoryUpstream, Outcome};
-use crate::flow::{CallAnswer, CallId, Event, Flow, FlowFactory, Host, HostFailed, Level, Meter, RawHeaders, Step};
+use crate::flow::{CallAnswer, CallId, Event, Flow, FlowFactory, Host, HostFailed, Level, Meter, Step};
 use crate::remote::RedisConfig;
-use crate::store::SharedStore;
 
 const T0: u64 = 1_700_000_000_000;
 const PREFIX: &str = "firebreak.rate_limit.rl.";
@@ -430,10 +429,30 @@ impl Counting<'_> {
 }
 
 impl Host for Counting<'_> {
+    forward_to_inner!(
+        with_request_body,
+        request_trailers_raw,
+        set_request_header,
+        response_headers_raw,
+        response_body,
+        add_response_header,
+        response_from_upstream,
+        set_principal,
+        body_sha256,
+        set_body_sha256,
+        store,
+        call_answer,
+        count,
+        count_passed,
+        logs_debug,
+        log
+    );
+
     fn now_ms(&mut self) -> Option<u64> {
         self.ask(|a| a.clock += 1);
         self.inner.now_ms()
     }
+
     fn request_headers(&mut self) -> Result<std::rc::Rc<crate::flow::Headers>, crate::flow::ReadError> {
         self.ask(|a| a.headers += 1);
         self.inner.request_headers()
@@ -443,65 +462,20 @@ impl Host for Counting<'_> {
         self.ask(|a| a.headers += 1);
         self.inner.request_headers_lossy()
     }
-    fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(crate::flow::BodyChunks<'_>)) -> Result<(), HostFailed> {
-        self.inner.with_request_body(size, visit)
-    }
-    fn request_trailers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.request_trailers_raw()
-    }
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> Result<(), HostFailed> {
-        self.inner.set_request_header(name, value)
-    }
-    fn response_headers_raw(&mut self) -> Result<RawHeaders, HostFailed> {
-        self.inner.response_headers_raw()
-    }
-    fn response_body(&mut self, size: usize) -> Result<Vec<u8>, HostFailed> {
-        self.inner.response_body(size)
-    }
-    fn add_response_header(&mut self, name: &str, value: &str) -> Result<(), HostFailed> {
-        self.inner.add_response_header(name, value)
-    }
-    fn response_from_upstream(&mut self) -> bool {
-        self.inner.response_from_upstream()
-    }
+
     fn source_address(&mut self) -> Option<String> {
         self.ask(|a| a.source_address += 1);
         self.inner.source_address()
     }
+
     fn principal(&mut self) -> Result<Option<String>, HostFailed> {
         self.ask(|a| a.principal += 1);
         self.inner.principal()
     }
-    fn set_principal(&mut self, principal: &str) -> Result<(), HostFailed> {
-        self.inner.set_principal(principal)
-    }
-    fn body_sha256(&mut self, body_len: usize) -> Option<[u8; 32]> {
-        self.inner.body_sha256(body_len)
-    }
-    fn set_body_sha256(&mut self, digest: &[u8; 32], body_len: usize) {
-        self.inner.set_body_sha256(digest, body_len)
-    }
-    fn store(&self) -> &dyn SharedStore {
-        self.inner.store()
-    }
+
     fn call_redis(&mut self, redis: &RedisConfig, command: &[u8]) -> Result<CallId, HostFailed> {
         self.ask(|a| a.calls += 1);
         self.inner.call_redis(redis, command)
-    }
-    fn call_answer(&mut self, body_size: usize, max_bytes: usize) -> Option<CallAnswer> {
-        self.inner.call_answer(body_size, max_bytes)
-    }
-    fn count(&mut self, meter: &Meter, name: &str) {
-        self.inner.count(meter, name)
-    }
-    fn count_passed(&mut self, meter: &Meter, name: &str) {
-        self.inner.count_passed(meter, name)
-    }
-    fn logs_debug(&self) -> bool {
-        self.inner.logs_debug()
-    }
-    fn log(&mut self, level: Level, line: &str) {
-        self.inner.log(level, line)
     }
 }
 

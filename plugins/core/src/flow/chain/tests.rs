@@ -6,7 +6,7 @@ use std::rc::Rc;
 use super::*;
 use crate::flow::calls::Calls;
 use crate::flow::memory::{exchange, MemoryEnv, MemoryRequest, MemoryUpstream};
-use crate::flow::Meter;
+use crate::flow::{CallAnswer, Level, Meter};
 use crate::remote::{FailureMode, RedisConfig};
 use crate::{Code, Rejection};
 
