@@ -691,6 +691,8 @@ pub fn run_envoy(
         let mut out = Vec::new();
         // Envoy's log read so far (none: the first case sees the plugin's start).
         let mut log_offset = 0usize;
+        // When the first request was sent, in the real clock's whole seconds.
+        let mut first_request_s: Option<u64> = None;
         for case in &scenario.cases {
             if let Some(reason) = scenario.host_only_reason(case) {
                 log_offset = log_len(&envoy.log);
@@ -720,6 +722,7 @@ pub fn run_envoy(
             }
             let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let first_request_s = *first_request_s.get_or_insert(now);
             let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref()))
             {
                 Ok(r) => r,
@@ -768,6 +771,8 @@ pub fn run_envoy(
                 callouts.extend(g.take()?);
             }
             observed.callouts = Some(callouts);
+            let answered_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            observed.clock_moved_s = answered_s.saturating_sub(first_request_s);
             let problems = observed.check(&case.expect);
             out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
         }

@@ -103,3 +103,39 @@ fn a_reset_in_both_compares_no_response() {
     e.response_body.clear();
     assert!(h.disagreements(&e, false).is_empty());
 }
+
+/// Envoy's real clock may move on during a file while the host's fake one stands still: a
+/// countdown (Retry-After, RateLimit's `t=`, `retry in N s`) may be lower in Envoy by the seconds
+/// it moved, never higher, and nothing else may differ.
+#[test]
+fn countdowns_may_lag_by_the_seconds_envoy_s_clock_moved() {
+    let refusal = |retry: &str, t: &str, remain: &str| {
+        let mut o = host();
+        o.status = 429;
+        o.forwarded = false;
+        o.response_headers =
+            pairs(&[(":status", "429"), ("retry-after", retry), ("ratelimit", &format!("\"per-account.CNY\";r={remain};t={t}"))]);
+        o.response_body =
+            format!("{{\"error\":\"amount_limited\",\"message\":\"{remain} minor units remain; retry in {retry} s\"}}")
+                .into_bytes();
+        o
+    };
+    let h = refusal("21600", "86400", "0");
+    let mut late = refusal("21599", "86399", "0");
+    assert_eq!(h.disagreements(&late, false).len(), 3, "no second moved: every countdown differs");
+    late.clock_moved_s = 1;
+    assert_eq!(h.disagreements(&late, false), Vec::<String>::new());
+    let mut ahead = refusal("21601", "86401", "0");
+    ahead.clock_moved_s = 5;
+    assert_eq!(h.disagreements(&ahead, false).len(), 3, "a countdown never runs up");
+    let mut too_late = refusal("21597", "86397", "0");
+    too_late.clock_moved_s = 2;
+    assert_eq!(h.disagreements(&too_late, false).len(), 3, "nor down by more than the clock moved");
+    let mut other_number = refusal("21599", "86399", "1");
+    other_number.clock_moved_s = 1;
+    assert_eq!(
+        h.disagreements(&other_number, false).len(),
+        2,
+        "a number that is not a countdown (r=, the units remaining) is compared exactly"
+    );
+}

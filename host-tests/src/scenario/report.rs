@@ -25,6 +25,10 @@ pub struct Observed {
     /// (cluster, headers) of the HTTP callouts made during the case.
     pub callouts: Option<Vec<ObservedCallout>>,
     pub trap: Option<bool>,
+    /// How many whole seconds the runtime's clock moved on since the file's first request: a
+    /// countdown (`retry-after`, RateLimit's `t=`, a message's `retry in N s`) Envoy reports on
+    /// its real clock may be this much lower than the host's on its fake one. 0 for the host.
+    pub clock_moved_s: u64,
 }
 
 /// An HTTP callout a module made: its cluster and headers.
@@ -71,6 +75,7 @@ impl Observed {
             logs: Some(host_log_lines(&v.logs)),
             callouts: Some(v.callouts.iter().map(|c| (c.cluster.clone(), c.headers.clone())).collect()),
             trap: Some(v.trap.is_some()),
+            clock_moved_s: 0,
         }
     }
 
@@ -206,8 +211,21 @@ impl Observed {
         }
         if self.status != 0 || other.status != 0 {
             let skip = names(RESPONSE_HEADERS_NOT_COMPARED);
+            let slack = other.clock_moved_s;
+            for name in COUNTDOWN_HEADERS {
+                let (a, b) = (Observed::values(&self.response_headers, name), Observed::values(&other.response_headers, name));
+                let close = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| countdowns_agree(x, y, slack));
+                if !close {
+                    out.push(format!("response header {name} host={a:?} envoy={b:?}"));
+                }
+            }
+            let skip: Vec<&str> = skip.into_iter().chain(COUNTDOWN_HEADERS.iter().copied()).collect();
             out.extend(header_disagreements("response header", &self.response_headers, &other.response_headers, &skip));
-            if self.response_body != other.response_body {
+            let same_body = match (std::str::from_utf8(&self.response_body), std::str::from_utf8(&other.response_body)) {
+                (Ok(a), Ok(b)) => countdowns_agree(a, b, slack),
+                _ => self.response_body == other.response_body,
+            };
+            if !same_body {
                 out.push(format!(
                     "response body host={:?} envoy={:?}",
                     String::from_utf8_lossy(&self.response_body),
@@ -240,6 +258,60 @@ pub const RESPONSE_HEADERS_NOT_COMPARED: &[(&str, &str)] = &[
     ("x-envoy-upstream-service-time", "added by Envoy's router with the real upstream time"),
     ("connection", "`close`, Envoy's answer to the runner's `connection: close` (HTTP/1.1 hop-by-hop)"),
 ];
+
+/// Response headers whose numbers count down with the clock: each runtime reads its own.
+const COUNTDOWN_HEADERS: &[&str] = &["retry-after", "ratelimit"];
+
+/// What comes just before a number that counts down with the clock: a whole `retry-after`
+/// value, RateLimit's `t=` parameter, a refusal message's `retry in N s`.
+const COUNTDOWN_PREFIXES: &[&str] = &["t=", "retry in "];
+
+/// `host` and `envoy` are the same text but where a countdown number (see
+/// [`COUNTDOWN_PREFIXES`], or a value that is one number) is lower in `envoy` by at most
+/// `slack` seconds: the seconds its real clock moved on while the host's fake one stood still.
+pub fn countdowns_agree(host: &str, envoy: &str, slack: u64) -> bool {
+    if host == envoy {
+        return true;
+    }
+    let (a, b) = (digit_runs(host), digit_runs(envoy));
+    a.len() == b.len()
+        && a.iter().zip(&b).all(|(x, y)| match (x, y) {
+            (Run::Text(x), Run::Text(y)) => x == y,
+            (Run::Number { value: x, countdown }, Run::Number { value: y, .. }) => {
+                x == y || (*countdown && y <= x && x - y <= u128::from(slack))
+            }
+            _ => false,
+        })
+}
+
+#[derive(Debug)]
+enum Run<'a> {
+    Text(&'a str),
+    Number { value: u128, countdown: bool },
+}
+
+/// `text` cut into runs of ASCII digits and of everything else; a digit run is a countdown when
+/// the text before it ends with one of [`COUNTDOWN_PREFIXES`] or it is the whole text.
+fn digit_runs(text: &str) -> Vec<Run<'_>> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    let mut before = "";
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let len = if digits > 0 { digits } else { rest.bytes().take_while(|b| !b.is_ascii_digit()).count() };
+        let (run, tail) = rest.split_at(len);
+        match run.parse::<u128>() {
+            Ok(value) if digits > 0 => {
+                let countdown = run.len() == text.len() || COUNTDOWN_PREFIXES.iter().any(|p| before.ends_with(p));
+                out.push(Run::Number { value, countdown });
+            }
+            _ => out.push(Run::Text(run)),
+        }
+        before = run;
+        rest = tail;
+    }
+    out
+}
 
 fn names(list: &[(&'static str, &str)]) -> Vec<&'static str> {
     list.iter().map(|(name, _)| *name).collect()
