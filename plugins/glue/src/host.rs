@@ -157,6 +157,11 @@ impl Host for EnvoyHost<'_> {
     /// proxy-wasm copies the body into the VM (one chunk); the copy is kept for the callback
     /// (every stage of a chain reading the same size shares it) and lent, not copied again.
     fn with_request_body(&mut self, size: usize, visit: &mut dyn FnMut(BodyChunks<'_>)) -> Result<(), HostFailed> {
+        if size == 0 {
+            // Nothing to copy (a request without a body, or an empty end-of-stream frame).
+            visit(BodyChunks::from(&[][..]));
+            return Ok(());
+        }
         let cached = matches!(&self.body, Some((asked, _)) if *asked == size);
         if !cached {
             let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)

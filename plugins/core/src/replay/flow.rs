@@ -768,7 +768,15 @@ impl ReplayFlow {
         };
         // The context is formatted only when a line is written (or a Redis write carries it).
         let log = || FinishLog { outcome, complete, context: exchange.context(&self.policy) };
-        let Some(now) = host.now_ms() else {
+        // A local record expires with its claim (claimed at + TTL) and is ours by its claim id,
+        // so the local finish works at the claim's time and reads no clock (records of other
+        // keys that expired meanwhile are pruned by a later write). Redis's finish sets a TTL
+        // relative to now, so it reads the clock.
+        let now = match &self.policy.state {
+            Backend::Local => Some(request.owner.record.claimed_at_ms),
+            Backend::Redis(_) => host.now_ms(),
+        };
+        let Some(now) = now else {
             self.record_finish(host, Err(StateError::Unavailable), &log, None);
             return false;
         };
