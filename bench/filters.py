@@ -87,6 +87,16 @@ def register(configs: dict, harness, signature):
     configs["chain"] = (["request_signature"], chain)
     configs["chain_one_module"] = (["request_signature", "firebreak_chain"], chain_one_module)
 
+    # Development: the one-module chain built another way (BENCH_CHAIN_VARIANT=<path to a
+    # firebreak_chain.wasm>), to compare a build option against the default in one run.
+    variant = os.environ.get("BENCH_CHAIN_VARIANT")
+    if variant:
+        def chain_one_module_variant(purpose: str) -> list:
+            entry = harness.chain_filter(chain_sections(purpose), vm_id="firebreak_chain_variant")
+            entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = variant
+            return [harness.buffer_filter(), entry]
+        configs["chain_one_module_variant"] = (["request_signature", f"@file:{variant}"], chain_one_module_variant)
+
     # The native module: the same configurations, behind the same buffer filter.
     for name in ["request_signature", "replay_guard", "rate_limit", "env_guard"]:
         if name == "replay_guard" and not _replay_known():

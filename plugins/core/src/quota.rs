@@ -40,8 +40,9 @@
 //! drops the old leases (up to `W * (lease - 1)` more units of the current window, per reload).
 //! The cache holds at most [`MAX_LEASES`] tenants, keyed by the tenant's keyed hash (never its
 //! name); a lease is never evicted while it is valid (evicting one would strand its units):
-//! when the cache is full of valid leases, a new tenant's claim charges one unit, as without
-//! leases, until a lease expires or runs out.
+//! when the tenant's shard of the cache ([`LEASE_SHARDS`] shards, each of an equal part of
+//! [`MAX_LEASES`], each with its own lock) is full of valid leases, a new tenant's claim charges
+//! one unit, as without leases, until a lease of that shard expires or runs out.
 //!
 //! Defaults and bounds ([`default_limit`], [`validate_limit`], [`default_lease`],
 //! [`validate_lease`]): the limit defaults to an eighth of the guarded table's capacity (at least
@@ -58,6 +59,20 @@ use crate::ConfigError;
 
 /// Tenants whose leases one policy keeps at most (a lease is about 40 bytes).
 pub const MAX_LEASES: usize = 256;
+
+/// The lease cache's locks: a tenant's charges take its shard's lock only (held across the shared
+/// record's update), so the native module's workers charging different tenants seldom wait on
+/// one another. The shard is picked by the tenant's keyed hash: a client cannot aim at one.
+pub const LEASE_SHARDS: usize = 16;
+
+/// Tenants one shard keeps at most.
+const LEASES_PER_SHARD: usize = MAX_LEASES / LEASE_SHARDS;
+
+type LeaseShards = [Mutex<BTreeMap<KeyHash, Lease>>; LEASE_SHARDS];
+
+fn no_leases() -> LeaseShards {
+    std::array::from_fn(|_| Mutex::default())
+}
 
 /// The largest default lease: 15/16 of a quota's host calls are spared at 16; a larger lease
 /// would spare at most another 1/16 and strand more units per worker.
@@ -134,8 +149,8 @@ pub struct TenantQuota {
     pub window_ms: NonZeroU64,
     /// Units a charge takes from the shared record at once (1: no lease).
     pub lease: NonZeroU32,
-    /// The unspent units of this policy's leases, by tenant.
-    leases: Mutex<BTreeMap<KeyHash, Lease>>,
+    /// The unspent units of this policy's leases, by tenant, in [`LEASE_SHARDS`] shards.
+    leases: LeaseShards,
 }
 
 /// Units of a tenant's quota taken from the shared record and not spent yet.
@@ -163,7 +178,7 @@ impl Clone for TenantQuota {
             limit: self.limit,
             window_ms: self.window_ms,
             lease: self.lease,
-            leases: Mutex::default(),
+            leases: no_leases(),
         }
     }
 }
@@ -199,7 +214,7 @@ impl TenantQuota {
             std::num::NonZeroU16::new(guarded.slots_per_bucket()).unwrap_or(std::num::NonZeroU16::MIN),
             QUOTA_RECORD_LEN,
         );
-        TenantQuota { table, limit, window_ms, lease: default_lease(limit), leases: Mutex::default() }
+        TenantQuota { table, limit, window_ms, lease: default_lease(limit), leases: no_leases() }
     }
 
     /// The same quota with leases of `lease` units (see [`validate_lease`]).
@@ -222,9 +237,13 @@ impl TenantQuota {
         if self.lease.get() == 1 {
             return self.take(store, tenant, now_ms, 1).map(|_| ());
         }
-        // Held across the shared record's update, so that two threads of the native module never
-        // both take a lease for one tenant (wasm is single-threaded: never contended).
-        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        // The tenant's shard, held across the shared record's update, so that two threads of the
+        // native module never both take a lease for one tenant (wasm is single-threaded: never
+        // contended).
+        let Some(shard) = self.leases.get(tenant.shard(LEASE_SHARDS)) else {
+            return self.take(store, tenant, now_ms, 1).map(|_| ());
+        };
+        let mut leases = shard.lock().unwrap_or_else(PoisonError::into_inner);
         if spend(&mut leases, tenant, now_ms) {
             return Ok(());
         }
@@ -275,7 +294,7 @@ impl TenantQuota {
 
     /// Tenants with a lease in this policy's cache (valid or not yet purged).
     pub fn leases_held(&self) -> usize {
-        self.leases.try_lock().map_or(0, |leases| leases.len())
+        self.leases.iter().map(|shard| shard.try_lock().map_or(0, |leases| leases.len())).sum()
     }
 }
 
@@ -293,13 +312,13 @@ fn spend(leases: &mut BTreeMap<KeyHash, Lease>, tenant: KeyHash, now_ms: u64) ->
     true
 }
 
-/// Whether the cache can keep one more lease, after dropping the expired ones when it is full.
-/// Valid leases are never evicted: that would strand their units.
+/// Whether a shard of the cache can keep one more lease, after dropping its expired ones when it
+/// is full. Valid leases are never evicted: that would strand their units.
 fn room(leases: &mut BTreeMap<KeyHash, Lease>, now_ms: u64) -> bool {
-    if leases.len() >= MAX_LEASES {
+    if leases.len() >= LEASES_PER_SHARD {
         leases.retain(|_, lease| lease.valid(now_ms));
     }
-    leases.len() < MAX_LEASES
+    leases.len() < LEASES_PER_SHARD
 }
 
 /// The tenant key of a quota record: `kind` (`key_id`, `principal`, `route`) and the name,
@@ -457,16 +476,20 @@ mod tests {
         let guarded = BucketTable::new("g", NonZeroU32::new(64).unwrap(), NonZeroU16::new(16).unwrap(), 0);
         let q = TenantQuota::for_table(&guarded, NonZeroU32::new(64).unwrap(), NonZeroU64::new(1000).unwrap())
             .with_lease(NonZeroU32::new(4).unwrap());
-        let extra = 10;
-        for i in 0..MAX_LEASES + extra {
-            assert_eq!(q.charge(&store, key(&format!("t{i}")), 0), Ok(()));
+        // Tenants until every shard is full: never more than MAX_LEASES leases held.
+        let mut tenants = 0;
+        while q.leases_held() < MAX_LEASES {
+            assert!(tenants < 100 * MAX_LEASES, "the shards never filled");
+            assert_eq!(q.charge(&store, key(&format!("t{tenants}")), 0), Ok(()));
+            tenants += 1;
         }
-        assert_eq!(q.leases_held(), MAX_LEASES);
         assert_eq!(q.used(&store, key("t0"), 0), Ok(4), "a lease");
-        assert_eq!(q.used(&store, key(&format!("t{}", MAX_LEASES)), 0), Ok(1), "no room: one unit, no lease");
-        // Once the leases expire, the next tenant's claim purges them and takes a lease.
+        assert_eq!(q.charge(&store, key("one more"), 0), Ok(()));
+        assert_eq!(q.leases_held(), MAX_LEASES, "no valid lease evicted");
+        assert_eq!(q.used(&store, key("one more"), 0), Ok(1), "no room: one unit, no lease");
+        // Once the leases expire, the next tenant's claim purges its shard and takes a lease.
         assert_eq!(q.charge(&store, key("late"), 1000), Ok(()));
-        assert_eq!(q.leases_held(), 1);
+        assert_eq!(q.leases_held(), MAX_LEASES - LEASES_PER_SHARD + 1);
         assert_eq!(q.used(&store, key("late"), 1000), Ok(4));
     }
 
@@ -510,7 +533,7 @@ mod tests {
                     // track of, breaks the equality).
                     let unspent: u32 = quotas
                         .iter()
-                        .map(|q| q.leases.lock().unwrap().get(&tenant).filter(|l| l.valid(now)).map_or(0, |l| l.units))
+                        .map(|q| q.leases[tenant.shard(LEASE_SHARDS)].lock().unwrap().get(&tenant).filter(|l| l.valid(now)).map_or(0, |l| l.units))
                         .sum();
                     proptest::prop_assert_eq!(in_window + unspent as usize, count as usize, "tenant {} since {}", who, start);
                     proptest::prop_assert!(count <= limit);
