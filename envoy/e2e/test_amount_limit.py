@@ -280,6 +280,37 @@ def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_fa
 
 
 @pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_a_report_only_rules_new_record_over_the_quota_on_redis_is_reported_and_not_written(envoy_factory, demo_api,
+                                                                                            redis_bridge, runtime):
+    """On real Redis: the enforced rule's charge goes on while a report-only rule's new record
+    over the tenant's quota is left out (would_reject); an enforced rule's new record over it
+    refuses the request and writes nothing."""
+    state = harness.redis_state()
+    shadow = rule(name="shadow", key=["/account"], mode="report_only")
+    config = {"rules": [shadow, rule(key=["/account"])], "table": {"quota_per_tenant": 3}, "state": state}
+    gw = envoy_factory(chain(runtime, config), extra_clusters=[redis_bridge.cluster()])
+    pattern = f"{state['key_prefix']}:amt:*"
+    accounts = [f"acc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    def send(account):
+        body, r = withdrawal(account=account, amount=5)
+        return gw.signed("POST", "/v1/withdrawals", body, headers=JSON), r
+
+    assert send(accounts[0])[0].status == 404  # two new records (both rules)
+    assert send(accounts[1])[0].status == 404  # the enforced rule's; the shadow's is over the quota
+    # (A report-only rule's would_reject counters are declared at configure time: the native
+    # module counts only declared counters.)
+    assert gw.counter("firebreak.amount_limit.would_reject.tenant_quota_exceeded") == 1
+    assert gw.counter("firebreak.native.uncounted") == 0
+    assert "would_reject status=429 code=tenant_quota_exceeded" in gw.logs()
+    before = redis_values(redis_bridge, pattern)
+    assert len(before) == 4 and [v for k, v in before.items() if ":amt:quota:" in k] == ["3"], before
+    over, r = send(accounts[2])
+    assert (over.status, over.error) == (429, "tenant_quota_exceeded") and demo_api.executed(r) == 0
+    assert redis_values(redis_bridge, pattern) == before, "nothing written"
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
 def test_a_refusal_after_replay_guard_on_redis_is_released_before_the_reply_leaves(envoy_factory, demo_api, redis_bridge,
                                                                                   runtime):
     """replay-guard with its state on Redis, then amount-limit: the 429 crosses replay-guard, which

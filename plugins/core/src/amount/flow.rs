@@ -53,6 +53,9 @@ pub fn counters(policy: &AmountPolicy) -> Vec<String> {
     if let Backend::Redis(_) = policy.state {
         names.extend(["redis.calls", "redis.failed", "state_unavailable_failed_open"].map(String::from));
     }
+    if policy.rules.iter().any(|r| r.mode == Mode::ReportOnly) {
+        names.extend(crate::would_reject_counter_names());
+    }
     for rule in &policy.rules {
         for what in ["allowed", "limited", "would_limit"] {
             names.push(format!("rule.{}.{what}", rule.name));

@@ -594,6 +594,14 @@ fn every_counter_is_declared_at_configure_time() {
     ] {
         assert!(declared.iter().any(|d| d == name), "{name}");
     }
+    assert!(!declared.iter().any(|d| d.starts_with("would_reject.")), "no report-only rule");
+    // A report-only rule's would-be refusals (any code, e.g. a new record over the tenant quota)
+    // are declared: the native module counts only declared counters.
+    let report = WITHDRAWALS.replace(r#""key""#, r#""mode":"report_only","key""#);
+    let declared = instance(&config(&[&report], REDIS), &env).counters();
+    for name in ["would_reject.tenant_quota_exceeded", "would_reject.amount_limited", "would_reject.state_unavailable"] {
+        assert!(declared.iter().any(|d| d == name), "{name}");
+    }
 }
 
 /// The local budget table and its tenant quota table are exported as fill gauges
