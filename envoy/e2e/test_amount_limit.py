@@ -3,10 +3,12 @@ concurrent signed withdrawals of 5 against a per-account budget of 20: the ledge
 the budget) in the one-module chain and in the native module; exact arithmetic at the budget's
 edge and per-currency budgets; every malformed amount refused with its code before the money API;
 report-only then enforce; two Envoy instances sharing one budget on Redis, failing closed when
-Redis is down; and the demo chain (envoy/demo.yaml) stopping the pattern."""
+Redis is down; a tenant's quota of new debt records on Redis (nothing written over it); and the
+demo chain (envoy/demo.yaml) stopping the pattern."""
 
 import json
 import re
+import subprocess
 import threading
 import uuid
 
@@ -222,6 +224,90 @@ def test_two_instances_share_one_budget_on_redis_and_fail_closed_without_it(envo
         assert a.counter("firebreak.amount_limit.redis.failed") >= 1
     finally:
         redis_bridge.start_redis()
+
+
+def redis_values(bridge, pattern: str) -> dict[str, str]:
+    """Every key matching `pattern` with its value, straight from redis-server (webdis does not
+    render SCAN's reply)."""
+    out = subprocess.run(["redis-cli", "-p", str(bridge.redis_port), "--scan", "--pattern", pattern],
+                         check=True, capture_output=True, text=True, timeout=10).stdout
+    return {key: bridge.command("GET", key)["GET"] for key in out.splitlines() if key}
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_factory, demo_api, redis_bridge, runtime):
+    """The per-tenant quota of new debt records holds on Redis (no tenant minting account ids can
+    fill it): counted in the budget script, a refusal writes nothing, the tenant's existing
+    records are still charged, and another tenant still opens new ones."""
+    state = harness.redis_state()
+    keys = [{"id": harness.DEMO_KEY_ID, "secret_env": harness.DEMO_KEY_ENV},
+            {"id": harness.SECOND_KEY_ID, "secret_env": harness.SECOND_KEY_ENV}]
+    stages = [{"request_signature": harness.signature_config(keys=keys)},
+              {"amount_limit": {"rules": [rule(key=["/account"])], "table": {"quota_per_tenant": 2}, "state": state}}]
+    stage = harness.native_chain_filter(stages) if runtime == "native" else harness.chain_filter(stages)
+    gw = envoy_factory([harness.buffer_filter(), stage], extra_clusters=[redis_bridge.cluster()])
+    pattern = f"{state['key_prefix']}:amt:*"
+    accounts = [f"acc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    def send(account, key=(harness.DEMO_KEY_ID, harness.DEMO_SECRET_B64)):
+        body, r = withdrawal(account=account, amount=5)
+        sig = harness.sign("POST", gw.url("/v1/withdrawals"), body, key_id=key[0], secret_b64=key[1])
+        return gw.request("POST", "/v1/withdrawals", JSON + sig, body), r
+
+    # The accounts do not exist at the API (404 after the charge): only the charges count here.
+    assert [send(a)[0].status for a in accounts[:2]] == [404, 404]
+    before = redis_values(redis_bridge, pattern)
+    counts = {k: v for k, v in before.items() if ":amt:quota:" in k}
+    assert list(counts.values()) == ["2"] and len(before) == 3, before
+    over, r = send(accounts[2])
+    assert (over.status, over.error) == (429, "tenant_quota_exceeded"), over.body
+    assert demo_api.executed(r) == 0
+    assert redis_values(redis_bridge, pattern) == before, "nothing written"
+    assert gw.counter("firebreak.amount_limit.rejected.tenant_quota_exceeded") == 1
+    # Its existing record is charged (not a new one): one record's debt grows, the count does not.
+    assert send(accounts[0])[0].status == 404
+    after = redis_values(redis_bridge, pattern)
+    assert after.keys() == before.keys() and [k for k in after if after[k] != before[k]] != [], after
+    assert {k: after[k] for k in counts} == counts
+    # Another tenant (another verified principal) opens its own records.
+    assert send(accounts[2], key=(harness.SECOND_KEY_ID, harness.SECOND_SECRET_B64))[0].status == 404
+    last = redis_values(redis_bridge, pattern)
+    assert len(last) == 5 and sorted(v for k, v in last.items() if ":amt:quota:" in k) == ["1", "2"], last
+    # Every key expires by itself; a count with the longest window and a second.
+    for key in last:
+        ttl = redis_bridge.command("PTTL", key)["PTTL"]
+        assert 0 < ttl <= 86_401_000, (key, ttl)
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_a_report_only_rules_new_record_over_the_quota_on_redis_is_reported_and_not_written(envoy_factory, demo_api,
+                                                                                            redis_bridge, runtime):
+    """On real Redis: the enforced rule's charge goes on while a report-only rule's new record
+    over the tenant's quota is left out (would_reject); an enforced rule's new record over it
+    refuses the request and writes nothing."""
+    state = harness.redis_state()
+    shadow = rule(name="shadow", key=["/account"], mode="report_only")
+    config = {"rules": [shadow, rule(key=["/account"])], "table": {"quota_per_tenant": 3}, "state": state}
+    gw = envoy_factory(chain(runtime, config), extra_clusters=[redis_bridge.cluster()])
+    pattern = f"{state['key_prefix']}:amt:*"
+    accounts = [f"acc-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    def send(account):
+        body, r = withdrawal(account=account, amount=5)
+        return gw.signed("POST", "/v1/withdrawals", body, headers=JSON), r
+
+    assert send(accounts[0])[0].status == 404  # two new records (both rules)
+    assert send(accounts[1])[0].status == 404  # the enforced rule's; the shadow's is over the quota
+    # (A report-only rule's would_reject counters are declared at configure time: the native
+    # module counts only declared counters.)
+    assert gw.counter("firebreak.amount_limit.would_reject.tenant_quota_exceeded") == 1
+    assert gw.counter("firebreak.native.uncounted") == 0
+    assert "would_reject status=429 code=tenant_quota_exceeded" in gw.logs()
+    before = redis_values(redis_bridge, pattern)
+    assert len(before) == 4 and [v for k, v in before.items() if ":amt:quota:" in k] == ["3"], before
+    over, r = send(accounts[2])
+    assert (over.status, over.error) == (429, "tenant_quota_exceeded") and demo_api.executed(r) == 0
+    assert redis_values(redis_bridge, pattern) == before, "nothing written"
 
 
 @pytest.mark.parametrize("runtime", ["wasm", "native"])

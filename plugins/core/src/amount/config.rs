@@ -60,11 +60,12 @@ struct RawTable {
     #[serde(default = "default_slots")]
     slots_per_bucket: u16,
     /// New debt records one tenant (verified principal, else client address) may open per
-    /// window (see [`crate::quota`]); default capacity / 8.
+    /// window (see [`crate::quota`]), on either backend; default capacity / 8.
     #[serde(default)]
     quota_per_tenant: Option<u64>,
     /// Units of a tenant's quota one worker takes at once (see [`crate::quota`]); default
-    /// `quota_per_tenant / 256`, between 1 and 16.
+    /// `quota_per_tenant / 256`, between 1 and 16. Local backend only (on Redis every charge is
+    /// one script call that counts the quota itself).
     #[serde(default)]
     quota_lease: Option<u64>,
 }
@@ -151,7 +152,8 @@ pub struct AmountPolicy {
     /// The debts of the local backend (shared data: every worker of one Envoy).
     pub table: BucketTable,
     /// How many new debt records one tenant may open per window of the longest budget: no
-    /// tenant can fill the table that every other tenant needs.
+    /// tenant can fill the table (or, on Redis, the memory) that every other tenant needs. On
+    /// Redis only its `limit` and `window_ms` are used (counted in the budget script).
     pub quota: TenantQuota,
     pub state: Backend,
 }
@@ -188,7 +190,16 @@ impl AmountPolicy {
         let table = BucketTable::new(TABLE_PREFIX, buckets, slots, 16);
         let capacity = table.capacity();
         let limit = raw.table.quota_per_tenant.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
-        let limit = quota::validate_limit(limit, capacity, "table.quota_per_tenant")?;
+        let limit = match &state {
+            Backend::Local => quota::validate_limit(limit, capacity, "table.quota_per_tenant")?,
+            // No table on Redis to be filled: the bound is the tenant's own (any count from 1).
+            Backend::Redis(_) => u32::try_from(limit).ok().and_then(NonZeroU32::new).ok_or_else(|| {
+                ConfigError::new(
+                    "table.quota_per_tenant",
+                    format!("must be between 1 and {} (new debt records one tenant may open per window on Redis)", u32::MAX),
+                )
+            })?,
+        };
         // A record lives until its debt has drained: at most the longest window (and a second).
         let longest = rules.iter().flat_map(|r| r.budgets.values()).map(|b| b.budget.window_s.get()).max().unwrap_or(1);
         let window_ms = NonZeroU64::new(longest.saturating_add(1).saturating_mul(1000)).unwrap_or(NonZeroU64::MIN);
@@ -363,6 +374,23 @@ mod tests {
         assert_eq!(parse(&format!(r#"{{"rules":[{ro}]}}"#)).unwrap().mode(), Mode::ReportOnly);
     }
 
+    const REDIS: &str = r#"{"backend":"redis","cluster":"bridge","key_prefix":"t"}"#;
+
+    /// The tenant quota applies on both backends: the same setting and default; on Redis no
+    /// table bounds it (any count from 1), the longest window and a second is its window.
+    #[test]
+    fn the_tenant_quota_applies_on_redis_too() {
+        let local = parse(&format!(r#"{{"rules":[{RULE}]}}"#)).unwrap();
+        let redis = parse(&format!(r#"{{"state":{REDIS},"rules":[{RULE}]}}"#)).unwrap();
+        assert_eq!(local.quota.limit.get(), 8192);
+        assert_eq!(redis.quota.limit, local.quota.limit);
+        assert_eq!(redis.quota.window_ms.get(), 86_401_000);
+        let big = format!(r#"{{"table":{{"quota_per_tenant":1000000}},"state":{REDIS},"rules":[{RULE}]}}"#);
+        assert_eq!(parse(&big).unwrap().quota.limit.get(), 1_000_000);
+        let error = parse(&big.replace(&format!(r#","state":{REDIS}"#), "")).unwrap_err();
+        assert_eq!(error.field, "table.quota_per_tenant");
+    }
+
     #[test]
     fn each_bad_field_is_named() {
         let with = |rule: String| format!(r#"{{"rules":[{rule}]}}"#);
@@ -407,6 +435,11 @@ mod tests {
             (format!(r#"{{"table":{{"quota_per_tenant":0}},"rules":[{RULE}]}}"#), "table.quota_per_tenant"),
             (format!(r#"{{"table":{{"quota_per_tenant":64,"quota_lease":5}},"rules":[{RULE}]}}"#), "table.quota_lease"),
             (format!(r#"{{"state":{{"backend":"redis"}},"rules":[{RULE}]}}"#), "state.cluster"),
+            (format!(r#"{{"table":{{"quota_per_tenant":0}},"state":{REDIS},"rules":[{RULE}]}}"#), "table.quota_per_tenant"),
+            (
+                format!(r#"{{"table":{{"quota_per_tenant":4294967296}},"state":{REDIS},"rules":[{RULE}]}}"#),
+                "table.quota_per_tenant",
+            ),
         ];
         for (json, field) in cases {
             let error = parse(&json).expect_err(&json);

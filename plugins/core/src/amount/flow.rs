@@ -33,7 +33,7 @@ use crate::{Code, Mode, Rejection};
 
 use super::budget::{self, Outcome};
 use super::extract::parse_document;
-use super::redis::{self as amount_redis, ScriptKey};
+use super::redis::{self as amount_redis, QuotaAnswer, ScriptKey, ScriptQuota};
 use super::{charge, limited, AmountPolicy, Charge};
 
 /// The log lines' plugin name.
@@ -52,6 +52,9 @@ pub fn counters(policy: &AmountPolicy) -> Vec<String> {
     let mut names = vec!["allowed".to_string()];
     if let Backend::Redis(_) = policy.state {
         names.extend(["redis.calls", "redis.failed", "state_unavailable_failed_open"].map(String::from));
+    }
+    if policy.rules.iter().any(|r| r.mode == Mode::ReportOnly) {
+        names.extend(crate::would_reject_counter_names());
     }
     for rule in &policy.rules {
         for what in ["allowed", "limited", "would_limit"] {
@@ -246,16 +249,14 @@ impl AmountFlow {
             let rejection = Rejection::new(Code::AmountLimitUnavailable).with_detail("clock");
             return self.refuse_or_continue(host, charges_mode(&charges), rejection, &context);
         };
+        let principal = match principal {
+            Some(p) => p,
+            None => host.principal().ok().flatten(),
+        };
+        let tenant = tenant_of(&policy.key_hasher(), principal.as_deref(), host);
         match &policy.state {
-            Backend::Local => {
-                let principal = match principal {
-                    Some(p) => p,
-                    None => host.principal().ok().flatten(),
-                };
-                let tenant = tenant_of(&policy.key_hasher(), principal.as_deref(), host);
-                self.decide_local(host, charges, tenant, now_ms, &context)
-            }
-            Backend::Redis(redis) => self.ask_redis(host, redis, charges, context),
+            Backend::Local => self.decide_local(host, charges, tenant, now_ms, &context),
+            Backend::Redis(redis) => self.ask_redis(host, redis, charges, tenant, context),
         }
     }
 
@@ -345,7 +346,14 @@ impl AmountFlow {
     }
 
     /// Sends the charges to Redis; the request waits for the answer.
-    fn ask_redis(&mut self, host: &mut dyn Host, redis: &RedisConfig, charges: Vec<Charge>, context: String) -> Step {
+    fn ask_redis(
+        &mut self,
+        host: &mut dyn Host,
+        redis: &RedisConfig,
+        charges: Vec<Charge>,
+        tenant: KeyHash,
+        context: String,
+    ) -> Step {
         let keys: Vec<ScriptKey> = charges
             .iter()
             .map(|c| ScriptKey {
@@ -356,7 +364,8 @@ impl AmountFlow {
             })
             .collect();
         let enforced = charges.iter().filter(|c| c.mode == Mode::Enforce).count();
-        let command = amount_redis::command(redis, &keys, enforced);
+        let quota = ScriptQuota { tenant, limit: self.policy.quota.limit.get(), window_ms: self.policy.quota.window_ms.get() };
+        let command = amount_redis::command(redis, &keys, enforced, &quota);
         host.count(&self.meter, "redis.calls");
         match self.calls.start(host, redis, &command, Waiting { charges, context }) {
             Ok(()) => Step::Hold,
@@ -368,32 +377,41 @@ impl AmountFlow {
     fn answer(&mut self, host: &mut dyn Host, waiting: Waiting, delivered: Delivered) -> Step {
         let Backend::Redis(redis) = &self.policy.state else { return Step::Hold };
         let failure_mode = redis.failure_mode;
-        let answers = delivered
+        let enforced = waiting.charges.iter().filter(|c| c.mode == Mode::Enforce).count();
+        let decision = delivered
             .and_then(|answer| remote::parse_reply("EVAL", answer.status, &answer.body))
-            .and_then(|reply| amount_redis::parse(&reply, waiting.charges.len()));
-        match answers {
-            Ok(answers) => {
-                let results = waiting
-                    .charges
-                    .into_iter()
-                    .zip(answers)
-                    .map(|(charge, a)| {
-                        let budget = charge.budget.budget;
-                        let over = budget.cost(charge.amount).is_none_or(|cost| cost > budget.horizon());
-                        let outcome = Outcome {
-                            allowed: a.fits,
-                            record: budget::Debt { t0: 0, debt: 0 },
-                            remaining: a.remaining,
-                            reset_s: a.reset_s,
-                            retry_after_s: if over { budget.window_s.get() } else { a.retry_after_s },
-                        };
-                        (charge, outcome)
-                    })
-                    .collect();
-                self.conclude(host, results, &waiting.context)
-            }
-            Err(error) => self.redis_failed(host, failure_mode, waiting, &error),
+            .and_then(|reply| amount_redis::parse(&reply, waiting.charges.len(), enforced));
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(error) => return self.redis_failed(host, failure_mode, waiting, &error),
+        };
+        let Waiting { charges, context } = waiting;
+        if decision.quota == QuotaAnswer::Exceeded {
+            // An enforced charge would open a new record over the tenant's quota: nothing was
+            // written anywhere.
+            return self.refuse_or_continue(host, charges_mode(&charges), quota_rejection(), &context);
         }
+        let mut results = Vec::with_capacity(charges.len());
+        for (charge, a) in charges.into_iter().zip(decision.keys) {
+            if decision.quota == QuotaAnswer::ReportOnlyOver && charge.mode == Mode::ReportOnly && a.fits && !a.taken {
+                // A report-only rule's new record the quota left out: reported, as on the local
+                // backend, and not charged.
+                let line = format!("{context} {}", charge.context(&self.policy));
+                let _ = refuse(host, &self.meter, Mode::ReportOnly, Level::Warn, quota_rejection(), &line);
+                continue;
+            }
+            let budget = charge.budget.budget;
+            let over = budget.cost(charge.amount).is_none_or(|cost| cost > budget.horizon());
+            let outcome = Outcome {
+                allowed: a.fits,
+                record: budget::Debt { t0: 0, debt: 0 },
+                remaining: a.remaining,
+                reset_s: a.reset_s,
+                retry_after_s: if over { budget.window_s.get() } else { a.retry_after_s },
+            };
+            results.push((charge, outcome));
+        }
+        self.conclude(host, results, &context)
     }
 
     /// Redis did not answer usably: `state.failure_mode` decides (closed: 503 for an enforced
@@ -476,10 +494,16 @@ fn open_record(
         return Ok(());
     }
     policy.quota.charge(store, tenant, now_ms).map_err(|error| match error {
-        QuotaError::Exceeded => Rejection::new(Code::TenantQuotaExceeded)
-            .with_message("this tenant has opened its quota of new amount budgets for the current window; retry later"),
+        QuotaError::Exceeded => quota_rejection(),
         QuotaError::Table(error) => table_error(error),
     })
+}
+
+/// `429 tenant_quota_exceeded`: the tenant has opened its quota of new debt records (either
+/// backend).
+fn quota_rejection() -> Rejection {
+    Rejection::new(Code::TenantQuotaExceeded)
+        .with_message("this tenant has opened its quota of new amount budgets for the current window; retry later")
 }
 
 /// Reads a charge's outcome without writing.

@@ -329,15 +329,22 @@ fn no_tenant_can_fill_the_table_others_need() {
     assert_eq!(code(&send(&factory, &mut env, &withdraw("b3", "5", "USD"))), Some("tenant_quota_exceeded"));
 }
 
-/// [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust behind a fake webdis, on a clock the test moves.
+/// [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust behind a fake webdis, on a clock the test moves:
+/// the budgets and the tenants' counts of new records (`counts`: count and its TTL in ms).
 struct FakeBridge {
     records: HashMap<String, (u64, u64)>,
+    counts: HashMap<String, (u64, u64)>,
     now_ms: Rc<Cell<u64>>,
 }
 
 impl FakeBridge {
+    fn new(now_ms: Rc<Cell<u64>>) -> Self {
+        FakeBridge { records: HashMap::new(), counts: HashMap::new(), now_ms }
+    }
+
     fn answer(&mut self, command: &[u8]) -> CallAnswer {
-        assert!(command.starts_with(b"EVALSHA/f74128018f47ccaf3b2ce648492c1def935509fd/"));
+        let sha1 = crate::remote::SCRIPTS.iter().find(|(text, _)| *text == super::redis::AMOUNT_GCRA_SCRIPT).unwrap().1;
+        assert!(command.starts_with(format!("EVALSHA/{sha1}/").as_bytes()));
         let command = crate::remote::eval_fallback(command).unwrap();
         let parts: Vec<String> = std::str::from_utf8(&command)
             .unwrap()
@@ -345,36 +352,65 @@ impl FakeBridge {
             .map(|p| percent_encoding::percent_decode_str(p).decode_utf8().unwrap().into_owned())
             .collect();
         assert_eq!(parts[1], super::redis::AMOUNT_GCRA_SCRIPT);
-        let n: usize = parts[2].parse().unwrap();
+        let n: usize = parts[2].parse::<usize>().unwrap() - 1;
         let keys = &parts[3..3 + n];
-        let enforced: usize = parts[3 + n].parse().unwrap();
-        let args: Vec<u64> = parts[4 + n..].iter().map(|a| a.parse().unwrap()).collect();
+        let quota_key = &parts[3 + n];
+        assert!(quota_key.starts_with("t:amt:quota:"), "{quota_key}");
+        let enforced: usize = parts[4 + n].parse().unwrap();
+        let args: Vec<u64> = parts[5 + n..].iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(args.len(), 3 * n + 2);
+        let (limit, quota_window_ms) = (args[3 * n], args[3 * n + 1]);
         let now = self.now_ms.get() / 1000;
         let mut state = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let (b, w, c) = (args[3 * i], args[3 * i + 1], args[3 * i + 2]);
             let (mut d, mut s) = (0, now);
-            if let Some((t0, debt)) = self.records.get(key) {
+            let record = self.records.get(key);
+            if let Some((t0, debt)) = record {
                 s = s.max(*t0);
                 let el = now.saturating_sub(*t0);
                 if el < w {
                     d = debt.saturating_sub(el * b);
                 }
             }
-            state.push((b, w, c, d, s));
+            state.push((b, w, c, d, s, record.is_none()));
         }
-        let refused = state.iter().take(enforced).any(|(b, w, c, d, _)| d + c > b * w);
-        let mut out = Vec::new();
-        for (i, (b, w, c, mut d, s)) in state.into_iter().enumerate() {
+        let refused = state.iter().take(enforced).any(|(b, w, c, d, _, _)| d + c > b * w);
+        let held = self.counts.get(quota_key).map_or(0, |(count, _)| *count);
+        let (mut quota, mut opened) = (0, 0);
+        let mut take: Vec<bool> = state.iter().map(|(b, w, c, d, _, _)| !refused && d + c <= b * w).collect();
+        for (i, (.., new)) in state.iter().enumerate() {
+            if take[i] && *new {
+                if held + opened < limit {
+                    opened += 1;
+                } else if i < enforced {
+                    quota = 1;
+                } else {
+                    take[i] = false;
+                    if quota == 0 {
+                        quota = 2;
+                    }
+                }
+            }
+        }
+        if quota == 1 {
+            take.iter_mut().for_each(|t| *t = false);
+            opened = 0;
+        }
+        if opened > 0 {
+            let entry = self.counts.entry(quota_key.clone()).or_insert((0, quota_window_ms));
+            entry.0 += opened;
+        }
+        let mut out = vec![quota];
+        for (i, (b, w, c, mut d, s, _)) in state.into_iter().enumerate() {
             let h = b * w;
             let fits = d + c <= h;
             let retry = if fits { 0 } else { (d + c - h).div_ceil(b) };
-            let taken = fits && !refused;
-            if taken {
+            if take[i] {
                 d += c;
                 self.records.insert(keys[i].clone(), (s, d));
             }
-            out.extend([u64::from(fits), u64::from(taken), (h - d) / w, d.div_ceil(b), retry]);
+            out.extend([u64::from(fits), u64::from(take[i]), (h - d) / w, d.div_ceil(b), retry]);
         }
         let values: Vec<String> = out.iter().map(u64::to_string).collect();
         CallAnswer { status: Some(200), body: format!(r#"{{"EVAL":[{}]}}"#, values.join(",")).into_bytes() }
@@ -386,7 +422,7 @@ const REDIS: &str = r#","state":{"backend":"redis","cluster":"bridge","key_prefi
 #[test]
 fn redis_budgets_are_shared_by_two_instances() {
     let clock = Rc::new(Cell::new(T0));
-    let bridge = Rc::new(std::cell::RefCell::new(FakeBridge { records: HashMap::new(), now_ms: clock.clone() }));
+    let bridge = Rc::new(std::cell::RefCell::new(FakeBridge::new(clock.clone())));
     let env_with = |bridge: &Rc<std::cell::RefCell<FakeBridge>>| {
         let bridge = bridge.clone();
         MemoryEnv { redis: Some(Box::new(move |c| bridge.borrow_mut().answer(c))), ..MemoryEnv::default() }
@@ -414,6 +450,100 @@ fn redis_budgets_are_shared_by_two_instances() {
     assert!(malformed.calls.is_empty());
 }
 
+/// The per-tenant quota on Redis, in the budget script: only a new record counts; a tenant over
+/// its quota gets `429 tenant_quota_exceeded` and nothing is written; its existing records are
+/// still charged; another tenant (or client address) still passes; the count expires with the
+/// longest window.
+#[test]
+fn a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing() {
+    let clock = Rc::new(Cell::new(T0));
+    let bridge = Rc::new(std::cell::RefCell::new(FakeBridge::new(clock.clone())));
+    let shared = bridge.clone();
+    let mut env = MemoryEnv { redis: Some(Box::new(move |c| shared.borrow_mut().answer(c))), ..MemoryEnv::default() };
+    let json = config(&[WITHDRAWALS], &format!(r#","table":{{"quota_per_tenant":2}}{REDIS}"#));
+    let factory = instance(&json, &env);
+    let by = |principal: &str, account: &str| {
+        let mut r = withdraw(account, "5", "USD");
+        r.principal = Some(principal.into());
+        r
+    };
+    assert!(send(&factory, &mut env, &by("mallory", "a1")).passed());
+    assert!(send(&factory, &mut env, &by("mallory", "a2")).passed());
+    let (records, counts) = (bridge.borrow().records.clone(), bridge.borrow().counts.clone());
+    let third = send(&factory, &mut env, &by("mallory", "a3"));
+    assert_eq!(third.reply.as_ref().map(|r| (r.status, r.code)), Some((429, "tenant_quota_exceeded")));
+    assert!(!third.forwarded);
+    assert_eq!(third.calls.len(), 1);
+    assert_eq!(third.counter("firebreak.amount_limit.rejected.tenant_quota_exceeded"), 1);
+    assert_eq!((&bridge.borrow().records, &bridge.borrow().counts), (&records, &counts), "nothing written");
+    assert_eq!(counts.len(), 1);
+    assert!(counts.values().all(|(count, ttl_ms)| (*count, *ttl_ms) == (2, 86_401_000)), "{counts:?}");
+    // A record it holds is charged as usual (not a new one), up to its budget: 4 * 5 of 20.
+    for _ in 0..3 {
+        assert!(send(&factory, &mut env, &by("mallory", "a1")).passed());
+    }
+    assert_eq!(bridge.borrow().counts, counts);
+    let limited = send(&factory, &mut env, &by("mallory", "a1"));
+    assert_eq!(code(&limited), Some("amount_limited"), "the budget still decides an existing record");
+    assert!(send(&factory, &mut env, &by("alice", "a3")).passed(), "another tenant");
+    // Without a principal, the client address is the tenant.
+    assert!(send(&factory, &mut env, &withdraw("b1", "5", "USD")).passed());
+    assert!(send(&factory, &mut env, &withdraw("b2", "5", "USD")).passed());
+    assert_eq!(code(&send(&factory, &mut env, &withdraw("b3", "5", "USD"))), Some("tenant_quota_exceeded"));
+    let mut elsewhere = withdraw("b3", "5", "USD");
+    elsewhere.source_address = Some("192.0.2.7:1234".into());
+    assert!(send(&factory, &mut env, &elsewhere).passed());
+    // A refusal by the budget never counts against the quota (nothing is opened).
+    let mut whole = withdraw("c1", "21", "USD");
+    whole.principal = Some("carol".into());
+    assert_eq!(code(&send(&factory, &mut env, &whole)), Some("amount_limited"));
+    assert!(bridge.borrow().counts.len() == 4, "{:?}", bridge.borrow().counts);
+    // Once the count has expired (the longest window and a second), the tenant opens new ones.
+    bridge.borrow_mut().counts.clear();
+    clock.set(T0 + 86_401_000);
+    assert!(send(&factory, &mut env, &by("mallory", "a3")).passed());
+}
+
+/// A report-only rule's new record over the tenant's quota on Redis is reported
+/// (`would_reject.tenant_quota_exceeded`) and not written, as on the local backend; the enforced
+/// rule's charge goes on. An enforced rule's new record over the quota refuses the request, and
+/// the report-only rule's record is not written either.
+#[test]
+fn a_report_only_rules_new_record_over_the_quota_on_redis_is_reported_not_written() {
+    let clock = Rc::new(Cell::new(T0));
+    let bridge = Rc::new(std::cell::RefCell::new(FakeBridge::new(clock)));
+    let shared = bridge.clone();
+    let mut env = MemoryEnv { redis: Some(Box::new(move |c| shared.borrow_mut().answer(c))), ..MemoryEnv::default() };
+    let shadow = WITHDRAWALS
+        .replace(r#""name":"withdrawals""#, r#""name":"shadow""#)
+        .replace(r#""key""#, r#""mode":"report_only","key""#);
+    let json = config(&[&shadow, WITHDRAWALS], &format!(r#","table":{{"quota_per_tenant":3}}{REDIS}"#));
+    let factory = instance(&json, &env);
+    // Two new records (the enforced rule's and the report-only rule's).
+    assert!(send(&factory, &mut env, &withdraw("a1", "5", "USD")).passed());
+    assert_eq!(bridge.borrow().records.len(), 2);
+    // The third new record fits; the fourth (report-only) is left out and reported.
+    let second = send(&factory, &mut env, &withdraw("a2", "5", "USD"));
+    assert!(second.passed());
+    assert_eq!(second.counter("firebreak.amount_limit.would_reject.tenant_quota_exceeded"), 1);
+    assert_eq!(second.counter("firebreak.amount_limit.rule.withdrawals.allowed"), 1);
+    assert_eq!(second.counter("firebreak.amount_limit.rule.shadow.allowed"), 0);
+    assert!(second
+        .logs
+        .iter()
+        .any(|(_, l)| l.contains("would_reject") && l.contains("code=tenant_quota_exceeded")));
+    assert_eq!(bridge.borrow().records.len(), 3);
+    // The enforced rule's new record is over the quota: refused, nothing written.
+    let third = send(&factory, &mut env, &withdraw("a3", "5", "USD"));
+    assert_eq!(code(&third), Some("tenant_quota_exceeded"));
+    assert_eq!(bridge.borrow().records.len(), 3);
+    assert!(bridge.borrow().counts.values().all(|(count, _)| *count == 3));
+    // Existing records (both rules) are charged without the quota.
+    let again = send(&factory, &mut env, &withdraw("a1", "5", "USD"));
+    assert!(again.passed());
+    assert_eq!(again.counter("firebreak.amount_limit.rule.shadow.allowed"), 1);
+}
+
 #[test]
 fn redis_failures_follow_the_failure_mode() {
     for (mode, expect_pass) in [("closed", false), ("open", true)] {
@@ -423,6 +553,8 @@ fn redis_failures_follow_the_failure_mode() {
             Some((Some(503), "")),
             Some((Some(200), r#"{"EVAL":[false,"ERR firebreak: foreign amount-limit record"]}"#)),
             Some((Some(200), r#"{"EVAL":[1,1]}"#)),
+            Some((Some(200), r#"{"EVAL":[1,1,1,0,20,0]}"#)),
+            Some((Some(200), r#"{"EVAL":[3,1,1,0,20,0]}"#)),
         ] {
             let mut env = match answer {
                 None => MemoryEnv::default(),
@@ -460,6 +592,14 @@ fn every_counter_is_declared_at_configure_time() {
         "rule.withdrawals.allowed",
         "rule.withdrawals.would_limit",
     ] {
+        assert!(declared.iter().any(|d| d == name), "{name}");
+    }
+    assert!(!declared.iter().any(|d| d.starts_with("would_reject.")), "no report-only rule");
+    // A report-only rule's would-be refusals (any code, e.g. a new record over the tenant quota)
+    // are declared: the native module counts only declared counters.
+    let report = WITHDRAWALS.replace(r#""key""#, r#""mode":"report_only","key""#);
+    let declared = instance(&config(&[&report], REDIS), &env).counters();
+    for name in ["would_reject.tenant_quota_exceeded", "would_reject.amount_limited", "would_reject.state_unavailable"] {
         assert!(declared.iter().any(|d| d == name), "{name}");
     }
 }
