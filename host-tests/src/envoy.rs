@@ -691,8 +691,10 @@ pub fn run_envoy(
         let mut out = Vec::new();
         // Envoy's log read so far (none: the first case sees the plugin's start).
         let mut log_offset = 0usize;
-        // When the first request was sent, in the real clock's whole seconds.
-        let mut first_request_s: Option<u64> = None;
+        // When the first request was sent (real clock, ms), and the real time slept since for
+        // `real_time` cases (which the host's fake clock advances too).
+        let mut first_request_ms: Option<u64> = None;
+        let mut advanced_ms = 0u64;
         for case in &scenario.cases {
             if let Some(reason) = scenario.host_only_reason(case) {
                 log_offset = log_len(&envoy.log);
@@ -702,6 +704,9 @@ pub fn run_envoy(
             if case.real_time {
                 // The fake clock's advance, in real time.
                 std::thread::sleep(Duration::from_millis(case.advance_ms));
+                if first_request_ms.is_some() {
+                    advanced_ms = advanced_ms.saturating_add(case.advance_ms);
+                }
             }
             let Some(spec) = &case.request else {
                 let (lines, _) = log_since(&envoy.log, &mut log_offset);
@@ -721,8 +726,9 @@ pub fn run_envoy(
                 g.set_answers(&answers, &grpc_names)?;
             }
             let callouts_before: Vec<usize> = servers.iter().map(|(_, s)| s.count()).collect();
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let first_request_s = *first_request_s.get_or_insert(now);
+            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+            let now = now_ms / 1000;
+            let first_request_ms = *first_request_ms.get_or_insert(now_ms);
             let request = match build_request(spec, case.sign.as_ref(), now).and_then(|q| answered_by(q, case.upstream.as_ref()))
             {
                 Ok(r) => r,
@@ -771,8 +777,9 @@ pub fn run_envoy(
                 callouts.extend(g.take()?);
             }
             observed.callouts = Some(callouts);
+            // Whole seconds Envoy's clock moved beyond what the host's fake one moved too.
             let answered_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            observed.clock_moved_s = answered_s.saturating_sub(first_request_s);
+            observed.clock_moved_s = answered_s.saturating_sub(first_request_ms.saturating_add(advanced_ms) / 1000);
             let problems = observed.check(&case.expect);
             out.push(row(&case.name, if problems.is_empty() { Outcome::Pass } else { Outcome::Fail(problems) }, Some(observed)));
         }

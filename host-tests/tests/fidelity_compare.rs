@@ -131,11 +131,37 @@ fn countdowns_may_lag_by_the_seconds_envoy_s_clock_moved() {
     let mut too_late = refusal("21597", "86397", "0");
     too_late.clock_moved_s = 2;
     assert_eq!(h.disagreements(&too_late, false).len(), 3, "nor down by more than the clock moved");
-    let mut other_number = refusal("21599", "86399", "1");
+    // A number that is not a countdown (RateLimit's r=, the units remaining) is compared
+    // exactly, even when it went down by no more than the clock moved.
+    let h1 = refusal("21600", "86400", "1");
+    let mut other_number = refusal("21599", "86399", "0");
     other_number.clock_moved_s = 1;
-    assert_eq!(
-        h.disagreements(&other_number, false).len(),
-        2,
-        "a number that is not a countdown (r=, the units remaining) is compared exactly"
-    );
+    assert_eq!(h1.disagreements(&other_number, false).len(), 2, "r= and the body's remaining units");
+}
+
+/// Numbers are compared as text, except a countdown within the clock's slack; a countdown is
+/// only where the header's syntax puts one.
+#[test]
+fn only_countdowns_are_compared_as_numbers() {
+    use firebreak_host_tests::scenario::{countdowns_agree, Countdowns};
+    let after = Countdowns::After(&[";t=", "retry in "]);
+    assert!(!countdowns_agree("id=007", "id=7", 0, after), "a number is compared as text");
+    assert!(!countdowns_agree("amount=500", "amount=499", 1, after), "`t=` ending a word is no countdown");
+    assert!(!countdowns_agree("limit=20", "limit=19", 1, after));
+    assert!(countdowns_agree("\"r\";r=0;t=60", "\"r\";r=0;t=59", 1, after));
+    assert!(!countdowns_agree("\"r\";r=0;t=60", "\"r\";r=0;t=059", 1, after), "a countdown's text is a number");
+    assert!(!countdowns_agree("5", "4", 1, after), "a whole number is a countdown only where the header says so");
+    assert!(countdowns_agree("5", "4", 1, Countdowns::Whole));
+    assert!(!countdowns_agree("5", "4", 0, Countdowns::Whole));
+}
+
+/// A forwarded (or replayed) body is compared byte for byte, whatever moved.
+#[test]
+fn a_forwarded_body_is_never_a_countdown() {
+    let mut h = host();
+    h.response_body = b"retry in 10 s".to_vec();
+    let mut e = envoy();
+    e.response_body = b"retry in 9 s".to_vec();
+    e.clock_moved_s = 5;
+    assert_eq!(h.disagreements(&e, false).len(), 1);
 }

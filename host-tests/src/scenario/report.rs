@@ -212,17 +212,20 @@ impl Observed {
         if self.status != 0 || other.status != 0 {
             let skip = names(RESPONSE_HEADERS_NOT_COMPARED);
             let slack = other.clock_moved_s;
-            for name in COUNTDOWN_HEADERS {
+            for &(name, countdowns) in COUNTDOWN_HEADERS {
                 let (a, b) = (Observed::values(&self.response_headers, name), Observed::values(&other.response_headers, name));
-                let close = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| countdowns_agree(x, y, slack));
+                let close = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| countdowns_agree(x, y, slack, countdowns));
                 if !close {
                     out.push(format!("response header {name} host={a:?} envoy={b:?}"));
                 }
             }
-            let skip: Vec<&str> = skip.into_iter().chain(COUNTDOWN_HEADERS.iter().copied()).collect();
+            let skip: Vec<&str> = skip.into_iter().chain(COUNTDOWN_HEADERS.iter().map(|(name, _)| *name)).collect();
             out.extend(header_disagreements("response header", &self.response_headers, &other.response_headers, &skip));
+            // Only a local reply's message counts down (`retry in N s`); a forwarded or stored
+            // body is compared byte for byte.
+            let local_reply = !self.forwarded && !other.forwarded;
             let same_body = match (std::str::from_utf8(&self.response_body), std::str::from_utf8(&other.response_body)) {
-                (Ok(a), Ok(b)) => countdowns_agree(a, b, slack),
+                (Ok(a), Ok(b)) if local_reply => countdowns_agree(a, b, slack, Countdowns::After(&["retry in "])),
                 _ => self.response_body == other.response_body,
             };
             if !same_body {
@@ -259,40 +262,50 @@ pub const RESPONSE_HEADERS_NOT_COMPARED: &[(&str, &str)] = &[
     ("connection", "`close`, Envoy's answer to the runner's `connection: close` (HTTP/1.1 hop-by-hop)"),
 ];
 
-/// Response headers whose numbers count down with the clock: each runtime reads its own.
-const COUNTDOWN_HEADERS: &[&str] = &["retry-after", "ratelimit"];
+/// Response headers whose numbers count down with the clock (each runtime reads its own), and
+/// which of their numbers do.
+const COUNTDOWN_HEADERS: &[(&str, Countdowns)] =
+    &[("retry-after", Countdowns::Whole), ("ratelimit", Countdowns::After(&[";t="]))];
 
-/// What comes just before a number that counts down with the clock: a whole `retry-after`
-/// value, RateLimit's `t=` parameter, a refusal message's `retry in N s`.
-const COUNTDOWN_PREFIXES: &[&str] = &["t=", "retry in "];
+/// Which numbers of a text count down with the clock.
+#[derive(Debug, Clone, Copy)]
+pub enum Countdowns {
+    /// The text is one number (`Retry-After`'s delay-seconds).
+    Whole,
+    /// The digits right after one of these (RateLimit's `;t=`, a refusal's `retry in `).
+    After(&'static [&'static str]),
+}
 
-/// `host` and `envoy` are the same text but where a countdown number (see
-/// [`COUNTDOWN_PREFIXES`], or a value that is one number) is lower in `envoy` by at most
-/// `slack` seconds: the seconds its real clock moved on while the host's fake one stood still.
-pub fn countdowns_agree(host: &str, envoy: &str, slack: u64) -> bool {
+/// `host` and `envoy` are the same text but where a countdown number (`countdowns`) is lower in
+/// `envoy` by at most `slack` seconds: the seconds its real clock moved on while the host's fake
+/// one stood still. Every other number is compared as text, as the rest is.
+pub fn countdowns_agree(host: &str, envoy: &str, slack: u64, countdowns: Countdowns) -> bool {
     if host == envoy {
         return true;
     }
-    let (a, b) = (digit_runs(host), digit_runs(envoy));
+    let (a, b) = (digit_runs(host, countdowns), digit_runs(envoy, countdowns));
     a.len() == b.len()
         && a.iter().zip(&b).all(|(x, y)| match (x, y) {
-            (Run::Text(x), Run::Text(y)) => x == y,
-            (Run::Number { value: x, countdown }, Run::Number { value: y, .. }) => {
-                x == y || (*countdown && y <= x && x - y <= u128::from(slack))
+            (Run::Countdown(x), Run::Countdown(y)) => {
+                let (Ok(a), Ok(b)) = (x.parse::<u64>(), y.parse::<u64>()) else { return false };
+                // Each written as its number is (no leading zero), the later one not higher.
+                a.to_string() == *x && b.to_string() == *y && b <= a && a - b <= slack
             }
+            (Run::Text(x), Run::Text(y)) => x == y,
             _ => false,
         })
 }
 
 #[derive(Debug)]
 enum Run<'a> {
+    /// Digits that count down with the clock.
+    Countdown(&'a str),
+    /// Anything else (other digits included), compared as text.
     Text(&'a str),
-    Number { value: u128, countdown: bool },
 }
 
-/// `text` cut into runs of ASCII digits and of everything else; a digit run is a countdown when
-/// the text before it ends with one of [`COUNTDOWN_PREFIXES`] or it is the whole text.
-fn digit_runs(text: &str) -> Vec<Run<'_>> {
+/// `text` cut into runs of ASCII digits and of everything else, the countdown digit runs marked.
+fn digit_runs(text: &str, countdowns: Countdowns) -> Vec<Run<'_>> {
     let mut out = Vec::new();
     let mut rest = text;
     let mut before = "";
@@ -300,13 +313,12 @@ fn digit_runs(text: &str) -> Vec<Run<'_>> {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         let len = if digits > 0 { digits } else { rest.bytes().take_while(|b| !b.is_ascii_digit()).count() };
         let (run, tail) = rest.split_at(len);
-        match run.parse::<u128>() {
-            Ok(value) if digits > 0 => {
-                let countdown = run.len() == text.len() || COUNTDOWN_PREFIXES.iter().any(|p| before.ends_with(p));
-                out.push(Run::Number { value, countdown });
-            }
-            _ => out.push(Run::Text(run)),
-        }
+        let countdown = digits > 0
+            && match countdowns {
+                Countdowns::Whole => run.len() == text.len(),
+                Countdowns::After(prefixes) => prefixes.iter().any(|p| before.ends_with(p)),
+            };
+        out.push(if countdown { Run::Countdown(run) } else { Run::Text(run) });
         before = run;
         rest = tail;
     }

@@ -76,13 +76,13 @@ impl KeyHash {
         KeyHash(*head)
     }
 
-    /// Lower-case hex, for keys in external stores.
     /// One of `shards` (at least 1), from the hash's bytes: as unpredictable as the hash.
     pub fn shard(&self, shards: usize) -> usize {
         let [first, second, ..] = self.0;
         usize::from(u16::from_le_bytes([first, second])) % shards.max(1)
     }
 
+    /// Lower-case hex, for keys in external stores.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }

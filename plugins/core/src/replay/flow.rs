@@ -769,9 +769,11 @@ impl ReplayFlow {
         // The context is formatted only when a line is written (or a Redis write carries it).
         let log = || FinishLog { outcome, complete, context: exchange.context(&self.policy) };
         // A local record expires with its claim (claimed at + TTL) and is ours by its claim id,
-        // so the local finish works at the claim's time and reads no clock (records of other
-        // keys that expired meanwhile are pruned by a later write). Redis's finish sets a TTL
-        // relative to now, so it reads the clock.
+        // so the local finish works at the claim's time and reads no clock: it writes only its
+        // own slot, and a record taken over meanwhile has another claim id (`NotOwner`). An
+        // answer that outlives the TTL with its slot untouched completes a record already
+        // expired (read as free). Redis's finish sets a TTL relative to now, so it reads the
+        // clock.
         let now = match &self.policy.state {
             Backend::Local => Some(request.owner.record.claimed_at_ms),
             Backend::Redis(_) => host.now_ms(),
