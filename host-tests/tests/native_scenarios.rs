@@ -110,17 +110,20 @@ fn memory_request(request: &Request) -> MemoryRequest {
     }
 }
 
-fn memory_upstream(upstream: &Upstream, route_timeout_ms: u64) -> MemoryUpstream {
+/// The answer the flow gets, and how long the router took to give it (the upstream's delay, or
+/// the route timeout).
+fn memory_upstream(upstream: &Upstream, route_timeout_ms: u64) -> (MemoryUpstream, u64) {
     let answer = upstream.router_answer(route_timeout_ms);
     let status = answer.headers.first().and_then(|(_, v)| v.parse().ok()).unwrap_or(200);
-    MemoryUpstream {
+    let memory = MemoryUpstream {
         status,
         headers: answer.headers.iter().filter(|(n, _)| !n.starts_with(':')).cloned().collect(),
         chunks: if answer.body.is_empty() { Vec::new() } else { vec![answer.body.clone()] },
         trailers: None,
         via_upstream: answer.details == VIA_UPSTREAM,
         cut: answer.cut,
-    }
+    };
+    (memory, answer.elapsed_ms)
 }
 
 /// What the client and the upstream saw, in the terms the scenario files check.
@@ -214,10 +217,15 @@ fn run_file(path: &Path, tally: &mut Tally) {
                 continue;
             }
         };
-        let upstream = memory_upstream(&request.upstream.clone().unwrap_or_default(), route_timeout_ms);
+        let (upstream, elapsed_ms) = memory_upstream(&request.upstream.clone().unwrap_or_default(), route_timeout_ms);
         let memory = memory_request(&request);
         let mut flow = configured.new_flow();
         let outcome = exchange(flow.as_mut(), &mut state, &memory, &upstream);
+        // The memory host has one clock per exchange; the router's wait moves it on for the
+        // next case, as the test host's fake clock and Envoy's real one move during the wait.
+        if let Some(now) = state.now_ms.as_mut() {
+            *now += elapsed_ms;
+        }
         tally.requests += 1;
         let expect = Expect { max_host_calls: None, ..case.expect.clone() };
         for problem in observed(&outcome, &memory, &upstream).check(&expect) {
