@@ -12,7 +12,9 @@
 //!    reads its charge (amount, currency, key) from it; a rule that cannot is a refusal (in its
 //!    mode). The charges are then decided:
 //!    - local backend: the budgets in shared data. With more than one enforced charge, all are
-//!      first read without writing, so a request refused by one costs nothing in the others.
+//!      first read without writing, so a request refused by one costs nothing in the others, and
+//!      the records among them not yet counted in the tenant's quota window are counted before
+//!      anything is written (over the quota: refused, nothing written).
 //!    - Redis backend: one script decides every charge atomically; the request waits (Hold).
 //! 3. Redis's answer: a refusal is replied; an admission resumes the request. A failure is
 //!    `redis.failed` and goes to `state.failure_mode`.
@@ -266,22 +268,49 @@ impl AmountFlow {
         let now_s = now_ms / 1000;
         let enforced = charges.iter().filter(|c| c.mode == Mode::Enforce).count();
         // Several enforced charges: read them all first so that a refusal costs nothing elsewhere.
+        // The units of the tenant's quota taken before any write, by charge.
+        let mut units: Vec<Option<u64>> = vec![None; charges.len()];
         if enforced > 1 {
             let mut peeked = Vec::with_capacity(enforced);
-            for charge in charges.iter().filter(|c| c.mode == Mode::Enforce) {
+            let mut uncounted = Vec::new();
+            for (i, charge) in charges.iter().enumerate().filter(|(_, c)| c.mode == Mode::Enforce) {
                 match peek(&policy, host.store(), charge, now_s, now_ms) {
-                    Ok(outcome) => peeked.push((charge.clone(), outcome)),
+                    Ok((outcome, counted)) => {
+                        if !counted {
+                            uncounted.push(i);
+                        }
+                        peeked.push((charge.clone(), outcome));
+                    }
                     Err(error) => return self.store_failed(host, charge, error, context).unwrap_or(Step::Continue),
                 }
             }
             if peeked.iter().any(|(_, o)| !o.allowed) {
                 return self.conclude(host, peeked, context);
             }
+            // Every enforced record to count is counted before anything is written: a tenant over
+            // its quota is refused with nothing written (a unit taken for another of its records
+            // is spent: never counted twice, so never unsafe).
+            for i in uncounted {
+                match policy.quota.charge_in_window(host.store(), tenant, now_ms) {
+                    Ok(end) => {
+                        if let Some(unit) = units.get_mut(i) {
+                            *unit = Some(end);
+                        }
+                    }
+                    Err(QuotaError::Exceeded) => {
+                        return self.refuse_or_continue(host, Mode::Enforce, quota_rejection(), context);
+                    }
+                    Err(QuotaError::Table(error)) => {
+                        let Some(charge) = charges.get(i) else { return Step::Continue };
+                        return self.store_failed(host, charge, error, context).unwrap_or(Step::Continue);
+                    }
+                }
+            }
         }
         let mut results = Vec::with_capacity(charges.len());
-        for charge in charges {
+        for (charge, unit) in charges.into_iter().zip(units) {
             // A record not yet counted in its tenant's current quota window is counted first.
-            match charge_record(&policy, host.store(), &charge, tenant, now_s, now_ms) {
+            match charge_record(&policy, host.store(), &charge, tenant, unit, now_s, now_ms) {
                 Ok(outcome) => {
                     let refused = charge.mode == Mode::Enforce && !outcome.allowed;
                     results.push((charge, outcome));
@@ -481,7 +510,8 @@ fn tenant_of(hasher: &crate::store::KeyHasher, principal: Option<&str>, host: &m
 /// earlier one (the record then already carried `e` and `now_ms < e`). So a record charged at
 /// `now_ms` was counted in the tenant's window that holds `now_ms`.
 ///
-/// First attempt without a unit: a record counted in the running window ([`quota::in_window`])
+/// `unit`: a unit taken for this charge beforehand (several enforced charges), else none. First
+/// attempt with it: a record counted in the running window ([`quota::in_window`])
 /// is charged with no quota call (one read and one write, as before). A charge that fits a record
 /// not counted (new, of the previous format, or counted in an ended window) writes nothing and
 /// asks the quota for a unit (`Exceeded`: refused, nothing written), then decides again with it.
@@ -490,10 +520,10 @@ fn charge_record(
     store: &dyn SharedStore,
     charge: &Charge,
     tenant: KeyHash,
+    mut unit: Option<u64>,
     now_s: u64,
     now_ms: u64,
 ) -> Result<Outcome, QuotaError> {
-    let mut unit = None;
     // Twice at most: without a unit, then with one (a unit taken is always enough).
     for _ in 0..2 {
         match commit(policy, store, charge, unit, now_s, now_ms).map_err(QuotaError::Table)? {
@@ -511,13 +541,21 @@ fn quota_rejection() -> Rejection {
         .with_message("this tenant has charged its quota of distinct amount budgets for the current window; retry later")
 }
 
-/// Reads a charge's outcome without writing.
-fn peek(policy: &AmountPolicy, store: &dyn SharedStore, charge: &Charge, now_s: u64, now_ms: u64) -> Result<Outcome, TableError> {
+/// Reads a charge's outcome without writing, and whether its record is counted in the tenant's
+/// running quota window.
+fn peek(
+    policy: &AmountPolicy,
+    store: &dyn SharedStore,
+    charge: &Charge,
+    now_s: u64,
+    now_ms: u64,
+) -> Result<(Outcome, bool), TableError> {
     let record = match policy.table.get(store, charge.hash, now_ms)? {
-        Some((payload, _, _)) => Some(budget::decode(&payload).ok_or(TableError::Corrupt)?.debt),
+        Some((payload, _, _)) => Some(budget::decode(&payload).ok_or(TableError::Corrupt)?),
         None => None,
     };
-    Ok(charge.budget.budget.decide(record, now_s, charge.amount))
+    let counted = record.is_some_and(|r| quota::in_window(r.counted_until_ms, now_ms));
+    Ok((charge.budget.budget.decide(record.map(|r| r.debt), now_s, charge.amount), counted))
 }
 
 /// Decides a charge and, when admitted, records it, atomically. `unit`: the end of the quota

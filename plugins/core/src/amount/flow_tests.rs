@@ -661,6 +661,10 @@ struct Bench {
 
 impl Bench {
     fn new(redis: bool, table: &str, instances: usize) -> Self {
+        Bench::with_rules(redis, &[SHORT], table, instances)
+    }
+
+    fn with_rules(redis: bool, rules: &[&str], table: &str, instances: usize) -> Self {
         let clock = Rc::new(Cell::new(T0));
         let (mut env, bridge, extra) = if redis {
             let bridge = Rc::new(std::cell::RefCell::new(FakeBridge::new(clock.clone())));
@@ -671,7 +675,7 @@ impl Bench {
             (MemoryEnv::default(), None, format!(r#","table":{{{table}}}"#))
         };
         env.now_ms = Some(T0);
-        let json = config(&[SHORT], &extra);
+        let json = config(rules, &extra);
         let factories = (0..instances).map(|_| instance(&json, &env)).collect();
         let mut policy = super::AmountPolicy::from_json(json.as_bytes()).unwrap();
         policy.bind_tables(&env.store, [5; 32]).unwrap();
@@ -893,5 +897,22 @@ proptest::proptest! {
             }
             proptest::prop_assert!(bench.live() <= 2 * limit, "{} live records, limit {}", bench.live(), limit);
         }
+    }
+}
+
+/// Several enforced rules: every record to count is counted before anything is written, so a
+/// tenant whose quota cannot count them all is refused with nothing written (on the local
+/// backend too, where the charges are separate writes).
+#[test]
+fn several_enforced_records_over_the_quota_write_nothing() {
+    let other = SHORT.replace(r#""name":"withdrawals""#, r#""name":"per-account-2""#);
+    for redis in [false, true] {
+        let mut bench = Bench::with_rules(redis, &[SHORT, &other], r#""quota_per_tenant":3"#, 1);
+        assert!(bench.send("mallory", "a").passed(), "two records, two units");
+        assert_eq!((bench.live(), bench.used("mallory")), (2, 2));
+        let over = bench.send("mallory", "b");
+        assert!(quota_refused(&over), "redis={redis}: two more records, one unit left: {:?}", over.reply);
+        assert_eq!(bench.live(), 2, "redis={redis}: nothing written");
+        assert!(bench.send("mallory", "a").passed(), "redis={redis}: both counted in this window");
     }
 }
