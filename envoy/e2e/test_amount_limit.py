@@ -238,7 +238,7 @@ def redis_values(bridge, pattern: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("runtime", ["wasm", "native"])
 def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_factory, demo_api, redis_bridge, runtime):
-    """The per-tenant quota of new debt records holds on Redis (no tenant minting account ids can
+    """The per-tenant quota of debt records holds on Redis (no tenant minting account ids can
     fill it): counted in the budget script, a refusal writes nothing, the tenant's existing
     records are still charged, and another tenant still opens new ones."""
     state = harness.redis_state()

@@ -487,7 +487,7 @@ fn charges_mode(charges: &[Charge]) -> Mode {
     }
 }
 
-/// The tenant a new debt record is charged to: the verified principal, else the client address
+/// The tenant whose quota counts the records a request charges: the verified principal, else the client address
 /// (without its port), else one tenant for every request that has neither.
 fn tenant_of(hasher: &crate::store::KeyHasher, principal: Option<&str>, host: &mut dyn Host) -> KeyHash {
     match principal.filter(|p| !p.is_empty()) {
