@@ -3,13 +3,15 @@ concurrent signed withdrawals of 5 against a per-account budget of 20: the ledge
 the budget) in the one-module chain and in the native module; exact arithmetic at the budget's
 edge and per-currency budgets; every malformed amount refused with its code before the money API;
 report-only then enforce; two Envoy instances sharing one budget on Redis, failing closed when
-Redis is down; a tenant's quota of new debt records on Redis (nothing written over it); and the
+Redis is down; a tenant's quota of debt records per quota window on Redis (nothing written over
+it; re-charging existing records costs quota again once the window rolls over); and the
 demo chain (envoy/demo.yaml) stopping the pattern."""
 
 import json
 import re
 import subprocess
 import threading
+import time
 import uuid
 
 import pytest
@@ -236,7 +238,7 @@ def redis_values(bridge, pattern: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("runtime", ["wasm", "native"])
 def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_factory, demo_api, redis_bridge, runtime):
-    """The per-tenant quota of new debt records holds on Redis (no tenant minting account ids can
+    """The per-tenant quota of debt records holds on Redis (no tenant minting account ids can
     fill it): counted in the budget script, a refusal writes nothing, the tenant's existing
     records are still charged, and another tenant still opens new ones."""
     state = harness.redis_state()
@@ -258,7 +260,7 @@ def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_fa
     assert [send(a)[0].status for a in accounts[:2]] == [404, 404]
     before = redis_values(redis_bridge, pattern)
     counts = {k: v for k, v in before.items() if ":amt:quota:" in k}
-    assert list(counts.values()) == ["2"] and len(before) == 3, before
+    assert [v.split(":")[-1] for v in counts.values()] == ["2"] and len(before) == 3, before
     over, r = send(accounts[2])
     assert (over.status, over.error) == (429, "tenant_quota_exceeded"), over.body
     assert demo_api.executed(r) == 0
@@ -272,11 +274,51 @@ def test_a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing(envoy_fa
     # Another tenant (another verified principal) opens its own records.
     assert send(accounts[2], key=(harness.SECOND_KEY_ID, harness.SECOND_SECRET_B64))[0].status == 404
     last = redis_values(redis_bridge, pattern)
-    assert len(last) == 5 and sorted(v for k, v in last.items() if ":amt:quota:" in k) == ["1", "2"], last
+    assert len(last) == 5 and sorted(v.split(":")[-1] for k, v in last.items() if ":amt:quota:" in k) == ["1", "2"], last
     # Every key expires by itself; a count with the longest window and a second.
     for key in last:
         ttl = redis_bridge.command("PTTL", key)["PTTL"]
         assert 0 < ttl <= 86_401_000, (key, ttl)
+
+
+@pytest.mark.parametrize("runtime", ["wasm", "native"])
+def test_re_charging_existing_records_costs_quota_again_in_each_window_on_redis(envoy_factory, demo_api, redis_bridge,
+                                                                                runtime):
+    """The quota counts the records a tenant charges per quota window, new or existing: with a
+    quota of 2, records A and B fill it (charging A again is free), a new C is refused; once the
+    quota window (a 2 s budget window and a second) rolls over, A and B, kept alive meanwhile,
+    cost a unit each again, and a third distinct record in that window is refused. (The previous
+    version counted only openings: A and B were free forever, and C passed in the new window.)"""
+    state = harness.redis_state()
+    short = rule(key=["/account"], budgets={"CNY": {"exponent": 2, "amount_minor": 20, "window_s": 2}})
+    config = {"rules": [short], "table": {"quota_per_tenant": 2}, "state": state}
+    gw = envoy_factory(chain(runtime, config), extra_clusters=[redis_bridge.cluster()])
+    a, b, c = (f"acc-{uuid.uuid4().hex[:8]}" for _ in range(3))
+
+    def send(account):
+        body, r = withdrawal(account=account, amount=1)
+        return gw.signed("POST", "/v1/withdrawals", body, headers=JSON), r
+
+    # The accounts do not exist at the API (404 after the charge): only the charges count here.
+    assert [send(x)[0].status for x in (a, b, a)] == [404, 404, 404]
+    over, r = send(c)
+    assert (over.status, over.error) == (429, "tenant_quota_exceeded") and demo_api.executed(r) == 0
+    counts = redis_values(redis_bridge, f"{state['key_prefix']}:amt:quota:*")
+    assert [v.split(":")[-1] for v in counts.values()] == ["2"], counts
+    (count_key,) = counts
+    # Keep A and B alive (a unit of debt drains in a second) until the quota window has ended.
+    deadline = time.monotonic() + 10
+    while redis_bridge.command("EXISTS", count_key)["EXISTS"]:
+        assert time.monotonic() < deadline, "the quota window never ended"
+        assert [send(x)[0].status for x in (a, b)] == [404, 404]
+        time.sleep(0.3)
+    records = redis_values(redis_bridge, f"{state['key_prefix']}:amt:*")
+    assert len(records) == 2, records  # A and B, still alive: existing records
+    assert [send(x)[0].status for x in (a, b)] == [404, 404]
+    assert [v.split(":")[-1] for v in redis_values(redis_bridge, count_key).values()] == ["2"], "each cost a unit"
+    over, r = send(c)
+    assert (over.status, over.error) == (429, "tenant_quota_exceeded") and demo_api.executed(r) == 0
+    assert gw.counter("firebreak.amount_limit.rejected.tenant_quota_exceeded") == 2
 
 
 @pytest.mark.parametrize("runtime", ["wasm", "native"])
@@ -304,7 +346,7 @@ def test_a_report_only_rules_new_record_over_the_quota_on_redis_is_reported_and_
     assert gw.counter("firebreak.native.uncounted") == 0
     assert "would_reject status=429 code=tenant_quota_exceeded" in gw.logs()
     before = redis_values(redis_bridge, pattern)
-    assert len(before) == 4 and [v for k, v in before.items() if ":amt:quota:" in k] == ["3"], before
+    assert len(before) == 4 and [v.split(":")[-1] for k, v in before.items() if ":amt:quota:" in k] == ["3"], before
     over, r = send(accounts[2])
     assert (over.status, over.error) == (429, "tenant_quota_exceeded") and demo_api.executed(r) == 0
     assert redis_values(redis_bridge, pattern) == before, "nothing written"

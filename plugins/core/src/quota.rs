@@ -234,25 +234,33 @@ impl TenantQuota {
     /// read-modify-write of the shared record (a shared-data get and a CAS set) takes a new lease
     /// of up to `lease` units, one of which is spent now (see the module's documentation).
     pub fn charge(&self, store: &dyn SharedStore, tenant: KeyHash, now_ms: u64) -> Result<(), QuotaError> {
+        self.charge_in_window(store, tenant, now_ms).map(|_| ())
+    }
+
+    /// [`TenantQuota::charge`], returning the end of the window the spent unit was counted in
+    /// (the shared record's expiry when the unit was taken, also a lease's `expires_at_ms`): the
+    /// unit was counted in the window `[start, end)` that holds `now_ms`. A guarded record that
+    /// keeps this end ([`in_window`]) was counted in the tenant's window that is still running.
+    pub fn charge_in_window(&self, store: &dyn SharedStore, tenant: KeyHash, now_ms: u64) -> Result<u64, QuotaError> {
         if self.lease.get() == 1 {
-            return self.take(store, tenant, now_ms, 1).map(|_| ());
+            return self.take(store, tenant, now_ms, 1).map(|(_, end)| end);
         }
         // The tenant's shard, held across the shared record's update, so that two threads of the
         // native module never both take a lease for one tenant (wasm is single-threaded: never
         // contended).
         let Some(shard) = self.leases.get(tenant.shard(LEASE_SHARDS)) else {
-            return self.take(store, tenant, now_ms, 1).map(|_| ());
+            return self.take(store, tenant, now_ms, 1).map(|(_, end)| end);
         };
         let mut leases = shard.lock().unwrap_or_else(PoisonError::into_inner);
-        if spend(&mut leases, tenant, now_ms) {
-            return Ok(());
+        if let Some(end) = spend(&mut leases, tenant, now_ms) {
+            return Ok(end);
         }
         let want = if room(&mut leases, now_ms) { self.lease.get() } else { 1 };
         let (units, expires_at_ms) = self.take(store, tenant, now_ms, want)?;
         if let Some(units) = units.checked_sub(1).filter(|u| *u > 0) {
             leases.insert(tenant, Lease { units, expires_at_ms });
         }
-        Ok(())
+        Ok(expires_at_ms)
     }
 
     /// Counts up to `want` units of `tenant` in the shared record (at least one, at most what is
@@ -298,18 +306,28 @@ impl TenantQuota {
     }
 }
 
-/// Spends a unit of `tenant`'s lease if it holds a valid one (an expired lease is dropped).
-fn spend(leases: &mut BTreeMap<KeyHash, Lease>, tenant: KeyHash, now_ms: u64) -> bool {
-    let Some(lease) = leases.get_mut(&tenant) else { return false };
+/// Spends a unit of `tenant`'s lease if it holds a valid one (an expired lease is dropped): the
+/// end of the window the unit was counted in.
+fn spend(leases: &mut BTreeMap<KeyHash, Lease>, tenant: KeyHash, now_ms: u64) -> Option<u64> {
+    let lease = leases.get_mut(&tenant)?;
     if !lease.valid(now_ms) {
         leases.remove(&tenant);
-        return false;
+        return None;
     }
+    let end = lease.expires_at_ms;
     lease.units = lease.units.saturating_sub(1);
     if lease.units == 0 {
         leases.remove(&tenant);
     }
-    true
+    Some(end)
+}
+
+/// Whether a unit counted in the window ending at `window_end_ms` (as returned by
+/// [`TenantQuota::charge_in_window`]) was counted in a window that still runs at `now_ms`: the
+/// rule of a lease's validity and of the store's expiry (an end saturated at the end of the
+/// clock's range never passes). `0` (no window: a record never counted) is never in one.
+pub fn in_window(window_end_ms: u64, now_ms: u64) -> bool {
+    Lease { units: 1, expires_at_ms: window_end_ms }.valid(now_ms)
 }
 
 /// Whether a shard of the cache can keep one more lease, after dropping its expired ones when it
@@ -452,6 +470,22 @@ mod tests {
         for worker in [&first, &second] {
             assert_eq!(worker.charge(&store, key("a"), 999), Err(QuotaError::Exceeded));
         }
+    }
+
+    /// A unit names the end of the window it was counted in, leased or not: a guarded record
+    /// stamped with it is in the running window exactly until that end.
+    #[test]
+    fn a_unit_names_the_end_of_its_window() {
+        let store = MemoryStore::default();
+        for q in [leased(64, 4, 1000), leased(64, 1, 1000)] {
+            let who = key(&format!("w{}", q.lease));
+            assert_eq!(q.charge_in_window(&store, who, 100), Ok(1100), "opens the window [100, 1100)");
+            assert_eq!(q.charge_in_window(&store, who, 1099), Ok(1100), "the same window (a lease's unit or the record)");
+            assert!(in_window(1100, 1099) && !in_window(1100, 1100));
+            assert_eq!(q.charge_in_window(&store, who, 1100), Ok(2100), "the next window");
+        }
+        assert!(!in_window(0, 0) && !in_window(0, 1), "no window");
+        assert!(in_window(u64::MAX, u64::MAX), "saturated at the end of the clock");
     }
 
     #[test]

@@ -266,7 +266,7 @@ pub const SCRIPTS: [(&str, &str); 6] = [
     (CLAIM_OR_GET_WITHIN_QUOTA_SCRIPT, "2e44eb1fdcd593c0886ebea7f09b5a5ea6390f1a"),
     (SET_NX_WITHIN_QUOTA_SCRIPT, "6768f79a1859f136ac4a1957749f4d95415a2c39"),
     (crate::ratelimit::redis::MULTI_GCRA_SCRIPT, "404cbd490400f225358fc704188292560e5dbf5d"),
-    (crate::amount::redis::AMOUNT_GCRA_SCRIPT, "3ff1ece61452327d93d134e8512fe7951b98ee1c"),
+    (crate::amount::redis::AMOUNT_GCRA_SCRIPT, "3a16e455b2f8a95afb311e8654f5c8879975c345"),
 ];
 
 /// `EVALSHA <sha1 of script> <keys.len()> keys... args...` in webdis's path form (`EVAL` with the

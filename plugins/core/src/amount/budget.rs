@@ -124,19 +124,41 @@ impl Budget {
     }
 }
 
-/// A record as stored in a table slot: `t0` (8, BE) | `debt` (8, BE).
-pub fn encode(record: Debt) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(&record.t0.to_be_bytes());
-    out.extend_from_slice(&record.debt.to_be_bytes());
+/// Bytes of a record as this version writes it: `t0` (8, BE) | `debt` (8, BE) | `counted_until_ms`
+/// (8, BE).
+pub const RECORD_LEN: u16 = 24;
+
+/// Bytes of a record as the previous version wrote it (`t0` | `debt`, no window stamp).
+pub const OLD_RECORD_LEN: usize = 16;
+
+/// A key's record as stored: its debt, and the end of the tenant quota window it was last counted
+/// in (see [`crate::quota::TenantQuota::charge_in_window`]); `0`: counted in no window (a record
+/// of the previous format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub debt: Debt,
+    pub counted_until_ms: u64,
+}
+
+/// A record as stored in a table slot ([`RECORD_LEN`] bytes).
+pub fn encode(record: Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(usize::from(RECORD_LEN));
+    out.extend_from_slice(&record.debt.t0.to_be_bytes());
+    out.extend_from_slice(&record.debt.debt.to_be_bytes());
+    out.extend_from_slice(&record.counted_until_ms.to_be_bytes());
     out
 }
 
-/// `None` for bytes this code did not write.
-pub fn decode(bytes: &[u8]) -> Option<Debt> {
-    let array: [u8; 16] = bytes.try_into().ok()?;
-    let (t0, debt) = array.split_at(8);
-    Some(Debt { t0: u64::from_be_bytes(t0.try_into().ok()?), debt: u64::from_be_bytes(debt.try_into().ok()?) })
+/// `None` for bytes this code did not write. A record of the previous format (16 bytes, no
+/// window stamp) is read as counted in no window.
+pub fn decode(bytes: &[u8]) -> Option<Stored> {
+    let word = |i: usize| -> Option<u64> { Some(u64::from_be_bytes(bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?)) };
+    let counted_until_ms = match bytes.len() {
+        OLD_RECORD_LEN => 0,
+        len if len == usize::from(RECORD_LEN) => word(2)?,
+        _ => return None,
+    };
+    Some(Stored { debt: Debt { t0: word(0)?, debt: word(1)? }, counted_until_ms })
 }
 
 #[cfg(test)]
@@ -220,9 +242,14 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_foreign_bytes_are_refused() {
-        let d = Debt { t0: 1_700_000_000, debt: 123_456_789 };
+        let d = Stored { debt: Debt { t0: 1_700_000_000, debt: 123_456_789 }, counted_until_ms: 1_700_000_086_401_000 };
         assert_eq!(decode(&encode(d)), Some(d));
+        assert_eq!(encode(d).len(), usize::from(RECORD_LEN));
         assert_eq!(decode(&[1, 2, 3]), None);
         assert_eq!(decode(&[0; 17]), None);
+        assert_eq!(decode(&[0; 25]), None);
+        // The previous format: the same debt, counted in no window.
+        let old = encode(d)[..OLD_RECORD_LEN].to_vec();
+        assert_eq!(decode(&old), Some(Stored { debt: d.debt, counted_until_ms: 0 }));
     }
 }

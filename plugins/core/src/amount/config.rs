@@ -59,8 +59,9 @@ struct RawTable {
     buckets: u32,
     #[serde(default = "default_slots")]
     slots_per_bucket: u16,
-    /// New debt records one tenant (verified principal, else client address) may open per
-    /// window (see [`crate::quota`]), on either backend; default capacity / 8.
+    /// Debt records one tenant (verified principal, else client address) may charge per quota
+    /// window, new or existing (see [`super`], "The tenant quota"), on either backend; default
+    /// capacity / 8.
     #[serde(default)]
     quota_per_tenant: Option<u64>,
     /// Units of a tenant's quota one worker takes at once (see [`crate::quota`]); default
@@ -151,9 +152,10 @@ pub struct AmountPolicy {
     pub max_body_bytes: NonZeroUsize,
     /// The debts of the local backend (shared data: every worker of one Envoy).
     pub table: BucketTable,
-    /// How many new debt records one tenant may open per window of the longest budget: no
-    /// tenant can fill the table (or, on Redis, the memory) that every other tenant needs. On
-    /// Redis only its `limit` and `window_ms` are used (counted in the budget script).
+    /// How many distinct debt records one tenant may charge per quota window (the longest budget
+    /// window and a second; see [`super`], "The tenant quota"): no tenant can fill the table (or,
+    /// on Redis, the memory) that every other tenant needs. On Redis only its `limit` and
+    /// `window_ms` are used (counted in the budget script).
     pub quota: TenantQuota,
     pub state: Backend,
 }
@@ -187,7 +189,7 @@ impl AmountPolicy {
             .filter(|s| s.get() <= 256)
             .ok_or_else(|| ConfigError::new("table.slots_per_bucket", "must be between 1 and 256"))?;
         let state = Backend::from_value(raw.state.as_ref(), "state")?;
-        let table = BucketTable::new(TABLE_PREFIX, buckets, slots, 16);
+        let table = BucketTable::new(TABLE_PREFIX, buckets, slots, super::budget::RECORD_LEN);
         let capacity = table.capacity();
         let limit = raw.table.quota_per_tenant.unwrap_or_else(|| u64::from(quota::default_limit(capacity)));
         let limit = match &state {
@@ -196,7 +198,7 @@ impl AmountPolicy {
             Backend::Redis(_) => u32::try_from(limit).ok().and_then(NonZeroU32::new).ok_or_else(|| {
                 ConfigError::new(
                     "table.quota_per_tenant",
-                    format!("must be between 1 and {} (new debt records one tenant may open per window on Redis)", u32::MAX),
+                    format!("must be between 1 and {} (debt records one tenant may charge per window on Redis)", u32::MAX),
                 )
             })?,
         };

@@ -12,7 +12,9 @@
 //!    reads its charge (amount, currency, key) from it; a rule that cannot is a refusal (in its
 //!    mode). The charges are then decided:
 //!    - local backend: the budgets in shared data. With more than one enforced charge, all are
-//!      first read without writing, so a request refused by one costs nothing in the others.
+//!      first read without writing, so a request refused by one costs nothing in the others, and
+//!      the records among them not yet counted in the tenant's quota window are counted before
+//!      anything is written (over the quota: refused, nothing written).
 //!    - Redis backend: one script decides every charge atomically; the request waits (Hold).
 //! 3. Redis's answer: a refusal is replied; an admission resumes the request. A failure is
 //!    `redis.failed` and goes to `state.failure_mode`.
@@ -266,29 +268,49 @@ impl AmountFlow {
         let now_s = now_ms / 1000;
         let enforced = charges.iter().filter(|c| c.mode == Mode::Enforce).count();
         // Several enforced charges: read them all first so that a refusal costs nothing elsewhere.
+        // The units of the tenant's quota taken before any write, by charge.
+        let mut units: Vec<Option<u64>> = vec![None; charges.len()];
         if enforced > 1 {
             let mut peeked = Vec::with_capacity(enforced);
-            for charge in charges.iter().filter(|c| c.mode == Mode::Enforce) {
+            let mut uncounted = Vec::new();
+            for (i, charge) in charges.iter().enumerate().filter(|(_, c)| c.mode == Mode::Enforce) {
                 match peek(&policy, host.store(), charge, now_s, now_ms) {
-                    Ok(outcome) => peeked.push((charge.clone(), outcome)),
+                    Ok((outcome, counted)) => {
+                        if !counted {
+                            uncounted.push(i);
+                        }
+                        peeked.push((charge.clone(), outcome));
+                    }
                     Err(error) => return self.store_failed(host, charge, error, context).unwrap_or(Step::Continue),
                 }
             }
             if peeked.iter().any(|(_, o)| !o.allowed) {
                 return self.conclude(host, peeked, context);
             }
-        }
-        let mut results = Vec::with_capacity(charges.len());
-        for charge in charges {
-            // A new debt record is charged to its tenant's quota first.
-            if let Err(rejection) = open_record(&policy, host.store(), &charge, tenant, now_s, now_ms) {
-                let line = format!("{context} {}", charge.context(&policy));
-                match refuse(host, &self.meter, charge.mode, Level::Warn, rejection, &line) {
-                    Some(step) => return step,
-                    None => continue,
+            // Every enforced record to count is counted before anything is written: a tenant over
+            // its quota is refused with nothing written (a unit taken for another of its records
+            // is spent: never counted twice, so never unsafe).
+            for i in uncounted {
+                match policy.quota.charge_in_window(host.store(), tenant, now_ms) {
+                    Ok(end) => {
+                        if let Some(unit) = units.get_mut(i) {
+                            *unit = Some(end);
+                        }
+                    }
+                    Err(QuotaError::Exceeded) => {
+                        return self.refuse_or_continue(host, Mode::Enforce, quota_rejection(), context);
+                    }
+                    Err(QuotaError::Table(error)) => {
+                        let Some(charge) = charges.get(i) else { return Step::Continue };
+                        return self.store_failed(host, charge, error, context).unwrap_or(Step::Continue);
+                    }
                 }
             }
-            match commit(&policy, host.store(), &charge, now_s, now_ms) {
+        }
+        let mut results = Vec::with_capacity(charges.len());
+        for (charge, unit) in charges.into_iter().zip(units) {
+            // A record not yet counted in its tenant's current quota window is counted first.
+            match charge_record(&policy, host.store(), &charge, tenant, unit, now_s, now_ms) {
                 Ok(outcome) => {
                     let refused = charge.mode == Mode::Enforce && !outcome.allowed;
                     results.push((charge, outcome));
@@ -297,7 +319,13 @@ impl AmountFlow {
                         return self.conclude(host, results, context);
                     }
                 }
-                Err(error) => {
+                Err(QuotaError::Exceeded) => {
+                    let line = format!("{context} {}", charge.context(&policy));
+                    if let Some(step) = refuse(host, &self.meter, charge.mode, Level::Warn, quota_rejection(), &line) {
+                        return step;
+                    }
+                }
+                Err(QuotaError::Table(error)) => {
                     if let Some(step) = self.store_failed(host, &charge, error, context) {
                         return step;
                     }
@@ -387,15 +415,15 @@ impl AmountFlow {
         };
         let Waiting { charges, context } = waiting;
         if decision.quota == QuotaAnswer::Exceeded {
-            // An enforced charge would open a new record over the tenant's quota: nothing was
+            // An enforced charge would need a unit of the tenant's quota: nothing was
             // written anywhere.
             return self.refuse_or_continue(host, charges_mode(&charges), quota_rejection(), &context);
         }
         let mut results = Vec::with_capacity(charges.len());
         for (charge, a) in charges.into_iter().zip(decision.keys) {
             if decision.quota == QuotaAnswer::ReportOnlyOver && charge.mode == Mode::ReportOnly && a.fits && !a.taken {
-                // A report-only rule's new record the quota left out: reported, as on the local
-                // backend, and not charged.
+                // A report-only rule's record the quota left out (it needed a unit): reported, as
+                // on the local backend, and not charged.
                 let line = format!("{context} {}", charge.context(&self.policy));
                 let _ = refuse(host, &self.meter, Mode::ReportOnly, Level::Warn, quota_rejection(), &line);
                 continue;
@@ -459,7 +487,7 @@ fn charges_mode(charges: &[Charge]) -> Mode {
     }
 }
 
-/// The tenant a new debt record is charged to: the verified principal, else the client address
+/// The tenant whose quota counts the records a request charges: the verified principal, else the client address
 /// (without its port), else one tenant for every request that has neither.
 fn tenant_of(hasher: &crate::store::KeyHasher, principal: Option<&str>, host: &mut dyn Host) -> KeyHash {
     match principal.filter(|p| !p.is_empty()) {
@@ -474,55 +502,73 @@ fn tenant_of(hasher: &crate::store::KeyHasher, principal: Option<&str>, host: &m
     }
 }
 
-/// When the charge would open a new debt record (its key has none and the amount fits), charges
-/// the tenant's quota; a tenant over its quota is refused (`429 tenant_quota_exceeded`).
-fn open_record(
+/// Decides a charge on the local backend and, when admitted, records it, within its tenant's
+/// quota of records per quota window (module [`super`], "The tenant quota").
+///
+/// Invariant: a record is written with `counted_until_ms = e` only when a unit of the tenant's
+/// quota was counted in the window ending at `e` and holding `now_ms`, at this charge or at an
+/// earlier one (the record then already carried `e` and `now_ms < e`). So a record charged at
+/// `now_ms` was counted in the tenant's window that holds `now_ms`.
+///
+/// `unit`: a unit taken for this charge beforehand (several enforced charges), else none. First
+/// attempt with it: a record counted in the running window ([`quota::in_window`])
+/// is charged with no quota call (one read and one write, as before). A charge that fits a record
+/// not counted (new, of the previous format, or counted in an ended window) writes nothing and
+/// asks the quota for a unit (`Exceeded`: refused, nothing written), then decides again with it.
+fn charge_record(
     policy: &AmountPolicy,
     store: &dyn SharedStore,
     charge: &Charge,
     tenant: KeyHash,
+    mut unit: Option<u64>,
     now_s: u64,
     now_ms: u64,
-) -> Result<(), Rejection> {
-    let table_error = |error: TableError| match error {
-        TableError::Full => Rejection::new(Code::AmountLimitStoreFull),
-        _ => Rejection::new(Code::AmountLimitUnavailable).with_detail("store"),
-    };
-    if policy.table.get(store, charge.hash, now_ms).map_err(table_error)?.is_some()
-        || !charge.budget.budget.decide(None, now_s, charge.amount).allowed
-    {
-        return Ok(());
+) -> Result<Outcome, QuotaError> {
+    // Twice at most: without a unit, then with one (a unit taken is always enough).
+    for _ in 0..2 {
+        match commit(policy, store, charge, unit, now_s, now_ms).map_err(QuotaError::Table)? {
+            Some(outcome) => return Ok(outcome),
+            None => unit = Some(policy.quota.charge_in_window(store, tenant, now_ms)?),
+        }
     }
-    policy.quota.charge(store, tenant, now_ms).map_err(|error| match error {
-        QuotaError::Exceeded => quota_rejection(),
-        QuotaError::Table(error) => table_error(error),
-    })
+    Err(QuotaError::Table(TableError::Contended))
 }
 
-/// `429 tenant_quota_exceeded`: the tenant has opened its quota of new debt records (either
-/// backend).
+/// `429 tenant_quota_exceeded`: the tenant has charged its quota of distinct debt records in the
+/// current quota window (either backend).
 fn quota_rejection() -> Rejection {
     Rejection::new(Code::TenantQuotaExceeded)
-        .with_message("this tenant has opened its quota of new amount budgets for the current window; retry later")
+        .with_message("this tenant has charged its quota of distinct amount budgets for the current window; retry later")
 }
 
-/// Reads a charge's outcome without writing.
-fn peek(policy: &AmountPolicy, store: &dyn SharedStore, charge: &Charge, now_s: u64, now_ms: u64) -> Result<Outcome, TableError> {
-    let record = match policy.table.get(store, charge.hash, now_ms)? {
-        Some((payload, _, _)) => Some(budget::decode(&payload).ok_or(TableError::Corrupt)?),
-        None => None,
-    };
-    Ok(charge.budget.budget.decide(record, now_s, charge.amount))
-}
-
-/// Decides a charge and, when admitted, records it, atomically.
-fn commit(
+/// Reads a charge's outcome without writing, and whether its record is counted in the tenant's
+/// running quota window.
+fn peek(
     policy: &AmountPolicy,
     store: &dyn SharedStore,
     charge: &Charge,
     now_s: u64,
     now_ms: u64,
-) -> Result<Outcome, TableError> {
+) -> Result<(Outcome, bool), TableError> {
+    let record = match policy.table.get(store, charge.hash, now_ms)? {
+        Some((payload, _, _)) => Some(budget::decode(&payload).ok_or(TableError::Corrupt)?),
+        None => None,
+    };
+    let counted = record.is_some_and(|r| quota::in_window(r.counted_until_ms, now_ms));
+    Ok((charge.budget.budget.decide(record.map(|r| r.debt), now_s, charge.amount), counted))
+}
+
+/// Decides a charge and, when admitted, records it, atomically. `unit`: the end of the quota
+/// window of a unit taken for this charge. `None` (nothing written): the charge fits a record
+/// that is not counted in the running quota window and no unit was taken.
+fn commit(
+    policy: &AmountPolicy,
+    store: &dyn SharedStore,
+    charge: &Charge,
+    unit: Option<u64>,
+    now_s: u64,
+    now_ms: u64,
+) -> Result<Option<Outcome>, TableError> {
     let budget = charge.budget.budget;
     let (result, _) = policy.table.update(store, charge.hash, now_ms, |current| {
         let record = match current {
@@ -532,15 +578,18 @@ fn commit(
             },
             None => None,
         };
-        let outcome = budget.decide(record, now_s, charge.amount);
-        if outcome.allowed {
-            Update::Write {
-                payload: budget::encode(outcome.record),
-                expires_at_ms: budget.expires_at_ms(outcome.record),
-                result: Ok(outcome),
-            }
-        } else {
-            Update::Keep(Ok(outcome))
+        let outcome = budget.decide(record.map(|r| r.debt), now_s, charge.amount);
+        if !outcome.allowed {
+            return Update::Keep(Ok(Some(outcome)));
+        }
+        let counted = record.map(|r| r.counted_until_ms).filter(|end| quota::in_window(*end, now_ms));
+        // The unit taken for this charge, else the running window the record was counted in.
+        let Some(counted_until_ms) = unit.or(counted) else { return Update::Keep(Ok(None)) };
+        let stored = budget::Stored { debt: outcome.record, counted_until_ms };
+        Update::Write {
+            payload: budget::encode(stored),
+            expires_at_ms: budget.expires_at_ms(outcome.record),
+            result: Ok(Some(outcome)),
         }
     })?;
     result

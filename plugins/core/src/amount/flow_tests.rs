@@ -330,16 +330,25 @@ fn no_tenant_can_fill_the_table_others_need() {
 }
 
 /// [`super::redis::AMOUNT_GCRA_SCRIPT`] in Rust behind a fake webdis, on a clock the test moves:
-/// the budgets and the tenants' counts of new records (`counts`: count and its TTL in ms).
+/// the budgets (`records`: the value as the script writes it, `<t0>:<debt>:<counted_until_ms>`,
+/// or the previous version's `<t0>:<debt>`, and its expiry in ms) and the tenants' counts of
+/// records per quota window (`counts`: the value, `<window end ms>:<count>` or the previous
+/// version's `<count>`, and its expiry in ms). Keys expire on the clock, as on Redis.
 struct FakeBridge {
-    records: HashMap<String, (u64, u64)>,
-    counts: HashMap<String, (u64, u64)>,
+    records: HashMap<String, (String, u64)>,
+    counts: HashMap<String, (String, u64)>,
     now_ms: Rc<Cell<u64>>,
 }
 
 impl FakeBridge {
     fn new(now_ms: Rc<Cell<u64>>) -> Self {
         FakeBridge { records: HashMap::new(), counts: HashMap::new(), now_ms }
+    }
+
+    /// The live records (test view).
+    fn live_records(&self) -> usize {
+        let now = self.now_ms.get();
+        self.records.values().filter(|(_, expires)| *expires > now).count()
     }
 
     fn answer(&mut self, command: &[u8]) -> CallAnswer {
@@ -360,29 +369,47 @@ impl FakeBridge {
         let args: Vec<u64> = parts[5 + n..].iter().map(|a| a.parse().unwrap()).collect();
         assert_eq!(args.len(), 3 * n + 2);
         let (limit, quota_window_ms) = (args[3 * n], args[3 * n + 1]);
-        let now = self.now_ms.get() / 1000;
+        let now_ms = self.now_ms.get();
+        let now = now_ms / 1000;
+        self.records.retain(|_, (_, expires)| *expires > now_ms);
+        self.counts.retain(|_, (_, expires)| *expires > now_ms);
         let mut state = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let (b, w, c) = (args[3 * i], args[3 * i + 1], args[3 * i + 2]);
-            let (mut d, mut s) = (0, now);
-            let record = self.records.get(key);
-            if let Some((t0, debt)) = record {
-                s = s.max(*t0);
-                let el = now.saturating_sub(*t0);
+            let (mut d, mut s, mut stamp) = (0, now, 0);
+            if let Some((value, _)) = self.records.get(key) {
+                let fields: Vec<u64> = value.split(':').map(|f| f.parse().unwrap()).collect();
+                let (t0, debt) = match fields[..] {
+                    [t0, debt] => (t0, debt),
+                    [t0, debt, counted] => {
+                        stamp = counted;
+                        (t0, debt)
+                    }
+                    _ => panic!("foreign record {value}"),
+                };
+                s = s.max(t0);
+                let el = now.saturating_sub(t0);
                 if el < w {
                     d = debt.saturating_sub(el * b);
                 }
             }
-            state.push((b, w, c, d, s, record.is_none()));
+            state.push((b, w, c, d, s, stamp));
         }
         let refused = state.iter().take(enforced).any(|(b, w, c, d, _, _)| d + c > b * w);
-        let held = self.counts.get(quota_key).map_or(0, |(count, _)| *count);
+        let (mut held, mut end) = (0, now_ms + quota_window_ms);
+        if let Some((value, expires)) = self.counts.get(quota_key) {
+            match value.split_once(':') {
+                Some((e, count)) => (end, held) = (e.parse().unwrap(), count.parse().unwrap()),
+                None => (end, held) = (*expires, value.parse().unwrap()),
+            }
+        }
         let (mut quota, mut opened) = (0, 0);
         let mut take: Vec<bool> = state.iter().map(|(b, w, c, d, _, _)| !refused && d + c <= b * w).collect();
-        for (i, (.., new)) in state.iter().enumerate() {
-            if take[i] && *new {
+        for (i, (.., stamp)) in state.iter_mut().enumerate() {
+            if take[i] && *stamp <= now_ms {
                 if held + opened < limit {
                     opened += 1;
+                    *stamp = end;
                 } else if i < enforced {
                     quota = 1;
                 } else {
@@ -398,17 +425,17 @@ impl FakeBridge {
             opened = 0;
         }
         if opened > 0 {
-            let entry = self.counts.entry(quota_key.clone()).or_insert((0, quota_window_ms));
-            entry.0 += opened;
+            self.counts.insert(quota_key.clone(), (format!("{end}:{}", held + opened), end));
         }
         let mut out = vec![quota];
-        for (i, (b, w, c, mut d, s, _)) in state.into_iter().enumerate() {
+        for (i, (b, w, c, mut d, s, stamp)) in state.into_iter().enumerate() {
             let h = b * w;
             let fits = d + c <= h;
             let retry = if fits { 0 } else { (d + c - h).div_ceil(b) };
             if take[i] {
                 d += c;
-                self.records.insert(keys[i].clone(), (s, d));
+                let expires = now_ms + (d.div_ceil(b) + 1) * 1000;
+                self.records.insert(keys[i].clone(), (format!("{s}:{d}:{stamp}"), expires));
             }
             out.extend([u64::from(fits), u64::from(take[i]), (h - d) / w, d.div_ceil(b), retry]);
         }
@@ -477,7 +504,8 @@ fn a_tenant_over_its_quota_on_redis_is_refused_and_writes_nothing() {
     assert_eq!(third.counter("firebreak.amount_limit.rejected.tenant_quota_exceeded"), 1);
     assert_eq!((&bridge.borrow().records, &bridge.borrow().counts), (&records, &counts), "nothing written");
     assert_eq!(counts.len(), 1);
-    assert!(counts.values().all(|(count, ttl_ms)| (*count, *ttl_ms) == (2, 86_401_000)), "{counts:?}");
+    let end = T0 + 86_401_000;
+    assert!(counts.values().all(|(value, expires)| (value.as_str(), *expires) == (&*format!("{end}:2"), end)), "{counts:?}");
     // A record it holds is charged as usual (not a new one), up to its budget: 4 * 5 of 20.
     for _ in 0..3 {
         assert!(send(&factory, &mut env, &by("mallory", "a1")).passed());
@@ -537,7 +565,7 @@ fn a_report_only_rules_new_record_over_the_quota_on_redis_is_reported_not_writte
     let third = send(&factory, &mut env, &withdraw("a3", "5", "USD"));
     assert_eq!(code(&third), Some("tenant_quota_exceeded"));
     assert_eq!(bridge.borrow().records.len(), 3);
-    assert!(bridge.borrow().counts.values().all(|(count, _)| *count == 3));
+    assert!(bridge.borrow().counts.values().all(|(value, _)| value.ends_with(":3")));
     // Existing records (both rules) are charged without the quota.
     let again = send(&factory, &mut env, &withdraw("a1", "5", "USD"));
     assert!(again.passed());
@@ -615,4 +643,276 @@ fn local_budget_tables_are_listed_for_the_fill_gauges_and_redis_ones_are_not() {
     assert!(local.stores().iter().all(|s| s.meter.prefix.as_ref() == "firebreak.amount_limit"));
     let remote = instance(&config(&[WITHDRAWALS], REDIS), &env);
     assert!(remote.stores().is_empty());
+}
+
+/// Budgets of a short window (9 s: a quota window of 10 s); one minor unit drains in a second,
+/// so a record charged 1 lives 2 s after its last charge.
+const SHORT: &str = r#"{"name":"withdrawals","routes":[{"methods":["POST"],"path_exact":"/v1/withdrawals"}],"amount_pointer":"/amount","amount_format":"minor_units","currency_pointer":"/currency","key":["/account"],"budgets":{"USD":{"exponent":2,"amount_minor":20,"window_s":9}}}"#;
+
+/// One amount-limit instance (or several, sharing one store or one fake Redis) on a clock the
+/// test moves, with a view of the live records and the tenant's quota count.
+struct Bench {
+    env: MemoryEnv,
+    factories: Vec<Arc<dyn FlowFactory>>,
+    policy: super::AmountPolicy,
+    clock: Rc<Cell<u64>>,
+    bridge: Option<Rc<std::cell::RefCell<FakeBridge>>>,
+}
+
+impl Bench {
+    fn new(redis: bool, table: &str, instances: usize) -> Self {
+        Bench::with_rules(redis, &[SHORT], table, instances)
+    }
+
+    fn with_rules(redis: bool, rules: &[&str], table: &str, instances: usize) -> Self {
+        let clock = Rc::new(Cell::new(T0));
+        let (mut env, bridge, extra) = if redis {
+            let bridge = Rc::new(std::cell::RefCell::new(FakeBridge::new(clock.clone())));
+            let shared = bridge.clone();
+            let env = MemoryEnv { redis: Some(Box::new(move |c| shared.borrow_mut().answer(c))), ..MemoryEnv::default() };
+            (env, Some(bridge), format!(r#","table":{{{table}}}{REDIS}"#))
+        } else {
+            (MemoryEnv::default(), None, format!(r#","table":{{{table}}}"#))
+        };
+        env.now_ms = Some(T0);
+        let json = config(rules, &extra);
+        let factories = (0..instances).map(|_| instance(&json, &env)).collect();
+        let mut policy = super::AmountPolicy::from_json(json.as_bytes()).unwrap();
+        policy.bind_tables(&env.store, [5; 32]).unwrap();
+        Bench { env, factories, policy, clock, bridge }
+    }
+
+    fn at(&mut self, now_ms: u64) {
+        self.env.now_ms = Some(now_ms);
+        self.clock.set(now_ms);
+    }
+
+    fn send_on(&mut self, worker: usize, principal: &str, account: &str) -> Outcome {
+        let mut request = withdraw(account, "1", "USD");
+        request.principal = Some(principal.into());
+        let factory = self.factories[worker % self.factories.len()].clone();
+        send(&factory, &mut self.env, &request)
+    }
+
+    fn send(&mut self, principal: &str, account: &str) -> Outcome {
+        self.send_on(0, principal, account)
+    }
+
+    fn live(&self) -> usize {
+        match &self.bridge {
+            Some(bridge) => bridge.borrow().live_records(),
+            None => self.policy.table.live_records(&self.env.store, self.clock.get()).unwrap() as usize,
+        }
+    }
+
+    /// Units counted in the tenant's running quota window.
+    fn used(&self, principal: &str) -> u64 {
+        let tenant = crate::quota::tenant(&self.policy.key_hasher(), "principal", principal);
+        match &self.bridge {
+            Some(bridge) => {
+                let Backend::Redis(redis) = &self.policy.state else { panic!() };
+                let key = super::redis::quota_key(redis, tenant);
+                let now = self.clock.get();
+                bridge
+                    .borrow()
+                    .counts
+                    .get(&key)
+                    .filter(|(_, e)| *e > now)
+                    .map_or(0, |(v, _)| v.rsplit(':').next().unwrap().parse().unwrap())
+            }
+            None => u64::from(self.policy.quota.used(&self.env.store, tenant, self.clock.get()).unwrap()),
+        }
+    }
+
+    /// Rewrites the record of `account` in the previous version's format (no window stamp).
+    fn downgrade(&mut self, account: &str) {
+        let body = format!(r#"{{"account":"{account}","amount":1,"currency":"USD"}}"#);
+        let hash = super::charge(&self.policy, 0, &super::extract::parse_document(body.as_bytes()), None).unwrap().hash;
+        let now = self.clock.get();
+        match &self.bridge {
+            Some(bridge) => {
+                let Backend::Redis(redis) = &self.policy.state else { panic!() };
+                let key = super::redis::redis_key(redis, hash);
+                let mut bridge = bridge.borrow_mut();
+                let (value, _) = bridge.records.get_mut(&key).unwrap();
+                let fields: Vec<&str> = value.split(':').collect();
+                assert_eq!(fields.len(), 3, "{value}");
+                *value = format!("{}:{}", fields[0], fields[1]);
+            }
+            None => {
+                let (written, _) = self
+                    .policy
+                    .table
+                    .update_with_expiry(&self.env.store, hash, now, None, |current| {
+                        let (payload, expires_at_ms) = current.unwrap();
+                        assert_eq!(payload.len(), usize::from(super::budget::RECORD_LEN));
+                        crate::store::Update::Write {
+                            payload: payload[..super::budget::OLD_RECORD_LEN].to_vec(),
+                            expires_at_ms,
+                            result: (),
+                        }
+                    })
+                    .unwrap();
+                written
+            }
+        }
+    }
+}
+
+use crate::remote::Backend;
+
+fn quota_refused(outcome: &Outcome) -> bool {
+    !outcome.forwarded && outcome.reply.as_ref().map(|r| (r.status, r.code)) == Some((429, "tenant_quota_exceeded"))
+}
+
+/// The keep-alive attack: a tenant of quota `L` opens records and keeps every one alive by
+/// charging it a minor unit every second, across many quota windows, while trying a new record
+/// every second. Its live records never exceed `2 L` (the previous version only counted openings:
+/// they grew by `L` per window), and the excess is refused `429 tenant_quota_exceeded`.
+#[test]
+fn a_tenant_cannot_keep_more_than_twice_its_quota_of_records_alive() {
+    for redis in [false, true] {
+        const L: usize = 3;
+        let mut bench = Bench::new(redis, &format!(r#""buckets":16,"slots_per_bucket":8,"quota_per_tenant":{L}"#), 1);
+        let mut kept: Vec<String> = Vec::new();
+        let (mut refused, mut most) = (0, 0);
+        for second in 0..80u64 {
+            bench.at(T0 + second * 1000 + 300);
+            // A new record first (at the start of a quota window, while the records of the last
+            // one are still alive), then a re-charge of every record it keeps (a refused one
+            // expires).
+            let account = format!("m{second}");
+            let outcome = bench.send("mallory", &account);
+            if outcome.passed() {
+                kept.push(account);
+            } else {
+                assert!(quota_refused(&outcome), "{:?}", outcome.reply);
+                refused += 1;
+            }
+            let mut still = Vec::new();
+            for account in kept.drain(..) {
+                let outcome = bench.send("mallory", &account);
+                if outcome.passed() {
+                    still.push(account);
+                } else {
+                    assert!(quota_refused(&outcome), "{:?}", outcome.reply);
+                    refused += 1;
+                }
+            }
+            kept = still;
+            most = most.max(bench.live());
+            assert!(bench.live() <= 2 * L, "redis={redis} second {second}: {} live records", bench.live());
+        }
+        assert!(most > L, "redis={redis}: the attack reached {most} live records");
+        assert!(refused > 60, "redis={redis}: {refused} refusals");
+        // Another tenant is not affected.
+        assert!(bench.send("alice", "a1").passed(), "redis={redis}");
+    }
+}
+
+/// A record costs one unit per quota window, however often it is charged in it (here a record
+/// from an earlier window, charged three times: one unit), and costs one again in the next
+/// window. A tenant at its quota cannot charge a record it has not charged in this window.
+#[test]
+fn a_record_costs_one_unit_per_quota_window() {
+    for redis in [false, true] {
+        let mut bench = Bench::new(redis, r#""quota_per_tenant":2"#, 1);
+        assert!(bench.send("mallory", "a").passed());
+        assert!(bench.send("mallory", "a").passed(), "charged twice in one window: one unit");
+        assert_eq!(bench.used("mallory"), 1, "redis={redis}");
+        assert!(bench.send("mallory", "b").passed());
+        assert_eq!(bench.used("mallory"), 2, "redis={redis}");
+        assert!(quota_refused(&bench.send("mallory", "c")), "redis={redis}");
+        assert!(bench.send("mallory", "a").passed(), "redis={redis}: a record counted in this window");
+        // Keep `a` and `b` alive into the next quota window (each lives 2 s after a charge).
+        for second in 1..=10 {
+            bench.at(T0 + second * 1000);
+            assert!(bench.send("mallory", "a").passed(), "redis={redis} second {second}");
+            assert!(bench.send("mallory", "b").passed() || second == 10, "redis={redis} second {second}");
+        }
+        // Second 10: `a` opened the next window (a unit); charging it again is free.
+        assert_eq!(bench.used("mallory"), 2, "redis={redis}: a and b counted in the new window");
+        assert!(bench.send("mallory", "a").passed());
+        assert!(bench.send("mallory", "b").passed());
+        assert_eq!(bench.used("mallory"), 2, "redis={redis}");
+        let c = bench.send("mallory", "c");
+        assert!(quota_refused(&c), "redis={redis}: a third record in the new window: {:?}", c.reply);
+    }
+}
+
+/// A record of the previous version (no window stamp: 16 bytes locally, `<t0>:<debt>` on Redis)
+/// is read, never refused as foreign, and counted at its next charge. On Redis, a count of the
+/// previous version (`<count>`, its end from its TTL) is read too.
+#[test]
+fn records_of_the_previous_format_are_read_and_counted() {
+    for redis in [false, true] {
+        let mut bench = Bench::new(redis, r#""quota_per_tenant":2"#, 1);
+        assert!(bench.send("mallory", "a").passed());
+        bench.downgrade("a");
+        assert_eq!(bench.used("mallory"), 1);
+        assert!(bench.send("mallory", "a").passed(), "redis={redis}: an old record is read");
+        assert_eq!(bench.used("mallory"), 2, "redis={redis}: and counted");
+        assert!(bench.send("mallory", "a").passed());
+        assert_eq!(bench.used("mallory"), 2, "redis={redis}: then stamped");
+        assert!(quota_refused(&bench.send("mallory", "b")), "redis={redis}");
+        // The budget still holds across the format change: 1 + 1 + 1 of 20 taken.
+        for _ in 0..17 {
+            assert!(bench.send("mallory", "a").passed());
+        }
+        assert_eq!(code(&bench.send("mallory", "a")), Some("amount_limited"), "redis={redis}");
+    }
+    // A count of the previous version on Redis: `1` (one record opened), expiring in 4 s.
+    let mut bench = Bench::new(true, r#""quota_per_tenant":2"#, 1);
+    let Backend::Redis(redis) = &bench.policy.state else { panic!() };
+    let tenant = crate::quota::tenant(&bench.policy.key_hasher(), "principal", "mallory");
+    let key = super::redis::quota_key(redis, tenant);
+    bench.bridge.as_ref().unwrap().borrow_mut().counts.insert(key.clone(), ("1".into(), T0 + 4_000));
+    assert!(bench.send("mallory", "a").passed());
+    assert_eq!(bench.bridge.as_ref().unwrap().borrow().counts[&key], (format!("{}:2", T0 + 4_000), T0 + 4_000));
+    assert!(quota_refused(&bench.send("mallory", "b")));
+    bench.at(T0 + 4_000);
+    assert!(bench.send("mallory", "b").passed(), "the old count's window ended");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 6, ..Default::default() })]
+    /// With leases (`quota_lease > 1`) and several workers (each policy its own lease cache,
+    /// one shared table), a tenant that re-charges every record it ever opened, at random times,
+    /// never holds more than `2 * quota` live records.
+    #[test]
+    fn leases_keep_the_live_records_bound(
+        limit in 32usize..48, lease in 2u64..3, workers in 1usize..4,
+        steps in proptest::collection::vec((0usize..4, 200u64..1_500), 30..45),
+    ) {
+        let table = format!(r#""buckets":64,"slots_per_bucket":8,"quota_per_tenant":{limit},"quota_lease":{lease}"#);
+        let mut bench = Bench::new(false, &table, workers);
+        let mut now = T0;
+        let pool = 3 * limit;
+        for (worker, step) in steps {
+            now += step;
+            bench.at(now);
+            for account in 0..pool {
+                let outcome = bench.send_on(worker + account, "mallory", &format!("m{account}"));
+                proptest::prop_assert!(outcome.passed() || quota_refused(&outcome), "{:?}", outcome.reply);
+            }
+            proptest::prop_assert!(bench.live() <= 2 * limit, "{} live records, limit {}", bench.live(), limit);
+        }
+    }
+}
+
+/// Several enforced rules: every record to count is counted before anything is written, so a
+/// tenant whose quota cannot count them all is refused with nothing written (on the local
+/// backend too, where the charges are separate writes).
+#[test]
+fn several_enforced_records_over_the_quota_write_nothing() {
+    let other = SHORT.replace(r#""name":"withdrawals""#, r#""name":"per-account-2""#);
+    for redis in [false, true] {
+        let mut bench = Bench::with_rules(redis, &[SHORT, &other], r#""quota_per_tenant":3"#, 1);
+        assert!(bench.send("mallory", "a").passed(), "two records, two units");
+        assert_eq!((bench.live(), bench.used("mallory")), (2, 2));
+        let over = bench.send("mallory", "b");
+        assert!(quota_refused(&over), "redis={redis}: two more records, one unit left: {:?}", over.reply);
+        assert_eq!(bench.live(), 2, "redis={redis}: nothing written");
+        assert!(bench.send("mallory", "a").passed(), "redis={redis}: both counted in this window");
+    }
 }

@@ -14,6 +14,26 @@
 //!   amount parsed from its literal text, never through a float.
 //! - [`budget`]: the weighted GCRA in exact integers.
 //! - [`flow`]: when the body is read, what is charged, and how a decision becomes a reply.
+//!
+//! **The tenant quota.** A key's debt record lives until its debt has drained: at most the
+//! longest window and a second (`W`, the quota window) after its last charge. To keep one tenant
+//! (the verified principal, else the client address) from filling the local table or Redis, the
+//! records a tenant charges are counted in a per-tenant quota of `table.quota_per_tenant` units
+//! per quota window ([`crate::quota`] on the local backend, the budget script on Redis, same
+//! semantics): a charge that lands on a record, new or existing, that is not yet counted in the
+//! tenant's running quota window costs one unit and stamps the record with that window's end
+//! (`counted_until_ms`); later charges of the record while that window runs are free. An enforced
+//! charge that needs a unit when none is left is refused (`429 tenant_quota_exceeded`, nothing
+//! written); a report-only one is reported and not charged.
+//!
+//! The bound: a record live at `t` was last charged in `(t - W, t]`, and that charge was counted
+//! in the tenant's window holding it (the stamp's invariant: a record is written with stamp `e`
+//! only when a unit was counted in the window ending at `e` that holds the charge). A tenant's
+//! windows are disjoint and each lasts at least `W`, so at most two of them meet `(t - W, t]`,
+//! and each counts at most `limit` units, one per record: **a tenant holds at most
+//! `2 * limit` live records at any time, whatever it sends** (re-charging its records to keep
+//! them alive costs a unit per record per window). A record of the previous format (no stamp)
+//! is counted in no window: its next charge costs a unit.
 
 pub mod budget;
 pub mod config;

@@ -11,25 +11,31 @@
 use crate::remote::{self, RedisConfig, RemoteError, Reply};
 use crate::store::KeyHash;
 
-/// Weighted GCRA over several keys, on Redis's clock (seconds), within the tenant's quota of new
-/// records.
+/// Weighted GCRA over several keys, on Redis's clock (`TIME`: whole seconds for the budgets,
+/// milliseconds for the quota windows), within the tenant's quota of records per quota window
+/// (module [`super`], "The tenant quota").
 ///
 /// KEYS: one per rule, enforced rules first, then the tenant's quota count
 /// (`<prefix>:amt:quota:<tenant hash>`). ARGV: `enforced` (how many of the rule keys are
 /// enforced), then per rule key its budget (minor units per window), its window (seconds) and
-/// the request's cost (`amount * window`, at most `horizon + 1`), then the quota's limit (new
-/// records per window) and its window (ms). A record is `<t0>:<debt>`. If any enforced key does
-/// not fit, nothing is written. Otherwise every key that fits takes its cost; a key that has no
-/// record (absent or expired) opens a new one, counted in the tenant's quota (`INCRBY` the
-/// records opened; the count's expiry set when it is created): an enforced key whose new record
-/// would take the count over the limit refuses the whole request with nothing written (quota
-/// `1`); a report-only key's new record over the limit is not written, the rest is (quota `2`).
-/// A record that already exists never counts. Returns the quota flag (`0`: within the quota or
-/// not consulted), then per rule key `{fits, taken, remaining, reset_s, retry_after_s}`. A record
-/// or count this code did not write is an error (never read as a fresh key).
+/// the request's cost (`amount * window`, at most `horizon + 1`), then the quota's limit (records
+/// per quota window) and its window (ms). A record is `<t0>:<debt>:<counted_until_ms>`, the last
+/// field the end of the tenant's quota window it was last counted in; a record of the previous
+/// version (`<t0>:<debt>`) is read as counted in no window. The count is `<window end ms>:<count>`,
+/// expiring at the window's end (`PEXPIREAT`); a count of the previous version (`<count>`, with
+/// its `PTTL`) is read with the end `now + PTTL`. If any enforced key does not fit, nothing is
+/// written. Otherwise every key that fits takes its cost; a key whose record is not counted in
+/// the running window (absent, expired, of the previous version, or `counted_until_ms <= now`)
+/// costs a unit of the tenant's quota and is stamped with the window's end: an enforced key over
+/// the limit refuses the whole request with nothing written (quota `1`); a report-only key over
+/// the limit is not written, the rest is (quota `2`). A record counted in the running window is
+/// charged without the quota. Returns the quota flag (`0`: within the quota or not consulted),
+/// then per rule key `{fits, taken, remaining, reset_s, retry_after_s}`. A record or count this
+/// code (or the previous version) did not write is an error (never read as a fresh key). Every
+/// number stays an exact integer below 2^53 (milliseconds of the epoch are below 2^43).
 pub const AMOUNT_GCRA_SCRIPT: &str = include_str!("amount_gcra.lua");
 
-/// The Redis key kind of a tenant's count of new records (`<prefix>:amt:quota:<tenant hash>`).
+/// The Redis key kind of a tenant's count of records per quota window (`<prefix>:amt:quota:<tenant hash>`).
 pub const QUOTA_KIND: &str = "amt:quota";
 
 /// The Redis key of a rule's key hash.
@@ -37,7 +43,7 @@ pub fn redis_key(redis: &RedisConfig, hash: KeyHash) -> String {
     redis.key("amt", hash)
 }
 
-/// The Redis key of a tenant's count of new records (the tenant's hash, never its name).
+/// The Redis key of a tenant's count of records per quota window (the tenant's hash, never its name).
 pub fn quota_key(redis: &RedisConfig, tenant: KeyHash) -> String {
     redis.key(QUOTA_KIND, tenant)
 }
@@ -50,10 +56,10 @@ pub struct ScriptKey {
     pub cost: u64,
 }
 
-/// The request's tenant and its quota of new records.
+/// The request's tenant and its quota of records per quota window.
 pub struct ScriptQuota {
     pub tenant: KeyHash,
-    /// New records per window.
+    /// Records counted per quota window.
     pub limit: u32,
     pub window_ms: u64,
 }
@@ -87,15 +93,15 @@ pub struct Answer {
     pub retry_after_s: u64,
 }
 
-/// The tenant's quota of new records, as the script applied it.
+/// The tenant's quota of records per quota window, as the script applied it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaAnswer {
-    /// Within the quota, or not consulted (no new record, or an enforced key refused).
+    /// Within the quota, or not consulted (no record to count, or an enforced key refused).
     Within,
-    /// An enforced key's new record would take the tenant over its quota: nothing was written.
+    /// An enforced key whose record needs a unit would take the tenant over its quota: nothing was written.
     Exceeded,
     /// The enforced keys were written; the report-only keys that fit and were not taken are the
-    /// new records the quota left out.
+    /// records the quota left out.
     ReportOnlyOver,
 }
 
@@ -153,7 +159,7 @@ pub fn parse(reply: &Reply, keys: usize, enforced: usize) -> Result<Decision, Re
     let (enforced_answers, report_only) = answers.split_at_checked(enforced).ok_or_else(|| malformed("too few keys"))?;
     let admitted = enforced_answers.iter().all(|a| a.fits);
     let consistent = match quota {
-        // An enforced key (there is one) opens a new record; every enforced key fits, and
+        // An enforced key (there is one) needs a unit of the quota; every enforced key fits, and
         // nothing was taken.
         QuotaAnswer::Exceeded => enforced > 0 && admitted && !answers.iter().any(|a| a.taken),
         // The enforced keys were taken; a report-only key that fits was left out.
