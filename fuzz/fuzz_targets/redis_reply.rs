@@ -3,10 +3,13 @@
 //! Properties: never panics; only an HTTP 200 answer is ever read as a reply (anything else, or
 //! no answer, is "unreachable"); a Redis error is never taken for a reply; a value stored as
 //! base64 decodes to what was encoded, and a value that decodes re-encodes to the same text
-//! (one spelling per value: two spellings cannot name one record differently).
+//! (one spelling per value: two spellings cannot name one record differently); an amount-limit
+//! reply the parser accepts never shows a key charged that does not fit, a charge next to a
+//! refused enforced key, or a charge with the tenant's quota exceeded.
 #![no_main]
 
 use arbitrary::Arbitrary;
+use firebreak_core::amount::redis::{parse as parse_amount, QuotaAnswer};
 use firebreak_core::ratelimit::redis::parse_grants;
 use firebreak_core::remote::{
     decode_value, encode_value, parse_claim_or_get, parse_compare_and_set, parse_get, parse_reply, RemoteError, Reply,
@@ -50,6 +53,19 @@ fuzz_target!(|input: Input| {
         for rules in 0..=usize::from(input.rules % 4) {
             if let Ok(grants) = parse_grants(reply, rules) {
                 assert_eq!(grants.len(), rules);
+            }
+            for enforced in 0..=rules {
+                let Ok(decision) = parse_amount(reply, rules, enforced) else { continue };
+                assert_eq!(decision.keys.len(), rules);
+                let (enforced_keys, _) = decision.keys.split_at(enforced);
+                let any_taken = decision.keys.iter().any(|k| k.taken);
+                assert!(decision.keys.iter().all(|k| k.fits || !k.taken), "{decision:?}");
+                if enforced_keys.iter().any(|k| !k.fits) {
+                    assert!(!any_taken, "a charge next to a refused enforced key: {decision:?}");
+                }
+                if decision.quota == QuotaAnswer::Exceeded {
+                    assert!(!any_taken, "a charge with the quota exceeded: {decision:?}");
+                }
             }
         }
     }
